@@ -243,16 +243,35 @@ pub struct HardExampleMining {
     pub name: String,
     /// Parameters as strings, e.g. `{key: threshold_img, value: "0.9"}`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_KEY_VALUES), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["key"]
-    ))]
+    #[schemars(schema_with = "key_values_schema")]
     pub parameters: Vec<KeyValue>,
 }
 
 /// Free-form configuration passed through untouched (a device protocol's `configData`,
 /// a visitor's settings): a JSON object whose fields are not declared in the schema.
 pub type FreeForm = BTreeMap<String, serde_json::Value>;
+
+/// Schema of a status's conditions: at most [`MAX_CONDITIONS`], one per `type`.
+pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
+    keyed_list::<Condition>(generator, "type", MAX_CONDITIONS)
+}
+
+/// Schema of a `{key, value}` list: at most [`MAX_KEY_VALUES`], one per `key`.
+pub(crate) fn key_values_schema(generator: &mut SchemaGenerator) -> Schema {
+    keyed_list::<KeyValue>(generator, "key", MAX_KEY_VALUES)
+}
+
+/// Schema of a bounded list of `T` whose items are unique by `key` (a list-map).
+fn keyed_list<T: JsonSchema>(generator: &mut SchemaGenerator, key: &str, max: usize) -> Schema {
+    let mut schema = <Vec<T>>::json_schema(generator);
+    schema.insert("maxItems".to_owned(), max.into());
+    schema.insert("x-kubernetes-list-type".to_owned(), "map".into());
+    schema.insert(
+        "x-kubernetes-list-map-keys".to_owned(),
+        serde_json::json!([key]),
+    );
+    schema
+}
 
 /// Schema of a `metav1.Time` field: an RFC 3339 timestamp.
 pub(crate) fn time_schema(_: &mut SchemaGenerator) -> Schema {

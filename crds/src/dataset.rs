@@ -8,9 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    Condition, MAX_CONDITIONS, NAME_PATTERN, ResourcePhase, node_selector_schema, time_schema,
-};
+use crate::common::{Condition, NAME_PATTERN, ResourcePhase, node_selector_schema, time_schema};
 
 /// How a dataset's `url` lists its samples.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
@@ -92,9 +90,6 @@ pub struct DatasetStatus {
     pub update_time: Option<Time>,
     /// Conditions: `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }

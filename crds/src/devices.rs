@@ -6,9 +6,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    Condition, FreeForm, MAX_CONDITIONS, NAME_PATTERN, NameRef, free_form_object_schema,
-};
+use crate::common::{Condition, FreeForm, NAME_PATTERN, NameRef, free_form_object_schema};
 
 /// The most properties a device model or a device may declare.
 pub const MAX_PROPERTIES: usize = 256;
@@ -134,10 +132,7 @@ pub struct VisitorConfig {
 pub struct DeviceModelStatus {
     /// Conditions, one per type (`Accepted`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }
 

@@ -8,8 +8,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Condition, KeyValue, MAX_CONDITIONS, MAX_KEY_VALUES, NAME_PATTERN, NameRef, WorkerTemplate,
-    WorkloadPhase, pod_template_schema, time_schema,
+    Condition, KeyValue, NAME_PATTERN, NameRef, WorkerTemplate, WorkloadPhase, pod_template_schema,
+    time_schema,
 };
 
 /// The most training workers a job may list.
@@ -136,10 +136,7 @@ pub struct Aggregation {
     pub algorithm: AggregationAlgorithm,
     /// Its parameters as strings, e.g. `{key: server_learning_rate, value: "0.1"}`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_KEY_VALUES), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["key"]
-    ))]
+    #[schemars(schema_with = "crate::common::key_values_schema")]
     pub parameters: Vec<KeyValue>,
 }
 
@@ -182,10 +179,7 @@ pub struct FederatedLearningJobStatus {
     pub last_round_clients: Option<i64>,
     /// Conditions, one per type (`Training`, `Complete`, `Failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
     /// When the controller first acted on the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,9 +203,6 @@ pub struct FederatedLearningJobStatus {
     pub failed: i32,
     /// Figures of the last round, e.g. `loss`, `accuracy`, `uplinkBytes`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_KEY_VALUES), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["key"]
-    ))]
+    #[schemars(schema_with = "crate::common::key_values_schema")]
     pub metrics: Vec<KeyValue>,
 }

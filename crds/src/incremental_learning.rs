@@ -14,8 +14,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Condition, HardExampleMining, MAX_CONDITIONS, NAME_PATTERN, NameRef, WorkerTemplate,
-    WorkloadPhase, pod_template_schema, time_schema,
+    Condition, HardExampleMining, NAME_PATTERN, NameRef, WorkerTemplate, WorkloadPhase,
+    pod_template_schema, time_schema,
 };
 
 /// Annotation that requests a training round now, whatever the trigger says. Each new value
@@ -282,10 +282,7 @@ pub struct IncrementalLearningJobStatus {
     pub last_train_request: Option<String>,
     /// Conditions, one per type (`Training`, `Evaluating`, `Deploying`, `Failed`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
     /// When the controller first acted on the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]

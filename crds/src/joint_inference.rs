@@ -7,8 +7,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::common::{
-    Condition, HardExampleMining, Hpa, KeyValue, MAX_CONDITIONS, MAX_KEY_VALUES, NameRef,
-    WorkerTemplate, WorkloadPhase, pod_template_schema, time_schema,
+    Condition, HardExampleMining, Hpa, KeyValue, NameRef, WorkerTemplate, WorkloadPhase,
+    pod_template_schema, time_schema,
 };
 
 /// Condition types of a JointInferenceService.
@@ -88,10 +88,7 @@ pub struct JointInferenceServiceStatus {
     pub phase: WorkloadPhase,
     /// Conditions, one per type (see `condition_types`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
     /// When the controller first acted on the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -108,9 +105,6 @@ pub struct JointInferenceServiceStatus {
     /// Figures reported by the workers: `inferences`, `hardExamples`, `uploadRatio`,
     /// `uplinkBytes`, `edgeLatencyMs`, `cloudLatencyMs`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_KEY_VALUES), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["key"]
-    ))]
+    #[schemars(schema_with = "crate::common::key_values_schema")]
     pub metrics: Vec<KeyValue>,
 }

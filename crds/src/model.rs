@@ -5,9 +5,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{
-    Condition, KeyValue, MAX_CONDITIONS, MAX_KEY_VALUES, NAME_PATTERN, ResourcePhase, time_schema,
-};
+use crate::common::{Condition, KeyValue, NAME_PATTERN, ResourcePhase, time_schema};
 
 /// Where a model is stored.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -66,16 +64,10 @@ pub struct ModelStatus {
     pub update_time: Option<Time>,
     /// Metrics of the model, e.g. from its last evaluation (`precision`, `recall`, …).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_KEY_VALUES), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["key"]
-    ))]
+    #[schemars(schema_with = "crate::common::key_values_schema")]
     pub metrics: Vec<KeyValue>,
     /// Conditions: `Ready`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = MAX_CONDITIONS), extend(
-        "x-kubernetes-list-type" = "map",
-        "x-kubernetes-list-map-keys" = ["type"]
-    ))]
+    #[schemars(schema_with = "crate::common::conditions_schema")]
     pub conditions: Vec<Condition>,
 }
