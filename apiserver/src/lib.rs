@@ -1,0 +1,2 @@
+//! Embedded Kubernetes-compatible API server on SQLite.
+pub mod store;
