@@ -187,7 +187,7 @@ impl ApiError {
         let list: Vec<String> = causes
             .iter()
             .map(|c| {
-                if c.message.starts_with(&c.field) || c.field.is_empty() {
+                if c.field.is_empty() {
                     c.message.clone()
                 } else {
                     format!("{}: {}", c.field, c.message)
@@ -220,10 +220,15 @@ impl ApiError {
             name,
             vec![Cause {
                 reason: "FieldValueInvalid".into(),
-                message: format!("{field}: {message}"),
+                message: message.to_owned(),
                 field: field.to_owned(),
             }],
         )
+    }
+
+    /// 504 Timeout.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "Timeout", message)
     }
 
     /// 500 InternalError.
@@ -324,7 +329,7 @@ mod tests {
         let causes = vec![
             Cause {
                 reason: "FieldValueRequired".into(),
-                message: "spec.url: Required value".into(),
+                message: "Required value".into(),
                 field: "spec.url".into(),
             },
             Cause {

@@ -1,8 +1,25 @@
-//! Embedded Kubernetes-compatible API server on SQLite.
+//! Embedded Kubernetes-compatible API server on SQLite: the single-box control plane that
+//! real, unmodified clients (`kubectl`, kube-rs) accept, and later the edge's local
+//! list/watch server.
+//!
+//! - Storage: one append-only revision log in SQLite ([`store`]).
+//! - API: discovery, OpenAPI, CRDs with schema validation, built-in kinds, every verb with
+//!   watch, patches, server-side apply, status subresources, finalizers, garbage collection.
+//! - Security: HTTPS with a generated CA, bearer tokens, loopback by default.
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = sedna_apiserver::Config::new("/var/lib/sedna/apiserver");
+//! let server = sedna_apiserver::ApiServer::start(config).await?;
+//! println!("KUBECONFIG={}", server.kubeconfig_path().display());
+//! # Ok(()) }
+//! ```
 pub mod apply;
 pub mod builtin;
 pub mod discovery;
 pub mod error;
+mod gc;
+pub mod handlers;
 pub mod meta;
 pub mod patch;
 pub mod pki;
@@ -10,5 +27,9 @@ pub mod protobuf;
 pub mod registry;
 pub mod request;
 pub mod selector;
+pub mod server;
 pub mod store;
 pub mod table;
+mod watch;
+
+pub use server::{ApiServer, Config, StartError};

@@ -141,7 +141,7 @@ pub fn validate_name(t: &ResourceType, name: &str) -> Result<(), ApiError> {
         name,
         vec![Cause {
             reason: "FieldValueInvalid".into(),
-            message: format!("metadata.name: Invalid value: {name:?}: {message}"),
+            message: format!("Invalid value: {name:?}: {message}"),
             field: "metadata.name".into(),
         }],
     ))
@@ -205,8 +205,7 @@ pub fn prepare_create(
                     "",
                     vec![Cause {
                         reason: "FieldValueRequired".into(),
-                        message: "metadata.name: Required value: name or generateName is required"
-                            .into(),
+                        message: "Required value: name or generateName is required".into(),
                         field: "metadata.name".into(),
                     }],
                 ));

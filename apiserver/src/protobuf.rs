@@ -112,19 +112,24 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Go's protobuf encoding writes empty strings for unset string fields: read them as unset.
+fn set(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
 fn metadata_json(meta: Option<ObjectMeta>) -> Value {
     let Some(m) = meta else { return json!({}) };
     let mut out = Map::new();
     let mut put = |k: &str, v: Value| {
         out.insert(k.to_owned(), v);
     };
-    if let Some(n) = m.name {
+    if let Some(n) = set(m.name) {
         put("name", json!(n));
     }
-    if let Some(g) = m.generate_name {
+    if let Some(g) = set(m.generate_name) {
         put("generateName", json!(g));
     }
-    if let Some(ns) = m.namespace {
+    if let Some(ns) = set(m.namespace) {
         put("namespace", json!(ns));
     }
     if !m.labels.is_empty() {
@@ -201,7 +206,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             if !s.string_data.is_empty() {
                 v["stringData"] = json!(s.string_data);
             }
-            if let Some(t) = s.type_ {
+            if let Some(t) = set(s.type_) {
                 v["type"] = json!(t);
             }
             if let Some(i) = s.immutable {
@@ -276,6 +281,7 @@ mod tests {
         let s = Secret {
             metadata: Some(ObjectMeta {
                 name: Some("s3".into()),
+                generate_name: Some(String::new()),
                 ..Default::default()
             }),
             data: [("key".to_owned(), b"secret".to_vec())].into(),
@@ -285,6 +291,7 @@ mod tests {
         let v = decode(&envelope("Secret", s.encode_to_vec())).unwrap();
         assert_eq!(v["data"]["key"], "c2VjcmV0");
         assert_eq!(v["type"], "Opaque");
+        assert!(v["metadata"].get("generateName").is_none(), "empty strings are unset");
     }
 
     #[test]

@@ -122,6 +122,9 @@ pub fn json_path(obj: &Value, path: &str) -> Value {
 
 fn custom_cell(c: &Column, obj: &Value) -> Value {
     let v = json_path(obj, &c.json_path);
+    if c.type_ == "date" {
+        return age_cell(&v);
+    }
     match (&v, c.type_.as_str()) {
         (Value::Array(items), _) => {
             let parts: Vec<String> = items
@@ -335,17 +338,46 @@ fn or_none(s: String) -> String {
     if s.is_empty() { "<none>".into() } else { s }
 }
 
-/// `5m`, `2d`: the time since an RFC 3339 timestamp.
+/// The time since an RFC 3339 timestamp, as kubectl shows ages (`45s`, `3m20s`, `5h`, `2d3h`).
 fn since(timestamp: &str) -> String {
     let Ok(then) = timestamp.parse::<k8s_openapi::jiff::Timestamp>() else {
         return "<unknown>".into();
     };
-    let secs = (k8s_openapi::jiff::Timestamp::now().as_second() - then.as_second()).max(0);
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
+    human_duration(k8s_openapi::jiff::Timestamp::now().as_second() - then.as_second())
+}
+
+/// Kubernetes' short human form of a duration in seconds.
+pub fn human_duration(seconds: i64) -> String {
+    if seconds < -1 {
+        return "<invalid>".into();
+    }
+    let s = seconds.max(0);
+    let (minutes, hours, days) = (s / 60, s / 3600, s / 86400);
+    let with = |big: i64, unit: &str, small: i64, small_unit: &str| {
+        if small == 0 {
+            format!("{big}{unit}")
+        } else {
+            format!("{big}{unit}{small}{small_unit}")
+        }
+    };
+    match () {
+        _ if s < 120 => format!("{s}s"),
+        _ if minutes < 10 => with(minutes, "m", s % 60, "s"),
+        _ if minutes < 180 => format!("{minutes}m"),
+        _ if hours < 8 => with(hours, "h", minutes % 60, "m"),
+        _ if hours < 48 => format!("{hours}h"),
+        _ if hours < 24 * 8 => with(days, "d", hours % 24, "h"),
+        _ if hours < 24 * 365 * 2 => format!("{days}d"),
+        _ if hours < 24 * 365 * 8 => with(days / 365, "y", days % 365, "d"),
+        _ => format!("{}y", days / 365),
+    }
+}
+
+/// A `date` column's cell: the age of the timestamp.
+fn age_cell(v: &Value) -> Value {
+    match v.as_str() {
+        Some(t) => json!(since(t)),
+        None => Value::Null,
     }
 }
 
@@ -454,12 +486,24 @@ mod tests {
                 "Age"
             ]
         );
-        assert_eq!(
-            table["rows"][0]["cells"],
-            json!(["fl1", "Running", 3, 20, "FedAvg", 3, "2026-01-01T00:00:00Z"])
-        );
+        let cells = table["rows"][0]["cells"].as_array().unwrap();
+        assert_eq!(cells[..6], [json!("fl1"), json!("Running"), json!(3), json!(20),
+                                json!("FedAvg"), json!(3)]);
+        assert!(cells[6].as_str().unwrap().ends_with('d'), "{}", cells[6]);
         assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(table["metadata"]["resourceVersion"], "42");
+    }
+
+    #[test]
+    fn ages_read_like_kubectl() {
+        let cases = [
+            (5, "5s"), (119, "119s"), (150, "2m30s"), (600, "10m"), (3 * 3600, "3h"),
+            (3 * 3600 + 120, "3h2m"), (30 * 3600, "30h"), (3 * 86400 + 7200, "3d2h"),
+            (30 * 86400, "30d"), (3 * 365 * 86400, "3y"), (-5, "<invalid>"),
+        ];
+        for (seconds, want) in cases {
+            assert_eq!(human_duration(seconds), want, "{seconds}");
+        }
     }
 
     #[test]

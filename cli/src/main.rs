@@ -4,6 +4,8 @@
 //!   `sedna crds --out-dir crds/manifests` writes one file per CRD.
 //! - `sedna validate FILE|DIR...` checks YAML documents against the platform's schemas, offline,
 //!   exactly as the API server will.
+//! - `sedna apiserver --data-dir D` runs the embedded Kubernetes-compatible API server and
+//!   writes the admin kubeconfig to `D/kubeconfig`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -36,6 +38,24 @@ enum Command {
         #[arg(long, requires = "out_dir")]
         check: bool,
     },
+    /// Run the embedded Kubernetes-compatible API server (SQLite storage, HTTPS, tokens).
+    Apiserver {
+        /// Directory for the database, certificates, tokens and the admin kubeconfig.
+        #[arg(long, value_name = "DIR", default_value = "sedna-data/apiserver")]
+        data_dir: PathBuf,
+        /// Address to listen on; keep it on loopback unless other machines must reach it.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6443")]
+        listen: std::net::SocketAddr,
+        /// Extra DNS names or IP addresses for the serving certificate.
+        #[arg(long = "tls-san", value_name = "NAME")]
+        tls_sans: Vec<String>,
+        /// Acknowledge writes once in the OS page cache (survives kill -9, not power loss).
+        #[arg(long)]
+        no_fsync: bool,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
     /// Check YAML manifests of the platform's kinds against their schemas, offline.
     Validate {
         /// Files or directories (searched for *.yaml and *.yml); `-` reads standard input.
@@ -48,7 +68,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Command::Apiserver { .. } = cli.command {
+        return match serve(cli.command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -86,6 +116,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Apiserver { .. } => Ok(ExitCode::SUCCESS),
         Command::Validate {
             paths,
             allow_unknown_fields,
@@ -97,6 +128,64 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             validate(&paths, unknown)
         }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Runs a long-lived server command until Ctrl-C or SIGTERM.
+fn serve(command: Command) -> Result<()> {
+    let Command::Apiserver {
+        data_dir,
+        listen,
+        tls_sans,
+        no_fsync,
+        log_json,
+    } = command
+    else {
+        return Ok(());
+    };
+    init_logging(log_json);
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let mut config = sedna_apiserver::Config::new(&data_dir);
+        config.listen = listen;
+        config.extra_sans = tls_sans;
+        if no_fsync {
+            config.store.durability = sedna_apiserver::store::Durability::Process;
+        }
+        let server = sedna_apiserver::ApiServer::start(config)
+            .await
+            .with_context(|| format!("starting the API server in {}", data_dir.display()))?;
+        println!("API server listening on {}", server.url());
+        println!("kubeconfig: {}", server.kubeconfig_path().display());
+        wait_for_signal().await;
+        server.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

@@ -141,27 +141,33 @@ impl FieldErrorKind {
     }
 }
 
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let path = &self.path;
+impl FieldError {
+    /// What is wrong, without the path (what Kubernetes puts in a `StatusCause.message`).
+    pub fn detail(&self) -> String {
         match &self.kind {
-            FieldErrorKind::Required => write!(f, "{path}: Required value"),
-            FieldErrorKind::Unknown => write!(f, "unknown field {path:?}"),
+            FieldErrorKind::Required => "Required value".to_owned(),
+            FieldErrorKind::Unknown => "field not declared in schema".to_owned(),
             FieldErrorKind::NotSupported { value, supported } => {
                 let supported: Vec<String> = supported.iter().map(Value::to_string).collect();
-                write!(
-                    f,
-                    "{path}: Unsupported value: {value}: supported values: {}",
+                format!(
+                    "Unsupported value: {value}: supported values: {}",
                     supported.join(", ")
                 )
             }
             FieldErrorKind::TooMany { got, max } => {
-                write!(f, "{path}: Too many: {got}: must have at most {max} items")
+                format!("Too many: {got}: must have at most {max} items")
             }
-            FieldErrorKind::Duplicate { value } => write!(f, "{path}: Duplicate value: {value}"),
-            FieldErrorKind::Invalid { value, detail } => {
-                write!(f, "{path}: Invalid value: {value}: {detail}")
-            }
+            FieldErrorKind::Duplicate { value } => format!("Duplicate value: {value}"),
+            FieldErrorKind::Invalid { value, detail } => format!("Invalid value: {value}: {detail}"),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            FieldErrorKind::Unknown => write!(f, "unknown field {:?}", self.path),
+            _ => write!(f, "{}: {}", self.path, self.detail()),
         }
     }
 }

@@ -1,0 +1,551 @@
+//! The HTTPS server: TLS (HTTP/2 and HTTP/1.1), bearer-token authentication, request routing,
+//! body limits, and the background tasks (compaction, garbage collection).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::discovery;
+use crate::error::ApiError;
+use crate::handlers::{self, Call, Reply};
+use crate::pki::{self, Layout, Pki, Tokens};
+use crate::registry::Registry;
+use crate::request::{self, Query, Representation, Route};
+use crate::store::{Mutation, Precondition, Store, StoreError, StoreOptions};
+use crate::watch as watches;
+
+/// Server settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the database, PKI, token file and kubeconfig live.
+    pub data_dir: PathBuf,
+    /// Address to listen on (default `127.0.0.1:6443`; port 0 picks a free port).
+    pub listen: SocketAddr,
+    /// Extra names or IP addresses for the serving certificate.
+    pub extra_sans: Vec<String>,
+    /// Storage settings.
+    pub store: StoreOptions,
+    /// Largest accepted request body (default 3 MiB, as kube-apiserver).
+    pub max_body_bytes: usize,
+    /// How often the log is compacted.
+    pub compaction_interval: Duration,
+    /// How often a watch that asked for bookmarks gets one.
+    pub bookmark_interval: Duration,
+    /// How long a watch lasts when the client sets no `timeoutSeconds`.
+    pub watch_timeout: Duration,
+    /// How often the garbage collector sweeps everything.
+    pub gc_interval: Duration,
+}
+
+impl Config {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 6443)),
+            extra_sans: vec![],
+            store: StoreOptions::default(),
+            max_body_bytes: 3 * 1024 * 1024,
+            compaction_interval: Duration::from_secs(60),
+            bookmark_interval: Duration::from_secs(60),
+            watch_timeout: Duration::from_secs(1800),
+            gc_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The store failed to open.
+    #[error("opening the store: {0}")]
+    Store(#[from] StoreError),
+    /// Certificates, keys or tokens failed.
+    #[error(transparent)]
+    Pki(#[from] pki::PkiError),
+    /// The listener could not bind.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl StartError {
+    /// Whether trying again could succeed (a port or lock held by another process may be
+    /// released).
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            StartError::Listen { .. } | StartError::Store(StoreError::Locked(_))
+        )
+    }
+}
+
+/// What every request handler shares.
+pub struct Api {
+    /// The revision log.
+    pub store: Store,
+    /// Served types.
+    pub registry: Registry,
+    /// Settings.
+    pub config: Config,
+    /// Bearer tokens.
+    pub tokens: Tokens,
+    /// Flips to `true` at shutdown.
+    pub shutdown: watch::Receiver<bool>,
+    /// `host:port` clients reach the server at.
+    pub address: String,
+}
+
+/// A running server.
+pub struct ApiServer {
+    api: Arc<Api>,
+    addr: SocketAddr,
+    ca_pem: String,
+    admin_token: String,
+    kubeconfig_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer").field("addr", &self.addr).finish()
+    }
+}
+
+const DEFAULT_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+
+impl ApiServer {
+    /// Opens the data directory, prepares certificates and tokens, starts listening, writes
+    /// the admin kubeconfig, and starts the background tasks.
+    pub async fn start(config: Config) -> Result<ApiServer, StartError> {
+        let layout = Layout {
+            dir: config.data_dir.clone(),
+        };
+        create_private_dir(&layout.dir)?;
+        let store = Store::open(&layout.database(), config.store.clone())?;
+        let pki = Pki::load_or_create(&layout.pki(), &config.extra_sans)?;
+        let (tokens, admin_token) = Tokens::load_or_create(&layout.tokens())?;
+        let tls = pki.server_config()?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let client_host = if addr.ip().is_unspecified() {
+            "127.0.0.1".to_owned()
+        } else {
+            match addr.ip() {
+                std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+                ip => ip.to_string(),
+            }
+        };
+        let address = format!("{client_host}:{}", addr.port());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let api = Arc::new(Api {
+            store,
+            registry: Registry::new(),
+            config: config.clone(),
+            tokens,
+            shutdown: shutdown_rx,
+            address: address.clone(),
+        });
+        for crd in api
+            .store
+            .list("apiextensions.k8s.io/customresourcedefinitions/")
+            .0
+        {
+            let name = crate::meta::meta_str(&crd.value, "name").unwrap_or_default();
+            handlers::sync_crd(&api, name, Some(&crd.value));
+        }
+        for ns in DEFAULT_NAMESPACES {
+            ensure_namespace(&api, ns).await?;
+        }
+        let kubeconfig_path = layout.kubeconfig();
+        pki::write_private(
+            &kubeconfig_path,
+            &pki::kubeconfig(&format!("https://{address}"), &pki.ca_pem, &admin_token),
+        )?;
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(accept_loop(api.clone(), listener, tls)));
+        tasks.push(tokio::spawn(compaction_loop(api.clone())));
+        tasks.push(tokio::spawn(crate::gc::run(api.clone(), config.gc_interval)));
+        tracing::info!(%address, data_dir = %config.data_dir.display(), "API server started");
+        Ok(ApiServer {
+            api,
+            addr,
+            ca_pem: pki.ca_pem,
+            admin_token,
+            kubeconfig_path,
+            shutdown: shutdown_tx,
+            tasks,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `https://host:port`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.api.address)
+    }
+
+    /// The CA certificate clients must trust (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The admin bearer token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// Where the admin kubeconfig was written.
+    pub fn kubeconfig_path(&self) -> &std::path::Path {
+        &self.kubeconfig_path
+    }
+
+    /// The store (for embedding components in the same process).
+    pub fn store(&self) -> &Store {
+        &self.api.store
+    }
+
+    /// Stops accepting, ends watches, waits for the background tasks and closes the store.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            task.abort();
+            let _ = task.await;
+        }
+        self.api.store.close();
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let io = |source| {
+        StartError::Pki(pki::PkiError::Io {
+            path: dir.display().to_string(),
+            source,
+        })
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    Ok(())
+}
+
+async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
+    let key = format!("core/namespaces//{name}");
+    if api.store.get(&key).is_some() {
+        return Ok(());
+    }
+    let ns = json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": { "name": name, "uid": crate::meta::new_uid(),
+                      "creationTimestamp": crate::meta::now(),
+                      "labels": { "kubernetes.io/metadata.name": name } },
+        "spec": { "finalizers": ["kubernetes"] },
+        "status": { "phase": "Active" },
+    });
+    match api.store.write(key, Precondition::Absent, Mutation::Put(ns)).await {
+        Ok(_) | Err(StoreError::AlreadyExists) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut shutdown = api.shutdown.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let api = api.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(handle(api, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(%peer, error = %e, "connection ended");
+            }
+        });
+    }
+}
+
+async fn compaction_loop(api: Arc<Api>) {
+    let mut shutdown = api.shutdown.clone();
+    let mut ticker = tokio::time::interval(api.config.compaction_interval);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {
+                match api.store.compact().await {
+                    Ok(rev) => tracing::debug!(rev, "compacted"),
+                    Err(e) => tracing::warn!(error = %e, "compaction failed"),
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Response body: a whole JSON document or a watch stream.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+fn respond(code: u16, content_type: &str, body: Body, warnings: &[String]) -> Response<Body> {
+    let mut builder = Response::builder()
+        .status(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CACHE_CONTROL, "no-cache, private");
+    for w in warnings {
+        let text = format!("299 - {:?}", w.replace('"', "'"));
+        if let Ok(v) = HeaderValue::from_str(&text) {
+            builder = builder.header(http::header::WARNING, v);
+        }
+    }
+    builder.body(body).unwrap_or_else(|_| Response::new(full("")))
+}
+
+fn json_response(code: u16, value: &Value) -> Response<Body> {
+    respond(
+        code,
+        "application/json",
+        full(serde_json::to_vec(value).unwrap_or_default()),
+        &[],
+    )
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    json_response(e.code, &e.to_status())
+}
+
+async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let response = match route(&api, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    tracing::debug!(%method, %path, status = response.status().as_u16(),
+                    micros = started.elapsed().as_micros() as u64, "request");
+    response
+}
+
+fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+        .ok_or_else(ApiError::unauthorized)?;
+    api.tokens
+        .authenticate(token)
+        .map(|_| ())
+        .ok_or_else(ApiError::unauthorized)
+}
+
+async fn read_body(api: &Api, body: Incoming) -> Result<Bytes, ApiError> {
+    let limit = api.config.max_body_bytes;
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
+        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+    }
+}
+
+async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let route = request::route(req.uri().path())?;
+    match route {
+        Route::Health => return Ok(respond(200, "text/plain; charset=utf-8", full("ok"), &[])),
+        Route::Version => return Ok(json_response(200, &discovery::version())),
+        _ => {}
+    }
+    authenticate(api, &req)?;
+    let header = |name: http::header::HeaderName| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let accept = header(http::header::ACCEPT);
+    let types = api.registry.all();
+    let discovery_answer = |core: bool| -> Response<Body> {
+        match request::aggregated_discovery(accept.as_deref()) {
+            Some(version) => respond(
+                200,
+                &discovery::aggregated_content_type(version),
+                full(discovery::aggregated(&types, core, version).to_string()),
+                &[],
+            ),
+            None if core => json_response(200, &discovery::core_versions(&api.address)),
+            None => json_response(200, &discovery::group_list(&types)),
+        }
+    };
+    match route {
+        Route::CoreGroup => return Ok(discovery_answer(true)),
+        Route::Groups => return Ok(discovery_answer(false)),
+        Route::Group { group } => {
+            return discovery::group(&types, &group)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route);
+        }
+        Route::GroupVersion { group, version } => {
+            return discovery::resource_list(&types, &group, &version)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route);
+        }
+        Route::OpenApiV2 => {
+            return Ok(respond(200, discovery::OPENAPI_V2_CONTENT_TYPE, full(""), &[]));
+        }
+        Route::OpenApiV3Index => {
+            return Ok(json_response(200, &discovery::openapi_v3_index(&types)));
+        }
+        Route::OpenApiV3 { group, version } => {
+            return discovery::openapi_v3(&types, &group, &version)
+                .map(|v| json_response(200, &v))
+                .ok_or_else(ApiError::no_route);
+        }
+        Route::Resource(_) | Route::Health | Route::Version => {}
+    }
+    let Route::Resource(path) = route else {
+        return Err(ApiError::no_route());
+    };
+    let t = api
+        .registry
+        .lookup(&path.group, &path.version, &path.resource)
+        .ok_or_else(ApiError::no_route)?;
+    if !t.namespaced && path.namespace.is_some() {
+        return Err(ApiError::no_route());
+    }
+    let method = req.method().clone();
+    let query = Query::parse(req.uri().query());
+    let repr = request::negotiate(accept.as_deref());
+    let content_type = header(http::header::CONTENT_TYPE).unwrap_or_default();
+    let agent = header(http::header::USER_AGENT)
+        .and_then(|a| a.split('/').next().map(str::to_owned))
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+        read_body(api, req.into_body()).await?
+    } else {
+        Bytes::new()
+    };
+    let call = Call {
+        method: method.clone(),
+        path,
+        query,
+        repr,
+        content_type,
+        body,
+        agent,
+        t,
+    };
+    let has_name = call.path.name.is_some();
+    let reply = match (method, has_name) {
+        (Method::GET, true) => handlers::get(api, &call)?,
+        (Method::GET, false) if call.query.flag("watch") => {
+            let rx = watches::start(api, &call)?;
+            return Ok(stream_response(rx, call.repr));
+        }
+        (Method::GET, false) => handlers::list(api, &call)?,
+        (Method::POST, false) => handlers::create(api, &call).await?,
+        (Method::PUT, true) => handlers::update(api, &call).await?,
+        (Method::PATCH, true) => handlers::patch(api, &call).await?,
+        (Method::DELETE, true) => handlers::delete(api, &call).await?,
+        (Method::DELETE, false) => handlers::delete_collection(api, &call).await?,
+        (m, _) => {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource: {m}"
+            )));
+        }
+    };
+    Ok(reply_response(&reply, call.repr, has_name))
+}
+
+fn content_type(repr: Representation, single: bool) -> &'static str {
+    match (repr, single) {
+        (Representation::Table, _) => "application/json;as=Table;v=v1;g=meta.k8s.io",
+        (Representation::PartialMetadata, true) => {
+            "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io"
+        }
+        (Representation::PartialMetadata, false) => {
+            "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io"
+        }
+        (Representation::Object, _) => "application/json",
+    }
+}
+
+fn reply_response(reply: &Reply, repr: Representation, single: bool) -> Response<Body> {
+    respond(
+        reply.code,
+        content_type(repr, single),
+        full(serde_json::to_vec(&reply.body).unwrap_or_default()),
+        &reply.warnings,
+    )
+}
+
+fn stream_response(rx: tokio::sync::mpsc::Receiver<Bytes>, repr: Representation) -> Response<Body> {
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(Frame::data(chunk)), rx))
+    });
+    respond(
+        200,
+        content_type(repr, false),
+        BodyExt::boxed(StreamBody::new(stream)),
+        &[],
+    )
+}
