@@ -112,7 +112,9 @@ fn owner_exists(api: &Api, dependent: &Value, owner: &Value) -> bool {
 /// Deletes a dependent whose owners are all gone; drops references to owners that are gone
 /// when others remain.
 async fn check_owners(api: &Api, key: &str) {
-    let Some(stored) = api.store.get(key) else { return };
+    let Some(stored) = api.store.get(key) else {
+        return;
+    };
     let obj = stored.value.as_ref();
     let owners: Vec<Value> = meta::metadata(obj)
         .get("ownerReferences")
@@ -161,7 +163,9 @@ fn without(list: &[String], item: &str) -> Vec<String> {
 /// Works on an object being deleted: the finalizers the server implements, then removal once
 /// no finalizer is left.
 async fn finalize(api: &Api, key: &str) {
-    let Some(stored) = api.store.get(key) else { return };
+    let Some(stored) = api.store.get(key) else {
+        return;
+    };
     let obj = stored.value.as_ref().clone();
     if !meta::is_deleting(&obj) {
         return;
@@ -173,11 +177,18 @@ async fn finalize(api: &Api, key: &str) {
 
     if finalizers.iter().any(|f| f == "orphan") {
         for dep_key in api.store.dependents(&uid) {
-            let Some(dep) = api.store.get(&dep_key) else { continue };
+            let Some(dep) = api.store.get(&dep_key) else {
+                continue;
+            };
             let refs: Vec<Value> = meta::metadata(&dep.value)
                 .get("ownerReferences")
                 .and_then(Value::as_array)
-                .map(|a| a.iter().filter(|r| r["uid"] != uid.as_str()).cloned().collect())
+                .map(|a| {
+                    a.iter()
+                        .filter(|r| r["uid"] != uid.as_str())
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
             let mut updated = dep.value.as_ref().clone();
             let m = meta::metadata_mut(&mut updated);
@@ -197,7 +208,9 @@ async fn finalize(api: &Api, key: &str) {
     if finalizers.iter().any(|f| f == "foregroundDeletion") {
         let dependents = api.store.dependents(&uid);
         for dep_key in &dependents {
-            let Some(dep) = api.store.get(dep_key) else { continue };
+            let Some(dep) = api.store.get(dep_key) else {
+                continue;
+            };
             if meta::is_deleting(&dep.value) {
                 continue;
             }
@@ -211,9 +224,11 @@ async fn finalize(api: &Api, key: &str) {
         }
     }
 
-    if t.group == "apiextensions.k8s.io" && finalizers.iter().any(|f| f == CRD_CLEANUP_FINALIZER)
-    {
-        let group = obj.pointer("/spec/group").and_then(Value::as_str).unwrap_or_default();
+    if t.group == "apiextensions.k8s.io" && finalizers.iter().any(|f| f == CRD_CLEANUP_FINALIZER) {
+        let group = obj
+            .pointer("/spec/group")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         let plural = obj
             .pointer("/spec/names/plural")
             .and_then(Value::as_str)
@@ -227,8 +242,8 @@ async fn finalize(api: &Api, key: &str) {
                 }
                 let item_key = key_of(api, &item.value);
                 if let (Some(it), Some(item_key)) = (type_of(api, &item.value), item_key) {
-                    let _ = delete_object(api, &it, &item_key, item, "Background", None, false)
-                        .await;
+                    let _ =
+                        delete_object(api, &it, &item_key, item, "Background", None, false).await;
                 }
             }
             if api.store.list(&prefix).0.is_empty() {
@@ -255,7 +270,10 @@ async fn finalize(api: &Api, key: &str) {
                 for item in &items {
                     remaining += 1;
                     if !meta::is_deleting(&item.value) {
-                        let item_key = nt.key(Some(&ns), meta::meta_str(&item.value, "name").unwrap_or_default());
+                        let item_key = nt.key(
+                            Some(&ns),
+                            meta::meta_str(&item.value, "name").unwrap_or_default(),
+                        );
                         let _ = delete_object(api, &nt, &item_key, item, "Background", None, false)
                             .await;
                     }
@@ -279,7 +297,11 @@ async fn finalize(api: &Api, key: &str) {
     if finalizers.is_empty() && !namespace_pending {
         let removed = api
             .store
-            .write(key.to_owned(), Precondition::Revision(stored.rev), Mutation::Delete)
+            .write(
+                key.to_owned(),
+                Precondition::Revision(stored.rev),
+                Mutation::Delete,
+            )
             .await;
         if let Ok(removed) = removed
             && t.group == "apiextensions.k8s.io"

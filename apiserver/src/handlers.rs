@@ -230,9 +230,7 @@ fn check_crd(api: &Api, obj: &mut Value) -> Result<(), ApiError> {
     let crd: CustomResourceDefinition =
         serde_json::from_value(obj.clone()).map_err(|e| invalid(e.to_string()))?;
     let types = types_of_crd(&crd).map_err(|e| invalid(e.to_string()))?;
-    let clash = types
-        .iter()
-        .find_map(|t| api.registry.name_clash(&name, t));
+    let clash = types.iter().find_map(|t| api.registry.name_clash(&name, t));
     let now = meta::now();
     let condition = |type_: &str, ok: bool, reason: &str, message: &str| {
         json!({ "type": type_, "status": if ok { "True" } else { "False" },
@@ -294,7 +292,9 @@ fn respond_object(call: &Call, obj: &Value, code: u16, warnings: Vec<String>) ->
     let obj = served(&call.t, obj);
     let body = match call.repr {
         Representation::Table => {
-            let rv = meta::meta_str(&obj, "resourceVersion").unwrap_or_default().to_owned();
+            let rv = meta::meta_str(&obj, "resourceVersion")
+                .unwrap_or_default()
+                .to_owned();
             table::table(&call.t, &[&obj], &rv, None, true, include_object(call))
         }
         Representation::PartialMetadata => table::partial_metadata(&obj),
@@ -377,8 +377,16 @@ pub fn list_prefix(call: &Call, filter: &Filter) -> String {
 pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
     let filter = Filter::of(call)?;
     let prefix = list_prefix(call, &filter);
-    let limit = call.query.number("limit")?.filter(|l| *l > 0).map(|l| l as usize);
-    let continue_token = call.query.get("continue").map(decode_continue).transpose()?;
+    let limit = call
+        .query
+        .number("limit")?
+        .filter(|l| *l > 0)
+        .map(|l| l as usize);
+    let continue_token = call
+        .query
+        .get("continue")
+        .map(decode_continue)
+        .transpose()?;
     let rv_param = call.query.get("resourceVersion");
     let rv_match = call.query.get("resourceVersionMatch");
     let (items, rv): (Vec<Arc<Stored>>, u64) = match (&continue_token, rv_param, rv_match) {
@@ -438,7 +446,12 @@ pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
             && selected.len() >= limit
         {
             if more.is_none() {
-                more = Some(selected.last().map(|(k, _): &(String, Value)| k.clone()).unwrap_or_default());
+                more = Some(
+                    selected
+                        .last()
+                        .map(|(k, _): &(String, Value)| k.clone())
+                        .unwrap_or_default(),
+                );
             }
             remaining += 1;
             continue;
@@ -460,7 +473,13 @@ pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
             let partial = call.repr == Representation::PartialMetadata;
             let items: Vec<Value> = objects
                 .iter()
-                .map(|o| if partial { table::partial_metadata(o) } else { (*o).clone() })
+                .map(|o| {
+                    if partial {
+                        table::partial_metadata(o)
+                    } else {
+                        (*o).clone()
+                    }
+                })
                 .collect();
             let mut metadata = json!({ "resourceVersion": rv.to_string() });
             if let Some(c) = &continue_value {
@@ -468,7 +487,10 @@ pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
                 metadata["remainingItemCount"] = json!(remaining);
             }
             let (kind, api_version) = if partial {
-                ("PartialObjectMetadataList".to_owned(), "meta.k8s.io/v1".to_owned())
+                (
+                    "PartialObjectMetadataList".to_owned(),
+                    "meta.k8s.io/v1".to_owned(),
+                )
             } else {
                 (format!("{}List", call.t.kind), call.t.api_version())
             };
@@ -574,7 +596,9 @@ fn after_write(api: &Api, t: &ResourceType, stored: &Value, deleted: bool) {
 /// POST to a collection.
 pub async fn create(api: &Api, call: &Call) -> Result<Reply, ApiError> {
     if call.path.subresource.is_some() {
-        return Err(ApiError::method_not_allowed("create is not supported on subresources"));
+        return Err(ApiError::method_not_allowed(
+            "create is not supported on subresources",
+        ));
     }
     let obj = decode_body(&call.content_type, &call.body)?;
     let (key, obj, warnings) = prepare_new(api, call, obj, Some(&call.manager()))?;
@@ -676,7 +700,11 @@ pub async fn update(api: &Api, call: &Call) -> Result<Reply, ApiError> {
     let current = api.store.get(&call.key()).ok_or_else(|| call.not_found())?;
     match meta::meta_str(&new, "resourceVersion") {
         Some(rv) if rv != current.rev.to_string() => {
-            return Err(ApiError::conflict(&call.t.group, &call.t.resource, call.name()));
+            return Err(ApiError::conflict(
+                &call.t.group,
+                &call.t.resource,
+                call.name(),
+            ));
         }
         None if call.t.custom => {
             return Err(ApiError::invalid_field(
@@ -699,7 +727,11 @@ pub async fn patch(api: &Api, call: &Call) -> Result<Reply, ApiError> {
             "the body of the request was in an unknown format - accepted media types include: \
              application/json-patch+json, application/merge-patch+json, \
              application/apply-patch+yaml{}",
-            if call.t.custom { "" } else { ", application/strategic-merge-patch+json" }
+            if call.t.custom {
+                ""
+            } else {
+                ", application/strategic-merge-patch+json"
+            }
         ))
     })?;
     if patch_type == PatchType::Strategic && call.t.custom {
@@ -736,15 +768,22 @@ pub async fn patch(api: &Api, call: &Call) -> Result<Reply, ApiError> {
             PatchType::Json => patch::json(&live, &body).map_err(|e| {
                 ApiError::invalid_field(&call.t.kind, &call.t.group, call.name(), "", &e)
             })?,
-            PatchType::Strategic => patch::strategic(&call.t, &live, &body)
-                .map_err(ApiError::bad_request)?,
+            PatchType::Strategic => {
+                patch::strategic(&call.t, &live, &body).map_err(ApiError::bad_request)?
+            }
             PatchType::Apply => unreachable!("handled above"),
         };
         // A patch carrying a resourceVersion is a precondition.
-        if let Some(rv) = body.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+        if let Some(rv) = body
+            .pointer("/metadata/resourceVersion")
+            .and_then(Value::as_str)
             && rv != current.rev.to_string()
         {
-            return Err(ApiError::conflict(&call.t.group, &call.t.resource, call.name()));
+            return Err(ApiError::conflict(
+                &call.t.group,
+                &call.t.resource,
+                call.name(),
+            ));
         }
         match commit_update(api, call, &current, patched, Some(&call.manager())).await {
             Err(e) if e.code == 409 && e.reason == "Conflict" && attempt < 5 => continue,
@@ -789,15 +828,24 @@ async fn server_side_apply(api: &Api, call: &Call, body: Value) -> Result<Reply,
                 let n = conflicts.len();
                 let listed: Vec<String> = conflicts
                     .iter()
-                    .map(|c| format!("conflict with {:?} using {}: {}", c.manager,
-                                     call.t.api_version(), c.field))
+                    .map(|c| {
+                        format!(
+                            "conflict with {:?} using {}: {}",
+                            c.manager,
+                            call.t.api_version(),
+                            c.field
+                        )
+                    })
                     .collect();
                 let causes = conflicts
                     .iter()
                     .map(|c| Cause {
                         reason: "FieldManagerConflict".into(),
-                        message: format!("conflict with {:?} using {}", c.manager,
-                                         call.t.api_version()),
+                        message: format!(
+                            "conflict with {:?} using {}",
+                            c.manager,
+                            call.t.api_version()
+                        ),
                         field: c.field.clone(),
                     })
                     .collect();
@@ -807,7 +855,12 @@ async fn server_side_apply(api: &Api, call: &Call, body: Value) -> Result<Reply,
                     listed.join("\n")
                 );
                 let mut e = ApiError::conflict_with(
-                    &call.t.group, &call.t.resource, call.name(), &why, causes);
+                    &call.t.group,
+                    &call.t.resource,
+                    call.name(),
+                    &why,
+                    causes,
+                );
                 e.message = why;
                 e
             })?;
@@ -822,7 +875,11 @@ async fn server_side_apply(api: &Api, call: &Call, body: Value) -> Result<Reply,
                 if call.query.dry_run() {
                     return Ok(respond_object(call, &obj, 201, warnings));
                 }
-                match api.store.write(key, Precondition::Absent, Mutation::Put(obj)).await {
+                match api
+                    .store
+                    .write(key, Precondition::Absent, Mutation::Put(obj))
+                    .await
+                {
                     Ok(stored) => {
                         after_write(api, &call.t, &stored.value, false);
                         Ok(respond_object(call, &stored.value, 201, warnings))
@@ -833,7 +890,11 @@ async fn server_side_apply(api: &Api, call: &Call, body: Value) -> Result<Reply,
             Some(current) => commit_update(api, call, current, merged, None).await,
         };
         match result {
-            Err(e) if e.code == 409 && attempt < 5 && e.details.as_ref().is_none_or(|d| d.causes.is_empty()) => {
+            Err(e)
+                if e.code == 409
+                    && attempt < 5
+                    && e.details.as_ref().is_none_or(|d| d.causes.is_empty()) =>
+            {
                 continue;
             }
             other => return other,
@@ -916,7 +977,10 @@ pub async fn delete_object(
         finalizers.push(f.to_owned());
     }
     let pod_grace = if t.group.is_empty() && t.resource == "pods" {
-        let bound = obj.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        let bound = obj
+            .pointer("/spec/nodeName")
+            .and_then(Value::as_str)
+            .is_some_and(|n| !n.is_empty());
         let default = obj
             .pointer("/spec/terminationGracePeriodSeconds")
             .and_then(Value::as_i64)
@@ -937,7 +1001,11 @@ pub async fn delete_object(
         }
         let stored = api
             .store
-            .write(key.to_owned(), Precondition::Revision(current.rev), Mutation::Delete)
+            .write(
+                key.to_owned(),
+                Precondition::Revision(current.rev),
+                Mutation::Delete,
+            )
             .await?;
         after_write(api, t, &stored.value, true);
         return Ok((200, stored.value.as_ref().clone()));
@@ -957,7 +1025,10 @@ pub async fn delete_object(
     };
     if !already_deleting || pod_grace.is_some() {
         m.insert("deletionTimestamp".into(), json!(when));
-        m.insert("deletionGracePeriodSeconds".into(), json!(pod_grace.unwrap_or(0)));
+        m.insert(
+            "deletionGracePeriodSeconds".into(),
+            json!(pod_grace.unwrap_or(0)),
+        );
     }
     if namespace_content {
         obj["status"]["phase"] = json!("Terminating");
@@ -968,7 +1039,11 @@ pub async fn delete_object(
     }
     let stored = api
         .store
-        .write(key.to_owned(), Precondition::Revision(current.rev), Mutation::Put(obj))
+        .write(
+            key.to_owned(),
+            Precondition::Revision(current.rev),
+            Mutation::Put(obj),
+        )
         .await?;
     Ok((202, stored.value.as_ref().clone()))
 }
@@ -980,7 +1055,9 @@ fn m_remove_rv(obj: &mut Value) {
 /// DELETE of one object.
 pub async fn delete(api: &Api, call: &Call) -> Result<Reply, ApiError> {
     if call.path.subresource.is_some() {
-        return Err(ApiError::method_not_allowed("delete is not supported on subresources"));
+        return Err(ApiError::method_not_allowed(
+            "delete is not supported on subresources",
+        ));
     }
     let options = delete_options(call)?;
     let mut attempt = 0;
@@ -995,7 +1072,9 @@ pub async fn delete(api: &Api, call: &Call) -> Result<Reply, ApiError> {
                 &call.t.group,
                 &call.t.resource,
                 call.name(),
-                &format!("Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"),
+                &format!(
+                    "Precondition failed: UID in precondition: {want}, UID in object meta: {uid}"
+                ),
                 vec![],
             ));
         }

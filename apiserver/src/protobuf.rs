@@ -291,7 +291,10 @@ mod tests {
         let v = decode(&envelope("Secret", s.encode_to_vec())).unwrap();
         assert_eq!(v["data"]["key"], "c2VjcmV0");
         assert_eq!(v["type"], "Opaque");
-        assert!(v["metadata"].get("generateName").is_none(), "empty strings are unset");
+        assert!(
+            v["metadata"].get("generateName").is_none(),
+            "empty strings are unset"
+        );
     }
 
     #[test]

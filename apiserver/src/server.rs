@@ -126,7 +126,9 @@ pub struct ApiServer {
 
 impl std::fmt::Debug for ApiServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiServer").field("addr", &self.addr).finish()
+        f.debug_struct("ApiServer")
+            .field("addr", &self.addr)
+            .finish()
     }
 }
 
@@ -144,12 +146,13 @@ impl ApiServer {
         let pki = Pki::load_or_create(&layout.pki(), &config.extra_sans)?;
         let (tokens, admin_token) = Tokens::load_or_create(&layout.tokens())?;
         let tls = pki.server_config()?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen {
             addr: config.listen,
             source,
@@ -191,7 +194,10 @@ impl ApiServer {
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(api.clone(), listener, tls)));
         tasks.push(tokio::spawn(compaction_loop(api.clone())));
-        tasks.push(tokio::spawn(crate::gc::run(api.clone(), config.gc_interval)));
+        tasks.push(tokio::spawn(crate::gc::run(
+            api.clone(),
+            config.gc_interval,
+        )));
         tracing::info!(%address, data_dir = %config.data_dir.display(), "API server started");
         Ok(ApiServer {
             api,
@@ -271,7 +277,11 @@ async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
         "spec": { "finalizers": ["kubernetes"] },
         "status": { "phase": "Active" },
     });
-    match api.store.write(key, Precondition::Absent, Mutation::Put(ns)).await {
+    match api
+        .store
+        .write(key, Precondition::Absent, Mutation::Put(ns))
+        .await
+    {
         Ok(_) | Err(StoreError::AlreadyExists) => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -297,15 +307,15 @@ async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::Serv
         let api = api.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(handle(api, req).await) }
@@ -339,7 +349,9 @@ async fn compaction_loop(api: Arc<Api>) {
 pub type Body = BoxBody<Bytes, Infallible>;
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 fn respond(code: u16, content_type: &str, body: Body, warnings: &[String]) -> Response<Body> {
@@ -353,7 +365,9 @@ fn respond(code: u16, content_type: &str, body: Body, warnings: &[String]) -> Re
             builder = builder.header(http::header::WARNING, v);
         }
     }
-    builder.body(body).unwrap_or_else(|_| Response::new(full("")))
+    builder
+        .body(body)
+        .unwrap_or_else(|_| Response::new(full("")))
 }
 
 fn json_response(code: u16, value: &Value) -> Response<Body> {
@@ -401,7 +415,9 @@ async fn read_body(api: &Api, body: Incoming) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::too_large(limit)),
-        Err(e) => Err(ApiError::bad_request(format!("reading the request body: {e}"))),
+        Err(e) => Err(ApiError::bad_request(format!(
+            "reading the request body: {e}"
+        ))),
     }
 }
 
@@ -447,7 +463,12 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
                 .ok_or_else(ApiError::no_route);
         }
         Route::OpenApiV2 => {
-            return Ok(respond(200, discovery::OPENAPI_V2_CONTENT_TYPE, full(""), &[]));
+            return Ok(respond(
+                200,
+                discovery::OPENAPI_V2_CONTENT_TYPE,
+                full(""),
+                &[],
+            ));
         }
         Route::OpenApiV3Index => {
             return Ok(json_response(200, &discovery::openapi_v3_index(&types)));
@@ -477,7 +498,10 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         .and_then(|a| a.split('/').next().map(str::to_owned))
         .filter(|a| !a.is_empty())
         .unwrap_or_else(|| "unknown".into());
-    let body = if matches!(method, Method::POST | Method::PUT | Method::PATCH | Method::DELETE) {
+    let body = if matches!(
+        method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) {
         read_body(api, req.into_body()).await?
     } else {
         Bytes::new()

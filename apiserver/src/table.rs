@@ -144,10 +144,7 @@ fn custom_cell(c: &Column, obj: &Value) -> Value {
 
 fn builtin_cells(t: &ResourceType, obj: &Value) -> Vec<Value> {
     let meta = meta::metadata(obj);
-    let age = meta
-        .get("creationTimestamp")
-        .cloned()
-        .unwrap_or(Value::Null);
+    let age = age_cell(meta.get("creationTimestamp").unwrap_or(&Value::Null));
     let s = |p: &str| {
         obj.pointer(p)
             .and_then(Value::as_str)
@@ -401,22 +398,41 @@ pub fn table(
     include_object: &str,
 ) -> Value {
     let cols = columns(t);
-    let mut definitions = vec![json!({
+    // Events list their name last, shown only with `-o wide`, as Kubernetes does.
+    let name_last = t.resource == "events";
+    let name_column = json!({
         "name": "Name", "type": "string", "format": "name",
-        "description": "Name must be unique within a namespace.", "priority": 0
-    })];
+        "description": "Name must be unique within a namespace.",
+        "priority": if name_last { 1 } else { 0 }
+    });
+    let mut definitions = if name_last {
+        vec![]
+    } else {
+        vec![name_column.clone()]
+    };
     definitions.extend(cols.iter().map(|c| {
         json!({ "name": c.name, "type": c.type_, "format": "", "description": c.description,
                 "priority": c.priority })
     }));
+    if name_last {
+        definitions.push(name_column);
+    }
     let rows: Vec<Value> = objects
         .iter()
         .map(|obj| {
-            let mut cells = vec![json!(meta::meta_str(obj, "name").unwrap_or_default())];
+            let name = json!(meta::meta_str(obj, "name").unwrap_or_default());
+            let mut cells = if name_last {
+                vec![]
+            } else {
+                vec![name.clone()]
+            };
             if t.custom {
                 cells.extend(cols.iter().map(|c| custom_cell(c, obj)));
             } else {
                 cells.extend(builtin_cells(t, obj));
+            }
+            if name_last {
+                cells.push(name);
             }
             let object = match include_object {
                 "None" => Value::Null,
@@ -487,8 +503,17 @@ mod tests {
             ]
         );
         let cells = table["rows"][0]["cells"].as_array().unwrap();
-        assert_eq!(cells[..6], [json!("fl1"), json!("Running"), json!(3), json!(20),
-                                json!("FedAvg"), json!(3)]);
+        assert_eq!(
+            cells[..6],
+            [
+                json!("fl1"),
+                json!("Running"),
+                json!(3),
+                json!(20),
+                json!("FedAvg"),
+                json!(3)
+            ]
+        );
         assert!(cells[6].as_str().unwrap().ends_with('d'), "{}", cells[6]);
         assert_eq!(table["rows"][0]["object"]["kind"], "PartialObjectMetadata");
         assert_eq!(table["metadata"]["resourceVersion"], "42");
@@ -497,9 +522,17 @@ mod tests {
     #[test]
     fn ages_read_like_kubectl() {
         let cases = [
-            (5, "5s"), (119, "119s"), (150, "2m30s"), (600, "10m"), (3 * 3600, "3h"),
-            (3 * 3600 + 120, "3h2m"), (30 * 3600, "30h"), (3 * 86400 + 7200, "3d2h"),
-            (30 * 86400, "30d"), (3 * 365 * 86400, "3y"), (-5, "<invalid>"),
+            (5, "5s"),
+            (119, "119s"),
+            (150, "2m30s"),
+            (600, "10m"),
+            (3 * 3600, "3h"),
+            (3 * 3600 + 120, "3h2m"),
+            (30 * 3600, "30h"),
+            (3 * 86400 + 7200, "3d2h"),
+            (30 * 86400, "30d"),
+            (3 * 365 * 86400, "3y"),
+            (-5, "<invalid>"),
         ];
         for (seconds, want) in cases {
             assert_eq!(human_duration(seconds), want, "{seconds}");

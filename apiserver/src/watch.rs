@@ -51,7 +51,14 @@ impl Encoder {
                     .to_owned();
                 let with_headers = !self.headers_sent;
                 self.headers_sent = true;
-                table::table(&self.t, &[&obj], &rv, None, with_headers, &self.include_object)
+                table::table(
+                    &self.t,
+                    &[&obj],
+                    &rv,
+                    None,
+                    with_headers,
+                    &self.include_object,
+                )
             }
         };
         line(&json!({ "type": kind, "object": object }))
@@ -95,7 +102,11 @@ fn visible(filter: &Filter, event: &Event) -> Option<&'static str> {
             let before = event.prev.as_ref().is_some_and(|p| filter.matches(p));
             match (before, now) {
                 (true, true) => Some("MODIFIED"),
-                (false, true) => Some(if event.prev.is_some() { "ADDED" } else { "MODIFIED" }),
+                (false, true) => Some(if event.prev.is_some() {
+                    "ADDED"
+                } else {
+                    "MODIFIED"
+                }),
                 (true, false) => Some("DELETED"),
                 (false, false) => None,
             }
@@ -136,9 +147,10 @@ pub(crate) fn start(api: &Arc<Api>, call: &Call) -> Result<mpsc::Receiver<Bytes>
         None | Some("0") => Start::Snapshot {
             end_bookmark: false,
         },
-        Some(rv) => Start::After(rv.parse().map_err(|_| {
-            ApiError::bad_request(format!("invalid resourceVersion {rv:?}"))
-        })?),
+        Some(rv) => Start::After(
+            rv.parse()
+                .map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?,
+        ),
     };
     let timeout = call
         .query
@@ -151,11 +163,25 @@ pub(crate) fn start(api: &Arc<Api>, call: &Call) -> Result<mpsc::Receiver<Bytes>
         t: call.t.clone(),
         repr: call.repr,
         headers_sent: false,
-        include_object: call.query.get("includeObject").unwrap_or("Metadata").to_owned(),
+        include_object: call
+            .query
+            .get("includeObject")
+            .unwrap_or("Metadata")
+            .to_owned(),
     };
     let api = api.clone();
     tokio::spawn(async move {
-        let _ = run(&api, &mut encoder, &filter, &prefix, start, bookmarks, timeout, &tx).await;
+        let _ = run(
+            &api,
+            &mut encoder,
+            &filter,
+            &prefix,
+            start,
+            bookmarks,
+            timeout,
+            &tx,
+        )
+        .await;
     });
     Ok(rx)
 }
@@ -196,7 +222,10 @@ async fn run(
         loop {
             let observed_head = api.store.head();
             match api.store.events_since(cursor, prefix, 1000) {
-                Err(StoreError::Compacted { requested, compacted }) => {
+                Err(StoreError::Compacted {
+                    requested,
+                    compacted,
+                }) => {
                     send(expired_event(requested, compacted)).await?;
                     return Ok(());
                 }
@@ -237,7 +266,10 @@ mod tests {
     use crate::registry::builtins;
 
     fn filter(labels: &str) -> Filter {
-        let pods = builtins().into_iter().find(|t| t.resource == "pods").unwrap();
+        let pods = builtins()
+            .into_iter()
+            .find(|t| t.resource == "pods")
+            .unwrap();
         Filter {
             labels: crate::selector::LabelSelector::parse(labels).unwrap(),
             fields: crate::selector::FieldSelector::parse("", &pods).unwrap(),
@@ -258,7 +290,10 @@ mod tests {
     #[test]
     fn objects_entering_or_leaving_a_selector_are_added_or_deleted() {
         let f = filter("app=web");
-        assert_eq!(visible(&f, &event(EventKind::Added, None, "web")), Some("ADDED"));
+        assert_eq!(
+            visible(&f, &event(EventKind::Added, None, "web")),
+            Some("ADDED")
+        );
         assert_eq!(visible(&f, &event(EventKind::Added, None, "db")), None);
         assert_eq!(
             visible(&f, &event(EventKind::Modified, Some("web"), "web")),
@@ -272,7 +307,13 @@ mod tests {
             visible(&f, &event(EventKind::Modified, Some("web"), "db")),
             Some("DELETED")
         );
-        assert_eq!(visible(&f, &event(EventKind::Modified, Some("db"), "db")), None);
-        assert_eq!(visible(&f, &event(EventKind::Deleted, None, "web")), Some("DELETED"));
+        assert_eq!(
+            visible(&f, &event(EventKind::Modified, Some("db"), "db")),
+            None
+        );
+        assert_eq!(
+            visible(&f, &event(EventKind::Deleted, None, "web")),
+            Some("DELETED")
+        );
     }
 }

@@ -158,7 +158,9 @@ impl FieldError {
                 format!("Too many: {got}: must have at most {max} items")
             }
             FieldErrorKind::Duplicate { value } => format!("Duplicate value: {value}"),
-            FieldErrorKind::Invalid { value, detail } => format!("Invalid value: {value}: {detail}"),
+            FieldErrorKind::Invalid { value, detail } => {
+                format!("Invalid value: {value}: {detail}")
+            }
         }
     }
 }
