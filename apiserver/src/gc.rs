@@ -2,6 +2,7 @@
 //! garbage collector (ownerReferences with background, foreground and orphan propagation),
 //! namespace deletion, and removal of a CRD's objects before the CRD.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +20,9 @@ pub(crate) async fn run(api: Arc<Api>, sweep_interval: Duration) {
     let mut head = api.store.subscribe();
     let mut shutdown = api.shutdown.clone();
     let mut cursor = api.store.head();
-    sweep(&api).await;
+    // Objects whose deletion waits for other objects to go (namespaces, CRDs, foreground
+    // owners): looked at again whenever something is deleted.
+    let mut waiting: BTreeSet<String> = sweep(&api).await;
     let mut ticker = tokio::time::interval(sweep_interval);
     ticker.tick().await;
     loop {
@@ -27,22 +30,34 @@ pub(crate) async fn run(api: Arc<Api>, sweep_interval: Duration) {
             match api.store.events_since(cursor, "", 1000) {
                 Ok(events) if events.is_empty() => break,
                 Ok(events) => {
+                    let mut deletions = false;
                     for event in &events {
                         cursor = event.rev;
                         if event.kind == EventKind::Deleted {
+                            deletions = true;
                             if let Some(uid) = meta::meta_str(&event.object, "uid") {
                                 for key in api.store.dependents(uid) {
                                     check_owners(&api, &key).await;
                                 }
                             }
-                        } else if meta::is_deleting(&event.object) {
-                            finalize(&api, &event.key).await;
+                        } else if meta::is_deleting(&event.object)
+                            && finalize(&api, &event.key).await
+                        {
+                            waiting.insert(event.key.clone());
+                        }
+                    }
+                    if deletions {
+                        let keys: Vec<String> = waiting.iter().cloned().collect();
+                        for key in keys {
+                            if !finalize(&api, &key).await {
+                                waiting.remove(&key);
+                            }
                         }
                     }
                 }
                 Err(StoreError::Compacted { .. }) => {
                     cursor = api.store.head();
-                    sweep(&api).await;
+                    waiting = sweep(&api).await;
                     break;
                 }
                 Err(_) => break,
@@ -50,25 +65,28 @@ pub(crate) async fn run(api: Arc<Api>, sweep_interval: Duration) {
         }
         tokio::select! {
             changed = head.changed() => if changed.is_err() { return },
-            _ = ticker.tick() => sweep(&api).await,
+            _ = ticker.tick() => waiting = sweep(&api).await,
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// One pass over every object: dangling owners and pending deletions.
-pub(crate) async fn sweep(api: &Api) {
+/// One pass over every object: dangling owners and pending deletions. Returns the objects
+/// still waiting for others to go.
+pub(crate) async fn sweep(api: &Api) -> BTreeSet<String> {
+    let mut waiting = BTreeSet::new();
     let (items, _) = api.store.list("");
     for stored in items {
         let key = key_of(api, &stored.value);
         let Some(key) = key else { continue };
-        if meta::is_deleting(&stored.value) {
-            finalize(api, &key).await;
+        if meta::is_deleting(&stored.value) && finalize(api, &key).await {
+            waiting.insert(key.clone());
         }
         if meta::metadata(&stored.value).contains_key("ownerReferences") {
             check_owners(api, &key).await;
         }
     }
+    waiting
 }
 
 fn type_of(api: &Api, obj: &Value) -> Option<Arc<ResourceType>> {
@@ -161,16 +179,18 @@ fn without(list: &[String], item: &str) -> Vec<String> {
 }
 
 /// Works on an object being deleted: the finalizers the server implements, then removal once
-/// no finalizer is left.
-async fn finalize(api: &Api, key: &str) {
+/// no finalizer is left. Returns whether it still waits for other objects to go.
+async fn finalize(api: &Api, key: &str) -> bool {
     let Some(stored) = api.store.get(key) else {
-        return;
+        return false;
     };
     let obj = stored.value.as_ref().clone();
     if !meta::is_deleting(&obj) {
-        return;
+        return false;
     }
-    let Some(t) = type_of(api, &obj) else { return };
+    let Some(t) = type_of(api, &obj) else {
+        return false;
+    };
     let uid = meta::meta_str(&obj, "uid").unwrap_or_default().to_owned();
     let mut finalizers = meta::finalizers(&obj);
     let mut changed = false;
@@ -286,8 +306,16 @@ async fn finalize(api: &Api, key: &str) {
         }
     }
 
+    let server_owned = ["orphan", "foregroundDeletion", CRD_CLEANUP_FINALIZER];
+    let still_waiting = finalizers
+        .iter()
+        .any(|f| server_owned.contains(&f.as_str()))
+        || obj
+            .pointer("/spec/finalizers")
+            .and_then(Value::as_array)
+            .is_some_and(|f| f.iter().any(|x| x == "kubernetes"));
     if !changed {
-        return;
+        return still_waiting;
     }
     meta::set_finalizers(&mut obj, &finalizers);
     let namespace_pending = obj
@@ -312,4 +340,5 @@ async fn finalize(api: &Api, key: &str) {
     } else {
         put(api, key, &stored, obj).await;
     }
+    still_waiting
 }

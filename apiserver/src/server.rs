@@ -44,7 +44,8 @@ pub struct Config {
     pub compaction_interval: Duration,
     /// How often a watch that asked for bookmarks gets one.
     pub bookmark_interval: Duration,
-    /// How long a watch lasts when the client sets no `timeoutSeconds`.
+    /// The longest a watch lasts (a client's shorter `timeoutSeconds` wins); clients then
+    /// watch again from their last resourceVersion.
     pub watch_timeout: Duration,
     /// How often the garbage collector sweeps everything.
     pub gc_interval: Duration,

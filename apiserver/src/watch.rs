@@ -156,7 +156,7 @@ pub(crate) fn start(api: &Arc<Api>, call: &Call) -> Result<mpsc::Receiver<Bytes>
         .query
         .number("timeoutSeconds")?
         .filter(|s| *s > 0)
-        .map(|s| Duration::from_secs(s as u64))
+        .map(|s| Duration::from_secs(s as u64).min(api.config.watch_timeout))
         .unwrap_or(api.config.watch_timeout);
     let (tx, rx) = mpsc::channel(256);
     let mut encoder = Encoder {
