@@ -114,7 +114,11 @@ impl FieldSet {
 fn tracked_root_key(key: &str, subresource: Option<&str>, t: &ResourceType) -> bool {
     match subresource {
         Some("status") => key == "status",
-        _ => !matches!(key, "apiVersion" | "kind") && !(key == "status" && t.status_subresource),
+        _ => {
+            let server_owned = matches!(key, "apiVersion" | "kind");
+            let status_elsewhere = key == "status" && t.status_subresource;
+            !(server_owned || status_elsewhere)
+        }
     }
 }
 

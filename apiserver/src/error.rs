@@ -26,7 +26,7 @@ pub struct ApiError {
     /// `Status.message`.
     pub message: String,
     /// `Status.details`: the object's name, group and kind, and field causes.
-    pub details: Option<Details>,
+    pub details: Option<Box<Details>>,
 }
 
 /// `Status.details`.
@@ -88,12 +88,12 @@ impl ApiError {
     pub fn not_found(group: &str, resource: &str, name: &str) -> Self {
         let qualified = qualified(resource, group);
         let mut e = Self::new(404, "NotFound", format!("{qualified} {name:?} not found"));
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: resource.to_owned(),
             causes: vec![],
-        });
+        }));
         e
     }
 
@@ -110,12 +110,12 @@ impl ApiError {
             "AlreadyExists",
             format!("{qualified} {name:?} already exists"),
         );
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: resource.to_owned(),
             causes: vec![],
-        });
+        }));
         e
     }
 
@@ -144,12 +144,12 @@ impl ApiError {
             "Conflict",
             format!("Operation cannot be fulfilled on {qualified} {name:?}: {why}"),
         );
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: resource.to_owned(),
             causes,
-        });
+        }));
         e
     }
 
@@ -203,12 +203,12 @@ impl ApiError {
             "Invalid",
             format!("{qualified} {name:?} is invalid: {joined}"),
         );
-        e.details = Some(Details {
+        e.details = Some(Box::new(Details {
             name: name.to_owned(),
             group: group.to_owned(),
             kind: kind.to_owned(),
             causes,
-        });
+        }));
         e
     }
 

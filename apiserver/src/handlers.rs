@@ -48,6 +48,9 @@ pub struct Reply {
     pub code: u16,
     /// Body.
     pub body: Value,
+    /// The body already serialized (large lists are written without building a `Value`);
+    /// when set, `body` is ignored.
+    pub raw: Option<bytes::Bytes>,
     /// `Warning` headers.
     pub warnings: Vec<String>,
 }
@@ -57,6 +60,7 @@ impl Reply {
         Self {
             code: 200,
             body,
+            raw: None,
             warnings: vec![],
         }
     }
@@ -303,6 +307,7 @@ fn respond_object(call: &Call, obj: &Value, code: u16, warnings: Vec<String>) ->
     Reply {
         code,
         body,
+        raw: None,
         warnings,
     }
 }
@@ -431,12 +436,12 @@ pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
         _ => api.store.list(&prefix),
     };
     let start = continue_token.as_ref().map(|t| t.start.as_str());
-    let mut selected = Vec::new();
-    let mut more = None;
+    let mut selected: Vec<&Arc<Stored>> = Vec::new();
     let mut remaining = 0usize;
     for stored in &items {
-        let key = key_of(&call.t, &stored.value);
-        if start.is_some_and(|s| key.as_str() <= s) {
+        if let Some(s) = start
+            && key_of(&call.t, &stored.value).as_str() <= s
+        {
             continue;
         }
         if !filter.matches(&stored.value) {
@@ -445,60 +450,67 @@ pub fn list(api: &Api, call: &Call) -> Result<Reply, ApiError> {
         if let Some(limit) = limit
             && selected.len() >= limit
         {
-            if more.is_none() {
-                more = Some(
-                    selected
-                        .last()
-                        .map(|(k, _): &(String, Value)| k.clone())
-                        .unwrap_or_default(),
-                );
-            }
             remaining += 1;
             continue;
         }
-        selected.push((key, served(&call.t, &stored.value)));
+        selected.push(stored);
     }
-    let continue_value = more.map(|last| encode_continue(rv, &last));
-    let objects: Vec<&Value> = selected.iter().map(|(_, v)| v).collect();
-    let body = match call.repr {
-        Representation::Table => table::table(
+    let continue_value = (remaining > 0)
+        .then(|| selected.last().map(|s| key_of(&call.t, &s.value)))
+        .flatten()
+        .map(|last| encode_continue(rv, &last));
+    if call.repr == Representation::Table {
+        let objects: Vec<Value> = selected.iter().map(|s| served(&call.t, &s.value)).collect();
+        let refs: Vec<&Value> = objects.iter().collect();
+        return Ok(Reply::ok(table::table(
             &call.t,
-            &objects,
+            &refs,
             &rv.to_string(),
             continue_value.as_deref(),
             true,
             include_object(call),
-        ),
-        Representation::PartialMetadata | Representation::Object => {
-            let partial = call.repr == Representation::PartialMetadata;
-            let items: Vec<Value> = objects
-                .iter()
-                .map(|o| {
-                    if partial {
-                        table::partial_metadata(o)
-                    } else {
-                        (*o).clone()
-                    }
-                })
-                .collect();
-            let mut metadata = json!({ "resourceVersion": rv.to_string() });
-            if let Some(c) = &continue_value {
-                metadata["continue"] = json!(c);
-                metadata["remainingItemCount"] = json!(remaining);
-            }
-            let (kind, api_version) = if partial {
-                (
-                    "PartialObjectMetadataList".to_owned(),
-                    "meta.k8s.io/v1".to_owned(),
-                )
-            } else {
-                (format!("{}List", call.t.kind), call.t.api_version())
-            };
-            json!({ "kind": kind, "apiVersion": api_version, "metadata": metadata,
-                    "items": items })
-        }
+        )));
+    }
+    let partial = call.repr == Representation::PartialMetadata;
+    let mut metadata = json!({ "resourceVersion": rv.to_string() });
+    if let Some(c) = &continue_value {
+        metadata["continue"] = json!(c);
+        metadata["remainingItemCount"] = json!(remaining);
+    }
+    let (kind, api_version) = if partial {
+        (
+            "PartialObjectMetadataList".to_owned(),
+            "meta.k8s.io/v1".to_owned(),
+        )
+    } else {
+        (format!("{}List", call.t.kind), call.t.api_version())
     };
-    Ok(Reply::ok(body))
+    // Written item by item from the stored objects: no copy of the list is built.
+    let mut out = Vec::with_capacity(256 + selected.len() * 512);
+    let head = json!({ "kind": kind, "apiVersion": api_version, "metadata": metadata });
+    let head = serde_json::to_vec(&head).map_err(|e| ApiError::internal(e.to_string()))?;
+    out.extend_from_slice(&head[..head.len() - 1]);
+    out.extend_from_slice(b",\"items\":[");
+    for (i, stored) in selected.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        let written = if partial {
+            serde_json::to_writer(&mut out, &table::partial_metadata(&stored.value))
+        } else if call.t.storage_group != call.t.group {
+            serde_json::to_writer(&mut out, &served(&call.t, &stored.value))
+        } else {
+            serde_json::to_writer(&mut out, stored.value.as_ref())
+        };
+        written.map_err(|e| ApiError::internal(e.to_string()))?;
+    }
+    out.extend_from_slice(b"]}");
+    Ok(Reply {
+        code: 200,
+        body: Value::Null,
+        raw: Some(out.into()),
+        warnings: vec![],
+    })
 }
 
 /// The storage key of a stored object of `t`.

@@ -225,10 +225,11 @@ pub fn prepare_create(
         meta.remove(field);
     }
     validate_name(t, &name)?;
-    if t.status_subresource && t.custom {
-        if let Some(o) = obj.as_object_mut() {
-            o.remove("status");
-        }
+    if t.status_subresource
+        && t.custom
+        && let Some(o) = obj.as_object_mut()
+    {
+        o.remove("status");
     }
     Ok(name)
 }

@@ -192,13 +192,11 @@ impl ApiServer {
             &kubeconfig_path,
             &pki::kubeconfig(&format!("https://{address}"), &pki.ca_pem, &admin_token),
         )?;
-        let mut tasks = Vec::new();
-        tasks.push(tokio::spawn(accept_loop(api.clone(), listener, tls)));
-        tasks.push(tokio::spawn(compaction_loop(api.clone())));
-        tasks.push(tokio::spawn(crate::gc::run(
-            api.clone(),
-            config.gc_interval,
-        )));
+        let tasks = vec![
+            tokio::spawn(accept_loop(api.clone(), listener, tls)),
+            tokio::spawn(compaction_loop(api.clone())),
+            tokio::spawn(crate::gc::run(api.clone(), config.gc_interval)),
+        ];
         tracing::info!(%address, data_dir = %config.data_dir.display(), "API server started");
         Ok(ApiServer {
             api,
@@ -556,7 +554,10 @@ fn reply_response(reply: &Reply, repr: Representation, single: bool) -> Response
     respond(
         reply.code,
         content_type(repr, single),
-        full(serde_json::to_vec(&reply.body).unwrap_or_default()),
+        match &reply.raw {
+            Some(bytes) => full(bytes.clone()),
+            None => full(serde_json::to_vec(&reply.body).unwrap_or_default()),
+        },
         &reply.warnings,
     )
 }

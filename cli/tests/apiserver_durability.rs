@@ -80,14 +80,18 @@ async fn kill_9_during_a_write_loop_loses_no_acknowledged_write() {
             for i in 0u64.. {
                 let name = format!("w{w}-{}", i / 4);
                 let result = if i % 4 == 0 {
-                    cms.create(&PostParams::default(), &config_map(&name, i)).await.map(drop)
+                    cms.create(&PostParams::default(), &config_map(&name, i))
+                        .await
+                        .map(drop)
                 } else {
                     let mut current = match cms.get(&name).await {
                         Ok(c) => c,
                         Err(_) => return,
                     };
                     current.data = Some(BTreeMap::from([("n".to_owned(), i.to_string())]));
-                    cms.replace(&name, &PostParams::default(), &current).await.map(drop)
+                    cms.replace(&name, &PostParams::default(), &current)
+                        .await
+                        .map(drop)
                 };
                 match result {
                     Ok(()) => {
@@ -105,7 +109,11 @@ async fn kill_9_during_a_write_loop_loses_no_acknowledged_write() {
         let _ = w.await;
     }
     let acked = acked.lock().unwrap().clone();
-    assert!(acked.len() > 20, "the loop wrote too little to be meaningful: {}", acked.len());
+    assert!(
+        acked.len() > 20,
+        "the loop wrote too little to be meaningful: {}",
+        acked.len()
+    );
 
     let mut server = start(&data, port);
     let restarted = client(&data).await;
