@@ -632,3 +632,161 @@ async fn deleting_a_namespace_removes_its_content_first() {
             .is_empty()
     );
 }
+
+#[tokio::test]
+async fn delete_collection_honours_label_selectors() {
+    let server = TestServer::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    for (name, tier) in [("a", "edge"), ("b", "edge"), ("c", "cloud")] {
+        cms.create(&PostParams::default(), &cm(name, &[("tier", tier)]))
+            .await
+            .unwrap();
+    }
+    cms.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels("tier=edge"),
+    )
+    .await
+    .unwrap();
+    let left: Vec<String> = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(ResourceExt::name_any)
+        .collect();
+    assert_eq!(left, ["c"]);
+}
+
+#[tokio::test]
+async fn an_exact_list_at_a_compacted_revision_is_410_gone() {
+    use kube::api::VersionMatch;
+    let server = TestServer::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let first = cms
+        .create(&PostParams::default(), &cm("a", &[]))
+        .await
+        .unwrap();
+    cms.create(&PostParams::default(), &cm("b", &[]))
+        .await
+        .unwrap();
+    let old = first.resource_version().unwrap();
+    let exact = ListParams::default().at(&old).matching(VersionMatch::Exact);
+    let past = cms.list(&exact).await.unwrap();
+    assert_eq!(past.items.len(), 1, "the list as it was at that revision");
+    let head = server.server.store().head();
+    server.server.store().compact_at(head).await.unwrap();
+    let err = cms.list(&exact).await.unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 410 && s.reason == "Expired"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn dry_runs_validate_without_persisting() {
+    let server = TestServer::start().await;
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let created = cms
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..Default::default()
+            },
+            &cm("ghost", &[]),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.name_any(), "ghost");
+    assert!(cms.get_opt("ghost").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn raw_http_limits_authentication_and_media_types() {
+    let server = TestServer::start().await;
+    let client = server.client().await;
+    let send = |req: http::Request<Vec<u8>>| {
+        let client = client.clone();
+        async move {
+            let res = client
+                .send(req.map(kube::client::Body::from))
+                .await
+                .unwrap();
+            let status = res.status().as_u16();
+            let body = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&body).unwrap_or_default(),
+            )
+        }
+    };
+    // A body over the 3 MiB limit is refused with 413.
+    let huge = json!({ "apiVersion": "v1", "kind": "ConfigMap", "metadata": { "name": "big" },
+                       "data": { "blob": "x".repeat(4 * 1024 * 1024) } });
+    let req = http::Request::post("/api/v1/namespaces/default/configmaps")
+        .header("content-type", "application/json")
+        .body(serde_json::to_vec(&huge).unwrap())
+        .unwrap();
+    let (status, body) = send(req).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["reason"], "RequestEntityTooLarge");
+
+    // Strategic merge patch is refused for custom resources.
+    install_model_crd(&client).await;
+    let models: Api<Model> = Api::namespaced(client.clone(), "default");
+    models
+        .create(&PostParams::default(), &model("m", "/m.onnx"))
+        .await
+        .unwrap();
+    let req = http::Request::patch("/apis/sedna.io/v1alpha1/namespaces/default/models/m")
+        .header("content-type", "application/strategic-merge-patch+json")
+        .body(br#"{"spec":{"format":"pth"}}"#.to_vec())
+        .unwrap();
+    let (status, body) = send(req).await;
+    assert_eq!(status, 415, "{body}");
+
+    // ...and applied to built-in kinds, merging lists by their keys.
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), "default");
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": { "name": "p" },
+        "spec": { "containers": [{ "name": "a", "image": "x", "env": [{ "name": "A", "value": "1" }] }] }
+    })).unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let patch = json!({ "spec": { "containers": [{ "name": "a", "env": [{ "name": "B", "value": "2" }] }] } });
+    let patched = pods
+        .patch("p", &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap();
+    let env = patched.spec.unwrap().containers[0].env.clone().unwrap();
+    assert_eq!(env.len(), 2, "env merged by name");
+
+    // Without a token nothing but health and version is served.
+    let url = server.server.url();
+    let anonymous = kube::Client::try_from({
+        let mut c = kube::Config::new(url.parse().unwrap());
+        c.root_cert = Some(vec![server_ca_der(server.server.ca_pem())]);
+        c
+    })
+    .unwrap();
+    let err = Api::<ConfigMap>::namespaced(anonymous.clone(), "default")
+        .list(&ListParams::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, kube::Error::Api(ref s) if s.code == 401),
+        "{err}"
+    );
+    assert!(anonymous.apiserver_version().await.is_ok());
+}
+
+fn server_ca_der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap()
+}

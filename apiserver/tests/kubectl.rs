@@ -397,3 +397,25 @@ async fn the_oldest_and_newest_bundled_kubectl_work_too() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reapplying_a_built_in_kind_uses_a_strategic_merge_patch() {
+    let (_server, kubectl) = setup().await;
+    let v1 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {mode: edge, level: '1'}\n";
+    let v2 = "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata: {mode: cloud}\n";
+    let first = kubectl.run_with_stdin(&["apply", "-f", "-"], Some(v1));
+    assert!(
+        first.ok && first.stdout.contains("configmap/settings created"),
+        "{first:?}"
+    );
+    let second = kubectl.run_with_stdin(&["apply", "-f", "-"], Some(v2));
+    assert!(
+        second.ok && second.stdout.contains("configmap/settings configured"),
+        "{second:?}"
+    );
+    let data = kubectl.ok(&["get", "cm", "settings", "-o", "jsonpath={.data}"]);
+    assert_eq!(
+        data, r#"{"mode":"cloud"}"#,
+        "a key dropped from the manifest is removed"
+    );
+}
