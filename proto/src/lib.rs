@@ -1,0 +1,13 @@
+//! Protobuf messages and gRPC service of the cloud-edge channel (`proto/channel.proto`),
+//! generated at build time without a system `protoc`, plus the size limits both sides apply.
+
+/// The channel's messages and the `Hub` service (client and server).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod channel {
+    tonic::include_proto!("sedna.channel.v1");
+}
+
+/// Default cap on one envelope, encoded: larger messages are refused by both sides.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+pub mod sync;

@@ -1,0 +1,172 @@
+//! Helpers for tests and benchmarks that need a network between two parts: a TCP proxy on
+//! 127.0.0.1 that counts the bytes it forwards each way and can cut every connection, or
+//! refuse new ones, on demand.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+#[derive(Default)]
+struct Counters {
+    to_target: AtomicU64,
+    to_client: AtomicU64,
+    connections: AtomicU64,
+    blocked: AtomicBool,
+}
+
+/// A running proxy; dropping it stops it and closes every connection.
+pub struct TcpProxy {
+    addr: SocketAddr,
+    counters: Arc<Counters>,
+    cut: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    /// Starts a proxy on a free 127.0.0.1 port forwarding to `target`.
+    pub async fn start(target: SocketAddr) -> std::io::Result<TcpProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let counters = Arc::new(Counters::default());
+        let (cut, cut_rx) = watch::channel(0u64);
+        let c = counters.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if c.blocked.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                c.connections.fetch_add(1, Ordering::SeqCst);
+                let c = c.clone();
+                let mut cut_rx = cut_rx.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (cr, cw) = client.into_split();
+                    let (sr, sw) = server.into_split();
+                    let up = pump(cr, sw, c.clone(), true);
+                    let down = pump(sr, cw, c.clone(), false);
+                    cut_rx.borrow_and_update();
+                    tokio::select! {
+                        _ = async { tokio::join!(up, down) } => {}
+                        _ = cut_rx.changed() => {}
+                    }
+                });
+            }
+        });
+        Ok(TcpProxy {
+            addr,
+            counters,
+            cut,
+            task,
+        })
+    }
+
+    /// The address clients dial.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Bytes forwarded from clients to the target.
+    pub fn bytes_to_target(&self) -> u64 {
+        self.counters.to_target.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded from the target to clients.
+    pub fn bytes_to_client(&self) -> u64 {
+        self.counters.to_client.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.counters.connections.load(Ordering::SeqCst)
+    }
+
+    /// Closes every open connection abruptly.
+    pub fn cut_all(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+
+    /// While blocked, new connections are closed at once (the target looks unreachable).
+    pub fn set_blocked(&self, blocked: bool) {
+        self.counters.blocked.store(blocked, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut_all();
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counters: Arc<Counters>,
+    upstream: bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        let counter = if upstream {
+            &counters.to_target
+        } else {
+            &counters.to_client
+        };
+        counter.fetch_add(n as u64, Ordering::SeqCst);
+    }
+    let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn forwards_counts_and_cuts() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    while let Ok(n) = s.read(&mut buf).await {
+                        if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        let proxy = TcpProxy::start(target).await.unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        client.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        assert_eq!(proxy.bytes_to_target(), 5);
+        assert_eq!(proxy.bytes_to_client(), 5);
+        proxy.cut_all();
+        let mut rest = Vec::new();
+        let n = client.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "the connection was closed");
+        proxy.set_blocked(true);
+        let mut refused = TcpStream::connect(proxy.addr()).await.unwrap();
+        assert_eq!(refused.read(&mut back).await.unwrap_or(0), 0);
+        assert_eq!(proxy.connections(), 1);
+    }
+}
