@@ -10,4 +10,8 @@ pub mod channel {
 /// Default cap on one envelope, encoded: larger messages are refused by both sides.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
+pub mod identity;
 pub mod sync;
+
+/// The protobuf message trait (encode/decode), re-exported so users need no direct `prost`.
+pub use prost::Message;

@@ -1,0 +1,850 @@
+//! Which objects each node needs, and what to send when something changes.
+//!
+//! The hub watches each kind once and feeds every change here. A node's *view* is: its Node
+//! and Lease, the Pods bound to it, the ConfigMaps and Secrets those pods use, the sedna.io
+//! workloads that own its pods or whose templates name it, the Models and Datasets those
+//! workloads name, the Datasets placed on it (`nodeName` or a matching `nodeSelector`), the
+//! Devices attached to it and their DeviceModels. Nothing else ever reaches the node.
+//!
+//! Views exist only for connected nodes; a change recomputes the views of the nodes it can
+//! affect (those whose view refers to the object, and those the object names) and yields the
+//! upserts and deletes that bring each node to its new view.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// The kinds the hub routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// core/v1 Pod.
+    Pod,
+    /// core/v1 ConfigMap.
+    ConfigMap,
+    /// core/v1 Secret.
+    Secret,
+    /// core/v1 Node.
+    Node,
+    /// coordination.k8s.io/v1 Lease (node leases, in `kube-node-lease`).
+    Lease,
+    /// sedna.io Dataset.
+    Dataset,
+    /// sedna.io Model.
+    Model,
+    /// sedna.io JointInferenceService.
+    JointInferenceService,
+    /// sedna.io IncrementalLearningJob.
+    IncrementalLearningJob,
+    /// sedna.io FederatedLearningJob.
+    FederatedLearningJob,
+    /// devices.sedna.io Device.
+    Device,
+    /// devices.sedna.io DeviceModel.
+    DeviceModel,
+}
+
+impl Kind {
+    /// Every routed kind.
+    pub const ALL: [Kind; 12] = [
+        Kind::Pod,
+        Kind::ConfigMap,
+        Kind::Secret,
+        Kind::Node,
+        Kind::Lease,
+        Kind::Dataset,
+        Kind::Model,
+        Kind::JointInferenceService,
+        Kind::IncrementalLearningJob,
+        Kind::FederatedLearningJob,
+        Kind::Device,
+        Kind::DeviceModel,
+    ];
+
+    /// `apiVersion`.
+    pub fn api_version(self) -> &'static str {
+        match self {
+            Kind::Pod | Kind::ConfigMap | Kind::Secret | Kind::Node => "v1",
+            Kind::Lease => "coordination.k8s.io/v1",
+            Kind::Dataset
+            | Kind::Model
+            | Kind::JointInferenceService
+            | Kind::IncrementalLearningJob
+            | Kind::FederatedLearningJob => "sedna.io/v1alpha1",
+            Kind::Device | Kind::DeviceModel => "devices.sedna.io/v1beta1",
+        }
+    }
+
+    /// `kind`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "Pod",
+            Kind::ConfigMap => "ConfigMap",
+            Kind::Secret => "Secret",
+            Kind::Node => "Node",
+            Kind::Lease => "Lease",
+            Kind::Dataset => "Dataset",
+            Kind::Model => "Model",
+            Kind::JointInferenceService => "JointInferenceService",
+            Kind::IncrementalLearningJob => "IncrementalLearningJob",
+            Kind::FederatedLearningJob => "FederatedLearningJob",
+            Kind::Device => "Device",
+            Kind::DeviceModel => "DeviceModel",
+        }
+    }
+
+    /// Plural resource name.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Pod => "pods",
+            Kind::ConfigMap => "configmaps",
+            Kind::Secret => "secrets",
+            Kind::Node => "nodes",
+            Kind::Lease => "leases",
+            Kind::Dataset => "datasets",
+            Kind::Model => "models",
+            Kind::JointInferenceService => "jointinferenceservices",
+            Kind::IncrementalLearningJob => "incrementallearningjobs",
+            Kind::FederatedLearningJob => "federatedlearningjobs",
+            Kind::Device => "devices",
+            Kind::DeviceModel => "devicemodels",
+        }
+    }
+
+    /// Whether objects live in namespaces.
+    pub fn namespaced(self) -> bool {
+        self != Kind::Node
+    }
+
+    /// The kind of an `apiVersion`/`kind` pair, if routed.
+    pub fn of(api_version: &str, kind: &str) -> Option<Kind> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.api_version() == api_version && k.name() == kind)
+    }
+
+    fn workload(self) -> bool {
+        matches!(
+            self,
+            Kind::JointInferenceService | Kind::IncrementalLearningJob | Kind::FederatedLearningJob
+        )
+    }
+}
+
+/// Identifies an object.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjKey {
+    /// Its kind.
+    pub kind: Kind,
+    /// Namespace (`""` for nodes).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjKey {
+    /// A key.
+    pub fn new(kind: Kind, namespace: &str, name: &str) -> Self {
+        Self {
+            kind,
+            namespace: if kind.namespaced() {
+                namespace.to_owned()
+            } else {
+                String::new()
+            },
+            name: name.to_owned(),
+        }
+    }
+}
+
+/// An object as the hub caches it.
+#[derive(Debug)]
+pub struct Object {
+    /// Its key.
+    pub key: ObjKey,
+    /// `metadata.uid`.
+    pub uid: String,
+    /// `metadata.resourceVersion`, as a number (0 when not numeric).
+    pub rv: u64,
+    /// The object.
+    pub value: Arc<Value>,
+    encoded: std::sync::OnceLock<Arc<[u8]>>,
+}
+
+impl PartialEq for Object {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+            && self.uid == other.uid
+            && self.rv == other.rv
+            && self.value == other.value
+    }
+}
+
+impl Object {
+    /// Builds the cached form of an API object of `kind`; `None` without a name or uid.
+    pub fn from_value(kind: Kind, value: Value) -> Option<Object> {
+        let meta = value.get("metadata")?;
+        let name = meta.get("name")?.as_str()?.to_owned();
+        let namespace = meta
+            .get("namespace")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let uid = meta.get("uid")?.as_str()?.to_owned();
+        let rv = meta
+            .get("resourceVersion")
+            .and_then(Value::as_str)
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        Some(Object {
+            key: ObjKey::new(kind, &namespace, &name),
+            uid,
+            rv,
+            value: Arc::new(value),
+            encoded: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The object as JSON bytes, encoded once however many nodes receive it.
+    pub fn json(&self) -> Arc<[u8]> {
+        self.encoded
+            .get_or_init(|| {
+                serde_json::to_vec(self.value.as_ref())
+                    .unwrap_or_default()
+                    .into()
+            })
+            .clone()
+    }
+}
+
+/// What a node must be told.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Downstream {
+    /// Store (or replace) this object.
+    Upsert(Arc<Object>),
+    /// Forget this object.
+    Delete {
+        /// Its key.
+        key: ObjKey,
+        /// Its uid.
+        uid: String,
+        /// The last version the node was sent.
+        rv: u64,
+    },
+}
+
+impl Downstream {
+    /// The object's uid.
+    pub fn uid(&self) -> &str {
+        match self {
+            Downstream::Upsert(o) => &o.uid,
+            Downstream::Delete { uid, .. } => uid,
+        }
+    }
+
+    /// The version it carries.
+    pub fn rv(&self) -> u64 {
+        match self {
+            Downstream::Upsert(o) => o.rv,
+            Downstream::Delete { rv, .. } => *rv,
+        }
+    }
+}
+
+fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
+    let mut v = v;
+    for p in path {
+        v = v.get(*p)?;
+    }
+    v.as_str()
+}
+
+fn items<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
+    let mut v = v;
+    for p in path {
+        match v.get(*p) {
+            Some(next) => v = next,
+            None => return &[],
+        }
+    }
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// ConfigMaps and Secrets a pod uses, and the workloads that own it.
+fn pod_references(pod: &Value, ns: &str, out: &mut BTreeSet<ObjKey>) {
+    let mut add = |kind: Kind, name: Option<&str>| {
+        if let Some(n) = name.filter(|n| !n.is_empty()) {
+            out.insert(ObjKey::new(kind, ns, n));
+        }
+    };
+    for vol in items(pod, &["spec", "volumes"]) {
+        add(Kind::ConfigMap, str_at(vol, &["configMap", "name"]));
+        add(Kind::Secret, str_at(vol, &["secret", "secretName"]));
+        for source in items(vol, &["projected", "sources"]) {
+            add(Kind::ConfigMap, str_at(source, &["configMap", "name"]));
+            add(Kind::Secret, str_at(source, &["secret", "name"]));
+        }
+    }
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        for c in items(pod, &["spec", list]) {
+            for env in items(c, &["env"]) {
+                add(
+                    Kind::ConfigMap,
+                    str_at(env, &["valueFrom", "configMapKeyRef", "name"]),
+                );
+                add(
+                    Kind::Secret,
+                    str_at(env, &["valueFrom", "secretKeyRef", "name"]),
+                );
+            }
+            for from in items(c, &["envFrom"]) {
+                add(Kind::ConfigMap, str_at(from, &["configMapRef", "name"]));
+                add(Kind::Secret, str_at(from, &["secretRef", "name"]));
+            }
+        }
+    }
+    for s in items(pod, &["spec", "imagePullSecrets"]) {
+        add(Kind::Secret, str_at(s, &["name"]));
+    }
+    for owner in items(pod, &["metadata", "ownerReferences"]) {
+        let (Some(v), Some(k)) = (str_at(owner, &["apiVersion"]), str_at(owner, &["kind"])) else {
+            continue;
+        };
+        if let Some(kind) = Kind::of(v, k).filter(|k| k.workload()) {
+            add(kind, str_at(owner, &["name"]));
+        }
+    }
+}
+
+/// Models and Datasets a workload names.
+fn workload_references(kind: Kind, w: &Value, ns: &str, out: &mut BTreeSet<ObjKey>) {
+    let mut add = |k: Kind, path: &[&str], v: &Value| {
+        if let Some(n) = str_at(v, path).filter(|n| !n.is_empty()) {
+            out.insert(ObjKey::new(k, ns, n));
+        }
+    };
+    match kind {
+        Kind::JointInferenceService => {
+            add(Kind::Model, &["spec", "edgeWorker", "model", "name"], w);
+            add(Kind::Model, &["spec", "cloudWorker", "model", "name"], w);
+        }
+        Kind::IncrementalLearningJob => {
+            add(Kind::Dataset, &["spec", "dataset", "name"], w);
+            add(Kind::Model, &["spec", "initialModel", "name"], w);
+            add(
+                Kind::Model,
+                &["spec", "evalSpec", "initialEvalModel", "name"],
+                w,
+            );
+            add(Kind::Model, &["spec", "deploySpec", "model", "name"], w);
+        }
+        Kind::FederatedLearningJob => {
+            add(
+                Kind::Model,
+                &["spec", "aggregationWorker", "model", "name"],
+                w,
+            );
+            add(Kind::Model, &["spec", "pretrainedModel", "name"], w);
+            for t in items(w, &["spec", "trainingWorkers"]) {
+                add(Kind::Dataset, &["dataset", "name"], t);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Node names a workload's pod templates name.
+fn workload_nodes(kind: Kind, w: &Value) -> BTreeSet<String> {
+    let mut templates: Vec<&Value> = Vec::new();
+    let spec = w.get("spec");
+    let get = |path: &[&str]| {
+        let mut v = spec?;
+        for p in path {
+            v = v.get(*p)?;
+        }
+        Some(v)
+    };
+    match kind {
+        Kind::JointInferenceService => {
+            templates.extend(get(&["edgeWorker", "template"]));
+            templates.extend(get(&["cloudWorker", "template"]));
+        }
+        Kind::IncrementalLearningJob => {
+            for stage in ["trainSpec", "evalSpec", "deploySpec"] {
+                templates.extend(get(&[stage, "template"]));
+            }
+        }
+        Kind::FederatedLearningJob => {
+            templates.extend(get(&["aggregationWorker", "template"]));
+            if let Some(ws) = get(&["trainingWorkers"]).and_then(Value::as_array) {
+                templates.extend(ws.iter().filter_map(|t| t.get("template")));
+            }
+        }
+        _ => {}
+    }
+    templates
+        .into_iter()
+        .filter_map(|t| str_at(t, &["spec", "nodeName"]))
+        .filter(|n| !n.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn labels_match(selector: &serde_json::Map<String, Value>, node: Option<&Object>) -> bool {
+    let labels = node
+        .and_then(|n| n.value.pointer("/metadata/labels"))
+        .and_then(Value::as_object);
+    !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The routing state.
+#[derive(Default)]
+pub struct Router {
+    objects: HashMap<ObjKey, Arc<Object>>,
+    pods_by_node: HashMap<String, BTreeSet<ObjKey>>,
+    devices_by_node: HashMap<String, BTreeSet<ObjKey>>,
+    datasets_by_node: HashMap<String, BTreeSet<ObjKey>>,
+    selector_datasets: BTreeSet<ObjKey>,
+    workloads: BTreeSet<ObjKey>,
+    views: HashMap<String, BTreeMap<ObjKey, Arc<Object>>>,
+    refs: HashMap<ObjKey, HashSet<String>>,
+    node_refs: HashMap<String, BTreeSet<ObjKey>>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("objects", &self.objects.len())
+            .field("connected", &self.views.len())
+            .finish()
+    }
+}
+
+/// Nodes an object names directly.
+fn named_nodes(obj: &Object) -> BTreeSet<String> {
+    let v = &obj.value;
+    let one = |s: Option<&str>| {
+        s.filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .into_iter()
+            .collect()
+    };
+    match obj.key.kind {
+        Kind::Pod => one(str_at(v, &["spec", "nodeName"])),
+        Kind::Device | Kind::Dataset => one(str_at(v, &["spec", "nodeName"])),
+        Kind::Node => one(Some(&obj.key.name)),
+        Kind::Lease if obj.key.namespace == "kube-node-lease" => one(Some(&obj.key.name)),
+        k if k.workload() => workload_nodes(k, v),
+        _ => BTreeSet::new(),
+    }
+}
+
+impl Router {
+    /// An empty router.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The cached object, if any.
+    pub fn get(&self, key: &ObjKey) -> Option<&Arc<Object>> {
+        self.objects.get(key)
+    }
+
+    /// Number of cached objects.
+    pub fn len(&self) -> usize {
+        self.objects.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.objects.is_empty()
+    }
+
+    /// Whether `key` is in `node`'s view (for connected nodes).
+    pub fn in_view(&self, node: &str, key: &ObjKey) -> bool {
+        self.views.get(node).is_some_and(|v| v.contains_key(key))
+    }
+
+    /// Every cached key of a kind (for relists).
+    pub fn keys_of(&self, kind: Kind) -> Vec<ObjKey> {
+        self.objects
+            .keys()
+            .filter(|k| k.kind == kind)
+            .cloned()
+            .collect()
+    }
+
+    fn index(&mut self, obj: &Arc<Object>, insert: bool) {
+        let key = obj.key.clone();
+        let node = str_at(&obj.value, &["spec", "nodeName"])
+            .unwrap_or_default()
+            .to_owned();
+        let index = match key.kind {
+            Kind::Pod => Some(&mut self.pods_by_node),
+            Kind::Device => Some(&mut self.devices_by_node),
+            Kind::Dataset => Some(&mut self.datasets_by_node),
+            _ => None,
+        };
+        if let Some(index) = index
+            && !node.is_empty()
+        {
+            let set = index.entry(node.clone()).or_default();
+            if insert {
+                set.insert(key.clone());
+            } else {
+                set.remove(&key);
+                if set.is_empty() {
+                    index.remove(&node);
+                }
+            }
+        }
+        if key.kind == Kind::Dataset && obj.value.pointer("/spec/nodeSelector").is_some() {
+            if insert {
+                self.selector_datasets.insert(key.clone());
+            } else {
+                self.selector_datasets.remove(&key);
+            }
+        }
+        if key.kind.workload() {
+            if insert {
+                self.workloads.insert(key);
+            } else {
+                self.workloads.remove(&key);
+            }
+        }
+    }
+
+    /// The view of `node`: the objects present, and every key it refers to (present or not).
+    fn compute_view(&self, node: &str) -> (BTreeMap<ObjKey, Arc<Object>>, BTreeSet<ObjKey>) {
+        let mut wanted: BTreeSet<ObjKey> = BTreeSet::new();
+        let node_key = ObjKey::new(Kind::Node, "", node);
+        wanted.insert(node_key.clone());
+        wanted.insert(ObjKey::new(Kind::Lease, "kube-node-lease", node));
+        let empty = BTreeSet::new();
+        let pods = self.pods_by_node.get(node).unwrap_or(&empty);
+        for key in pods {
+            wanted.insert(key.clone());
+            if let Some(pod) = self.objects.get(key) {
+                pod_references(&pod.value, &key.namespace, &mut wanted);
+            }
+        }
+        for key in &self.workloads {
+            if let Some(w) = self.objects.get(key)
+                && workload_nodes(key.kind, &w.value).contains(node)
+            {
+                wanted.insert(key.clone());
+            }
+        }
+        for key in self.datasets_by_node.get(node).unwrap_or(&empty) {
+            wanted.insert(key.clone());
+        }
+        let node_obj = self.objects.get(&node_key).map(Arc::as_ref);
+        for key in &self.selector_datasets {
+            let selector = self
+                .objects
+                .get(key)
+                .and_then(|d| d.value.pointer("/spec/nodeSelector"))
+                .and_then(Value::as_object);
+            if let Some(sel) = selector
+                && labels_match(sel, node_obj)
+            {
+                wanted.insert(key.clone());
+            }
+        }
+        for key in self.devices_by_node.get(node).unwrap_or(&empty) {
+            wanted.insert(key.clone());
+            if let Some(d) = self.objects.get(key)
+                && let Some(model) = str_at(&d.value, &["spec", "deviceModelRef", "name"])
+            {
+                wanted.insert(ObjKey::new(Kind::DeviceModel, &key.namespace, model));
+            }
+        }
+        let workloads: Vec<ObjKey> = wanted
+            .iter()
+            .filter(|k| k.kind.workload())
+            .cloned()
+            .collect();
+        for key in workloads {
+            if let Some(w) = self.objects.get(&key) {
+                workload_references(key.kind, &w.value, &key.namespace, &mut wanted);
+            }
+        }
+        let present = wanted
+            .iter()
+            .filter_map(|k| self.objects.get(k).map(|o| (k.clone(), o.clone())))
+            .collect();
+        (present, wanted)
+    }
+
+    fn set_refs(&mut self, node: &str, refs: BTreeSet<ObjKey>) {
+        if let Some(old) = self.node_refs.remove(node) {
+            for key in old {
+                if let Some(set) = self.refs.get_mut(&key) {
+                    set.remove(node);
+                    if set.is_empty() {
+                        self.refs.remove(&key);
+                    }
+                }
+            }
+        }
+        for key in &refs {
+            self.refs
+                .entry(key.clone())
+                .or_default()
+                .insert(node.to_owned());
+        }
+        self.node_refs.insert(node.to_owned(), refs);
+    }
+
+    /// Starts tracking a connected node; returns its view.
+    pub fn attach(&mut self, node: &str) -> Vec<Arc<Object>> {
+        let (present, refs) = self.compute_view(node);
+        self.set_refs(node, refs);
+        let objects = present.values().cloned().collect();
+        self.views.insert(node.to_owned(), present);
+        objects
+    }
+
+    /// Stops tracking a node.
+    pub fn detach(&mut self, node: &str) {
+        self.views.remove(node);
+        self.set_refs(node, BTreeSet::new());
+        self.node_refs.remove(node);
+    }
+
+    /// Records a new or changed object; returns what connected nodes must be sent.
+    pub fn upsert(&mut self, obj: Object) -> Vec<(String, Downstream)> {
+        let obj = Arc::new(obj);
+        let old = self.objects.insert(obj.key.clone(), obj.clone());
+        if let Some(o) = &old {
+            self.index(o, false);
+        }
+        self.index(&obj, true);
+        let mut candidates = named_nodes(&obj);
+        if let Some(o) = &old {
+            candidates.extend(named_nodes(o));
+        }
+        self.refresh(&obj.key, candidates)
+    }
+
+    /// Records a deletion; returns what connected nodes must be sent.
+    pub fn delete(&mut self, key: &ObjKey) -> Vec<(String, Downstream)> {
+        let Some(old) = self.objects.remove(key) else {
+            return Vec::new();
+        };
+        self.index(&old, false);
+        self.refresh(key, named_nodes(&old))
+    }
+
+    fn refresh(&mut self, key: &ObjKey, named: BTreeSet<String>) -> Vec<(String, Downstream)> {
+        let mut nodes: BTreeSet<String> = named;
+        if let Some(referring) = self.refs.get(key) {
+            nodes.extend(referring.iter().cloned());
+        }
+        if key.kind == Kind::Dataset {
+            nodes.extend(self.views.keys().cloned());
+        }
+        let mut out = Vec::new();
+        for node in nodes {
+            let Some(old_view) = self.views.get(&node) else {
+                continue;
+            };
+            let old_view = old_view.clone();
+            let (new_view, refs) = self.compute_view(&node);
+            for (k, old_obj) in &old_view {
+                match new_view.get(k) {
+                    Some(new_obj) if new_obj.uid == old_obj.uid => {}
+                    _ => out.push((
+                        node.clone(),
+                        Downstream::Delete {
+                            key: k.clone(),
+                            uid: old_obj.uid.clone(),
+                            rv: old_obj.rv,
+                        },
+                    )),
+                }
+            }
+            for (k, new_obj) in &new_view {
+                let changed = old_view.get(k).is_none_or(|o| !Arc::ptr_eq(o, new_obj));
+                if changed {
+                    out.push((node.clone(), Downstream::Upsert(new_obj.clone())));
+                }
+            }
+            self.set_refs(&node, refs);
+            self.views.insert(node, new_view);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(kind: Kind, ns: &str, name: &str, rv: u64, extra: Value) -> Object {
+        let mut v = json!({ "apiVersion": kind.api_version(), "kind": kind.name(),
+            "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{name}-{ns}"),
+                          "resourceVersion": rv.to_string() } });
+        if let (Some(base), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in extra {
+                if k == "metadata" {
+                    for (mk, mv) in x.as_object().into_iter().flatten() {
+                        base["metadata"][mk] = mv.clone();
+                    }
+                } else {
+                    base.insert(k.clone(), x.clone());
+                }
+            }
+        }
+        Object::from_value(kind, v).unwrap()
+    }
+
+    fn pod(name: &str, node: &str, rv: u64, cm: &str) -> Object {
+        obj(
+            Kind::Pod,
+            "default",
+            name,
+            rv,
+            json!({ "spec": { "nodeName": node,
+            "containers": [{ "name": "c", "envFrom": [{ "configMapRef": { "name": cm } }] }],
+            "volumes": [{ "name": "s", "secret": { "secretName": "creds" } }] } }),
+        )
+    }
+
+    fn names(out: &[(String, Downstream)], node: &str) -> Vec<String> {
+        out.iter()
+            .filter(|(n, _)| n == node)
+            .map(|(_, d)| match d {
+                Downstream::Upsert(o) => format!("+{}", o.key.name),
+                Downstream::Delete { key, .. } => format!("-{}", key.name),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_node_sees_its_pods_and_what_they_use_and_nothing_else() {
+        let mut r = Router::new();
+        r.upsert(obj(Kind::ConfigMap, "default", "cfg-a", 1, json!({})));
+        r.upsert(obj(Kind::ConfigMap, "default", "cfg-b", 1, json!({})));
+        r.upsert(obj(Kind::Secret, "default", "creds", 1, json!({})));
+        r.upsert(obj(Kind::Node, "", "a", 1, json!({})));
+        r.upsert(pod("p-a", "a", 2, "cfg-a"));
+        r.upsert(pod("p-b", "b", 2, "cfg-b"));
+        let mut view: Vec<String> = r.attach("a").iter().map(|o| o.key.name.clone()).collect();
+        view.sort();
+        assert_eq!(view, ["a", "cfg-a", "creds", "p-a"]);
+        let b: Vec<String> = r.attach("b").iter().map(|o| o.key.name.clone()).collect();
+        assert!(!b.contains(&"cfg-a".to_owned()) && !b.contains(&"p-a".to_owned()));
+    }
+
+    #[test]
+    fn changes_reach_exactly_the_nodes_that_need_them() {
+        let mut r = Router::new();
+        r.upsert(obj(Kind::ConfigMap, "default", "cfg-a", 1, json!({})));
+        r.upsert(pod("p-a", "a", 2, "cfg-a"));
+        r.attach("a");
+        r.attach("b");
+        let out = r.upsert(obj(Kind::ConfigMap, "default", "cfg-a", 5, json!({})));
+        assert_eq!(names(&out, "a"), ["+cfg-a"]);
+        assert!(names(&out, "b").is_empty());
+        // A new pod on b using cfg-a brings cfg-a to b.
+        let out = r.upsert(pod("p-b", "b", 6, "cfg-a"));
+        let mut got = names(&out, "b");
+        got.sort();
+        assert_eq!(got, ["+cfg-a", "+p-b"]);
+        assert!(names(&out, "a").is_empty());
+        // Moving p-a away from a removes it and its config map from a.
+        let out = r.upsert(pod("p-a", "c", 7, "cfg-a"));
+        let mut got = names(&out, "a");
+        got.sort();
+        assert_eq!(got, ["-cfg-a", "-p-a"]);
+        let out = r.delete(&ObjKey::new(Kind::ConfigMap, "default", "cfg-a"));
+        assert_eq!(names(&out, "b"), ["-cfg-a"]);
+    }
+
+    #[test]
+    fn an_object_created_after_the_pod_that_uses_it_is_routed() {
+        let mut r = Router::new();
+        r.upsert(pod("p-a", "a", 2, "late"));
+        r.attach("a");
+        let out = r.upsert(obj(Kind::ConfigMap, "default", "late", 3, json!({})));
+        assert_eq!(names(&out, "a"), ["+late"]);
+    }
+
+    #[test]
+    fn workloads_devices_and_datasets_follow_their_nodes() {
+        let mut r = Router::new();
+        r.upsert(obj(
+            Kind::Node,
+            "",
+            "a",
+            1,
+            json!({ "metadata": { "labels": { "zone": "north" } } }),
+        ));
+        r.upsert(obj(Kind::Model, "default", "small", 1, json!({})));
+        r.upsert(obj(Kind::Model, "default", "unrelated", 1, json!({})));
+        r.upsert(obj(Kind::JointInferenceService, "default", "ji", 1, json!({ "spec": {
+            "edgeWorker": { "model": { "name": "small" }, "template": { "spec": { "nodeName": "a" } } },
+            "cloudWorker": { "model": { "name": "big" }, "template": { "spec": { "nodeName": "cloud" } } } } })));
+        r.upsert(obj(
+            Kind::Dataset,
+            "default",
+            "by-name",
+            1,
+            json!({ "spec": { "nodeName": "a" } }),
+        ));
+        r.upsert(obj(
+            Kind::Dataset,
+            "default",
+            "by-label",
+            1,
+            json!({ "spec": { "nodeSelector": { "zone": "north" } } }),
+        ));
+        r.upsert(obj(
+            Kind::Dataset,
+            "default",
+            "elsewhere",
+            1,
+            json!({ "spec": { "nodeSelector": { "zone": "south" } } }),
+        ));
+        r.upsert(obj(Kind::DeviceModel, "default", "camera", 1, json!({})));
+        r.upsert(obj(
+            Kind::Device,
+            "default",
+            "cam-1",
+            1,
+            json!({ "spec": { "nodeName": "a",
+            "deviceModelRef": { "name": "camera" } } }),
+        ));
+        let mut view: Vec<String> = r.attach("a").iter().map(|o| o.key.name.clone()).collect();
+        view.sort();
+        assert_eq!(
+            view,
+            ["a", "by-label", "by-name", "cam-1", "camera", "ji", "small"]
+        );
+        // Relabelling the node changes which selector datasets it holds.
+        let out = r.upsert(obj(
+            Kind::Node,
+            "",
+            "a",
+            2,
+            json!({ "metadata": { "labels": { "zone": "south" } } }),
+        ));
+        let mut got = names(&out, "a");
+        got.sort();
+        assert_eq!(got, ["+a", "+elsewhere", "-by-label"]);
+    }
+
+    #[test]
+    fn detached_nodes_get_nothing() {
+        let mut r = Router::new();
+        r.upsert(pod("p-a", "a", 1, "cfg"));
+        r.attach("a");
+        r.detach("a");
+        assert!(r.upsert(pod("p-a", "a", 2, "cfg")).is_empty());
+    }
+}
