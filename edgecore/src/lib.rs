@@ -1,1 +1,3 @@
-//! placeholder
+//! The edge agent.
+pub mod machine;
+pub mod store;

@@ -1,0 +1,640 @@
+//! The edge's local store (SQLite, WAL): every object the hub sent, keyed by uid and by
+//! kind/namespace/name with its resourceVersion, and the outbox of upstream writes. Every
+//! change is committed before it is acknowledged, so the store survives kill -9 at any point.
+//!
+//! The outbox keeps upstream writes in order until the hub acknowledges them. It is bounded:
+//! when full, older status writes to an object that has a newer one queued are dropped first
+//! (the newer status supersedes them); if that frees nothing, the oldest events are dropped,
+//! each drop logged and counted; writes of other kinds are then refused with
+//! [`StoreError::OutboxFull`].
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
+use sedna_proto::{Message, sync};
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("edge store: {0}")]
+    Database(String),
+    /// The outbox holds its maximum and nothing could be dropped.
+    #[error("the outbox is full ({0} entries) and holds nothing that may be dropped")]
+    OutboxFull(usize),
+    /// An upstream message exceeds the channel's size cap.
+    #[error("the upstream message is {size} bytes, over the {limit}-byte limit")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The cap.
+        limit: usize,
+    },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Database(e.to_string())
+    }
+}
+
+impl StoreError {
+    /// Whether trying again could succeed (the outbox may drain, the disk may recover).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Database(_) | StoreError::OutboxFull(_))
+    }
+}
+
+/// An object held by the edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredObject {
+    /// apiVersion.
+    pub api_version: String,
+    /// kind.
+    pub kind: String,
+    /// Namespace (empty for cluster objects).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// uid.
+    pub uid: String,
+    /// resourceVersion.
+    pub rv: u64,
+    /// The object (JSON).
+    pub value: Vec<u8>,
+}
+
+/// A queued upstream write.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEntry {
+    /// Sequence number (the envelope id).
+    pub seq: u64,
+    /// The write.
+    pub upstream: Upstream,
+}
+
+/// What changed in the store, for whoever reacts to objects (the workload runtime).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// An object was stored.
+    Upserted(StoredObject),
+    /// An object was removed.
+    Deleted {
+        /// kind.
+        kind: String,
+        /// Namespace.
+        namespace: String,
+        /// Name.
+        name: String,
+        /// uid.
+        uid: String,
+    },
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS objects (
+    uid TEXT PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
+    api_version TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    namespace TEXT NOT NULL,
+    name TEXT NOT NULL,
+    rv INTEGER NOT NULL,
+    value BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    message BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, seq);
+";
+
+/// Counters of the outbox's drop policy.
+#[derive(Debug, Default)]
+pub struct OutboxStats {
+    /// Status writes dropped because a newer one for the same object was queued.
+    pub statuses_coalesced: AtomicU64,
+    /// Events dropped because the outbox was full.
+    pub events_dropped: AtomicU64,
+}
+
+/// The edge store. Cheap to clone.
+#[derive(Clone)]
+pub struct EdgeStore {
+    conn: Arc<Mutex<Connection>>,
+    outbox_limit: usize,
+    max_message: usize,
+    stats: Arc<OutboxStats>,
+}
+
+impl std::fmt::Debug for EdgeStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeStore").finish_non_exhaustive()
+    }
+}
+
+fn key_of(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
+}
+
+fn target_of(u: &Upstream) -> String {
+    u.object
+        .as_ref()
+        .map(|o| format!("{}/{}/{}/{}", o.api_version, o.kind, o.namespace, o.name))
+        .unwrap_or_default()
+}
+
+impl EdgeStore {
+    /// Opens (or creates) the store at `path`; `:memory:` keeps it in memory (simulated
+    /// edges in benchmarks).
+    pub fn open(path: &Path, outbox_limit: usize, max_message: usize) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(e.to_string()))?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+            outbox_limit,
+            max_message,
+            stats: Arc::default(),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Counters of the outbox drop policy.
+    pub fn outbox_stats(&self) -> &OutboxStats {
+        &self.stats
+    }
+
+    /// Stores an object unless a newer version is already stored. Returns the change, if any.
+    pub fn upsert(
+        &self,
+        object: &ObjectRef,
+        rv: u64,
+        value: &[u8],
+    ) -> Result<Option<Change>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let current: Option<u64> = tx
+            .query_row(
+                "SELECT rv FROM objects WHERE uid = ?1",
+                params![object.uid],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+            .map(|v| v as u64);
+        if current.is_some_and(|c| c > rv && rv != 0) {
+            return Ok(None);
+        }
+        let key = key_of(&object.kind, &object.namespace, &object.name);
+        // Another object under the same name (recreated with a new uid) gives way.
+        tx.execute(
+            "DELETE FROM objects WHERE key = ?1 AND uid != ?2",
+            params![key, object.uid],
+        )?;
+        tx.execute(
+            "INSERT INTO objects (uid, key, api_version, kind, namespace, name, rv, value)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (uid) DO UPDATE SET key = excluded.key, rv = excluded.rv,
+                 value = excluded.value",
+            params![
+                object.uid,
+                key,
+                object.api_version,
+                object.kind,
+                object.namespace,
+                object.name,
+                rv as i64,
+                value
+            ],
+        )?;
+        tx.commit()?;
+        Ok(Some(Change::Upserted(StoredObject {
+            api_version: object.api_version.clone(),
+            kind: object.kind.clone(),
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            uid: object.uid.clone(),
+            rv,
+            value: value.to_vec(),
+        })))
+    }
+
+    /// Removes an object (by uid) unless a newer version is stored.
+    pub fn delete(&self, uid: &str, rv: u64) -> Result<Option<Change>, StoreError> {
+        let conn = self.conn();
+        let row: Option<(String, String, String, i64)> = conn
+            .query_row(
+                "SELECT kind, namespace, name, rv FROM objects WHERE uid = ?1",
+                params![uid],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let Some((kind, namespace, name, current)) = row else {
+            return Ok(None);
+        };
+        if current as u64 > rv && rv != 0 {
+            return Ok(None);
+        }
+        conn.execute("DELETE FROM objects WHERE uid = ?1", params![uid])?;
+        Ok(Some(Change::Deleted {
+            kind,
+            namespace,
+            name,
+            uid: uid.to_owned(),
+        }))
+    }
+
+    /// Every (uid, resourceVersion) pair held.
+    pub fn inventory(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT uid, rv FROM objects")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Reconciles one bucket against the hub's manifest: removes what the hub does not list
+    /// and returns the uids to ask for (missing, or held at another version).
+    pub fn reconcile_bucket(
+        &self,
+        buckets: u32,
+        bucket: u32,
+        hub: &[(String, u64)],
+    ) -> Result<(Vec<String>, Vec<Change>), StoreError> {
+        let local: Vec<(String, u64)> = self
+            .inventory()?
+            .into_iter()
+            .filter(|(uid, _)| sync::bucket_of(uid, buckets) == bucket)
+            .collect();
+        let mut changes = Vec::new();
+        for (uid, rv) in &local {
+            if !hub.iter().any(|(h, _)| h == uid) {
+                if let Some(c) = self.delete(uid, *rv)? {
+                    changes.push(c);
+                }
+            }
+        }
+        let want = hub
+            .iter()
+            .filter(|(uid, rv)| !local.iter().any(|(l, lrv)| l == uid && lrv == rv))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        Ok((want, changes))
+    }
+
+    /// One object by kind, namespace and name.
+    pub fn get(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<StoredObject>, StoreError> {
+        let conn = self.conn();
+        Ok(conn
+            .query_row(
+                "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects WHERE key = ?1",
+                params![key_of(kind, namespace, name)],
+                row_object,
+            )
+            .optional()?)
+    }
+
+    /// Every object of a kind.
+    pub fn list(&self, kind: &str) -> Result<Vec<StoredObject>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects
+             WHERE kind = ?1 ORDER BY key",
+        )?;
+        let rows = stmt.query_map(params![kind], row_object)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Number of objects held.
+    pub fn len(&self) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        Ok(conn.query_row("SELECT COUNT(*) FROM objects", [], |r| r.get::<_, i64>(0))? as usize)
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> Result<bool, StoreError> {
+        Ok(self.len()? == 0)
+    }
+
+    /// Queues an upstream write; returns its sequence number.
+    pub fn push(&self, upstream: &Upstream) -> Result<u64, StoreError> {
+        let message = upstream.encode_to_vec();
+        if message.len() > self.max_message {
+            return Err(StoreError::TooLarge {
+                size: message.len(),
+                limit: self.max_message,
+            });
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let count =
+            tx.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize;
+        if count >= self.outbox_limit {
+            make_room(&tx, &self.stats, upstream)?;
+        }
+        tx.execute(
+            "INSERT INTO outbox (kind, target, message) VALUES (?1, ?2, ?3)",
+            params![upstream.kind, target_of(upstream), message],
+        )?;
+        let seq = tx.last_insert_rowid() as u64;
+        tx.commit()?;
+        Ok(seq)
+    }
+
+    /// Up to `max` queued writes after `after`, in order.
+    pub fn pending(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, message FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![after as i64, max as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, bytes) = row?;
+            match Upstream::decode(bytes.as_slice()) {
+                Ok(upstream) => out.push(OutboxEntry { seq, upstream }),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "dropping an undecodable outbox entry");
+                    conn.execute("DELETE FROM outbox WHERE seq = ?1", params![seq as i64])?;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes acknowledged (or rejected) writes.
+    pub fn remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for seq in seqs {
+            tx.execute("DELETE FROM outbox WHERE seq = ?1", params![*seq as i64])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Number of queued writes.
+    pub fn outbox_len(&self) -> Result<usize, StoreError> {
+        let conn = self.conn();
+        Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize)
+    }
+}
+
+fn row_object(r: &rusqlite::Row<'_>) -> rusqlite::Result<StoredObject> {
+    Ok(StoredObject {
+        api_version: r.get(0)?,
+        kind: r.get(1)?,
+        namespace: r.get(2)?,
+        name: r.get(3)?,
+        uid: r.get(4)?,
+        rv: r.get::<_, i64>(5)? as u64,
+        value: r.get(6)?,
+    })
+}
+
+/// Frees one outbox slot by the drop policy, or fails.
+fn make_room(
+    tx: &rusqlite::Transaction<'_>,
+    stats: &OutboxStats,
+    incoming: &Upstream,
+) -> Result<(), StoreError> {
+    let status = UpstreamKind::Status as i32;
+    // 1. A status superseded by a newer queued status of the same object.
+    let superseded: Option<i64> = tx
+        .query_row(
+            "SELECT o.seq FROM outbox o WHERE o.kind = ?1 AND EXISTS
+               (SELECT 1 FROM outbox n WHERE n.kind = ?1 AND n.target = o.target AND n.seq > o.seq)
+             ORDER BY o.seq LIMIT 1",
+            params![status],
+            |r| r.get(0),
+        )
+        .optional()?;
+    // 2. A queued status of the object the incoming status is for.
+    let replaced: Option<i64> = if incoming.kind == status {
+        tx.query_row(
+            "SELECT seq FROM outbox WHERE kind = ?1 AND target = ?2 ORDER BY seq LIMIT 1",
+            params![status, target_of(incoming)],
+            |r| r.get(0),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    if let Some(seq) = superseded.or(replaced) {
+        tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
+        stats.statuses_coalesced.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            seq,
+            "outbox full: dropped a status superseded by a newer one"
+        );
+        return Ok(());
+    }
+    // 3. The oldest event.
+    let event: Option<i64> = tx
+        .query_row(
+            "SELECT seq FROM outbox WHERE kind = ?1 ORDER BY seq LIMIT 1",
+            params![UpstreamKind::Event as i32],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if let Some(seq) = event {
+        tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
+        let total = stats.events_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(seq, total, "outbox full: dropped the oldest event");
+        return Ok(());
+    }
+    let count = tx.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize;
+    Err(StoreError::OutboxFull(count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oref(kind: &str, name: &str, uid: &str) -> ObjectRef {
+        ObjectRef {
+            api_version: "v1".into(),
+            kind: kind.into(),
+            namespace: "default".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    fn status(name: &str, phase: &str) -> Upstream {
+        Upstream {
+            kind: UpstreamKind::Status as i32,
+            object: Some(oref("Pod", name, "")),
+            payload: format!(r#"{{"status":{{"phase":"{phase}"}}}}"#).into_bytes(),
+        }
+    }
+
+    fn event(n: u32) -> Upstream {
+        Upstream {
+            kind: UpstreamKind::Event as i32,
+            object: None,
+            payload: format!("event {n}").into_bytes(),
+        }
+    }
+
+    fn open() -> (tempfile::TempDir, EdgeStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(&dir.path().join("edge.db"), 4, 1024).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn upserts_keep_the_newest_version_and_deletes_respect_it() {
+        let (_d, s) = open();
+        let r = oref("ConfigMap", "c", "u1");
+        assert!(s.upsert(&r, 5, b"v5").unwrap().is_some());
+        assert!(
+            s.upsert(&r, 3, b"v3").unwrap().is_none(),
+            "an older version is ignored"
+        );
+        assert_eq!(
+            s.get("ConfigMap", "default", "c").unwrap().unwrap().value,
+            b"v5"
+        );
+        assert!(
+            s.delete("u1", 4).unwrap().is_none(),
+            "an older delete is ignored"
+        );
+        assert!(s.delete("u1", 6).unwrap().is_some());
+        assert!(s.is_empty().unwrap());
+    }
+
+    #[test]
+    fn a_recreated_object_replaces_the_old_uid() {
+        let (_d, s) = open();
+        s.upsert(&oref("ConfigMap", "c", "u1"), 1, b"old").unwrap();
+        s.upsert(&oref("ConfigMap", "c", "u2"), 2, b"new").unwrap();
+        assert_eq!(s.inventory().unwrap(), [("u2".to_owned(), 2)]);
+    }
+
+    #[test]
+    fn reconciling_a_bucket_deletes_extras_and_wants_missing_or_stale() {
+        let (_d, s) = open();
+        let buckets = 16;
+        // Find three uids in the same bucket.
+        let uids: Vec<String> = (0..1000)
+            .map(|i| format!("uid-{i}"))
+            .filter(|u| sync::bucket_of(u, buckets) == 3)
+            .take(3)
+            .collect();
+        s.upsert(&oref("ConfigMap", "a", &uids[0]), 1, b"a")
+            .unwrap();
+        s.upsert(&oref("ConfigMap", "b", &uids[1]), 1, b"b")
+            .unwrap();
+        let hub = vec![(uids[1].clone(), 2), (uids[2].clone(), 1)];
+        let (want, changes) = s.reconcile_bucket(buckets, 3, &hub).unwrap();
+        assert_eq!(want, [uids[1].clone(), uids[2].clone()]);
+        assert_eq!(changes.len(), 1, "a is no longer the node's");
+        assert!(s.get("ConfigMap", "default", "a").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_outbox_is_ordered_and_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edge.db");
+        {
+            let s = EdgeStore::open(&path, 100, 1024).unwrap();
+            s.push(&status("p", "Pending")).unwrap();
+            s.push(&status("p", "Running")).unwrap();
+            s.push(&event(1)).unwrap();
+        }
+        let s = EdgeStore::open(&path, 100, 1024).unwrap();
+        let pending = s.pending(0, 10).unwrap();
+        assert_eq!(pending.len(), 3);
+        assert!(pending.windows(2).all(|w| w[0].seq < w[1].seq));
+        s.remove(&[pending[0].seq]).unwrap();
+        assert_eq!(s.pending(0, 10).unwrap().len(), 2);
+        assert_eq!(s.pending(pending[1].seq, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_full_outbox_coalesces_statuses_then_drops_old_events_then_refuses() {
+        let (_d, s) = open();
+        s.push(&status("p", "Pending")).unwrap();
+        s.push(&event(1)).unwrap();
+        s.push(&status("p", "Running")).unwrap();
+        s.push(&event(2)).unwrap();
+        // Full (4): the superseded Pending status goes first.
+        s.push(&event(3)).unwrap();
+        assert_eq!(
+            s.outbox_stats().statuses_coalesced.load(Ordering::Relaxed),
+            1
+        );
+        // Then the oldest event.
+        s.push(&event(4)).unwrap();
+        assert_eq!(s.outbox_stats().events_dropped.load(Ordering::Relaxed), 1);
+        let payloads: Vec<Vec<u8>> = s
+            .pending(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.upstream.payload)
+            .collect();
+        assert!(
+            payloads.contains(&b"event 2".to_vec()) && !payloads.contains(&b"event 1".to_vec())
+        );
+        // Only one status left and no events to drop: a new status replaces it; a node
+        // write is refused.
+        s.remove(
+            &s.pending(0, 10)
+                .unwrap()
+                .iter()
+                .filter(|e| e.upstream.kind == UpstreamKind::Event as i32)
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        for i in 0..3 {
+            s.push(&status(&format!("q{i}"), "Running")).unwrap();
+        }
+        let node = Upstream {
+            kind: UpstreamKind::Node as i32,
+            object: None,
+            payload: vec![],
+        };
+        assert!(matches!(s.push(&node), Err(StoreError::OutboxFull(4))));
+    }
+
+    #[test]
+    fn an_oversized_upstream_message_is_refused() {
+        let (_d, s) = open();
+        let big = Upstream {
+            kind: 4,
+            object: None,
+            payload: vec![0; 2048],
+        };
+        assert!(matches!(
+            s.push(&big),
+            Err(StoreError::TooLarge { limit: 1024, .. })
+        ));
+    }
+}
