@@ -6,9 +6,13 @@
 //!   exactly as the API server will.
 //! - `sedna apiserver --data-dir D` runs the embedded Kubernetes-compatible API server and
 //!   writes the admin kubeconfig to `D/kubeconfig`.
+//! - `sedna cloudcore`, `sedna token create`, `sedna join`, `sedna edgecore`: the node layer
+//!   (hub, join tokens, joining an edge node, the edge agent).
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
+mod node;
+mod validate;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -23,6 +27,9 @@ use sedna_api::schema::UnknownFields;
     incremental and federated learning on a fleet of edge nodes"
 )]
 struct Cli {
+    /// Log as JSON lines instead of text (long-running commands).
+    #[arg(long, global = true)]
+    log_json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -38,6 +45,15 @@ enum Command {
         #[arg(long, requires = "out_dir")]
         check: bool,
     },
+    /// Check YAML manifests of the platform's kinds against their schemas, offline.
+    Validate {
+        /// Files or directories (searched for *.yaml and *.yml); `-` reads standard input.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Accept (and report) fields the schema does not declare instead of refusing them.
+        #[arg(long)]
+        allow_unknown_fields: bool,
+    },
     /// Run the embedded Kubernetes-compatible API server (SQLite storage, HTTPS, tokens).
     Apiserver {
         /// Directory for the database, certificates, tokens and the admin kubeconfig.
@@ -52,32 +68,22 @@ enum Command {
         /// Acknowledge writes once in the OS page cache (survives kill -9, not power loss).
         #[arg(long)]
         no_fsync: bool,
-        /// Log as JSON lines instead of text.
-        #[arg(long)]
-        log_json: bool,
     },
-    /// Check YAML manifests of the platform's kinds against their schemas, offline.
-    Validate {
-        /// Files or directories (searched for *.yaml and *.yml); `-` reads standard input.
-        #[arg(required = true, value_name = "PATH")]
-        paths: Vec<PathBuf>,
-        /// Accept (and report) fields the schema does not declare instead of refusing them.
-        #[arg(long)]
-        allow_unknown_fields: bool,
+    /// Run the cloud hub edge nodes connect to.
+    Cloudcore(node::CloudcoreArgs),
+    /// Manage join tokens.
+    Token {
+        #[command(subcommand)]
+        command: node::TokenCommand,
     },
+    /// Join this machine to a hub as an edge node (once; then run `sedna edgecore`).
+    Join(node::JoinArgs),
+    /// Run the edge agent of a joined node.
+    Edgecore(node::EdgecoreArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Command::Apiserver { .. } = cli.command {
-        return match serve(cli.command) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                ExitCode::FAILURE
-            }
-        };
-    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -88,6 +94,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    let runtime = || tokio::runtime::Runtime::new().context("starting the async runtime");
     match cli.command {
         Command::Crds { out_dir: None, .. } => {
             print!("{}", sedna_api::manifests::render_stream()?);
@@ -116,7 +123,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Apiserver { .. } => Ok(ExitCode::SUCCESS),
         Command::Validate {
             paths,
             allow_unknown_fields,
@@ -126,7 +132,36 @@ fn run(cli: Cli) -> Result<ExitCode> {
             } else {
                 UnknownFields::Strict
             };
-            validate(&paths, unknown)
+            validate::validate(&paths, unknown)
+        }
+        Command::Apiserver {
+            data_dir,
+            listen,
+            tls_sans,
+            no_fsync,
+        } => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(apiserver(data_dir, listen, tls_sans, no_fsync))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Cloudcore(args) => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(node::cloudcore(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token { command } => {
+            runtime()?.block_on(node::token(command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Join(args) => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(node::join(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Edgecore(args) => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(node::edgecore(args))?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
@@ -144,39 +179,30 @@ fn init_logging(json: bool) {
     }
 }
 
-/// Runs a long-lived server command until Ctrl-C or SIGTERM.
-fn serve(command: Command) -> Result<()> {
-    let Command::Apiserver {
-        data_dir,
-        listen,
-        tls_sans,
-        no_fsync,
-        log_json,
-    } = command
-    else {
-        return Ok(());
-    };
-    init_logging(log_json);
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(async move {
-        let mut config = sedna_apiserver::Config::new(&data_dir);
-        config.listen = listen;
-        config.extra_sans = tls_sans;
-        if no_fsync {
-            config.store.durability = sedna_apiserver::store::Durability::Process;
-        }
-        let server = sedna_apiserver::ApiServer::start(config)
-            .await
-            .with_context(|| format!("starting the API server in {}", data_dir.display()))?;
-        println!("API server listening on {}", server.url());
-        println!("kubeconfig: {}", server.kubeconfig_path().display());
-        wait_for_signal().await;
-        server.shutdown().await;
-        Ok(())
-    })
+async fn apiserver(
+    data_dir: PathBuf,
+    listen: std::net::SocketAddr,
+    tls_sans: Vec<String>,
+    no_fsync: bool,
+) -> Result<()> {
+    let mut config = sedna_apiserver::Config::new(&data_dir);
+    config.listen = listen;
+    config.extra_sans = tls_sans;
+    if no_fsync {
+        config.store.durability = sedna_apiserver::store::Durability::Process;
+    }
+    let server = sedna_apiserver::ApiServer::start(config)
+        .await
+        .with_context(|| format!("starting the API server in {}", data_dir.display()))?;
+    println!("API server listening on {}", server.url());
+    println!("kubeconfig: {}", server.kubeconfig_path().display());
+    wait_for_signal().await;
+    server.shutdown().await;
+    Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for Ctrl-C or SIGTERM.
+pub(crate) async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,
@@ -189,81 +215,4 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-}
-
-/// Validates every document of every file; prints one line per document.
-fn validate(paths: &[PathBuf], unknown: UnknownFields) -> Result<ExitCode> {
-    let mut files = Vec::new();
-    for path in paths {
-        collect_yaml(path, &mut files)?;
-    }
-    let mut failed = 0usize;
-    let mut total = 0usize;
-    for file in &files {
-        let text = if file.as_os_str() == "-" {
-            let mut text = String::new();
-            std::io::stdin()
-                .read_to_string(&mut text)
-                .context("reading standard input")?;
-            text
-        } else {
-            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
-        };
-        let documents = match sedna_api::yaml_documents(&text) {
-            Ok(documents) => documents,
-            Err(e) => {
-                println!("{}: invalid YAML: {e}", file.display());
-                failed += 1;
-                continue;
-            }
-        };
-        for mut document in documents {
-            total += 1;
-            let kind = document["kind"].as_str().unwrap_or("?").to_owned();
-            let name = document["metadata"]["name"]
-                .as_str()
-                .unwrap_or("?")
-                .to_owned();
-            match sedna_api::admit(&mut document, unknown) {
-                Ok(warnings) => {
-                    println!("{}: {kind}/{name} valid", file.display());
-                    for warning in warnings {
-                        println!("{}: {kind}/{name} warning: {warning}", file.display());
-                    }
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("{}: {e}", file.display());
-                }
-            }
-        }
-    }
-    eprintln!("{total} documents, {failed} invalid");
-    Ok(if failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
-}
-
-fn collect_yaml(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    if path.as_os_str() == "-" || path.is_file() {
-        out.push(path.to_owned());
-        return Ok(());
-    }
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-        .with_context(|| format!("reading {}", path.display()))?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("reading {}", path.display()))?;
-    entries.sort();
-    for entry in entries {
-        let yaml = entry.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        if entry.is_dir() {
-            collect_yaml(&entry, out)?;
-        } else if yaml {
-            out.push(entry);
-        }
-    }
-    Ok(())
 }

@@ -1,5 +1,18 @@
-//! The cloud hub.
+//! The cloud hub (`sedna cloudcore`): edge nodes dial it over mutual TLS; it sends each node
+//! exactly the API objects the node needs, keeps them in sync across disconnections with an
+//! incremental resync, and applies the node's upstream writes after authorizing them.
+//!
+//! - [`pki`]: the hub CA, its serving certificate and node certificates.
+//! - [`tokens`]: join tokens, kept as Secrets in the API.
+//! - [`router`]: which objects each node needs (pure).
+//! - [`session`]: one node's protocol state machine (pure).
+//! - [`upstream`]: authorization and application of nodes' writes.
+//! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
+pub mod hub;
 pub mod pki;
 pub mod router;
 pub mod session;
 pub mod tokens;
+pub mod upstream;
+
+pub use hub::{Hub, HubConfig, HubStats};

@@ -468,6 +468,19 @@ impl Router {
         self.views.get(node).is_some_and(|v| v.contains_key(key))
     }
 
+    /// The objects with these uids in a connected node's view.
+    pub fn view_objects(&self, node: &str, uids: &HashSet<String>) -> Vec<Arc<Object>> {
+        self.views
+            .get(node)
+            .map(|v| {
+                v.values()
+                    .filter(|o| uids.contains(&o.uid))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Every cached key of a kind (for relists).
     pub fn keys_of(&self, kind: Kind) -> Vec<ObjKey> {
         self.objects

@@ -1,3 +1,14 @@
-//! The edge agent.
+//! The edge agent (`sedna edgecore`), first part: the hub client and the local store.
+//!
+//! - [`join`]: joining a hub with a token; the node identity on disk.
+//! - [`tls`]: pinned and mutual TLS towards the hub.
+//! - [`store`]: objects received and the outbox of upstream writes (SQLite).
+//! - [`machine`]: the channel protocol as a pure state machine.
+//! - [`client`]: the tokio shell that runs it.
+pub mod client;
+pub mod join;
 pub mod machine;
 pub mod store;
+pub mod tls;
+
+pub use client::{EdgeConfig, EdgeHub, EdgeStatus};

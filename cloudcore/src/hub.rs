@@ -1,0 +1,649 @@
+//! The hub's tokio shell: the TLS listener (with a bound on concurrent handshakes), the gRPC
+//! service (`Join`, `Attach`), one shared watch per routed kind feeding the router, and one
+//! task per connected node running its [`Session`].
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use kube::api::{Api, DynamicObject};
+use kube::runtime::watcher;
+use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
+use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse};
+use sedna_proto::identity::{self, JoinToken};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc, watch};
+use tonic::{Request, Response, Status};
+
+use crate::pki::HubPki;
+use crate::router::{Downstream, Kind, ObjKey, Object, Router};
+use crate::session::{Input, Output, Session, SessionConfig};
+use crate::upstream::{self, Decision};
+
+/// Hub settings.
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    /// Where the CA lives.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Extra names or addresses for the serving certificate.
+    pub extra_sans: Vec<String>,
+    /// Session timing.
+    pub session: SessionConfig,
+    /// Validity of node certificates.
+    pub node_cert_validity: Duration,
+    /// Largest envelope accepted or sent.
+    pub max_message_bytes: usize,
+    /// Most TLS handshakes in progress at once (reconnect storms queue instead of thrashing).
+    pub max_concurrent_handshakes: usize,
+}
+
+impl HubConfig {
+    /// Defaults for a data directory.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 10000)),
+            extra_sans: vec![],
+            session: SessionConfig::default(),
+            node_cert_validity: Duration::from_secs(30 * 86400),
+            max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            max_concurrent_handshakes: 256,
+        }
+    }
+}
+
+/// Counters an operator (and the tests) read.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Nodes connected now.
+    pub connected: AtomicU64,
+    /// Sessions started.
+    pub sessions: AtomicU64,
+    /// Buckets sent as manifests during resyncs.
+    pub manifest_buckets: AtomicU64,
+    /// Objects edges asked for during resyncs.
+    pub objects_wanted: AtomicU64,
+    /// UPSERT envelopes sent (first transmissions and retransmissions).
+    pub upserts_sent: AtomicU64,
+    /// DELETE envelopes sent.
+    pub deletes_sent: AtomicU64,
+    /// Payload bytes of UPSERT envelopes sent.
+    pub payload_bytes_sent: AtomicU64,
+    /// Upstream writes applied.
+    pub upstream_applied: AtomicU64,
+    /// Upstream writes refused.
+    pub upstream_rejected: AtomicU64,
+    /// Successful joins.
+    pub joins: AtomicU64,
+    /// Refused joins.
+    pub joins_refused: AtomicU64,
+    /// Connections refused for want of a valid node certificate.
+    pub unauthenticated: AtomicU64,
+}
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// Certificates could not be prepared.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// The listener could not bind.
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Error.
+        source: std::io::Error,
+    },
+    /// The API refused to publish the CA.
+    #[error(transparent)]
+    Token(#[from] crate::tokens::TokenError),
+}
+
+impl HubError {
+    /// Whether trying again could succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, HubError::Listen { .. })
+            || matches!(self, HubError::Token(t) if t.is_retryable())
+    }
+}
+
+struct Registered {
+    generation: u64,
+    routed: mpsc::UnboundedSender<Downstream>,
+}
+
+struct Shared {
+    router: Mutex<Router>,
+    sessions: Mutex<HashMap<String, Registered>>,
+    ready: watch::Sender<bool>,
+    generation: AtomicU64,
+    pki: HubPki,
+    client: kube::Client,
+    config: HubConfig,
+    stats: Arc<HubStats>,
+}
+
+impl Shared {
+    fn router(&self) -> std::sync::MutexGuard<'_, Router> {
+        self.router
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn dispatch(&self, routed: Vec<(String, Downstream)>) {
+        if routed.is_empty() {
+            return;
+        }
+        let sessions = self.sessions();
+        for (node, d) in routed {
+            if let Some(s) = sessions.get(&node) {
+                let _ = s.routed.send(d);
+            }
+        }
+    }
+}
+
+/// A running hub.
+pub struct Hub {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").field("addr", &self.addr).finish()
+    }
+}
+
+impl Hub {
+    /// Prepares the CA, publishes it in the API, starts watching and listening.
+    pub async fn start(config: HubConfig, client: kube::Client) -> Result<Hub, HubError> {
+        let pki = HubPki::load_or_create(&config.data_dir.join("pki"), &config.extra_sans)?;
+        crate::tokens::publish_ca(&client, pki.ca_pem()).await?;
+        let tls = pki.server_config()?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| HubError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| HubError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let (ready, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            router: Mutex::new(Router::new()),
+            sessions: Mutex::new(HashMap::new()),
+            ready,
+            generation: AtomicU64::new(0),
+            pki,
+            client,
+            config,
+            stats: Arc::default(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let (init_tx, init_rx) = mpsc::unbounded_channel();
+        for kind in Kind::ALL {
+            tasks.push(tokio::spawn(watch_kind(
+                shared.clone(),
+                kind,
+                init_tx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(track_readiness(shared.clone(), init_rx)));
+        tasks.push(tokio::spawn(serve(
+            shared.clone(),
+            listener,
+            tls,
+            shutdown_rx,
+        )));
+        tracing::info!(%addr, pin = %shared.pki.pin(), "hub listening");
+        Ok(Hub {
+            shared,
+            addr,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The CA pin join tokens must carry.
+    pub fn pin(&self) -> String {
+        self.shared.pki.pin()
+    }
+
+    /// The hub's counters.
+    pub fn stats(&self) -> Arc<HubStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Whether every kind has been listed once (sessions wait for it).
+    pub fn is_ready(&self) -> bool {
+        *self.shared.ready.borrow()
+    }
+
+    /// Stops listening and ends every session.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        self.shared.sessions().clear();
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+async fn track_readiness(shared: Arc<Shared>, mut init: mpsc::UnboundedReceiver<Kind>) {
+    let mut done: HashSet<Kind> = HashSet::new();
+    while let Some(kind) = init.recv().await {
+        done.insert(kind);
+        if done.len() == Kind::ALL.len() {
+            shared.ready.send_replace(true);
+            tracing::info!(objects = shared.router().len(), "hub cache ready");
+        }
+    }
+}
+
+/// One shared watch of a kind: feeds the router, reports its first complete list.
+async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender<Kind>) {
+    let resource = upstream::api_resource(kind);
+    let api: Api<DynamicObject> = if kind == Kind::Lease {
+        Api::namespaced_with(shared.client.clone(), "kube-node-lease", &resource)
+    } else {
+        Api::all_with(shared.client.clone(), &resource)
+    };
+    let mut stream = watcher(api, watcher::Config::default()).boxed();
+    let mut relisted: Option<HashSet<ObjKey>> = None;
+    let mut reported = false;
+    let mut backoff = Duration::from_millis(200);
+    while let Some(event) = stream.next().await {
+        let to_object = |o: DynamicObject| {
+            serde_json::to_value(o)
+                .ok()
+                .and_then(|v| Object::from_value(kind, v))
+        };
+        match event {
+            Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+            Ok(watcher::Event::InitApply(o)) => {
+                if let Some(obj) = to_object(o) {
+                    if let Some(seen) = relisted.as_mut() {
+                        seen.insert(obj.key.clone());
+                    }
+                    let routed = shared.router().upsert(obj);
+                    shared.dispatch(routed);
+                }
+            }
+            Ok(watcher::Event::InitDone) => {
+                if let Some(seen) = relisted.take() {
+                    let stale: Vec<ObjKey> = shared
+                        .router()
+                        .keys_of(kind)
+                        .into_iter()
+                        .filter(|k| !seen.contains(k))
+                        .collect();
+                    for key in stale {
+                        let routed = shared.router().delete(&key);
+                        shared.dispatch(routed);
+                    }
+                }
+                if !reported {
+                    reported = true;
+                    let _ = init.send(kind);
+                }
+                backoff = Duration::from_millis(200);
+            }
+            Ok(watcher::Event::Apply(o)) => {
+                if let Some(obj) = to_object(o) {
+                    let routed = shared.router().upsert(obj);
+                    shared.dispatch(routed);
+                }
+            }
+            Ok(watcher::Event::Delete(o)) => {
+                if let Some(obj) = to_object(o) {
+                    let routed = shared.router().delete(&obj.key);
+                    shared.dispatch(routed);
+                }
+            }
+            Err(e) => {
+                // A kind whose CRD is not installed lists as empty until it is.
+                let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+                if missing && !reported {
+                    reported = true;
+                    let _ = init.send(kind);
+                }
+                if !missing {
+                    tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying");
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let limit = Arc::new(Semaphore::new(
+        shared.config.max_concurrent_handshakes.max(1),
+    ));
+    let (conn_tx, conn_rx) = mpsc::channel(1024);
+    let accept = {
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = shutdown.changed() => return,
+                };
+                let Ok((tcp, _)) = accepted else { continue };
+                let _ = tcp.set_nodelay(true);
+                let Ok(permit) = limit.clone().acquire_owned().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let conn_tx = conn_tx.clone();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                    drop(permit);
+                    if let Ok(Ok(stream)) = handshake {
+                        let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
+                    }
+                });
+            }
+        })
+    };
+    let incoming =
+        futures_util::stream::unfold(
+            conn_rx,
+            |mut rx| async move { rx.recv().await.map(|c| (c, rx)) },
+        );
+    let max = shared.config.max_message_bytes;
+    let service = HubServer::new(Service {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(None)
+        .serve_with_incoming_shutdown(service, incoming, async move {
+            let _ = shutdown.changed().await;
+        });
+    if let Err(e) = server.await {
+        tracing::error!(error = %e, "hub server stopped");
+    }
+    accept.abort();
+}
+
+struct Service {
+    shared: Arc<Shared>,
+}
+
+fn peer_node(req: &Request<tonic::Streaming<Envelope>>) -> Option<String> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let certs = req
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()?
+        .peer_certs()?;
+    let leaf = certs.first()?;
+    let info = identity::certificate_info(leaf).ok()?;
+    info.node_name().map(str::to_owned)
+}
+
+#[tonic::async_trait]
+impl HubService for Service {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let shared = &self.shared;
+        let req = request.into_inner();
+        let refuse = |status: Status| {
+            shared.stats.joins_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(node = %req.node_name, reason = %status.message(), "join refused");
+            status
+        };
+        identity::check_node_name(&req.node_name)
+            .map_err(|e| refuse(Status::invalid_argument(e.to_string())))?;
+        let token: JoinToken = req
+            .token
+            .parse()
+            .map_err(|e: identity::IdentityError| refuse(Status::unauthenticated(e.to_string())))?;
+        if token.ca_pin != shared.pki.pin() {
+            return Err(refuse(Status::unauthenticated(
+                "the token pins another hub's CA",
+            )));
+        }
+        crate::tokens::validate(&shared.client, &token, &req.node_name)
+            .await
+            .map_err(|e| {
+                if e.is_retryable() {
+                    refuse(Status::unavailable(e.to_string()))
+                } else {
+                    refuse(Status::permission_denied(e.to_string()))
+                }
+            })?;
+        let validity = shared.config.node_cert_validity.as_secs() as i64;
+        let cert = shared
+            .pki
+            .sign_node(&req.csr_der, &req.node_name, validity)
+            .map_err(|e| refuse(Status::permission_denied(e.to_string())))?;
+        shared.stats.joins.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = %req.node_name, "node joined");
+        Ok(Response::new(JoinResponse {
+            certificate_pem: cert,
+            ca_pem: shared.pki.ca_pem().to_owned(),
+        }))
+    }
+
+    type AttachStream = futures_util::stream::BoxStream<'static, Result<Envelope, Status>>;
+
+    async fn attach(
+        &self,
+        request: Request<tonic::Streaming<Envelope>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let Some(node) = peer_node(&request) else {
+            self.shared
+                .stats
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unauthenticated(
+                "the channel requires a node certificate (join first)",
+            ));
+        };
+        let inbound = request.into_inner();
+        let (out_tx, out_rx) = mpsc::channel::<Result<Envelope, Status>>(1024);
+        tokio::spawn(run_session(self.shared.clone(), node, inbound, out_tx));
+        let stream = futures_util::stream::unfold(out_rx, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        });
+        Ok(Response::new(stream.boxed()))
+    }
+}
+
+enum Done {
+    Applied(u64, crate::session::UpstreamOutcome),
+}
+
+async fn run_session(
+    shared: Arc<Shared>,
+    node: String,
+    mut inbound: tonic::Streaming<Envelope>,
+    out: mpsc::Sender<Result<Envelope, Status>>,
+) {
+    let stats = shared.stats.clone();
+    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.connected.fetch_add(1, Ordering::Relaxed);
+    let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
+    let (routed_tx, mut routed_rx) = mpsc::unbounded_channel();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let mut session = Session::new(shared.config.session.clone(), tokio::time::Instant::now());
+    let mut registered = false;
+    let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
+    tracing::info!(%node, "node connected");
+    'session: loop {
+        let now = tokio::time::Instant::now();
+        let input = if let Some(i) = pending.pop_front() {
+            Some(i)
+        } else {
+            tokio::select! {
+                m = inbound.next() => match m {
+                    Some(Ok(e)) => Some(Input::Received(e)),
+                    Some(Err(status)) => {
+                        tracing::info!(%node, error = %status.message(), "stream failed");
+                        break 'session;
+                    }
+                    None => break 'session,
+                },
+                d = routed_rx.recv(), if registered => match d {
+                    Some(d) => Some(Input::Routed(d)),
+                    None => {
+                        tracing::info!(%node, "superseded by a newer connection");
+                        break 'session;
+                    }
+                },
+                d = done_rx.recv() => d.map(|Done::Applied(id, outcome)| Input::Applied { id, outcome }),
+                _ = tokio::time::sleep_until(session.next_deadline()) => Some(Input::Tick),
+            }
+        };
+        let Some(input) = input else { continue };
+        for output in session.step(input, now) {
+            match output {
+                Output::Send(e) => {
+                    match sedna_proto::channel::Op::try_from(e.op) {
+                        Ok(sedna_proto::channel::Op::Upsert) => {
+                            stats.upserts_sent.fetch_add(1, Ordering::Relaxed);
+                            stats
+                                .payload_bytes_sent
+                                .fetch_add(e.payload.len() as u64, Ordering::Relaxed);
+                        }
+                        Ok(sedna_proto::channel::Op::Delete) => {
+                            stats.deletes_sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {}
+                    }
+                    if out.send(Ok(e)).await.is_err() {
+                        break 'session;
+                    }
+                }
+                Output::RequestView => {
+                    let mut ready = shared.ready.subscribe();
+                    while !*ready.borrow_and_update() {
+                        if ready.changed().await.is_err() {
+                            break 'session;
+                        }
+                    }
+                    let view = {
+                        let mut router = shared.router();
+                        let view = router.attach(&node);
+                        let old = shared.sessions().insert(
+                            node.clone(),
+                            Registered {
+                                generation,
+                                routed: routed_tx.clone(),
+                            },
+                        );
+                        drop(old);
+                        view
+                    };
+                    registered = true;
+                    pending.push_back(Input::View(view));
+                }
+                Output::Lookup(uids) => {
+                    let wanted: HashSet<String> = uids.into_iter().collect();
+                    let found = shared.router().view_objects(&node, &wanted);
+                    pending.push_back(Input::Found(found));
+                }
+                Output::Apply { id, upstream } => {
+                    let decision = upstream::authorize(&shared.router(), &node, &upstream);
+                    match decision {
+                        Decision::Deny(reason) => {
+                            stats.upstream_rejected.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(%node, %reason, "upstream write refused");
+                            pending.push_back(Input::Applied {
+                                id,
+                                outcome: crate::session::UpstreamOutcome::Rejected(reason),
+                            });
+                        }
+                        Decision::Allow => {
+                            let client = shared.client.clone();
+                            let node = node.clone();
+                            let done_tx = done_tx.clone();
+                            let stats = stats.clone();
+                            tokio::spawn(async move {
+                                let outcome = upstream::apply(&client, &node, &upstream).await;
+                                match &outcome {
+                                    crate::session::UpstreamOutcome::Applied => {
+                                        stats.upstream_applied.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    crate::session::UpstreamOutcome::Rejected(_) => {
+                                        stats.upstream_rejected.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    crate::session::UpstreamOutcome::Retry => {}
+                                }
+                                let _ = done_tx.send(Done::Applied(id, outcome));
+                            });
+                        }
+                    }
+                }
+                Output::Sign { id, csr } => {
+                    let validity = shared.config.node_cert_validity.as_secs() as i64;
+                    let result = shared
+                        .pki
+                        .sign_node(&csr, &node, validity)
+                        .map_err(|e| e.to_string());
+                    pending.push_back(Input::Signed { id, result });
+                }
+                Output::Resynced { buckets, wanted } => {
+                    stats
+                        .manifest_buckets
+                        .fetch_add(buckets as u64, Ordering::Relaxed);
+                    stats
+                        .objects_wanted
+                        .fetch_add(wanted as u64, Ordering::Relaxed);
+                }
+                Output::Close(reason) => {
+                    tracing::info!(%node, %reason, "closing the session");
+                    break 'session;
+                }
+            }
+        }
+    }
+    if registered {
+        let mut sessions = shared.sessions();
+        if sessions
+            .get(&node)
+            .is_some_and(|s| s.generation == generation)
+        {
+            sessions.remove(&node);
+            drop(sessions);
+            shared.router().detach(&node);
+        }
+    }
+    stats.connected.fetch_sub(1, Ordering::Relaxed);
+    tracing::info!(%node, "node disconnected");
+}

@@ -1,0 +1,341 @@
+//! Upstream writes from nodes, authorized by what the node is: it may write its own Node and
+//! Lease, the status of pods bound to it, the status of the sedna.io objects and devices in
+//! its view, and events about itself or the objects in its view. Nothing else.
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
+use serde_json::Value;
+
+use crate::router::{Kind, ObjKey, Router};
+use crate::session::UpstreamOutcome;
+
+/// The field manager of writes the hub makes on a node's behalf.
+pub const FIELD_MANAGER: &str = "sedna-edgecore";
+
+/// The Kubernetes API resource of a routed kind.
+pub fn api_resource(kind: Kind) -> ApiResource {
+    let (group, version) = match kind.api_version().split_once('/') {
+        Some((g, v)) => (g, v),
+        None => ("", kind.api_version()),
+    };
+    ApiResource {
+        group: group.to_owned(),
+        version: version.to_owned(),
+        api_version: kind.api_version().to_owned(),
+        kind: kind.name().to_owned(),
+        plural: kind.plural().to_owned(),
+    }
+}
+
+/// What the node may do, decided from the hub's view of the cluster.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed.
+    Allow,
+    /// Refused, with the reason.
+    Deny(String),
+}
+
+fn deny(node: &str, what: &str) -> Decision {
+    Decision::Deny(format!("node {node:?} may not {what}"))
+}
+
+fn key_of(r: &ObjectRef) -> Option<ObjKey> {
+    Kind::of(&r.api_version, &r.kind).map(|k| ObjKey::new(k, &r.namespace, &r.name))
+}
+
+/// Decides whether `node` may make this write.
+pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
+    let name_of = |payload: &[u8]| -> Option<(String, String)> {
+        let v: Value = serde_json::from_slice(payload).ok()?;
+        let meta = v.get("metadata")?;
+        Some((
+            meta.get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+            meta.get("name")?.as_str()?.to_owned(),
+        ))
+    };
+    match UpstreamKind::try_from(u.kind).unwrap_or(UpstreamKind::Unspecified) {
+        UpstreamKind::Node => match name_of(&u.payload) {
+            Some((_, name)) if name == node => Decision::Allow,
+            _ => deny(node, "write another node's Node object"),
+        },
+        UpstreamKind::Lease => match name_of(&u.payload) {
+            Some((ns, name)) if name == node && ns == "kube-node-lease" => Decision::Allow,
+            _ => deny(node, "write a Lease other than kube-node-lease/<its name>"),
+        },
+        UpstreamKind::Status => {
+            let Some(key) = u.object.as_ref().and_then(key_of) else {
+                return deny(node, "write the status of an unknown kind");
+            };
+            let allowed = match key.kind {
+                Kind::Pod => router
+                    .get(&key)
+                    .and_then(|p| {
+                        p.value
+                            .pointer("/spec/nodeName")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    })
+                    .is_some_and(|n| n == node),
+                Kind::Dataset
+                | Kind::Model
+                | Kind::JointInferenceService
+                | Kind::IncrementalLearningJob
+                | Kind::FederatedLearningJob
+                | Kind::Device => router.in_view(node, &key),
+                _ => false,
+            };
+            if allowed {
+                Decision::Allow
+            } else {
+                deny(
+                    node,
+                    &format!(
+                        "write the status of {} {}/{}",
+                        key.kind.name(),
+                        key.namespace,
+                        key.name
+                    ),
+                )
+            }
+        }
+        UpstreamKind::Event => {
+            let Ok(event) = serde_json::from_slice::<Value>(&u.payload) else {
+                return Decision::Deny("malformed event".into());
+            };
+            let involved = &event["involvedObject"];
+            let (v, k, ns, n) = (
+                involved["apiVersion"].as_str().unwrap_or_default(),
+                involved["kind"].as_str().unwrap_or_default(),
+                involved["namespace"].as_str().unwrap_or_default(),
+                involved["name"].as_str().unwrap_or_default(),
+            );
+            let about_itself = k == "Node" && n == node;
+            let in_view =
+                Kind::of(v, k).is_some_and(|kind| router.in_view(node, &ObjKey::new(kind, ns, n)));
+            let event_ns = event
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
+            // An event lives in the namespace of the object it is about.
+            let namespace_ok = about_itself || event_ns == ns;
+            if (about_itself || in_view) && namespace_ok {
+                Decision::Allow
+            } else {
+                deny(node, &format!("record events about {k} {ns}/{n}"))
+            }
+        }
+        UpstreamKind::Unspecified => Decision::Deny("unknown upstream kind".into()),
+    }
+}
+
+fn outcome(e: kube::Error) -> UpstreamOutcome {
+    match e {
+        kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
+            UpstreamOutcome::Rejected(format!("{} ({}): {}", s.code, s.reason, s.message))
+        }
+        other => {
+            tracing::warn!(error = %other, "upstream write failed; it will be retried");
+            UpstreamOutcome::Retry
+        }
+    }
+}
+
+/// Carries out an authorized write.
+pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamOutcome {
+    let parsed = || serde_json::from_slice::<Value>(&u.payload);
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    match UpstreamKind::try_from(u.kind).unwrap_or(UpstreamKind::Unspecified) {
+        UpstreamKind::Node => {
+            let Ok(mut obj) = parsed() else {
+                return UpstreamOutcome::Rejected("malformed Node".into());
+            };
+            let api: Api<Node> = Api::all(client.clone());
+            let status = obj.as_object_mut().and_then(|o| o.remove("status"));
+            if let Err(e) = api.patch(node, &apply, &Patch::Apply(&obj)).await {
+                return outcome(e);
+            }
+            if let Some(status) = status {
+                let body = serde_json::json!({ "apiVersion": "v1", "kind": "Node",
+                    "metadata": { "name": node }, "status": status });
+                if let Err(e) = api.patch_status(node, &apply, &Patch::Apply(&body)).await {
+                    return outcome(e);
+                }
+            }
+            UpstreamOutcome::Applied
+        }
+        UpstreamKind::Lease => {
+            let Ok(obj) = parsed() else {
+                return UpstreamOutcome::Rejected("malformed Lease".into());
+            };
+            let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
+            match api.patch(node, &apply, &Patch::Apply(&obj)).await {
+                Ok(_) => UpstreamOutcome::Applied,
+                Err(e) => outcome(e),
+            }
+        }
+        UpstreamKind::Status => {
+            let Some(r) = &u.object else {
+                return UpstreamOutcome::Rejected("a status write without an object".into());
+            };
+            let Some(kind) = Kind::of(&r.api_version, &r.kind) else {
+                return UpstreamOutcome::Rejected(format!(
+                    "unknown kind {} {}",
+                    r.api_version, r.kind
+                ));
+            };
+            let Ok(patch) = parsed() else {
+                return UpstreamOutcome::Rejected("malformed status patch".into());
+            };
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client.clone(), &r.namespace, &api_resource(kind));
+            match api
+                .patch_status(&r.name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => UpstreamOutcome::Applied,
+                Err(e) => outcome(e),
+            }
+        }
+        UpstreamKind::Event => {
+            let Ok(event) = serde_json::from_slice::<Event>(&u.payload) else {
+                return UpstreamOutcome::Rejected("malformed Event".into());
+            };
+            let ns = event
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into());
+            let api: Api<Event> = Api::namespaced(client.clone(), &ns);
+            match api.create(&PostParams::default(), &event).await {
+                Ok(_) => UpstreamOutcome::Applied,
+                Err(kube::Error::Api(s)) if s.code == 409 => UpstreamOutcome::Applied,
+                Err(e) => outcome(e),
+            }
+        }
+        UpstreamKind::Unspecified => UpstreamOutcome::Rejected("unknown upstream kind".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::Object;
+    use serde_json::json;
+
+    fn router() -> Router {
+        let mut r = Router::new();
+        let pod = |name: &str, node: &str| {
+            Object::from_value(Kind::Pod, json!({ "metadata": { "name": name, "namespace": "default",
+                "uid": format!("u-{name}"), "resourceVersion": "1" }, "spec": { "nodeName": node } })).unwrap()
+        };
+        r.upsert(pod("mine", "a"));
+        r.upsert(pod("theirs", "b"));
+        r.upsert(
+            Object::from_value(
+                Kind::Device,
+                json!({ "metadata": { "name": "cam", "namespace": "default",
+            "uid": "u-cam", "resourceVersion": "1" }, "spec": { "nodeName": "a" } }),
+            )
+            .unwrap(),
+        );
+        r.attach("a");
+        r
+    }
+
+    fn status(kind: Kind, name: &str) -> Upstream {
+        Upstream {
+            kind: UpstreamKind::Status as i32,
+            object: Some(ObjectRef {
+                api_version: kind.api_version().into(),
+                kind: kind.name().into(),
+                namespace: "default".into(),
+                name: name.into(),
+                uid: String::new(),
+            }),
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_node_writes_only_its_own_objects() {
+        let r = router();
+        let node = |name: &str| Upstream {
+            kind: UpstreamKind::Node as i32,
+            object: None,
+            payload: json!({ "metadata": { "name": name } })
+                .to_string()
+                .into_bytes(),
+        };
+        assert_eq!(authorize(&r, "a", &node("a")), Decision::Allow);
+        assert!(matches!(authorize(&r, "a", &node("b")), Decision::Deny(_)));
+        let lease = |ns: &str, name: &str| Upstream {
+            kind: UpstreamKind::Lease as i32,
+            object: None,
+            payload: json!({ "metadata": { "name": name, "namespace": ns } })
+                .to_string()
+                .into_bytes(),
+        };
+        assert_eq!(
+            authorize(&r, "a", &lease("kube-node-lease", "a")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            authorize(&r, "a", &lease("default", "a")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            authorize(&r, "a", &status(Kind::Pod, "mine")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            authorize(&r, "a", &status(Kind::Pod, "theirs")),
+            Decision::Deny(_)
+        ));
+        assert_eq!(
+            authorize(&r, "a", &status(Kind::Device, "cam")),
+            Decision::Allow
+        );
+        assert!(matches!(
+            authorize(&r, "b", &status(Kind::Device, "cam")),
+            Decision::Deny(_)
+        ));
+        assert!(matches!(
+            authorize(&r, "a", &status(Kind::ConfigMap, "x")),
+            Decision::Deny(_)
+        ));
+    }
+
+    #[test]
+    fn events_must_be_about_the_node_or_its_objects() {
+        let r = router();
+        let event = |kind: &str, name: &str| {
+            Upstream {
+            kind: UpstreamKind::Event as i32,
+            object: None,
+            payload: json!({ "metadata": { "name": "e", "namespace": "default" },
+                "involvedObject": { "apiVersion": "v1", "kind": kind, "name": name, "namespace": "default" } })
+                .to_string().into_bytes(),
+        }
+        };
+        assert_eq!(authorize(&r, "a", &event("Pod", "mine")), Decision::Allow);
+        assert!(matches!(
+            authorize(&r, "a", &event("Pod", "theirs")),
+            Decision::Deny(_)
+        ));
+        let about_node = Upstream {
+            kind: UpstreamKind::Event as i32,
+            object: None,
+            payload: json!({ "metadata": { "name": "e", "namespace": "default" },
+                "involvedObject": { "apiVersion": "v1", "kind": "Node", "name": "a" } })
+            .to_string()
+            .into_bytes(),
+        };
+        assert_eq!(authorize(&r, "a", &about_node), Decision::Allow);
+    }
+}

@@ -1,0 +1,487 @@
+//! The edge's tokio shell around [`EdgeMachine`]: dials the hub with the node certificate,
+//! runs the stream, persists what arrives before acknowledging it, drains the outbox, and
+//! renews the certificate before it expires (at about two thirds of its life, jittered).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use rand::RngExt;
+use sedna_proto::channel::hub_client::HubClient;
+use sedna_proto::channel::{Digest, Envelope, Manifest, Op, Upstream};
+use sedna_proto::{Message, sync};
+use tokio::sync::{Notify, broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::join::{self, Identity};
+use crate::machine::{EdgeMachine, Input, MachineConfig, Output};
+use crate::store::{Change, EdgeStore, StoreError};
+use crate::tls;
+
+/// Edge settings.
+#[derive(Clone, Debug)]
+pub struct EdgeConfig {
+    /// The hub, `host:port`.
+    pub hub: String,
+    /// Where the identity and the store live.
+    pub data_dir: PathBuf,
+    /// Keep the store in memory (simulated edges in benchmarks).
+    pub in_memory: bool,
+    /// Channel timing.
+    pub machine: MachineConfig,
+    /// Largest envelope sent or accepted.
+    pub max_message_bytes: usize,
+    /// Most queued upstream writes.
+    pub outbox_limit: usize,
+    /// Seed of the reconnect jitter (different per node; fixed in tests).
+    pub seed: u64,
+}
+
+impl EdgeConfig {
+    /// Defaults for a hub address and data directory.
+    pub fn new(hub: impl Into<String>, data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            hub: hub.into(),
+            data_dir: data_dir.into(),
+            in_memory: false,
+            machine: MachineConfig::default(),
+            max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
+            outbox_limit: 100_000,
+            seed: rand::rng().random(),
+        }
+    }
+}
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// The node has not joined (no identity in the data directory).
+    #[error("no node identity in {0}: run `sedna join` first")]
+    NotJoined(String),
+    /// The identity could not be read.
+    #[error(transparent)]
+    Join(#[from] join::JoinError),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl EdgeError {
+    /// Whether trying again could succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EdgeError::Store(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// The connection state, for observers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EdgeStatus {
+    /// A stream to the hub is open.
+    pub connected: bool,
+    /// The current connection finished its resync.
+    pub synced: bool,
+    /// Completed resyncs since start.
+    pub syncs: u64,
+    /// Connections opened since start.
+    pub connections: u64,
+    /// Certificates renewed since start.
+    pub renewals: u64,
+}
+
+/// A running hub client.
+pub struct EdgeHub {
+    store: EdgeStore,
+    changes: broadcast::Sender<Change>,
+    outbox: Arc<Notify>,
+    status: watch::Receiver<EdgeStatus>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+    node: String,
+}
+
+impl std::fmt::Debug for EdgeHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHub").field("node", &self.node).finish()
+    }
+}
+
+impl EdgeHub {
+    /// Opens the store and starts the connection loop; the node must have joined.
+    pub async fn start(config: EdgeConfig) -> Result<EdgeHub, EdgeError> {
+        let identity = Identity::load(&config.data_dir)?
+            .ok_or_else(|| EdgeError::NotJoined(config.data_dir.display().to_string()))?;
+        let path = if config.in_memory {
+            PathBuf::from(":memory:")
+        } else {
+            config.data_dir.join("edge.db")
+        };
+        let store = EdgeStore::open(&path, config.outbox_limit, config.max_message_bytes)?;
+        let (changes, _) = broadcast::channel(4096);
+        let outbox = Arc::new(Notify::new());
+        let (status_tx, status) = watch::channel(EdgeStatus::default());
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let node = identity.node.clone();
+        let shell = Shell {
+            config,
+            identity,
+            store: store.clone(),
+            changes: changes.clone(),
+            outbox: outbox.clone(),
+            status: status_tx,
+            renewing: None,
+        };
+        let task = tokio::spawn(shell.run(shutdown_rx));
+        Ok(EdgeHub {
+            store,
+            changes,
+            outbox,
+            status,
+            shutdown,
+            task,
+            node,
+        })
+    }
+
+    /// The node name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &EdgeStore {
+        &self.store
+    }
+
+    /// Changes to stored objects as they are persisted.
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.changes.subscribe()
+    }
+
+    /// The connection state.
+    pub fn status(&self) -> watch::Receiver<EdgeStatus> {
+        self.status.clone()
+    }
+
+    /// Queues an upstream write; it is kept until the hub has it.
+    pub fn report(&self, upstream: &Upstream) -> Result<u64, StoreError> {
+        let seq = self.store.push(upstream)?;
+        self.outbox.notify_one();
+        Ok(seq)
+    }
+
+    /// Stops the connection loop.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+struct Live {
+    tx: mpsc::Sender<Envelope>,
+    inbound: tonic::Streaming<Envelope>,
+}
+
+type Dialed = Result<Live, String>;
+
+struct Shell {
+    config: EdgeConfig,
+    identity: Identity,
+    store: EdgeStore,
+    changes: broadcast::Sender<Change>,
+    outbox: Arc<Notify>,
+    status: watch::Sender<EdgeStatus>,
+    renewing: Option<rcgen::KeyPair>,
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default()
+}
+
+impl Shell {
+    fn renew_at(&self) -> Option<i64> {
+        let info = join::certificate_info(&self.identity.cert_pem).ok()?;
+        let life = (info.not_after - info.not_before).max(1);
+        let jitter = rand::rng().random_range(-(life / 20)..=(life / 20));
+        Some(info.not_before + life * 2 / 3 + jitter)
+    }
+
+    fn hello(&self) -> Result<Envelope, StoreError> {
+        let inventory = self.store.inventory()?;
+        let buckets = sync::bucket_count(inventory.len());
+        let digests = sync::digests(inventory.iter().map(|(u, r)| (u.as_str(), *r)), buckets);
+        Ok(Envelope {
+            op: Op::Hello as i32,
+            payload: Digest {
+                buckets,
+                digests: sync::pack_digests(&digests),
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        })
+    }
+
+    async fn dial(hub: String, identity: Identity, max: usize) -> Dialed {
+        let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .map_err(|e| e.to_string())?;
+        let channel = tls::connect(&hub, config).await?;
+        let (tx, rx) = mpsc::channel::<Envelope>(1024);
+        let outgoing =
+            futures_util::stream::unfold(
+                rx,
+                |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+            );
+        let mut client = HubClient::new(channel)
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max);
+        let inbound = client
+            .attach(outgoing)
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok(Live { tx, inbound })
+    }
+
+    fn persist(&self, e: &Envelope) -> Result<(), StoreError> {
+        let Some(object) = &e.object else {
+            return Ok(());
+        };
+        let change = if e.op == Op::Upsert as i32 {
+            self.store.upsert(object, e.resource_version, &e.payload)?
+        } else {
+            self.store.delete(&object.uid, e.resource_version)?
+        };
+        if let Some(c) = change {
+            let _ = self.changes.send(c);
+        }
+        Ok(())
+    }
+
+    fn reconcile(&self, e: &Envelope, buckets: u32) -> Result<Vec<String>, StoreError> {
+        let Ok(m) = Manifest::decode(e.payload.as_slice()) else {
+            return Ok(vec![]);
+        };
+        let uids = sync::unpack_uids(&m.uids).unwrap_or_default();
+        let pairs: Vec<(String, u64)> = uids.into_iter().zip(m.resource_versions).collect();
+        let (want, changes) = self.store.reconcile_bucket(buckets, m.bucket, &pairs)?;
+        for c in changes {
+            let _ = self.changes.send(c);
+        }
+        Ok(want)
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let node = self.identity.node.clone();
+        let mut machine = EdgeMachine::new(
+            self.config.machine.clone(),
+            self.config.seed,
+            Instant::now(),
+        );
+        let mut live: Option<Live> = None;
+        let mut dialing: Option<tokio::task::JoinHandle<Dialed>> = None;
+        let mut buckets = sync::MIN_BUCKETS;
+        let mut renew_at = self.renew_at();
+        let mut queue: std::collections::VecDeque<Input> =
+            std::collections::VecDeque::from([Input::Start]);
+        loop {
+            while let Some(input) = queue.pop_front() {
+                let outputs = machine.step(input, Instant::now());
+                for output in outputs {
+                    match output {
+                        Output::Dial => {
+                            let hub = self.config.hub.clone();
+                            let identity = self.identity.clone();
+                            let max = self.config.max_message_bytes;
+                            dialing = Some(tokio::spawn(Self::dial(hub, identity, max)));
+                        }
+                        Output::Send(e) => {
+                            if let Some(l) = &live
+                                && l.tx.send(e).await.is_err()
+                            {
+                                queue.push_back(Input::Closed("the stream closed".into()));
+                            }
+                        }
+                        Output::Persist(e) => match self.persist(&e) {
+                            Ok(()) => queue.push_back(Input::Persisted(vec![e.id])),
+                            Err(err) => {
+                                tracing::error!(%node, error = %err, "could not persist; not acknowledged")
+                            }
+                        },
+                        Output::Reconcile(e) => match self.reconcile(&e, buckets) {
+                            Ok(want) => queue.push_back(Input::Reconciled(want)),
+                            Err(err) => {
+                                tracing::error!(%node, error = %err, "could not reconcile a manifest")
+                            }
+                        },
+                        Output::FetchUpstream { after, max } => {
+                            match self.store.pending(after, max) {
+                                Ok(entries) => queue.push_back(Input::Outbox(entries)),
+                                Err(err) => {
+                                    tracing::error!(%node, error = %err, "could not read the outbox");
+                                    queue.push_back(Input::Outbox(vec![]));
+                                }
+                            }
+                        }
+                        Output::UpstreamDone(seqs) => {
+                            if let Err(err) = self.store.remove(&seqs) {
+                                tracing::error!(%node, error = %err, "could not trim the outbox");
+                            }
+                        }
+                        Output::UpstreamRejected(seq, reason) => {
+                            tracing::warn!(%node, seq, %reason, "the hub refused an upstream write; dropped");
+                            let _ = self.store.remove(&[seq]);
+                        }
+                        Output::Certificate(pem) => {
+                            if self.install_certificate(pem, &mut renew_at) {
+                                live = None;
+                                self.status.send_modify(|s| {
+                                    s.connected = false;
+                                    s.synced = false;
+                                });
+                                queue.push_back(Input::Closed(
+                                    "reconnecting with the renewed certificate".into(),
+                                ));
+                            }
+                        }
+                        Output::RenewRefused(reason) => {
+                            tracing::warn!(%node, %reason, "certificate renewal refused; will retry");
+                            self.renewing = None;
+                            renew_at = Some(now_unix() + 60);
+                        }
+                        Output::Synced => {
+                            self.status.send_modify(|s| {
+                                s.synced = true;
+                                s.syncs += 1;
+                            });
+                        }
+                        Output::Disconnect(reason) => {
+                            tracing::info!(%node, %reason, "dropping the connection");
+                            live = None;
+                            self.status.send_modify(|s| {
+                                s.connected = false;
+                                s.synced = false;
+                            });
+                        }
+                    }
+                }
+            }
+            let deadline = machine.next_deadline();
+            let renew_due = renew_at.filter(|_| machine.connected() && self.renewing.is_none());
+            tokio::select! {
+                dialed = async {
+                    match dialing.as_mut() {
+                        Some(handle) => handle.await,
+                        None => std::future::pending().await,
+                    }
+                }, if dialing.is_some() => {
+                    dialing = None;
+                    match dialed {
+                        Ok(Ok(l)) => match self.hello() {
+                            Ok(hello) => {
+                                buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
+                                live = Some(l);
+                                self.status.send_modify(|s| {
+                                    s.connected = true;
+                                    s.connections += 1;
+                                });
+                                queue.push_back(Input::Connected { hello });
+                            }
+                            Err(err) => queue.push_back(Input::ConnectFailed(err.to_string())),
+                        },
+                        Ok(Err(reason)) => {
+                            tracing::debug!(%node, %reason, "connecting to the hub failed");
+                            queue.push_back(Input::ConnectFailed(reason));
+                        }
+                        Err(join) => queue.push_back(Input::ConnectFailed(join.to_string())),
+                    }
+                }
+                message = async {
+                    match live.as_mut() {
+                        Some(l) => l.inbound.next().await,
+                        None => std::future::pending().await,
+                    }
+                }, if live.is_some() => {
+                    match message {
+                        Some(Ok(e)) => queue.push_back(Input::Received(e)),
+                        other => {
+                            let reason = match other {
+                                Some(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+                                _ => "the hub closed the stream".into(),
+                            };
+                            tracing::info!(%node, %reason, "disconnected from the hub");
+                            live = None;
+                            self.status.send_modify(|s| {
+                                s.connected = false;
+                                s.synced = false;
+                            });
+                            queue.push_back(Input::Closed(reason));
+                        }
+                    }
+                }
+                _ = self.outbox.notified() => queue.push_back(Input::OutboxChanged),
+                _ = async {
+                    match deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                } => queue.push_back(Input::Tick),
+                _ = async {
+                    match renew_due {
+                        Some(at) => tokio::time::sleep(Duration::from_secs(at.saturating_sub(now_unix()).max(0) as u64)).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    match join::new_request(&self.identity.node) {
+                        Ok((key, csr)) => {
+                            self.renewing = Some(key);
+                            queue.push_back(Input::Renew(csr));
+                        }
+                        Err(err) => tracing::error!(%node, error = %err, "could not create a renewal request"),
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        if let Some(d) = dialing {
+            d.abort();
+        }
+    }
+
+    /// Saves a renewed certificate; returns whether to reconnect with it.
+    fn install_certificate(&mut self, pem: String, renew_at: &mut Option<i64>) -> bool {
+        let node = self.identity.node.clone();
+        let Some(key) = self.renewing.take() else {
+            tracing::warn!(%node, "a certificate arrived without a pending renewal; ignored");
+            return false;
+        };
+        match join::certificate_info(&pem) {
+            Ok(info) if info.node_name() == Some(node.as_str()) => {
+                let identity = Identity {
+                    node: node.clone(),
+                    ca_pem: self.identity.ca_pem.clone(),
+                    cert_pem: pem,
+                    key_pem: key.serialize_pem(),
+                };
+                if let Err(err) = identity.save(&self.config.data_dir) {
+                    tracing::error!(%node, error = %err, "could not save the renewed certificate");
+                    return false;
+                }
+                self.identity = identity;
+                *renew_at = self.renew_at();
+                self.status.send_modify(|s| s.renewals += 1);
+                tracing::info!(%node, "certificate renewed; reconnecting with it");
+                true
+            }
+            _ => {
+                tracing::warn!(%node, "the renewed certificate does not name this node; ignored");
+                false
+            }
+        }
+    }
+}

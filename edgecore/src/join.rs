@@ -1,0 +1,221 @@
+//! Joining a hub, and the node's identity on disk (`<data dir>/pki/{ca.crt,node.crt,node.key}`,
+//! the key with mode 0600). The key never leaves the node: the hub signs a request for
+//! `system:node:<name>`.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use sedna_proto::channel::JoinRequest;
+use sedna_proto::channel::hub_client::HubClient;
+use sedna_proto::identity::{self, JoinToken};
+
+use crate::tls;
+
+/// Why a join failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The token or node name is malformed.
+    #[error(transparent)]
+    Identity(#[from] identity::IdentityError),
+    /// The hub could not be reached (or did not prove the pinned CA).
+    #[error("cannot reach the hub at {hub}: {reason}")]
+    Unreachable {
+        /// The address.
+        hub: String,
+        /// Why.
+        reason: String,
+    },
+    /// The hub refused the join.
+    #[error("the hub refused the join: {0}")]
+    Refused(String),
+    /// The hub's answer is not acceptable.
+    #[error("the hub's answer is not acceptable: {0}")]
+    BadAnswer(String),
+    /// Key or request generation failed.
+    #[error("key generation failed: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The identity could not be read or written.
+    #[error("{path}: {reason}")]
+    Files {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl JoinError {
+    /// Whether trying again could succeed (the hub may come up).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, JoinError::Unreachable { .. })
+    }
+}
+
+/// A node's credentials.
+#[derive(Clone)]
+pub struct Identity {
+    /// The node name.
+    pub node: String,
+    /// The hub CA (PEM).
+    pub ca_pem: String,
+    /// The node certificate (PEM).
+    pub cert_pem: String,
+    /// The node key (PEM).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("node", &self.node)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pki_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("pki")
+}
+
+fn files_err(path: &Path, e: impl std::fmt::Display) -> JoinError {
+    JoinError::Files {
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    }
+}
+
+fn write(path: &Path, contents: &str, private: bool) -> Result<(), JoinError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(|e| files_err(&tmp, e))?;
+    f.write_all(contents.as_bytes())
+        .map_err(|e| files_err(&tmp, e))?;
+    f.sync_all().map_err(|e| files_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| files_err(path, e))
+}
+
+impl Identity {
+    /// Reads the identity saved in `data_dir`, if the node has joined.
+    pub fn load(data_dir: &Path) -> Result<Option<Identity>, JoinError> {
+        let dir = pki_dir(data_dir);
+        let read = |name: &str| {
+            let p = dir.join(name);
+            std::fs::read_to_string(&p).map_err(|e| files_err(&p, e))
+        };
+        if !dir.join("node.crt").exists() {
+            return Ok(None);
+        }
+        let cert_pem = read("node.crt")?;
+        let node = certificate_info(&cert_pem)?
+            .node_name()
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                JoinError::BadAnswer("the saved certificate is not a node certificate".into())
+            })?;
+        Ok(Some(Identity {
+            node,
+            ca_pem: read("ca.crt")?,
+            cert_pem,
+            key_pem: read("node.key")?,
+        }))
+    }
+
+    /// Saves the identity into `data_dir` (key and certificate atomically replaced).
+    pub fn save(&self, data_dir: &Path) -> Result<(), JoinError> {
+        let dir = pki_dir(data_dir);
+        write(&dir.join("ca.crt"), &self.ca_pem, false)?;
+        write(&dir.join("node.key"), &self.key_pem, true)?;
+        write(&dir.join("node.crt"), &self.cert_pem, false)
+    }
+}
+
+/// Reads the first certificate of a PEM.
+pub fn certificate_info(pem: &str) -> Result<identity::CertificateInfo, JoinError> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| JoinError::BadAnswer(format!("certificate: {e}")))?;
+    Ok(identity::certificate_info(&der)?)
+}
+
+/// A new key and a certificate request (DER) for `node`.
+pub fn new_request(node: &str) -> Result<(KeyPair, Vec<u8>), JoinError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, identity::node_common_name(node));
+    params.distinguished_name = dn;
+    let csr = params.serialize_request(&key)?;
+    Ok((key, csr.der().to_vec()))
+}
+
+/// Joins the hub at `hub` (`host:port`) as `node` with `token`; saves and returns the identity.
+pub async fn join(
+    hub: &str,
+    token: &str,
+    node: &str,
+    data_dir: &Path,
+) -> Result<Identity, JoinError> {
+    identity::check_node_name(node)?;
+    let token: JoinToken = token.parse()?;
+    let (key, csr) = new_request(node)?;
+    let verifier = tls::PinVerifier::new(&token.ca_pin);
+    let config = tls::join_config(verifier.clone()).map_err(|e| JoinError::Unreachable {
+        hub: hub.into(),
+        reason: e.to_string(),
+    })?;
+    let channel = tls::connect(hub, config)
+        .await
+        .map_err(|reason| JoinError::Unreachable {
+            hub: hub.into(),
+            reason,
+        })?;
+    let answer = HubClient::new(channel)
+        .join(JoinRequest {
+            token: token.to_string(),
+            node_name: node.to_owned(),
+            csr_der: csr,
+        })
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::Unavailable => JoinError::Unreachable {
+                hub: hub.into(),
+                reason: s.message().to_owned(),
+            },
+            _ => JoinError::Refused(s.message().to_owned()),
+        })?
+        .into_inner();
+    let ca_der = CertificateDer::from_pem_slice(answer.ca_pem.as_bytes())
+        .map_err(|e| JoinError::BadAnswer(format!("CA: {e}")))?;
+    if identity::ca_pin(&ca_der) != token.ca_pin
+        || verifier.ca().as_deref() != Some(ca_der.as_ref())
+    {
+        return Err(JoinError::BadAnswer(
+            "the CA returned is not the pinned one".into(),
+        ));
+    }
+    let info = certificate_info(&answer.certificate_pem)?;
+    if info.node_name() != Some(node) {
+        return Err(JoinError::BadAnswer(format!(
+            "the certificate is for {:?}, not {node:?}",
+            info.common_name
+        )));
+    }
+    let identity = Identity {
+        node: node.to_owned(),
+        ca_pem: answer.ca_pem,
+        cert_pem: answer.certificate_pem,
+        key_pem: key.serialize_pem(),
+    };
+    identity.save(data_dir)?;
+    Ok(identity)
+}
