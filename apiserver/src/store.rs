@@ -806,7 +806,15 @@ fn apply_one(
     if matches!(w.mutation, Mutation::Delete) && current.is_none() {
         return Err(StoreError::NotFound);
     }
-    let prev_rev = current.map(|c| c.rev).unwrap_or(0);
+    // A create after a delete replaces the tombstone: each row names the row it follows, so
+    // the unique index refuses a second writer racing for the same predecessor.
+    let prev_rev = match current {
+        Some(c) => c.rev,
+        None => tx
+            .prepare_cached("SELECT MAX(id) FROM log WHERE name = ?1")?
+            .query_row(params![w.key], |r| r.get::<_, Option<i64>>(0))?
+            .unwrap_or(0) as u64,
+    };
     let (deleted, created, bytes) = match &w.mutation {
         Mutation::Put(value) => (
             false,
@@ -1199,6 +1207,27 @@ mod tests {
         let revs = |es: &[Arc<Event>]| es.iter().map(|e| e.rev).collect::<Vec<_>>();
         assert_eq!(revs(&from_window), revs(&from_log));
         assert_eq!(revs(&from_window), [11, 12, 13, 14, 15]);
+    }
+
+    #[tokio::test]
+    async fn a_deleted_key_can_be_created_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        for round in 0..3 {
+            store
+                .write(
+                    "k/a".into(),
+                    Precondition::Absent,
+                    Mutation::Put(obj("a", round)),
+                )
+                .await
+                .unwrap();
+            store
+                .write("k/a".into(), Precondition::Exists, Mutation::Delete)
+                .await
+                .unwrap();
+        }
+        assert!(store.get("k/a").is_none());
     }
 
     #[tokio::test]

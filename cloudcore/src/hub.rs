@@ -120,6 +120,7 @@ struct Registered {
 }
 
 struct Shared {
+    shutdown: watch::Receiver<bool>,
     router: Mutex<Router>,
     sessions: Mutex<HashMap<String, Registered>>,
     ready: watch::Sender<bool>,
@@ -188,7 +189,9 @@ impl Hub {
             source,
         })?;
         let (ready, _) = watch::channel(false);
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
+            shutdown: shutdown_rx.clone(),
             router: Mutex::new(Router::new()),
             sessions: Mutex::new(HashMap::new()),
             ready,
@@ -198,7 +201,6 @@ impl Hub {
             config,
             stats: Arc::default(),
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         let (init_tx, init_rx) = mpsc::unbounded_channel();
         for kind in Kind::ALL {
@@ -500,6 +502,10 @@ async fn run_session(
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
     let (routed_tx, mut routed_rx) = mpsc::unbounded_channel();
+    // The only sender goes into the registry: when a newer connection of the node replaces
+    // it, or the hub stops, the channel closes and this session ends.
+    let mut routed_tx = Some(routed_tx);
+    let mut shutdown = shared.shutdown.clone();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut session = Session::new(shared.config.session.clone(), tokio::time::Instant::now());
     let mut registered = false;
@@ -527,6 +533,7 @@ async fn run_session(
                     }
                 },
                 d = done_rx.recv() => d.map(|Done::Applied(id, outcome)| Input::Applied { id, outcome }),
+                _ = shutdown.changed() => break 'session,
                 _ = tokio::time::sleep_until(session.next_deadline()) => Some(Input::Tick),
             }
         };
@@ -557,16 +564,15 @@ async fn run_session(
                             break 'session;
                         }
                     }
+                    let Some(routed) = routed_tx.take() else {
+                        continue;
+                    };
                     let view = {
                         let mut router = shared.router();
                         let view = router.attach(&node);
-                        let old = shared.sessions().insert(
-                            node.clone(),
-                            Registered {
-                                generation,
-                                routed: routed_tx.clone(),
-                            },
-                        );
+                        let old = shared
+                            .sessions()
+                            .insert(node.clone(), Registered { generation, routed });
                         drop(old);
                         view
                     };

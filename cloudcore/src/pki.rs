@@ -246,7 +246,10 @@ impl HubPki {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        set_validity(&mut params, now() - 300, now() + validity_seconds);
+        // Backdated a little for clocks that lag, never by more than a tenth of the lifetime
+        // (renewal is planned from the validity span).
+        let backdate = (validity_seconds / 10).min(300);
+        set_validity(&mut params, now() - backdate, now() + validity_seconds);
         csr.params = params;
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
