@@ -243,10 +243,10 @@ impl Session {
     fn enqueue(&mut self, d: Downstream) {
         let uid = d.uid().to_owned();
         if let Some(order) = self.queued_uids.get(&uid).copied() {
-            if let Some(Item::Change(existing)) = self.queue.get_mut(&order) {
-                if d.rv() >= existing.rv() {
-                    *existing = d;
-                }
+            if let Some(Item::Change(existing)) = self.queue.get_mut(&order)
+                && d.rv() >= existing.rv()
+            {
+                *existing = d;
             }
             return;
         }

@@ -19,7 +19,7 @@ use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
 use serde_json::json;
 
 struct Cluster {
-    api: sedna_apiserver::ApiServer,
+    _api: sedna_apiserver::ApiServer,
     client: kube::Client,
     hub: Option<Hub>,
     hub_addr: std::net::SocketAddr,
@@ -57,7 +57,7 @@ impl Cluster {
         .unwrap();
         let hub_addr = hub.addr();
         Cluster {
-            api,
+            _api: api,
             client,
             hub: Some(hub),
             hub_addr,

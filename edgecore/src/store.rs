@@ -286,10 +286,10 @@ impl EdgeStore {
             .collect();
         let mut changes = Vec::new();
         for (uid, rv) in &local {
-            if !hub.iter().any(|(h, _)| h == uid) {
-                if let Some(c) = self.delete(uid, *rv)? {
-                    changes.push(c);
-                }
+            if !hub.iter().any(|(h, _)| h == uid)
+                && let Some(c) = self.delete(uid, *rv)?
+            {
+                changes.push(c);
             }
         }
         let want = hub
