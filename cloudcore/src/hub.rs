@@ -507,7 +507,11 @@ async fn run_session(
     let mut routed_tx = Some(routed_tx);
     let mut shutdown = shared.shutdown.clone();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    let mut session = Session::new(shared.config.session.clone(), tokio::time::Instant::now());
+    let mut session_config = shared.config.session.clone();
+    session_config.max_payload = session_config
+        .max_payload
+        .min(shared.config.max_message_bytes.saturating_sub(64 * 1024));
+    let mut session = Session::new(session_config, tokio::time::Instant::now());
     let mut registered = false;
     let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
     tracing::info!(%node, "node connected");

@@ -34,6 +34,9 @@ pub struct SessionConfig {
     pub read_deadline: Duration,
     /// Delay before retrying an upstream write the API failed to take.
     pub upstream_retry: Duration,
+    /// Largest object payload sent; a larger object is skipped with an error (it could never
+    /// cross the channel, and retrying would break the stream forever).
+    pub max_payload: usize,
 }
 
 impl Default for SessionConfig {
@@ -44,6 +47,7 @@ impl Default for SessionConfig {
             heartbeat: Duration::from_secs(10),
             read_deadline: Duration::from_secs(25),
             upstream_retry: Duration::from_secs(2),
+            max_payload: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
         }
     }
 }
@@ -300,6 +304,17 @@ impl Session {
                 }
                 Item::Change(d) => {
                     self.queued_uids.remove(d.uid());
+                    if let Downstream::Upsert(o) = &d
+                        && o.json().len() > self.config.max_payload
+                    {
+                        tracing::error!(
+                            object = %format!("{} {}/{}", o.key.kind.name(), o.key.namespace, o.key.name),
+                            bytes = o.json().len(),
+                            limit = self.config.max_payload,
+                            "object too large for the channel; not sent"
+                        );
+                        continue;
+                    }
                     match d {
                         Downstream::Upsert(o) => Envelope {
                             op: Op::Upsert as i32,
@@ -730,6 +745,32 @@ mod tests {
         );
         assert!(out.iter().any(|o| matches!(o, Output::Send(e)
             if e.op == Op::Reject as i32 && e.ack_of == [2] && e.payload == b"not yours")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_object_over_the_size_cap_is_skipped_not_sent() {
+        let now = Instant::now();
+        let config = SessionConfig {
+            max_payload: 200,
+            ..Default::default()
+        };
+        let mut s = Session::new(config, now);
+        s.step(Input::Received(hello(&[])), now);
+        s.step(Input::View(vec![]), now);
+        s.step(Input::Received(want(&[])), now);
+        s.step(Input::Found(vec![]), now);
+        let big = Arc::new(
+            Object::from_value(
+                Kind::ConfigMap,
+                json!({ "metadata": { "name": "big", "namespace": "ns", "uid": "uid-big",
+                                      "resourceVersion": "1" }, "data": { "x": "y".repeat(500) } }),
+            )
+            .unwrap(),
+        );
+        let out = s.step(Input::Routed(Downstream::Upsert(big)), now);
+        assert!(sent(&out).is_empty());
+        let out = s.step(Input::Routed(Downstream::Upsert(object("small", 1))), now);
+        assert_eq!(sent(&out), [(Op::Upsert, "small".into())]);
     }
 
     #[tokio::test(start_paused = true)]
