@@ -8,6 +8,7 @@
 pub mod client;
 pub mod join;
 pub mod machine;
+pub mod runtime;
 pub mod store;
 pub mod tls;
 

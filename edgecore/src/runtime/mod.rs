@@ -1,0 +1,702 @@
+//! The process runtime: every Pod bound to this node, as found in the local store, runs as
+//! supervised processes — also when the hub is unreachable, and again after the agent
+//! restarts (pods are restored from the store; processes a killed agent left behind are
+//! killed first). Pod statuses and events are written upstream through the outbox; a pod
+//! being deleted is stopped gracefully (SIGTERM, grace period, SIGKILL) and its deletion is
+//! then confirmed to the hub.
+
+pub mod process;
+pub mod spec;
+pub mod supervisor;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use nix::sys::signal::Signal;
+use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
+use serde_json::{Value, json};
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use crate::store::{Change, EdgeStore, StoreError};
+use process::LogLimits;
+use spec::{Data, SpecError, VolumePlan};
+use supervisor::{Backoff, Decision, Exit, Record, RestartPolicy, State};
+
+/// Where upstream writes go (the outbox).
+pub trait Reporter: Send + Sync {
+    /// Queues a write.
+    fn report(&self, upstream: &Upstream) -> Result<u64, StoreError>;
+}
+
+/// Runtime settings.
+#[derive(Clone, Debug)]
+pub struct RuntimeConfig {
+    /// This node.
+    pub node: String,
+    /// Pods live under `<data_dir>/pods`.
+    pub data_dir: PathBuf,
+    /// The node's address, reported as pod IP (processes share the host network).
+    pub host_ip: String,
+    /// Restart back-off.
+    pub backoff: Backoff,
+    /// Directories searched for programs before `PATH`.
+    pub program_dirs: Vec<PathBuf>,
+    /// Container log limits.
+    pub log_limits: LogLimits,
+}
+
+/// Figures of the runtime.
+#[derive(Debug, Default)]
+pub struct RuntimeStats {
+    /// Containers running now.
+    pub running: AtomicU64,
+    /// Container restarts since the agent started.
+    pub restarts: AtomicU64,
+    /// Pods supervised now.
+    pub pods: AtomicU64,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn object_ref(pod: &Pod) -> ObjectRef {
+    ObjectRef {
+        api_version: "v1".into(),
+        kind: "Pod".into(),
+        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+    }
+}
+
+/// The running runtime.
+pub struct Runtime {
+    task: tokio::task::JoinHandle<()>,
+    stats: Arc<RuntimeStats>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+enum Command {
+    Update(Box<Pod>),
+    Refresh,
+    Kill,
+}
+
+struct Entry {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Runtime {
+    /// Starts supervising the node's pods.
+    pub fn start(
+        config: RuntimeConfig,
+        store: EdgeStore,
+        changes: broadcast::Receiver<Change>,
+        reporter: Arc<dyn Reporter>,
+    ) -> Runtime {
+        let stats = Arc::new(RuntimeStats::default());
+        let task = tokio::spawn(run(config, store, changes, reporter, stats.clone()));
+        Runtime { task, stats }
+    }
+
+    /// The runtime's figures.
+    pub fn stats(&self) -> Arc<RuntimeStats> {
+        self.stats.clone()
+    }
+
+    /// Stops supervising (processes are left running, as after an agent crash).
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+fn pods_dir(config: &RuntimeConfig) -> PathBuf {
+    config.data_dir.join("pods")
+}
+
+fn decode_pod(value: &[u8]) -> Option<Pod> {
+    serde_json::from_slice(value).ok()
+}
+
+fn bound_here(pod: &Pod, node: &str) -> bool {
+    pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+}
+
+async fn run(
+    config: RuntimeConfig,
+    store: EdgeStore,
+    mut changes: broadcast::Receiver<Change>,
+    reporter: Arc<dyn Reporter>,
+    stats: Arc<RuntimeStats>,
+) {
+    let killed = process::kill_leftovers(&pods_dir(&config));
+    if killed > 0 {
+        tracing::info!(killed, "removed processes left by a previous agent");
+    }
+    let config = Arc::new(config);
+    let mut pods: HashMap<String, Entry> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+    let start = |pod: Pod, pods: &mut HashMap<String, Entry>| {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Worker::new(config.clone(), store.clone(), reporter.clone(), stats.clone(), pod);
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let uid = worker.uid.clone();
+            worker.run(rx).await;
+            let _ = done.send(uid);
+        });
+        pods.insert(uid, Entry { tx });
+    };
+    let resync = |pods: &mut HashMap<String, Entry>, start: &dyn Fn(Pod, &mut HashMap<String, Entry>)| {
+        let stored: Vec<Pod> = store
+            .list("Pod")
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|o| decode_pod(&o.value))
+            .filter(|p| bound_here(p, &config.node))
+            .collect();
+        let uids: Vec<String> = stored.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        for (uid, entry) in pods.iter() {
+            if !uids.contains(uid) {
+                let _ = entry.tx.send(Command::Kill);
+            }
+        }
+        for pod in stored {
+            let uid = pod.metadata.uid.clone().unwrap_or_default();
+            match pods.get(&uid) {
+                Some(entry) => {
+                    let _ = entry.tx.send(Command::Update(Box::new(pod)));
+                }
+                None => start(pod, pods),
+            }
+        }
+    };
+    resync(&mut pods, &start);
+    stats.pods.store(pods.len() as u64, Ordering::Relaxed);
+    loop {
+        tokio::select! {
+            change = changes.recv() => match change {
+                Ok(Change::Upserted(o)) if o.kind == "Pod" => {
+                    let Some(pod) = decode_pod(&o.value) else { continue };
+                    if !bound_here(&pod, &config.node) {
+                        if let Some(e) = pods.get(&o.uid) {
+                            let _ = e.tx.send(Command::Kill);
+                        }
+                        continue;
+                    }
+                    match pods.get(&o.uid) {
+                        Some(e) => {
+                            let _ = e.tx.send(Command::Update(Box::new(pod)));
+                        }
+                        None => start(pod, &mut pods),
+                    }
+                }
+                Ok(Change::Upserted(o)) if o.kind == "ConfigMap" || o.kind == "Secret" => {
+                    for e in pods.values() {
+                        let _ = e.tx.send(Command::Refresh);
+                    }
+                }
+                Ok(Change::Deleted { kind, uid, .. }) if kind == "Pod" => {
+                    if let Some(e) = pods.get(&uid) {
+                        let _ = e.tx.send(Command::Kill);
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => resync(&mut pods, &start),
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            Some(uid) = done_rx.recv() => {
+                pods.remove(&uid);
+            }
+        }
+        stats.pods.store(pods.len() as u64, Ordering::Relaxed);
+    }
+}
+
+struct Container {
+    spec: k8s_openapi::api::core::v1::Container,
+    record: Record,
+    pid: Option<u32>,
+    started: Option<Instant>,
+    restart_at: Option<Instant>,
+    generation: u64,
+}
+
+struct Worker {
+    config: Arc<RuntimeConfig>,
+    store: EdgeStore,
+    reporter: Arc<dyn Reporter>,
+    stats: Arc<RuntimeStats>,
+    pod: Pod,
+    uid: String,
+    dir: PathBuf,
+    policy: RestartPolicy,
+    containers: Vec<Container>,
+    start_time: String,
+    last_status: Option<Value>,
+    prepared: bool,
+    exits: mpsc::UnboundedSender<(usize, u64, Exit)>,
+    exits_rx: Option<mpsc::UnboundedReceiver<(usize, u64, Exit)>>,
+}
+
+impl Worker {
+    fn new(config: Arc<RuntimeConfig>, store: EdgeStore, reporter: Arc<dyn Reporter>, stats: Arc<RuntimeStats>, pod: Pod) -> Self {
+        let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let dir = pods_dir(&config).join(format!("{ns}_{name}_{uid}"));
+        let spec = pod.spec.clone().unwrap_or_default();
+        let containers = spec
+            .containers
+            .iter()
+            .map(|c| Container {
+                record: Record::new(&c.name, c.image.as_deref().unwrap_or_default()),
+                spec: c.clone(),
+                pid: None,
+                started: None,
+                restart_at: None,
+                generation: 0,
+            })
+            .collect();
+        let (exits, exits_rx) = mpsc::unbounded_channel();
+        Worker {
+            policy: RestartPolicy::of(spec.restart_policy.as_deref()),
+            config,
+            store,
+            reporter,
+            stats,
+            pod,
+            uid,
+            dir,
+            containers,
+            start_time: now(),
+            last_status: None,
+            prepared: false,
+            exits,
+            exits_rx: Some(exits_rx),
+        }
+    }
+
+    fn lookup(&self) -> impl Fn(&str, &str, &str) -> Option<Data> + '_ {
+        move |kind, ns, name| {
+            let obj = self.store.get(kind, ns, name).ok().flatten()?;
+            let v: Value = serde_json::from_slice(&obj.value).ok()?;
+            let mut out = BTreeMap::new();
+            if let Some(data) = v.get("data").and_then(Value::as_object) {
+                for (k, val) in data {
+                    let text = val.as_str().unwrap_or_default();
+                    let bytes = if kind == "Secret" {
+                        use base64::Engine;
+                        base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default()
+                    } else {
+                        text.as_bytes().to_vec()
+                    };
+                    out.insert(k.clone(), bytes);
+                }
+            }
+            if let Some(data) = v.get("binaryData").and_then(Value::as_object) {
+                use base64::Engine;
+                for (k, val) in data {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(val.as_str().unwrap_or_default())
+                        .unwrap_or_default();
+                    out.insert(k.clone(), bytes);
+                }
+            }
+            Some(out)
+        }
+    }
+
+    fn report_status(&mut self) {
+        let status = supervisor::status(
+            &self.containers.iter().map(|c| c.record.clone()).collect::<Vec<_>>(),
+            self.policy,
+            &self.config.host_ip,
+            &self.start_time,
+            &now(),
+        );
+        // Compare without timestamps of conditions: they change on every computation.
+        let mut comparable = status.clone();
+        if let Some(cs) = comparable.pointer_mut("/status/conditions").and_then(Value::as_array_mut) {
+            for c in cs {
+                if let Some(o) = c.as_object_mut() {
+                    o.remove("lastTransitionTime");
+                }
+            }
+        }
+        if self.last_status.as_ref() == Some(&comparable) {
+            return;
+        }
+        self.last_status = Some(comparable);
+        let upstream = Upstream {
+            kind: UpstreamKind::Status as i32,
+            object: Some(object_ref(&self.pod)),
+            payload: status.to_string().into_bytes(),
+        };
+        if let Err(e) = self.reporter.report(&upstream) {
+            tracing::warn!(pod = %self.uid, error = %e, "could not queue the pod status");
+        }
+    }
+
+    fn event(&self, container: Option<&str>, type_: &str, reason: &str, message: &str) {
+        let pod = object_ref(&self.pod);
+        let stamp = now();
+        let suffix: u64 = rand::random();
+        let mut involved = json!({ "apiVersion": "v1", "kind": "Pod", "name": pod.name,
+                                   "namespace": pod.namespace, "uid": pod.uid });
+        if let Some(c) = container {
+            involved["fieldPath"] = json!(format!("spec.containers{{{c}}}"));
+        }
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": { "name": format!("{}.{suffix:016x}", pod.name), "namespace": pod.namespace },
+            "involvedObject": involved,
+            "reason": reason, "message": message, "type": type_,
+            "source": { "component": "sedna-edgecore", "host": self.config.node },
+            "reportingComponent": "sedna-edgecore", "reportingInstance": self.config.node,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        });
+        let upstream = Upstream {
+            kind: UpstreamKind::Event as i32,
+            object: Some(pod),
+            payload: event.to_string().into_bytes(),
+        };
+        if let Err(e) = self.reporter.report(&upstream) {
+            tracing::warn!(pod = %self.uid, error = %e, "could not queue an event");
+        }
+    }
+
+    /// Creates the pod directory and its volumes; returns the volumes' directories.
+    fn prepare(&mut self) -> Result<BTreeMap<String, PathBuf>, SpecError> {
+        let plans = spec::volumes(&self.pod, &self.lookup())?;
+        let io = |e: std::io::Error| SpecError::CreateContainerConfigError(format!("preparing volumes: {e}"));
+        create_private_dir(&self.dir).map_err(io)?;
+        let mut dirs = BTreeMap::new();
+        for (name, plan) in plans {
+            let dir = match plan {
+                VolumePlan::Host { path, create } => {
+                    if create {
+                        std::fs::create_dir_all(&path).map_err(io)?;
+                    }
+                    path
+                }
+                VolumePlan::Empty => {
+                    let d = self.dir.join("volumes").join(&name);
+                    create_private_dir(&d).map_err(io)?;
+                    d
+                }
+                VolumePlan::Files { files, private } => {
+                    let d = self.dir.join("volumes").join(&name);
+                    create_private_dir(&d).map_err(io)?;
+                    for (file, content) in files {
+                        if file.contains("..") || file.starts_with('/') {
+                            continue;
+                        }
+                        write_file(&d.join(&file), &content, private).map_err(io)?;
+                    }
+                    d
+                }
+            };
+            dirs.insert(name, dir);
+        }
+        Ok(dirs)
+    }
+
+    fn start_container(&mut self, i: usize, volume_dirs: &BTreeMap<String, PathBuf>) {
+        let launch = {
+            let c = &self.containers[i];
+            spec::launch(
+                &self.pod,
+                &c.spec,
+                &self.config.node,
+                &self.config.host_ip,
+                &self.dir,
+                volume_dirs,
+                &self.config.program_dirs,
+                &self.lookup(),
+            )
+        };
+        let launch = match launch {
+            Ok(l) => l,
+            Err(e) => {
+                let name = self.containers[i].spec.name.clone();
+                self.containers[i].record.state = State::Waiting {
+                    reason: e.reason().into(),
+                    message: e.to_string(),
+                };
+                self.event(Some(&name), "Warning", "Failed", &e.to_string());
+                return;
+            }
+        };
+        let log = self.dir.join("logs").join(format!("{}.log", launch.name));
+        let pid_file = self.dir.join(format!("{}.pid", launch.name));
+        match process::spawn(&launch, &log, &pid_file, self.config.log_limits) {
+            Ok(mut child) => {
+                let pid = child.id().unwrap_or_default();
+                let limit_name = format!("{}_{}", self.uid, launch.name);
+                process::apply_limits(pid, &limit_name, launch.memory_limit, launch.cpu_limit_millis);
+                let c = &mut self.containers[i];
+                c.generation += 1;
+                let generation = c.generation;
+                let started_at = now();
+                c.pid = Some(pid);
+                c.started = Some(Instant::now());
+                c.record.state = State::Running { started_at: started_at.clone(), pid };
+                self.stats.running.fetch_add(1, Ordering::Relaxed);
+                let exits = self.exits.clone();
+                tokio::spawn(async move {
+                    let status = child.wait().await;
+                    use std::os::unix::process::ExitStatusExt;
+                    let (code, signal) = match status {
+                        Ok(s) => match (s.code(), s.signal()) {
+                            (Some(c), _) => (c, None),
+                            (None, Some(sig)) => (128 + sig, Some(sig)),
+                            _ => (-1, None),
+                        },
+                        Err(_) => (-1, None),
+                    };
+                    let reason = if code == 0 { "Completed" } else if signal == Some(9) { "Killed" } else { "Error" };
+                    let _ = exits.send((i, generation, Exit {
+                        code,
+                        signal,
+                        reason: reason.into(),
+                        started_at,
+                        finished_at: now(),
+                    }));
+                });
+                let name = launch.name.clone();
+                self.event(Some(&name), "Normal", "Started", &format!("Started container {name} (pid {pid})"));
+            }
+            Err(e) => {
+                let name = self.containers[i].spec.name.clone();
+                let message = format!("starting {}: {e}", launch.program.display());
+                self.containers[i].record.state = State::Waiting {
+                    reason: "RunContainerError".into(),
+                    message: message.clone(),
+                };
+                self.event(Some(&name), "Warning", "Failed", &message);
+            }
+        }
+    }
+
+    fn deleting(&self) -> bool {
+        self.pod.metadata.deletion_timestamp.is_some()
+    }
+
+    /// SIGTERM every running container, wait up to the grace period, then SIGKILL.
+    async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::UnboundedReceiver<(usize, u64, Exit)>) {
+        let running: Vec<(usize, u32)> = self
+            .containers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c.record.state {
+                State::Running { pid, .. } => Some((i, pid)),
+                _ => None,
+            })
+            .collect();
+        for (i, pid) in &running {
+            let name = self.containers[*i].spec.name.clone();
+            self.event(Some(&name), "Normal", "Killing", &format!("Stopping container {name}"));
+            process::signal(*pid, Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        let mut left = running.len();
+        while left > 0 {
+            match tokio::time::timeout_at(deadline, exits.recv()).await {
+                Ok(Some((i, generation, exit))) => {
+                    if self.containers[i].generation == generation {
+                        self.containers[i].record.state = State::Terminated(exit);
+                        self.containers[i].pid = None;
+                        self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                        left -= 1;
+                    }
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    for (_, pid) in &running {
+                        process::signal(*pid, Signal::SIGKILL);
+                    }
+                    // Collect the exits of the killed processes.
+                    while left > 0 {
+                        match tokio::time::timeout(Duration::from_secs(5), exits.recv()).await {
+                            Ok(Some((i, generation, exit))) if self.containers[i].generation == generation => {
+                                self.containers[i].record.state = State::Terminated(exit);
+                                self.containers[i].pid = None;
+                                self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                                left -= 1;
+                            }
+                            Ok(Some(_)) => {}
+                            _ => break,
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        for c in &mut self.containers {
+            c.restart_at = None;
+            if !matches!(c.record.state, State::Terminated(_)) {
+                c.record.state = State::Terminated(Exit {
+                    code: 0,
+                    signal: None,
+                    reason: "Completed".into(),
+                    started_at: self.start_time.clone(),
+                    finished_at: now(),
+                });
+            }
+            process::remove_limits(&format!("{}_{}", self.uid, c.spec.name));
+        }
+    }
+
+    fn grace(&self) -> Duration {
+        let seconds = self
+            .pod
+            .metadata
+            .deletion_grace_period_seconds
+            .or_else(|| self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+            .unwrap_or(30);
+        Duration::from_secs(seconds.clamp(0, 3600) as u64)
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let Some(mut exits) = self.exits_rx.take() else { return };
+        let mut volume_dirs = BTreeMap::new();
+        let mut retry_prepare: Option<Instant> = Some(Instant::now());
+        loop {
+            if self.deleting() {
+                let grace = self.grace();
+                self.stop_all(grace, &mut exits).await;
+                self.report_status();
+                let confirm = Upstream {
+                    kind: UpstreamKind::PodStopped as i32,
+                    object: Some(object_ref(&self.pod)),
+                    payload: vec![],
+                };
+                if let Err(e) = self.reporter.report(&confirm) {
+                    tracing::warn!(pod = %self.uid, error = %e, "could not queue the deletion");
+                }
+                let _ = std::fs::remove_dir_all(&self.dir);
+                return;
+            }
+            if retry_prepare.is_some_and(|at| Instant::now() >= at) {
+                retry_prepare = None;
+                match self.prepare() {
+                    Ok(dirs) => {
+                        volume_dirs = dirs;
+                        self.prepared = true;
+                        for i in 0..self.containers.len() {
+                            if !matches!(self.containers[i].record.state, State::Running { .. } | State::Terminated(_)) {
+                                self.start_container(i, &volume_dirs);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        for c in &mut self.containers {
+                            c.record.state = State::Waiting { reason: e.reason().into(), message: e.to_string() };
+                        }
+                        self.event(None, "Warning", "FailedMount", &e.to_string());
+                        retry_prepare = Some(Instant::now() + Duration::from_secs(5));
+                    }
+                }
+                // Containers that failed to start wait for a retry as well.
+                if self.prepared
+                    && self.containers.iter().any(|c| matches!(&c.record.state, State::Waiting { reason, .. } if reason != "CrashLoopBackOff"))
+                {
+                    retry_prepare = Some(Instant::now() + Duration::from_secs(5));
+                }
+            }
+            self.report_status();
+            let next_restart = self.containers.iter().filter_map(|c| c.restart_at).min();
+            let wake = [next_restart, retry_prepare].into_iter().flatten().min();
+            tokio::select! {
+                exit = exits.recv() => {
+                    let Some((i, generation, exit)) = exit else { return };
+                    if self.containers[i].generation != generation {
+                        continue;
+                    }
+                    self.stats.running.fetch_sub(1, Ordering::Relaxed);
+                    let ran_for = self.containers[i].started.map(|s| s.elapsed()).unwrap_or_default();
+                    let c = &mut self.containers[i];
+                    c.pid = None;
+                    let (decision, restarts) = supervisor::after_exit(self.policy, exit.code, c.record.restarts, ran_for, self.config.backoff);
+                    match decision {
+                        Decision::Restart(delay) => {
+                            let name = c.spec.name.clone();
+                            let message = format!("back-off {}s restarting failed container={name} pod={}", delay.as_secs(), self.pod.metadata.name.as_deref().unwrap_or_default());
+                            c.record.last = Some(exit.clone());
+                            c.record.restarts = restarts;
+                            c.record.state = State::Waiting { reason: "CrashLoopBackOff".into(), message: message.clone() };
+                            c.restart_at = Some(Instant::now() + delay);
+                            self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                            self.event(Some(&name), "Warning", "BackOff", &format!("Back-off restarting failed container {name} (exit code {}): {message}", exit.code));
+                        }
+                        Decision::Stay => {
+                            c.record.state = State::Terminated(exit);
+                        }
+                    }
+                }
+                _ = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let due: Vec<usize> = self.containers.iter().enumerate()
+                        .filter(|(_, c)| c.restart_at.is_some_and(|at| Instant::now() >= at))
+                        .map(|(i, _)| i)
+                        .collect();
+                    for i in due {
+                        self.containers[i].restart_at = None;
+                        self.start_container(i, &volume_dirs);
+                    }
+                }
+                command = commands.recv() => match command {
+                    Some(Command::Update(pod)) => self.pod = *pod,
+                    Some(Command::Refresh) => {
+                        if retry_prepare.is_some() {
+                            retry_prepare = Some(Instant::now());
+                        }
+                    }
+                    Some(Command::Kill) | None => {
+                        self.stop_all(Duration::from_secs(2), &mut exits).await;
+                        let _ = std::fs::remove_dir_all(&self.dir);
+                        return;
+                    }
+                },
+            }
+        }
+    }
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if private { 0o600 } else { 0o644 })
+        .open(path)?;
+    f.write_all(content)
+}
