@@ -173,10 +173,32 @@ impl EdgeHub {
         Ok(seq)
     }
 
+    /// A handle other components queue upstream writes through.
+    pub fn reporter(&self) -> Arc<dyn crate::runtime::Reporter> {
+        Arc::new(OutboxReporter {
+            store: self.store.clone(),
+            outbox: self.outbox.clone(),
+        })
+    }
+
     /// Stops the connection loop.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+    }
+}
+
+/// Queues upstream writes in the outbox and wakes the connection loop.
+struct OutboxReporter {
+    store: EdgeStore,
+    outbox: Arc<Notify>,
+}
+
+impl crate::runtime::Reporter for OutboxReporter {
+    fn report(&self, upstream: &Upstream) -> Result<u64, StoreError> {
+        let seq = self.store.push(upstream)?;
+        self.outbox.notify_one();
+        Ok(seq)
     }
 }
 

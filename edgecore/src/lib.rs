@@ -5,11 +5,14 @@
 //! - [`store`]: objects received and the outbox of upstream writes (SQLite).
 //! - [`machine`]: the channel protocol as a pure state machine.
 //! - [`client`]: the tokio shell that runs it.
+pub mod agent;
 pub mod client;
 pub mod join;
 pub mod machine;
+pub mod node;
 pub mod runtime;
 pub mod store;
 pub mod tls;
 
+pub use agent::{Agent, AgentConfig};
 pub use client::{EdgeConfig, EdgeHub, EdgeStatus};

@@ -350,6 +350,11 @@ impl EdgeStore {
         }
         let mut conn = self.conn();
         let tx = conn.transaction()?;
+        // A node's status and lease are snapshots: a newer one makes queued ones pointless.
+        let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
+        if snapshot.contains(&upstream.kind) {
+            tx.execute("DELETE FROM outbox WHERE kind = ?1", params![upstream.kind])?;
+        }
         let count =
             tx.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize;
         if count >= self.outbox_limit {
@@ -622,6 +627,19 @@ mod tests {
             payload: vec![],
         };
         assert!(matches!(s.push(&node), Err(StoreError::OutboxFull(4))));
+    }
+
+    #[test]
+    fn node_status_and_lease_snapshots_replace_queued_ones() {
+        let (_d, s) = open();
+        let lease = |n: u8| Upstream { kind: UpstreamKind::Lease as i32, object: None, payload: vec![n] };
+        s.push(&status("p", "Running")).unwrap();
+        s.push(&lease(1)).unwrap();
+        s.push(&lease(2)).unwrap();
+        s.push(&lease(3)).unwrap();
+        let pending = s.pending(0, 10).unwrap();
+        assert_eq!(pending.len(), 2);
+        assert_eq!(pending[1].upstream.payload, [3]);
     }
 
     #[test]

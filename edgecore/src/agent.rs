@@ -1,0 +1,133 @@
+//! The whole edge agent: the hub client and store, the process runtime, and the node's
+//! status and lease. Everything runs from the local store, so pods start, restart and report
+//! while the hub is unreachable; reports reach the cloud when it returns.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::client::{EdgeConfig, EdgeError, EdgeHub};
+use crate::node::{self, NodeConfig};
+use crate::runtime::process::LogLimits;
+use crate::runtime::supervisor::Backoff;
+use crate::runtime::{Runtime, RuntimeConfig, RuntimeStats};
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The hub connection and data directory.
+    pub edge: EdgeConfig,
+    /// Labels of the Node object.
+    pub labels: BTreeMap<String, String>,
+    /// `node-role.sedna.io/<role>`.
+    pub role: String,
+    /// The node's address (default: the first non-loopback IPv4 address, else 127.0.0.1).
+    pub host_ip: Option<String>,
+    /// Container restart back-off.
+    pub backoff: Backoff,
+    /// Extra directories searched for programs.
+    pub program_dirs: Vec<PathBuf>,
+    /// Lease renewal interval.
+    pub lease_interval: Duration,
+    /// Announced lease duration.
+    pub lease_duration: Duration,
+    /// Full node status interval.
+    pub status_interval: Duration,
+}
+
+impl AgentConfig {
+    /// Defaults around an edge configuration.
+    pub fn new(edge: EdgeConfig) -> Self {
+        let program_dirs = vec![edge.data_dir.join("bin")];
+        Self {
+            edge,
+            labels: BTreeMap::new(),
+            role: "edge".into(),
+            host_ip: None,
+            backoff: Backoff::default(),
+            program_dirs,
+            lease_interval: Duration::from_secs(10),
+            lease_duration: Duration::from_secs(40),
+            status_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The address other machines reach this one at, as far as routing tells.
+pub fn host_ip() -> String {
+    std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| {
+            s.connect("10.255.255.255:9")?;
+            s.local_addr()
+        })
+        .ok()
+        .map(|a| a.ip())
+        .filter(|ip| !ip.is_unspecified())
+        .map(|ip| ip.to_string())
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+/// A running agent.
+pub struct Agent {
+    hub: EdgeHub,
+    runtime: Runtime,
+    node_task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("node", &self.hub.node()).finish()
+    }
+}
+
+impl Agent {
+    /// Starts the hub client, restores and supervises the node's pods, reports the node.
+    pub async fn start(config: AgentConfig) -> Result<Agent, EdgeError> {
+        let hub = EdgeHub::start(config.edge.clone()).await?;
+        let host_ip = config.host_ip.clone().unwrap_or_else(host_ip);
+        let runtime = Runtime::start(
+            RuntimeConfig {
+                node: hub.node().to_owned(),
+                data_dir: config.edge.data_dir.clone(),
+                host_ip: host_ip.clone(),
+                backoff: config.backoff,
+                program_dirs: config.program_dirs.clone(),
+                log_limits: LogLimits::default(),
+            },
+            hub.store().clone(),
+            hub.subscribe(),
+            hub.reporter(),
+        );
+        let node_config = NodeConfig {
+            name: hub.node().to_owned(),
+            labels: config.labels.clone(),
+            role: config.role.clone(),
+            host_ip,
+            data_dir: config.edge.data_dir.clone(),
+            lease_interval: config.lease_interval,
+            lease_duration: config.lease_duration,
+            status_interval: config.status_interval,
+        };
+        let node_task = tokio::spawn(node::run(node_config, hub.reporter()));
+        Ok(Agent { hub, runtime, node_task })
+    }
+
+    /// The hub client (store, status, outbox).
+    pub fn hub(&self) -> &EdgeHub {
+        &self.hub
+    }
+
+    /// The runtime's figures.
+    pub fn runtime_stats(&self) -> Arc<RuntimeStats> {
+        self.runtime.stats()
+    }
+
+    /// Stops the agent; running processes are left alone (as after a crash: a restarted agent
+    /// replaces them).
+    pub async fn shutdown(self) {
+        self.node_task.abort();
+        self.runtime.abort();
+        self.hub.shutdown().await;
+    }
+}
