@@ -69,12 +69,22 @@ pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
             _ => deny(node, "write a Lease other than kube-node-lease/<its name>"),
         },
         UpstreamKind::PodStopped => {
-            let Some(key) = u.object.as_ref().and_then(key_of).filter(|k| k.kind == Kind::Pod) else {
+            let Some(key) = u
+                .object
+                .as_ref()
+                .and_then(key_of)
+                .filter(|k| k.kind == Kind::Pod)
+            else {
                 return deny(node, "confirm the deletion of something that is not a pod");
             };
             let bound = router
                 .get(&key)
-                .and_then(|p| p.value.pointer("/spec/nodeName").and_then(Value::as_str).map(str::to_owned))
+                .and_then(|p| {
+                    p.value
+                        .pointer("/spec/nodeName")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
                 .is_some_and(|n| n == node);
             if bound {
                 Decision::Allow
@@ -220,7 +230,8 @@ pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamO
             let Some(r) = &u.object else {
                 return UpstreamOutcome::Rejected("a pod deletion without a pod".into());
             };
-            let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &r.namespace);
+            let api: Api<k8s_openapi::api::core::v1::Pod> =
+                Api::namespaced(client.clone(), &r.namespace);
             let mut params = kube::api::DeleteParams::default().grace_period(0);
             if !r.uid.is_empty() {
                 params = params.preconditions(kube::api::Preconditions {
@@ -231,7 +242,9 @@ pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamO
             match api.delete(&r.name, &params).await {
                 Ok(_) => UpstreamOutcome::Applied,
                 // Already gone, or replaced by a pod of the same name: nothing to do.
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => UpstreamOutcome::Applied,
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+                    UpstreamOutcome::Applied
+                }
                 Err(e) => outcome(e),
             }
         }

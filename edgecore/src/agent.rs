@@ -77,7 +77,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("node", &self.hub.node()).finish()
+        f.debug_struct("Agent")
+            .field("node", &self.hub.node())
+            .finish()
     }
 }
 
@@ -110,7 +112,11 @@ impl Agent {
             status_interval: config.status_interval,
         };
         let node_task = tokio::spawn(node::run(node_config, hub.reporter()));
-        Ok(Agent { hub, runtime, node_task })
+        Ok(Agent {
+            hub,
+            runtime,
+            node_task,
+        })
     }
 
     /// The hub client (store, status, outbox).

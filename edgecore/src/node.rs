@@ -78,7 +78,9 @@ pub fn capacity(data_dir: &Path) -> Capacity {
         })
         .unwrap_or((0, 0));
     Capacity {
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u64).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1),
         memory: meminfo("MemTotal:").unwrap_or(0),
         memory_available: meminfo("MemAvailable:").unwrap_or(0),
         storage,
@@ -88,7 +90,9 @@ pub fn capacity(data_dir: &Path) -> Capacity {
 }
 
 fn read_trim(path: &str) -> String {
-    std::fs::read_to_string(path).map(|s| s.trim().to_owned()).unwrap_or_default()
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
 }
 
 fn os_image() -> String {
@@ -111,7 +115,9 @@ fn arch() -> &'static str {
 }
 
 fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 /// Conditions of the node, given its resources.
@@ -119,25 +125,50 @@ pub fn conditions(c: &Capacity) -> Vec<(&'static str, bool, &'static str, String
     let memory_pressure = c.memory > 0 && c.memory_available < 100 * 1024 * 1024;
     let disk_pressure = c.storage > 0 && c.storage_free * 10 < c.storage;
     vec![
-        ("Ready", true, "KubeletReady", "sedna-edgecore is posting ready status".into()),
+        (
+            "Ready",
+            true,
+            "KubeletReady",
+            "sedna-edgecore is posting ready status".into(),
+        ),
         (
             "MemoryPressure",
             memory_pressure,
-            if memory_pressure { "KubeletHasInsufficientMemory" } else { "KubeletHasSufficientMemory" },
+            if memory_pressure {
+                "KubeletHasInsufficientMemory"
+            } else {
+                "KubeletHasSufficientMemory"
+            },
             format!("{} MiB available", c.memory_available / (1024 * 1024)),
         ),
         (
             "DiskPressure",
             disk_pressure,
-            if disk_pressure { "KubeletHasDiskPressure" } else { "KubeletHasNoDiskPressure" },
-            format!("{} MiB free on the data directory's filesystem", c.storage_free / (1024 * 1024)),
+            if disk_pressure {
+                "KubeletHasDiskPressure"
+            } else {
+                "KubeletHasNoDiskPressure"
+            },
+            format!(
+                "{} MiB free on the data directory's filesystem",
+                c.storage_free / (1024 * 1024)
+            ),
         ),
-        ("PIDPressure", false, "KubeletHasSufficientPID", "enough PIDs".into()),
+        (
+            "PIDPressure",
+            false,
+            "KubeletHasSufficientPID",
+            "enough PIDs".into(),
+        ),
     ]
 }
 
 /// The Node object to apply.
-pub fn node_object(config: &NodeConfig, c: &Capacity, transitions: &BTreeMap<String, (bool, String)>) -> Value {
+pub fn node_object(
+    config: &NodeConfig,
+    c: &Capacity,
+    transitions: &BTreeMap<String, (bool, String)>,
+) -> Value {
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_else(|_| config.name.clone());
@@ -200,7 +231,9 @@ pub fn node_object(config: &NodeConfig, c: &Capacity, transitions: &BTreeMap<Str
 
 /// The Lease object to apply.
 pub fn lease_object(config: &NodeConfig) -> Value {
-    let renew = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+    let renew = jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string();
     json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -237,7 +270,10 @@ pub async fn run(config: NodeConfig, reporter: Arc<dyn Reporter>) {
             _ = sample.tick() => {}
         }
         let c = capacity(&config.data_dir);
-        let current: Vec<(String, bool)> = conditions(&c).into_iter().map(|(t, s, _, _)| (t.to_owned(), s)).collect();
+        let current: Vec<(String, bool)> = conditions(&c)
+            .into_iter()
+            .map(|(t, s, _, _)| (t.to_owned(), s))
+            .collect();
         if !force && last_conditions.as_ref() == Some(&current) {
             continue;
         }
@@ -251,7 +287,9 @@ pub async fn run(config: NodeConfig, reporter: Arc<dyn Reporter>) {
         let upstream = Upstream {
             kind: UpstreamKind::Node as i32,
             object: None,
-            payload: node_object(&config, &c, &transitions).to_string().into_bytes(),
+            payload: node_object(&config, &c, &transitions)
+                .to_string()
+                .into_bytes(),
         };
         if let Err(e) = reporter.report(&upstream) {
             tracing::warn!(error = %e, "could not queue the node status");
@@ -278,21 +316,37 @@ mod tests {
 
     #[test]
     fn the_node_object_carries_capacity_conditions_and_labels() {
-        let c = Capacity { cpus: 4, memory: 8 << 30, memory_available: 50 << 20, storage: 100 << 30,
-                           storage_free: 5 << 30, gpus: Some(2) };
+        let c = Capacity {
+            cpus: 4,
+            memory: 8 << 30,
+            memory_available: 50 << 20,
+            storage: 100 << 30,
+            storage_free: 5 << 30,
+            gpus: Some(2),
+        };
         let node = node_object(&config(), &c, &BTreeMap::new());
         assert_eq!(node["metadata"]["labels"]["node-role.sedna.io/edge"], "");
         assert_eq!(node["metadata"]["labels"]["site"], "north");
         assert_eq!(node["status"]["capacity"]["cpu"], "4");
         assert_eq!(node["status"]["capacity"]["nvidia.com/gpu"], "2");
         let cond = |t: &str| {
-            node["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == t).unwrap()["status"].clone()
+            node["status"]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == t)
+                .unwrap()["status"]
+                .clone()
         };
         assert_eq!(cond("Ready"), "True");
         assert_eq!(cond("MemoryPressure"), "True", "50 MiB available");
         assert_eq!(cond("DiskPressure"), "True", "5% free");
         let without_gpu = node_object(&config(), &Capacity { gpus: None, ..c }, &BTreeMap::new());
-        assert!(without_gpu["status"]["capacity"].get("nvidia.com/gpu").is_none());
+        assert!(
+            without_gpu["status"]["capacity"]
+                .get("nvidia.com/gpu")
+                .is_none()
+        );
     }
 
     #[test]

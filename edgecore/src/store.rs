@@ -632,7 +632,11 @@ mod tests {
     #[test]
     fn node_status_and_lease_snapshots_replace_queued_ones() {
         let (_d, s) = open();
-        let lease = |n: u8| Upstream { kind: UpstreamKind::Lease as i32, object: None, payload: vec![n] };
+        let lease = |n: u8| Upstream {
+            kind: UpstreamKind::Lease as i32,
+            object: None,
+            payload: vec![n],
+        };
         s.push(&status("p", "Running")).unwrap();
         s.push(&lease(1)).unwrap();
         s.push(&lease(2)).unwrap();

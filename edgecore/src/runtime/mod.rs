@@ -62,14 +62,20 @@ pub struct RuntimeStats {
 }
 
 fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%SZ")
+        .to_string()
 }
 
 fn object_ref(pod: &Pod) -> ObjectRef {
     ObjectRef {
         api_version: "v1".into(),
         kind: "Pod".into(),
-        namespace: pod.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        namespace: pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         name: pod.metadata.name.clone().unwrap_or_default(),
         uid: pod.metadata.uid.clone().unwrap_or_default(),
     }
@@ -150,7 +156,13 @@ async fn run(
     let start = |pod: Pod, pods: &mut HashMap<String, Entry>| {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         let (tx, rx) = mpsc::unbounded_channel();
-        let worker = Worker::new(config.clone(), store.clone(), reporter.clone(), stats.clone(), pod);
+        let worker = Worker::new(
+            config.clone(),
+            store.clone(),
+            reporter.clone(),
+            stats.clone(),
+            pod,
+        );
         let done = done_tx.clone();
         tokio::spawn(async move {
             let uid = worker.uid.clone();
@@ -159,7 +171,8 @@ async fn run(
         });
         pods.insert(uid, Entry { tx });
     };
-    let resync = |pods: &mut HashMap<String, Entry>, start: &dyn Fn(Pod, &mut HashMap<String, Entry>)| {
+    let resync = |pods: &mut HashMap<String, Entry>,
+                  start: &dyn Fn(Pod, &mut HashMap<String, Entry>)| {
         let stored: Vec<Pod> = store
             .list("Pod")
             .unwrap_or_default()
@@ -167,7 +180,10 @@ async fn run(
             .filter_map(|o| decode_pod(&o.value))
             .filter(|p| bound_here(p, &config.node))
             .collect();
-        let uids: Vec<String> = stored.iter().filter_map(|p| p.metadata.uid.clone()).collect();
+        let uids: Vec<String> = stored
+            .iter()
+            .filter_map(|p| p.metadata.uid.clone())
+            .collect();
         for (uid, entry) in pods.iter() {
             if !uids.contains(uid) {
                 let _ = entry.tx.send(Command::Kill);
@@ -184,6 +200,7 @@ async fn run(
         }
     };
     resync(&mut pods, &start);
+    remove_stale_dirs(&pods_dir(&config), &pods);
     stats.pods.store(pods.len() as u64, Ordering::Relaxed);
     loop {
         tokio::select! {
@@ -252,9 +269,19 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(config: Arc<RuntimeConfig>, store: EdgeStore, reporter: Arc<dyn Reporter>, stats: Arc<RuntimeStats>, pod: Pod) -> Self {
+    fn new(
+        config: Arc<RuntimeConfig>,
+        store: EdgeStore,
+        reporter: Arc<dyn Reporter>,
+        stats: Arc<RuntimeStats>,
+        pod: Pod,
+    ) -> Self {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
-        let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+        let ns = pod
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
         let name = pod.metadata.name.clone().unwrap_or_default();
         let dir = pods_dir(&config).join(format!("{ns}_{name}_{uid}"));
         let spec = pod.spec.clone().unwrap_or_default();
@@ -299,7 +326,9 @@ impl Worker {
                     let text = val.as_str().unwrap_or_default();
                     let bytes = if kind == "Secret" {
                         use base64::Engine;
-                        base64::engine::general_purpose::STANDARD.decode(text).unwrap_or_default()
+                        base64::engine::general_purpose::STANDARD
+                            .decode(text)
+                            .unwrap_or_default()
                     } else {
                         text.as_bytes().to_vec()
                     };
@@ -321,7 +350,11 @@ impl Worker {
 
     fn report_status(&mut self) {
         let status = supervisor::status(
-            &self.containers.iter().map(|c| c.record.clone()).collect::<Vec<_>>(),
+            &self
+                .containers
+                .iter()
+                .map(|c| c.record.clone())
+                .collect::<Vec<_>>(),
             self.policy,
             &self.config.host_ip,
             &self.start_time,
@@ -329,7 +362,10 @@ impl Worker {
         );
         // Compare without timestamps of conditions: they change on every computation.
         let mut comparable = status.clone();
-        if let Some(cs) = comparable.pointer_mut("/status/conditions").and_then(Value::as_array_mut) {
+        if let Some(cs) = comparable
+            .pointer_mut("/status/conditions")
+            .and_then(Value::as_array_mut)
+        {
             for c in cs {
                 if let Some(o) = c.as_object_mut() {
                     o.remove("lastTransitionTime");
@@ -381,7 +417,9 @@ impl Worker {
     /// Creates the pod directory and its volumes; returns the volumes' directories.
     fn prepare(&mut self) -> Result<BTreeMap<String, PathBuf>, SpecError> {
         let plans = spec::volumes(&self.pod, &self.lookup())?;
-        let io = |e: std::io::Error| SpecError::CreateContainerConfigError(format!("preparing volumes: {e}"));
+        let io = |e: std::io::Error| {
+            SpecError::CreateContainerConfigError(format!("preparing volumes: {e}"))
+        };
         create_private_dir(&self.dir).map_err(io)?;
         let mut dirs = BTreeMap::new();
         for (name, plan) in plans {
@@ -446,14 +484,22 @@ impl Worker {
             Ok(mut child) => {
                 let pid = child.id().unwrap_or_default();
                 let limit_name = format!("{}_{}", self.uid, launch.name);
-                process::apply_limits(pid, &limit_name, launch.memory_limit, launch.cpu_limit_millis);
+                process::apply_limits(
+                    pid,
+                    &limit_name,
+                    launch.memory_limit,
+                    launch.cpu_limit_millis,
+                );
                 let c = &mut self.containers[i];
                 c.generation += 1;
                 let generation = c.generation;
                 let started_at = now();
                 c.pid = Some(pid);
                 c.started = Some(Instant::now());
-                c.record.state = State::Running { started_at: started_at.clone(), pid };
+                c.record.state = State::Running {
+                    started_at: started_at.clone(),
+                    pid,
+                };
                 self.stats.running.fetch_add(1, Ordering::Relaxed);
                 let exits = self.exits.clone();
                 tokio::spawn(async move {
@@ -467,17 +513,32 @@ impl Worker {
                         },
                         Err(_) => (-1, None),
                     };
-                    let reason = if code == 0 { "Completed" } else if signal == Some(9) { "Killed" } else { "Error" };
-                    let _ = exits.send((i, generation, Exit {
-                        code,
-                        signal,
-                        reason: reason.into(),
-                        started_at,
-                        finished_at: now(),
-                    }));
+                    let reason = if code == 0 {
+                        "Completed"
+                    } else if signal == Some(9) {
+                        "Killed"
+                    } else {
+                        "Error"
+                    };
+                    let _ = exits.send((
+                        i,
+                        generation,
+                        Exit {
+                            code,
+                            signal,
+                            reason: reason.into(),
+                            started_at,
+                            finished_at: now(),
+                        },
+                    ));
                 });
                 let name = launch.name.clone();
-                self.event(Some(&name), "Normal", "Started", &format!("Started container {name} (pid {pid})"));
+                self.event(
+                    Some(&name),
+                    "Normal",
+                    "Started",
+                    &format!("Started container {name} (pid {pid})"),
+                );
             }
             Err(e) => {
                 let name = self.containers[i].spec.name.clone();
@@ -496,7 +557,11 @@ impl Worker {
     }
 
     /// SIGTERM every running container, wait up to the grace period, then SIGKILL.
-    async fn stop_all(&mut self, grace: Duration, exits: &mut mpsc::UnboundedReceiver<(usize, u64, Exit)>) {
+    async fn stop_all(
+        &mut self,
+        grace: Duration,
+        exits: &mut mpsc::UnboundedReceiver<(usize, u64, Exit)>,
+    ) {
         let running: Vec<(usize, u32)> = self
             .containers
             .iter()
@@ -508,7 +573,12 @@ impl Worker {
             .collect();
         for (i, pid) in &running {
             let name = self.containers[*i].spec.name.clone();
-            self.event(Some(&name), "Normal", "Killing", &format!("Stopping container {name}"));
+            self.event(
+                Some(&name),
+                "Normal",
+                "Killing",
+                &format!("Stopping container {name}"),
+            );
             process::signal(*pid, Signal::SIGTERM);
         }
         let deadline = Instant::now() + grace;
@@ -531,7 +601,9 @@ impl Worker {
                     // Collect the exits of the killed processes.
                     while left > 0 {
                         match tokio::time::timeout(Duration::from_secs(5), exits.recv()).await {
-                            Ok(Some((i, generation, exit))) if self.containers[i].generation == generation => {
+                            Ok(Some((i, generation, exit)))
+                                if self.containers[i].generation == generation =>
+                            {
                                 self.containers[i].record.state = State::Terminated(exit);
                                 self.containers[i].pid = None;
                                 self.stats.running.fetch_sub(1, Ordering::Relaxed);
@@ -565,13 +637,20 @@ impl Worker {
             .pod
             .metadata
             .deletion_grace_period_seconds
-            .or_else(|| self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
+            .or_else(|| {
+                self.pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.termination_grace_period_seconds)
+            })
             .unwrap_or(30);
         Duration::from_secs(seconds.clamp(0, 3600) as u64)
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
-        let Some(mut exits) = self.exits_rx.take() else { return };
+        let Some(mut exits) = self.exits_rx.take() else {
+            return;
+        };
         let mut volume_dirs = BTreeMap::new();
         let mut retry_prepare: Option<Instant> = Some(Instant::now());
         loop {
@@ -597,14 +676,20 @@ impl Worker {
                         volume_dirs = dirs;
                         self.prepared = true;
                         for i in 0..self.containers.len() {
-                            if !matches!(self.containers[i].record.state, State::Running { .. } | State::Terminated(_)) {
+                            if !matches!(
+                                self.containers[i].record.state,
+                                State::Running { .. } | State::Terminated(_)
+                            ) {
                                 self.start_container(i, &volume_dirs);
                             }
                         }
                     }
                     Err(e) => {
                         for c in &mut self.containers {
-                            c.record.state = State::Waiting { reason: e.reason().into(), message: e.to_string() };
+                            c.record.state = State::Waiting {
+                                reason: e.reason().into(),
+                                message: e.to_string(),
+                            };
                         }
                         self.event(None, "Warning", "FailedMount", &e.to_string());
                         retry_prepare = Some(Instant::now() + Duration::from_secs(5));
@@ -634,7 +719,7 @@ impl Worker {
                     match decision {
                         Decision::Restart(delay) => {
                             let name = c.spec.name.clone();
-                            let message = format!("back-off {}s restarting failed container={name} pod={}", delay.as_secs(), self.pod.metadata.name.as_deref().unwrap_or_default());
+                            let message = format!("back-off {} restarting failed container={name} pod={}", human(delay), self.pod.metadata.name.as_deref().unwrap_or_default());
                             c.record.last = Some(exit.clone());
                             c.record.restarts = restarts;
                             c.record.state = State::Waiting { reason: "CrashLoopBackOff".into(), message: message.clone() };
@@ -669,7 +754,10 @@ impl Worker {
                             retry_prepare = Some(Instant::now());
                         }
                     }
-                    Some(Command::Kill) | None => {
+                    // The runtime went away (agent shutting down): leave the processes
+                    // running; the next agent replaces them.
+                    None => return,
+                    Some(Command::Kill) => {
                         self.stop_all(Duration::from_secs(2), &mut exits).await;
                         let _ = std::fs::remove_dir_all(&self.dir);
                         return;
@@ -680,6 +768,36 @@ impl Worker {
     }
 }
 
+/// Removes the directories of pods that are no longer in the store (deleted while the agent
+/// was down); their processes were killed as leftovers.
+fn remove_stale_dirs(dir: &Path, pods: &HashMap<String, Entry>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let uid = name.rsplit('_').next().unwrap_or_default();
+        if !pods.contains_key(uid) {
+            tracing::info!(dir = %e.path().display(), "removing the directory of a deleted pod");
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// `10s`, `2m40s`, `250ms`, as the kubelet writes back-off delays.
+fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let s = d.as_secs();
+    match (s / 60, s % 60) {
+        (0, s) => format!("{s}s"),
+        (m, 0) => format!("{m}m"),
+        (m, s) => format!("{m}m{s}s"),
+    }
+}
+
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(dir)?;
@@ -687,8 +805,8 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = path.parent() {
         create_private_dir(dir)?;
     }
@@ -699,4 +817,245 @@ fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()>
         .mode(if private { 0o600 } else { 0o644 })
         .open(path)?;
     f.write_all(content)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Collect(Mutex<Vec<Upstream>>);
+
+    impl Reporter for Collect {
+        fn report(&self, upstream: &Upstream) -> Result<u64, StoreError> {
+            let mut v = self.0.lock().unwrap();
+            v.push(upstream.clone());
+            Ok(v.len() as u64)
+        }
+    }
+
+    impl Collect {
+        fn statuses(&self) -> Vec<Value> {
+            self.of(UpstreamKind::Status)
+        }
+        fn of(&self, kind: UpstreamKind) -> Vec<Value> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|u| u.kind == kind as i32)
+                .map(|u| serde_json::from_slice(&u.payload).unwrap_or(Value::Null))
+                .collect()
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        config: RuntimeConfig,
+        store: EdgeStore,
+        changes: broadcast::Sender<Change>,
+        reporter: Arc<Collect>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EdgeStore::open(&dir.path().join("store.db"), 1000, 1 << 20).unwrap();
+        let config = RuntimeConfig {
+            node: "edge-1".into(),
+            data_dir: dir.path().to_owned(),
+            host_ip: "192.0.2.7".into(),
+            backoff: Backoff {
+                base: Duration::from_millis(100),
+                max: Duration::from_millis(400),
+                reset_after: Duration::from_secs(600),
+            },
+            program_dirs: vec![],
+            log_limits: LogLimits::default(),
+        };
+        Fixture {
+            _dir: dir,
+            config,
+            store,
+            changes: broadcast::channel(64).0,
+            reporter: Arc::default(),
+        }
+    }
+
+    impl Fixture {
+        fn start(&self) -> Runtime {
+            Runtime::start(
+                self.config.clone(),
+                self.store.clone(),
+                self.changes.subscribe(),
+                self.reporter.clone(),
+            )
+        }
+
+        fn put(&self, pod: &Value, rv: u64) {
+            let object = ObjectRef {
+                api_version: "v1".into(),
+                kind: "Pod".into(),
+                namespace: "default".into(),
+                name: pod["metadata"]["name"].as_str().unwrap().into(),
+                uid: pod["metadata"]["uid"].as_str().unwrap().into(),
+            };
+            let change = self
+                .store
+                .upsert(&object, rv, pod.to_string().as_bytes())
+                .unwrap();
+            if let Some(c) = change {
+                let _ = self.changes.send(c);
+            }
+        }
+
+        fn pid(&self, pod: &str, uid: &str, container: &str) -> Option<i32> {
+            let file = self
+                .config
+                .data_dir
+                .join("pods")
+                .join(format!("default_{pod}_{uid}"))
+                .join(format!("{container}.pid"));
+            std::fs::read_to_string(file)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        }
+    }
+
+    fn pod(name: &str, uid: &str, script: &str) -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": "default", "uid": uid },
+            "spec": {
+                "nodeName": "edge-1",
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{ "name": "main", "image": "sh", "command": ["sh", "-c", script] }]
+            }
+        })
+    }
+
+    fn alive(pid: i32) -> bool {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+            && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z ")
+    }
+
+    async fn until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bound_pod_runs_reports_running_and_stops_when_deleted() {
+        let f = fixture();
+        let runtime = f.start();
+        f.put(&pod("web", "u1", "echo hello; exec sleep 60"), 1);
+        let status = until("Running", || {
+            f.reporter
+                .statuses()
+                .into_iter()
+                .find(|s| s["status"]["phase"] == "Running")
+        })
+        .await;
+        assert_eq!(status["status"]["podIP"], "192.0.2.7");
+        assert_eq!(
+            status["status"]["containerStatuses"][0]["ready"],
+            json!(true)
+        );
+        let pid = until("the pid file", || f.pid("web", "u1", "main")).await;
+        assert!(alive(pid));
+        assert_eq!(runtime.stats().running.load(Ordering::Relaxed), 1);
+
+        let mut deleting = pod("web", "u1", "echo hello; exec sleep 60");
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        deleting["metadata"]["deletionGracePeriodSeconds"] = json!(1);
+        f.put(&deleting, 2);
+        until("the deletion to be confirmed", || {
+            (!f.reporter.of(UpstreamKind::PodStopped).is_empty()).then_some(())
+        })
+        .await;
+        assert!(!alive(pid), "the process outlived its pod");
+        assert_eq!(runtime.stats().running.load(Ordering::Relaxed), 0);
+        runtime.abort();
+    }
+
+    #[tokio::test]
+    async fn a_crashing_container_backs_off_and_says_why() {
+        let f = fixture();
+        let runtime = f.start();
+        f.put(&pod("crash", "u2", "echo boom >&2; exit 3"), 1);
+        let status = until("three restarts", || {
+            f.reporter.statuses().into_iter().find(|s| {
+                s["status"]["containerStatuses"][0]["restartCount"]
+                    .as_u64()
+                    .is_some_and(|n| n >= 3)
+            })
+        })
+        .await;
+        let c = &status["status"]["containerStatuses"][0];
+        assert_eq!(c["state"]["waiting"]["reason"], "CrashLoopBackOff");
+        assert_eq!(c["lastState"]["terminated"]["exitCode"], 3);
+        let backoffs: Vec<String> = f
+            .reporter
+            .of(UpstreamKind::Event)
+            .into_iter()
+            .filter(|e| e["reason"] == "BackOff")
+            .map(|e| e["message"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert!(backoffs[0].contains("back-off 100ms"), "{backoffs:?}");
+        assert!(backoffs[1].contains("back-off 200ms"), "{backoffs:?}");
+        assert!(backoffs[2].contains("back-off 400ms"), "{backoffs:?}");
+        assert!(backoffs[0].contains("exit code 3"), "{backoffs:?}");
+        assert!(runtime.stats().restarts.load(Ordering::Relaxed) >= 3);
+        runtime.abort();
+    }
+
+    #[tokio::test]
+    async fn a_restarted_runtime_replaces_the_processes_it_left_and_forgets_deleted_pods() {
+        let f = fixture();
+        let first = f.start();
+        f.put(&pod("keep", "u3", "exec sleep 60"), 1);
+        f.put(&pod("gone", "u4", "exec sleep 60"), 1);
+        let old_keep = until("keep's pid", || f.pid("keep", "u3", "main")).await;
+        let old_gone = until("gone's pid", || f.pid("gone", "u4", "main")).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            alive(old_keep),
+            "aborting the runtime must not stop workloads"
+        );
+        // While the agent was down, the cloud deleted one pod.
+        f.store.delete("u4", 2).unwrap();
+
+        let second = f.start();
+        let new_keep = until("a new pid for keep", || {
+            f.pid("keep", "u3", "main").filter(|p| *p != old_keep)
+        })
+        .await;
+        assert!(alive(new_keep));
+        assert!(
+            !f.config.data_dir.join("pods/default_gone_u4").exists(),
+            "the deleted pod's directory was kept"
+        );
+        until("the leftovers to die", || {
+            (!alive(old_keep) && !alive(old_gone)).then_some(())
+        })
+        .await;
+        second.abort();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(new_keep), Signal::SIGKILL).ok();
+    }
 }

@@ -48,7 +48,10 @@ impl RotatingLog {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
         let size = file.metadata()?.len();
         Ok(Self {
             path: path.to_owned(),
@@ -81,14 +84,19 @@ impl RotatingLog {
         } else {
             std::fs::remove_file(&self.path)?;
         }
-        self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         self.size = 0;
         Ok(())
     }
 }
 
 fn now() -> String {
-    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+    jiff::Timestamp::now()
+        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
 }
 
 /// The start time of a process (clock ticks since boot), to tell a pid from its reuse.
@@ -99,7 +107,12 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
 }
 
 /// Starts a container; its output goes to `log_path`, its pid to `pid_file`.
-pub fn spawn(launch: &Launch, log_path: &Path, pid_file: &Path, limits: LogLimits) -> std::io::Result<Child> {
+pub fn spawn(
+    launch: &Launch,
+    log_path: &Path,
+    pid_file: &Path,
+    limits: LogLimits,
+) -> std::io::Result<Child> {
     let mut command = Command::new(&launch.program);
     command
         .args(&launch.args)
@@ -137,7 +150,9 @@ fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
     tokio::spawn(async move {
         let mut lines = BufReader::new(reader).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            let mut log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut log = log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             let _ = log.write_line(&format!("{} {stream} F {line}", now()));
         }
     });
@@ -154,9 +169,13 @@ pub fn signal(pid: u32, signal: Signal) -> bool {
 /// process (a restarted agent starts its pods afresh). Returns how many it killed.
 pub fn kill_leftovers(dir: &Path) -> usize {
     let mut killed = 0;
-    let Ok(pods) = std::fs::read_dir(dir) else { return 0 };
+    let Ok(pods) = std::fs::read_dir(dir) else {
+        return 0;
+    };
     for pod in pods.flatten() {
-        let Ok(files) = std::fs::read_dir(pod.path()) else { continue };
+        let Ok(files) = std::fs::read_dir(pod.path()) else {
+            continue;
+        };
         for f in files.flatten() {
             let path = f.path();
             if path.extension().is_none_or(|e| e != "pid") {
@@ -245,9 +264,17 @@ mod tests {
     fn logs_rotate_and_keep_a_bounded_number_of_files() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/current.log");
-        let mut log = RotatingLog::open(&path, LogLimits { max_bytes: 100, keep: 2 }).unwrap();
+        let mut log = RotatingLog::open(
+            &path,
+            LogLimits {
+                max_bytes: 100,
+                keep: 2,
+            },
+        )
+        .unwrap();
         for i in 0..30 {
-            log.write_line(&format!("line {i:04} with some padding")).unwrap();
+            log.write_line(&format!("line {i:04} with some padding"))
+                .unwrap();
         }
         assert!(std::fs::metadata(&path).unwrap().len() <= 100);
         assert!(dir.path().join("c/current.log.1").exists());
@@ -263,7 +290,10 @@ mod tests {
         let launch = Launch {
             name: "c".into(),
             program: "/bin/sh".into(),
-            args: vec!["-c".into(), "echo hello $GREETING; echo oops >&2; sleep 30".into()],
+            args: vec![
+                "-c".into(),
+                "echo hello $GREETING; echo oops >&2; sleep 30".into(),
+            ],
             env: [("GREETING".to_owned(), "edge".to_owned())].into(),
             working_dir: dir.path().join("work"),
             memory_limit: None,
@@ -297,7 +327,13 @@ mod tests {
             memory_limit: None,
             cpu_limit_millis: None,
         };
-        let mut child = spawn(&launch, &pod.join("c.log"), &pod.join("c.pid"), LogLimits::default()).unwrap();
+        let mut child = spawn(
+            &launch,
+            &pod.join("c.log"),
+            &pod.join("c.pid"),
+            LogLimits::default(),
+        )
+        .unwrap();
         assert_eq!(kill_leftovers(&dir.path().join("pods")), 1);
         assert!(child.wait().await.is_ok());
         assert!(!pod.join("c.pid").exists());

@@ -102,7 +102,9 @@ pub fn resolve_program(name: &str, program_dirs: &[PathBuf]) -> Result<PathBuf, 
         return if path.is_file() {
             Ok(path.to_owned())
         } else {
-            Err(SpecError::ProgramNotFound(format!("program {name} does not exist")))
+            Err(SpecError::ProgramNotFound(format!(
+                "program {name} does not exist"
+            )))
         };
     }
     let from_path = std::env::var_os("PATH")
@@ -123,7 +125,10 @@ pub fn resolve_program(name: &str, program_dirs: &[PathBuf]) -> Result<PathBuf, 
 
 /// The env var name of a mounted volume's directory.
 pub fn mount_env(volume: &str) -> String {
-    format!("SEDNA_MOUNT_{}", volume.to_uppercase().replace(['-', '.'], "_"))
+    format!(
+        "SEDNA_MOUNT_{}",
+        volume.to_uppercase().replace(['-', '.'], "_")
+    )
 }
 
 fn parse_quantity_bytes(q: &str) -> Option<u64> {
@@ -156,11 +161,19 @@ fn parse_cpu_millis(q: &str) -> Option<u64> {
 }
 
 fn text(data: &Data, key: &str) -> Option<String> {
-    data.get(key).map(|b| String::from_utf8_lossy(b).into_owned())
+    data.get(key)
+        .map(|b| String::from_utf8_lossy(b).into_owned())
 }
 
 /// Resolves one environment variable.
-fn env_value(pod: &Pod, var: &EnvVar, ns: &str, node: &str, host_ip: &str, lookup: &Lookup<'_>) -> Result<Option<String>, SpecError> {
+fn env_value(
+    pod: &Pod,
+    var: &EnvVar,
+    ns: &str,
+    node: &str,
+    host_ip: &str,
+    lookup: &Lookup<'_>,
+) -> Result<Option<String>, SpecError> {
     if let Some(v) = &var.value {
         return Ok(Some(v.clone()));
     }
@@ -173,7 +186,10 @@ fn env_value(pod: &Pod, var: &EnvVar, ns: &str, node: &str, host_ip: &str, looku
         return match data.and_then(|d| text(&d, &r.key)) {
             Some(v) => Ok(Some(v)),
             None if r.optional == Some(true) => Ok(None),
-            None => Err(missing(format!("configmap {:?} or its key {:?} not found", r.name, r.key))),
+            None => Err(missing(format!(
+                "configmap {:?} or its key {:?} not found",
+                r.name, r.key
+            ))),
         };
     }
     if let Some(r) = &from.secret_key_ref {
@@ -181,7 +197,10 @@ fn env_value(pod: &Pod, var: &EnvVar, ns: &str, node: &str, host_ip: &str, looku
         return match data.and_then(|d| text(&d, &r.key)) {
             Some(v) => Ok(Some(v)),
             None if r.optional == Some(true) => Ok(None),
-            None => Err(missing(format!("secret {:?} or its key {:?} not found", r.name, r.key))),
+            None => Err(missing(format!(
+                "secret {:?} or its key {:?} not found",
+                r.name, r.key
+            ))),
         };
     }
     if let Some(f) = &from.field_ref {
@@ -191,13 +210,29 @@ fn env_value(pod: &Pod, var: &EnvVar, ns: &str, node: &str, host_ip: &str, looku
             "metadata.namespace" => ns.to_owned(),
             "metadata.uid" => meta.uid.clone().unwrap_or_default(),
             "spec.nodeName" => node.to_owned(),
-            "spec.serviceAccountName" => pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_default(),
+            "spec.serviceAccountName" => pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+                .unwrap_or_default(),
             "status.podIP" | "status.hostIP" => host_ip.to_owned(),
             other => {
-                if let Some(label) = other.strip_prefix("metadata.labels['").and_then(|l| l.strip_suffix("']")) {
-                    meta.labels.as_ref().and_then(|l| l.get(label).cloned()).unwrap_or_default()
-                } else if let Some(a) = other.strip_prefix("metadata.annotations['").and_then(|l| l.strip_suffix("']")) {
-                    meta.annotations.as_ref().and_then(|l| l.get(a).cloned()).unwrap_or_default()
+                if let Some(label) = other
+                    .strip_prefix("metadata.labels['")
+                    .and_then(|l| l.strip_suffix("']"))
+                {
+                    meta.labels
+                        .as_ref()
+                        .and_then(|l| l.get(label).cloned())
+                        .unwrap_or_default()
+                } else if let Some(a) = other
+                    .strip_prefix("metadata.annotations['")
+                    .and_then(|l| l.strip_suffix("']"))
+                {
+                    meta.annotations
+                        .as_ref()
+                        .and_then(|l| l.get(a).cloned())
+                        .unwrap_or_default()
                 } else {
                     return Err(missing(format!("unsupported fieldRef {other:?}")));
                 }
@@ -220,7 +255,11 @@ pub fn launch(
     program_dirs: &[PathBuf],
     lookup: &Lookup<'_>,
 ) -> Result<Launch, SpecError> {
-    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let mut env = BTreeMap::new();
     for from in container.env_from.as_deref().unwrap_or_default() {
         let prefix = from.prefix.clone().unwrap_or_default();
@@ -232,7 +271,10 @@ pub fn launch(
         match lookup(kind, &ns, &name) {
             Some(data) => {
                 for (k, v) in data {
-                    env.insert(format!("{prefix}{k}"), String::from_utf8_lossy(&v).into_owned());
+                    env.insert(
+                        format!("{prefix}{k}"),
+                        String::from_utf8_lossy(&v).into_owned(),
+                    );
                 }
             }
             None if optional => {}
@@ -283,27 +325,44 @@ pub fn launch(
         .as_ref()
         .map(PathBuf::from)
         .unwrap_or_else(|| pod_dir.to_owned());
-    let limits = container.resources.as_ref().and_then(|r| r.limits.clone()).unwrap_or_default();
+    let limits = container
+        .resources
+        .as_ref()
+        .and_then(|r| r.limits.clone())
+        .unwrap_or_default();
     Ok(Launch {
         name: container.name.clone(),
         program,
         args,
         env,
         working_dir,
-        memory_limit: limits.get("memory").and_then(|q| parse_quantity_bytes(&q.0)),
+        memory_limit: limits
+            .get("memory")
+            .and_then(|q| parse_quantity_bytes(&q.0)),
         cpu_limit_millis: limits.get("cpu").and_then(|q| parse_cpu_millis(&q.0)),
     })
 }
 
 /// What each volume of the pod becomes.
 pub fn volumes(pod: &Pod, lookup: &Lookup<'_>) -> Result<BTreeMap<String, VolumePlan>, SpecError> {
-    let ns = pod.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let ns = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     let mut out = BTreeMap::new();
-    let spec_volumes: &[Volume] = pod.spec.as_ref().and_then(|s| s.volumes.as_deref()).unwrap_or_default();
+    let spec_volumes: &[Volume] = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.as_deref())
+        .unwrap_or_default();
     for v in spec_volumes {
         let plan = if let Some(cm) = &v.config_map {
             match lookup("ConfigMap", &ns, &cm.name) {
-                Some(data) => VolumePlan::Files { files: select(data, cm.items.as_deref()), private: false },
+                Some(data) => VolumePlan::Files {
+                    files: select(data, cm.items.as_deref()),
+                    private: false,
+                },
                 None if cm.optional == Some(true) => VolumePlan::Empty,
                 None => {
                     return Err(SpecError::CreateContainerConfigError(format!(
@@ -315,9 +374,16 @@ pub fn volumes(pod: &Pod, lookup: &Lookup<'_>) -> Result<BTreeMap<String, Volume
         } else if let Some(s) = &v.secret {
             let name = s.secret_name.clone().unwrap_or_default();
             match lookup("Secret", &ns, &name) {
-                Some(data) => VolumePlan::Files { files: select(data, s.items.as_deref()), private: true },
+                Some(data) => VolumePlan::Files {
+                    files: select(data, s.items.as_deref()),
+                    private: true,
+                },
                 None if s.optional == Some(true) => VolumePlan::Empty,
-                None => return Err(SpecError::CreateContainerConfigError(format!("secret {name:?} not found"))),
+                None => {
+                    return Err(SpecError::CreateContainerConfigError(format!(
+                        "secret {name:?} not found"
+                    )));
+                }
             }
         } else if let Some(h) = &v.host_path {
             VolumePlan::Host {
@@ -332,7 +398,10 @@ pub fn volumes(pod: &Pod, lookup: &Lookup<'_>) -> Result<BTreeMap<String, Volume
     Ok(out)
 }
 
-fn select(data: Data, items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>) -> BTreeMap<String, Vec<u8>> {
+fn select(
+    data: Data,
+    items: Option<&[k8s_openapi::api::core::v1::KeyToPath]>,
+) -> BTreeMap<String, Vec<u8>> {
     match items {
         None => data,
         Some(items) => items
@@ -348,9 +417,11 @@ mod tests {
     use serde_json::json;
 
     fn pod(spec: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({ "metadata": { "name": "p", "namespace": "ns", "uid": "u1",
+        serde_json::from_value(
+            json!({ "metadata": { "name": "p", "namespace": "ns", "uid": "u1",
                                                      "labels": { "app": "demo" } },
-                                       "spec": spec }))
+                                       "spec": spec }),
+        )
         .unwrap()
     }
 
@@ -368,7 +439,10 @@ mod tests {
     #[test]
     fn images_name_programs() {
         assert_eq!(program_of_image("sedna-edge-worker"), "sedna-edge-worker");
-        assert_eq!(program_of_image("registry.example.com/sedna/edge-worker:v1"), "edge-worker");
+        assert_eq!(
+            program_of_image("registry.example.com/sedna/edge-worker:v1"),
+            "edge-worker"
+        );
         assert_eq!(program_of_image("worker@sha256:abc"), "worker");
     }
 
@@ -388,7 +462,17 @@ mod tests {
             "resources": { "limits": { "memory": "64Mi", "cpu": "500m" } } }] }));
         let container = &p.spec.as_ref().unwrap().containers[0];
         let dirs = BTreeMap::from([("out-dir".to_owned(), PathBuf::from("/pods/u1/out-dir"))]);
-        let l = launch(&p, container, "edge-1", "10.0.0.5", Path::new("/pods/u1"), &dirs, &[], &lookup).unwrap();
+        let l = launch(
+            &p,
+            container,
+            "edge-1",
+            "10.0.0.5",
+            Path::new("/pods/u1"),
+            &dirs,
+            &[],
+            &lookup,
+        )
+        .unwrap();
         assert!(l.program.ends_with("sh"));
         assert_eq!(l.args, ["-c", "echo edge > out"]);
         assert_eq!(l.env["THRESHOLD"], "0.9");
@@ -407,12 +491,33 @@ mod tests {
         let p = pod(json!({ "containers": [{ "name": "c", "image": "sh",
             "env": [{ "name": "K", "valueFrom": { "secretKeyRef": { "name": "gone", "key": "k" } } }] }] }));
         let c = &p.spec.as_ref().unwrap().containers[0];
-        let err = launch(&p, c, "n", "", Path::new("/p"), &BTreeMap::new(), &[], &lookup).unwrap_err();
+        let err = launch(
+            &p,
+            c,
+            "n",
+            "",
+            Path::new("/p"),
+            &BTreeMap::new(),
+            &[],
+            &lookup,
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), "CreateContainerConfigError");
         assert!(err.to_string().contains("\"gone\""));
-        let p = pod(json!({ "containers": [{ "name": "c", "image": "no-such-program-anywhere" }] }));
+        let p =
+            pod(json!({ "containers": [{ "name": "c", "image": "no-such-program-anywhere" }] }));
         let c = &p.spec.as_ref().unwrap().containers[0];
-        let err = launch(&p, c, "n", "", Path::new("/p"), &BTreeMap::new(), &[], &lookup).unwrap_err();
+        let err = launch(
+            &p,
+            c,
+            "n",
+            "",
+            Path::new("/p"),
+            &BTreeMap::new(),
+            &[],
+            &lookup,
+        )
+        .unwrap_err();
         assert_eq!(err.reason(), "ErrImagePull");
     }
 
@@ -424,11 +529,25 @@ mod tests {
             { "name": "scratch", "emptyDir": {} },
             { "name": "video", "hostPath": { "path": "/srv/video", "type": "DirectoryOrCreate" } } ] }));
         let plan = volumes(&p, &lookup).unwrap();
-        assert_eq!(plan["cfg"], VolumePlan::Files {
-            files: BTreeMap::from([("mode.txt".to_owned(), b"edge".to_vec())]), private: false });
-        assert!(matches!(&plan["creds"], VolumePlan::Files { private: true, .. }));
+        assert_eq!(
+            plan["cfg"],
+            VolumePlan::Files {
+                files: BTreeMap::from([("mode.txt".to_owned(), b"edge".to_vec())]),
+                private: false
+            }
+        );
+        assert!(matches!(
+            &plan["creds"],
+            VolumePlan::Files { private: true, .. }
+        ));
         assert_eq!(plan["scratch"], VolumePlan::Empty);
-        assert_eq!(plan["video"], VolumePlan::Host { path: "/srv/video".into(), create: true });
+        assert_eq!(
+            plan["video"],
+            VolumePlan::Host {
+                path: "/srv/video".into(),
+                create: true
+            }
+        );
     }
 
     #[test]

@@ -127,7 +127,13 @@ pub enum Decision {
 
 /// Decides what follows an exit. `restarts` counts earlier restarts; `ran_for` is how long
 /// the process ran.
-pub fn after_exit(policy: RestartPolicy, code: i32, restarts: u32, ran_for: Duration, backoff: Backoff) -> (Decision, u32) {
+pub fn after_exit(
+    policy: RestartPolicy,
+    code: i32,
+    restarts: u32,
+    ran_for: Duration,
+    backoff: Backoff,
+) -> (Decision, u32) {
     let restart = match policy {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => code != 0,
@@ -136,7 +142,11 @@ pub fn after_exit(policy: RestartPolicy, code: i32, restarts: u32, ran_for: Dura
     if !restart {
         return (Decision::Stay, restarts);
     }
-    let count = if ran_for >= backoff.reset_after { 0 } else { restarts };
+    let count = if ran_for >= backoff.reset_after {
+        0
+    } else {
+        restarts
+    };
     let delay = backoff
         .base
         .checked_mul(1u32 << count.min(16))
@@ -156,12 +166,19 @@ fn terminated_json(e: &Exit) -> Value {
 
 /// The pod phase that records imply.
 pub fn phase(records: &[Record], policy: RestartPolicy) -> &'static str {
-    if records.iter().any(|r| matches!(r.state, State::Running { .. })) {
+    if records
+        .iter()
+        .any(|r| matches!(r.state, State::Running { .. }))
+    {
         return "Running";
     }
-    let all_done = records.iter().all(|r| matches!(r.state, State::Terminated(_)));
+    let all_done = records
+        .iter()
+        .all(|r| matches!(r.state, State::Terminated(_)));
     if all_done && !records.is_empty() {
-        let all_ok = records.iter().all(|r| matches!(&r.state, State::Terminated(e) if e.code == 0));
+        let all_ok = records
+            .iter()
+            .all(|r| matches!(&r.state, State::Terminated(e) if e.code == 0));
         return if all_ok { "Succeeded" } else { "Failed" };
     }
     let restarting = records
@@ -174,8 +191,17 @@ pub fn phase(records: &[Record], policy: RestartPolicy) -> &'static str {
 }
 
 /// The pod status to report: `{"status": {...}}`, a merge patch.
-pub fn status(records: &[Record], policy: RestartPolicy, host_ip: &str, start_time: &str, now: &str) -> Value {
-    let ready = !records.is_empty() && records.iter().all(|r| matches!(r.state, State::Running { .. }));
+pub fn status(
+    records: &[Record],
+    policy: RestartPolicy,
+    host_ip: &str,
+    start_time: &str,
+    now: &str,
+) -> Value {
+    let ready = !records.is_empty()
+        && records
+            .iter()
+            .all(|r| matches!(r.state, State::Running { .. }));
     let statuses: Vec<Value> = records
         .iter()
         .map(|r| {
@@ -187,9 +213,11 @@ pub fn status(records: &[Record], policy: RestartPolicy, host_ip: &str, start_ti
                     }
                     (json!({ "waiting": w }), String::new(), false)
                 }
-                State::Running { started_at, pid } => {
-                    (json!({ "running": { "startedAt": started_at } }), format!("process://{pid}"), true)
-                }
+                State::Running { started_at, pid } => (
+                    json!({ "running": { "startedAt": started_at } }),
+                    format!("process://{pid}"),
+                    true,
+                ),
                 State::Terminated(e) => (terminated_json(e), String::new(), false),
             };
             let mut s = json!({
@@ -208,9 +236,7 @@ pub fn status(records: &[Record], policy: RestartPolicy, host_ip: &str, start_ti
             s
         })
         .collect();
-    let condition = |t: &str, ok: bool| {
-        json!({ "type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now })
-    };
+    let condition = |t: &str, ok: bool| json!({ "type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now });
     json!({ "status": {
         "phase": phase(records, policy),
         "conditions": [
@@ -236,7 +262,11 @@ mod tests {
         Exit {
             code,
             signal: None,
-            reason: if code == 0 { "Completed".into() } else { "Error".into() },
+            reason: if code == 0 {
+                "Completed".into()
+            } else {
+                "Error".into()
+            },
             started_at: "t0".into(),
             finished_at: "t1".into(),
         }
@@ -256,7 +286,13 @@ mod tests {
             }
         }
         assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300, 300]);
-        let (d, _) = after_exit(RestartPolicy::Always, 1, restarts, Duration::from_secs(601), b);
+        let (d, _) = after_exit(
+            RestartPolicy::Always,
+            1,
+            restarts,
+            Duration::from_secs(601),
+            b,
+        );
         assert_eq!(d, Decision::Restart(Duration::from_secs(10)));
     }
 
@@ -264,22 +300,52 @@ mod tests {
     fn restart_policies_decide() {
         let b = Backoff::default();
         let t = Duration::from_secs(1);
-        assert_eq!(after_exit(RestartPolicy::Never, 1, 0, t, b).0, Decision::Stay);
-        assert_eq!(after_exit(RestartPolicy::OnFailure, 0, 0, t, b).0, Decision::Stay);
-        assert!(matches!(after_exit(RestartPolicy::OnFailure, 2, 0, t, b).0, Decision::Restart(_)));
-        assert!(matches!(after_exit(RestartPolicy::Always, 0, 0, t, b).0, Decision::Restart(_)));
+        assert_eq!(
+            after_exit(RestartPolicy::Never, 1, 0, t, b).0,
+            Decision::Stay
+        );
+        assert_eq!(
+            after_exit(RestartPolicy::OnFailure, 0, 0, t, b).0,
+            Decision::Stay
+        );
+        assert!(matches!(
+            after_exit(RestartPolicy::OnFailure, 2, 0, t, b).0,
+            Decision::Restart(_)
+        ));
+        assert!(matches!(
+            after_exit(RestartPolicy::Always, 0, 0, t, b).0,
+            Decision::Restart(_)
+        ));
     }
 
     #[test]
     fn phases_follow_the_containers() {
         let mut a = Record::new("a", "img");
-        assert_eq!(phase(std::slice::from_ref(&a), RestartPolicy::Always), "Pending");
-        a.state = State::Running { started_at: "t".into(), pid: 7 };
-        assert_eq!(phase(std::slice::from_ref(&a), RestartPolicy::Always), "Running");
-        a.state = State::Waiting { reason: "CrashLoopBackOff".into(), message: String::new() };
-        assert_eq!(phase(std::slice::from_ref(&a), RestartPolicy::Always), "Running");
+        assert_eq!(
+            phase(std::slice::from_ref(&a), RestartPolicy::Always),
+            "Pending"
+        );
+        a.state = State::Running {
+            started_at: "t".into(),
+            pid: 7,
+        };
+        assert_eq!(
+            phase(std::slice::from_ref(&a), RestartPolicy::Always),
+            "Running"
+        );
+        a.state = State::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: String::new(),
+        };
+        assert_eq!(
+            phase(std::slice::from_ref(&a), RestartPolicy::Always),
+            "Running"
+        );
         a.state = State::Terminated(exit(0));
-        assert_eq!(phase(std::slice::from_ref(&a), RestartPolicy::Never), "Succeeded");
+        assert_eq!(
+            phase(std::slice::from_ref(&a), RestartPolicy::Never),
+            "Succeeded"
+        );
         let mut b = Record::new("b", "img");
         b.state = State::Terminated(exit(3));
         assert_eq!(phase(&[a, b], RestartPolicy::Never), "Failed");
@@ -288,7 +354,10 @@ mod tests {
     #[test]
     fn statuses_read_like_the_kubelets() {
         let mut a = Record::new("a", "img");
-        a.state = State::Waiting { reason: "CrashLoopBackOff".into(), message: "back-off 20s restarting failed container".into() };
+        a.state = State::Waiting {
+            reason: "CrashLoopBackOff".into(),
+            message: "back-off 20s restarting failed container".into(),
+        };
         a.last = Some(exit(3));
         a.restarts = 2;
         let s = status(&[a], RestartPolicy::Always, "10.0.0.5", "t0", "t2");
