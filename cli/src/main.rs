@@ -10,6 +10,7 @@
 //!   (hub, join tokens, joining an edge node, the edge agent).
 
 mod node;
+mod ops;
 mod validate;
 
 use std::path::PathBuf;
@@ -68,6 +69,9 @@ enum Command {
         /// Acknowledge writes once in the OS page cache (survives kill -9, not power loss).
         #[arg(long)]
         no_fsync: bool,
+        /// Where to serve /metrics and /healthz ("off" to disable).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9440", value_parser = node::parse_optional_addr)]
+        metrics_addr: node::MaybeAddr,
     },
     /// Run the cloud hub edge nodes connect to.
     Cloudcore(node::CloudcoreArgs),
@@ -139,9 +143,16 @@ fn run(cli: Cli) -> Result<ExitCode> {
             listen,
             tls_sans,
             no_fsync,
+            metrics_addr,
         } => {
             init_logging(cli.log_json);
-            runtime()?.block_on(apiserver(data_dir, listen, tls_sans, no_fsync))?;
+            runtime()?.block_on(apiserver(
+                data_dir,
+                listen,
+                tls_sans,
+                no_fsync,
+                metrics_addr,
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Cloudcore(args) => {
@@ -184,6 +195,7 @@ async fn apiserver(
     listen: std::net::SocketAddr,
     tls_sans: Vec<String>,
     no_fsync: bool,
+    metrics_addr: node::MaybeAddr,
 ) -> Result<()> {
     let mut config = sedna_apiserver::Config::new(&data_dir);
     config.listen = listen;
@@ -194,6 +206,9 @@ async fn apiserver(
     let server = sedna_apiserver::ApiServer::start(config)
         .await
         .with_context(|| format!("starting the API server in {}", data_dir.display()))?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("sedna_apiserver");
+    registry.register_collector(Box::new(ops::apiserver_figures(&server)));
+    ops::start(metrics_addr.0, registry, std::sync::Arc::new(|| true)).await;
     println!("API server listening on {}", server.url());
     println!("kubeconfig: {}", server.kubeconfig_path().display());
     wait_for_signal().await;
@@ -214,5 +229,46 @@ pub(crate) async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn every_command_parses_with_its_defaults() {
+        Cli::command().debug_assert();
+        for args in [
+            &["sedna", "apiserver"][..],
+            &["sedna", "cloudcore"],
+            &["sedna", "edgecore", "--cloud", "127.0.0.1:1"],
+            &[
+                "sedna",
+                "edgecore",
+                "--cloud",
+                "h:1",
+                "--metrics-addr",
+                "off",
+                "--labels",
+                "a=b",
+            ],
+            &[
+                "sedna",
+                "join",
+                "--cloud",
+                "h:1",
+                "--token",
+                "t",
+                "--node-name",
+                "n",
+            ],
+            &["sedna", "token", "create"],
+            &["sedna", "crds"],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
     }
 }

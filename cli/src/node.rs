@@ -1,5 +1,6 @@
 //! The node-layer commands: the hub, join tokens, joining, and the edge agent.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -30,6 +31,9 @@ pub(crate) struct CloudcoreArgs {
     /// Validity of node certificates.
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
     node_cert_validity: Duration,
+    /// Where to serve /metrics and /healthz ("off" to disable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9441", value_parser = parse_optional_addr)]
+    metrics_addr: MaybeAddr,
 }
 
 /// `sedna token ...`.
@@ -81,6 +85,61 @@ pub(crate) struct EdgecoreArgs {
     /// Drop the connection when the hub is silent for this long.
     #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
     read_deadline: Duration,
+    /// Role label of the node: `node-role.sedna.io/<ROLE>`.
+    #[arg(long, value_name = "ROLE", default_value = "edge")]
+    role: String,
+    /// Extra Node labels, `key=value[,key=value...]`.
+    #[arg(long, value_name = "LABELS", value_parser = parse_labels, default_value = "")]
+    labels: BTreeMap<String, String>,
+    /// Address reported for the node and its pods (default: the address of the default route).
+    #[arg(long, value_name = "IP")]
+    node_ip: Option<std::net::IpAddr>,
+    /// First delay before restarting a crashed container (doubles up to 5m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    restart_backoff: Duration,
+    /// Node lease renewal interval (the lease lasts four times as long).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    lease_interval: Duration,
+    /// Directory searched for the programs images name, before `PATH` (default: DATA_DIR/bin).
+    #[arg(long = "program-dir", value_name = "DIR")]
+    program_dirs: Vec<PathBuf>,
+    /// Where to serve /metrics and /healthz ("off" to disable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9442", value_parser = parse_optional_addr)]
+    metrics_addr: MaybeAddr,
+}
+
+/// Parses `key=value,key=value`.
+pub(crate) fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    for pair in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (k, v) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("invalid label {pair:?}: expected key=value"))?;
+        let valid = |t: &str, max: usize| {
+            t.len() <= max
+                && t.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c))
+        };
+        if k.is_empty() || !valid(k, 316) || !valid(v, 63) || v.contains('/') {
+            return Err(format!("invalid label {pair:?}: not a Kubernetes label"));
+        }
+        labels.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(labels)
+}
+
+/// An address to serve on, or none (`off`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct MaybeAddr(pub(crate) Option<std::net::SocketAddr>);
+
+/// Parses an address, or `off`.
+pub(crate) fn parse_optional_addr(s: &str) -> Result<MaybeAddr, String> {
+    if s == "off" {
+        return Ok(MaybeAddr(None));
+    }
+    s.parse()
+        .map(|a| MaybeAddr(Some(a)))
+        .map_err(|e| format!("invalid address {s:?}: {e} (use host:port or off)"))
 }
 
 /// Parses `90s`, `5m`, `24h`, `7d` (or a plain number of seconds).
@@ -132,6 +191,9 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     let hub = sedna_cloudcore::Hub::start(config, client)
         .await
         .context("starting the hub")?;
+    let mut registry = prometheus_client::registry::Registry::with_prefix("sedna_hub");
+    registry.register_collector(Box::new(crate::ops::hub_figures(&hub)));
+    crate::ops::start(args.metrics_addr.0, registry, std::sync::Arc::new(|| true)).await;
     println!("hub listening on {} (CA pin {})", hub.addr(), hub.pin());
     crate::wait_for_signal().await;
     hub.shutdown().await;
@@ -173,15 +235,32 @@ pub(crate) async fn join(args: JoinArgs) -> Result<()> {
 }
 
 pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
-    let mut config = sedna_edgecore::EdgeConfig::new(&args.cloud, &args.data_dir);
-    config.machine.heartbeat = args.heartbeat;
-    config.machine.read_deadline = args.read_deadline;
-    let edge = sedna_edgecore::EdgeHub::start(config)
+    let mut edge = sedna_edgecore::EdgeConfig::new(&args.cloud, &args.data_dir);
+    edge.machine.heartbeat = args.heartbeat;
+    edge.machine.read_deadline = args.read_deadline;
+    let mut config = sedna_edgecore::AgentConfig::new(edge);
+    config.role = args.role;
+    config.labels = args.labels;
+    config.host_ip = args.node_ip.map(|ip| ip.to_string());
+    config.backoff.base = args.restart_backoff;
+    config.lease_interval = args.lease_interval;
+    config.lease_duration = args.lease_interval * 4;
+    if !args.program_dirs.is_empty() {
+        config.program_dirs = args.program_dirs;
+    }
+    let agent = sedna_edgecore::Agent::start(config)
         .await
         .context("starting the edge agent")?;
-    println!("edge node {} connecting to {}", edge.node(), args.cloud);
+    let mut registry = prometheus_client::registry::Registry::with_prefix("sedna_edge");
+    registry.register_collector(Box::new(crate::ops::agent_figures(&agent)));
+    crate::ops::start(args.metrics_addr.0, registry, std::sync::Arc::new(|| true)).await;
+    println!(
+        "edge node {} connecting to {}",
+        agent.hub().node(),
+        args.cloud
+    );
     crate::wait_for_signal().await;
-    edge.shutdown().await;
+    agent.shutdown().await;
     Ok(())
 }
 
@@ -201,5 +280,26 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").unwrap_err().contains("unit"));
+    }
+
+    #[test]
+    fn labels_and_addresses_parse_or_say_why_not() {
+        let l = parse_labels("zone=a, sedna.io/gpu=true").unwrap();
+        assert_eq!(l["zone"], "a");
+        assert_eq!(l["sedna.io/gpu"], "true");
+        assert!(parse_labels("").unwrap().is_empty());
+        assert!(parse_labels("zone").unwrap_err().contains("key=value"));
+        assert!(
+            parse_labels("zone=a b")
+                .unwrap_err()
+                .contains("not a Kubernetes label")
+        );
+        assert_eq!(parse_optional_addr("off").unwrap(), MaybeAddr(None));
+        assert!(parse_optional_addr("127.0.0.1:1").unwrap().0.is_some());
+        assert!(
+            parse_optional_addr("nowhere")
+                .unwrap_err()
+                .contains("host:port")
+        );
     }
 }

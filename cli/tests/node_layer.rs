@@ -255,6 +255,18 @@ async fn hub_api_server_and_two_edges_as_processes() {
         partial < 300,
         "the kill happened mid-sync ({partial} objects held)"
     );
+    // The edge runtime reports the pods' statuses (their program is not installed), and the
+    // API echoes the updated pods back: wait until that traffic settles.
+    let mut last = proxy.bytes_to_client();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = proxy.bytes_to_client();
+        // Heartbeats and lease echoes go on; statuses echo in bulk.
+        if now - last < 4096 {
+            break;
+        }
+        last = now;
+    }
     let full_sync_bytes = proxy.bytes_to_client();
 
     // Stop the hub; change 1% of A's 300 objects and write statuses at the edge.

@@ -41,6 +41,9 @@ pub struct HubConfig {
     pub max_message_bytes: usize,
     /// Most TLS handshakes in progress at once (reconnect storms queue instead of thrashing).
     pub max_concurrent_handshakes: usize,
+    /// Node lifecycle (NotReady on lease expiry, eviction after an autonomy period); `None`
+    /// leaves it to another controller (e.g. kube-controller-manager on a real cluster).
+    pub lifecycle: Option<crate::lifecycle::LifecycleConfig>,
 }
 
 impl HubConfig {
@@ -54,6 +57,7 @@ impl HubConfig {
             node_cert_validity: Duration::from_secs(30 * 86400),
             max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_handshakes: 256,
+            lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
         }
     }
 }
@@ -211,6 +215,9 @@ impl Hub {
             )));
         }
         tasks.push(tokio::spawn(track_readiness(shared.clone(), init_rx)));
+        if let Some(lifecycle) = shared.config.lifecycle {
+            tasks.push(tokio::spawn(node_lifecycle(shared.clone(), lifecycle)));
+        }
         tasks.push(tokio::spawn(serve(
             shared.clone(),
             listener,
@@ -254,6 +261,25 @@ impl Hub {
             t.abort();
             let _ = t.await;
         }
+    }
+}
+
+/// Marks nodes with expired leases NotReady; evicts after an autonomy period.
+async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::LifecycleConfig) {
+    let mut ready = shared.ready.subscribe();
+    let _ = ready.wait_for(|r| *r).await;
+    let mut tick = tokio::time::interval(config.period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = HashSet::new();
+    loop {
+        tick.tick().await;
+        let work = crate::lifecycle::plan(
+            &shared.router(),
+            jiff::Timestamp::now(),
+            config.grace,
+            &mut warned,
+        );
+        crate::lifecycle::apply(&shared.client, work).await;
     }
 }
 

@@ -7,8 +7,11 @@
 //! - [`router`]: which objects each node needs (pure).
 //! - [`session`]: one node's protocol state machine (pure).
 //! - [`upstream`]: authorization and application of nodes' writes.
+//! - [`lifecycle`]: nodes whose lease expired become NotReady; eviction only after an
+//!   autonomy period set on the node.
 //! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
 pub mod hub;
+pub mod lifecycle;
 pub mod pki;
 pub mod router;
 pub mod session;

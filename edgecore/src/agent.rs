@@ -111,7 +111,7 @@ impl Agent {
             lease_duration: config.lease_duration,
             status_interval: config.status_interval,
         };
-        let node_task = tokio::spawn(node::run(node_config, hub.reporter()));
+        let node_task = tokio::spawn(node::run(node_config, hub.reporter(), hub.status()));
         Ok(Agent {
             hub,
             runtime,

@@ -1,5 +1,8 @@
-//! The edge agent (`sedna edgecore`), first part: the hub client and the local store.
+//! The edge agent (`sedna edgecore`).
 //!
+//! - [`agent`]: everything below wired together; what `sedna edgecore` runs.
+//! - [`runtime`]: pods bound to the node, run as supervised processes.
+//! - [`node`]: the Node object (capacity, conditions) and its Lease.
 //! - [`join`]: joining a hub with a token; the node identity on disk.
 //! - [`tls`]: pinned and mutual TLS towards the hub.
 //! - [`store`]: objects received and the outbox of upstream writes (SQLite).

@@ -246,8 +246,14 @@ pub fn lease_object(config: &NodeConfig) -> Value {
     })
 }
 
-/// Reports the node status and renews the lease until aborted.
-pub async fn run(config: NodeConfig, reporter: Arc<dyn Reporter>) {
+/// Reports the node status and renews the lease until aborted; reports the full status again
+/// on every reconnection (the cloud may have marked the node NotReady meanwhile).
+pub async fn run(
+    config: NodeConfig,
+    reporter: Arc<dyn Reporter>,
+    mut hub: tokio::sync::watch::Receiver<crate::client::EdgeStatus>,
+) {
+    let mut was_connected = hub.borrow().connected;
     let mut transitions: BTreeMap<String, (bool, String)> = BTreeMap::new();
     let mut last_conditions: Option<Vec<(String, bool)>> = None;
     let mut lease = tokio::time::interval(config.lease_interval);
@@ -267,6 +273,25 @@ pub async fn run(config: NodeConfig, reporter: Arc<dyn Reporter>) {
                 }
             }
             _ = status.tick() => force = true,
+            changed = hub.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let connected = hub.borrow_and_update().connected;
+                let reconnected = connected && !was_connected;
+                was_connected = connected;
+                if !reconnected {
+                    continue;
+                }
+                force = true;
+                // A fresh lease first: the queued one may be older than the cloud's patience.
+                let upstream = Upstream {
+                    kind: UpstreamKind::Lease as i32,
+                    object: None,
+                    payload: lease_object(&config).to_string().into_bytes(),
+                };
+                let _ = reporter.report(&upstream);
+            }
             _ = sample.tick() => {}
         }
         let c = capacity(&config.data_dir);

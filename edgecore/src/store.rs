@@ -190,7 +190,7 @@ impl EdgeStore {
         value: &[u8],
     ) -> Result<Option<Change>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let current: Option<u64> = tx
             .query_row(
                 "SELECT rv FROM objects WHERE uid = ?1",
@@ -349,7 +349,7 @@ impl EdgeStore {
             });
         }
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // A node's status and lease are snapshots: a newer one makes queued ones pointless.
         let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
         if snapshot.contains(&upstream.kind) {
@@ -395,7 +395,7 @@ impl EdgeStore {
     /// Removes acknowledged (or rejected) writes.
     pub fn remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for seq in seqs {
             tx.execute("DELETE FROM outbox WHERE seq = ?1", params![*seq as i64])?;
         }

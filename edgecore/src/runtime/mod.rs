@@ -264,6 +264,8 @@ struct Worker {
     start_time: String,
     last_status: Option<Value>,
     prepared: bool,
+    warned: HashMap<String, String>,
+    config_retry: Duration,
     exits: mpsc::UnboundedSender<(usize, u64, Exit)>,
     exits_rx: Option<mpsc::UnboundedReceiver<(usize, u64, Exit)>>,
 }
@@ -298,6 +300,13 @@ impl Worker {
             })
             .collect();
         let (exits, exits_rx) = mpsc::unbounded_channel();
+        // Kept across agent restarts, as the kubelet keeps it.
+        let start_time = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_else(now);
         Worker {
             policy: RestartPolicy::of(spec.restart_policy.as_deref()),
             config,
@@ -308,9 +317,11 @@ impl Worker {
             uid,
             dir,
             containers,
-            start_time: now(),
+            start_time,
             last_status: None,
             prepared: false,
+            warned: HashMap::new(),
+            config_retry: Duration::from_secs(5),
             exits,
             exits_rx: Some(exits_rx),
         }
@@ -384,6 +395,25 @@ impl Worker {
         if let Err(e) = self.reporter.report(&upstream) {
             tracing::warn!(pod = %self.uid, error = %e, "could not queue the pod status");
         }
+    }
+
+    /// A warning event, unless the same one was the last sent for this container (a config
+    /// error retried every few seconds must not flood the outbox).
+    fn warn(&mut self, container: Option<&str>, reason: &str, message: &str) {
+        let key = container.unwrap_or_default().to_owned();
+        let said = format!("{reason}: {message}");
+        if self.warned.get(&key) == Some(&said) {
+            return;
+        }
+        self.warned.insert(key, said);
+        self.event(container, "Warning", reason, message);
+    }
+
+    /// Delay before retrying a configuration error: 5s doubling to 5m.
+    fn next_config_retry(&mut self) -> Duration {
+        let d = self.config_retry;
+        self.config_retry = (d * 2).min(Duration::from_secs(300));
+        d
     }
 
     fn event(&self, container: Option<&str>, type_: &str, reason: &str, message: &str) {
@@ -474,7 +504,7 @@ impl Worker {
                     reason: e.reason().into(),
                     message: e.to_string(),
                 };
-                self.event(Some(&name), "Warning", "Failed", &e.to_string());
+                self.warn(Some(&name), "Failed", &e.to_string());
                 return;
             }
         };
@@ -547,7 +577,7 @@ impl Worker {
                     reason: "RunContainerError".into(),
                     message: message.clone(),
                 };
-                self.event(Some(&name), "Warning", "Failed", &message);
+                self.warn(Some(&name), "Failed", &message);
             }
         }
     }
@@ -691,15 +721,17 @@ impl Worker {
                                 message: e.to_string(),
                             };
                         }
-                        self.event(None, "Warning", "FailedMount", &e.to_string());
-                        retry_prepare = Some(Instant::now() + Duration::from_secs(5));
+                        self.warn(None, "FailedMount", &e.to_string());
+                        retry_prepare = Some(Instant::now() + self.next_config_retry());
                     }
                 }
                 // Containers that failed to start wait for a retry as well.
                 if self.prepared
                     && self.containers.iter().any(|c| matches!(&c.record.state, State::Waiting { reason, .. } if reason != "CrashLoopBackOff"))
                 {
-                    retry_prepare = Some(Instant::now() + Duration::from_secs(5));
+                    retry_prepare = Some(Instant::now() + self.next_config_retry());
+                } else if retry_prepare.is_none() {
+                    self.config_retry = Duration::from_secs(5);
                 }
             }
             self.report_status();

@@ -1,0 +1,415 @@
+//! Node lifecycle: a node whose Lease expired is marked NotReady (its conditions become
+//! `Unknown`, reason `NodeStatusUnknown`). Its pods keep running on the node and stay in the
+//! API: an edge that lost the cloud is still doing its work. They are evicted (deleted) only
+//! when the node carries an autonomy period, annotation `node.sedna.io/autonomy-duration`
+//! (e.g. `30m`, `24h`), and the node has been unreachable for longer than that.
+//!
+//! [`judge`] is the pure decision; [`run`] applies it to the hub's cache of Nodes, Leases and
+//! Pods every period.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, PostParams, Preconditions};
+use serde_json::Value;
+
+use crate::router::{Kind, ObjKey, Router};
+
+/// The annotation that allows evicting the pods of a node unreachable for this long.
+pub const AUTONOMY_ANNOTATION: &str = "node.sedna.io/autonomy-duration";
+
+/// Reason of the conditions of an unreachable node.
+pub const UNKNOWN_REASON: &str = "NodeStatusUnknown";
+
+/// Lifecycle settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LifecycleConfig {
+    /// How often nodes are checked.
+    pub period: Duration,
+    /// Extra time beyond the lease's own duration before a node is marked unreachable.
+    pub grace: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            period: Duration::from_secs(5),
+            grace: Duration::from_secs(0),
+        }
+    }
+}
+
+/// What the lifecycle knows of one node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeView {
+    /// Newest sign of life: lease renewal, Ready heartbeat or creation.
+    pub last_seen: Option<Timestamp>,
+    /// How long a sign of life counts.
+    pub lease_duration: Duration,
+    /// The Ready condition's status (`True`, `False`, `Unknown`), if any.
+    pub ready: Option<String>,
+    /// When the Ready condition last changed.
+    pub ready_since: Option<Timestamp>,
+    /// The autonomy annotation, parsed; `Err` holds a value that does not parse.
+    pub autonomy: Option<Result<Duration, String>>,
+    /// Pods bound to the node.
+    pub pods: usize,
+}
+
+/// The decision for one node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Heard from recently enough, or already handled.
+    Fine,
+    /// Lease expired: mark its conditions Unknown.
+    MarkUnknown,
+    /// Unreachable for longer than its autonomy period: delete its pods.
+    Evict,
+}
+
+/// Decides what to do with a node at `now`.
+pub fn judge(view: &NodeView, now: Timestamp, grace: Duration) -> Verdict {
+    let Some(last) = view.last_seen else {
+        return Verdict::Fine;
+    };
+    let deadline = last
+        .checked_add(view.lease_duration + grace)
+        .unwrap_or(Timestamp::MAX);
+    if now <= deadline {
+        return Verdict::Fine;
+    }
+    if view.ready.as_deref() != Some("Unknown") {
+        return Verdict::MarkUnknown;
+    }
+    let Some(Ok(autonomy)) = view.autonomy else {
+        return Verdict::Fine;
+    };
+    // Unreachable since the Ready condition turned Unknown (or the lease ran out).
+    let since = view.ready_since.unwrap_or(deadline).max(deadline);
+    let evict_at = since.checked_add(autonomy).unwrap_or(Timestamp::MAX);
+    if view.pods > 0 && now > evict_at {
+        Verdict::Evict
+    } else {
+        Verdict::Fine
+    }
+}
+
+/// Parses `90s`, `30m`, `24h`, `1h30m`, `7d`.
+pub fn parse_autonomy(s: &str) -> Result<Duration, String> {
+    let mut total = 0u64;
+    let mut digits = String::new();
+    for c in s.trim().chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30m, 24h, 1h30m"))?;
+        digits.clear();
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86400,
+            _ => return Err(format!("invalid duration {s:?}: unknown unit {c:?}")),
+        };
+        total = total.saturating_add(n.saturating_mul(unit));
+    }
+    if !digits.is_empty() {
+        return Err(format!(
+            "invalid duration {s:?}: a number needs a unit (s, m, h, d)"
+        ));
+    }
+    if s.trim().is_empty() {
+        return Err("empty duration".into());
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn timestamp(v: Option<&Value>) -> Option<Timestamp> {
+    v.and_then(Value::as_str).and_then(|s| s.parse().ok())
+}
+
+/// Builds the view of a node from cached objects.
+pub fn view(node: &Value, lease: Option<&Value>, pods: usize) -> NodeView {
+    let ready = node
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"));
+    let mut last_seen = timestamp(node.pointer("/metadata/creationTimestamp"));
+    let mut lease_duration = Duration::from_secs(40);
+    let mut seen = |t: Option<Timestamp>| {
+        if let Some(t) = t
+            && last_seen.is_none_or(|l| t > l)
+        {
+            last_seen = Some(t);
+        }
+    };
+    seen(ready.and_then(|c| timestamp(c.get("lastHeartbeatTime"))));
+    if let Some(lease) = lease {
+        seen(timestamp(lease.pointer("/spec/renewTime")));
+        if let Some(d) = lease
+            .pointer("/spec/leaseDurationSeconds")
+            .and_then(Value::as_u64)
+        {
+            lease_duration = Duration::from_secs(d);
+        }
+    }
+    NodeView {
+        last_seen,
+        lease_duration,
+        ready: ready.and_then(|c| c["status"].as_str()).map(str::to_owned),
+        ready_since: ready.and_then(|c| timestamp(c.get("lastTransitionTime"))),
+        autonomy: node
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(AUTONOMY_ANNOTATION))
+            .and_then(Value::as_str)
+            .map(parse_autonomy),
+        pods,
+    }
+}
+
+/// Marks every condition of the node Unknown (optimistically: a concurrent write wins and
+/// the next period looks again).
+async fn mark_unknown(client: &kube::Client, name: &str) -> Result<(), kube::Error> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut node = api.get_status(name).await?;
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    let status = node.status.get_or_insert_with(Default::default);
+    let conditions = status.conditions.get_or_insert_with(Vec::new);
+    if !conditions.iter().any(|c| c.type_ == "Ready") {
+        conditions.push(k8s_openapi::api::core::v1::NodeCondition {
+            type_: "Ready".into(),
+            ..Default::default()
+        });
+    }
+    for c in conditions.iter_mut() {
+        if c.status != "Unknown" {
+            c.status = "Unknown".into();
+            c.last_transition_time = Some(now.clone());
+        }
+        c.reason = Some(UNKNOWN_REASON.into());
+        c.message = Some("The node stopped renewing its lease.".into());
+    }
+    api.replace_status(name, &PostParams::default(), &node)
+        .await?;
+    Ok(())
+}
+
+async fn evict(client: &kube::Client, pods: &[(String, String, String)]) {
+    for (namespace, name, uid) in pods {
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let params = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.clone()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(name, &params).await {
+            Ok(_) => tracing::info!(pod = %format!("{namespace}/{name}"), "evicted"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => {
+                tracing::warn!(pod = %format!("{namespace}/{name}"), error = %e, "eviction failed")
+            }
+        }
+    }
+}
+
+/// Pods bound to each node, from the cache.
+fn pods_by_node(
+    router: &Router,
+) -> std::collections::HashMap<String, Vec<(String, String, String)>> {
+    let mut out: std::collections::HashMap<String, Vec<_>> = Default::default();
+    for key in router.keys_of(Kind::Pod) {
+        let Some(pod) = router.get(&key) else {
+            continue;
+        };
+        if let Some(node) = pod.value.pointer("/spec/nodeName").and_then(Value::as_str) {
+            out.entry(node.to_owned()).or_default().push((
+                key.namespace.clone(),
+                key.name.clone(),
+                pod.uid.clone(),
+            ));
+        }
+    }
+    out
+}
+
+/// Work for one node: its name, the verdict, and its pods `(namespace, name, uid)`.
+pub(crate) type Work = (String, Verdict, Vec<(String, String, String)>);
+
+/// Judges every cached node at `now`; `warned` remembers nodes whose annotation was reported
+/// invalid.
+pub(crate) fn plan(
+    router: &Router,
+    now: Timestamp,
+    grace: Duration,
+    warned: &mut std::collections::HashSet<String>,
+) -> Vec<Work> {
+    let mut pods = pods_by_node(router);
+    router
+        .keys_of(Kind::Node)
+        .into_iter()
+        .filter_map(|key| {
+            let node = router.get(&key)?;
+            let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", &key.name));
+            let bound = pods.remove(&key.name).unwrap_or_default();
+            let v = view(&node.value, lease.map(|l| l.value.as_ref()), bound.len());
+            if let Some(Err(e)) = &v.autonomy
+                && warned.insert(key.name.clone())
+            {
+                tracing::warn!(node = %key.name, error = %e, "ignoring {AUTONOMY_ANNOTATION}: pods are never evicted");
+            }
+            let verdict = judge(&v, now, grace);
+            (verdict != Verdict::Fine).then(|| (key.name.clone(), verdict, bound))
+        })
+        .collect()
+}
+
+/// Applies the verdicts through the API.
+pub(crate) async fn apply(client: &kube::Client, work: Vec<Work>) {
+    for (node, verdict, pods) in work {
+        match verdict {
+            Verdict::MarkUnknown => match mark_unknown(client, &node).await {
+                Ok(()) => {
+                    tracing::warn!(%node, "lease expired: node marked NotReady (pods keep running)")
+                }
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "could not mark the node NotReady; trying again")
+                }
+            },
+            Verdict::Evict => {
+                tracing::warn!(%node, pods = pods.len(), "unreachable beyond its autonomy period: evicting its pods");
+                evict(client, &pods).await;
+            }
+            Verdict::Fine => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn base() -> NodeView {
+        NodeView {
+            last_seen: Some(t("2026-01-01T00:00:00Z")),
+            lease_duration: Duration::from_secs(40),
+            ready: Some("True".into()),
+            ready_since: Some(t("2025-12-31T00:00:00Z")),
+            autonomy: None,
+            pods: 3,
+        }
+    }
+
+    #[test]
+    fn a_node_is_fine_until_its_lease_runs_out_then_marked_unknown_once() {
+        let v = base();
+        assert_eq!(
+            judge(&v, t("2026-01-01T00:00:40Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+        assert_eq!(
+            judge(&v, t("2026-01-01T00:00:41Z"), Duration::ZERO),
+            Verdict::MarkUnknown
+        );
+        assert_eq!(
+            judge(&v, t("2026-01-01T00:00:41Z"), Duration::from_secs(5)),
+            Verdict::Fine
+        );
+        let unknown = NodeView {
+            ready: Some("Unknown".into()),
+            ready_since: Some(t("2026-01-01T00:00:41Z")),
+            ..v
+        };
+        assert_eq!(
+            judge(&unknown, t("2026-01-09T00:00:00Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+    }
+
+    #[test]
+    fn pods_are_evicted_only_after_a_configured_autonomy_period() {
+        let unknown = NodeView {
+            ready: Some("Unknown".into()),
+            ready_since: Some(t("2026-01-01T00:00:41Z")),
+            autonomy: Some(Ok(Duration::from_secs(600))),
+            ..base()
+        };
+        assert_eq!(
+            judge(&unknown, t("2026-01-01T00:10:40Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+        assert_eq!(
+            judge(&unknown, t("2026-01-01T00:10:42Z"), Duration::ZERO),
+            Verdict::Evict
+        );
+        let no_pods = NodeView {
+            pods: 0,
+            ..unknown.clone()
+        };
+        assert_eq!(
+            judge(&no_pods, t("2026-01-02T00:00:00Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+        let bad = NodeView {
+            autonomy: Some(Err("soon".into())),
+            ..unknown
+        };
+        assert_eq!(
+            judge(&bad, t("2026-02-01T00:00:00Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+    }
+
+    #[test]
+    fn a_node_heard_from_again_is_fine() {
+        let back = NodeView {
+            last_seen: Some(t("2026-01-01T01:00:00Z")),
+            ready: Some("Unknown".into()),
+            autonomy: Some(Ok(Duration::ZERO)),
+            ..base()
+        };
+        assert_eq!(
+            judge(&back, t("2026-01-01T01:00:10Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+    }
+
+    #[test]
+    fn views_read_lease_heartbeat_and_annotation() {
+        let node = serde_json::json!({
+            "metadata": { "name": "e", "creationTimestamp": "2026-01-01T00:00:00Z",
+                          "annotations": { AUTONOMY_ANNOTATION: "1h30m" } },
+            "status": { "conditions": [{ "type": "Ready", "status": "True",
+                "lastHeartbeatTime": "2026-01-01T00:05:00Z", "lastTransitionTime": "2026-01-01T00:00:10Z" }] }
+        });
+        let lease = serde_json::json!({ "spec": { "renewTime": "2026-01-01T00:06:00.123456Z", "leaseDurationSeconds": 8 } });
+        let v = view(&node, Some(&lease), 2);
+        assert_eq!(v.last_seen, Some(t("2026-01-01T00:06:00.123456Z")));
+        assert_eq!(v.lease_duration, Duration::from_secs(8));
+        assert_eq!(v.autonomy, Some(Ok(Duration::from_secs(5400))));
+        assert_eq!(v.ready.as_deref(), Some("True"));
+        let v = view(&node, None, 0);
+        assert_eq!(v.last_seen, Some(t("2026-01-01T00:05:00Z")));
+    }
+
+    #[test]
+    fn autonomy_durations_parse_or_say_why_not() {
+        assert_eq!(parse_autonomy("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_autonomy("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_autonomy("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_autonomy("10").unwrap_err().contains("needs a unit"));
+        assert!(parse_autonomy("10y").unwrap_err().contains("unknown unit"));
+        assert!(parse_autonomy("").is_err());
+    }
+}
