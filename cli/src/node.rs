@@ -34,6 +34,12 @@ pub(crate) struct CloudcoreArgs {
     /// Where to serve /metrics and /healthz ("off" to disable).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9441", value_parser = parse_optional_addr)]
     metrics_addr: MaybeAddr,
+    /// How often node leases are checked (nodes whose lease expired become NotReady).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    node_monitor_period: Duration,
+    /// Leave node lifecycle to another controller (kube-controller-manager on a real cluster).
+    #[arg(long)]
+    no_node_lifecycle: bool,
 }
 
 /// `sedna token ...`.
@@ -188,6 +194,11 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     config.session.heartbeat = args.heartbeat;
     config.session.read_deadline = args.read_deadline;
     config.node_cert_validity = args.node_cert_validity;
+    config.lifecycle =
+        (!args.no_node_lifecycle).then_some(sedna_cloudcore::lifecycle::LifecycleConfig {
+            period: args.node_monitor_period.max(Duration::from_millis(100)),
+            ..Default::default()
+        });
     let hub = sedna_cloudcore::Hub::start(config, client)
         .await
         .context("starting the hub")?;

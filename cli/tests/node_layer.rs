@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
@@ -17,119 +16,8 @@ use sedna_edgecore::store::EdgeStore;
 use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
 use serde_json::json;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn sedna(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sedna"));
-    c.args(args).stdout(Stdio::null()).stderr(Stdio::null());
-    c
-}
-
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-async fn client(kubeconfig: &Path) -> kube::Client {
-    for _ in 0..200 {
-        if kubeconfig.exists() {
-            let file = kube::config::Kubeconfig::read_from(kubeconfig).unwrap();
-            let config = kube::Config::from_custom_kubeconfig(file, &Default::default())
-                .await
-                .unwrap();
-            let client = kube::Client::try_from(config).unwrap();
-            if client.apiserver_version().await.is_ok() {
-                return client;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the API server did not come up");
-}
-
-fn hub(dir: &Path, kubeconfig: &Path, port: u16) -> Child {
-    sedna(&["cloudcore", "--data-dir"])
-        .arg(dir.join("hub"))
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--heartbeat",
-            "300ms",
-            "--read-deadline",
-            "2s",
-        ])
-        .spawn()
-        .unwrap()
-}
-
-fn edge(dir: &Path, cloud: &str) -> Child {
-    sedna(&["edgecore", "--cloud", cloud, "--data-dir"])
-        .arg(dir)
-        .args(["--heartbeat", "300ms", "--read-deadline", "2s"])
-        .spawn()
-        .unwrap()
-}
-
-fn token(kubeconfig: &Path, node: &str) -> String {
-    for _ in 0..100 {
-        let out = Command::new(env!("CARGO_BIN_EXE_sedna"))
-            .args([
-                "token",
-                "create",
-                "--node",
-                node,
-                "--ttl",
-                "10m",
-                "--kubeconfig",
-            ])
-            .arg(kubeconfig)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            return String::from_utf8(out.stdout).unwrap().trim().to_owned();
-        }
-        // The hub publishes its CA once it has started.
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("sedna token create kept failing");
-}
-
-fn join(dir: &Path, cloud: &str, token: &str, node: &str) {
-    for _ in 0..100 {
-        let status = sedna(&[
-            "join",
-            "--cloud",
-            cloud,
-            "--token",
-            token,
-            "--node-name",
-            node,
-            "--data-dir",
-        ])
-        .arg(dir)
-        .status()
-        .unwrap();
-        if status.success() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("sedna join kept failing");
-}
+mod support;
+use support::{Procs, client, edge, eventually, free_port, hub, join, sedna, token};
 
 fn held(dir: &Path, kind: &str) -> BTreeSet<String> {
     let store = EdgeStore::open(&dir.join("edge.db"), 1000, 1 << 20).unwrap();
@@ -139,16 +27,6 @@ fn held(dir: &Path, kind: &str) -> BTreeSet<String> {
         .into_iter()
         .map(|o| o.name)
         .collect()
-}
-
-async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    for _ in 0..600 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("timed out waiting for: {what}");
 }
 
 fn pod(name: &str, node: &str, cm: &str) -> Pod {

@@ -299,6 +299,8 @@ impl Worker {
                 generation: 0,
             })
             .collect();
+        let mut containers: Vec<Container> = containers;
+        restore_state(&dir, &mut containers);
         let (exits, exits_rx) = mpsc::unbounded_channel();
         // Kept across agent restarts, as the kubelet keeps it.
         let start_time = pod
@@ -394,6 +396,35 @@ impl Worker {
         };
         if let Err(e) = self.reporter.report(&upstream) {
             tracing::warn!(pod = %self.uid, error = %e, "could not queue the pod status");
+        }
+    }
+
+    /// Persists restart counts and final terminations, so that a restarted agent neither
+    /// reruns a finished container nor forgets its restarts.
+    fn save_state(&self) {
+        let saved: BTreeMap<&str, Saved> = self
+            .containers
+            .iter()
+            .map(|c| {
+                let terminated = match &c.record.state {
+                    State::Terminated(e) => Some(e.clone()),
+                    _ => None,
+                };
+                (
+                    c.spec.name.as_str(),
+                    Saved {
+                        restarts: c.record.restarts,
+                        last: c.record.last.clone(),
+                        terminated,
+                    },
+                )
+            })
+            .collect();
+        let Ok(text) = serde_json::to_vec(&saved) else {
+            return;
+        };
+        if let Err(e) = write_file(&self.dir.join("state.json"), &text, true) {
+            tracing::warn!(pod = %self.uid, error = %e, "could not save the containers' state");
         }
     }
 
@@ -763,6 +794,7 @@ impl Worker {
                             c.record.state = State::Terminated(exit);
                         }
                     }
+                    self.save_state();
                 }
                 _ = async {
                     match wake {
@@ -795,6 +827,33 @@ impl Worker {
                         return;
                     }
                 },
+            }
+        }
+    }
+}
+
+/// What survives an agent restart of a container's record.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    restarts: u32,
+    last: Option<Exit>,
+    terminated: Option<Exit>,
+}
+
+fn restore_state(dir: &Path, containers: &mut [Container]) {
+    let Ok(text) = std::fs::read(dir.join("state.json")) else {
+        return;
+    };
+    let Ok(mut saved) = serde_json::from_slice::<BTreeMap<String, Saved>>(&text) else {
+        tracing::warn!(dir = %dir.display(), "ignoring an unreadable state.json");
+        return;
+    };
+    for c in containers {
+        if let Some(s) = saved.remove(&c.spec.name) {
+            c.record.restarts = s.restarts;
+            c.record.last = s.last;
+            if let Some(exit) = s.terminated {
+                c.record.state = State::Terminated(exit);
             }
         }
     }
@@ -1054,6 +1113,31 @@ mod tests {
         assert!(backoffs[0].contains("exit code 3"), "{backoffs:?}");
         assert!(runtime.stats().restarts.load(Ordering::Relaxed) >= 3);
         runtime.abort();
+    }
+
+    #[tokio::test]
+    async fn a_finished_container_is_not_rerun_by_a_restarted_runtime() {
+        let f = fixture();
+        let mut once = pod("once", "u5", "echo ran >> \"$SEDNA_POD_DIR/../runs\"; exit 0");
+        once["spec"]["restartPolicy"] = json!("Never");
+        let first = f.start();
+        f.put(&once, 1);
+        until("Succeeded", || {
+            f.reporter
+                .statuses()
+                .into_iter()
+                .find(|s| s["status"]["phase"] == "Succeeded")
+        })
+        .await;
+        first.abort();
+        f.reporter.0.lock().unwrap().clear();
+        let second = f.start();
+        let status = until("the restored status", || f.reporter.statuses().pop()).await;
+        assert_eq!(status["status"]["phase"], "Succeeded");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let runs = std::fs::read_to_string(f.config.data_dir.join("pods/runs")).unwrap();
+        assert_eq!(runs.lines().count(), 1, "the container ran again");
+        second.abort();
     }
 
     #[tokio::test]

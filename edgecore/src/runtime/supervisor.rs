@@ -50,7 +50,7 @@ impl Default for Backoff {
 }
 
 /// How a container ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Exit {
     /// Exit code (128 + signal when killed by a signal).
     pub code: i32,
