@@ -195,10 +195,10 @@ fn builtin_cells(t: &ResourceType, obj: &Value) -> Vec<Value> {
                 .pointer("/status/conditions")
                 .and_then(Value::as_array)
                 .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                // As kubectl prints it: a Ready condition that is not True is NotReady.
                 .map(|c| match c["status"].as_str() {
                     Some("True") => "Ready",
-                    Some("False") => "NotReady",
-                    _ => "Unknown",
+                    _ => "NotReady",
                 })
                 .unwrap_or("Unknown");
             let mut status = ready.to_owned();

@@ -1,7 +1,13 @@
 //! Helpers shared by the CLI's integration tests: the `sedna` binary as real processes
 //! (API server, hub, edges), join tokens, kubectl with its own HOME.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -1118,7 +1118,11 @@ mod tests {
     #[tokio::test]
     async fn a_finished_container_is_not_rerun_by_a_restarted_runtime() {
         let f = fixture();
-        let mut once = pod("once", "u5", "echo ran >> \"$SEDNA_POD_DIR/../runs\"; exit 0");
+        let mut once = pod(
+            "once",
+            "u5",
+            "echo ran >> \"$SEDNA_POD_DIR/../runs\"; exit 0",
+        );
         once["spec"]["restartPolicy"] = json!("Never");
         let first = f.start();
         f.put(&once, 1);
