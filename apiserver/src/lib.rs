@@ -32,4 +32,4 @@ pub mod store;
 pub mod table;
 mod watch;
 
-pub use server::{ApiServer, Config, StartError};
+pub use server::{ApiServer, Config, MirrorError, StartError, WritePolicy, WriteRequest};

@@ -22,7 +22,7 @@ use crate::discovery;
 use crate::error::ApiError;
 use crate::handlers::{self, Call, Reply};
 use crate::pki::{self, Layout, Pki, Tokens};
-use crate::registry::Registry;
+use crate::registry::{Registry, ResourceType};
 use crate::request::{self, Query, Representation, Route};
 use crate::store::{Mutation, Precondition, Store, StoreError, StoreOptions};
 use crate::watch as watches;
@@ -49,6 +49,38 @@ pub struct Config {
     pub watch_timeout: Duration,
     /// How often the garbage collector sweeps everything.
     pub gc_interval: Duration,
+    /// Whether the garbage collector runs (off for a cache of another API server, whose
+    /// owners may not all be cached).
+    pub garbage_collection: bool,
+    /// Which writes clients may make (default: every write of an authenticated client).
+    pub write_policy: Option<WritePolicy>,
+}
+
+/// A write a client asks for, as the write policy sees it.
+#[derive(Clone, Debug)]
+pub struct WriteRequest<'a> {
+    /// HTTP method (`POST`, `PUT`, `PATCH`, `DELETE`).
+    pub method: &'a str,
+    /// API group (`""` for core).
+    pub group: &'a str,
+    /// Plural resource.
+    pub resource: &'a str,
+    /// Subresource (`status`…).
+    pub subresource: Option<&'a str>,
+    /// Namespace.
+    pub namespace: Option<&'a str>,
+    /// Name (absent for a create or a collection).
+    pub name: Option<&'a str>,
+}
+
+/// Decides whether a write is allowed; a refusal is answered 403 Forbidden with the message.
+#[derive(Clone)]
+pub struct WritePolicy(pub Arc<dyn Fn(&WriteRequest<'_>) -> Result<(), String> + Send + Sync>);
+
+impl std::fmt::Debug for WritePolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WritePolicy")
+    }
 }
 
 impl Config {
@@ -64,6 +96,8 @@ impl Config {
             bookmark_interval: Duration::from_secs(60),
             watch_timeout: Duration::from_secs(1800),
             gc_interval: Duration::from_secs(30),
+            garbage_collection: true,
+            write_policy: None,
         }
     }
 }
@@ -95,6 +129,27 @@ impl StartError {
             self,
             StartError::Listen { .. } | StartError::Store(StoreError::Locked(_))
         )
+    }
+}
+
+/// Why a mirror write failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MirrorError {
+    /// The server does not serve the kind (install its CRD first). Not retryable.
+    #[error("unknown kind {0}")]
+    UnknownKind(String),
+    /// The object cannot be stored. Not retryable.
+    #[error("invalid object: {0}")]
+    Invalid(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl MirrorError {
+    /// Whether trying again could succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, MirrorError::Store(e) if e.is_retryable())
     }
 }
 
@@ -192,11 +247,16 @@ impl ApiServer {
             &kubeconfig_path,
             &pki::kubeconfig(&format!("https://{address}"), &pki.ca_pem, &admin_token),
         )?;
-        let tasks = vec![
+        let mut tasks = vec![
             tokio::spawn(accept_loop(api.clone(), listener, tls)),
             tokio::spawn(compaction_loop(api.clone())),
-            tokio::spawn(crate::gc::run(api.clone(), config.gc_interval)),
         ];
+        if config.garbage_collection {
+            tasks.push(tokio::spawn(crate::gc::run(
+                api.clone(),
+                config.gc_interval,
+            )));
+        }
         tracing::info!(%address, data_dir = %config.data_dir.display(), "API server started");
         Ok(ApiServer {
             api,
@@ -207,6 +267,98 @@ impl ApiServer {
             shutdown: shutdown_tx,
             tasks,
         })
+    }
+
+    /// Stores an object exactly as given (its `resourceVersion` replaced by the local one),
+    /// without admission or defaulting: for caches that mirror another API server. Returns
+    /// the local revision, or `None` when the stored object was already identical.
+    pub async fn mirror_put(&self, mut object: Value) -> Result<Option<u64>, MirrorError> {
+        let (key, t) = self.mirror_key(&object)?;
+        if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
+            meta.remove("resourceVersion");
+        }
+        if let Some(current) = self.api.store.get(&key) {
+            let mut old = current.value.as_ref().clone();
+            if let Some(meta) = old.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("resourceVersion");
+            }
+            if old == object {
+                return Ok(None);
+            }
+        }
+        let stored = self
+            .api
+            .store
+            .write(key, Precondition::Any, Mutation::Put(object))
+            .await?;
+        if t.group == "apiextensions.k8s.io" && t.resource == "customresourcedefinitions" {
+            let name = crate::meta::meta_str(&stored.value, "name").unwrap_or_default();
+            handlers::sync_crd(&self.api, name, Some(&stored.value));
+        }
+        Ok(Some(stored.rev))
+    }
+
+    /// Removes a mirrored object; `None` when it was not there.
+    pub async fn mirror_delete(
+        &self,
+        api_version: &str,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<u64>, MirrorError> {
+        let object = serde_json::json!({ "apiVersion": api_version, "kind": kind,
+                                         "metadata": { "namespace": namespace, "name": name } });
+        let (key, _) = self.mirror_key(&object)?;
+        match self
+            .api
+            .store
+            .write(key, Precondition::Exists, Mutation::Delete)
+            .await
+        {
+            Ok(s) => Ok(Some(s.rev)),
+            Err(StoreError::NotFound) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// `(namespace, name, uid)` of every stored object of a kind.
+    pub fn mirror_list(&self, api_version: &str, kind: &str) -> Vec<(String, String, String)> {
+        let Some(t) = self.api.registry.by_kind(api_version, kind) else {
+            return vec![];
+        };
+        self.api
+            .store
+            .list(&t.key_prefix(None))
+            .0
+            .iter()
+            .map(|s| {
+                let m = |f: &str| {
+                    crate::meta::meta_str(&s.value, f)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
+                (m("namespace"), m("name"), m("uid"))
+            })
+            .collect()
+    }
+
+    fn mirror_key(&self, object: &Value) -> Result<(String, Arc<ResourceType>), MirrorError> {
+        let api_version = object["apiVersion"].as_str().unwrap_or_default();
+        let kind = object["kind"].as_str().unwrap_or_default();
+        let t = self
+            .api
+            .registry
+            .by_kind(api_version, kind)
+            .ok_or_else(|| MirrorError::UnknownKind(format!("{api_version} {kind}")))?;
+        let name = crate::meta::meta_str(object, "name").unwrap_or_default();
+        if name.is_empty() {
+            return Err(MirrorError::Invalid("an object without a name".into()));
+        }
+        let namespace = crate::meta::meta_str(object, "namespace")
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        let key = t.key(t.namespaced.then_some(namespace), name);
+        Ok((key, t))
     }
 
     /// The bound address.
@@ -490,6 +642,19 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         return Err(ApiError::no_route());
     }
     let method = req.method().clone();
+    if method != Method::GET
+        && let Some(policy) = &api.config.write_policy
+    {
+        (policy.0)(&WriteRequest {
+            method: method.as_str(),
+            group: &path.group,
+            resource: &path.resource,
+            subresource: path.subresource.as_deref(),
+            namespace: path.namespace.as_deref(),
+            name: path.name.as_deref(),
+        })
+        .map_err(ApiError::forbidden)?;
+    }
     let query = Query::parse(req.uri().query());
     let repr = request::negotiate(accept.as_deref());
     let content_type = header(http::header::CONTENT_TYPE).unwrap_or_default();

@@ -169,6 +169,8 @@ pub enum Precondition {
     Exists,
     /// The key must exist at exactly this revision.
     Revision(u64),
+    /// No condition (a cache mirroring another store).
+    Any,
 }
 
 /// A write.

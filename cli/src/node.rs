@@ -112,6 +112,10 @@ pub(crate) struct EdgecoreArgs {
     /// Where to serve /metrics and /healthz ("off" to disable).
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9442", value_parser = parse_optional_addr)]
     metrics_addr: MaybeAddr,
+    /// Where to serve the node's local Kubernetes API ("off" to disable); its kubeconfig is
+    /// DATA_DIR/metaserver/kubeconfig.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10550", value_parser = parse_optional_addr)]
+    local_api: MaybeAddr,
 }
 
 /// Parses `key=value,key=value`.
@@ -259,6 +263,11 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
     if !args.program_dirs.is_empty() {
         config.program_dirs = args.program_dirs;
     }
+    match (args.local_api.0, config.metaserver.as_mut()) {
+        (Some(addr), Some(meta)) => meta.listen = addr,
+        (None, _) => config.metaserver = None,
+        _ => {}
+    }
     let agent = sedna_edgecore::Agent::start(config)
         .await
         .context("starting the edge agent")?;
@@ -270,6 +279,13 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
         agent.hub().node(),
         args.cloud
     );
+    if let Some(m) = agent.metaserver() {
+        println!(
+            "local API on {} (kubeconfig: {})",
+            m.url(),
+            m.kubeconfig_path().display()
+        );
+    }
     crate::wait_for_signal().await;
     agent.shutdown().await;
     Ok(())

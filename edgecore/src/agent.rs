@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::client::{EdgeConfig, EdgeError, EdgeHub};
+use crate::metaserver::{MetaConfig, MetaServer};
 use crate::node::{self, NodeConfig};
 use crate::runtime::process::LogLimits;
 use crate::runtime::supervisor::Backoff;
@@ -34,12 +35,18 @@ pub struct AgentConfig {
     pub lease_duration: Duration,
     /// Full node status interval.
     pub status_interval: Duration,
+    /// The local API (`None`: not served).
+    pub metaserver: Option<MetaConfig>,
 }
 
 impl AgentConfig {
     /// Defaults around an edge configuration.
     pub fn new(edge: EdgeConfig) -> Self {
         let program_dirs = vec![edge.data_dir.join("bin")];
+        let metaserver = Some(MetaConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 10550)),
+            data_dir: edge.data_dir.join("metaserver"),
+        });
         Self {
             edge,
             labels: BTreeMap::new(),
@@ -50,6 +57,7 @@ impl AgentConfig {
             lease_interval: Duration::from_secs(10),
             lease_duration: Duration::from_secs(40),
             status_interval: Duration::from_secs(60),
+            metaserver,
         }
     }
 }
@@ -73,6 +81,7 @@ pub struct Agent {
     hub: EdgeHub,
     runtime: Runtime,
     node_task: tokio::task::JoinHandle<()>,
+    metaserver: Option<MetaServer>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -112,16 +121,40 @@ impl Agent {
             status_interval: config.status_interval,
         };
         let node_task = tokio::spawn(node::run(node_config, hub.reporter(), hub.status()));
+        let metaserver = match config.metaserver {
+            Some(meta) => match MetaServer::start(
+                meta.clone(),
+                hub.store().clone(),
+                hub.subscribe(),
+                hub.reporter(),
+            )
+            .await
+            {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(listen = %meta.listen, error = %e,
+                        "the local API is not served (workloads run regardless)");
+                    None
+                }
+            },
+            None => None,
+        };
         Ok(Agent {
             hub,
             runtime,
             node_task,
+            metaserver,
         })
     }
 
     /// The hub client (store, status, outbox).
     pub fn hub(&self) -> &EdgeHub {
         &self.hub
+    }
+
+    /// The local API, when served.
+    pub fn metaserver(&self) -> Option<&MetaServer> {
+        self.metaserver.as_ref()
     }
 
     /// The runtime's figures.
@@ -134,6 +167,9 @@ impl Agent {
     pub async fn shutdown(self) {
         self.node_task.abort();
         self.runtime.abort();
+        if let Some(m) = self.metaserver {
+            m.shutdown().await;
+        }
         self.hub.shutdown().await;
     }
 }

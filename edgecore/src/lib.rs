@@ -3,6 +3,7 @@
 //! - [`agent`]: everything below wired together; what `sedna edgecore` runs.
 //! - [`runtime`]: pods bound to the node, run as supervised processes.
 //! - [`node`]: the Node object (capacity, conditions) and its Lease.
+//! - [`metaserver`]: the node's local, read-mostly Kubernetes API on 127.0.0.1.
 //! - [`join`]: joining a hub with a token; the node identity on disk.
 //! - [`tls`]: pinned and mutual TLS towards the hub.
 //! - [`store`]: objects received and the outbox of upstream writes (SQLite).
@@ -12,6 +13,7 @@ pub mod agent;
 pub mod client;
 pub mod join;
 pub mod machine;
+pub mod metaserver;
 pub mod node;
 pub mod runtime;
 pub mod store;

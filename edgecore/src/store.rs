@@ -328,6 +328,16 @@ impl EdgeStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Every object held.
+    pub fn list_all(&self) -> Result<Vec<StoredObject>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects ORDER BY key",
+        )?;
+        let rows = stmt.query_map([], row_object)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Number of objects held.
     pub fn len(&self) -> Result<usize, StoreError> {
         let conn = self.conn();

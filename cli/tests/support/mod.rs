@@ -105,6 +105,8 @@ pub fn edge_with(dir: &Path, cloud: &str, extra: &[&str]) -> Child {
         "edgecore",
         "--metrics-addr",
         "off",
+        "--local-api",
+        "127.0.0.1:0",
         "--cloud",
         cloud,
         "--data-dir",
