@@ -8,9 +8,11 @@
 //!   writes the admin kubeconfig to `D/kubeconfig`.
 //! - `sedna cloudcore`, `sedna token create`, `sedna join`, `sedna edgecore`: the node layer
 //!   (hub, join tokens, joining an edge node, the edge agent).
+//! - `sedna up --data-dir D --edges N`: all of it on one machine, in one process.
 
 mod node;
 mod ops;
+mod up;
 mod validate;
 
 use std::path::PathBuf;
@@ -84,6 +86,8 @@ enum Command {
     Join(node::JoinArgs),
     /// Run the edge agent of a joined node.
     Edgecore(node::EdgecoreArgs),
+    /// Run everything on this machine: API server, hub, a cloud node and N edge nodes.
+    Up(up::UpArgs),
 }
 
 fn main() -> ExitCode {
@@ -172,6 +176,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Edgecore(args) => {
             init_logging(cli.log_json);
             runtime()?.block_on(node::edgecore(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Up(args) => {
+            up::check_args(&args)?;
+            init_logging(cli.log_json);
+            runtime()?.block_on(up::up(args))?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -267,6 +277,8 @@ mod tests {
             ],
             &["sedna", "token", "create"],
             &["sedna", "crds"],
+            &["sedna", "up"],
+            &["sedna", "up", "--edges", "5", "--local-api", "off"],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }

@@ -162,6 +162,12 @@ impl Agent {
         self.runtime.stats()
     }
 
+    /// Stops the workloads gracefully, then the agent (`sedna up` on Ctrl-C).
+    pub async fn shutdown_with_workloads(self) {
+        self.runtime.stop_workloads().await;
+        self.shutdown().await;
+    }
+
     /// Stops the agent; running processes are left alone (as after a crash: a restarted agent
     /// replaces them).
     pub async fn shutdown(self) {

@@ -85,6 +85,7 @@ fn object_ref(pod: &Pod) -> ObjectRef {
 pub struct Runtime {
     task: tokio::task::JoinHandle<()>,
     stats: Arc<RuntimeStats>,
+    control: mpsc::UnboundedSender<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -97,6 +98,8 @@ enum Command {
     Update(Box<Pod>),
     Refresh,
     Kill,
+    /// Stop the processes, keep the pod's directory (the node is shutting down).
+    Stop,
 }
 
 struct Entry {
@@ -112,8 +115,20 @@ impl Runtime {
         reporter: Arc<dyn Reporter>,
     ) -> Runtime {
         let stats = Arc::new(RuntimeStats::default());
-        let task = tokio::spawn(run(config, store, changes, reporter, stats.clone()));
-        Runtime { task, stats }
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(run(
+            config,
+            store,
+            changes,
+            reporter,
+            stats.clone(),
+            control_rx,
+        ));
+        Runtime {
+            task,
+            stats,
+            control,
+        }
     }
 
     /// The runtime's figures.
@@ -123,6 +138,16 @@ impl Runtime {
 
     /// Stops supervising (processes are left running, as after an agent crash).
     pub fn abort(&self) {
+        self.task.abort();
+    }
+
+    /// Stops every container gracefully (SIGTERM, a short grace, SIGKILL), keeping the pods'
+    /// directories; a later runtime starts them again.
+    pub async fn stop_workloads(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if self.control.send(tx).is_ok() {
+            let _ = rx.await;
+        }
         self.task.abort();
     }
 }
@@ -145,6 +170,7 @@ async fn run(
     mut changes: broadcast::Receiver<Change>,
     reporter: Arc<dyn Reporter>,
     stats: Arc<RuntimeStats>,
+    mut control: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
     let killed = process::kill_leftovers(&pods_dir(&config));
     if killed > 0 {
@@ -236,6 +262,22 @@ async fn run(
             },
             Some(uid) = done_rx.recv() => {
                 pods.remove(&uid);
+            }
+            Some(reply) = control.recv() => {
+                for e in pods.values() {
+                    let _ = e.tx.send(Command::Stop);
+                }
+                while !pods.is_empty() {
+                    match tokio::time::timeout(Duration::from_secs(10), done_rx.recv()).await {
+                        Ok(Some(uid)) => {
+                            pods.remove(&uid);
+                        }
+                        _ => break,
+                    }
+                }
+                stats.pods.store(0, Ordering::Relaxed);
+                let _ = reply.send(());
+                return;
             }
         }
         stats.pods.store(pods.len() as u64, Ordering::Relaxed);
@@ -821,6 +863,10 @@ impl Worker {
                     // The runtime went away (agent shutting down): leave the processes
                     // running; the next agent replaces them.
                     None => return,
+                    Some(Command::Stop) => {
+                        self.stop_all(Duration::from_secs(5), &mut exits).await;
+                        return;
+                    }
                     Some(Command::Kill) => {
                         self.stop_all(Duration::from_secs(2), &mut exits).await;
                         let _ = std::fs::remove_dir_all(&self.dir);

@@ -1,0 +1,215 @@
+//! `sedna up`: the whole platform on one machine, in one process: the embedded API server,
+//! the hub, one cloud-role node and N edge nodes joined with tokens, each with its own data
+//! directory. Running it again reuses the data (nodes already joined are not joined again).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use prometheus_client::registry::Registry;
+
+use crate::node::{MaybeAddr, parse_optional_addr};
+
+/// `sedna up`.
+#[derive(Args)]
+pub(crate) struct UpArgs {
+    /// Directory for everything (API server, hub, one directory per node).
+    #[arg(long, value_name = "DIR", default_value = "sedna-data")]
+    data_dir: PathBuf,
+    /// Number of edge nodes (edge-1 … edge-N).
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(0..=64))]
+    edges: u16,
+    /// API server address (loopback unless other machines must reach it).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:6443")]
+    api_listen: SocketAddr,
+    /// Hub address edge nodes dial.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10000")]
+    hub_listen: SocketAddr,
+    /// First port of the nodes' local APIs (cloud, edge-1, …, one port each; "off" to disable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10550", value_parser = parse_optional_addr)]
+    local_api: MaybeAddr,
+    /// Where to serve /metrics and /healthz for everything ("off" to disable).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9440", value_parser = parse_optional_addr)]
+    metrics_addr: MaybeAddr,
+    /// Acknowledge API writes once in the OS page cache (survives kill -9, not power loss).
+    #[arg(long)]
+    no_fsync: bool,
+}
+
+/// The nodes `sedna up` runs: the cloud-role node first.
+fn node_names(edges: u16) -> Vec<(String, &'static str)> {
+    std::iter::once(("cloud".to_owned(), "cloud"))
+        .chain((1..=edges).map(|i| (format!("edge-{i}"), "edge")))
+        .collect()
+}
+
+async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+    let file = kube::config::Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let config = kube::Config::from_custom_kubeconfig(file, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn ensure_joined(client: &kube::Client, hub: &str, name: &str, dir: &Path) -> Result<()> {
+    if sedna_edgecore::join::Identity::load(dir)
+        .with_context(|| format!("reading the identity of node {name}"))?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let token = sedna_cloudcore::tokens::create(client, Some(name), Duration::from_secs(600))
+        .await
+        .context("creating a join token")?;
+    sedna_edgecore::join::join(hub, &token.to_string(), name, dir)
+        .await
+        .with_context(|| format!("joining node {name}"))?;
+    Ok(())
+}
+
+pub(crate) async fn up(args: UpArgs) -> Result<()> {
+    let d = &args.data_dir;
+    std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    let d = d
+        .canonicalize()
+        .with_context(|| format!("resolving {}", d.display()))?;
+
+    let mut api_config = sedna_apiserver::Config::new(d.join("apiserver"));
+    api_config.listen = args.api_listen;
+    if args.no_fsync {
+        api_config.store.durability = sedna_apiserver::store::Durability::Process;
+    }
+    let server = sedna_apiserver::ApiServer::start(api_config)
+        .await
+        .context("starting the API server")?;
+    let kubeconfig = d.join("kubeconfig");
+    let text = std::fs::read(server.kubeconfig_path())?;
+    write_private(&kubeconfig, &text)?;
+    let client = client_for(&kubeconfig).await?;
+
+    let mut hub_config = sedna_cloudcore::HubConfig::new(d.join("cloudcore"));
+    hub_config.listen = args.hub_listen;
+    let hub = sedna_cloudcore::Hub::start(hub_config, client.clone())
+        .await
+        .context("starting the hub")?;
+    let hub_addr = hub.addr().to_string();
+
+    let mut registry = Registry::default();
+    registry
+        .sub_registry_with_prefix("sedna_apiserver")
+        .register_collector(Box::new(crate::ops::apiserver_figures(&server)));
+    registry
+        .sub_registry_with_prefix("sedna_hub")
+        .register_collector(Box::new(crate::ops::hub_figures(&hub)));
+
+    let mut agents = Vec::new();
+    for (i, (name, role)) in node_names(args.edges).into_iter().enumerate() {
+        let dir = d.join("nodes").join(&name);
+        ensure_joined(&client, &hub_addr, &name, &dir).await?;
+        let mut config =
+            sedna_edgecore::AgentConfig::new(sedna_edgecore::EdgeConfig::new(&hub_addr, &dir));
+        config.role = role.to_owned();
+        config.host_ip = Some("127.0.0.1".into());
+        match (args.local_api.0, config.metaserver.as_mut()) {
+            (Some(base), Some(meta)) => {
+                let port = base
+                    .port()
+                    .checked_add(i as u16)
+                    .filter(|_| base.port() != 0);
+                meta.listen = SocketAddr::new(base.ip(), port.unwrap_or(0));
+            }
+            (None, _) => config.metaserver = None,
+            _ => {}
+        }
+        let agent = sedna_edgecore::Agent::start(config)
+            .await
+            .with_context(|| format!("starting node {name}"))?;
+        registry
+            .sub_registry_with_label((
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(name.clone()),
+            ))
+            .sub_registry_with_prefix("sedna_edge")
+            .register_collector(Box::new(crate::ops::agent_figures(&agent)));
+        agents.push((name, agent));
+    }
+    let connected = {
+        let hub_stats = hub.stats();
+        let want = agents.len() as u64;
+        move || {
+            hub_stats
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= want
+        }
+    };
+    crate::ops::start(
+        args.metrics_addr.0,
+        registry,
+        std::sync::Arc::new(connected),
+    )
+    .await;
+
+    println!("API server: {}", server.url());
+    println!("hub: {hub_addr}");
+    for (name, agent) in &agents {
+        match agent.metaserver() {
+            Some(m) => println!("node {name}: local API {}", m.url()),
+            None => println!("node {name}"),
+        }
+    }
+    println!("kubeconfig: {}", kubeconfig.display());
+    println!(
+        "try: KUBECONFIG={} kubectl get nodes   (Ctrl-C stops everything)",
+        kubeconfig.display()
+    );
+
+    crate::wait_for_signal().await;
+    println!("stopping");
+    for (_, agent) in agents {
+        agent.shutdown_with_workloads().await;
+    }
+    hub.shutdown().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+fn write_private(path: &Path, content: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Checks what clap cannot.
+pub(crate) fn check_args(args: &UpArgs) -> Result<()> {
+    if args.api_listen == args.hub_listen {
+        bail!("--api-listen and --hub-listen must differ");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cloud_node_comes_first_then_numbered_edges() {
+        let names: Vec<String> = node_names(2).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["cloud", "edge-1", "edge-2"]);
+        assert_eq!(node_names(0).len(), 1);
+        assert_eq!(node_names(3)[3].1, "edge");
+        assert_eq!(node_names(3)[0].1, "cloud");
+    }
+}
