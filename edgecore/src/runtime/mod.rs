@@ -228,8 +228,11 @@ async fn run(
     resync(&mut pods, &start);
     remove_stale_dirs(&pods_dir(&config), &pods);
     stats.pods.store(pods.len() as u64, Ordering::Relaxed);
+    let mut rotation = tokio::time::interval(Duration::from_secs(10));
+    rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = rotation.tick() => rotate_logs(&pods_dir(&config), config.log_limits),
             change = changes.recv() => match change {
                 Ok(Change::Upserted(o)) if o.kind == "Pod" => {
                     let Some(pod) = decode_pod(&o.value) else { continue };
@@ -873,6 +876,26 @@ impl Worker {
                         return;
                     }
                 },
+            }
+        }
+    }
+}
+
+/// Rotates every container log under the pods directory that outgrew its limit.
+fn rotate_logs(dir: &Path, limits: LogLimits) {
+    let Ok(pods) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for pod in pods.flatten() {
+        let Ok(logs) = std::fs::read_dir(pod.path().join("logs")) else {
+            continue;
+        };
+        for log in logs.flatten() {
+            let path = log.path();
+            if path.extension().is_some_and(|e| e == "log")
+                && let Err(e) = process::rotate_if_needed(&path, limits)
+            {
+                tracing::warn!(log = %path.display(), error = %e, "could not rotate a container log");
             }
         }
     }

@@ -1,17 +1,15 @@
 //! Container processes: started in their own process group with only the declared
-//! environment, their output written to size-rotated log files, stopped with SIGTERM then
+//! environment, their output written by the process itself to a log file the agent rotates
+//! by size (copytruncate), stopped with SIGTERM then
 //! SIGKILL, limited through cgroups where the OS lets the agent (v2, or v1 memory and cpu;
 //! otherwise limits are not enforced and that is logged once), and recorded in pid files so
 //! a restarted agent removes the processes a killed agent left behind.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use super::spec::Launch;
@@ -34,69 +32,32 @@ impl Default for LogLimits {
     }
 }
 
-/// A size-rotated log file (`current.log`, `current.log.1`, …).
-pub struct RotatingLog {
-    path: PathBuf,
-    limits: LogLimits,
-    file: std::fs::File,
-    size: u64,
-}
-
-impl RotatingLog {
-    /// Opens (appending) the log at `path`.
-    pub fn open(path: &Path, limits: LogLimits) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)?;
-        let size = file.metadata()?.len();
-        Ok(Self {
-            path: path.to_owned(),
-            limits,
-            file,
-            size,
-        })
+/// Rotates a container log the container writes to directly (`O_APPEND`): when it has
+/// grown past the limit, it is copied to `<log>.1` (older copies shift up to `keep`) and
+/// truncated in place, so the process keeps writing to the same open file (copytruncate).
+/// Returns whether it rotated. Lines written between the copy and the truncation are lost.
+pub fn rotate_if_needed(path: &Path, limits: LogLimits) -> std::io::Result<bool> {
+    let size = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if size <= limits.max_bytes {
+        return Ok(false);
     }
-
-    /// Appends a line.
-    pub fn write_line(&mut self, line: &str) -> std::io::Result<()> {
-        let len = line.len() as u64 + 1;
-        if self.size > 0 && self.size + len > self.limits.max_bytes {
-            self.rotate()?;
-        }
-        self.file.write_all(line.as_bytes())?;
-        self.file.write_all(b"\n")?;
-        self.size += len;
-        Ok(())
+    let name = |i: usize| PathBuf::from(format!("{}.{i}", path.display()));
+    let _ = std::fs::remove_file(name(limits.keep));
+    for i in (1..limits.keep).rev() {
+        let _ = std::fs::rename(name(i), name(i + 1));
     }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let name = |i: usize| PathBuf::from(format!("{}.{i}", self.path.display()));
-        let _ = std::fs::remove_file(name(self.limits.keep));
-        for i in (1..self.limits.keep).rev() {
-            let _ = std::fs::rename(name(i), name(i + 1));
-        }
-        if self.limits.keep > 0 {
-            std::fs::rename(&self.path, name(1))?;
-        } else {
-            std::fs::remove_file(&self.path)?;
-        }
-        self.file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)?;
-        self.size = 0;
-        Ok(())
+    if limits.keep > 0 {
+        std::fs::copy(path, name(1))?;
     }
-}
-
-fn now() -> String {
-    jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)?
+        .set_len(0)?;
+    Ok(true)
 }
 
 /// The start time of a process (clock ticks since boot), to tell a pid from its reuse.
@@ -113,6 +74,16 @@ pub fn spawn(
     pid_file: &Path,
     limits: LogLimits,
 ) -> std::io::Result<Child> {
+    if let Some(dir) = log_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    // The process writes its output straight to the file: nothing is buffered in the agent,
+    // and the workload keeps its output going when the agent is down.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)?;
+    let _ = rotate_if_needed(log_path, limits);
     let mut command = Command::new(&launch.program);
     command
         .args(&launch.args)
@@ -122,43 +93,20 @@ pub fn spawn(
         .envs(&launch.env)
         .current_dir(&launch.working_dir)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(log.try_clone()?)
+        .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
     std::fs::create_dir_all(&launch.working_dir)?;
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     let pid = child.id().unwrap_or_default();
     if let Some(ticks) = start_ticks(pid) {
         std::fs::write(pid_file, format!("{pid} {ticks}\n"))?;
     }
-    let log = Arc::new(std::sync::Mutex::new(RotatingLog::open(log_path, limits)?));
-    if let Some(out) = child.stdout.take() {
-        pump(out, "stdout", log.clone());
-    }
-    if let Some(err) = child.stderr.take() {
-        pump(err, "stderr", log);
-    }
     Ok(child)
 }
 
-fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
-    reader: R,
-    stream: &'static str,
-    log: Arc<std::sync::Mutex<RotatingLog>>,
-) {
-    tokio::spawn(async move {
-        let mut lines = BufReader::new(reader).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            let mut log = log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let _ = log.write_line(&format!("{} {stream} F {line}", now()));
-        }
-    });
-}
-
-/// Sends a signal to a container's process group.
+/// Sends a signal to a container's process group; whether it was delivered.
 pub fn signal(pid: u32, signal: Signal) -> bool {
     i32::try_from(pid)
         .ok()
@@ -261,27 +209,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn logs_rotate_and_keep_a_bounded_number_of_files() {
+    fn logs_rotate_in_place_and_keep_a_bounded_number_of_files() {
+        use std::io::Write;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/current.log");
-        let mut log = RotatingLog::open(
-            &path,
-            LogLimits {
-                max_bytes: 100,
-                keep: 2,
-            },
-        )
-        .unwrap();
+        std::fs::create_dir_all(dir.path().join("c")).unwrap();
+        let limits = LogLimits {
+            max_bytes: 100,
+            keep: 2,
+        };
+        // The writer keeps one append-mode handle, as a container does.
+        let mut writer = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        let mut rotations = 0;
         for i in 0..30 {
-            log.write_line(&format!("line {i:04} with some padding"))
-                .unwrap();
+            writeln!(writer, "line {i:04} with some padding").unwrap();
+            if rotate_if_needed(&path, limits).unwrap() {
+                rotations += 1;
+            }
         }
+        assert!(rotations >= 3);
         assert!(std::fs::metadata(&path).unwrap().len() <= 100);
         assert!(dir.path().join("c/current.log.1").exists());
         assert!(dir.path().join("c/current.log.2").exists());
         assert!(!dir.path().join("c/current.log.3").exists());
-        let last = std::fs::read_to_string(&path).unwrap();
-        assert!(last.contains("line 0029"));
+        writeln!(writer, "after rotation").unwrap();
+        let current = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            current.starts_with("after rotation") || current.contains("line 0029"),
+            "{current:?}"
+        );
+        assert!(
+            !current.contains('\0'),
+            "writes after a truncation must not leave a hole"
+        );
+        assert!(!rotate_if_needed(&dir.path().join("missing.log"), limits).unwrap());
     }
 
     #[tokio::test]
@@ -306,8 +271,8 @@ mod tests {
         let pid = child.id().unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.contains("stdout F hello edge"), "{text}");
-        assert!(text.contains("stderr F oops"), "{text}");
+        assert!(text.contains("hello edge"), "{text}");
+        assert!(text.contains("oops"), "{text}");
         assert!(signal(pid, Signal::SIGTERM));
         let status = child.wait().await.unwrap();
         assert!(!status.success());
