@@ -73,9 +73,12 @@ pub struct WriteRequest<'a> {
     pub name: Option<&'a str>,
 }
 
+/// The decision function of a [`WritePolicy`]: `Err` carries the reason for the client.
+pub type WriteCheck = dyn Fn(&WriteRequest<'_>) -> Result<(), String> + Send + Sync;
+
 /// Decides whether a write is allowed; a refusal is answered 403 Forbidden with the message.
 #[derive(Clone)]
-pub struct WritePolicy(pub Arc<dyn Fn(&WriteRequest<'_>) -> Result<(), String> + Send + Sync>);
+pub struct WritePolicy(pub Arc<WriteCheck>);
 
 impl std::fmt::Debug for WritePolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

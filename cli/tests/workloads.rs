@@ -502,16 +502,15 @@ data:
         .unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(event) = watch.next().await {
-            if let Ok(WatchEvent::Modified(cm)) = event {
-                if cm
+            if let Ok(WatchEvent::Modified(cm)) = event
+                && cm
                     .data
                     .unwrap_or_default()
                     .get("threshold")
                     .map(String::as_str)
                     == Some("0.7")
-                {
-                    return true;
-                }
+            {
+                return true;
             }
         }
         false

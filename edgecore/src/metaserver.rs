@@ -203,10 +203,10 @@ impl Mirror {
                 if self.own.remove(&event.rev) || event.kind == EventKind::Deleted {
                     continue;
                 }
-                if let Some(upstream) = upstream_of(&event.object, event.prev.as_deref()) {
-                    if let Err(e) = self.reporter.report(&upstream) {
-                        tracing::warn!(error = %e, "could not queue a local API write");
-                    }
+                if let Some(upstream) = upstream_of(&event.object, event.prev.as_deref())
+                    && let Err(e) = self.reporter.report(&upstream)
+                {
+                    tracing::warn!(error = %e, "could not queue a local API write");
                 }
             }
         }
