@@ -4,7 +4,7 @@
 //! when the node carries an autonomy period, annotation `node.sedna.io/autonomy-duration`
 //! (e.g. `30m`, `24h`), and the node has been unreachable for longer than that.
 //!
-//! [`judge`] is the pure decision; [`run`] applies it to the hub's cache of Nodes, Leases and
+//! [`judge`] is the pure decision; the hub applies it to its cache of Nodes, Leases and
 //! Pods every period.
 
 use std::time::Duration;
