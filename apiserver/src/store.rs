@@ -112,6 +112,9 @@ pub struct StoreOptions {
     pub keep_duration: Duration,
     /// How writes reach the disk.
     pub durability: Durability,
+    /// SQLite page cache per connection, in KiB (objects are served from memory; the cache
+    /// only speeds up writes and reads of the log).
+    pub cache_kib: u32,
 }
 
 impl Default for StoreOptions {
@@ -120,6 +123,7 @@ impl Default for StoreOptions {
             keep_revisions: 1000,
             keep_duration: Duration::from_secs(300),
             durability: Durability::Full,
+            cache_kib: 2000,
         }
     }
 }
@@ -246,7 +250,8 @@ CREATE INDEX IF NOT EXISTS log_name_id ON log (name, id);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 ";
 
-fn open_connection(path: &Path, durability: Durability) -> Result<Connection, StoreError> {
+fn open_connection(path: &Path, options: &StoreOptions) -> Result<Connection, StoreError> {
+    let durability = options.durability;
     let conn = Connection::open(path)?;
     conn.busy_timeout(Duration::from_secs(10))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -255,6 +260,7 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
         Durability::Process => "NORMAL",
     };
     conn.pragma_update(None, "synchronous", sync)?;
+    conn.pragma_update(None, "cache_size", -i64::from(options.cache_kib.max(64)))?;
     Ok(conn)
 }
 
@@ -331,7 +337,7 @@ impl Store {
         if lock.try_lock().is_err() {
             return Err(StoreError::Locked(path.display().to_string()));
         }
-        let conn = open_connection(path, options.durability)?;
+        let conn = open_connection(path, &options)?;
         conn.execute_batch(SCHEMA)?;
         let compacted: u64 = conn
             .query_row("SELECT value FROM meta WHERE key = 'compacted'", [], |r| {
@@ -583,7 +589,7 @@ impl Store {
         let conn = lock_or_recover(&self.inner.readers).pop();
         let conn = match conn {
             Some(c) => c,
-            None => open_connection(&self.inner.path, self.inner.options.durability)?,
+            None => open_connection(&self.inner.path, &self.inner.options)?,
         };
         let result = f(&conn);
         lock_or_recover(&self.inner.readers).push(conn);
@@ -1038,7 +1044,7 @@ mod tests {
     #[test]
     fn the_database_refuses_two_rows_replacing_the_same_revision() {
         let dir = tempfile::tempdir().unwrap();
-        let conn = open_connection(&dir.path().join("x.db"), Durability::Full).unwrap();
+        let conn = open_connection(&dir.path().join("x.db"), &StoreOptions::default()).unwrap();
         conn.execute_batch(SCHEMA).unwrap();
         let insert = "INSERT INTO log (name, created, deleted, prev_revision, ts, value)
                       VALUES ('k', 0, 0, 7, 0, x'7b7d')";
@@ -1163,6 +1169,7 @@ mod tests {
             keep_revisions: 5,
             keep_duration: Duration::ZERO,
             durability: Durability::Process,
+            cache_kib: 256,
         };
         let store = Store::open(&dir.path().join("s.db"), options).unwrap();
         for i in 0..20 {

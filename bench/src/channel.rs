@@ -264,12 +264,14 @@ async fn latency(args: &Args) -> Result<()> {
         config.in_memory = true;
         let edge = EdgeHub::start(config).await?;
         let mut changes = edge.subscribe();
+        let store = edge.store().clone();
         let delays = delays.clone();
         tokio::spawn(async move {
             while let Ok(change) = changes.recv().await {
                 if let Change::Upserted(o) = change
                     && o.kind == "Pod"
-                    && let Ok(pod) = serde_json::from_slice::<serde_json::Value>(&o.value)
+                    && let Ok(Some(stored)) = store.get("Pod", &o.namespace, &o.name)
+                    && let Ok(pod) = serde_json::from_slice::<serde_json::Value>(&stored.value)
                     && let Some(sent) = pod
                         .pointer("/metadata/annotations/bench~1sent-ns")
                         .and_then(|s| s.as_str())

@@ -347,9 +347,10 @@ async fn main() -> Result<()> {
     edge.wait()?;
     // Stop the workloads the killed agent left behind.
     for pid in pids(&edge_dir).values() {
-        let _ = Command::new("kill")
-            .args(["-9", &format!("-{pid}")])
-            .status();
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     drop(procs);
     Ok(())

@@ -175,7 +175,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Edgecore(args) => {
             init_logging(cli.log_json);
-            runtime()?.block_on(node::edgecore(args))?;
+            // One thread: an edge agent is mostly idle, and every extra thread costs the
+            // node a malloc arena.
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(node::edgecore(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Up(args) => {

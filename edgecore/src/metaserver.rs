@@ -271,6 +271,9 @@ impl MetaServer {
         let mut api = Config::new(&config.data_dir);
         api.listen = config.listen;
         api.store.durability = Durability::Process;
+        // A small node: the objects live in memory anyway; keep little history and cache.
+        api.store.cache_kib = 256;
+        api.store.keep_revisions = 200;
         api.garbage_collection = false;
         api.write_policy = Some(WritePolicy(Arc::new(allowed)));
         let server = Arc::new(ApiServer::start(api).await?);
@@ -295,7 +298,12 @@ impl MetaServer {
             loop {
                 tokio::select! {
                     change = changes.recv() => match change {
-                        Ok(Change::Upserted(o)) => mirror.put(&o.api_version, &o.kind, &o.value).await,
+                        Ok(Change::Upserted(o)) => {
+                            let stored = mirror.store.get(&o.kind, &o.namespace, &o.name).ok().flatten();
+                            if let Some(s) = stored {
+                                mirror.put(&s.api_version, &s.kind, &s.value).await;
+                            }
+                        }
                         Ok(Change::Deleted { kind, namespace, name, .. }) => {
                             mirror.delete(&kind, &namespace, &name).await;
                         }

@@ -67,6 +67,24 @@ pub struct StoredObject {
     pub value: Vec<u8>,
 }
 
+/// Which object changed (the object itself is read from the store: notifications stay small,
+/// however many are buffered for slow subscribers).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectId {
+    /// apiVersion.
+    pub api_version: String,
+    /// kind.
+    pub kind: String,
+    /// Namespace (empty for cluster objects).
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+    /// uid.
+    pub uid: String,
+    /// resourceVersion stored.
+    pub rv: u64,
+}
+
 /// A queued upstream write.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OutboxEntry {
@@ -79,8 +97,8 @@ pub struct OutboxEntry {
 /// What changed in the store, for whoever reacts to objects (the workload runtime).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
-    /// An object was stored.
-    Upserted(StoredObject),
+    /// An object was stored (read it with [`EdgeStore::get`]).
+    Upserted(ObjectId),
     /// An object was removed.
     Deleted {
         /// kind.
@@ -162,6 +180,8 @@ impl EdgeStore {
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // Small nodes: a 256 KiB page cache (SQLite's default is 2 MB).
+        conn.pragma_update(None, "cache_size", -256)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
@@ -225,14 +245,13 @@ impl EdgeStore {
             ],
         )?;
         tx.commit()?;
-        Ok(Some(Change::Upserted(StoredObject {
+        Ok(Some(Change::Upserted(ObjectId {
             api_version: object.api_version.clone(),
             kind: object.kind.clone(),
             namespace: object.namespace.clone(),
             name: object.name.clone(),
             uid: object.uid.clone(),
             rv,
-            value: value.to_vec(),
         })))
     }
 

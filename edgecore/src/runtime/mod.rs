@@ -235,7 +235,8 @@ async fn run(
             _ = rotation.tick() => rotate_logs(&pods_dir(&config), config.log_limits),
             change = changes.recv() => match change {
                 Ok(Change::Upserted(o)) if o.kind == "Pod" => {
-                    let Some(pod) = decode_pod(&o.value) else { continue };
+                    let stored = store.get("Pod", &o.namespace, &o.name).ok().flatten();
+                    let Some(pod) = stored.and_then(|s| decode_pod(&s.value)) else { continue };
                     if !bound_here(&pod, &config.node) {
                         if let Some(e) = pods.get(&o.uid) {
                             let _ = e.tx.send(Command::Kill);
