@@ -379,11 +379,22 @@ impl EdgeStore {
         }
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // A node's status and lease are snapshots: a newer one makes queued ones pointless.
+        // A node's status and lease are snapshots: a newer one of the same object makes queued
+        // ones pointless.
         let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
-        if snapshot.contains(&upstream.kind) {
-            tx.execute("DELETE FROM outbox WHERE kind = ?1", params![upstream.kind])?;
-        }
+        let target = if snapshot.contains(&upstream.kind) {
+            let name = serde_json::from_slice::<serde_json::Value>(&upstream.payload)
+                .ok()
+                .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            tx.execute(
+                "DELETE FROM outbox WHERE kind = ?1 AND target = ?2",
+                params![upstream.kind, name],
+            )?;
+            name
+        } else {
+            target_of(upstream)
+        };
         let count =
             tx.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize;
         if count >= self.outbox_limit {
@@ -391,7 +402,7 @@ impl EdgeStore {
         }
         tx.execute(
             "INSERT INTO outbox (kind, target, message) VALUES (?1, ?2, ?3)",
-            params![upstream.kind, target_of(upstream), message],
+            params![upstream.kind, target, message],
         )?;
         let seq = tx.last_insert_rowid() as u64;
         tx.commit()?;
@@ -661,18 +672,20 @@ mod tests {
     #[test]
     fn node_status_and_lease_snapshots_replace_queued_ones() {
         let (_d, s) = open();
-        let lease = |n: u8| Upstream {
+        let lease = |name: &str, n: u8| Upstream {
             kind: UpstreamKind::Lease as i32,
             object: None,
-            payload: vec![n],
+            payload: format!(r#"{{"metadata":{{"name":"{name}"}},"n":{n}}}"#).into_bytes(),
         };
         s.push(&status("p", "Running")).unwrap();
-        s.push(&lease(1)).unwrap();
-        s.push(&lease(2)).unwrap();
-        s.push(&lease(3)).unwrap();
+        s.push(&lease("edge-1", 1)).unwrap();
+        s.push(&lease("edge-1", 2)).unwrap();
+        s.push(&lease("other", 9)).unwrap();
+        s.push(&lease("edge-1", 3)).unwrap();
         let pending = s.pending(0, 10).unwrap();
-        assert_eq!(pending.len(), 2);
-        assert_eq!(pending[1].upstream.payload, [3]);
+        assert_eq!(pending.len(), 3, "one per object: the status and two leases");
+        assert_eq!(pending[1].upstream.payload, lease("other", 9).payload);
+        assert_eq!(pending[2].upstream.payload, lease("edge-1", 3).payload);
     }
 
     #[test]
