@@ -63,10 +63,14 @@ fn meminfo(field: &str) -> Option<u64> {
         .map(|kib| kib * 1024)
 }
 
-/// Counts NVIDIA GPUs through NVML; `None` when the library or a driver is missing.
+/// Counts NVIDIA GPUs through NVML; `None` when the library or a driver is missing. Asked
+/// once per process (loading NVML takes tens of milliseconds).
 pub fn gpu_count() -> Option<u32> {
-    let nvml = nvml_wrapper::Nvml::init().ok()?;
-    nvml.device_count().ok()
+    static COUNT: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let nvml = nvml_wrapper::Nvml::init().ok()?;
+        nvml.device_count().ok()
+    })
 }
 
 /// Reads the machine's resources.

@@ -683,7 +683,11 @@ mod tests {
         s.push(&lease("other", 9)).unwrap();
         s.push(&lease("edge-1", 3)).unwrap();
         let pending = s.pending(0, 10).unwrap();
-        assert_eq!(pending.len(), 3, "one per object: the status and two leases");
+        assert_eq!(
+            pending.len(),
+            3,
+            "one per object: the status and two leases"
+        );
         assert_eq!(pending[1].upstream.payload, lease("other", 9).payload);
         assert_eq!(pending[2].upstream.payload, lease("edge-1", 3).payload);
     }
