@@ -140,6 +140,9 @@ fn check(global: &Weights, updates: &[Update]) -> Result<(), AggregateError> {
 
 const CHUNK: usize = 16 * 1024;
 
+/// The same range of every input tensor, and the output's.
+type Job<'a> = (Vec<&'a [f32]>, &'a mut [f32]);
+
 fn threads() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -153,7 +156,7 @@ where
     F: Fn(&[&[f32]], &mut [f32]) + Sync,
 {
     let mut out = template.clone();
-    let mut jobs: Vec<(Vec<&[f32]>, &mut [f32])> = Vec::new();
+    let mut jobs: Vec<Job<'_>> = Vec::new();
     let inputs: Vec<Vec<std::borrow::Cow<'_, [f32]>>> = updates
         .iter()
         .map(|w| {
@@ -184,7 +187,7 @@ where
         }
         return out;
     }
-    let mut buckets: Vec<Vec<(Vec<&[f32]>, &mut [f32])>> = (0..n).map(|_| Vec::new()).collect();
+    let mut buckets: Vec<Vec<Job<'_>>> = (0..n).map(|_| Vec::new()).collect();
     for (i, job) in jobs.into_iter().enumerate() {
         buckets[i % n].push(job);
     }
