@@ -11,4 +11,5 @@
 
 pub mod aggregate;
 pub mod hem;
+pub mod inference;
 pub mod weights;
