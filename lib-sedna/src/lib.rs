@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod config;
 pub mod hem;
 pub mod inference;
 pub mod weights;
