@@ -73,6 +73,15 @@ impl Encoding {
         }
     }
 
+    /// The name [`Encoding::parse`] reads back: `f32`, `fp16` or `int8`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Encoding::F32 => "f32",
+            Encoding::F16 => "fp16",
+            Encoding::Int8 => "int8",
+        }
+    }
+
     /// Parses `f32`, `fp16`/`f16`, `int8`.
     pub fn parse(s: &str) -> Result<Self, WeightsError> {
         match s.trim().to_ascii_lowercase().as_str() {
