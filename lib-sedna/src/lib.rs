@@ -14,4 +14,5 @@ pub mod config;
 pub mod fl;
 pub mod hem;
 pub mod inference;
+pub mod storage;
 pub mod weights;
