@@ -11,6 +11,7 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod dataset;
 pub mod fl;
 pub mod hem;
 pub mod inference;
