@@ -175,7 +175,8 @@ impl<'a> Params<'a> {
     }
 }
 
-/// `Threshold`: hard when the boxes' mean score is below the threshold.
+/// `Threshold`: hard when the boxes' mean score is below the threshold (Sedna's rule). For
+/// a classifier's probabilities, the score is the top probability (one "box").
 #[derive(Clone, Debug)]
 pub struct Threshold {
     /// The threshold.
@@ -187,7 +188,18 @@ impl HardExampleMining for Threshold {
         "Threshold"
     }
     fn is_hard(&self, input: &Input<'_>) -> bool {
-        let Input::Boxes(b) = input else { return false };
+        let b = match input {
+            Input::Boxes(b) => b,
+            Input::Probabilities(p) => {
+                let top = p
+                    .iter()
+                    .copied()
+                    .filter(|x| x.is_finite())
+                    .fold(f32::NAN, f32::max);
+                return top.is_finite() && f64::from(top) < self.threshold;
+            }
+            Input::Opaque => return false,
+        };
         if b.nrows() == 0 || b.ncols() < 5 {
             return false;
         }
@@ -516,7 +528,14 @@ mod tests {
             !t.is_hard(&Input::Boxes(short.view())),
             "boxes without scores"
         );
+        // Probabilities: the top probability is the score.
         assert!(!t.is_hard(&Input::Probabilities(array![0.1, 0.9].view())));
+        assert!(t.is_hard(&Input::Probabilities(array![0.3, 0.45, 0.25].view())));
+        assert!(
+            !t.is_hard(&Input::Probabilities(array![0.5, 0.5].view())),
+            "0.5 is not below"
+        );
+        assert!(!t.is_hard(&Input::Opaque));
         let default = build("Threshold", &[]);
         assert!(default.is_hard(&Input::Boxes(boxes(&[0.49]).view())));
     }

@@ -15,5 +15,6 @@ pub mod dataset;
 pub mod fl;
 pub mod hem;
 pub mod inference;
+pub mod joint;
 pub mod storage;
 pub mod weights;
