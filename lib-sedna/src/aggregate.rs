@@ -204,6 +204,28 @@ where
     out
 }
 
+/// `out = Σ factors[i] · ins[i]`, eight inputs per pass over `out` (an eighth of the cache
+/// traffic of one pass per input, so the sum runs at the speed of reading the inputs).
+fn weighted_sum(ins: &[&[f32]], factors: &[f32], out: &mut [f32]) {
+    const WAYS: usize = 8;
+    out.fill(0.0);
+    let n = out.len();
+    for (x, w) in ins.chunks_exact(WAYS).zip(factors.chunks_exact(WAYS)) {
+        let x: [&[f32]; WAYS] = std::array::from_fn(|k| &x[k][..n]);
+        for i in 0..n {
+            let a = w[0] * x[0][i] + w[1] * x[1][i] + w[2] * x[2][i] + w[3] * x[3][i];
+            let b = w[4] * x[4][i] + w[5] * x[5][i] + w[6] * x[6][i] + w[7] * x[7][i];
+            out[i] += a + b;
+        }
+    }
+    let done = ins.len() - ins.len() % WAYS;
+    for (x, &w) in ins[done..].iter().zip(&factors[done..]) {
+        for (o, v) in out.iter_mut().zip(x.iter()) {
+            *o += w * v;
+        }
+    }
+}
+
 /// The sample-weighted mean of the updates.
 pub fn fedavg(global: &Weights, updates: &[Update]) -> Result<Weights, AggregateError> {
     check(global, updates)?;
@@ -217,12 +239,7 @@ pub fn fedavg(global: &Weights, updates: &[Update]) -> Result<Weights, Aggregate
         .collect();
     let refs: Vec<&Weights> = updates.iter().map(|u| &u.weights).collect();
     Ok(combine(global, &refs, |ins, out| {
-        out.fill(0.0);
-        for (x, &w) in ins.iter().zip(&factors) {
-            for (o, v) in out.iter_mut().zip(x.iter()) {
-                *o += w * v;
-            }
-        }
+        weighted_sum(ins, &factors, out)
     }))
 }
 

@@ -24,7 +24,6 @@
 //! # Ok::<(), sedna::inference::InferenceError>(())
 //! ```
 
-use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
@@ -159,6 +158,19 @@ pub fn init_runtime_from(path: &Path) -> Result<Runtime> {
     };
     *guard = Some(runtime.clone());
     Ok(runtime)
+}
+
+/// The process's ONNX Runtime environment (loading the runtime first), for code that drives
+/// `ort` directly next to this crate, such as the benchmarks' bare-`ort` baseline.
+pub fn ort_environment() -> Result<ort::environment::Environment> {
+    runtime()?;
+    ENVIRONMENT
+        .get()
+        .cloned()
+        .ok_or_else(|| InferenceError::RuntimeLoad {
+            path: PathBuf::new(),
+            message: "the ONNX Runtime environment was not created".into(),
+        })
 }
 
 fn lock_runtime() -> std::sync::MutexGuard<'static, Option<Runtime>> {
@@ -630,6 +642,54 @@ impl Outputs {
     }
 }
 
+/// A run's outputs, borrowed from ONNX Runtime (see [`Model::run_with`]).
+pub struct OutputViews<'s, 'r> {
+    /// Which load of the model produced them.
+    pub model_version: u64,
+    outputs: &'s ort::session::SessionOutputs<'r>,
+}
+
+impl OutputViews<'_, '_> {
+    /// Number of outputs.
+    pub fn len(&self) -> usize {
+        self.outputs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.outputs.len() == 0
+    }
+
+    fn value(&self, name: &str) -> Result<&DynValue> {
+        self.outputs
+            .get(name)
+            .ok_or_else(|| InferenceError::Output {
+                name: name.into(),
+                message: "no such output".into(),
+            })
+    }
+
+    /// The float32 output called `name`, in place.
+    pub fn f32(&self, name: &str) -> Result<ArrayViewD<'_, f32>> {
+        self.value(name)?
+            .try_extract_array::<f32>()
+            .map_err(|e| InferenceError::Output {
+                name: name.into(),
+                message: e.to_string(),
+            })
+    }
+
+    /// The int64 output called `name`, in place.
+    pub fn i64(&self, name: &str) -> Result<ArrayViewD<'_, i64>> {
+        self.value(name)?
+            .try_extract_array::<i64>()
+            .map_err(|e| InferenceError::Output {
+                name: name.into(),
+                message: e.to_string(),
+            })
+    }
+}
+
 struct Loaded {
     session: Mutex<Session>,
     inputs: Vec<TensorInfo>,
@@ -744,31 +804,65 @@ impl Model {
 
     /// Runs the model on named inputs. Every input the model declares must be given once.
     pub fn run(&self, inputs: &[(&str, TensorView<'_>)]) -> Result<Outputs> {
+        self.run_with(inputs, |views| {
+            let mut values = Vec::with_capacity(views.len());
+            for (name, value) in views.outputs.iter() {
+                values.push((name.to_string(), extract(name, &value)?));
+            }
+            Ok(Outputs {
+                model_version: views.model_version,
+                values,
+            })
+        })
+    }
+
+    /// Runs the model and hands its outputs to `read` in place, without copying them out
+    /// (the zero-copy form of [`Model::run`]: the views live only during `read`).
+    pub fn run_with<R>(
+        &self,
+        inputs: &[(&str, TensorView<'_>)],
+        read: impl FnOnce(&OutputViews<'_, '_>) -> Result<R>,
+    ) -> Result<R> {
         let loaded = self.loaded();
         check_inputs(&loaded.inputs, inputs)?;
-        let standard: Vec<(&str, StandardView<'_>)> = inputs
-            .iter()
-            .map(|(name, view)| (*name, StandardView::of(view)))
-            .collect();
-        let mut values: Vec<(Cow<'_, str>, ort::session::SessionInputValue<'_>)> =
-            Vec::with_capacity(standard.len());
-        for (name, view) in &standard {
-            values.push((Cow::Borrowed(*name), view.to_ort()?));
+        if let ([(_, view)], [_]) = (inputs, loaded.inputs.as_slice()) {
+            // One input (the common case): no allocation on the way in.
+            let standard = StandardView::of(view);
+            let value = standard.to_ort()?;
+            let mut session = loaded
+                .session
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let outputs = session
+                .run([value])
+                .map_err(|e| InferenceError::Run(e.to_string()))?;
+            return read(&OutputViews {
+                model_version: loaded.version,
+                outputs: &outputs,
+            });
         }
+        // Checked above: every declared input is given exactly once. Passing them in the
+        // model's order spares ONNX Runtime the name lookup.
+        let standard: Vec<StandardView<'_>> = loaded
+            .inputs
+            .iter()
+            .filter_map(|info| inputs.iter().find(|(name, _)| *name == info.name))
+            .map(|(_, view)| StandardView::of(view))
+            .collect();
+        let values = standard
+            .iter()
+            .map(StandardView::to_ort)
+            .collect::<Result<Vec<_>>>()?;
         let mut session = loaded
             .session
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let outputs = session
-            .run(values)
+            .run(values.as_slice())
             .map_err(|e| InferenceError::Run(e.to_string()))?;
-        let mut result = Vec::with_capacity(loaded.outputs.len());
-        for (name, value) in outputs.iter() {
-            result.push((name.to_string(), extract(name, &value)?));
-        }
-        Ok(Outputs {
+        read(&OutputViews {
             model_version: loaded.version,
-            values: result,
+            outputs: &outputs,
         })
     }
 

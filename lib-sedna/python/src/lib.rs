@@ -1,0 +1,1352 @@
+//! Python bindings of `lib-sedna`: the native module `sedna._sedna`, re-exported by the
+//! pure-Python package `sedna` (see `python/sedna/__init__.py`).
+//!
+//! numpy arrays come in as borrowed views (no copy when C-contiguous) and go out as arrays
+//! that take over the Rust buffers (no copy). Rust errors become Python exceptions derived
+//! from `sedna.SednaError`, carrying the Rust error's message. Calls that wait (cloud
+//! requests, storage) release the GIL.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use sedna::aggregate::{self, Update};
+use sedna::fl::{self, Estimator, EstimatorError, TrainReport};
+use sedna::hem::{self, HardExampleMining, Input};
+use sedna::inference::{self, Provider, SessionOptions, Tensor, TensorView};
+use sedna::joint;
+use sedna::weights::{Encoding, Limits, Weights};
+
+create_exception!(
+    _sedna,
+    SednaError,
+    PyException,
+    "Base of every sedna error."
+);
+create_exception!(
+    _sedna,
+    InferenceError,
+    SednaError,
+    "Loading or running a model failed."
+);
+create_exception!(
+    _sedna,
+    HemError,
+    SednaError,
+    "Hard-example mining is misconfigured."
+);
+create_exception!(
+    _sedna,
+    JointInferenceError,
+    SednaError,
+    "Joint inference failed."
+);
+create_exception!(
+    _sedna,
+    FederatedLearningError,
+    SednaError,
+    "Federated learning failed."
+);
+create_exception!(
+    _sedna,
+    WeightsError,
+    SednaError,
+    "Weights cannot be encoded or decoded."
+);
+create_exception!(_sedna, AggregationError, SednaError, "Aggregation failed.");
+create_exception!(
+    _sedna,
+    ConfigError,
+    SednaError,
+    "The worker configuration is invalid."
+);
+create_exception!(_sedna, StorageError, SednaError, "Object storage failed.");
+create_exception!(
+    _sedna,
+    DatasetError,
+    SednaError,
+    "A dataset index is invalid."
+);
+
+fn err<E: std::fmt::Display>(kind: fn(String) -> PyErr) -> impl Fn(E) -> PyErr {
+    move |e| kind(e.to_string())
+}
+
+fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
+    static RUNTIME: OnceLock<std::io::Result<tokio::runtime::Runtime>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("sedna")
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+        .map_err(|e| SednaError::new_err(format!("starting the I/O runtime: {e}")))
+}
+
+// ----- tensors ----------------------------------------------------------------------------------
+
+/// A numpy array borrowed for the duration of a call.
+enum Borrowed<'py> {
+    F32(PyReadonlyArrayDyn<'py, f32>),
+    F64(PyReadonlyArrayDyn<'py, f64>),
+    I64(PyReadonlyArrayDyn<'py, i64>),
+    I32(PyReadonlyArrayDyn<'py, i32>),
+    U8(PyReadonlyArrayDyn<'py, u8>),
+}
+
+impl<'py> Borrowed<'py> {
+    fn extract(name: &str, value: &Bound<'py, PyAny>) -> PyResult<Self> {
+        if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'py, f32>>() {
+            return Ok(Borrowed::F32(a));
+        }
+        if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'py, f64>>() {
+            return Ok(Borrowed::F64(a));
+        }
+        if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'py, i64>>() {
+            return Ok(Borrowed::I64(a));
+        }
+        if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'py, i32>>() {
+            return Ok(Borrowed::I32(a));
+        }
+        if let Ok(a) = value.extract::<PyReadonlyArrayDyn<'py, u8>>() {
+            return Ok(Borrowed::U8(a));
+        }
+        let described = value
+            .getattr("dtype")
+            .map(|d| d.to_string())
+            .unwrap_or_else(|_| value.get_type().to_string());
+        Err(InferenceError::new_err(format!(
+            "input {name}: expected a numpy array of float32, float64, int64, int32 or uint8, got {described}"
+        )))
+    }
+
+    fn view(&self) -> TensorView<'_> {
+        match self {
+            Borrowed::F32(a) => TensorView::F32(a.as_array()),
+            Borrowed::F64(a) => TensorView::F64(a.as_array()),
+            Borrowed::I64(a) => TensorView::I64(a.as_array()),
+            Borrowed::I32(a) => TensorView::I32(a.as_array()),
+            Borrowed::U8(a) => TensorView::U8(a.as_array()),
+        }
+    }
+
+    fn owned(&self) -> Tensor {
+        match self {
+            Borrowed::F32(a) => Tensor::F32(a.as_array().to_owned()),
+            Borrowed::F64(a) => Tensor::F64(a.as_array().to_owned()),
+            Borrowed::I64(a) => Tensor::I64(a.as_array().to_owned()),
+            Borrowed::I32(a) => Tensor::I32(a.as_array().to_owned()),
+            Borrowed::U8(a) => Tensor::U8(a.as_array().to_owned()),
+        }
+    }
+}
+
+/// Named inputs from a dict `{name: array}`, or a single array for a one-input model.
+fn borrowed_inputs<'py>(
+    inputs: &Bound<'py, PyAny>,
+    single_name: impl FnOnce() -> PyResult<String>,
+) -> PyResult<Vec<(String, Borrowed<'py>)>> {
+    if let Ok(dict) = inputs.cast::<PyDict>() {
+        let mut out = Vec::with_capacity(dict.len());
+        for (key, value) in dict.iter() {
+            let name: String = key
+                .extract()
+                .map_err(|_| InferenceError::new_err("input names must be strings"))?;
+            let borrowed = Borrowed::extract(&name, &value)?;
+            out.push((name, borrowed));
+        }
+        Ok(out)
+    } else {
+        let name = single_name()?;
+        let borrowed = Borrowed::extract(&name, inputs)?;
+        Ok(vec![(name, borrowed)])
+    }
+}
+
+fn tensor_to_py(py: Python<'_>, tensor: Tensor) -> Bound<'_, PyAny> {
+    match tensor {
+        Tensor::F32(a) => a.into_pyarray(py).into_any(),
+        Tensor::F64(a) => a.into_pyarray(py).into_any(),
+        Tensor::I64(a) => a.into_pyarray(py).into_any(),
+        Tensor::I32(a) => a.into_pyarray(py).into_any(),
+        Tensor::U8(a) => a.into_pyarray(py).into_any(),
+    }
+}
+
+fn tensors_to_dict(py: Python<'_>, tensors: Vec<(String, Tensor)>) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    for (name, tensor) in tensors {
+        dict.set_item(name, tensor_to_py(py, tensor))?;
+    }
+    Ok(dict)
+}
+
+// ----- weights ----------------------------------------------------------------------------------
+
+fn weights_from_py(value: &Bound<'_, PyAny>) -> PyResult<Weights> {
+    let dict = value.cast::<PyDict>().map_err(|_| {
+        WeightsError::new_err("weights must be a dict of name -> numpy float32 array")
+    })?;
+    let mut tensors = Vec::with_capacity(dict.len());
+    for (key, array) in dict.iter() {
+        let name: String = key
+            .extract()
+            .map_err(|_| WeightsError::new_err("weight names must be strings"))?;
+        let array: PyReadonlyArrayDyn<'_, f32> = match array.extract() {
+            Ok(a) => a,
+            Err(_) => {
+                // Accept other float arrays by converting (a copy), like numpy would.
+                let converted = array.call_method1("astype", ("float32",)).map_err(|_| {
+                    WeightsError::new_err(format!("weight {name}: not a numeric array"))
+                })?;
+                converted
+                    .extract::<PyReadonlyArrayDyn<'_, f32>>()
+                    .map_err(|_| {
+                        WeightsError::new_err(format!("weight {name}: not a numeric array"))
+                    })?
+                    .as_array()
+                    .to_owned()
+                    .into_pyarray(value.py())
+                    .readonly()
+            }
+        };
+        tensors.push((name, array.as_array().to_owned()));
+    }
+    Weights::new(tensors).map_err(err(WeightsError::new_err))
+}
+
+fn weights_to_py(py: Python<'_>, weights: Weights) -> PyResult<Bound<'_, PyDict>> {
+    let dict = PyDict::new(py);
+    for (name, array) in weights.into_tensors() {
+        dict.set_item(name, array.into_pyarray(py))?;
+    }
+    Ok(dict)
+}
+
+fn parse_encoding(encoding: &str) -> PyResult<Encoding> {
+    Encoding::parse(encoding).map_err(err(WeightsError::new_err))
+}
+
+/// encode_weights(weights: dict[str, ndarray], encoding="f32") -> bytes
+///
+/// Encodes named float tensors in the binary SDNW format (f32, fp16 or int8).
+#[pyfunction]
+#[pyo3(signature = (weights, encoding = "f32"))]
+fn encode_weights<'py>(
+    py: Python<'py>,
+    weights: &Bound<'py, PyAny>,
+    encoding: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let weights = weights_from_py(weights)?;
+    let bytes = weights
+        .encode(parse_encoding(encoding)?)
+        .map_err(err(WeightsError::new_err))?;
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// decode_weights(data: bytes) -> dict[str, ndarray]
+#[pyfunction]
+fn decode_weights<'py>(py: Python<'py>, data: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let weights = Weights::decode(data, &Limits::default()).map_err(err(WeightsError::new_err))?;
+    weights_to_py(py, weights)
+}
+
+// ----- inference --------------------------------------------------------------------------------
+
+/// init_runtime(path: str) -> str
+///
+/// Loads ONNX Runtime from `path` (done automatically from the `onnxruntime` wheel).
+#[pyfunction]
+fn init_runtime(path: PathBuf) -> PyResult<String> {
+    let runtime = inference::init_runtime_from(&path).map_err(err(InferenceError::new_err))?;
+    Ok(runtime.path.display().to_string())
+}
+
+fn describe(info: &inference::TensorInfo) -> (String, String, Vec<Option<usize>>) {
+    (
+        info.name.clone(),
+        info.dtype.name().to_string(),
+        info.shape.clone(),
+    )
+}
+
+/// Model(path, providers=["cpu"], intra_threads=0, inter_threads=0, optimize=True)
+///
+/// An ONNX model on ONNX Runtime. `providers` lists execution providers ("cpu", "cuda",
+/// "cuda:1", "tensorrt"); one that cannot be registered is an error, never a silent CPU
+/// fallback.
+#[pyclass(frozen, module = "sedna._sedna")]
+struct Model {
+    inner: Arc<inference::Model>,
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (path, providers = vec!["cpu".to_string()], intra_threads = 0, inter_threads = 0, optimize = true))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        providers: Vec<String>,
+        intra_threads: usize,
+        inter_threads: usize,
+        optimize: bool,
+    ) -> PyResult<Self> {
+        let providers = providers
+            .iter()
+            .map(|p| Provider::parse(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(err(InferenceError::new_err))?;
+        let options = SessionOptions {
+            providers,
+            intra_threads,
+            inter_threads,
+            optimize,
+        };
+        let model = py
+            .detach(|| inference::Model::load(&path, &options))
+            .map_err(err(InferenceError::new_err))?;
+        Ok(Model {
+            inner: Arc::new(model),
+        })
+    }
+
+    /// Inputs as (name, dtype, shape) with None for free dimensions.
+    #[getter]
+    fn inputs(&self) -> Vec<(String, String, Vec<Option<usize>>)> {
+        self.inner.inputs().iter().map(describe).collect()
+    }
+
+    /// Outputs as (name, dtype, shape).
+    #[getter]
+    fn outputs(&self) -> Vec<(String, String, Vec<Option<usize>>)> {
+        self.inner.outputs().iter().map(describe).collect()
+    }
+
+    /// Which load serves: 1, then +1 per reload.
+    #[getter]
+    fn version(&self) -> u64 {
+        self.inner.version()
+    }
+
+    /// run(inputs) -> dict[str, ndarray]; `inputs` is {name: array} or one array.
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        self.run_inner(py, inputs, None)
+    }
+
+    /// run_batched(inputs, batch_size) -> dict; runs in slices of `batch_size` rows.
+    fn run_batched<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: &Bound<'py, PyAny>,
+        batch_size: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        self.run_inner(py, inputs, Some(batch_size))
+    }
+
+    /// Reloads the model file; returns the new version. Running calls finish on the old one.
+    fn reload(&self, py: Python<'_>) -> PyResult<u64> {
+        let inner = self.inner.clone();
+        py.detach(move || inner.reload())
+            .map_err(err(InferenceError::new_err))
+    }
+
+    /// Reloads if the file changed; returns whether it did.
+    fn reload_if_changed(&self, py: Python<'_>) -> PyResult<bool> {
+        let inner = self.inner.clone();
+        py.detach(move || inner.reload_if_changed())
+            .map_err(err(InferenceError::new_err))
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Model(path={:?}, version={})",
+            self.inner.path().display().to_string(),
+            self.inner.version()
+        )
+    }
+}
+
+impl Model {
+    fn single_input_name(&self) -> PyResult<String> {
+        match self.inner.inputs().as_slice() {
+            [only] => Ok(only.name.clone()),
+            many => Err(InferenceError::new_err(format!(
+                "the model has {} inputs; pass a dict {{name: array}}",
+                many.len()
+            ))),
+        }
+    }
+
+    fn run_inner<'py>(
+        &self,
+        py: Python<'py>,
+        inputs: &Bound<'py, PyAny>,
+        batch: Option<usize>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let borrowed = borrowed_inputs(inputs, || self.single_input_name())?;
+        let views: Vec<(&str, TensorView<'_>)> = borrowed
+            .iter()
+            .map(|(name, b)| (name.as_str(), b.view()))
+            .collect();
+        // Views borrow numpy memory, so the GIL stays held (other threads may not free it).
+        let outputs = match batch {
+            None => self.inner.run(&views),
+            Some(size) => self.inner.run_batched(&views, size),
+        }
+        .map_err(err(InferenceError::new_err))?;
+        tensors_to_dict(py, outputs.values)
+    }
+}
+
+// ----- hard-example mining ----------------------------------------------------------------------
+
+fn parameters_from_py(parameters: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<(String, String)>> {
+    let Some(parameters) = parameters else {
+        return Ok(Vec::new());
+    };
+    if parameters.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(text) = parameters.extract::<String>() {
+        return hem::parse_parameters(&text).map_err(err(HemError::new_err));
+    }
+    if let Ok(dict) = parameters.cast::<PyDict>() {
+        return dict
+            .iter()
+            .map(|(k, v)| Ok((k.str()?.to_string(), v.str()?.to_string())))
+            .collect();
+    }
+    Err(HemError::new_err(
+        "parameters must be a dict, or Sedna's HEM_PARAMETERS JSON string",
+    ))
+}
+
+/// A Python object with `is_hard(data) -> bool`, used as a mining algorithm.
+struct PyHem {
+    name: String,
+    object: Py<PyAny>,
+}
+
+impl std::fmt::Debug for PyHem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PyHem({})", self.name)
+    }
+}
+
+impl HardExampleMining for PyHem {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn is_hard(&self, input: &Input<'_>) -> bool {
+        Python::attach(|py| {
+            let data = match input {
+                Input::Probabilities(p) => p.to_owned().into_pyarray(py).into_any(),
+                Input::Boxes(b) => b.to_owned().into_pyarray(py).into_any(),
+                Input::Opaque => py.None().into_bound(py),
+            };
+            match self
+                .object
+                .bind(py)
+                .call_method1("is_hard", (data,))
+                .and_then(|r| r.is_truthy())
+            {
+                Ok(hard) => hard,
+                Err(e) => {
+                    // A failing custom algorithm must not lose the input: treat as hard so
+                    // the cloud sees it, and report.
+                    e.print(py);
+                    true
+                }
+            }
+        })
+    }
+}
+
+/// register_hem(name, factory)
+///
+/// Registers a Python hard-example mining algorithm: `factory(parameters: dict[str, str])`
+/// returns an object with `is_hard(data) -> bool` (data: probabilities, boxes or None).
+#[pyfunction]
+fn register_hem(name: String, factory: Py<PyAny>) {
+    let registered = name.clone();
+    hem::registry().register(&name, move |parameters| {
+        Python::attach(|py| {
+            let dict = PyDict::new(py);
+            for (k, v) in parameters {
+                dict.set_item(*k, *v)
+                    .map_err(|e| hem::HemError::Parameters(e.to_string()))?;
+            }
+            let object = factory
+                .bind(py)
+                .call1((dict,))
+                .map_err(|e| hem::HemError::Parameters(format!("{registered}: {e}")))?;
+            Ok(Box::new(PyHem {
+                name: registered.clone(),
+                object: object.unbind(),
+            }) as Box<dyn HardExampleMining>)
+        })
+    });
+}
+
+/// hem_names() -> list[str]: the registered algorithms.
+#[pyfunction]
+fn hem_names() -> Vec<String> {
+    hem::registry().names()
+}
+
+/// HardExampleMining(name, parameters=None)
+///
+/// A mining algorithm from the registry (Threshold, CrossEntropy, IBT, Random, CloudOnly,
+/// EdgeOnly, or one registered with `register_hem`). `parameters` is a dict or Sedna's
+/// HEM_PARAMETERS JSON.
+#[pyclass(frozen, name = "HardExampleMining", module = "sedna._sedna")]
+struct HardExampleMiningAlgorithm {
+    inner: Arc<dyn HardExampleMining>,
+}
+
+fn build_hem(
+    name: &str,
+    parameters: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Box<dyn HardExampleMining>> {
+    let pairs = parameters_from_py(parameters)?;
+    let borrowed: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    hem::registry()
+        .build(name, &borrowed)
+        .map_err(err(HemError::new_err))
+}
+
+#[pymethods]
+impl HardExampleMiningAlgorithm {
+    #[new]
+    #[pyo3(signature = (name, parameters = None))]
+    fn new(name: &str, parameters: Option<&Bound<'_, PyAny>>) -> PyResult<Self> {
+        Ok(HardExampleMiningAlgorithm {
+            inner: Arc::from(build_hem(name, parameters)?),
+        })
+    }
+
+    /// The algorithm's name.
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.name().to_string()
+    }
+
+    /// is_hard(data) -> bool; data: 1-D probabilities, 2-D boxes [x1,y1,x2,y2,score,…], or None.
+    #[pyo3(signature = (data = None))]
+    fn is_hard(&self, data: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
+        let Some(data) = data.filter(|d| !d.is_none()) else {
+            return Ok(self.inner.is_hard(&Input::Opaque));
+        };
+        let array: PyReadonlyArrayDyn<'_, f32> = match data.extract() {
+            Ok(a) => a,
+            Err(_) => data
+                .call_method1("astype", ("float32",))?
+                .extract()
+                .map_err(|_| HemError::new_err("data must be a numeric numpy array"))?,
+        };
+        let view = array.as_array();
+        match view.ndim() {
+            1 => Ok(self.inner.is_hard(&Input::Probabilities(
+                view.into_dimensionality().map_err(err(HemError::new_err))?,
+            ))),
+            2 => Ok(self.inner.is_hard(&Input::Boxes(
+                view.into_dimensionality().map_err(err(HemError::new_err))?,
+            ))),
+            n => Err(HemError::new_err(format!(
+                "data must be 1-D probabilities or 2-D boxes, got {n} dimensions"
+            ))),
+        }
+    }
+
+    fn __repr__(&self) -> String {
+        format!("HardExampleMining({:?})", self.inner.name())
+    }
+}
+
+/// Lets the Rust registry hand a shared algorithm to joint inference.
+#[derive(Debug)]
+struct SharedHem(Arc<dyn HardExampleMining>);
+
+impl HardExampleMining for SharedHem {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn is_hard(&self, input: &Input<'_>) -> bool {
+        self.0.is_hard(input)
+    }
+}
+
+// ----- joint inference --------------------------------------------------------------------------
+
+/// JointInference(model, hem, cloud_url, queue_dir, timeout=2.0, queue_max_items=10000,
+///                queue_max_bytes=1 GiB)
+///
+/// `model` is a Model (or a path), `hem` a HardExampleMining (or a name). `inference(data)`
+/// returns Sedna's tuple (is_hard, result, edge_result, cloud_result).
+#[pyclass(frozen, module = "sedna._sedna")]
+struct JointInference {
+    inner: Arc<joint::JointInference>,
+    model: Arc<inference::Model>,
+    counter: std::sync::atomic::AtomicU64,
+}
+
+#[pymethods]
+impl JointInference {
+    #[new]
+    #[pyo3(signature = (model, hem, cloud_url, queue_dir, timeout = 2.0, queue_max_items = 10_000, queue_max_bytes = 1u64 << 30, hem_output = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        model: &Bound<'_, PyAny>,
+        hem: &Bound<'_, PyAny>,
+        cloud_url: &str,
+        queue_dir: PathBuf,
+        timeout: f64,
+        queue_max_items: usize,
+        queue_max_bytes: u64,
+        hem_output: Option<String>,
+    ) -> PyResult<Self> {
+        let model: Arc<inference::Model> = match model.cast::<Model>() {
+            Ok(m) => m.get().inner.clone(),
+            Err(_) => {
+                let path: PathBuf = model.extract().map_err(|_| {
+                    JointInferenceError::new_err("model must be a sedna.Model or a path")
+                })?;
+                Arc::new(
+                    inference::Model::load(&path, &SessionOptions::default())
+                        .map_err(err(InferenceError::new_err))?,
+                )
+            }
+        };
+        let hem: Box<dyn HardExampleMining> = match hem.cast::<HardExampleMiningAlgorithm>() {
+            Ok(h) => Box::new(SharedHem(h.get().inner.clone())),
+            Err(_) => {
+                let name: String = hem.extract().map_err(|_| {
+                    JointInferenceError::new_err("hem must be a sedna.HardExampleMining or a name")
+                })?;
+                build_hem(&name, None)?
+            }
+        };
+        if !(timeout.is_finite() && timeout > 0.0) {
+            return Err(JointInferenceError::new_err(
+                "timeout must be a positive number of seconds",
+            ));
+        }
+        let cloud = runtime()?
+            .block_on(async { joint::HttpCloud::new(cloud_url, Duration::from_secs_f64(timeout)) })
+            .map_err(err(JointInferenceError::new_err))?;
+        let queue = joint::HardExampleQueue::open(
+            &queue_dir,
+            joint::QueueLimits {
+                max_items: queue_max_items,
+                max_bytes: queue_max_bytes,
+            },
+        )
+        .map_err(err(JointInferenceError::new_err))?;
+        let mut ji = joint::JointInference::new(model.clone(), hem, Box::new(cloud), queue);
+        if let Some(output) = hem_output {
+            ji = ji
+                .with_hem_source(joint::HemSource::Output(output))
+                .map_err(err(JointInferenceError::new_err))?;
+        }
+        Ok(JointInference {
+            inner: Arc::new(ji),
+            model,
+            counter: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// inference(data, id=None) -> (is_hard, result, edge_result, cloud_result)
+    ///
+    /// `data` is one sample ({name: array} or one array, with a batch axis of 1). Results
+    /// are dicts of arrays; cloud_result is None unless the cloud answered.
+    #[pyo3(signature = (data, id = None))]
+    fn inference<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        id: Option<String>,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let borrowed = borrowed_inputs(data, || match self.model.inputs().as_slice() {
+            [only] => Ok(only.name.clone()),
+            many => Err(InferenceError::new_err(format!(
+                "the model has {} inputs; pass a dict {{name: array}}",
+                many.len()
+            ))),
+        })?;
+        // The request outlives the borrow (it may be queued): own the inputs.
+        let inputs: Vec<(String, Tensor)> = borrowed
+            .iter()
+            .map(|(name, b)| (name.clone(), b.owned()))
+            .collect();
+        let id = id.unwrap_or_else(|| {
+            format!(
+                "{}",
+                self.counter
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        });
+        let inner = self.inner.clone();
+        let rt = runtime()?;
+        let result = py
+            .detach(move || rt.block_on(async move { inner.inference(&id, inputs).await }))
+            .map_err(err(JointInferenceError::new_err))?;
+        let cloud = match result.cloud {
+            Some(reply) => tensors_to_dict(py, reply.outputs)?.into_any(),
+            None => py.None().into_bound(py),
+        };
+        let items: Vec<Bound<'py, PyAny>> = vec![
+            result.is_hard.into_pyobject(py)?.to_owned().into_any(),
+            tensors_to_dict(py, result.result)?.into_any(),
+            tensors_to_dict(py, result.edge.values)?.into_any(),
+            cloud,
+        ];
+        PyTuple::new(py, items)
+    }
+
+    /// resend() -> list[(id, cloud_result)]: sends queued hard examples (oldest first)
+    /// until the queue is empty or the cloud fails again.
+    fn resend<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let inner = self.inner.clone();
+        let rt = runtime()?;
+        let (answers, _error) = py.detach(move || rt.block_on(async move { inner.resend().await }));
+        let list = PyList::empty(py);
+        for answer in answers {
+            let outputs = tensors_to_dict(py, answer.cloud.outputs)?;
+            list.append((answer.id, outputs))?;
+        }
+        Ok(list)
+    }
+
+    /// Hard examples waiting for the cloud.
+    #[getter]
+    fn queued(&self) -> usize {
+        self.inner.queued()
+    }
+
+    /// Counters: inferences, hard_examples, cloud_answers, queued, refused, cloud_failures,
+    /// uplink_bytes, downlink_bytes, upload_ratio.
+    #[getter]
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("inferences", s.inferences)?;
+        d.set_item("hard_examples", s.hard_examples)?;
+        d.set_item("cloud_answers", s.cloud_answers)?;
+        d.set_item("queued", s.queued)?;
+        d.set_item("refused", s.refused)?;
+        d.set_item("cloud_failures", s.cloud_failures)?;
+        d.set_item("uplink_bytes", s.uplink_bytes)?;
+        d.set_item("downlink_bytes", s.downlink_bytes)?;
+        d.set_item("upload_ratio", s.upload_ratio())?;
+        Ok(d)
+    }
+}
+
+/// serve_cloud(model, host="127.0.0.1", port=5000) -> CloudServer
+///
+/// Serves `model` on POST /sedna/predict for JointInference, in the background.
+#[pyclass(module = "sedna._sedna")]
+struct CloudServer {
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    port: u16,
+}
+
+#[pymethods]
+impl CloudServer {
+    /// The port it listens on.
+    #[getter]
+    fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Stops serving (open connections are closed).
+    fn stop(&self) {
+        if let Some(stop) = self.stop.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[pyfunction]
+#[pyo3(signature = (model, host = "127.0.0.1", port = 5000))]
+fn serve_cloud(model: &Bound<'_, Model>, host: &str, port: u16) -> PyResult<CloudServer> {
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind((host, port)))
+        .map_err(|e| JointInferenceError::new_err(format!("listening on {host}:{port}: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| JointInferenceError::new_err(e.to_string()))?
+        .port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let model = model.get().inner.clone();
+    rt.spawn(async move {
+        let _ = joint::serve_http(listener, model, async move {
+            let _ = stopped.await;
+        })
+        .await;
+    });
+    Ok(CloudServer {
+        stop: Mutex::new(Some(stop)),
+        port,
+    })
+}
+
+// ----- federated learning -----------------------------------------------------------------------
+
+/// A Python estimator: get_weights() -> dict, set_weights(dict), train(settings: dict) ->
+/// (num_samples, metrics) or num_samples, evaluate() -> dict, num_samples (attribute or
+/// method).
+struct PyEstimator {
+    object: Py<PyAny>,
+}
+
+fn estimator_error(py: Python<'_>, e: PyErr) -> EstimatorError {
+    let traceback = e
+        .traceback(py)
+        .and_then(|t| t.format().ok())
+        .unwrap_or_default();
+    EstimatorError::new(format!(
+        "{e}{}",
+        if traceback.is_empty() {
+            String::new()
+        } else {
+            format!("\n{traceback}")
+        }
+    ))
+}
+
+fn metrics_from_py(value: &Bound<'_, PyAny>) -> PyResult<BTreeMap<String, f64>> {
+    if value.is_none() {
+        return Ok(BTreeMap::new());
+    }
+    value.extract::<BTreeMap<String, f64>>()
+}
+
+impl Estimator for PyEstimator {
+    fn get_weights(&self) -> Weights {
+        Python::attach(|py| {
+            self.object
+                .bind(py)
+                .call_method0("get_weights")
+                .and_then(|w| weights_from_py(&w))
+                .unwrap_or_else(|e| {
+                    e.print(py);
+                    Weights::default()
+                })
+        })
+    }
+
+    fn set_weights(&mut self, weights: &Weights) -> Result<(), EstimatorError> {
+        Python::attach(|py| {
+            let dict = weights_to_py(py, weights.clone()).map_err(|e| estimator_error(py, e))?;
+            self.object
+                .bind(py)
+                .call_method1("set_weights", (dict,))
+                .map_err(|e| estimator_error(py, e))?;
+            Ok(())
+        })
+    }
+
+    fn train(
+        &mut self,
+        settings: &BTreeMap<String, String>,
+    ) -> Result<TrainReport, EstimatorError> {
+        Python::attach(|py| {
+            let result = self
+                .object
+                .bind(py)
+                .call_method1("train", (settings.clone(),))
+                .map_err(|e| estimator_error(py, e))?;
+            let (num_samples, metrics) = if let Ok(n) = result.extract::<u64>() {
+                (n, BTreeMap::new())
+            } else {
+                let (n, m): (u64, Bound<'_, PyAny>) = result.extract().map_err(|_| {
+                    EstimatorError::new("train() must return num_samples or (num_samples, metrics)")
+                })?;
+                (n, metrics_from_py(&m).map_err(|e| estimator_error(py, e))?)
+            };
+            Ok(TrainReport {
+                num_samples,
+                metrics,
+            })
+        })
+    }
+
+    fn evaluate(&mut self) -> Result<BTreeMap<String, f64>, EstimatorError> {
+        Python::attach(|py| {
+            let result = self
+                .object
+                .bind(py)
+                .call_method0("evaluate")
+                .map_err(|e| estimator_error(py, e))?;
+            metrics_from_py(&result).map_err(|e| estimator_error(py, e))
+        })
+    }
+
+    fn num_samples(&self) -> u64 {
+        Python::attach(|py| {
+            let object = self.object.bind(py);
+            let value = match object.getattr("num_samples") {
+                Ok(v) if v.is_callable() => v.call0(),
+                other => other,
+            };
+            value.and_then(|v| v.extract::<u64>()).unwrap_or(0)
+        })
+    }
+}
+
+/// FederatedLearning(job, worker, estimator, encoding="f32")
+///
+/// The client of a federated-learning job. `join()` gives the first frame to send;
+/// `handle(frame)` answers each frame from the aggregator (training or evaluating with
+/// the estimator) and returns the reply frame, or None.
+#[pyclass(module = "sedna._sedna")]
+struct FederatedLearning {
+    inner: Mutex<fl::FederatedLearning<PyEstimator>>,
+}
+
+#[pymethods]
+impl FederatedLearning {
+    #[new]
+    #[pyo3(signature = (job, worker, estimator, encoding = "f32"))]
+    fn new(job: &str, worker: &str, estimator: Py<PyAny>, encoding: &str) -> PyResult<Self> {
+        let encoding = parse_encoding(encoding)?;
+        Ok(FederatedLearning {
+            inner: Mutex::new(fl::FederatedLearning::new(
+                job,
+                worker,
+                PyEstimator { object: estimator },
+                encoding,
+            )),
+        })
+    }
+
+    /// join() -> bytes: the frame that joins the job.
+    fn join<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let encoding = inner.encoding();
+        let frame = inner
+            .join()
+            .encode(encoding)
+            .map_err(err(FederatedLearningError::new_err))?;
+        Ok(PyBytes::new(py, &frame))
+    }
+
+    /// handle(frame: bytes) -> bytes | None
+    fn handle<'py>(&self, py: Python<'py>, frame: &[u8]) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        let message = fl::Message::decode(frame, &Limits::default())
+            .map_err(err(FederatedLearningError::new_err))?;
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let encoding = inner.encoding();
+        let reply = inner
+            .handle(message)
+            .map_err(err(FederatedLearningError::new_err))?;
+        match reply {
+            None => Ok(None),
+            Some(reply) => {
+                let bytes = reply
+                    .encode(encoding)
+                    .map_err(err(FederatedLearningError::new_err))?;
+                Ok(Some(PyBytes::new(py, &bytes)))
+            }
+        }
+    }
+
+    /// The client's state: "new", "waiting", "finished" or "rejected".
+    #[getter]
+    fn state(&self) -> &'static str {
+        match self.inner.lock().unwrap_or_else(|p| p.into_inner()).state() {
+            fl::ClientState::New => "new",
+            fl::ClientState::Waiting { .. } => "waiting",
+            fl::ClientState::Finished { .. } => "finished",
+            fl::ClientState::Rejected { .. } => "rejected",
+        }
+    }
+
+    /// Training metrics per answered round: list of (round, metrics).
+    #[getter]
+    fn history(&self) -> Vec<(u32, BTreeMap<String, f64>)> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .history()
+            .to_vec()
+    }
+}
+
+/// train_frame(round, weights, settings=None, encoding="f32") -> bytes
+///
+/// The aggregator's "train" frame (for tests and simple servers).
+#[pyfunction]
+#[pyo3(signature = (round, weights, settings = None, encoding = "f32"))]
+fn train_frame<'py>(
+    py: Python<'py>,
+    round: u32,
+    weights: &Bound<'py, PyAny>,
+    settings: Option<BTreeMap<String, String>>,
+    encoding: &str,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let message = fl::Message::Train {
+        round,
+        weights: weights_from_py(weights)?,
+        settings: settings.unwrap_or_default(),
+    };
+    let frame = message
+        .encode(parse_encoding(encoding)?)
+        .map_err(err(FederatedLearningError::new_err))?;
+    Ok(PyBytes::new(py, &frame))
+}
+
+/// decode_frame(frame: bytes) -> dict: a protocol frame as {"type": ..., fields...}
+#[pyfunction]
+fn decode_frame<'py>(py: Python<'py>, frame: &[u8]) -> PyResult<Bound<'py, PyDict>> {
+    let message = fl::Message::decode(frame, &Limits::default())
+        .map_err(err(FederatedLearningError::new_err))?;
+    let d = PyDict::new(py);
+    d.set_item("type", message.kind())?;
+    match message {
+        fl::Message::Join {
+            job,
+            worker,
+            num_samples,
+            encodings,
+        } => {
+            d.set_item("job", job)?;
+            d.set_item("worker", worker)?;
+            d.set_item("num_samples", num_samples)?;
+            d.set_item(
+                "encodings",
+                encodings.iter().map(|e| e.name()).collect::<Vec<_>>(),
+            )?;
+        }
+        fl::Message::Train {
+            round,
+            weights,
+            settings,
+        } => {
+            d.set_item("round", round)?;
+            d.set_item("weights", weights_to_py(py, weights)?)?;
+            d.set_item("settings", settings)?;
+        }
+        fl::Message::Update {
+            round,
+            num_samples,
+            metrics,
+            weights,
+        } => {
+            d.set_item("round", round)?;
+            d.set_item("num_samples", num_samples)?;
+            d.set_item("metrics", metrics)?;
+            d.set_item("weights", weights_to_py(py, weights)?)?;
+        }
+        fl::Message::Evaluate { round, weights } | fl::Message::Finish { round, weights } => {
+            d.set_item("round", round)?;
+            d.set_item("weights", weights_to_py(py, weights)?)?;
+        }
+        fl::Message::Evaluation { round, metrics } => {
+            d.set_item("round", round)?;
+            d.set_item("metrics", metrics)?;
+        }
+        fl::Message::Reject { reason, retryable } => {
+            d.set_item("reason", reason)?;
+            d.set_item("retryable", retryable)?;
+        }
+    }
+    Ok(d)
+}
+
+/// Aggregator(name="FedAvg", parameters=None)
+///
+/// A server-side aggregation strategy (stateful across rounds for FedAvgM/FedAdam/FedYogi).
+#[pyclass(module = "sedna._sedna")]
+struct Aggregator {
+    inner: Mutex<Box<dyn aggregate::Aggregator>>,
+}
+
+#[pymethods]
+impl Aggregator {
+    #[new]
+    #[pyo3(signature = (name = "FedAvg", parameters = None))]
+    fn new(name: &str, parameters: Option<BTreeMap<String, String>>) -> PyResult<Self> {
+        let parameters = parameters.unwrap_or_default();
+        let pairs: Vec<(&str, &str)> = parameters
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let inner = aggregate::build(name, &pairs).map_err(err(AggregationError::new_err))?;
+        Ok(Aggregator {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// aggregate(global_weights, updates: list[(weights, num_samples)]) -> dict
+    fn aggregate<'py>(
+        &self,
+        py: Python<'py>,
+        global_weights: &Bound<'py, PyAny>,
+        updates: Vec<(Bound<'py, PyAny>, u64)>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let global = weights_from_py(global_weights)?;
+        let updates = updates
+            .iter()
+            .map(|(w, n)| {
+                Ok(Update {
+                    weights: weights_from_py(w)?,
+                    num_samples: *n,
+                })
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        // The lock is taken without the GIL, so a second Python thread waiting for it
+        // cannot hold the GIL this thread needs back.
+        let result = py
+            .detach(|| {
+                self.inner
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .aggregate(&global, &updates)
+            })
+            .map_err(err(AggregationError::new_err))?;
+        weights_to_py(py, result)
+    }
+}
+
+// ----- config, storage, datasets ----------------------------------------------------------------
+
+/// config_from_env() -> dict: the worker configuration from Sedna's environment names.
+#[pyfunction]
+fn config_from_env<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    let c = sedna::config::Config::from_env().map_err(err(ConfigError::new_err))?;
+    for name in &c.ignored_secret_variables {
+        let warnings = py.import("warnings")?;
+        warnings.call_method1(
+            "warn",
+            (format!(
+                "{name} is set in the environment and ignored: mount credentials as files in {}",
+                c.credentials_dir.display()
+            ),),
+        )?;
+    }
+    let d = PyDict::new(py);
+    d.set_item("namespace", &c.namespace)?;
+    d.set_item("worker_name", &c.worker_name)?;
+    d.set_item("service_name", &c.service_name)?;
+    d.set_item("job_name", &c.job_name)?;
+    d.set_item("lc_server", &c.lc_server)?;
+    d.set_item("model_url", &c.model_url)?;
+    d.set_item("model_name", &c.model_name)?;
+    d.set_item("model_urls", &c.model_urls)?;
+    d.set_item("base_model_url", &c.base_model_url)?;
+    d.set_item(
+        "big_model",
+        c.big_model.as_ref().map(|e| (e.host.clone(), e.port)),
+    )?;
+    d.set_item("hem_name", c.hem.as_ref().map(|h| h.name.clone()))?;
+    d.set_item(
+        "hem_parameters",
+        c.hem
+            .as_ref()
+            .map(|h| h.parameters.iter().cloned().collect::<BTreeMap<_, _>>()),
+    )?;
+    d.set_item("dataset_url", &c.dataset_url)?;
+    d.set_item("train_dataset_url", &c.train_dataset_url)?;
+    d.set_item("test_dataset_url", &c.test_dataset_url)?;
+    d.set_item("data_path_prefix", c.data_path_prefix.display().to_string())?;
+    d.set_item(
+        "aggregator",
+        c.aggregator.as_ref().map(|e| (e.host.clone(), e.port)),
+    )?;
+    d.set_item("participants_count", c.participants_count)?;
+    d.set_item(
+        "transmitter",
+        match c.transmitter {
+            sedna::config::Transmitter::Ws => "ws",
+            sedna::config::Transmitter::S3 => "s3",
+        },
+    )?;
+    d.set_item("model_hot_update", c.model_hot_update)?;
+    d.set_item("model_poll_period_seconds", c.model_poll_period.as_secs())?;
+    d.set_item("parameters", &c.parameters)?;
+    d.set_item("credentials_dir", c.credentials_dir.display().to_string())?;
+    Ok(d)
+}
+
+/// Storage(cache_dir, s3_endpoint=None, allow_http=False, credentials_dir=None, region="us-east-1")
+///
+/// Models and datasets from s3:// or file:// URLs with a local cache by content hash.
+/// Credentials are read from files ACCESS_KEY_ID / SECRET_ACCESS_KEY in `credentials_dir`.
+#[pyclass(frozen, module = "sedna._sedna")]
+struct Storage {
+    inner: sedna::storage::Storage,
+}
+
+#[pymethods]
+impl Storage {
+    #[new]
+    #[pyo3(signature = (cache_dir, s3_endpoint = None, allow_http = false, credentials_dir = None, region = "us-east-1"))]
+    fn new(
+        cache_dir: PathBuf,
+        s3_endpoint: Option<String>,
+        allow_http: bool,
+        credentials_dir: Option<PathBuf>,
+        region: &str,
+    ) -> PyResult<Self> {
+        let mut options = sedna::storage::StorageOptions::new(cache_dir);
+        options.s3_endpoint = s3_endpoint;
+        options.allow_http = allow_http;
+        options.s3_region = region.to_string();
+        if let Some(dir) = credentials_dir {
+            options.credentials =
+                sedna::config::Credentials::load(&dir).map_err(err(ConfigError::new_err))?;
+        }
+        Ok(Storage {
+            inner: sedna::storage::Storage::new(options).map_err(err(StorageError::new_err))?,
+        })
+    }
+
+    /// fetch(url) -> (path, sha256, size, cached)
+    fn fetch(&self, py: Python<'_>, url: &str) -> PyResult<(String, String, u64, bool)> {
+        let inner = self.inner.clone();
+        let rt = runtime()?;
+        let url = url.to_string();
+        let fetched = py
+            .detach(move || rt.block_on(async move { inner.fetch(&url).await }))
+            .map_err(err(StorageError::new_err))?;
+        Ok((
+            fetched.path.display().to_string(),
+            fetched.sha256,
+            fetched.size,
+            fetched.cached,
+        ))
+    }
+
+    /// upload(url, data: bytes)
+    fn upload(&self, py: Python<'_>, url: &str, data: Vec<u8>) -> PyResult<()> {
+        let inner = self.inner.clone();
+        let rt = runtime()?;
+        let url = url.to_string();
+        py.detach(move || rt.block_on(async move { inner.upload(&url, data.into()).await }))
+            .map_err(err(StorageError::new_err))
+    }
+}
+
+/// parse_txt_index(path) -> list[(path, label | None)]: a Sedna txt dataset index.
+#[pyfunction]
+fn parse_txt_index(path: PathBuf) -> PyResult<Vec<(String, Option<String>)>> {
+    let samples = sedna::dataset::load_txt(&path, &sedna::dataset::Limits::default())
+        .map_err(|e| DatasetError::new_err(format!("{}: {e}", path.display())))?;
+    Ok(samples
+        .into_iter()
+        .map(|s| (s.path.display().to_string(), s.label))
+        .collect())
+}
+
+/// Columns, features, labels.
+type CsvTable<'py> = (Vec<String>, Bound<'py, PyAny>, Option<Vec<String>>);
+
+/// parse_csv(path, label=None, columns=None) -> (columns, features float32 [N, C], labels | None)
+#[pyfunction]
+#[pyo3(signature = (path, label = None, columns = None))]
+fn parse_csv<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+    label: Option<String>,
+    columns: Option<Vec<String>>,
+) -> PyResult<CsvTable<'py>> {
+    let file = std::fs::File::open(&path)
+        .map_err(|e| DatasetError::new_err(format!("{}: {e}", path.display())))?;
+    let columns = columns.unwrap_or_default();
+    let column_refs: Vec<&str> = columns.iter().map(String::as_str).collect();
+    let table = sedna::dataset::parse_csv(
+        std::io::BufReader::new(file),
+        label.as_deref(),
+        &column_refs,
+        &sedna::dataset::Limits::default(),
+    )
+    .map_err(|e| DatasetError::new_err(format!("{}: {e}", path.display())))?;
+    let features = table
+        .features_f32()
+        .map_err(|e| DatasetError::new_err(format!("{}: {e}", path.display())))?;
+    Ok((
+        table.columns,
+        features.into_dyn().into_pyarray(py).into_any(),
+        table.labels,
+    ))
+}
+
+/// scan_directory(path, extensions=None) -> list[(path, label | None)]
+#[pyfunction]
+#[pyo3(signature = (path, extensions = None))]
+fn scan_directory(
+    path: PathBuf,
+    extensions: Option<Vec<String>>,
+) -> PyResult<Vec<(String, Option<String>)>> {
+    let extensions = extensions.unwrap_or_default();
+    let refs: Vec<&str> = extensions.iter().map(String::as_str).collect();
+    let samples = sedna::dataset::scan_directory(&path, &refs, &sedna::dataset::Limits::default())
+        .map_err(err(DatasetError::new_err))?;
+    Ok(samples
+        .into_iter()
+        .map(|s| (s.path.display().to_string(), s.label))
+        .collect())
+}
+
+/// The native module.
+#[pymodule]
+fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("SednaError", py.get_type::<SednaError>())?;
+    m.add("InferenceError", py.get_type::<InferenceError>())?;
+    m.add("HemError", py.get_type::<HemError>())?;
+    m.add("JointInferenceError", py.get_type::<JointInferenceError>())?;
+    m.add(
+        "FederatedLearningError",
+        py.get_type::<FederatedLearningError>(),
+    )?;
+    m.add("WeightsError", py.get_type::<WeightsError>())?;
+    m.add("AggregationError", py.get_type::<AggregationError>())?;
+    m.add("ConfigError", py.get_type::<ConfigError>())?;
+    m.add("StorageError", py.get_type::<StorageError>())?;
+    m.add("DatasetError", py.get_type::<DatasetError>())?;
+    m.add_class::<Model>()?;
+    m.add_class::<HardExampleMiningAlgorithm>()?;
+    m.add_class::<JointInference>()?;
+    m.add_class::<CloudServer>()?;
+    m.add_class::<FederatedLearning>()?;
+    m.add_class::<Aggregator>()?;
+    m.add_class::<Storage>()?;
+    m.add_function(wrap_pyfunction!(init_runtime, m)?)?;
+    m.add_function(wrap_pyfunction!(encode_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_weights, m)?)?;
+    m.add_function(wrap_pyfunction!(register_hem, m)?)?;
+    m.add_function(wrap_pyfunction!(hem_names, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_cloud, m)?)?;
+    m.add_function(wrap_pyfunction!(train_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(decode_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(config_from_env, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_txt_index, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_csv, m)?)?;
+    m.add_function(wrap_pyfunction!(scan_directory, m)?)?;
+    m.add("aggregators", aggregate::NAMES.to_vec())?;
+    Ok(())
+}
