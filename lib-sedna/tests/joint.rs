@@ -223,6 +223,7 @@ async fn the_cloud_server_names_bad_requests() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     let cloud = start_cloud(listener).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let url = format!("http://{address}/sedna/predict");
     let r = http.post(&url).body("not tensors").send().await.unwrap();

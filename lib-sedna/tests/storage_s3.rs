@@ -52,6 +52,7 @@ fn moto() -> Server {
 }
 
 async fn create_bucket(endpoint: &str, bucket: &str) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let response = reqwest::Client::new()
         .put(format!("{endpoint}/{bucket}"))
         .send()
