@@ -284,13 +284,14 @@ def test_storage_and_dataset_indexes(tmp_path):
         sedna.parse_txt_index(str(index))
 
 
-def test_inference_releases_the_gil_for_concurrent_callers(model, digits):
+def test_threads_share_one_model_and_get_every_answer(model, digits):
     x, _ = digits
+    expected = model.run(x[:50])["label"]
     results = []
 
     def work():
         for i in range(50):
-            results.append(model.run(x[i : i + 1])["label"][0])
+            results.append((i, model.run(x[i : i + 1])["label"][0]))
 
     threads = [threading.Thread(target=work) for _ in range(3)]
     for t in threads:
@@ -298,3 +299,4 @@ def test_inference_releases_the_gil_for_concurrent_callers(model, digits):
     for t in threads:
         t.join()
     assert len(results) == 150
+    assert all(label == expected[i] for i, label in results)
