@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+mod common;
 
 use ndarray::{Array1, Array2, Axis};
 use sedna::aggregate::{self, Update};
@@ -12,17 +12,8 @@ use sedna::fl::{Estimator, EstimatorError, FederatedLearning, Message, TrainRepo
 use sedna::weights::{Encoding, Limits, Weights};
 
 fn digits() -> (Array2<f32>, Vec<usize>) {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/digits/test.csv"),
-    )
-    .unwrap();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for line in text.lines().skip(1) {
-        let mut f = line.split(',');
-        y.push(f.next().unwrap().parse().unwrap());
-        x.extend(f.map(|v| v.parse::<f32>().unwrap() / 16.0));
-    }
-    (Array2::from_shape_vec((y.len(), 64), x).unwrap(), y)
+    let (x, y) = common::held_out();
+    (x, y.into_iter().map(|v| v as usize).collect())
 }
 
 /// Multinomial logistic regression trained by full-batch gradient descent.

@@ -2,33 +2,14 @@
 //! real digits model in `models/digits`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::{held_out, model_path};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use ndarray::{Array2, Axis};
 use sedna::inference::{DType, InferenceError, Model, Provider, SessionOptions, TensorView};
-
-fn model_path() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/digits/model.onnx")
-}
-
-/// The held-out split: pixels scaled to 0..1 and labels.
-fn held_out() -> (Array2<f32>, Vec<i64>) {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/digits/test.csv"),
-    )
-    .unwrap();
-    let mut pixels = Vec::new();
-    let mut labels = Vec::new();
-    for line in text.lines().skip(1) {
-        let mut fields = line.split(',');
-        labels.push(fields.next().unwrap().parse::<i64>().unwrap());
-        pixels.extend(fields.map(|v| v.parse::<f32>().unwrap() / 16.0));
-    }
-    let rows = labels.len();
-    (Array2::from_shape_vec((rows, 64), pixels).unwrap(), labels)
-}
 
 fn options() -> SessionOptions {
     SessionOptions {

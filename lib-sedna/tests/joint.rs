@@ -3,7 +3,9 @@
 //! returns; nothing is lost.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
+mod common;
+
+use common::{held_out, model_path};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,27 +18,12 @@ use sedna::joint::{
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn held_out() -> (Array2<f32>, Vec<i64>) {
-    let text = std::fs::read_to_string(root().join("models/digits/test.csv")).unwrap();
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for line in text.lines().skip(1) {
-        let mut f = line.split(',');
-        y.push(f.next().unwrap().parse().unwrap());
-        x.extend(f.map(|v| v.parse::<f32>().unwrap() / 16.0));
-    }
-    (Array2::from_shape_vec((y.len(), 64), x).unwrap(), y)
-}
-
 fn model() -> Arc<Model> {
     let options = SessionOptions {
         intra_threads: 1,
         ..SessionOptions::default()
     };
-    Arc::new(Model::load(root().join("models/digits/model.onnx"), &options).unwrap())
+    Arc::new(Model::load(model_path(), &options).unwrap())
 }
 
 struct Cloud {
