@@ -24,7 +24,7 @@
 //! let queue = HardExampleQueue::open("/var/lib/sedna/hard-examples", QueueLimits::default())?;
 //! let ji = JointInference::new(edge, mining, Box::new(cloud), queue);
 //! let pixels = ndarray::Array2::<f32>::zeros((1, 64)).into_dyn();
-//! let result = ji.inference("frame-1", vec![("input".into(), Tensor::F32(pixels))]).await?;
+//! let result = ji.inference("frame-1", &[("input".into(), Tensor::F32(pixels))]).await?;
 //! println!("hard: {}, answer from the {}", result.is_hard, if result.cloud.is_some() { "cloud" } else { "edge" });
 //! # Ok(()) }
 //! ```
@@ -649,14 +649,30 @@ pub struct JointResult {
     pub id: String,
     /// Whether the input was judged hard.
     pub is_hard: bool,
-    /// The final result: the cloud's when it answered, else the edge's.
-    pub result: Vec<(String, Tensor)>,
     /// The edge model's result.
     pub edge: Outputs,
     /// The cloud model's result, when it answered.
     pub cloud: Option<CloudReply>,
     /// What happened to a hard example the cloud did not answer.
     pub deferred: Deferred,
+}
+
+impl JointResult {
+    /// The final result: the cloud's when it answered, else the edge's.
+    pub fn result(&self) -> &[(String, Tensor)] {
+        match &self.cloud {
+            Some(reply) => &reply.outputs,
+            None => &self.edge.values,
+        }
+    }
+
+    /// Consumes the result, giving the final outputs.
+    pub fn into_result(self) -> Vec<(String, Tensor)> {
+        match self.cloud {
+            Some(reply) => reply.outputs,
+            None => self.edge.values,
+        }
+    }
 }
 
 /// A cloud answer to a hard example that had been queued.
@@ -749,7 +765,7 @@ impl JointInference {
     }
 
     /// Answers one input (a batch of one sample).
-    pub async fn inference(&self, id: &str, inputs: Vec<(String, Tensor)>) -> Result<JointResult> {
+    pub async fn inference(&self, id: &str, inputs: &[(String, Tensor)]) -> Result<JointResult> {
         let views: Vec<(&str, TensorView<'_>)> = inputs
             .iter()
             .map(|(name, tensor)| (name.as_str(), tensor.view()))
@@ -761,7 +777,6 @@ impl JointInference {
             return Ok(JointResult {
                 id: id.into(),
                 is_hard,
-                result: edge.values.clone(),
                 edge,
                 cloud: None,
                 deferred: Deferred::No,
@@ -771,7 +786,7 @@ impl JointInference {
         // Older queued examples go first when the cloud is back; a new one joins the queue
         // rather than overtaking them only if the queue is not empty.
         let reply = if self.queue.is_empty() {
-            match self.call_cloud(&inputs).await {
+            match self.call_cloud(inputs).await {
                 Ok(reply) => Some(reply),
                 Err(e) if e.is_retryable() => {
                     tracing::warn!(id, error = %e, "cloud unreachable; hard example queued");
@@ -782,31 +797,27 @@ impl JointInference {
         } else {
             None
         };
-        let (result, deferred) = match &reply {
-            Some(reply) => (reply.outputs.clone(), Deferred::No),
-            None => {
-                let deferred = match self.queue.push(id, &inputs)? {
-                    Some(seq) => {
-                        self.stats.queued.fetch_add(1, Ordering::Relaxed);
-                        Deferred::Queued(seq)
-                    }
-                    None => {
-                        self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            id,
-                            queued = self.queue.len(),
-                            "hard-example queue full; example refused"
-                        );
-                        Deferred::Refused
-                    }
-                };
-                (edge.values.clone(), deferred)
-            }
+        let deferred = match &reply {
+            Some(_) => Deferred::No,
+            None => match self.queue.push(id, inputs)? {
+                Some(seq) => {
+                    self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                    Deferred::Queued(seq)
+                }
+                None => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        id,
+                        queued = self.queue.len(),
+                        "hard-example queue full; example refused"
+                    );
+                    Deferred::Refused
+                }
+            },
         };
         Ok(JointResult {
             id: id.into(),
             is_hard,
-            result,
             edge,
             cloud: reply,
             deferred,

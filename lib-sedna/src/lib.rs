@@ -76,7 +76,7 @@
 //!     joint::HardExampleQueue::open(queue_dir.path(), joint::QueueLimits::default())?,
 //! );
 //! let sample = Tensor::F32(ndarray::ArrayD::zeros(ndarray::IxDyn(&[1, 64])));
-//! let result = ji.inference("frame-1", vec![("input".into(), sample)]).await?;
+//! let result = ji.inference("frame-1", &[("input".into(), sample)]).await?;
 //! assert!(result.is_hard && result.cloud.is_some());
 //! assert_eq!(ji.stats().upload_ratio(), 1.0);
 //! let _ = stop.send(());

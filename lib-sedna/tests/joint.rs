@@ -80,19 +80,22 @@ async fn hard_examples_are_queued_while_the_cloud_is_down_and_answered_after() {
     // Cloud up: hard examples carry cloud results.
     let mut hard_up = 0;
     for i in 0..150 {
-        let r = ji.inference(&format!("s{i}"), sample(&x, i)).await.unwrap();
+        let r = ji
+            .inference(&format!("s{i}"), &sample(&x, i))
+            .await
+            .unwrap();
         if r.is_hard {
             hard_up += 1;
             let cloud = r
                 .cloud
                 .as_ref()
                 .expect("a hard example gets a cloud answer");
-            assert_eq!(r.result, cloud.outputs);
+            assert_eq!(r.result(), cloud.outputs);
             assert_eq!(cloud.model_version.as_deref(), Some("1"));
             assert_eq!(r.deferred, Deferred::No);
         } else {
             assert!(r.cloud.is_none());
-            assert_eq!(r.result, r.edge.values);
+            assert_eq!(r.result(), r.edge.values);
         }
     }
     assert!(hard_up > 0, "the threshold makes some examples hard");
@@ -101,10 +104,13 @@ async fn hard_examples_are_queued_while_the_cloud_is_down_and_answered_after() {
     cloud.stop().await;
     let mut queued_ids = Vec::new();
     for i in 150..300 {
-        let r = ji.inference(&format!("s{i}"), sample(&x, i)).await.unwrap();
+        let r = ji
+            .inference(&format!("s{i}"), &sample(&x, i))
+            .await
+            .unwrap();
         if r.is_hard {
             assert!(r.cloud.is_none());
-            assert_eq!(r.result, r.edge.values, "the edge result stands in");
+            assert_eq!(r.result(), r.edge.values, "the edge result stands in");
             assert!(
                 matches!(r.deferred, Deferred::Queued(_)),
                 "{:?}",
@@ -171,7 +177,10 @@ async fn a_full_queue_refuses_and_counts_and_a_background_resender_drains_it() {
     ));
     let mut refused = 0;
     for i in 0..5 {
-        let r = ji.inference(&format!("s{i}"), sample(&x, i)).await.unwrap();
+        let r = ji
+            .inference(&format!("s{i}"), &sample(&x, i))
+            .await
+            .unwrap();
         assert!(r.is_hard);
         if r.deferred == Deferred::Refused {
             refused += 1;

@@ -708,16 +708,21 @@ impl JointInference {
         let inner = self.inner.clone();
         let rt = runtime()?;
         let result = py
-            .detach(move || rt.block_on(async move { inner.inference(&id, inputs).await }))
+            .detach(move || rt.block_on(async move { inner.inference(&id, &inputs).await }))
             .map_err(err(JointInferenceError::new_err))?;
-        let cloud = match result.cloud {
-            Some(reply) => tensors_to_dict(py, reply.outputs)?.into_any(),
-            None => py.None().into_bound(py),
+        // Sedna's tuple: the final result is the same dict as the cloud's (or the edge's).
+        let edge = tensors_to_dict(py, result.edge.values)?.into_any();
+        let (final_result, cloud) = match result.cloud {
+            Some(reply) => {
+                let cloud = tensors_to_dict(py, reply.outputs)?.into_any();
+                (cloud.clone(), cloud)
+            }
+            None => (edge.clone(), py.None().into_bound(py)),
         };
         let items: Vec<Bound<'py, PyAny>> = vec![
             result.is_hard.into_pyobject(py)?.to_owned().into_any(),
-            tensors_to_dict(py, result.result)?.into_any(),
-            tensors_to_dict(py, result.edge.values)?.into_any(),
+            final_result,
+            edge,
             cloud,
         ];
         PyTuple::new(py, items)
