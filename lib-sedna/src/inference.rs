@@ -531,7 +531,19 @@ impl Tensor {
         }
     }
 
-    fn concat(name: &str, parts: &[Tensor]) -> Result<Tensor> {
+    /// Rows `start..end` of the first axis, copied.
+    pub fn rows(&self, start: usize, end: usize) -> Tensor {
+        match self.view().slice_rows(start, end) {
+            TensorView::F32(v) => Tensor::F32(v.to_owned()),
+            TensorView::F64(v) => Tensor::F64(v.to_owned()),
+            TensorView::I64(v) => Tensor::I64(v.to_owned()),
+            TensorView::I32(v) => Tensor::I32(v.to_owned()),
+            TensorView::U8(v) => Tensor::U8(v.to_owned()),
+        }
+    }
+
+    /// Joins tensors of one type along the first axis.
+    pub fn concat(name: &str, parts: &[Tensor]) -> Result<Tensor> {
         fn cat<'a, T: Clone + 'a>(
             name: &str,
             parts: impl Iterator<Item = Option<ArrayViewD<'a, T>>>,

@@ -9,6 +9,7 @@
 //! | [`inference`] | ONNX models on ONNX Runtime: explicit providers, input checks, batching, hot reload |
 //! | [`hem`] | hard-example mining: Threshold, CrossEntropy, IBT, Random, CloudOnly, EdgeOnly, your own |
 //! | [`joint`] | joint inference: edge model + mining + cloud, queue while the cloud is away, stats |
+//! | [`cloud`] | the cloud side: dynamic batching, the gRPC service, the edge's gRPC client |
 //! | [`weights`] | model weights as named tensors in binary (fp32, fp16, int8) |
 //! | [`aggregate`] | FedAvg, FedAvgM, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum |
 //! | [`fl`] | the federated-learning client (`Estimator`, round protocol, frames) |
@@ -126,6 +127,7 @@
 #![forbid(unsafe_code)]
 
 pub mod aggregate;
+pub mod cloud;
 pub mod config;
 pub mod dataset;
 pub mod fl;

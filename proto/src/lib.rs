@@ -1,10 +1,18 @@
-//! Protobuf messages and gRPC service of the cloud-edge channel (`proto/channel.proto`),
+//! Protobuf messages and gRPC services of the cloud-edge channel (`proto/channel.proto`) and
+//! of joint inference's cloud worker (`proto/inference.proto`),
 //! generated at build time without a system `protoc`, plus the size limits both sides apply.
 
 /// The channel's messages and the `Hub` service (client and server).
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod channel {
     tonic::include_proto!("sedna.channel.v1");
+}
+
+/// The cloud-inference service of joint inference (`proto/inference.proto`): client and
+/// server.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod inference {
+    tonic::include_proto!("sedna.inference.v1");
 }
 
 /// Default cap on one envelope, encoded: larger messages are refused by both sides.
