@@ -105,6 +105,18 @@ impl Agent {
                 backoff: config.backoff,
                 program_dirs: config.program_dirs.clone(),
                 log_limits: LogLimits::default(),
+                node_env: config
+                    .metaserver
+                    .as_ref()
+                    .map(|meta| {
+                        // Workers reach the node's local API (the local controller's role:
+                        // their reports go up through the outbox) with this kubeconfig.
+                        std::collections::BTreeMap::from([(
+                            "SEDNA_LOCAL_KUBECONFIG".to_string(),
+                            meta.data_dir.join("kubeconfig").display().to_string(),
+                        )])
+                    })
+                    .unwrap_or_default(),
             },
             hub.store().clone(),
             hub.subscribe(),

@@ -48,6 +48,9 @@ pub struct RuntimeConfig {
     pub program_dirs: Vec<PathBuf>,
     /// Container log limits.
     pub log_limits: LogLimits,
+    /// Variables every container gets from the node (e.g. where its local API is); a pod's
+    /// own `env` wins.
+    pub node_env: BTreeMap<String, String>,
 }
 
 /// Figures of the runtime.
@@ -574,7 +577,12 @@ impl Worker {
             )
         };
         let launch = match launch {
-            Ok(l) => l,
+            Ok(mut l) => {
+                for (name, value) in &self.config.node_env {
+                    l.env.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+                l
+            }
             Err(e) => {
                 let name = self.containers[i].spec.name.clone();
                 self.containers[i].record.state = State::Waiting {
@@ -1034,6 +1042,7 @@ mod tests {
             },
             program_dirs: vec![],
             log_limits: LogLimits::default(),
+            node_env: BTreeMap::new(),
         };
         Fixture {
             _dir: dir,

@@ -1,0 +1,139 @@
+//! `sedna-cloud-worker`: the cloud side of a JointInferenceService. Loads the big model from
+//! `MODEL_URL` (through lib-sedna's storage: `s3://`, `file://` or a path; credentials from
+//! mounted files) and serves it as the `sedna.inference.v1.Inference` gRPC service with
+//! dynamic batching, until SIGTERM or Ctrl-C.
+//!
+//! Configured like a Sedna worker, from the environment the controller injects, with flags
+//! overriding it: `MODEL_URL`, `BIG_MODEL_PORT` (default 5000), `SEDNA_LISTEN_HOST`
+//! (default 127.0.0.1; the controller sets 0.0.0.0 inside a pod), `SEDNA_MAX_BATCH`,
+//! `SEDNA_MAX_DELAY_MS`, `SEDNA_CACHE_DIR`, `SEDNA_PROVIDERS`, `SEDNA_INTRA_THREADS`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use sedna::cloud::{BatchOptions, Batcher, serve_grpc};
+use sedna::config::Config;
+use sedna::inference::{Model, Provider, SessionOptions};
+use sedna::storage::{Storage, StorageOptions};
+
+/// Flags (each with an environment variable the controller sets).
+#[derive(Parser, Debug)]
+#[command(
+    name = "sedna-cloud-worker",
+    version,
+    about = "Serves a JointInferenceService's big model over gRPC with dynamic batching"
+)]
+pub struct Args {
+    /// The model (`s3://bucket/key`, `file:///path` or an absolute path); default: MODEL_URL.
+    #[arg(long)]
+    pub model_url: Option<String>,
+    /// Address to listen on; default SEDNA_LISTEN_HOST (127.0.0.1) and BIG_MODEL_PORT (5000).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Most requests run together.
+    #[arg(long, env = "SEDNA_MAX_BATCH", default_value_t = 32)]
+    pub max_batch: usize,
+    /// Longest a request waits for others, in milliseconds.
+    #[arg(long, env = "SEDNA_MAX_DELAY_MS", default_value_t = 2)]
+    pub max_delay_ms: u64,
+    /// Most requests waiting; more are answered "overloaded".
+    #[arg(long, env = "SEDNA_MAX_QUEUE", default_value_t = 1024)]
+    pub max_queue: usize,
+    /// Where fetched models are cached.
+    #[arg(long, env = "SEDNA_CACHE_DIR", default_value = "model-cache")]
+    pub cache_dir: std::path::PathBuf,
+    /// Execution providers, comma-separated (cpu, cuda[:N], tensorrt[:N]).
+    #[arg(long, env = "SEDNA_PROVIDERS", default_value = "cpu")]
+    pub providers: String,
+    /// Threads per inference (0: ONNX Runtime's default).
+    #[arg(long, env = "SEDNA_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[arg(long, env = "SEDNA_S3_ALLOW_HTTP")]
+    s3_allow_http: bool,
+}
+
+/// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
+pub async fn run(args: Args) -> Result<()> {
+    let config = Config::from_env().context("reading the worker configuration")?;
+    for name in &config.ignored_secret_variables {
+        tracing::warn!(variable = name, dir = %config.credentials_dir.display(), "secret variable in the environment ignored: mount credentials as files");
+    }
+    let model_url = match args.model_url.clone() {
+        Some(url) => url,
+        None => config.require_model_url()?.to_string(),
+    };
+    let listen = match args.listen {
+        Some(listen) => listen,
+        None => {
+            let host = std::env::var("SEDNA_LISTEN_HOST").unwrap_or_else(|_| "127.0.0.1".into());
+            let port = std::env::var("BIG_MODEL_PORT")
+                .ok()
+                .map(|p| {
+                    p.parse::<u16>()
+                        .with_context(|| format!("BIG_MODEL_PORT={p:?} is not a port"))
+                })
+                .transpose()?
+                .unwrap_or(sedna::config::DEFAULT_BIG_MODEL_PORT);
+            format!("{host}:{port}")
+                .parse()
+                .with_context(|| format!("SEDNA_LISTEN_HOST={host:?} is not an IP address"))?
+        }
+    };
+    let mut storage_options = StorageOptions::new(&args.cache_dir);
+    storage_options.s3_endpoint = config.s3_endpoint_url.clone();
+    storage_options.allow_http = args.s3_allow_http;
+    storage_options.credentials = config.credentials()?;
+    let storage = Storage::new(storage_options)?;
+    let fetched = storage
+        .fetch(&model_url)
+        .await
+        .with_context(|| format!("fetching the model {model_url}"))?;
+    let providers = args
+        .providers
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(Provider::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let options = SessionOptions {
+        providers,
+        intra_threads: args.intra_threads,
+        ..SessionOptions::default()
+    };
+    let model = Arc::new(Model::load(&fetched.path, &options)?);
+    tracing::info!(model = %model_url, sha256 = %fetched.sha256, inputs = ?model.inputs(), "model loaded");
+    let batcher = Batcher::spawn(
+        model,
+        BatchOptions {
+            max_batch: args.max_batch,
+            max_delay: Duration::from_millis(args.max_delay_ms),
+            max_queue: args.max_queue,
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    // Tests and orchestration read this line to learn the port when 0 was asked for.
+    println!("listening on {}", listener.local_addr()?);
+    tracing::info!(address = %listener.local_addr()?, max_batch = args.max_batch, max_delay_ms = args.max_delay_ms, "serving");
+    serve_grpc(listener, batcher, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,456 @@
+//! `sedna-edge-worker`: the edge side of a JointInferenceService, configured entirely by the
+//! environment the controller injects (Sedna's names), so no custom image or code is needed.
+//!
+//! It loads the small model from `MODEL_URL`, mines hard examples with `HEM_NAME` /
+//! `HEM_PARAMETERS`, sends them to the cloud worker at `BIG_MODEL_IP`:`BIG_MODEL_PORT`
+//! (gRPC, or `SEDNA_CLOUD_URL`), reads samples from `SEDNA_INPUT` (`dir:/path`: `.pgm`
+//! images as they arrive; `idx:/path`: an IDX file replayed), and appends one JSON line per
+//! sample to `SEDNA_OUTPUT_DIR/results.jsonl`:
+//! `{"id", "is_hard", "label", "source": "edge"|"cloud", "edge_label", "cloud_label",
+//! "queued", "latency_ms"}`. Hard examples the cloud could not take are queued on disk
+//! (`SEDNA_OUTPUT_DIR/queue`) and answered later, each with a line `{"id", "late": true,
+//! "label", "source": "cloud"}`. Figures (inferences, hard examples, upload ratio, uplink
+//! bytes, latencies) go to `SEDNA_OUTPUT_DIR/figures.json` every second. Samples already in
+//! `results.jsonl` are not processed again after a restart.
+
+mod input;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use sedna::cloud::GrpcCloud;
+use sedna::config::Config;
+use sedna::inference::{Model, Provider, SessionOptions, Tensor};
+use sedna::joint::{Backoff, Deferred, HardExampleQueue, JointInference, QueueLimits};
+use sedna::storage::{Storage, StorageOptions};
+
+use crate::input::Source;
+
+/// Flags (each with an environment variable the controller sets).
+#[derive(Parser, Debug)]
+#[command(
+    name = "sedna-edge-worker",
+    version,
+    about = "Runs a JointInferenceService's edge side"
+)]
+pub struct Args {
+    /// Samples: `dir:/path` (PGM images as they arrive) or `idx:/path/images.idx3-ubyte`.
+    #[arg(long, env = "SEDNA_INPUT")]
+    pub input: String,
+    /// Where results, figures and the hard-example queue go.
+    #[arg(long, env = "SEDNA_OUTPUT_DIR", default_value = "output")]
+    pub output_dir: PathBuf,
+    /// The cloud worker (`http://host:port`); default from BIG_MODEL_IP / BIG_MODEL_PORT.
+    #[arg(long, env = "SEDNA_CLOUD_URL")]
+    pub cloud_url: Option<String>,
+    /// Give up on a cloud request after this many milliseconds.
+    #[arg(long, env = "SEDNA_CLOUD_TIMEOUT_MS", default_value_t = 2000)]
+    pub cloud_timeout_ms: u64,
+    /// Pixel scale applied before the model (default 1/255).
+    #[arg(long, env = "SEDNA_INPUT_SCALE", default_value_t = 1.0 / 255.0)]
+    pub input_scale: f32,
+    /// Most hard examples waiting for the cloud.
+    #[arg(long, env = "SEDNA_QUEUE_MAX_ITEMS", default_value_t = 10_000)]
+    pub queue_max_items: usize,
+    /// Where fetched models are cached.
+    #[arg(long, env = "SEDNA_CACHE_DIR", default_value = "model-cache")]
+    pub cache_dir: PathBuf,
+    /// Execution providers, comma-separated (cpu, cuda[:N], tensorrt[:N]).
+    #[arg(long, env = "SEDNA_PROVIDERS", default_value = "cpu")]
+    pub providers: String,
+    /// Threads per inference (0: ONNX Runtime's default).
+    #[arg(long, env = "SEDNA_INTRA_THREADS", default_value_t = 1)]
+    pub intra_threads: usize,
+    /// Exit once the input is exhausted (idx) or this many samples were seen (dir), and every
+    /// queued hard example was answered.
+    #[arg(long, env = "SEDNA_EXIT_AFTER")]
+    pub exit_after: Option<usize>,
+    /// How often figures go to the service's status (through the node's local API).
+    #[arg(long, env = "SEDNA_REPORT_INTERVAL_MS", default_value_t = 2000)]
+    pub report_interval_ms: u64,
+    /// Allow a plain-HTTP S3 endpoint.
+    #[arg(long, env = "SEDNA_S3_ALLOW_HTTP")]
+    s3_allow_http: bool,
+}
+
+/// Results and late answers, one JSON line each, flushed per line.
+struct Results {
+    file: Mutex<std::fs::File>,
+}
+
+impl Results {
+    fn write(&self, value: &serde_json::Value) {
+        let mut line = value.to_string();
+        line.push('\n');
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = file.write_all(line.as_bytes()) {
+            tracing::error!(error = %e, "writing results");
+        }
+    }
+}
+
+/// The label of an output set: the `label` output, else the argmax of the first float one.
+fn label_of(outputs: &[(String, Tensor)]) -> Option<i64> {
+    if let Some((_, Tensor::I64(l))) = outputs.iter().find(|(n, _)| n == "label") {
+        return l.iter().next().copied();
+    }
+    outputs.iter().find_map(|(_, t)| match t {
+        Tensor::F32(p) => p
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as i64),
+        _ => None,
+    })
+}
+
+fn already_done(results: &Path) -> HashSet<String> {
+    let Ok(text) = std::fs::read_to_string(results) else {
+        return HashSet::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("late").is_none())
+        .filter_map(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+        .collect()
+}
+
+#[derive(Default)]
+struct Latencies {
+    edge: Vec<f64>,
+    cloud: Vec<f64>,
+}
+
+fn p50(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Reports the figures into the JointInferenceService's `status.metrics` through the node's
+/// local API (`SEDNA_LOCAL_KUBECONFIG`); the node relays the write to the cloud through its
+/// outbox, so reports made offline arrive later.
+struct Reporter {
+    api: kube::Api<sedna_api::joint_inference::JointInferenceService>,
+    service: String,
+}
+
+impl Reporter {
+    async fn connect(config: &Config) -> Option<Reporter> {
+        let path = std::env::var_os("SEDNA_LOCAL_KUBECONFIG")?;
+        let service = config.service_name.clone()?;
+        let kubeconfig = match kube::config::Kubeconfig::read_from(&path) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "local API kubeconfig unreadable; figures stay local");
+                return None;
+            }
+        };
+        let client = match kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|c| kube::Client::try_from(c).map_err(anyhow::Error::from))
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "local API unusable; figures stay local");
+                return None;
+            }
+        };
+        Some(Reporter {
+            api: kube::Api::namespaced(client, &config.namespace),
+            service,
+        })
+    }
+
+    async fn report(&self, figures: &serde_json::Value) {
+        let metrics: Vec<serde_json::Value> = figures
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| {
+                let value = match v {
+                    serde_json::Value::Number(n) => match n.as_f64() {
+                        Some(f) if n.is_f64() => format!("{f:.4}"),
+                        _ => n.to_string(),
+                    },
+                    other => other.to_string(),
+                };
+                serde_json::json!({"key": k, "value": value})
+            })
+            .collect();
+        let patch = serde_json::json!({"status": {"metrics": metrics}});
+        if let Err(e) = self
+            .api
+            .patch_status(
+                &self.service,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+        {
+            tracing::warn!(error = %e, service = %self.service, "reporting figures failed");
+        }
+    }
+}
+
+fn figures(ji: &JointInference, latencies: &Latencies) -> serde_json::Value {
+    let s = ji.stats();
+    serde_json::json!({
+        "inferences": s.inferences,
+        "hardExamples": s.hard_examples,
+        "cloudAnswers": s.cloud_answers,
+        "queued": ji.queued(),
+        "refused": s.refused,
+        "uploadRatio": s.upload_ratio(),
+        "uplinkBytes": s.uplink_bytes,
+        "edgeLatencyMs": p50(&latencies.edge),
+        "cloudLatencyMs": p50(&latencies.cloud),
+    })
+}
+
+fn write_figures(dir: &Path, figures: &serde_json::Value) {
+    let tmp = dir.join("figures.json.tmp");
+    if std::fs::write(&tmp, figures.to_string()).is_ok() {
+        let _ = std::fs::rename(&tmp, dir.join("figures.json"));
+    }
+}
+
+/// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
+pub async fn run(args: Args) -> Result<()> {
+    let config = Config::from_env().context("reading the worker configuration")?;
+    for name in &config.ignored_secret_variables {
+        tracing::warn!(
+            variable = name,
+            "secret variable in the environment ignored: mount credentials as files"
+        );
+    }
+    let source = Source::parse(&args.input)?;
+    let model_url = config.require_model_url()?.to_string();
+    let mining = config
+        .hard_example_mining()?
+        .context("HEM_NAME is not set: the edge worker needs a hard-example mining algorithm")?;
+    let cloud_url = match &args.cloud_url {
+        Some(url) => url.clone(),
+        None => match &config.big_model {
+            Some(endpoint) => format!("http://{endpoint}"),
+            None => {
+                bail!("BIG_MODEL_IP is not set (nor SEDNA_CLOUD_URL): where is the cloud worker?")
+            }
+        },
+    };
+    std::fs::create_dir_all(&args.output_dir)
+        .with_context(|| format!("creating {}", args.output_dir.display()))?;
+
+    let mut storage_options = StorageOptions::new(&args.cache_dir);
+    storage_options.s3_endpoint = config.s3_endpoint_url.clone();
+    storage_options.allow_http = args.s3_allow_http;
+    storage_options.credentials = config.credentials()?;
+    let storage = Storage::new(storage_options)?;
+    let fetched = storage
+        .fetch(&model_url)
+        .await
+        .with_context(|| format!("fetching the model {model_url}"))?;
+    let providers = args
+        .providers
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(Provider::parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let model = Arc::new(Model::load(
+        &fetched.path,
+        &SessionOptions {
+            providers,
+            intra_threads: args.intra_threads,
+            ..SessionOptions::default()
+        },
+    )?);
+    let input_info = match model.inputs().as_slice() {
+        [only] => only.clone(),
+        many => bail!(
+            "the edge model has {} inputs; the worker feeds one image",
+            many.len()
+        ),
+    };
+    let cloud = GrpcCloud::new(&cloud_url, Duration::from_millis(args.cloud_timeout_ms))?;
+    let queue = HardExampleQueue::open(
+        args.output_dir.join("queue"),
+        QueueLimits {
+            max_items: args.queue_max_items,
+            ..QueueLimits::default()
+        },
+    )?;
+    let ji = Arc::new(JointInference::new(model, mining, Box::new(cloud), queue));
+    tracing::info!(model = %model_url, cloud = %cloud_url, hem = ji.hem().name(), input = %args.input, "edge worker started");
+
+    let results_path = args.output_dir.join("results.jsonl");
+    let done = already_done(&results_path);
+    let results = Arc::new(Results {
+        file: Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&results_path)
+                .with_context(|| format!("opening {}", results_path.display()))?,
+        ),
+    });
+    let late_results = results.clone();
+    let resender = tokio::spawn(ji.clone().resend_forever(
+        Duration::from_millis(200),
+        Backoff::new(Duration::from_millis(200), Duration::from_secs(10)),
+        move |answer| {
+            late_results.write(&serde_json::json!({
+                "id": answer.id,
+                "late": true,
+                "label": label_of(&answer.cloud.outputs),
+                "source": "cloud",
+                "model_version": answer.cloud.model_version,
+            }));
+        },
+    ));
+
+    let latencies = Arc::new(Mutex::new(Latencies::default()));
+    let mut seen = done.len();
+    let mut last_figures = Instant::now();
+    let reporter = Reporter::connect(&config).await;
+    let report_interval = Duration::from_millis(args.report_interval_ms);
+    let mut last_report = Instant::now() - report_interval;
+    let mut pending_files: Vec<PathBuf> = Vec::new();
+    let mut idx_images = match &source {
+        Source::Idx(path) => Some(input::read_idx(path)?.into_iter().enumerate()),
+        Source::Dir(_) => None,
+    };
+    let mut processed: HashSet<String> = done;
+    loop {
+        // The next sample, if any.
+        let next: Option<(String, input::Image)> = match (&source, idx_images.as_mut()) {
+            (Source::Idx(_), Some(images)) => {
+                images.next().map(|(i, image)| (format!("{i:06}"), image))
+            }
+            (Source::Dir(dir), _) => {
+                if pending_files.is_empty() {
+                    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+                        .with_context(|| format!("reading {}", dir.display()))?
+                        .flatten()
+                        .map(|e| e.path())
+                        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("pgm")))
+                        .filter(|p| {
+                            p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| !n.starts_with('.') && !processed.contains(n))
+                        })
+                        .collect();
+                    files.sort();
+                    files.reverse();
+                    pending_files = files;
+                }
+                match pending_files.pop() {
+                    None => None,
+                    Some(path) => {
+                        let id = path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        match std::fs::read(&path)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|b| input::decode_pgm(&b))
+                        {
+                            Ok(image) => Some((id, image)),
+                            Err(e) => {
+                                tracing::warn!(file = %path.display(), error = %e, "skipping unreadable input");
+                                results
+                                    .write(&serde_json::json!({"id": id, "error": e.to_string()}));
+                                processed.insert(id);
+                                continue;
+                            }
+                        }
+                    }
+                }
+            }
+            (Source::Idx(_), None) => None,
+        };
+        match next {
+            Some((id, image)) => {
+                if processed.contains(&id) {
+                    continue;
+                }
+                let tensor = match input::to_input(&image, &input_info, args.input_scale) {
+                    Ok(x) => Tensor::F32(x),
+                    Err(e) => {
+                        results.write(&serde_json::json!({"id": id, "error": e.to_string()}));
+                        processed.insert(id);
+                        continue;
+                    }
+                };
+                let started = Instant::now();
+                let r = ji
+                    .inference(&id, &[(input_info.name.clone(), tensor)])
+                    .await?;
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                {
+                    let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner());
+                    if r.cloud.is_some() {
+                        l.cloud.push(ms);
+                    } else {
+                        l.edge.push(ms);
+                    }
+                    if l.edge.len() > 10_000 {
+                        l.edge.drain(..5_000);
+                    }
+                    if l.cloud.len() > 10_000 {
+                        l.cloud.drain(..5_000);
+                    }
+                }
+                results.write(&serde_json::json!({
+                    "id": r.id,
+                    "is_hard": r.is_hard,
+                    "label": label_of(r.result()),
+                    "source": if r.cloud.is_some() { "cloud" } else { "edge" },
+                    "edge_label": label_of(&r.edge.values),
+                    "cloud_label": r.cloud.as_ref().and_then(|c| label_of(&c.outputs)),
+                    "queued": matches!(r.deferred, Deferred::Queued(_)),
+                    "refused": r.deferred == Deferred::Refused,
+                    "latency_ms": ms,
+                }));
+                processed.insert(id);
+                seen += 1;
+            }
+            None => {
+                let exhausted =
+                    matches!(source, Source::Idx(_)) || args.exit_after.is_some_and(|n| seen >= n);
+                if exhausted && args.exit_after.is_some() && ji.queued() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if last_figures.elapsed() >= Duration::from_secs(1) {
+            let current = figures(&ji, &latencies.lock().unwrap_or_else(|p| p.into_inner()));
+            write_figures(&args.output_dir, &current);
+            if let Some(reporter) = &reporter
+                && last_report.elapsed() >= report_interval
+            {
+                reporter.report(&current).await;
+                last_report = Instant::now();
+            }
+            last_figures = Instant::now();
+        }
+    }
+    resender.abort();
+    let last = figures(&ji, &latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    write_figures(&args.output_dir, &last);
+    if let Some(reporter) = &reporter {
+        reporter.report(&last).await;
+    }
+    tracing::info!(stats = ?ji.stats(), "edge worker done");
+    Ok(())
+}
