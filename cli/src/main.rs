@@ -9,6 +9,9 @@
 //! - `sedna cloudcore`, `sedna token create`, `sedna join`, `sedna edgecore`: the node layer
 //!   (hub, join tokens, joining an edge node, the edge agent).
 //! - `sedna up --data-dir D --edges N`: all of it on one machine, in one process.
+//! - `sedna gm --kubeconfig K`: the controllers; `sedna edge-worker`, `sedna cloud-worker`: the
+//!   joint-inference workers (also run when this binary is called `sedna-edge-worker` or
+//!   `sedna-cloud-worker`).
 
 mod node;
 mod ops;
@@ -88,10 +91,43 @@ enum Command {
     Edgecore(node::EdgecoreArgs),
     /// Run everything on this machine: API server, hub, a cloud node and N edge nodes.
     Up(up::UpArgs),
+    /// Run the global manager: the controllers of Models and JointInferenceServices.
+    Gm {
+        /// Kubeconfig of the cluster (the embedded API server's `D/kubeconfig`, or a real one).
+        #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
+        kubeconfig: PathBuf,
+    },
+    /// Run a JointInferenceService's edge worker (what a pod with image `sedna-edge-worker`
+    /// runs; configured by the environment the controller injects).
+    EdgeWorker(sedna_edge_worker::Args),
+    /// Run a JointInferenceService's cloud worker (image `sedna-cloud-worker`).
+    CloudWorker(sedna_cloud_worker::Args),
 }
 
+/// Programs this binary also is, by the name it is called with (pods name them as images;
+/// `sedna up` links them to this binary in each node's program directory).
+pub(crate) const WORKERS: [&str; 2] = ["sedna-edge-worker", "sedna-cloud-worker"];
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let called = argv
+        .first()
+        .and_then(|a| {
+            std::path::Path::new(a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_default();
+    if WORKERS.contains(&called.as_str()) {
+        argv.splice(
+            0..1,
+            [
+                std::ffi::OsString::from("sedna"),
+                called.trim_start_matches("sedna-").into(),
+            ],
+        );
+    }
+    let cli = Cli::parse_from(argv);
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -188,6 +224,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
             up::check_args(&args)?;
             init_logging(cli.log_json);
             runtime()?.block_on(up::up(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gm { kubeconfig } => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(async move {
+                let client = up::client_for(&kubeconfig).await?;
+                println!("global manager running against {}", kubeconfig.display());
+                sedna_controllers::run(client, wait_for_signal()).await;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::EdgeWorker(args) => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(sedna_edge_worker::run(args))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::CloudWorker(args) => {
+            init_logging(cli.log_json);
+            runtime()?.block_on(sedna_cloud_worker::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,6 +1,7 @@
 //! `sedna up`: the whole platform on one machine, in one process: the embedded API server,
 //! the hub, one cloud-role node and N edge nodes joined with tokens, each with its own data
-//! directory. Running it again reuses the data (nodes already joined are not joined again).
+//! directory, the CRDs installed and the global manager's controllers running. Running it again
+//! reuses the data (nodes already joined are not joined again).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -45,7 +46,7 @@ fn node_names(edges: u16) -> Vec<(String, &'static str)> {
         .collect()
 }
 
-async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
+pub(crate) async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     let file = kube::config::Kubeconfig::read_from(kubeconfig)
         .with_context(|| format!("reading {}", kubeconfig.display()))?;
     let config = kube::Config::from_custom_kubeconfig(file, &Default::default()).await?;
@@ -103,10 +104,17 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         .sub_registry_with_prefix("sedna_hub")
         .register_collector(Box::new(crate::ops::hub_figures(&hub)));
 
+    install_crds(&client).await?;
+    let (stop_gm, gm_stopped) = tokio::sync::oneshot::channel::<()>();
+    let gm = tokio::spawn(sedna_controllers::run(client.clone(), async move {
+        let _ = gm_stopped.await;
+    }));
+
     let mut agents = Vec::new();
     for (i, (name, role)) in node_names(args.edges).into_iter().enumerate() {
         let dir = d.join("nodes").join(&name);
         ensure_joined(&client, &hub_addr, &name, &dir).await?;
+        link_workers(&dir.join("bin"))?;
         let mut config =
             sedna_edgecore::AgentConfig::new(sedna_edgecore::EdgeConfig::new(&hub_addr, &dir));
         config.role = role.to_owned();
@@ -165,13 +173,48 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         kubeconfig.display()
     );
 
+    println!("global manager: Model and JointInferenceService controllers running");
+
     crate::wait_for_signal().await;
     println!("stopping");
+    let _ = stop_gm.send(());
+    let _ = gm.await;
     for (_, agent) in agents {
         agent.shutdown_with_workloads().await;
     }
     hub.shutdown().await;
     server.shutdown().await;
+    Ok(())
+}
+
+/// Installs (or updates) the platform's CRDs with server-side apply.
+async fn install_crds(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let api: kube::Api<CustomResourceDefinition> = kube::Api::all(client.clone());
+    let params = kube::api::PatchParams::apply("sedna-up").force();
+    for crd in sedna_api::crds() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(&name, &params, &kube::api::Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("installing CRD {name}"))?;
+    }
+    Ok(())
+}
+
+/// Makes the worker programs pods name (`sedna-edge-worker`, `sedna-cloud-worker`) resolve
+/// to this binary in a node's program directory.
+fn link_workers(bin: &Path) -> Result<()> {
+    std::fs::create_dir_all(bin).with_context(|| format!("creating {}", bin.display()))?;
+    let exe = std::env::current_exe().context("locating the sedna binary")?;
+    for name in crate::WORKERS {
+        let link = bin.join(name);
+        if std::fs::read_link(&link).ok().as_deref() == Some(exe.as_path()) {
+            continue;
+        }
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&exe, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), exe.display()))?;
+    }
     Ok(())
 }
 

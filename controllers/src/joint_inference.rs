@@ -571,7 +571,7 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
                 .with_message(format!("waiting for {waiting} to run")),
         )
     };
-    let became = set_status(&api, &ji, phase.clone(), active, failed, ready).await?;
+    let became = set_status(&api, &ji, phase, active, failed, ready).await?;
     if became && phase == WorkloadPhase::Running {
         ctx.event(
             &ji,

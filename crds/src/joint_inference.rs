@@ -36,6 +36,13 @@ pub mod condition_types {
     printcolumn(name = "Active", type_ = "integer", json_path = ".status.active"),
     printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failed"),
     printcolumn(
+        name = "Inferences",
+        type_ = "integer",
+        json_path = ".status.inferences"
+    ),
+    printcolumn(name = "Hard", type_ = "integer", json_path = ".status.hardExamples"),
+    printcolumn(name = "Uploaded", type_ = "string", json_path = ".status.uploadRatio"),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -107,4 +114,16 @@ pub struct JointInferenceServiceStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::common::key_values_schema")]
     pub metrics: Vec<KeyValue>,
+    /// Inputs the edge worker answered (also in `metrics`; here for `kubectl get`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub inferences: Option<i64>,
+    /// Of those, hard examples sent to the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub hard_examples: Option<i64>,
+    /// Share of inputs uploaded, e.g. `22.9%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub upload_ratio: Option<String>,
 }

@@ -187,7 +187,17 @@ impl Reporter {
                 serde_json::json!({"key": k, "value": value})
             })
             .collect();
-        let patch = serde_json::json!({"status": {"metrics": metrics}});
+        let number = |key: &str| figures.get(key).and_then(serde_json::Value::as_i64);
+        let ratio = figures
+            .get("uploadRatio")
+            .and_then(serde_json::Value::as_f64)
+            .map(|r| format!("{:.1}%", r * 100.0));
+        let patch = serde_json::json!({"status": {
+            "metrics": metrics,
+            "inferences": number("inferences"),
+            "hardExamples": number("hardExamples"),
+            "uploadRatio": ratio,
+        }});
         if let Err(e) = self
             .api
             .patch_status(
