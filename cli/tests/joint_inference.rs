@@ -270,11 +270,10 @@ fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_report
 
     // Invalid services are reported, naming the problem.
     kubectl.apply(
-        &manifest("magic", "Magic", "mnist-edge", &inputs)
+        manifest("magic", "Magic", "mnist-edge", &inputs)
             .split("---")
             .nth(2)
-            .unwrap()
-            .to_string(),
+            .unwrap(),
     );
     let message = wait_until("the unknown HEM reported", Duration::from_secs(30), || {
         let out = kubectl.run(&[
@@ -292,11 +291,10 @@ fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_report
         "{message}"
     );
     kubectl.apply(
-        &manifest("orphan", "CrossEntropy", "no-such-model", &inputs)
+        manifest("orphan", "CrossEntropy", "no-such-model", &inputs)
             .split("---")
             .nth(2)
-            .unwrap()
-            .to_string(),
+            .unwrap(),
     );
     let message = wait_until(
         "the missing model reported",
