@@ -1,7 +1,7 @@
 //! Joint inference end to end, as a user runs it: `sedna up`, then `kubectl apply` of two
 //! Models and a JointInferenceService; the global manager starts the cloud and edge workers;
 //! the edge worker reads real MNIST digits (PGM files) from a directory, sends the hard ones to
-//! the cloud worker, and its figures reach the service's status through the node. Deleting
+//! the cloud worker through its node's tunnel to the hub, and its figures reach the service's status through the node. Deleting
 //! the service removes both workers; invalid services are reported with a clear message.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -255,6 +255,11 @@ fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_report
             .map(|m| m["value"].as_str().unwrap().to_string())
     };
     assert_eq!(metric("inferences").as_deref(), Some("200"));
+    assert_eq!(
+        metric("cloudPath").as_deref(),
+        Some("tunnel"),
+        "the edge reached the cloud worker through the hub"
+    );
     assert_eq!(metric("cloudAnswers"), Some(hard.len().to_string()));
     assert!(metric("uplinkBytes").unwrap().parse::<u64>().unwrap() >= hard.len() as u64 * 3136);
     let events = kubectl.ok(&[
@@ -267,6 +272,52 @@ fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_report
         events.contains("CreatedWorker") && events.contains("Running"),
         "{events}"
     );
+
+    // Tunnels are node-scoped: a node that runs no edge worker of the service is refused.
+    kubectl.ok(&[
+        "run",
+        "probe",
+        "--image=sh",
+        "--restart=Never",
+        "--overrides",
+        r#"{"spec":{"nodeName":"cloud"}}"#,
+        "--",
+        "-c",
+        "echo $SEDNA_CLOUD_PROXY",
+    ]);
+    let cloud_proxy = wait_until(
+        "the cloud node's proxy address",
+        Duration::from_secs(30),
+        || {
+            let pods = data.join("nodes/cloud/pods");
+            let dir = std::fs::read_dir(&pods)
+                .ok()?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("default_probe_")
+                })?;
+            let text = std::fs::read_to_string(dir.join("logs/probe.log")).ok()?;
+            let line = text.trim().to_string();
+            (!line.is_empty()).then_some(line)
+        },
+    );
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&cloud_proxy).unwrap();
+        s.write_all(b"CONNECT default/digits HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+        assert!(
+            answer.contains("node cloud runs no edge worker of default/digits"),
+            "{answer}"
+        );
+    }
 
     // Invalid services are reported, naming the problem.
     kubectl.apply(

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::runtime::watcher;
 use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
-use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse};
+use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse, TunnelFrame};
 use sedna_proto::identity::{self, JoinToken};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -434,7 +434,7 @@ struct Service {
     shared: Arc<Shared>,
 }
 
-fn peer_node(req: &Request<tonic::Streaming<Envelope>>) -> Option<String> {
+fn peer_node<T>(req: &Request<T>) -> Option<String> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     let certs = req
         .extensions()
@@ -489,6 +489,19 @@ impl HubService for Service {
     }
 
     type AttachStream = futures_util::stream::BoxStream<'static, Result<Envelope, Status>>;
+    type TunnelStream = futures_util::stream::BoxStream<'static, Result<TunnelFrame, Status>>;
+
+    async fn tunnel(
+        &self,
+        request: Request<tonic::Streaming<TunnelFrame>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let Some(node) = peer_node(&request) else {
+            return Err(Status::unauthenticated("no node certificate"));
+        };
+        let stream =
+            crate::tunnel::serve(self.shared.client.clone(), node, request.into_inner()).await?;
+        Ok(Response::new(stream))
+    }
 
     async fn attach(
         &self,

@@ -16,6 +16,7 @@ pub mod pki;
 pub mod router;
 pub mod session;
 pub mod tokens;
+pub mod tunnel;
 pub mod upstream;
 
 pub use hub::{Hub, HubConfig, HubStats};

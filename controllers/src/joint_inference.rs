@@ -5,8 +5,10 @@
 //!   `BIG_MODEL_PORT`, `SEDNA_LISTEN_HOST=0.0.0.0`, `SERVICE_NAME`, `NAMESPACE`,
 //!   `WORKER_NAME`; and Service `S-cloud` in front of it;
 //! - Pod `S-edge` from `edgeWorker.template`, once the cloud pod has an address:
-//!   `MODEL_URL`, `HEM_NAME`, `HEM_PARAMETERS` (Sedna's JSON list), `BIG_MODEL_IP` (the
-//!   cloud worker's pod IP), `BIG_MODEL_PORT`, and the same identity variables.
+//!   `MODEL_URL`, `HEM_NAME`, `HEM_PARAMETERS` (Sedna's JSON list), `SEDNA_CLOUD_TUNNEL`
+//!   (`<namespace>/S`: the edge worker reaches the cloud worker through its node's
+//!   connection to the hub), `BIG_MODEL_IP` / `BIG_MODEL_PORT` (the direct route), and the
+//!   same identity variables.
 //!
 //! A template placed with `nodeSelector` is bound to the first Ready node that matches (by
 //! name), so no scheduler is needed. Credentials of a Model's `credentialName` Secret are
@@ -534,6 +536,12 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
                     ),
                     ("BIG_MODEL_IP".into(), cloud_ip.clone()),
                     ("BIG_MODEL_PORT".into(), port.to_string()),
+                    // Through the hub by default (the node's cloud proxy); BIG_MODEL_IP is
+                    // the direct route where the edge can reach the cloud network.
+                    (
+                        "SEDNA_CLOUD_TUNNEL".into(),
+                        format!("{ns}/{}", ji.name_any()),
+                    ),
                 ],
                 node: edge_node,
             },

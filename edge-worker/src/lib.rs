@@ -182,6 +182,7 @@ impl Reporter {
                         Some(f) if n.is_f64() => format!("{f:.4}"),
                         _ => n.to_string(),
                     },
+                    serde_json::Value::String(text) => text.clone(),
                     other => other.to_string(),
                 };
                 serde_json::json!({"key": k, "value": value})
@@ -212,7 +213,7 @@ impl Reporter {
     }
 }
 
-fn figures(ji: &JointInference, latencies: &Latencies) -> serde_json::Value {
+fn figures(ji: &JointInference, latencies: &Latencies, cloud_path: &str) -> serde_json::Value {
     let s = ji.stats();
     serde_json::json!({
         "inferences": s.inferences,
@@ -224,6 +225,7 @@ fn figures(ji: &JointInference, latencies: &Latencies) -> serde_json::Value {
         "uplinkBytes": s.uplink_bytes,
         "edgeLatencyMs": p50(&latencies.edge),
         "cloudLatencyMs": p50(&latencies.cloud),
+        "cloudPath": cloud_path,
     })
 }
 
@@ -248,13 +250,30 @@ pub async fn run(args: Args) -> Result<()> {
     let mining = config
         .hard_example_mining()?
         .context("HEM_NAME is not set: the edge worker needs a hard-example mining algorithm")?;
-    let cloud_url = match &args.cloud_url {
-        Some(url) => url.clone(),
-        None => match &config.big_model {
-            Some(endpoint) => format!("http://{endpoint}"),
-            None => {
-                bail!("BIG_MODEL_IP is not set (nor SEDNA_CLOUD_URL): where is the cloud worker?")
+    // The cloud worker: an explicit URL; else through the node's cloud proxy (the hub
+    // tunnel, the default when the node offers one); else directly at BIG_MODEL_IP.
+    let timeout = Duration::from_millis(args.cloud_timeout_ms);
+    let tunnel = std::env::var("SEDNA_CLOUD_TUNNEL")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let proxy = std::env::var("SEDNA_CLOUD_PROXY")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let (cloud, cloud_url, cloud_path) = match (&args.cloud_url, &proxy, &tunnel) {
+        (Some(url), _, _) => (GrpcCloud::new(url, timeout)?, url.clone(), "direct"),
+        (None, Some(proxy), Some(target)) => (
+            GrpcCloud::via_proxy(proxy, target, timeout)?,
+            format!("{target} through the hub (proxy {proxy})"),
+            "tunnel",
+        ),
+        (None, _, _) => match &config.big_model {
+            Some(endpoint) => {
+                let url = format!("http://{endpoint}");
+                (GrpcCloud::new(&url, timeout)?, url, "direct")
             }
+            None => bail!(
+                "no cloud worker: set SEDNA_CLOUD_URL, or BIG_MODEL_IP, or run on a node with a cloud proxy and SEDNA_CLOUD_TUNNEL"
+            ),
         },
     };
     std::fs::create_dir_all(&args.output_dir)
@@ -290,7 +309,6 @@ pub async fn run(args: Args) -> Result<()> {
             many.len()
         ),
     };
-    let cloud = GrpcCloud::new(&cloud_url, Duration::from_millis(args.cloud_timeout_ms))?;
     let queue = HardExampleQueue::open(
         args.output_dir.join("queue"),
         QueueLimits {
@@ -444,7 +462,11 @@ pub async fn run(args: Args) -> Result<()> {
             }
         }
         if last_figures.elapsed() >= Duration::from_secs(1) {
-            let current = figures(&ji, &latencies.lock().unwrap_or_else(|p| p.into_inner()));
+            let current = figures(
+                &ji,
+                &latencies.lock().unwrap_or_else(|p| p.into_inner()),
+                cloud_path,
+            );
             write_figures(&args.output_dir, &current);
             if let Some(reporter) = &reporter
                 && last_report.elapsed() >= report_interval
@@ -456,7 +478,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     resender.abort();
-    let last = figures(&ji, &latencies.lock().unwrap_or_else(|p| p.into_inner()));
+    let last = figures(
+        &ji,
+        &latencies.lock().unwrap_or_else(|p| p.into_inner()),
+        cloud_path,
+    );
     write_figures(&args.output_dir, &last);
     if let Some(reporter) = &reporter {
         reporter.report(&last).await;

@@ -37,6 +37,9 @@ pub struct AgentConfig {
     pub status_interval: Duration,
     /// The local API (`None`: not served).
     pub metaserver: Option<MetaConfig>,
+    /// Where workers reach cloud workers through the hub (`None`: no proxy; port 0: any free
+    /// port, which workers learn from `SEDNA_CLOUD_PROXY`).
+    pub cloud_proxy: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -58,6 +61,7 @@ impl AgentConfig {
             lease_duration: Duration::from_secs(40),
             status_interval: Duration::from_secs(60),
             metaserver,
+            cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
         }
     }
 }
@@ -82,6 +86,7 @@ pub struct Agent {
     runtime: Runtime,
     node_task: tokio::task::JoinHandle<()>,
     metaserver: Option<MetaServer>,
+    cloud_proxy: Option<crate::tunnel::CloudProxy>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -97,6 +102,35 @@ impl Agent {
     pub async fn start(config: AgentConfig) -> Result<Agent, EdgeError> {
         let hub = EdgeHub::start(config.edge.clone()).await?;
         let host_ip = config.host_ip.clone().unwrap_or_else(host_ip);
+        let cloud_proxy = match config.cloud_proxy {
+            Some(listen) => match crate::tunnel::CloudProxy::start(
+                listen,
+                config.edge.hub.clone(),
+                config.edge.data_dir.clone(),
+            )
+            .await
+            {
+                Ok(proxy) => Some(proxy),
+                Err(e) => {
+                    tracing::warn!(%listen, error = %e, "cloud proxy not started");
+                    None
+                }
+            },
+            None => None,
+        };
+        let mut node_env = std::collections::BTreeMap::new();
+        if let Some(proxy) = &cloud_proxy {
+            // Workers reach their cloud workers through the hub at this address.
+            node_env.insert("SEDNA_CLOUD_PROXY".to_string(), proxy.addr().to_string());
+        }
+        if let Some(meta) = &config.metaserver {
+            // Workers reach the node's local API (the local controller's role: their
+            // reports go up through the outbox) with this kubeconfig.
+            node_env.insert(
+                "SEDNA_LOCAL_KUBECONFIG".to_string(),
+                meta.data_dir.join("kubeconfig").display().to_string(),
+            );
+        }
         let runtime = Runtime::start(
             RuntimeConfig {
                 node: hub.node().to_owned(),
@@ -105,18 +139,7 @@ impl Agent {
                 backoff: config.backoff,
                 program_dirs: config.program_dirs.clone(),
                 log_limits: LogLimits::default(),
-                node_env: config
-                    .metaserver
-                    .as_ref()
-                    .map(|meta| {
-                        // Workers reach the node's local API (the local controller's role:
-                        // their reports go up through the outbox) with this kubeconfig.
-                        std::collections::BTreeMap::from([(
-                            "SEDNA_LOCAL_KUBECONFIG".to_string(),
-                            meta.data_dir.join("kubeconfig").display().to_string(),
-                        )])
-                    })
-                    .unwrap_or_default(),
+                node_env,
             },
             hub.store().clone(),
             hub.subscribe(),
@@ -156,7 +179,15 @@ impl Agent {
             runtime,
             node_task,
             metaserver,
+            cloud_proxy,
         })
+    }
+
+    /// The cloud proxy's address, when it runs.
+    pub fn cloud_proxy(&self) -> Option<std::net::SocketAddr> {
+        self.cloud_proxy
+            .as_ref()
+            .map(crate::tunnel::CloudProxy::addr)
     }
 
     /// The hub client (store, status, outbox).

@@ -18,6 +18,7 @@ pub mod node;
 pub mod runtime;
 pub mod store;
 pub mod tls;
+pub mod tunnel;
 
 pub use agent::{Agent, AgentConfig};
 pub use client::{EdgeConfig, EdgeHub, EdgeStatus};

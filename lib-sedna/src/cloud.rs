@@ -307,6 +307,72 @@ impl GrpcCloud {
     }
 }
 
+impl GrpcCloud {
+    /// A client of the cloud worker of JointInferenceService `target`
+    /// (`<namespace>/<name>`) through the node's cloud proxy at `proxy` (`host:port`, from
+    /// `SEDNA_CLOUD_PROXY`): the bytes travel over the node's own connection to the hub, so the
+    /// edge needs no route to the cloud. Connects lazily; the proxy's refusal (say, a node that
+    /// does not run this service) is the request's error.
+    pub fn via_proxy(proxy: &str, target: &str, timeout: Duration) -> Result<GrpcCloud> {
+        if !target.contains('/') {
+            return Err(JointError::Config(format!(
+                "tunnel target {target:?} is not <namespace>/<service>"
+            )));
+        }
+        let endpoint = format!("{target} via the cloud proxy {proxy}");
+        let (proxy, target) = (proxy.to_string(), target.to_string());
+        let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
+            let (proxy, target) = (proxy.clone(), target.clone());
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut stream = tokio::net::TcpStream::connect(&proxy).await?;
+                stream.set_nodelay(true)?;
+                stream
+                    .write_all(
+                        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
+                    )
+                    .await?;
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+                    if stream.read(&mut byte).await? == 0 {
+                        break;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head).into_owned();
+                if !text.starts_with("HTTP/1.1 200") {
+                    // The reason follows the head; read what is there.
+                    let mut reason = vec![0u8; 1024];
+                    let n =
+                        tokio::time::timeout(Duration::from_millis(200), stream.read(&mut reason))
+                            .await
+                            .ok()
+                            .and_then(std::result::Result::ok)
+                            .unwrap_or(0);
+                    return Err(std::io::Error::other(format!(
+                        "cloud proxy {proxy}: {} {}",
+                        text.lines().next().unwrap_or("no answer"),
+                        String::from_utf8_lossy(&reason[..n]).trim()
+                    )));
+                }
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_static("http://cloud-worker.tunnel")
+            .timeout(timeout)
+            .connect_timeout(timeout)
+            .connect_with_connector_lazy(connector);
+        Ok(GrpcCloud {
+            client: InferenceClient::new(channel)
+                .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
+            endpoint,
+            limits: FrameLimits::default(),
+        })
+    }
+}
+
 impl Cloud for GrpcCloud {
     fn infer<'a>(
         &'a self,

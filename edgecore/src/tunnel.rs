@@ -1,0 +1,218 @@
+//! The node's cloud proxy: workers on the node reach a cloud worker through the hub, over the
+//! node's outbound, mutually authenticated connection, with no route to the cloud network.
+//!
+//! A worker connects to the proxy (loopback; `SEDNA_CLOUD_PROXY` in its environment) and asks
+//! `CONNECT <namespace>/<service> HTTP/1.1`; the proxy opens a `Hub.Tunnel` stream naming that
+//! target, answers `200` once the hub has connected to the service's cloud worker (or `403` /
+//! `502` with the hub's reason), then relays bytes both ways. The hub decides whether this
+//! node may reach that target.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sedna_proto::channel::TunnelFrame;
+use sedna_proto::channel::hub_client::HubClient;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+
+use crate::join::Identity;
+
+/// The largest CONNECT request head accepted.
+const MAX_HEAD: usize = 4096;
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct CloudProxy {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CloudProxy {
+    /// Listens on `listen` and tunnels through the hub at `hub`, with the node identity kept
+    /// in `data_dir` (read at each new hub connection, so renewed certificates are used).
+    pub async fn start(
+        listen: SocketAddr,
+        hub: String,
+        data_dir: PathBuf,
+    ) -> std::io::Result<CloudProxy> {
+        let listener = TcpListener::bind(listen).await?;
+        let addr = listener.local_addr()?;
+        let channel: std::sync::Arc<Mutex<Option<tonic::transport::Channel>>> =
+            std::sync::Arc::default();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (hub, data_dir, channel) = (hub.clone(), data_dir.clone(), channel.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, &hub, &data_dir, &channel).await {
+                        tracing::debug!(error = %e, "cloud proxy connection ended");
+                    }
+                });
+            }
+        });
+        Ok(CloudProxy { addr, task })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for CloudProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn hub_channel(
+    hub: &str,
+    data_dir: &std::path::Path,
+    cached: &Mutex<Option<tonic::transport::Channel>>,
+) -> Result<tonic::transport::Channel, String> {
+    let mut guard = cached.lock().await;
+    if let Some(channel) = guard.as_ref() {
+        return Ok(channel.clone());
+    }
+    let identity = Identity::load(data_dir)
+        .map_err(|e| e.to_string())?
+        .ok_or("the node has not joined")?;
+    let config =
+        crate::tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .map_err(|e| e.to_string())?;
+    let channel = crate::tls::connect(hub, config).await?;
+    *guard = Some(channel.clone());
+    Ok(channel)
+}
+
+async fn serve(
+    mut stream: TcpStream,
+    hub: &str,
+    data_dir: &std::path::Path,
+    cached: &Mutex<Option<tonic::transport::Channel>>,
+) -> Result<(), String> {
+    let _ = stream.set_nodelay(true);
+    // The request head: `CONNECT target HTTP/1.1` ... blank line.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() >= MAX_HEAD {
+            let _ = stream
+                .write_all(b"HTTP/1.1 431 Request Header Fields Too Large\r\n\r\n")
+                .await;
+            return Err("request head too large".into());
+        }
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return Err("connection closed before the request".into()),
+        }
+    }
+    let line = String::from_utf8_lossy(&head);
+    let mut words = line.split_whitespace();
+    let (Some("CONNECT"), Some(target)) = (words.next(), words.next()) else {
+        let _ = stream
+            .write_all(
+                b"HTTP/1.1 405 Method Not Allowed\r\n\r\nuse CONNECT <namespace>/<service>\n",
+            )
+            .await;
+        return Err("not a CONNECT request".into());
+    };
+    let target = target.to_string();
+    let channel = match hub_channel(hub, data_dir, cached).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = stream
+                .write_all(
+                    format!("HTTP/1.1 502 Bad Gateway\r\n\r\nhub unreachable: {e}\n").as_bytes(),
+                )
+                .await;
+            return Err(e);
+        }
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<TunnelFrame>(64);
+    let _ = tx
+        .send(TunnelFrame {
+            target: target.clone(),
+            data: Vec::new(),
+        })
+        .await;
+    let outgoing =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let opened = HubClient::new(channel).tunnel(outgoing).await;
+    let mut inbound = match opened {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            if matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown
+            ) {
+                // The hub connection may be stale: dial afresh next time.
+                *cached.lock().await = None;
+            }
+            let code = if status.code() == tonic::Code::PermissionDenied {
+                "403 Forbidden"
+            } else {
+                "502 Bad Gateway"
+            };
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {code}\r\n\r\n{}\n", status.message()).as_bytes())
+                .await;
+            return Err(status.message().to_string());
+        }
+    };
+    // The hub's first (empty) frame says it reached the cloud worker.
+    match inbound.message().await {
+        Ok(Some(_)) => {}
+        Ok(None) => return Err("the hub closed the tunnel".into()),
+        Err(status) => {
+            let code = if status.code() == tonic::Code::PermissionDenied {
+                "403 Forbidden"
+            } else {
+                "502 Bad Gateway"
+            };
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {code}\r\n\r\n{}\n", status.message()).as_bytes())
+                .await;
+            return Err(status.message().to_string());
+        }
+    }
+    stream
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut read, mut write) = stream.into_split();
+    let upstream = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match read.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let frame = TunnelFrame {
+                        target: String::new(),
+                        data: buf[..n].to_vec(),
+                    };
+                    if tx.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    while let Ok(Some(frame)) = inbound.message().await {
+        if write.write_all(&frame.data).await.is_err() {
+            break;
+        }
+    }
+    let _ = write.shutdown().await;
+    upstream.abort();
+    Ok(())
+}
