@@ -118,6 +118,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         let mut config =
             sedna_edgecore::AgentConfig::new(sedna_edgecore::EdgeConfig::new(&hub_addr, &dir));
         config.role = role.to_owned();
+        config.dataset_interval = Duration::from_secs(2);
         config.host_ip = Some("127.0.0.1".into());
         match (args.local_api.0, config.metaserver.as_mut()) {
             (Some(base), Some(meta)) => {

@@ -40,6 +40,8 @@ pub struct AgentConfig {
     /// Where workers reach cloud workers through the hub (`None`: no proxy; port 0: any free
     /// port, which workers learn from `SEDNA_CLOUD_PROXY`).
     pub cloud_proxy: Option<std::net::SocketAddr>,
+    /// How often the node's Datasets are counted.
+    pub dataset_interval: Duration,
 }
 
 impl AgentConfig {
@@ -62,6 +64,7 @@ impl AgentConfig {
             status_interval: Duration::from_secs(60),
             metaserver,
             cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
+            dataset_interval: Duration::from_secs(10),
         }
     }
 }
@@ -87,6 +90,7 @@ pub struct Agent {
     node_task: tokio::task::JoinHandle<()>,
     metaserver: Option<MetaServer>,
     cloud_proxy: Option<crate::tunnel::CloudProxy>,
+    datasets_task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -156,6 +160,12 @@ impl Agent {
             status_interval: config.status_interval,
         };
         let node_task = tokio::spawn(node::run(node_config, hub.reporter(), hub.status()));
+        let datasets_task = tokio::spawn(crate::datasets::run(
+            hub.node().to_owned(),
+            hub.store().clone(),
+            hub.reporter(),
+            config.dataset_interval,
+        ));
         let metaserver = match config.metaserver {
             Some(meta) => match MetaServer::start(
                 meta.clone(),
@@ -180,6 +190,7 @@ impl Agent {
             node_task,
             metaserver,
             cloud_proxy,
+            datasets_task,
         })
     }
 
@@ -215,6 +226,7 @@ impl Agent {
     /// replaces them).
     pub async fn shutdown(self) {
         self.node_task.abort();
+        self.datasets_task.abort();
         self.runtime.abort();
         if let Some(m) = self.metaserver {
             m.shutdown().await;

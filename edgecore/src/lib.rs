@@ -11,6 +11,7 @@
 //! - [`client`]: the tokio shell that runs it.
 pub mod agent;
 pub mod client;
+pub mod datasets;
 pub mod join;
 pub mod machine;
 pub mod metaserver;
