@@ -45,7 +45,7 @@ pub struct Args {
     /// Where fetched models are cached.
     #[arg(long, env = "SEDNA_CACHE_DIR", default_value = "model-cache")]
     pub cache_dir: std::path::PathBuf,
-    /// Execution providers, comma-separated (cpu, cuda[:N], tensorrt[:N]).
+    /// Execution providers, comma-separated (`cpu`, `cuda`, `cuda:N`, `tensorrt`, `tensorrt:N`).
     #[arg(long, env = "SEDNA_PROVIDERS", default_value = "cpu")]
     pub providers: String,
     /// Threads per inference (0: ONNX Runtime's default).

@@ -14,17 +14,176 @@ pub(crate) enum Source {
     Dir(PathBuf),
     /// Every image of an IDX `idx3-ubyte` file, in order.
     Idx(PathBuf),
+    /// Frames of a video file or stream, decoded by ffmpeg.
+    Video(String),
+    /// Images POSTed by apps to `http://<address>/infer`.
+    Http(std::net::SocketAddr),
 }
 
 impl Source {
-    /// Parses `dir:/path` or `idx:/path/images.idx3-ubyte`.
+    /// Parses `dir:/path`, `idx:/path/images.idx3-ubyte`, `video:<file or URL>` or
+    /// `http:<host:port>`.
     pub(crate) fn parse(text: &str) -> Result<Source> {
         match text.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(path.into())),
             Some(("idx", path)) if !path.is_empty() => Ok(Source::Idx(path.into())),
-            _ => bail!("input {text:?}: expected dir:/path or idx:/path/file.idx3-ubyte"),
+            Some(("video", url)) if !url.is_empty() => Ok(Source::Video(url.into())),
+            Some(("http", address)) => {
+                Ok(Source::Http(address.parse().with_context(|| {
+                    format!("input {text:?}: {address:?} is not host:port")
+                })?))
+            }
+            _ => bail!(
+                "input {text:?}: expected dir:/path, idx:/path/file.idx3-ubyte, video:<file or URL> or http:<host:port>"
+            ),
         }
     }
+}
+
+/// One sample from a source: its id, the image (or why it could not be read), and where to
+/// send the answer when an app waits for it.
+pub(crate) struct Sample {
+    pub(crate) id: String,
+    pub(crate) image: Result<Image, String>,
+    pub(crate) reply: Option<tokio::sync::oneshot::Sender<serde_json::Value>>,
+}
+
+/// The image size the model takes (rows, cols), when its input says: `[N, rows, cols]`,
+/// `[N, 1, rows, cols]`, or `[N, k·k]` (a square image flattened).
+pub(crate) fn frame_size(input: &TensorInfo) -> Option<(usize, usize)> {
+    match input.shape.as_slice() {
+        [_, Some(n)] => {
+            let side = (*n as f64).sqrt().round() as usize;
+            (side * side == *n).then_some((side, side))
+        }
+        [_, Some(r), Some(c)] | [_, Some(1), Some(r), Some(c)] => Some((*r, *c)),
+        _ => None,
+    }
+}
+
+/// Starts the producer of `source`'s samples; ids in `done` are skipped (already answered).
+pub(crate) fn spawn_source(
+    source: Source,
+    done: std::collections::HashSet<String>,
+    frame: Option<(usize, usize)>,
+) -> Result<tokio::sync::mpsc::Receiver<Sample>> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Sample>(64);
+    match source {
+        Source::Idx(path) => {
+            let images = read_idx(&path)?;
+            tokio::spawn(async move {
+                for (i, image) in images.into_iter().enumerate() {
+                    let id = format!("{i:06}");
+                    if done.contains(&id) {
+                        continue;
+                    }
+                    if tx
+                        .send(Sample {
+                            id,
+                            image: Ok(image),
+                            reply: None,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        Source::Dir(dir) => {
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+            tokio::spawn(async move {
+                let mut seen = done;
+                loop {
+                    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+                        .map(|entries| entries.flatten().map(|e| e.path()).collect())
+                        .unwrap_or_default();
+                    files.retain(|p| {
+                        p.extension().is_some_and(|e| e.eq_ignore_ascii_case("pgm"))
+                            && p.file_name()
+                                .and_then(|n| n.to_str())
+                                .is_some_and(|n| !n.starts_with('.') && !seen.contains(n))
+                    });
+                    files.sort();
+                    for path in files {
+                        let id = path
+                            .file_name()
+                            .and_then(|n| n.to_str())
+                            .unwrap_or_default()
+                            .to_string();
+                        let image = std::fs::read(&path)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|b| decode_pgm(&b))
+                            .map_err(|e| format!("{}: {e}", path.display()));
+                        seen.insert(id.clone());
+                        if tx
+                            .send(Sample {
+                                id,
+                                image,
+                                reply: None,
+                            })
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
+        }
+        Source::Video(url) => {
+            let (rows, cols) = frame.context(
+                "a video input needs a model whose input has a known image size ([N, k·k], [N, rows, cols] or [N, 1, rows, cols])",
+            )?;
+            let mut child = tokio::process::Command::new("ffmpeg")
+                .args(["-nostdin", "-loglevel", "error", "-i", &url, "-vf"])
+                .arg(format!("scale={cols}:{rows}"))
+                .args(["-pix_fmt", "gray", "-f", "rawvideo", "-"])
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .context("starting ffmpeg (install it: Debian package ffmpeg)")?;
+            let mut stdout = child.stdout.take().context("ffmpeg has no output")?;
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let _child = child;
+                let mut n = 0u64;
+                loop {
+                    let mut pixels = vec![0u8; rows * cols];
+                    if stdout.read_exact(&mut pixels).await.is_err() {
+                        return;
+                    }
+                    let id = format!("frame-{n:08}");
+                    n += 1;
+                    if done.contains(&id) {
+                        continue;
+                    }
+                    let image = Ok(Image { rows, cols, pixels });
+                    if tx
+                        .send(Sample {
+                            id,
+                            image,
+                            reply: None,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+        Source::Http(address) => {
+            let listener = std::net::TcpListener::bind(address)
+                .with_context(|| format!("listening on {address}"))?;
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            tokio::spawn(crate::http::serve(listener, tx));
+        }
+    }
+    Ok(rx)
 }
 
 /// A grey image: rows × cols bytes.
@@ -222,6 +381,28 @@ mod tests {
                 .contains("must be 784")
         );
         assert!(Source::parse("rtsp://cam").is_err());
+        assert_eq!(
+            Source::parse("video:rtsp://cam/1").unwrap(),
+            Source::Video("rtsp://cam/1".into())
+        );
+        assert!(
+            Source::parse("http:localhost")
+                .unwrap_err()
+                .to_string()
+                .contains("host:port")
+        );
+        let flat = TensorInfo {
+            name: "input".into(),
+            dtype: DType::F32,
+            shape: vec![None, Some(784)],
+        };
+        assert_eq!(frame_size(&flat), Some((28, 28)));
+        let odd = TensorInfo {
+            name: "input".into(),
+            dtype: DType::F32,
+            shape: vec![None, Some(10)],
+        };
+        assert_eq!(frame_size(&odd), None);
         assert_eq!(
             Source::parse("dir:/data").unwrap(),
             Source::Dir("/data".into())

@@ -13,6 +13,7 @@
 //! bytes, latencies) go to `SEDNA_OUTPUT_DIR/figures.json` every second. Samples already in
 //! `results.jsonl` are not processed again after a restart.
 
+mod http;
 mod input;
 
 use std::collections::HashSet;
@@ -39,7 +40,10 @@ use crate::input::Source;
     about = "Runs a JointInferenceService's edge side"
 )]
 pub struct Args {
-    /// Samples: `dir:/path` (PGM images as they arrive) or `idx:/path/images.idx3-ubyte`.
+    /// Samples: `dir:/path` (PGM images as they arrive), `idx:/path/images.idx3-ubyte`,
+    /// `video:<file or URL>` (any video or stream ffmpeg reads: a file, `rtsp://…`, an HTTP
+    /// MJPEG stream), or `http:<host:port>` (apps POST PGM images to `/infer` and get the
+    /// result as JSON).
     #[arg(long, env = "SEDNA_INPUT")]
     pub input: String,
     /// Where results, figures and the hard-example queue go.
@@ -60,7 +64,7 @@ pub struct Args {
     /// Where fetched models are cached.
     #[arg(long, env = "SEDNA_CACHE_DIR", default_value = "model-cache")]
     pub cache_dir: PathBuf,
-    /// Execution providers, comma-separated (cpu, cuda[:N], tensorrt[:N]).
+    /// Execution providers, comma-separated (`cpu`, `cuda`, `cuda:N`, `tensorrt`, `tensorrt:N`).
     #[arg(long, env = "SEDNA_PROVIDERS", default_value = "cpu")]
     pub providers: String,
     /// Threads per inference (0: ONNX Runtime's default).
@@ -351,114 +355,78 @@ pub async fn run(args: Args) -> Result<()> {
     let reporter = Reporter::connect(&config).await;
     let report_interval = Duration::from_millis(args.report_interval_ms);
     let mut last_report = Instant::now() - report_interval;
-    let mut pending_files: Vec<PathBuf> = Vec::new();
-    let mut idx_images = match &source {
-        Source::Idx(path) => Some(input::read_idx(path)?.into_iter().enumerate()),
-        Source::Dir(_) => None,
-    };
+    let frame = input::frame_size(&input_info);
+    let mut samples = input::spawn_source(source.clone(), done.clone(), frame)?;
     let mut processed: HashSet<String> = done;
+    let mut source_ended = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
-        // The next sample, if any.
-        let next: Option<(String, input::Image)> = match (&source, idx_images.as_mut()) {
-            (Source::Idx(_), Some(images)) => {
-                images.next().map(|(i, image)| (format!("{i:06}"), image))
+        let next = if source_ended {
+            tick.tick().await;
+            None
+        } else {
+            tokio::select! {
+                sample = samples.recv() => match sample {
+                    Some(sample) => Some(sample),
+                    None => {
+                        source_ended = true;
+                        None
+                    }
+                },
+                _ = tick.tick() => None,
             }
-            (Source::Dir(dir), _) => {
-                if pending_files.is_empty() {
-                    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-                        .with_context(|| format!("reading {}", dir.display()))?
-                        .flatten()
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("pgm")))
-                        .filter(|p| {
-                            p.file_name()
-                                .and_then(|n| n.to_str())
-                                .is_some_and(|n| !n.starts_with('.') && !processed.contains(n))
-                        })
-                        .collect();
-                    files.sort();
-                    files.reverse();
-                    pending_files = files;
+        };
+        if let Some(input::Sample { id, image, reply }) = next {
+            let answer = match image {
+                Err(e) => {
+                    tracing::warn!(id, error = %e, "skipping unreadable input");
+                    serde_json::json!({"id": id, "error": e})
                 }
-                match pending_files.pop() {
-                    None => None,
-                    Some(path) => {
-                        let id = path
-                            .file_name()
-                            .and_then(|n| n.to_str())
-                            .unwrap_or_default()
-                            .to_string();
-                        match std::fs::read(&path)
-                            .map_err(anyhow::Error::from)
-                            .and_then(|b| input::decode_pgm(&b))
+                Ok(_) if processed.contains(&id) && reply.is_none() => continue,
+                Ok(image) => match input::to_input(&image, &input_info, args.input_scale) {
+                    Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
+                    Ok(x) => {
+                        let started = Instant::now();
+                        let r = ji
+                            .inference(&id, &[(input_info.name.clone(), Tensor::F32(x))])
+                            .await?;
+                        let ms = started.elapsed().as_secs_f64() * 1e3;
                         {
-                            Ok(image) => Some((id, image)),
-                            Err(e) => {
-                                tracing::warn!(file = %path.display(), error = %e, "skipping unreadable input");
-                                results
-                                    .write(&serde_json::json!({"id": id, "error": e.to_string()}));
-                                processed.insert(id);
-                                continue;
+                            let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner());
+                            let list = if r.cloud.is_some() {
+                                &mut l.cloud
+                            } else {
+                                &mut l.edge
+                            };
+                            list.push(ms);
+                            if list.len() > 10_000 {
+                                list.drain(..5_000);
                             }
                         }
+                        seen += 1;
+                        serde_json::json!({
+                            "id": r.id,
+                            "is_hard": r.is_hard,
+                            "label": label_of(r.result()),
+                            "source": if r.cloud.is_some() { "cloud" } else { "edge" },
+                            "edge_label": label_of(&r.edge.values),
+                            "cloud_label": r.cloud.as_ref().and_then(|c| label_of(&c.outputs)),
+                            "queued": matches!(r.deferred, Deferred::Queued(_)),
+                            "refused": r.deferred == Deferred::Refused,
+                            "latency_ms": ms,
+                        })
                     }
-                }
+                },
+            };
+            results.write(&answer);
+            processed.insert(id);
+            if let Some(reply) = reply {
+                let _ = reply.send(answer);
             }
-            (Source::Idx(_), None) => None,
-        };
-        match next {
-            Some((id, image)) => {
-                if processed.contains(&id) {
-                    continue;
-                }
-                let tensor = match input::to_input(&image, &input_info, args.input_scale) {
-                    Ok(x) => Tensor::F32(x),
-                    Err(e) => {
-                        results.write(&serde_json::json!({"id": id, "error": e.to_string()}));
-                        processed.insert(id);
-                        continue;
-                    }
-                };
-                let started = Instant::now();
-                let r = ji
-                    .inference(&id, &[(input_info.name.clone(), tensor)])
-                    .await?;
-                let ms = started.elapsed().as_secs_f64() * 1e3;
-                {
-                    let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner());
-                    if r.cloud.is_some() {
-                        l.cloud.push(ms);
-                    } else {
-                        l.edge.push(ms);
-                    }
-                    if l.edge.len() > 10_000 {
-                        l.edge.drain(..5_000);
-                    }
-                    if l.cloud.len() > 10_000 {
-                        l.cloud.drain(..5_000);
-                    }
-                }
-                results.write(&serde_json::json!({
-                    "id": r.id,
-                    "is_hard": r.is_hard,
-                    "label": label_of(r.result()),
-                    "source": if r.cloud.is_some() { "cloud" } else { "edge" },
-                    "edge_label": label_of(&r.edge.values),
-                    "cloud_label": r.cloud.as_ref().and_then(|c| label_of(&c.outputs)),
-                    "queued": matches!(r.deferred, Deferred::Queued(_)),
-                    "refused": r.deferred == Deferred::Refused,
-                    "latency_ms": ms,
-                }));
-                processed.insert(id);
-                seen += 1;
-            }
-            None => {
-                let exhausted =
-                    matches!(source, Source::Idx(_)) || args.exit_after.is_some_and(|n| seen >= n);
-                if exhausted && args.exit_after.is_some() && ji.queued() == 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
+        } else {
+            let done_seeing = source_ended || args.exit_after.is_some_and(|n| seen >= n);
+            if done_seeing && args.exit_after.is_some() && ji.queued() == 0 {
+                break;
             }
         }
         if last_figures.elapsed() >= Duration::from_secs(1) {
