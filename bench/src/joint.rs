@@ -4,7 +4,7 @@
 //! latency (easy vs hard, cloud over HTTP on loopback) and throughput against a bare `ort`
 //! loop on the edge model.
 //!
-//! `cargo run --release -p sedna-bench --bin ji-bench`
+//! `cargo build --release -p sedna-edge-worker && cargo run --release -p sedna-bench --bin ji-bench`
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -13,9 +13,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use ndarray::{Array2, ArrayD, Axis};
 use plotters::prelude::*;
+use sedna::cloud::{BatchOptions, Batcher, GrpcCloud, serve_grpc};
 use sedna::hem::{self, Input};
 use sedna::inference::{Model, SessionOptions, Tensor, TensorView};
-use sedna::joint::{self, HardExampleQueue, HttpCloud, JointInference, QueueLimits};
+use sedna::joint::{self, HardExampleQueue, JointInference, QueueLimits};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -187,7 +188,8 @@ async fn main() -> Result<()> {
     }
     plot(&points, edge_acc, cloud_acc)?;
 
-    // Latency and throughput through JointInference with the cloud on loopback HTTP.
+    // Latency and throughput through JointInference with the cloud worker's gRPC service
+    // (dynamic batching) on loopback, as the workers run it.
     let chosen = best
         .iter()
         .find(|p| p.algorithm == "CrossEntropy")
@@ -195,7 +197,8 @@ async fn main() -> Result<()> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", listener.local_addr()?);
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(joint::serve_http(listener, cloud.clone(), async {
+    let batcher = Batcher::spawn(cloud.clone(), BatchOptions::default());
+    let server = tokio::spawn(serve_grpc(listener, batcher, async {
         let _ = stopped.await;
     }));
     let queue_dir = tempfile::tempdir()?;
@@ -205,7 +208,7 @@ async fn main() -> Result<()> {
             "CrossEntropy",
             &[("threshold_cross_entropy", &chosen.to_string())],
         )?,
-        Box::new(HttpCloud::new(&url, Duration::from_secs(5))?),
+        Box::new(GrpcCloud::new(&url, Duration::from_secs(5))?),
         HardExampleQueue::open(queue_dir.path(), QueueLimits::default())?,
     );
     let (mut easy, mut hard) = (Vec::new(), Vec::new());
@@ -236,7 +239,7 @@ async fn main() -> Result<()> {
     hard.sort_by(f64::total_cmp);
     let stats = ji.stats();
     println!(
-        "JointInference, CrossEntropy {chosen:.2}, cloud over loopback HTTP: {:.0} samples/s, accuracy {:.4}, uploaded {:.1} %, uplink {} bytes; latency easy p50 {:.3} ms p99 {:.3} ms ({} samples), hard p50 {:.3} ms p99 {:.3} ms ({} samples)",
+        "JointInference, CrossEntropy {chosen:.2}, cloud worker over loopback gRPC: {:.0} samples/s, accuracy {:.4}, uploaded {:.1} %, uplink {} bytes; latency easy p50 {:.3} ms p99 {:.3} ms ({} samples), hard p50 {:.3} ms p99 {:.3} ms ({} samples)",
         n as f64 / elapsed,
         f64::from(correct) / n as f64,
         stats.upload_ratio() * 100.0,
@@ -255,7 +258,7 @@ async fn main() -> Result<()> {
     let edge_only = JointInference::new(
         edge.clone(),
         hem::registry().build("EdgeOnly", &[])?,
-        Box::new(HttpCloud::new(&url, Duration::from_secs(1))?),
+        Box::new(GrpcCloud::new(&url, Duration::from_secs(1))?),
         HardExampleQueue::open(queue_dir.path().join("edge-only"), QueueLimits::default())?,
     );
     let env = sedna::inference::ort_environment()?;
@@ -290,6 +293,75 @@ async fn main() -> Result<()> {
         ours[2],
         theirs[2],
         ours[2] / theirs[2]
+    );
+    worker_throughput(theirs[2])?;
+    Ok(())
+}
+
+/// The edge worker process (`sedna-edge-worker`, built next to this benchmark) replaying an
+/// IDX file with EdgeOnly: its rate per sample, startup excluded (a 1-sample run is timed and
+/// subtracted), against the bare ort loop's.
+fn worker_throughput(bare: f64) -> Result<()> {
+    let bin = std::env::current_exe()?.with_file_name("sedna-edge-worker");
+    if !bin.exists() {
+        println!(
+            "edge worker process: skipped ({} missing: cargo build --release -p sedna-edge-worker)",
+            bin.display()
+        );
+        return Ok(());
+    }
+    let images = std::fs::read(root().join("models/mnist/test-images.idx3-ubyte"))?;
+    let dir = tempfile::tempdir()?;
+    let write_idx = |name: &str, count: usize| -> Result<PathBuf> {
+        let mut bytes = Vec::with_capacity(16 + count * 784);
+        for word in [0x803u32, count as u32, 28, 28] {
+            bytes.extend_from_slice(&word.to_be_bytes());
+        }
+        let pixels = &images[16..];
+        for i in 0..count {
+            let at = (i % 2000) * 784;
+            bytes.extend_from_slice(&pixels[at..at + 784]);
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes)?;
+        Ok(path)
+    };
+    let run = |idx: &PathBuf, count: usize, out: &str| -> Result<f64> {
+        let start = Instant::now();
+        let status = std::process::Command::new(&bin)
+            .env(
+                "MODEL_URL",
+                root().join("models/mnist/edge/model.onnx").canonicalize()?,
+            )
+            .env("HEM_NAME", "EdgeOnly")
+            .env("SEDNA_CLOUD_URL", "http://127.0.0.1:9")
+            .env("SEDNA_INPUT", format!("idx:{}", idx.display()))
+            .env("SEDNA_EXIT_AFTER", count.to_string())
+            .env("SEDNA_OUTPUT_DIR", dir.path().join(out))
+            .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
+            .env("SEDNA_INTRA_THREADS", "1")
+            .env("RUST_LOG", "error")
+            .status()?;
+        if !status.success() {
+            bail!("the edge worker failed: {status}");
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    let n = 20_000;
+    let one = write_idx("one.idx3-ubyte", 1)?;
+    let many = write_idx("many.idx3-ubyte", n)?;
+    let (mut startup, mut total) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        startup.push(run(&one, 1, &format!("one-{round}"))?);
+        total.push(run(&many, n, &format!("many-{round}"))?);
+    }
+    startup.sort_by(f64::total_cmp);
+    total.sort_by(f64::total_cmp);
+    let rate = (n - 1) as f64 / (total[1] - startup[1]);
+    println!(
+        "edge worker process (IDX replay, EdgeOnly, a JSON result line per sample): {rate:.0}/s vs bare ort {bare:.0}/s -> {:.3}x (startup {:.0} ms excluded)",
+        rate / bare,
+        startup[1] * 1e3
     );
     Ok(())
 }

@@ -630,15 +630,17 @@ async fn a_hundred_random_connection_cuts_converge() {
         proxy.cut_all();
     }
     // Converged: the edge holds exactly the node's view, every status arrived.
-    let expected_cms: BTreeSet<String> = cms
+    // The writes are over: these are the final versions the edge must reach.
+    let live_rvs: std::collections::BTreeMap<String, String> = cms
         .list(&Default::default())
         .await
         .unwrap()
         .items
         .into_iter()
-        .map(|c| c.metadata.name.unwrap())
-        .filter(|n| n.starts_with("cfg-"))
+        .filter_map(|c| Some((c.metadata.name?, c.metadata.resource_version?)))
+        .filter(|(n, _)| n.starts_with("cfg-"))
         .collect();
+    let expected_cms: BTreeSet<String> = live_rvs.keys().cloned().collect();
     let expected_pods: BTreeSet<String> = pods
         .list(&Default::default())
         .await
@@ -648,7 +650,15 @@ async fn a_hundred_random_connection_cuts_converge() {
         .map(|p| p.metadata.name.unwrap())
         .collect();
     eventually("the edge converges", || {
-        names(&edge, "ConfigMap") == expected_cms && names(&edge, "Pod") == expected_pods
+        names(&edge, "ConfigMap") == expected_cms
+            && names(&edge, "Pod") == expected_pods
+            && live_rvs.iter().all(|(name, rv)| {
+                edge.store()
+                    .get("ConfigMap", "default", name)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|held| held.rv.to_string() == *rv)
+            })
     })
     .await;
     for name in &expected_cms {

@@ -3,9 +3,11 @@
 //! `sedna.inference.v1.Inference` in `proto/inference.proto`), and the edge's gRPC client
 //! ([`GrpcCloud`], a [`Cloud`]).
 //!
-//! The batcher waits for the first request, then collects more until it has
-//! [`BatchOptions::max_batch`] or [`BatchOptions::max_delay`] has passed, runs the model once
-//! on the requests stacked along the first axis, and splits the outputs back. Requests whose
+//! The batcher takes the requests already waiting (up to [`BatchOptions::max_batch`]); a
+//! lone request runs at once, while under load (several waiting) the batch waits up to
+//! [`BatchOptions::max_delay`] to fill. It runs the model once on the requests stacked along
+//! the first axis and splits the outputs back; requests arriving meanwhile form the next
+//! batch. Requests whose
 //! inputs cannot be stacked with the others (other names or shapes) run in their own batch.
 //! The queue is bounded ([`BatchOptions::max_queue`]): a full queue answers "overloaded"
 //! (retryable) at once instead of growing.
@@ -138,11 +140,21 @@ async fn run_batches(model: Arc<Model>, options: BatchOptions, mut jobs: mpsc::R
                 None => return,
             }
         }
-        let deadline = tokio::time::Instant::now() + options.max_delay;
+        // Take what is already waiting; a lone request runs at once (no added latency at low
+        // load), while under load the batch waits up to `max_delay` to fill.
         while pending.len() < options.max_batch {
-            match tokio::time::timeout_at(deadline, jobs.recv()).await {
-                Ok(Some(job)) => pending.push(job),
-                Ok(None) | Err(_) => break,
+            match jobs.try_recv() {
+                Ok(job) => pending.push(job),
+                Err(_) => break,
+            }
+        }
+        if pending.len() > 1 {
+            let deadline = tokio::time::Instant::now() + options.max_delay;
+            while pending.len() < options.max_batch {
+                match tokio::time::timeout_at(deadline, jobs.recv()).await {
+                    Ok(Some(job)) => pending.push(job),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         // The batch: the first request and every later one stackable with it.
