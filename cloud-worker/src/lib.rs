@@ -17,7 +17,7 @@ use clap::Parser;
 use sedna::cloud::{BatchOptions, Batcher, serve_grpc};
 use sedna::config::Config;
 use sedna::inference::{Model, Provider, SessionOptions};
-use sedna::storage::{Storage, StorageOptions};
+use sedna::storage::Storage;
 
 /// Flags (each with an environment variable the controller sets).
 #[derive(Parser, Debug)]
@@ -83,21 +83,12 @@ pub async fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("SEDNA_LISTEN_HOST={host:?} is not an IP address"))?
         }
     };
-    let mut storage_options = StorageOptions::new(&args.cache_dir);
-    storage_options.s3_endpoint = config.s3_endpoint_url.clone();
-    storage_options.allow_http = args.s3_allow_http;
-    storage_options.credentials = config.credentials()?;
-    let storage = Storage::new(storage_options)?;
+    let storage = Storage::for_worker(&config, &args.cache_dir, args.s3_allow_http)?;
     let fetched = storage
         .fetch(&model_url)
         .await
         .with_context(|| format!("fetching the model {model_url}"))?;
-    let providers = args
-        .providers
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(Provider::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+    let providers = Provider::parse_list(&args.providers)?;
     let options = SessionOptions {
         providers,
         intra_threads: args.intra_threads,

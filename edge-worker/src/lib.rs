@@ -28,7 +28,7 @@ use sedna::cloud::GrpcCloud;
 use sedna::config::Config;
 use sedna::inference::{Model, Provider, SessionOptions, Tensor};
 use sedna::joint::{Backoff, Deferred, HardExampleQueue, JointInference, QueueLimits};
-use sedna::storage::{Storage, StorageOptions};
+use sedna::storage::Storage;
 
 use crate::input::Source;
 
@@ -294,21 +294,12 @@ pub async fn run(args: Args) -> Result<()> {
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
 
-    let mut storage_options = StorageOptions::new(&args.cache_dir);
-    storage_options.s3_endpoint = config.s3_endpoint_url.clone();
-    storage_options.allow_http = args.s3_allow_http;
-    storage_options.credentials = config.credentials()?;
-    let storage = Storage::new(storage_options)?;
+    let storage = Storage::for_worker(&config, &args.cache_dir, args.s3_allow_http)?;
     let fetched = storage
         .fetch(&model_url)
         .await
         .with_context(|| format!("fetching the model {model_url}"))?;
-    let providers = args
-        .providers
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(Provider::parse)
-        .collect::<Result<Vec<_>, _>>()?;
+    let providers = Provider::parse_list(&args.providers)?;
     let model = Arc::new(Model::load(
         &fetched.path,
         &SessionOptions {

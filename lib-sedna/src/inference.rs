@@ -269,6 +269,15 @@ impl Provider {
         }
     }
 
+    /// Parses a comma-separated list (`cpu`, `cuda:0,cpu`, …), as workers take it from
+    /// `SEDNA_PROVIDERS`; blanks are skipped.
+    pub fn parse_list(text: &str) -> Result<Vec<Provider>> {
+        text.split(',')
+            .filter(|p| !p.trim().is_empty())
+            .map(Provider::parse)
+            .collect()
+    }
+
     /// Parses `cpu`, `cuda`, `cuda:1`, `tensorrt`, `tensorrt:0` (case-insensitive).
     pub fn parse(text: &str) -> Result<Provider> {
         let lower = text.trim().to_ascii_lowercase();

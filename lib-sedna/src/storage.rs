@@ -219,6 +219,23 @@ impl Storage {
         })
     }
 
+    /// Storage as a worker's configuration asks for: `S3_ENDPOINT_URL`, the credentials
+    /// mounted in its credentials directory, a cache in `cache_dir`.
+    pub fn for_worker(
+        config: &crate::config::Config,
+        cache_dir: &Path,
+        allow_http: bool,
+    ) -> Result<Storage, crate::config::ConfigError> {
+        let mut options = StorageOptions::new(cache_dir);
+        options.s3_endpoint = config.s3_endpoint_url.clone();
+        options.allow_http = allow_http;
+        options.credentials = config.credentials()?;
+        Storage::new(options).map_err(|e| crate::config::ConfigError::Credentials {
+            path: cache_dir.to_path_buf(),
+            reason: e.to_string(),
+        })
+    }
+
     /// The options.
     pub fn options(&self) -> &StorageOptions {
         &self.options
