@@ -144,6 +144,17 @@ pub struct Fetched {
     pub cached: bool,
 }
 
+/// An object's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    /// Size in bytes.
+    pub size: u64,
+    /// ETag, when the store gives one.
+    pub e_tag: Option<String>,
+    /// Last change, RFC 3339.
+    pub last_modified: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct IndexEntry {
     size: u64,
@@ -301,6 +312,20 @@ impl Storage {
                 source,
             },
         }
+    }
+
+    /// What the store says of `url` without downloading it: size, ETag, last change.
+    pub async fn stat(&self, url: &str) -> Result<ObjectInfo> {
+        let (store, location) = self.store_for(url)?;
+        let meta = store
+            .head(&location)
+            .await
+            .map_err(|e| Self::store_error(url, e))?;
+        Ok(ObjectInfo {
+            size: meta.size,
+            e_tag: meta.e_tag,
+            last_modified: meta.last_modified.to_rfc3339(),
+        })
     }
 
     /// Fetches `url` into the cache (or finds it there) and returns the local file.
