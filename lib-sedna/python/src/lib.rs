@@ -601,7 +601,8 @@ impl HardExampleMining for SharedHem {
 /// JointInference(model, hem, cloud_url, queue_dir, timeout=2.0, queue_max_items=10000,
 ///                queue_max_bytes=1 GiB)
 ///
-/// `model` is a Model (or a path), `hem` a HardExampleMining (or a name). `inference(data)`
+/// `model` is a Model (or a path), `hem` a HardExampleMining (or a name), `cloud_url`
+/// `grpc://host:port` (a cloud worker) or `http://host:port` (Sedna-style HTTP). `inference(data)`
 /// returns Sedna's tuple (is_hard, result, edge_result, cloud_result).
 #[pyclass(frozen, module = "sedna._sedna")]
 struct JointInference {
@@ -651,8 +652,18 @@ impl JointInference {
                 "timeout must be a positive number of seconds",
             ));
         }
-        let cloud = runtime()?
-            .block_on(async { joint::HttpCloud::new(cloud_url, Duration::from_secs_f64(timeout)) })
+        let timeout = Duration::from_secs_f64(timeout);
+        // grpc://host:port: a cloud worker (sedna-cloud-worker, or serve_cloud(protocol="grpc"));
+        // http(s)://: Sedna-style POST /sedna/predict.
+        let cloud: Box<dyn joint::Cloud> = runtime()?
+            .block_on(async {
+                match cloud_url.strip_prefix("grpc://") {
+                    Some(rest) => sedna::cloud::GrpcCloud::new(&format!("http://{rest}"), timeout)
+                        .map(|c| Box::new(c) as Box<dyn joint::Cloud>),
+                    None => joint::HttpCloud::new(cloud_url, timeout)
+                        .map(|c| Box::new(c) as Box<dyn joint::Cloud>),
+                }
+            })
             .map_err(err(JointInferenceError::new_err))?;
         let queue = joint::HardExampleQueue::open(
             &queue_dir,
@@ -662,7 +673,7 @@ impl JointInference {
             },
         )
         .map_err(err(JointInferenceError::new_err))?;
-        let mut ji = joint::JointInference::new(model.clone(), hem, Box::new(cloud), queue);
+        let mut ji = joint::JointInference::new(model.clone(), hem, cloud, queue);
         if let Some(output) = hem_output {
             ji = ji
                 .with_hem_source(joint::HemSource::Output(output))
@@ -767,9 +778,11 @@ impl JointInference {
     }
 }
 
-/// serve_cloud(model, host="127.0.0.1", port=5000) -> CloudServer
+/// serve_cloud(model, host="127.0.0.1", port=5000, protocol="http") -> CloudServer
 ///
-/// Serves `model` on POST /sedna/predict for JointInference, in the background.
+/// Serves `model` for JointInference in the background: `protocol="http"` on POST
+/// /sedna/predict (reach it as `http://host:port`), `"grpc"` as the cloud worker's gRPC
+/// service with dynamic batching (reach it as `grpc://host:port`).
 #[pyclass(module = "sedna._sedna")]
 struct CloudServer {
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
@@ -793,8 +806,18 @@ impl CloudServer {
 }
 
 #[pyfunction]
-#[pyo3(signature = (model, host = "127.0.0.1", port = 5000))]
-fn serve_cloud(model: &Bound<'_, Model>, host: &str, port: u16) -> PyResult<CloudServer> {
+#[pyo3(signature = (model, host = "127.0.0.1", port = 5000, protocol = "http"))]
+fn serve_cloud(
+    model: &Bound<'_, Model>,
+    host: &str,
+    port: u16,
+    protocol: &str,
+) -> PyResult<CloudServer> {
+    if !matches!(protocol, "http" | "grpc") {
+        return Err(JointInferenceError::new_err(format!(
+            "protocol {protocol:?}: use \"http\" or \"grpc\""
+        )));
+    }
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind((host, port)))
@@ -805,12 +828,23 @@ fn serve_cloud(model: &Bound<'_, Model>, host: &str, port: u16) -> PyResult<Clou
         .port();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let model = model.get().inner.clone();
-    rt.spawn(async move {
-        let _ = joint::serve_http(listener, model, async move {
-            let _ = stopped.await;
-        })
-        .await;
-    });
+    if protocol == "grpc" {
+        rt.spawn(async move {
+            let batcher =
+                sedna::cloud::Batcher::spawn(model, sedna::cloud::BatchOptions::default());
+            let _ = sedna::cloud::serve_grpc(listener, batcher, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+    } else {
+        rt.spawn(async move {
+            let _ = joint::serve_http(listener, model, async move {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+    }
     Ok(CloudServer {
         stop: Mutex::new(Some(stop)),
         port,

@@ -162,6 +162,20 @@ def test_joint_inference_queues_while_the_cloud_is_down(tmp_path, model, digits)
     cloud.stop()
 
 
+def test_joint_inference_against_a_grpc_cloud_worker(tmp_path, model, digits):
+    x, _ = digits
+    port = free_port()
+    cloud = sedna.serve_cloud(model, port=port, protocol="grpc")
+    hem = sedna.HardExampleMining("CloudOnly")
+    ji = sedna.JointInference(model, hem, f"grpc://127.0.0.1:{port}", str(tmp_path / "q"))
+    is_hard, result, edge, cloud_result = ji.inference(x[:1])
+    assert is_hard and cloud_result is not None
+    np.testing.assert_array_equal(cloud_result["label"], edge["label"])
+    cloud.stop()
+    with pytest.raises(sedna.JointInferenceError, match="protocol"):
+        sedna.serve_cloud(model, port=free_port(), protocol="carrier-pigeon")
+
+
 class Softmax:
     """A numpy softmax regression, as an app would write an estimator."""
 
