@@ -10,7 +10,9 @@
 //! "queued", "latency_ms"}`. Hard examples the cloud could not take are queued on disk
 //! (`SEDNA_OUTPUT_DIR/queue`) and answered later, each with a line `{"id", "late": true,
 //! "label", "source": "cloud"}`. Figures (inferences, hard examples, upload ratio, uplink
-//! bytes, latencies) go to `SEDNA_OUTPUT_DIR/figures.json` every second. Samples already in
+//! bytes, latencies) go to `SEDNA_OUTPUT_DIR/figures.json` every second; with
+//! `SEDNA_SAVE_HARD_EXAMPLES=true` each hard example's image is kept in
+//! `SEDNA_OUTPUT_DIR/hard-examples/`. Samples already in
 //! `results.jsonl` are not processed again after a restart.
 
 mod http;
@@ -77,6 +79,10 @@ pub struct Args {
     /// How often figures go to the service's status (through the node's local API).
     #[arg(long, env = "SEDNA_REPORT_INTERVAL_MS", default_value_t = 2000)]
     pub report_interval_ms: u64,
+    /// Keep each hard example's image in `output/hard-examples/<id>.pgm` (for labelling and
+    /// retraining).
+    #[arg(long, env = "SEDNA_SAVE_HARD_EXAMPLES")]
+    pub save_hard_examples: bool,
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long, env = "SEDNA_S3_ALLOW_HTTP")]
     s3_allow_http: bool,
@@ -106,6 +112,31 @@ impl Results {
         if let Err(e) = file.flush() {
             tracing::error!(error = %e, "writing results");
         }
+    }
+}
+
+/// Writes a hard example's image as a PGM file (atomically), named after its id.
+fn save_hard_example(output: &Path, id: &str, image: &input::Image) {
+    let dir = output.join("hard-examples");
+    let name: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let stem = name.trim_end_matches(".pgm");
+    let mut bytes = format!("P5\n{} {}\n255\n", image.cols, image.rows).into_bytes();
+    bytes.extend_from_slice(&image.pixels);
+    let tmp = dir.join(format!(".{stem}.pgm"));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&tmp, &bytes))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{stem}.pgm"))));
+    if let Err(e) = written {
+        tracing::warn!(id, error = %e, "hard example image not saved");
     }
 }
 
@@ -408,6 +439,9 @@ pub async fn run(args: Args) -> Result<()> {
                             }
                         }
                         seen += 1;
+                        if r.is_hard && args.save_hard_examples {
+                            save_hard_example(&args.output_dir, &r.id, &image);
+                        }
                         serde_json::json!({
                             "id": r.id,
                             "is_hard": r.is_hard,

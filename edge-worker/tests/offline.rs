@@ -136,6 +136,7 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
         .env("SEDNA_OUTPUT_DIR", &output)
         .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
         .env("SEDNA_EXIT_AFTER", "300")
+        .env("SEDNA_SAVE_HARD_EXAMPLES", "true")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -231,4 +232,16 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
     );
     assert_eq!(figures["queued"], 0);
     assert!(figures["uplinkBytes"].as_u64().unwrap() >= hard * 784 * 4);
+    // Every hard example's image was kept, byte for byte.
+    let kept: Vec<PathBuf> = std::fs::read_dir(output.join("hard-examples"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(kept.len() as u64, hard);
+    let one = first.iter().find(|v| v["is_hard"] == true).unwrap();
+    let id = one["id"].as_str().unwrap();
+    let index: usize = id.trim_end_matches(".pgm").parse().unwrap();
+    let saved = std::fs::read(output.join("hard-examples").join(id)).unwrap();
+    assert_eq!(&saved[saved.len() - 784..], digits[index].0.as_slice());
 }
