@@ -216,7 +216,7 @@ fn normalize(
 }
 
 /// Checks a CRD's schemas and names; fills in its status.
-fn check_crd(api: &Api, obj: &mut Value) -> Result<(), ApiError> {
+pub(crate) fn check_crd(api: &Api, obj: &mut Value) -> Result<(), ApiError> {
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
     let name = meta::meta_str(obj, "name").unwrap_or_default().to_owned();
     let invalid = |message: String| {

@@ -280,6 +280,13 @@ impl ApiServer {
         if let Some(meta) = object.get_mut("metadata").and_then(Value::as_object_mut) {
             meta.remove("resourceVersion");
         }
+        let is_crd = t.group == "apiextensions.k8s.io" && t.resource == "customresourcedefinitions";
+        if is_crd && object.get("status").is_none() {
+            // A CRD that no API server has accepted yet (say, one generated locally): check
+            // and establish it here, as a create would.
+            handlers::check_crd(&self.api, &mut object)
+                .map_err(|e| MirrorError::Invalid(e.to_string()))?;
+        }
         if let Some(current) = self.api.store.get(&key) {
             let mut old = current.value.as_ref().clone();
             if let Some(meta) = old.get_mut("metadata").and_then(Value::as_object_mut) {
@@ -294,7 +301,7 @@ impl ApiServer {
             .store
             .write(key, Precondition::Any, Mutation::Put(object))
             .await?;
-        if t.group == "apiextensions.k8s.io" && t.resource == "customresourcedefinitions" {
+        if is_crd {
             let name = crate::meta::meta_str(&stored.value, "name").unwrap_or_default();
             handlers::sync_crd(&self.api, name, Some(&stored.value));
         }

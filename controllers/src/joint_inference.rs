@@ -422,6 +422,33 @@ async fn placement(
     })
 }
 
+/// Where a worker goes (`None`: its template names the node); a service that cannot be
+/// placed is marked failed and the returned action requeues it.
+async fn place(
+    ctx: &Context,
+    api: &Api<JointInferenceService>,
+    ji: &JointInferenceService,
+    worker: &str,
+) -> Result<Result<Option<String>, Action>, Error> {
+    let template = match worker {
+        "cloud" => &ji.spec.cloud_worker.template,
+        _ => &ji.spec.edge_worker.template,
+    };
+    Ok(
+        match placement(&ctx.client, template.spec.as_ref()).await? {
+            Ok(node) => Ok(node),
+            Err(message) => Err(fail(
+                ctx,
+                api,
+                ji,
+                "Unschedulable",
+                format!("{worker} worker: {message}"),
+            )
+            .await?),
+        },
+    )
+}
+
 async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<Action, Error> {
     if ji.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -466,20 +493,10 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
     if services.get_opt(&service.name_any()).await?.is_none() {
         services.create(&PostParams::default(), &service).await?;
     }
-    let cloud_node =
-        match placement(&ctx.client, ji.spec.cloud_worker.template.spec.as_ref()).await? {
-            Ok(node) => node,
-            Err(message) => {
-                return fail(
-                    &ctx,
-                    &api,
-                    &ji,
-                    "Unschedulable",
-                    format!("cloud worker: {message}"),
-                )
-                .await;
-            }
-        };
+    let cloud_node = match place(&ctx, &api, &ji, "cloud").await? {
+        Ok(node) => node,
+        Err(failed) => return Ok(failed),
+    };
     let cloud_pod = worker_pod(
         &ji,
         &WorkerInputs {
@@ -503,20 +520,10 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
     // The edge worker, once the cloud worker has an address.
     let mut edge = None;
     if let Some(cloud_ip) = &cloud_ip {
-        let edge_node =
-            match placement(&ctx.client, ji.spec.edge_worker.template.spec.as_ref()).await? {
-                Ok(node) => node,
-                Err(message) => {
-                    return fail(
-                        &ctx,
-                        &api,
-                        &ji,
-                        "Unschedulable",
-                        format!("edge worker: {message}"),
-                    )
-                    .await;
-                }
-            };
+        let edge_node = match place(&ctx, &api, &ji, "edge").await? {
+            Ok(node) => node,
+            Err(failed) => return Ok(failed),
+        };
         let parameters: Vec<serde_json::Value> = hem
             .parameters
             .iter()

@@ -4,47 +4,11 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use sedna_controllers::model::{Resolved, resolve, s3_settings};
-
-struct Moto(Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn moto() -> (Moto, u16) {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/setup",
-        bin.display()
-    );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    (Moto(child), port)
-}
+use sedna_testkit::s3::S3Server;
 
 fn secret(port: u16) -> Secret {
     Secret {
@@ -69,7 +33,8 @@ fn secret(port: u16) -> Secret {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_models_resolve_with_the_secrets_endpoint_and_credentials() {
-    let (_moto, port) = moto();
+    let server = S3Server::start().unwrap();
+    let port = server.port();
     let secret = secret(port);
     let (endpoint, credentials) = s3_settings(&secret);
     assert_eq!(
@@ -86,7 +51,7 @@ async fn s3_models_resolve_with_the_secrets_endpoint_and_credentials() {
     options.allow_http = true;
     options.credentials = credentials;
     let storage = sedna::storage::Storage::new(options).unwrap();
-    let status = create_bucket(port, "models").await;
+    let status = server.create_bucket("models").unwrap();
     assert!(status < 300, "bucket not created: {status}");
     let model = std::fs::read(
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/mnist/edge/model.onnx"),
@@ -126,18 +91,4 @@ async fn s3_models_resolve_with_the_secrets_endpoint_and_credentials() {
         .await
         .unwrap_err();
     assert!(err.contains("unsupported scheme"), "{err}");
-}
-
-/// Creates a bucket (moto accepts unsigned requests).
-async fn create_bucket(port: u16, bucket: &str) -> u16 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(format!("PUT /{bucket} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).await.unwrap();
-    response[9..12].parse().unwrap()
 }

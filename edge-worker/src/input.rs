@@ -61,6 +61,21 @@ pub(crate) fn frame_size(input: &TensorInfo) -> Option<(usize, usize)> {
     }
 }
 
+/// Hands a sample to the worker; false once the worker has stopped listening.
+async fn send(
+    tx: &tokio::sync::mpsc::Sender<Sample>,
+    id: String,
+    image: Result<Image, String>,
+) -> bool {
+    tx.send(Sample {
+        id,
+        image,
+        reply: None,
+    })
+    .await
+    .is_ok()
+}
+
 /// Starts the producer of `source`'s samples; ids in `done` are skipped (already answered).
 pub(crate) fn spawn_source(
     source: Source,
@@ -77,15 +92,7 @@ pub(crate) fn spawn_source(
                     if done.contains(&id) {
                         continue;
                     }
-                    if tx
-                        .send(Sample {
-                            id,
-                            image: Ok(image),
-                            reply: None,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if !send(&tx, id, Ok(image)).await {
                         return;
                     }
                 }
@@ -117,15 +124,7 @@ pub(crate) fn spawn_source(
                             .and_then(|b| decode_pgm(&b))
                             .map_err(|e| format!("{}: {e}", path.display()));
                         seen.insert(id.clone());
-                        if tx
-                            .send(Sample {
-                                id,
-                                image,
-                                reply: None,
-                            })
-                            .await
-                            .is_err()
-                        {
+                        if !send(&tx, id, image).await {
                             return;
                         }
                     }
@@ -161,15 +160,7 @@ pub(crate) fn spawn_source(
                         continue;
                     }
                     let image = Ok(Image { rows, cols, pixels });
-                    if tx
-                        .send(Sample {
-                            id,
-                            image,
-                            reply: None,
-                        })
-                        .await
-                        .is_err()
-                    {
+                    if !send(&tx, id, image).await {
                         return;
                     }
                 }

@@ -390,8 +390,8 @@ pub async fn run(args: Args) -> Result<()> {
     let report_interval = Duration::from_millis(args.report_interval_ms);
     let mut last_report = Instant::now() - report_interval;
     let frame = input::frame_size(&input_info);
-    let mut samples = input::spawn_source(source.clone(), done.clone(), frame)?;
-    let mut processed: HashSet<String> = done;
+    // The sources skip the inputs already answered before a restart.
+    let mut samples = input::spawn_source(source.clone(), done, frame)?;
     let mut source_ended = false;
     let mut last_flush = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -417,7 +417,6 @@ pub async fn run(args: Args) -> Result<()> {
                     tracing::warn!(id, error = %e, "skipping unreadable input");
                     serde_json::json!({"id": id, "error": e})
                 }
-                Ok(_) if processed.contains(&id) && reply.is_none() => continue,
                 Ok(image) => match input::to_input(&image, &input_info, args.input_scale) {
                     Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
                     Ok(x) => {
@@ -457,7 +456,6 @@ pub async fn run(args: Args) -> Result<()> {
                 },
             };
             results.write(&answer);
-            processed.insert(id);
             if let Some(reply) = reply {
                 results.flush();
                 let _ = reply.send(answer);

@@ -278,16 +278,7 @@ impl MetaServer {
         api.write_policy = Some(WritePolicy(Arc::new(allowed)));
         let server = Arc::new(ApiServer::start(api).await?);
         for crd in sedna_api::crds() {
-            if let Ok(mut v) = serde_json::to_value(&crd) {
-                // Served only once established, as the cloud's API server marks them.
-                v["status"] = json!({
-                    "conditions": [
-                        {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
-                        {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"},
-                    ],
-                    "acceptedNames": v["spec"]["names"].clone(),
-                    "storedVersions": crd.spec.versions.iter().filter(|v| v.storage).map(|v| v.name.clone()).collect::<Vec<_>>(),
-                });
+            if let Ok(v) = serde_json::to_value(&crd) {
                 server.mirror_put(v).await?;
             }
         }

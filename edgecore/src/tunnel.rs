@@ -94,6 +94,20 @@ async fn hub_channel(
     Ok(channel)
 }
 
+/// Answers the worker with the hub's refusal (403 when the node may not reach the target,
+/// 502 otherwise); returns the reason.
+async fn refuse(stream: &mut TcpStream, status: &tonic::Status) -> String {
+    let code = if status.code() == tonic::Code::PermissionDenied {
+        "403 Forbidden"
+    } else {
+        "502 Bad Gateway"
+    };
+    let _ = stream
+        .write_all(format!("HTTP/1.1 {code}\r\n\r\n{}\n", status.message()).as_bytes())
+        .await;
+    status.message().to_string()
+}
+
 async fn serve(
     mut stream: TcpStream,
     hub: &str,
@@ -158,15 +172,7 @@ async fn serve(
                 // The hub connection may be stale: dial afresh next time.
                 *cached.lock().await = None;
             }
-            let code = if status.code() == tonic::Code::PermissionDenied {
-                "403 Forbidden"
-            } else {
-                "502 Bad Gateway"
-            };
-            let _ = stream
-                .write_all(format!("HTTP/1.1 {code}\r\n\r\n{}\n", status.message()).as_bytes())
-                .await;
-            return Err(status.message().to_string());
+            return Err(refuse(&mut stream, &status).await);
         }
     };
     // The hub's first (empty) frame says it reached the cloud worker.
@@ -174,15 +180,7 @@ async fn serve(
         Ok(Some(_)) => {}
         Ok(None) => return Err("the hub closed the tunnel".into()),
         Err(status) => {
-            let code = if status.code() == tonic::Code::PermissionDenied {
-                "403 Forbidden"
-            } else {
-                "502 Bad Gateway"
-            };
-            let _ = stream
-                .write_all(format!("HTTP/1.1 {code}\r\n\r\n{}\n", status.message()).as_bytes())
-                .await;
-            return Err(status.message().to_string());
+            return Err(refuse(&mut stream, &status).await);
         }
     }
     stream

@@ -70,6 +70,9 @@ pub enum StorageError {
         /// The store's error.
         source: object_store::Error,
     },
+    /// The mounted credentials could not be read. Not retryable until they are fixed.
+    #[error(transparent)]
+    Credentials(#[from] crate::config::ConfigError),
     /// The local cache failed. Retryable after freeing space or fixing permissions.
     #[error("local cache {path}: {source}")]
     Cache {
@@ -236,15 +239,12 @@ impl Storage {
         config: &crate::config::Config,
         cache_dir: &Path,
         allow_http: bool,
-    ) -> Result<Storage, crate::config::ConfigError> {
+    ) -> Result<Storage> {
         let mut options = StorageOptions::new(cache_dir);
         options.s3_endpoint = config.s3_endpoint_url.clone();
         options.allow_http = allow_http;
         options.credentials = config.credentials()?;
-        Storage::new(options).map_err(|e| crate::config::ConfigError::Credentials {
-            path: cache_dir.to_path_buf(),
-            reason: e.to_string(),
-        })
+        Storage::new(options)
     }
 
     /// The options.

@@ -4,74 +4,22 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use sedna::config::Credentials;
 use sedna::storage::{Storage, StorageError, StorageOptions};
-
-struct Server {
-    child: Child,
-    endpoint: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn moto() -> Server {
-    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/moto_server");
-    assert!(
-        bin.exists(),
-        "{} is missing: run scripts/setup",
-        bin.display()
-    );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(bin)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "moto_server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server {
-        child,
-        endpoint: format!("http://127.0.0.1:{port}"),
-    }
-}
-
-async fn create_bucket(endpoint: &str, bucket: &str) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let response = reqwest::Client::new()
-        .put(format!("{endpoint}/{bucket}"))
-        .send()
-        .await
-        .unwrap();
-    assert!(response.status().is_success(), "{:?}", response.status());
-}
+use sedna_testkit::s3::S3Server;
 
 #[tokio::test]
 async fn s3_objects_are_fetched_with_mounted_credentials_and_cached_by_content() {
-    let server = moto();
-    create_bucket(&server.endpoint, "models").await;
+    let server = S3Server::start().unwrap();
+    assert!(server.create_bucket("models").unwrap() < 300);
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("secret");
     std::fs::create_dir(&secret).unwrap();
     std::fs::write(secret.join("ACCESS_KEY_ID"), "AKIDEXAMPLE").unwrap();
     std::fs::write(secret.join("SECRET_ACCESS_KEY"), "wJalrXUtnFEMI").unwrap();
     let mut options = StorageOptions::new(dir.path().join("cache"));
-    options.s3_endpoint = Some(server.endpoint.clone());
+    options.s3_endpoint = Some(server.endpoint());
     options.allow_http = true;
     options.credentials = Credentials::load(&secret).unwrap();
     assert!(options.credentials.is_some());

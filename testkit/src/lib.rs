@@ -1,6 +1,8 @@
 //! Helpers for tests and benchmarks that need a network between two parts: a TCP proxy on
 //! 127.0.0.1 that counts the bytes it forwards each way and can cut every connection, or
-//! refuse new ones, on demand.
+//! refuse new ones, on demand ([`TcpProxy`]); and a real S3-compatible server ([`s3::S3Server`]).
+
+pub mod s3;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
