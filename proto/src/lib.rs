@@ -15,6 +15,13 @@ pub mod inference {
     tonic::include_proto!("sedna.inference.v1");
 }
 
+/// The ONNX model format, as far as the trainer reads it (`proto/onnx.proto`: ONNX's field
+/// numbers; unknown fields are skipped when decoding).
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod onnx {
+    tonic::include_proto!("onnx");
+}
+
 /// Default cap on one envelope, encoded: larger messages are refused by both sides.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 

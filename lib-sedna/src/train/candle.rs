@@ -1,0 +1,369 @@
+//! The candle backend: interprets the training [`Program`] with candle tensors, lets candle's
+//! autograd compute the gradients, and updates the parameters with PyTorch's optimizer
+//! formulas (SGD with momentum and Nesterov, Adam, AdamW; L2 or decoupled weight decay;
+//! FedProx's proximal gradient). Runs on the CPU, inside the trainer's thread pool.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::{RngExt, SeedableRng};
+
+use super::graph::{Op, Program, Step};
+use super::kernels;
+use super::onnx::OnnxModel;
+use super::{Backend, Batch, Loss, Optimizer, TargetsRef, TrainConfig, TrainError};
+
+/// Per-parameter optimizer state.
+enum Moments {
+    None,
+    Momentum(Tensor),
+    Adam { m: Tensor, v: Tensor },
+}
+
+pub(crate) struct CandleBackend {
+    program: Program,
+    sample_shape: Vec<usize>,
+    params: Vec<(String, Var)>,
+    constants: HashMap<String, Tensor>,
+    moments: Vec<Moments>,
+    steps: i32,
+    anchor: Vec<Tensor>,
+    rng: rand::rngs::StdRng,
+}
+
+fn backend_error(e: candle_core::Error) -> TrainError {
+    TrainError::Backend {
+        backend: "candle",
+        message: e.to_string(),
+    }
+}
+
+impl CandleBackend {
+    pub(crate) fn new(model: &OnnxModel, program: &Program, sample_shape: &[usize]) -> Result<Self, TrainError> {
+        let device = Device::Cpu;
+        let mut params = Vec::with_capacity(program.params.len());
+        for name in &program.params {
+            let init = model
+                .floats
+                .iter()
+                .find(|f| &f.name == name)
+                .ok_or_else(|| TrainError::Model(format!("initializer {name:?} is missing")))?;
+            let var = Var::from_slice(&init.values, init.dims.as_slice(), &device).map_err(backend_error)?;
+            params.push((name.clone(), var));
+        }
+        let mut constants = HashMap::new();
+        for (name, (dims, values)) in &program.constants {
+            constants.insert(
+                name.clone(),
+                Tensor::from_slice(values, dims.as_slice(), &device).map_err(backend_error)?,
+            );
+        }
+        Ok(CandleBackend {
+            program: program.clone(),
+            sample_shape: sample_shape.to_vec(),
+            params,
+            constants,
+            moments: Vec::new(),
+            steps: 0,
+            anchor: Vec::new(),
+            rng: rand::rngs::StdRng::seed_from_u64(0),
+        })
+    }
+
+    /// Runs the program on `n` samples; returns the trained tensor as `[n, width]`.
+    fn run(&mut self, x: &[f32], n: usize, train: bool) -> Result<Tensor, TrainError> {
+        let mut shape = vec![n];
+        shape.extend_from_slice(&self.sample_shape);
+        let input = Tensor::from_slice(x, shape.as_slice(), &Device::Cpu).map_err(backend_error)?;
+        let mut values: HashMap<&str, Tensor> = HashMap::with_capacity(self.program.steps.len() + self.params.len() + 1);
+        values.insert(self.program.input.name.as_str(), input);
+        for (name, var) in &self.params {
+            values.insert(name.as_str(), var.as_tensor().clone());
+        }
+        for (name, tensor) in &self.constants {
+            values.insert(name.as_str(), tensor.clone());
+        }
+        for step in &self.program.steps {
+            let out = apply(step, &values, train, &mut self.rng).map_err(|e| TrainError::Backend {
+                backend: "candle",
+                message: format!("node `{}` ({:?}): {e}", step.node, step.op),
+            })?;
+            values.insert(step.output.as_str(), out);
+        }
+        let out = values
+            .remove(self.program.target.as_str())
+            .ok_or_else(|| TrainError::Model(format!("tensor {:?} was not computed", self.program.target)))?;
+        let width = out.elem_count() / n.max(1);
+        out.reshape((n, width)).map_err(backend_error)
+    }
+
+    fn loss(&self, out: &Tensor, batch: &Batch<'_>, loss: Loss) -> candle_core::Result<Tensor> {
+        match (loss, batch.targets) {
+            (Loss::CrossEntropy, TargetsRef::Classes(labels)) => {
+                let log_probs = log_softmax(out, 1)?;
+                let labels = Tensor::from_slice(labels, (batch.n, 1), &Device::Cpu)?;
+                log_probs.gather(&labels, 1)?.mean_all()?.neg()
+            }
+            (Loss::Mse, TargetsRef::Values(values)) => {
+                let values = values.as_standard_layout();
+                let target = Tensor::from_slice(values.as_slice().unwrap_or_default(), values.dim(), &Device::Cpu)?;
+                out.sub(&target)?.sqr()?.mean_all()
+            }
+            _ => candle_core::bail!("the loss does not fit the targets"),
+        }
+    }
+
+    fn update(&mut self, grads: &candle_core::backprop::GradStore, config: &TrainConfig, lr: f64) -> candle_core::Result<()> {
+        self.steps += 1;
+        let t = self.steps;
+        let wd = config.weight_decay;
+        for (i, (_, var)) in self.params.iter().enumerate() {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let p = var.as_tensor();
+            let mut g = grad.clone();
+            if config.fedprox_mu > 0.0
+                && let Some(anchor) = self.anchor.get(i)
+            {
+                g = (g + (p - anchor)?.affine(config.fedprox_mu, 0.0)?)?;
+            }
+            let new = match config.optimizer {
+                Optimizer::Sgd { momentum, nesterov } => {
+                    if wd > 0.0 {
+                        g = (g + p.affine(wd, 0.0)?)?;
+                    }
+                    let direction = if momentum > 0.0 {
+                        let buf = match &self.moments[i] {
+                            Moments::Momentum(buf) => (buf.affine(momentum, 0.0)? + &g)?,
+                            _ => g.clone(),
+                        };
+                        let d = if nesterov { (&g + buf.affine(momentum, 0.0)?)? } else { buf.clone() };
+                        self.moments[i] = Moments::Momentum(buf);
+                        d
+                    } else {
+                        g
+                    };
+                    (p - direction.affine(lr, 0.0)?)?
+                }
+                Optimizer::Adam { beta1, beta2, eps } | Optimizer::AdamW { beta1, beta2, eps } => {
+                    let decoupled = matches!(config.optimizer, Optimizer::AdamW { .. });
+                    let p = if decoupled && wd > 0.0 { p.affine(1.0 - lr * wd, 0.0)? } else { p.clone() };
+                    if !decoupled && wd > 0.0 {
+                        g = (g + p.affine(wd, 0.0)?)?;
+                    }
+                    let (m, v) = match &self.moments[i] {
+                        Moments::Adam { m, v } => (
+                            (m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
+                            (v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
+                        ),
+                        _ => (g.affine(1.0 - beta1, 0.0)?, g.sqr()?.affine(1.0 - beta2, 0.0)?),
+                    };
+                    let bias1 = 1.0 - beta1.powi(t);
+                    let bias2 = 1.0 - beta2.powi(t);
+                    let denom = v.affine(1.0 / bias2, 0.0)?.sqrt()?.affine(1.0, eps)?;
+                    let step = m.affine(lr / bias1, 0.0)?.div(&denom)?;
+                    self.moments[i] = Moments::Adam { m, v };
+                    (p - step)?
+                }
+            };
+            var.set(&new)?;
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CandleBackend {
+    fn name(&self) -> &'static str {
+        "candle"
+    }
+
+    fn begin(&mut self, config: &TrainConfig) -> Result<(), TrainError> {
+        self.moments = self.params.iter().map(|_| Moments::None).collect();
+        self.steps = 0;
+        self.rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5ed7a_d40f);
+        self.anchor = if config.fedprox_mu > 0.0 {
+            self.params
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()
+                .map_err(backend_error)?
+        } else {
+            Vec::new()
+        };
+        Ok(())
+    }
+
+    fn train_step(&mut self, batch: &Batch<'_>, config: &TrainConfig, learning_rate: f64) -> Result<f64, TrainError> {
+        let out = self.run(batch.x, batch.n, true)?;
+        let loss = self.loss(&out, batch, config.loss).map_err(backend_error)?;
+        let value = f64::from(loss.to_scalar::<f32>().map_err(backend_error)?);
+        if !value.is_finite() {
+            return Ok(value);
+        }
+        let grads = loss.backward().map_err(backend_error)?;
+        self.update(&grads, config, learning_rate).map_err(backend_error)?;
+        Ok(value)
+    }
+
+    fn forward(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>, TrainError> {
+        let out = self.run(x, n, false)?;
+        out.flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(backend_error)
+    }
+
+    fn parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TrainError> {
+        self.params
+            .iter()
+            .map(|(name, var)| {
+                let values = var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend_error)?;
+                Ok((name.clone(), var.dims().to_vec(), values))
+            })
+            .collect()
+    }
+
+    fn set_parameters(&mut self, values: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
+        for (name, new) in values {
+            let Some((_, var)) = self.params.iter().find(|(n, _)| n == name) else {
+                return Err(TrainError::Weights(format!("no trainable tensor {name:?}")));
+            };
+            let tensor = Tensor::from_slice(new, var.dims(), &Device::Cpu).map_err(backend_error)?;
+            var.set(&tensor).map_err(backend_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// `x - log(sum(exp(x)))` along `dim`, stabilised by the maximum.
+fn log_softmax(x: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let shifted = x.broadcast_sub(&max)?;
+    let log_sum = shifted.exp()?.sum_keepdim(dim)?.log()?;
+    shifted.broadcast_sub(&log_sum)
+}
+
+fn softmax(x: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
+    let max = x.max_keepdim(dim)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(dim)?)
+}
+
+fn axis(x: &Tensor, axis: i64) -> candle_core::Result<usize> {
+    let rank = x.rank() as i64;
+    let a = if axis < 0 { axis + rank } else { axis };
+    if !(0..rank).contains(&a) {
+        candle_core::bail!("axis {axis} is out of range for rank {rank}");
+    }
+    Ok(a as usize)
+}
+
+/// Pads the two spatial dimensions of an NCHW tensor with `value`.
+fn pad2d(x: &Tensor, [top, left, bottom, right]: [usize; 4], value: f32) -> candle_core::Result<Tensor> {
+    if [top, left, bottom, right] == [0; 4] {
+        return Ok(x.clone());
+    }
+    if value == 0.0 {
+        return x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let rows = |k: usize| Tensor::full(value, (n, c, k, w), x.device());
+    let x = Tensor::cat(&[rows(top)?, x.clone(), rows(bottom)?], 2)?;
+    let device = x.device().clone();
+    let cols = |k: usize| Tensor::full(value, (n, c, h + top + bottom, k), &device);
+    Tensor::cat(&[cols(left)?, x, cols(right)?], 3)
+}
+
+fn apply(step: &Step, values: &HashMap<&str, Tensor>, train: bool, rng: &mut rand::rngs::StdRng) -> candle_core::Result<Tensor> {
+    let get = |i: usize| -> candle_core::Result<&Tensor> {
+        let name = step.inputs.get(i).and_then(|n| n.as_deref()).unwrap_or_default();
+        values
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("input {name:?} has no value")))
+    };
+    let optional = |i: usize| step.inputs.get(i).and_then(|n| n.as_deref()).and_then(|n| values.get(n));
+    let x = get(0)?;
+    match &step.op {
+        Op::Gemm { alpha, beta, trans_a, trans_b } => {
+            let a = if *trans_a { x.t()? } else { x.clone() };
+            let b = get(1)?;
+            let b = if *trans_b { b.t()? } else { b.clone() };
+            let mut y = a.matmul(&b)?;
+            if *alpha != 1.0 {
+                y = y.affine(f64::from(*alpha), 0.0)?;
+            }
+            if let Some(c) = optional(2) {
+                let c = if *beta != 1.0 { c.affine(f64::from(*beta), 0.0)? } else { c.clone() };
+                y = y.broadcast_add(&c)?;
+            }
+            Ok(y)
+        }
+        Op::MatMul => {
+            let b = get(1)?;
+            if x.rank() == 2 && b.rank() == 2 { x.matmul(b) } else { x.broadcast_matmul(b) }
+        }
+        Op::Add => x.broadcast_add(get(1)?),
+        Op::Sub => x.broadcast_sub(get(1)?),
+        Op::Mul => x.broadcast_mul(get(1)?),
+        Op::Div => x.broadcast_div(get(1)?),
+        Op::Conv { strides, pads, dilations } => {
+            kernels::conv2d(x, get(1)?, optional(2), strides[0], dilations[0], *pads)
+        }
+        Op::Relu => x.relu(),
+        Op::LeakyRelu { alpha } => x.relu()? - x.neg()?.relu()?.affine(f64::from(*alpha), 0.0)?,
+        Op::Sigmoid => x.neg()?.exp()?.affine(1.0, 1.0)?.recip(),
+        Op::Tanh => x.tanh(),
+        // Pooling windows do not overlap (checked when the program was built).
+        Op::MaxPool { kernel, pads, .. } => pad2d(x, *pads, f32::MIN)?.contiguous()?.apply_op1(kernels::MaxPool(*kernel)),
+        Op::AveragePool { kernel, strides, pads } => {
+            pad2d(x, *pads, 0.0)?.avg_pool2d_with_stride((kernel[0], kernel[1]), (strides[0], strides[1]))
+        }
+        Op::GlobalAveragePool => x.mean_keepdim(2)?.mean_keepdim(3),
+        Op::Flatten { axis } => {
+            let dims = x.dims();
+            let split = (*axis).min(dims.len());
+            let outer: usize = dims[..split].iter().product();
+            let inner: usize = dims[split..].iter().product();
+            x.reshape((outer, inner))
+        }
+        Op::Reshape { shape } => {
+            let dims = x.dims();
+            let mut out = Vec::with_capacity(shape.len());
+            let mut hole = None;
+            for (i, d) in shape.iter().enumerate() {
+                match *d {
+                    0 => out.push(*dims.get(i).ok_or_else(|| candle_core::Error::Msg("shape 0 beyond the input's rank".into()))?),
+                    -1 if hole.is_none() => {
+                        hole = Some(i);
+                        out.push(1);
+                    }
+                    d if d > 0 => out.push(d as usize),
+                    d => candle_core::bail!("bad target dimension {d}"),
+                }
+            }
+            if let Some(i) = hole {
+                let known: usize = out.iter().product();
+                if known == 0 || x.elem_count() % known != 0 {
+                    candle_core::bail!("cannot reshape {:?} into {shape:?}", dims);
+                }
+                out[i] = x.elem_count() / known;
+            }
+            x.reshape(out)
+        }
+        Op::Transpose { perm } => x.permute(perm.as_slice()),
+        Op::Softmax { axis: a } => softmax(x, axis(x, *a)?),
+        Op::LogSoftmax { axis: a } => log_softmax(x, axis(x, *a)?),
+        Op::Dropout { ratio } => {
+            if !train || *ratio == 0.0 {
+                return Ok(x.clone());
+            }
+            let keep = 1.0 - f64::from(*ratio);
+            let scale = (1.0 / keep) as f32;
+            let mask: Vec<f32> = (0..x.elem_count())
+                .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+                .collect();
+            x.mul(&Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(DType::F32)?)
+        }
+        Op::Identity => Ok(x.clone()),
+    }
+}

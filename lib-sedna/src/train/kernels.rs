@@ -1,0 +1,349 @@
+//! CPU kernels the candle backend adds as candle custom ops, because candle's own backward
+//! passes for them are slow on the CPU (`conv_transpose2d` is a dot product per output
+//! pixel; max pooling's gradient takes five full-size tensor operations):
+//! - [`Conv2d`]: a convolution as patches (im2col) times the kernel, one matrix product by
+//!   candle's GEMM in each direction, as a single autograd node;
+//! - [`MaxPool`]: max pooling with non-overlapping windows whose gradient goes to the
+//!   first maximum of each window (PyTorch's choice), in one pass.
+//!
+//! All are safe Rust over contiguous f32 buffers, parallel over the batch with rayon.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, bail};
+use rayon::prelude::*;
+
+/// Geometry of a 2-D convolution's patches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Patches {
+    pub(crate) channels: usize,
+    pub(crate) height: usize,
+    pub(crate) width: usize,
+    pub(crate) kernel: [usize; 2],
+    pub(crate) stride: usize,
+    pub(crate) dilation: usize,
+    /// top, left, bottom, right
+    pub(crate) pads: [usize; 4],
+}
+
+impl Patches {
+    pub(crate) fn out_height(&self) -> usize {
+        (self.height + self.pads[0] + self.pads[2]).saturating_sub(self.dilation * (self.kernel[0] - 1) + 1) / self.stride + 1
+    }
+    pub(crate) fn out_width(&self) -> usize {
+        (self.width + self.pads[1] + self.pads[3]).saturating_sub(self.dilation * (self.kernel[1] - 1) + 1) / self.stride + 1
+    }
+    /// Values per patch (a row of the patch matrix).
+    pub(crate) fn patch_len(&self) -> usize {
+        self.channels * self.kernel[0] * self.kernel[1]
+    }
+
+    /// Visits every (row, column, input offset) of one sample's patch matrix whose input
+    /// position lies inside the image (padding positions are skipped).
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let (oh, ow) = (self.out_height(), self.out_width());
+        let [kh, kw] = self.kernel;
+        let k = self.patch_len();
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let row = (oy * ow + ox) * k;
+                for c in 0..self.channels {
+                    for ky in 0..kh {
+                        let iy = (oy * self.stride + ky * self.dilation) as isize - self.pads[0] as isize;
+                        if iy < 0 || iy >= self.height as isize {
+                            continue;
+                        }
+                        for kx in 0..kw {
+                            let ix = (ox * self.stride + kx * self.dilation) as isize - self.pads[1] as isize;
+                            if ix < 0 || ix >= self.width as isize {
+                                continue;
+                            }
+                            let col = (c * kh + ky) * kw + kx;
+                            let at = (c * self.height + iy as usize) * self.width + ix as usize;
+                            f(row + col, at);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        bail!("{op}: only f32 is supported");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => bail!("{op}: the input must be contiguous"),
+    }
+}
+
+/// `[N, C, H, W]` → `[N·OH·OW, C·KH·KW]`: one row per output position.
+fn im2col(p: &Patches, x: &[f32], n: usize) -> Vec<f32> {
+    let image = p.channels * p.height * p.width;
+    let block = p.out_height() * p.out_width() * p.patch_len();
+    let mut out = vec![0f32; n * block];
+    out.par_chunks_mut(block)
+        .zip(x.par_chunks(image))
+        .for_each(|(dst, src)| p.for_each(|d, s| dst[d] = src[s]));
+    out
+}
+
+/// The adjoint of [`im2col`]: patches back to `[N, C, H, W]`, overlapping ones summed.
+fn col2im(p: &Patches, cols: &[f32], n: usize) -> Vec<f32> {
+    let image = p.channels * p.height * p.width;
+    let block = p.out_height() * p.out_width() * p.patch_len();
+    let mut out = vec![0f32; n * image];
+    out.par_chunks_mut(image)
+        .zip(cols.par_chunks(block))
+        .for_each(|(dst, src)| p.for_each(|s, d| dst[d] += src[s]));
+    out
+}
+
+fn cpu_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> candle_core::Result<Tensor> {
+    Tensor::from_vec(values, shape, &candle_core::Device::Cpu)
+}
+
+/// A 2-D convolution with bias, one group: (`x` `[N, C, H, W]`, `w` `[O, C, KH, KW]`, `b`
+/// `[O]`) → `[N, O, OH, OW]`, as patches × kernel (one GEMM each way). One autograd node:
+/// the patch matrix never enters candle's graph, and the input's gradient is skipped when
+/// the input needs none (the data).
+pub(crate) struct Conv2d(pub(crate) Patches);
+
+impl Conv2d {
+    fn check(&self, x: &Layout, w: &Layout, b: &Layout) -> candle_core::Result<(usize, usize)> {
+        let p = &self.0;
+        let (xd, wd) = (x.dims(), w.dims());
+        if xd.len() != 4 || xd[1..] != [p.channels, p.height, p.width] {
+            bail!("convolution input {xd:?} does not match {p:?}");
+        }
+        if wd.len() != 4 || wd[1..] != [p.channels, p.kernel[0], p.kernel[1]] {
+            bail!("convolution kernel {wd:?} does not match the input's {} channels", p.channels);
+        }
+        if b.dims() != [wd[0]] {
+            bail!("convolution bias {:?} does not match {} output channels", b.dims(), wd[0]);
+        }
+        Ok((xd[0], wd[0]))
+    }
+}
+
+impl CustomOp3 for Conv2d {
+    fn name(&self) -> &'static str {
+        "sedna-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, o) = self.check(l1, l2, l3)?;
+        let p = &self.0;
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        let bias = contiguous_f32(s3, l3, self.name())?;
+        let (l, k) = (p.out_height() * p.out_width(), p.patch_len());
+        let cols = cpu_tensor(im2col(p, x, n), (n * l, k))?;
+        let kernel = cpu_tensor(w.to_vec(), (o, k))?;
+        // [N·L, O], written out channel-major per sample with the bias added.
+        let y = cols.matmul(&kernel.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * o * l];
+        out.par_chunks_mut(o * l).zip(y.par_chunks(l * o)).for_each(|(dst, src)| {
+            for (pos, row) in src.chunks_exact(o).enumerate() {
+                for (c, v) in row.iter().enumerate() {
+                    dst[c * l + pos] = v + bias[c];
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((n, o, p.out_height(), p.out_width()))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let p = &self.0;
+        let (n, o) = (x.dim(0)?, w.dim(0)?);
+        let (l, k) = (p.out_height() * p.out_width(), p.patch_len());
+        // The output gradient as [N·L, O] (one row per output position).
+        let g = grad.reshape((n, o, l))?.transpose(1, 2)?.contiguous()?.reshape((n * l, o))?;
+        let grad_b = b.track_op().then(|| g.sum(0)).transpose()?;
+        let grad_w = if w.track_op() {
+            let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            let cols = cpu_tensor(im2col(p, &xs, n), (n * l, k))?;
+            Some(g.t()?.matmul(&cols)?.reshape(w.dims())?) // [O, K]
+        } else {
+            None
+        };
+        let grad_x = if x.track_op() {
+            let kernel = w.reshape((o, k))?;
+            let gcols = g.matmul(&kernel)?.flatten_all()?.to_vec1::<f32>()?; // [N·L, K]
+            Some(cpu_tensor(col2im(p, &gcols, n), x.dims())?)
+        } else {
+            None
+        };
+        Ok((grad_x, grad_w, grad_b))
+    }
+}
+
+/// Max pooling of `[N, C, H, W]` with `kernel`-sized windows that do not overlap (stride =
+/// kernel, no padding; rows and columns that do not fill a window are dropped).
+pub(crate) struct MaxPool(pub(crate) [usize; 2]);
+
+impl MaxPool {
+    fn geometry(&self, dims: &[usize]) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+        let [n, c, h, w] = dims else {
+            bail!("max pooling needs [N, C, H, W], got {dims:?}");
+        };
+        let [kh, kw] = self.0;
+        if kh == 0 || kw == 0 || *h < kh || *w < kw {
+            bail!("max pooling window {:?} does not fit {dims:?}", self.0);
+        }
+        Ok((*n * *c, *h, *w, *h / kh, *w / kw))
+    }
+
+    /// Index (within one plane) of the first maximum of each window.
+    fn argmax(&self, plane: &[f32], h: usize, w: usize, oh: usize, ow: usize, mut f: impl FnMut(usize, usize, f32)) {
+        let _ = h;
+        let [kh, kw] = self.0;
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = (oy * kh) * w + ox * kw;
+                let mut value = plane[best];
+                for ky in 0..kh {
+                    let row = (oy * kh + ky) * w + ox * kw;
+                    for kx in 0..kw {
+                        // NaN propagates: a NaN wins over any number.
+                        let v = plane[row + kx];
+                        if v > value || (v.is_nan() && !value.is_nan()) {
+                            value = v;
+                            best = row + kx;
+                        }
+                    }
+                }
+                f(oy * ow + ox, best, value);
+            }
+        }
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "sedna-maxpool"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let dims = layout.dims().to_vec();
+        let (planes, h, w, oh, ow) = self.geometry(&dims)?;
+        let mut out = vec![0f32; planes * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(x.par_chunks(h * w))
+            .for_each(|(dst, plane)| self.argmax(plane, h, w, oh, ow, |o, _, v| dst[o] = v));
+        Ok((CpuStorage::F32(out), Shape::from((dims[0], dims[1], oh, ow))))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(&grad.contiguous()?, &MaxPoolGrad(self.0))?))
+    }
+}
+
+/// The gradient of [`MaxPool`]: (input, output gradient) → input gradient.
+struct MaxPoolGrad([usize; 2]);
+
+impl CustomOp2 for MaxPoolGrad {
+    fn name(&self) -> &'static str {
+        "sedna-maxpool-grad"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(s1, l1, self.name())?;
+        let grad = contiguous_f32(s2, l2, self.name())?;
+        let pool = MaxPool(self.0);
+        let (planes, h, w, oh, ow) = pool.geometry(l1.dims())?;
+        if grad.len() != planes * oh * ow {
+            bail!("{}: gradient {:?} does not match input {:?}", self.name(), l2.dims(), l1.dims());
+        }
+        let mut out = vec![0f32; planes * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(x.par_chunks(h * w).zip(grad.par_chunks(oh * ow)))
+            .for_each(|(dst, (plane, g))| pool.argmax(plane, h, w, oh, ow, |o, at, _| dst[at] += g[o]));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// A 2-D convolution (one group) with optional bias: `x` `[N, C, H, W]`, `w` `[O, C, KH, KW]`
+/// → `[N, O, OH, OW]`, differentiable in all three.
+pub(crate) fn conv2d(x: &Tensor, w: &Tensor, b: Option<&Tensor>, stride: usize, dilation: usize, pads: [usize; 4]) -> candle_core::Result<Tensor> {
+    let (_, c, height, width) = x.dims4()?;
+    let (o, _, kh, kw) = w.dims4()?;
+    if stride == 0 || dilation == 0 {
+        bail!("stride and dilation must be at least 1");
+    }
+    let patches = Patches { channels: c, height, width, kernel: [kh, kw], stride, dilation, pads };
+    let b = match b {
+        Some(b) => b.flatten_all()?,
+        None => Tensor::zeros(o, candle_core::DType::F32, x.device())?,
+    };
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv2d(patches))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn random(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{RngExt, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n).map(|_| rng.random::<f32>() * 2.0 - 1.0).collect();
+        Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn convolution_and_its_gradients_match_candles_own() {
+        for (pads, stride, dilation) in [([2, 2, 2, 2], 1, 1), ([0, 0, 0, 0], 2, 1), ([1, 1, 1, 1], 1, 2)] {
+            let x = Var::from_tensor(&random(&[3, 4, 9, 9], 1)).unwrap();
+            let w = Var::from_tensor(&random(&[5, 4, 3, 3], 2)).unwrap();
+            let b = Var::from_tensor(&random(&[5], 5)).unwrap();
+            let ours = conv2d(&x, &w, Some(&b), stride, dilation, pads).unwrap();
+            let theirs = x.conv2d(&w, pads[0], stride, dilation, 1).unwrap().broadcast_add(&b.reshape((1, 5, 1, 1)).unwrap()).unwrap();
+            assert_eq!(ours.dims(), theirs.dims());
+            assert!(close(&ours, &theirs) < 1e-5);
+            // Gradients of the same scalar (a weighted sum) through both.
+            let weights = random(ours.dims(), 3);
+            let g1 = (ours * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            let g2 = (theirs * &weights).unwrap().sum_all().unwrap().backward().unwrap();
+            assert!(close(g1.get(&x).unwrap(), g2.get(&x).unwrap()) < 1e-4);
+            assert!(close(g1.get(&w).unwrap(), g2.get(&w).unwrap()) < 1e-4);
+            assert!(close(g1.get(&b).unwrap(), g2.get(&b).unwrap()) < 1e-4);
+        }
+    }
+
+    #[test]
+    fn max_pooling_sends_the_gradient_to_the_first_maximum() {
+        let x = Var::from_tensor(&Tensor::new(&[[[[1f32, 3.0, 2.0], [3.0, 0.0, 5.0], [9.0, 9.0, 9.0]]]], &Device::Cpu).unwrap()).unwrap();
+        let y = x.apply_op1(MaxPool([2, 2])).unwrap();
+        assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [3.0]);
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        let g = grads.get(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(g, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+
+        let x = random(&[2, 3, 8, 8], 4);
+        let ours = x.apply_op1(MaxPool([2, 2])).unwrap();
+        let theirs = x.max_pool2d_with_stride((2, 2), (2, 2)).unwrap();
+        assert!(close(&ours, &theirs) == 0.0);
+    }
+}
