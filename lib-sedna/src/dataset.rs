@@ -437,7 +437,11 @@ pub fn decode_pgm(bytes: &[u8]) -> Result<GreyImage> {
     let n = rows
         .checked_mul(cols)
         .filter(|n| *n <= MAX_PIXELS)
-        .ok_or_else(|| bad(format!("PGM image too large ({cols}x{rows}; at most {MAX_PIXELS} pixels)")))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "PGM image too large ({cols}x{rows}; at most {MAX_PIXELS} pixels)"
+            ))
+        })?;
     let data = bytes
         .get(at + 1..at + 1 + n)
         .ok_or_else(|| bad("PGM pixel data truncated".into()))?;
@@ -510,11 +514,21 @@ pub fn read_idx_images(path: &Path, limits: &Limits) -> Result<Vec<GreyImage>> {
     let size = rows
         .checked_mul(cols)
         .filter(|n| *n <= MAX_PIXELS && *n > 0)
-        .ok_or_else(|| format_error(&what, format!("images of {rows}x{cols} pixels are not accepted")))?;
+        .ok_or_else(|| {
+            format_error(
+                &what,
+                format!("images of {rows}x{cols} pixels are not accepted"),
+            )
+        })?;
     let data = count
         .checked_mul(size)
         .and_then(|n| bytes.get(16..16 + n))
-        .ok_or_else(|| format_error(&what, format!("IDX data truncated ({count} images of {rows}x{cols} announced)")))?;
+        .ok_or_else(|| {
+            format_error(
+                &what,
+                format!("IDX data truncated ({count} images of {rows}x{cols} announced)"),
+            )
+        })?;
     Ok(data
         .chunks_exact(size)
         .map(|p| GreyImage {
@@ -536,10 +550,12 @@ pub fn read_idx_labels(path: &Path, limits: &Limits) -> Result<Vec<u8>> {
             limits.max_samples
         )));
     }
-    bytes
-        .get(8..8 + count)
-        .map(<[u8]>::to_vec)
-        .ok_or_else(|| format_error(&what, format!("IDX data truncated ({count} labels announced)")))
+    bytes.get(8..8 + count).map(<[u8]>::to_vec).ok_or_else(|| {
+        format_error(
+            &what,
+            format!("IDX data truncated ({count} labels announced)"),
+        )
+    })
 }
 
 #[cfg(test)]
@@ -696,11 +712,24 @@ mod tests {
 
         images.truncate(18);
         std::fs::write(&plain, &images).unwrap();
-        let err = read_idx_images(&plain, &Limits::default()).unwrap_err().to_string();
-        assert!(err.contains("truncated (2 images of 1x2 announced)"), "{err}");
-        let few = Limits { max_samples: 1, ..Limits::default() };
-        assert!(matches!(read_idx_labels(&gz, &few), Err(DatasetError::TooLarge(_))));
-        let err = read_idx_labels(&plain, &Limits::default()).unwrap_err().to_string();
+        let err = read_idx_images(&plain, &Limits::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("truncated (2 images of 1x2 announced)"),
+            "{err}"
+        );
+        let few = Limits {
+            max_samples: 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            read_idx_labels(&gz, &few),
+            Err(DatasetError::TooLarge(_))
+        ));
+        let err = read_idx_labels(&plain, &Limits::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("magic 0x00000801"), "{err}");
     }
 }

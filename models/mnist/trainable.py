@@ -9,7 +9,7 @@ gzip); the held-out split is `train.py`'s `test-*.idx?-ubyte`.
 
 Models (PyTorch, seed 0, default initialization), exported with the TorchScript-based ONNX
 exporter (opset 17, no constant folding, so initializer names are PyTorch's parameter names):
-- mlp/ : Flatten, Linear 784 -> 128, ReLU, Linear 128 -> 10          (101,770 parameters)
+- mlp/ : Flatten, Linear 784 -> 256, ReLU, Linear 256 -> 10          (203,530 parameters)
 - cnn/ : Conv 1 -> 8 (5x5, pad 2), ReLU, MaxPool 2, Conv 8 -> 16 (5x5, pad 2), ReLU,
          MaxPool 2, Flatten, Linear 784 -> 10                          (11,274 parameters)
 Contract: input `input` float32 [N, 784] (mlp) or [N, 1, 28, 28] (cnn), pixels / 255;
@@ -40,9 +40,9 @@ class MLP(nn.Module):
     def __init__(self):
         super().__init__()
         self.flatten = nn.Flatten()
-        self.fc1 = nn.Linear(784, 128)
+        self.fc1 = nn.Linear(784, 256)
         self.relu = nn.ReLU()
-        self.fc2 = nn.Linear(128, 10)
+        self.fc2 = nn.Linear(256, 10)
 
     def forward(self, x):
         return self.fc2(self.relu(self.fc1(self.flatten(x))))
@@ -122,7 +122,8 @@ def manifest(folder, title, description, shape, params, onnx_bytes, pt_bytes, ac
 - Twin: `init.pt` is the same network as TorchScript (returns the logits), for the `tch`
   backend; its parameters have the same names and values as the ONNX initializers.
 - sha256 of init.onnx: `{hashlib.sha256(onnx_bytes).hexdigest()}` ({len(onnx_bytes):,} bytes).
-- sha256 of init.pt: `{hashlib.sha256(pt_bytes).hexdigest()}` ({len(pt_bytes):,} bytes).
+- sha256 of init.pt: `{hashlib.sha256(pt_bytes).hexdigest()}` ({len(pt_bytes):,} bytes; TorchScript archives
+  differ from run to run in their metadata, not in their parameters).
 - Rebuild: `.venv/bin/python models/mnist/trainable.py` (needs torch and onnx in .venv, and npm).
 """)
 
@@ -132,7 +133,7 @@ def main() -> None:
     x_train, y_train, x_test, y_test = load()
     write_train_split(x_train, y_train)
     for name, cls, shape, title, description in [
-        ("mlp", MLP, [784], "MLP digit classifier", "Linear 784 -> 128, ReLU, Linear 128 -> 10"),
+        ("mlp", MLP, [784], "MLP digit classifier", "Linear 784 -> 256, ReLU, Linear 256 -> 10"),
         ("cnn", CNN, [1, 28, 28], "small CNN digit classifier",
          "Conv 1 -> 8 (5x5, pad 2), ReLU, MaxPool 2, Conv 8 -> 16 (5x5, pad 2), ReLU, MaxPool 2, "
          "Flatten, Linear 784 -> 10"),

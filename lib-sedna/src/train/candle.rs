@@ -20,8 +20,53 @@ enum Moments {
     Adam { m: Tensor, v: Tensor },
 }
 
+/// How a step runs after fusion.
+#[derive(Debug, Clone, PartialEq)]
+enum Fused {
+    /// As it is.
+    No,
+    /// Not at all: a later step applies it.
+    Skip,
+    /// A MaxPool that applies the ReLU before it itself, reading the ReLU's input.
+    ReluInput(String),
+}
+
+/// Finds ReLU → MaxPool pairs where the ReLU's output feeds only the pool: the pool applies
+/// the ReLU (as `relu(max)`, a quarter of the work) and the ReLU step is skipped.
+fn fuse(program: &Program) -> Vec<Fused> {
+    let mut fused = vec![Fused::No; program.steps.len()];
+    for (i, step) in program.steps.iter().enumerate() {
+        if !matches!(step.op, Op::MaxPool { .. }) {
+            continue;
+        }
+        let Some(input) = step.inputs.first().and_then(|n| n.as_deref()) else {
+            continue;
+        };
+        let Some(relu) = program
+            .steps
+            .iter()
+            .position(|s| s.output == input && s.op == Op::Relu)
+        else {
+            continue;
+        };
+        let readers = program
+            .steps
+            .iter()
+            .filter(|s| s.inputs.iter().flatten().any(|n| n == input))
+            .count();
+        if readers == 1 && program.target != input {
+            if let Some(Some(relu_input)) = program.steps[relu].inputs.first() {
+                fused[relu] = Fused::Skip;
+                fused[i] = Fused::ReluInput(relu_input.clone());
+            }
+        }
+    }
+    fused
+}
+
 pub(crate) struct CandleBackend {
     program: Program,
+    fused: Vec<Fused>,
     sample_shape: Vec<usize>,
     params: Vec<(String, Var)>,
     constants: HashMap<String, Tensor>,
@@ -39,7 +84,11 @@ fn backend_error(e: candle_core::Error) -> TrainError {
 }
 
 impl CandleBackend {
-    pub(crate) fn new(model: &OnnxModel, program: &Program, sample_shape: &[usize]) -> Result<Self, TrainError> {
+    pub(crate) fn new(
+        model: &OnnxModel,
+        program: &Program,
+        sample_shape: &[usize],
+    ) -> Result<Self, TrainError> {
         let device = Device::Cpu;
         let mut params = Vec::with_capacity(program.params.len());
         for name in &program.params {
@@ -48,7 +97,8 @@ impl CandleBackend {
                 .iter()
                 .find(|f| &f.name == name)
                 .ok_or_else(|| TrainError::Model(format!("initializer {name:?} is missing")))?;
-            let var = Var::from_slice(&init.values, init.dims.as_slice(), &device).map_err(backend_error)?;
+            let var = Var::from_slice(&init.values, init.dims.as_slice(), &device)
+                .map_err(backend_error)?;
             params.push((name.clone(), var));
         }
         let mut constants = HashMap::new();
@@ -60,6 +110,7 @@ impl CandleBackend {
         }
         Ok(CandleBackend {
             program: program.clone(),
+            fused: fuse(program),
             sample_shape: sample_shape.to_vec(),
             params,
             constants,
@@ -75,7 +126,8 @@ impl CandleBackend {
         let mut shape = vec![n];
         shape.extend_from_slice(&self.sample_shape);
         let input = Tensor::from_slice(x, shape.as_slice(), &Device::Cpu).map_err(backend_error)?;
-        let mut values: HashMap<&str, Tensor> = HashMap::with_capacity(self.program.steps.len() + self.params.len() + 1);
+        let mut values: HashMap<&str, Tensor> =
+            HashMap::with_capacity(self.program.steps.len() + self.params.len() + 1);
         values.insert(self.program.input.name.as_str(), input);
         for (name, var) in &self.params {
             values.insert(name.as_str(), var.as_tensor().clone());
@@ -83,16 +135,21 @@ impl CandleBackend {
         for (name, tensor) in &self.constants {
             values.insert(name.as_str(), tensor.clone());
         }
-        for step in &self.program.steps {
-            let out = apply(step, &values, train, &mut self.rng).map_err(|e| TrainError::Backend {
+        for (step, fused) in self.program.steps.iter().zip(&self.fused) {
+            let out = match fused {
+                Fused::Skip => continue,
+                Fused::No => apply(step, None, &values, train, &mut self.rng),
+                Fused::ReluInput(input) => apply(step, Some(input), &values, train, &mut self.rng),
+            }
+            .map_err(|e| TrainError::Backend {
                 backend: "candle",
                 message: format!("node `{}` ({:?}): {e}", step.node, step.op),
             })?;
             values.insert(step.output.as_str(), out);
         }
-        let out = values
-            .remove(self.program.target.as_str())
-            .ok_or_else(|| TrainError::Model(format!("tensor {:?} was not computed", self.program.target)))?;
+        let out = values.remove(self.program.target.as_str()).ok_or_else(|| {
+            TrainError::Model(format!("tensor {:?} was not computed", self.program.target))
+        })?;
         let width = out.elem_count() / n.max(1);
         out.reshape((n, width)).map_err(backend_error)
     }
@@ -106,14 +163,23 @@ impl CandleBackend {
             }
             (Loss::Mse, TargetsRef::Values(values)) => {
                 let values = values.as_standard_layout();
-                let target = Tensor::from_slice(values.as_slice().unwrap_or_default(), values.dim(), &Device::Cpu)?;
+                let target = Tensor::from_slice(
+                    values.as_slice().unwrap_or_default(),
+                    values.dim(),
+                    &Device::Cpu,
+                )?;
                 out.sub(&target)?.sqr()?.mean_all()
             }
             _ => candle_core::bail!("the loss does not fit the targets"),
         }
     }
 
-    fn update(&mut self, grads: &candle_core::backprop::GradStore, config: &TrainConfig, lr: f64) -> candle_core::Result<()> {
+    fn update(
+        &mut self,
+        grads: &candle_core::backprop::GradStore,
+        config: &TrainConfig,
+        lr: f64,
+    ) -> candle_core::Result<()> {
         self.steps += 1;
         let t = self.steps;
         let wd = config.weight_decay;
@@ -121,8 +187,10 @@ impl CandleBackend {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
-            let p = var.as_tensor();
-            let mut g = grad.clone();
+            // Detached: the update must not enter the autograd graph (a momentum buffer that
+            // records the op that made it would keep every earlier buffer alive).
+            let p = &var.as_tensor().detach();
+            let mut g = grad.detach();
             if config.fedprox_mu > 0.0
                 && let Some(anchor) = self.anchor.get(i)
             {
@@ -138,8 +206,12 @@ impl CandleBackend {
                             Moments::Momentum(buf) => (buf.affine(momentum, 0.0)? + &g)?,
                             _ => g.clone(),
                         };
-                        let d = if nesterov { (&g + buf.affine(momentum, 0.0)?)? } else { buf.clone() };
-                        self.moments[i] = Moments::Momentum(buf);
+                        let d = if nesterov {
+                            (&g + buf.affine(momentum, 0.0)?)?
+                        } else {
+                            buf.clone()
+                        };
+                        self.moments[i] = Moments::Momentum(buf.detach());
                         d
                     } else {
                         g
@@ -148,7 +220,11 @@ impl CandleBackend {
                 }
                 Optimizer::Adam { beta1, beta2, eps } | Optimizer::AdamW { beta1, beta2, eps } => {
                     let decoupled = matches!(config.optimizer, Optimizer::AdamW { .. });
-                    let p = if decoupled && wd > 0.0 { p.affine(1.0 - lr * wd, 0.0)? } else { p.clone() };
+                    let p = if decoupled && wd > 0.0 {
+                        p.affine(1.0 - lr * wd, 0.0)?
+                    } else {
+                        p.clone()
+                    };
                     if !decoupled && wd > 0.0 {
                         g = (g + p.affine(wd, 0.0)?)?;
                     }
@@ -157,13 +233,19 @@ impl CandleBackend {
                             (m.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?,
                             (v.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?,
                         ),
-                        _ => (g.affine(1.0 - beta1, 0.0)?, g.sqr()?.affine(1.0 - beta2, 0.0)?),
+                        _ => (
+                            g.affine(1.0 - beta1, 0.0)?,
+                            g.sqr()?.affine(1.0 - beta2, 0.0)?,
+                        ),
                     };
                     let bias1 = 1.0 - beta1.powi(t);
                     let bias2 = 1.0 - beta2.powi(t);
                     let denom = v.affine(1.0 / bias2, 0.0)?.sqrt()?.affine(1.0, eps)?;
                     let step = m.affine(lr / bias1, 0.0)?.div(&denom)?;
-                    self.moments[i] = Moments::Adam { m, v };
+                    self.moments[i] = Moments::Adam {
+                        m: m.detach(),
+                        v: v.detach(),
+                    };
                     (p - step)?
                 }
             };
@@ -185,7 +267,7 @@ impl Backend for CandleBackend {
         self.anchor = if config.fedprox_mu > 0.0 {
             self.params
                 .iter()
-                .map(|(_, v)| v.as_tensor().copy())
+                .map(|(_, v)| v.as_tensor().copy().map(|t| t.detach()))
                 .collect::<candle_core::Result<_>>()
                 .map_err(backend_error)?
         } else {
@@ -194,7 +276,12 @@ impl Backend for CandleBackend {
         Ok(())
     }
 
-    fn train_step(&mut self, batch: &Batch<'_>, config: &TrainConfig, learning_rate: f64) -> Result<f64, TrainError> {
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &TrainConfig,
+        learning_rate: f64,
+    ) -> Result<f64, TrainError> {
         let out = self.run(batch.x, batch.n, true)?;
         let loss = self.loss(&out, batch, config.loss).map_err(backend_error)?;
         let value = f64::from(loss.to_scalar::<f32>().map_err(backend_error)?);
@@ -202,7 +289,8 @@ impl Backend for CandleBackend {
             return Ok(value);
         }
         let grads = loss.backward().map_err(backend_error)?;
-        self.update(&grads, config, learning_rate).map_err(backend_error)?;
+        self.update(&grads, config, learning_rate)
+            .map_err(backend_error)?;
         Ok(value)
     }
 
@@ -217,7 +305,11 @@ impl Backend for CandleBackend {
         self.params
             .iter()
             .map(|(name, var)| {
-                let values = var.as_tensor().flatten_all().and_then(|t| t.to_vec1::<f32>()).map_err(backend_error)?;
+                let values = var
+                    .as_tensor()
+                    .flatten_all()
+                    .and_then(|t| t.to_vec1::<f32>())
+                    .map_err(backend_error)?;
                 Ok((name.clone(), var.dims().to_vec(), values))
             })
             .collect()
@@ -228,7 +320,8 @@ impl Backend for CandleBackend {
             let Some((_, var)) = self.params.iter().find(|(n, _)| n == name) else {
                 return Err(TrainError::Weights(format!("no trainable tensor {name:?}")));
             };
-            let tensor = Tensor::from_slice(new, var.dims(), &Device::Cpu).map_err(backend_error)?;
+            let tensor =
+                Tensor::from_slice(new, var.dims(), &Device::Cpu).map_err(backend_error)?;
             var.set(&tensor).map_err(backend_error)?;
         }
         Ok(())
@@ -259,12 +352,18 @@ fn axis(x: &Tensor, axis: i64) -> candle_core::Result<usize> {
 }
 
 /// Pads the two spatial dimensions of an NCHW tensor with `value`.
-fn pad2d(x: &Tensor, [top, left, bottom, right]: [usize; 4], value: f32) -> candle_core::Result<Tensor> {
+fn pad2d(
+    x: &Tensor,
+    [top, left, bottom, right]: [usize; 4],
+    value: f32,
+) -> candle_core::Result<Tensor> {
     if [top, left, bottom, right] == [0; 4] {
         return Ok(x.clone());
     }
     if value == 0.0 {
-        return x.pad_with_zeros(2, top, bottom)?.pad_with_zeros(3, left, right);
+        return x
+            .pad_with_zeros(2, top, bottom)?
+            .pad_with_zeros(3, left, right);
     }
     let (n, c, h, w) = x.dims4()?;
     let rows = |k: usize| Tensor::full(value, (n, c, k, w), x.device());
@@ -274,17 +373,42 @@ fn pad2d(x: &Tensor, [top, left, bottom, right]: [usize; 4], value: f32) -> cand
     Tensor::cat(&[cols(left)?, x, cols(right)?], 3)
 }
 
-fn apply(step: &Step, values: &HashMap<&str, Tensor>, train: bool, rng: &mut rand::rngs::StdRng) -> candle_core::Result<Tensor> {
+/// Runs one step. `fused_relu`: the ReLU this step absorbed (a MaxPool reads the ReLU's input
+/// and applies it itself).
+fn apply(
+    step: &Step,
+    fused_relu: Option<&str>,
+    values: &HashMap<&str, Tensor>,
+    train: bool,
+    rng: &mut rand::rngs::StdRng,
+) -> candle_core::Result<Tensor> {
     let get = |i: usize| -> candle_core::Result<&Tensor> {
-        let name = step.inputs.get(i).and_then(|n| n.as_deref()).unwrap_or_default();
+        let name = match (i, fused_relu) {
+            (0, Some(input)) => input,
+            _ => step
+                .inputs
+                .get(i)
+                .and_then(|n| n.as_deref())
+                .unwrap_or_default(),
+        };
         values
             .get(name)
             .ok_or_else(|| candle_core::Error::Msg(format!("input {name:?} has no value")))
     };
-    let optional = |i: usize| step.inputs.get(i).and_then(|n| n.as_deref()).and_then(|n| values.get(n));
+    let optional = |i: usize| {
+        step.inputs
+            .get(i)
+            .and_then(|n| n.as_deref())
+            .and_then(|n| values.get(n))
+    };
     let x = get(0)?;
     match &step.op {
-        Op::Gemm { alpha, beta, trans_a, trans_b } => {
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
             let a = if *trans_a { x.t()? } else { x.clone() };
             let b = get(1)?;
             let b = if *trans_b { b.t()? } else { b.clone() };
@@ -293,31 +417,52 @@ fn apply(step: &Step, values: &HashMap<&str, Tensor>, train: bool, rng: &mut ran
                 y = y.affine(f64::from(*alpha), 0.0)?;
             }
             if let Some(c) = optional(2) {
-                let c = if *beta != 1.0 { c.affine(f64::from(*beta), 0.0)? } else { c.clone() };
+                let c = if *beta != 1.0 {
+                    c.affine(f64::from(*beta), 0.0)?
+                } else {
+                    c.clone()
+                };
                 y = y.broadcast_add(&c)?;
             }
             Ok(y)
         }
         Op::MatMul => {
             let b = get(1)?;
-            if x.rank() == 2 && b.rank() == 2 { x.matmul(b) } else { x.broadcast_matmul(b) }
+            if x.rank() == 2 && b.rank() == 2 {
+                x.matmul(b)
+            } else {
+                x.broadcast_matmul(b)
+            }
         }
         Op::Add => x.broadcast_add(get(1)?),
         Op::Sub => x.broadcast_sub(get(1)?),
         Op::Mul => x.broadcast_mul(get(1)?),
         Op::Div => x.broadcast_div(get(1)?),
-        Op::Conv { strides, pads, dilations } => {
-            kernels::conv2d(x, get(1)?, optional(2), strides[0], dilations[0], *pads)
-        }
+        Op::Conv {
+            strides,
+            pads,
+            dilations,
+        } => kernels::conv2d(x, get(1)?, optional(2), strides[0], dilations[0], *pads),
         Op::Relu => x.relu(),
         Op::LeakyRelu { alpha } => x.relu()? - x.neg()?.relu()?.affine(f64::from(*alpha), 0.0)?,
         Op::Sigmoid => x.neg()?.exp()?.affine(1.0, 1.0)?.recip(),
         Op::Tanh => x.tanh(),
         // Pooling windows do not overlap (checked when the program was built).
-        Op::MaxPool { kernel, pads, .. } => pad2d(x, *pads, f32::MIN)?.contiguous()?.apply_op1(kernels::MaxPool(*kernel)),
-        Op::AveragePool { kernel, strides, pads } => {
-            pad2d(x, *pads, 0.0)?.avg_pool2d_with_stride((kernel[0], kernel[1]), (strides[0], strides[1]))
+        Op::MaxPool { kernel, pads, .. } => {
+            let relu = fused_relu.is_some();
+            pad2d(x, *pads, f32::MIN)?
+                .contiguous()?
+                .apply_op1(kernels::MaxPool {
+                    kernel: *kernel,
+                    relu,
+                })
         }
+        Op::AveragePool {
+            kernel,
+            strides,
+            pads,
+        } => pad2d(x, *pads, 0.0)?
+            .avg_pool2d_with_stride((kernel[0], kernel[1]), (strides[0], strides[1])),
         Op::GlobalAveragePool => x.mean_keepdim(2)?.mean_keepdim(3),
         Op::Flatten { axis } => {
             let dims = x.dims();
@@ -332,7 +477,9 @@ fn apply(step: &Step, values: &HashMap<&str, Tensor>, train: bool, rng: &mut ran
             let mut hole = None;
             for (i, d) in shape.iter().enumerate() {
                 match *d {
-                    0 => out.push(*dims.get(i).ok_or_else(|| candle_core::Error::Msg("shape 0 beyond the input's rank".into()))?),
+                    0 => out.push(*dims.get(i).ok_or_else(|| {
+                        candle_core::Error::Msg("shape 0 beyond the input's rank".into())
+                    })?),
                     -1 if hole.is_none() => {
                         hole = Some(i);
                         out.push(1);
@@ -360,10 +507,70 @@ fn apply(step: &Step, values: &HashMap<&str, Tensor>, train: bool, rng: &mut ran
             let keep = 1.0 - f64::from(*ratio);
             let scale = (1.0 / keep) as f32;
             let mask: Vec<f32> = (0..x.elem_count())
-                .map(|_| if rng.random::<f64>() < keep { scale } else { 0.0 })
+                .map(|_| {
+                    if rng.random::<f64>() < keep {
+                        scale
+                    } else {
+                        0.0
+                    }
+                })
                 .collect();
             x.mul(&Tensor::from_vec(mask, x.dims(), x.device())?.to_dtype(DType::F32)?)
         }
         Op::Identity => Ok(x.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::{Optimizer, Schedule, TrainConfig, onnx::OnnxModel};
+
+    /// A momentum buffer or Adam moment that recorded the operations that made it would keep
+    /// every earlier step's tensors alive (memory grows without bound).
+    #[test]
+    fn optimizer_state_and_parameters_stay_out_of_the_autograd_graph() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/mnist/cnn/init.onnx");
+        let model = OnnxModel::parse(std::fs::read(path).unwrap()).unwrap();
+        let program = Program::build(&model, None).unwrap();
+        for optimizer in [
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            Optimizer::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ] {
+            let mut backend = CandleBackend::new(&model, &program, &[1, 28, 28]).unwrap();
+            let config = TrainConfig {
+                optimizer,
+                weight_decay: 1e-3,
+                fedprox_mu: 0.1,
+                schedule: Schedule::Constant,
+                ..TrainConfig::default()
+            };
+            backend.begin(&config).unwrap();
+            let x = vec![0.5f32; 4 * 784];
+            let labels = [1u32, 2, 3, 4];
+            for _ in 0..3 {
+                let batch = Batch {
+                    x: &x,
+                    n: 4,
+                    targets: TargetsRef::Classes(&labels),
+                };
+                backend.train_step(&batch, &config, 0.01).unwrap();
+            }
+            for moments in &backend.moments {
+                match moments {
+                    Moments::Momentum(b) => assert!(!b.track_op()),
+                    Moments::Adam { m, v } => assert!(!m.track_op() && !v.track_op()),
+                    Moments::None => panic!("no optimizer state after three steps"),
+                }
+            }
+            assert!(backend.anchor.iter().all(|a| !a.track_op()));
+        }
     }
 }

@@ -232,7 +232,10 @@ pub const KEYS: &[(&str, &str)] = &[
     ("seed", "seed of shuffling, validation split and dropout"),
     ("shuffle", "shuffle every epoch (true/false)"),
     ("validation_split", "share held out for validation, [0, 1)"),
-    ("early_stop_patience", "epochs without validation improvement before stopping"),
+    (
+        "early_stop_patience",
+        "epochs without validation improvement before stopping",
+    ),
     ("fedprox_mu", "FedProx proximal term (alias mu)"),
     ("backend", "candle or tch"),
     ("device", "cpu, cuda or cuda:N"),
@@ -309,7 +312,9 @@ pub fn parse_parameters<'a>(
             .transpose()
     };
     let whole = |k: &str| -> Result<Option<usize>, TrainError> {
-        get(k).map(|v| parse_value(k, v, "a whole number")).transpose()
+        get(k)
+            .map(|v| parse_value(k, v, "a whole number"))
+            .transpose()
     };
     let boolean = |k: &str| -> Result<Option<bool>, TrainError> {
         get(k)
@@ -324,7 +329,11 @@ pub fn parse_parameters<'a>(
             .transpose()
     };
     if let Some(epochs) = whole("epochs")? {
-        check("epochs", (1..=1_000_000).contains(&epochs), "must be between 1 and 1000000")?;
+        check(
+            "epochs",
+            (1..=1_000_000).contains(&epochs),
+            "must be between 1 and 1000000",
+        )?;
         config.epochs = epochs;
     }
     if let Some(steps) = whole("max_steps")? {
@@ -332,7 +341,11 @@ pub fn parse_parameters<'a>(
         config.max_steps = Some(steps);
     }
     if let Some(batch) = whole("batch_size")? {
-        check("batch_size", (1..=1 << 20).contains(&batch), "must be between 1 and 1048576")?;
+        check(
+            "batch_size",
+            (1..=1 << 20).contains(&batch),
+            "must be between 1 and 1048576",
+        )?;
         config.batch_size = batch;
     }
     if let Some(lr) = float("learning_rate")? {
@@ -346,7 +359,11 @@ pub fn parse_parameters<'a>(
     check("beta2", (0.0..1.0).contains(&beta2), "must be in [0, 1)")?;
     check("eps", eps > 0.0, "must be positive")?;
     let momentum = float("momentum")?.unwrap_or(0.0);
-    check("momentum", (0.0..1.0).contains(&momentum), "must be in [0, 1)")?;
+    check(
+        "momentum",
+        (0.0..1.0).contains(&momentum),
+        "must be in [0, 1)",
+    )?;
     let nesterov = boolean("nesterov")?.unwrap_or(false);
     let optimizer = get("optimizer").map(|v| v.trim().to_ascii_lowercase());
     config.optimizer = match optimizer.as_deref() {
@@ -395,7 +412,10 @@ pub fn parse_parameters<'a>(
                 check("lr_step_epochs", every_epochs >= 1, "must be at least 1")?;
                 let gamma = float("lr_gamma")?.unwrap_or(0.1);
                 check("lr_gamma", gamma > 0.0 && gamma <= 1.0, "must be in (0, 1]")?;
-                Schedule::Step { every_epochs, gamma }
+                Schedule::Step {
+                    every_epochs,
+                    gamma,
+                }
             }
             "cosine" => {
                 let min_lr = float("min_lr")?.unwrap_or(0.0);
@@ -410,7 +430,11 @@ pub fn parse_parameters<'a>(
             }
         },
     };
-    for (key, needs) in [("lr_step_epochs", "step"), ("lr_gamma", "step"), ("min_lr", "cosine")] {
+    for (key, needs) in [
+        ("lr_step_epochs", "step"),
+        ("lr_gamma", "step"),
+        ("min_lr", "cosine"),
+    ] {
         let active = match config.schedule {
             Schedule::Step { .. } => "step",
             Schedule::Cosine { .. } => "cosine",
@@ -442,7 +466,11 @@ pub fn parse_parameters<'a>(
         config.shuffle = shuffle;
     }
     if let Some(split) = float("validation_split")? {
-        check("validation_split", (0.0..1.0).contains(&split), "must be in [0, 1)")?;
+        check(
+            "validation_split",
+            (0.0..1.0).contains(&split),
+            "must be in [0, 1)",
+        )?;
         config.validation_split = split;
     }
     if let Some(patience) = whole("early_stop_patience")? {
@@ -515,7 +543,9 @@ mod tests {
     use super::*;
 
     fn err(pairs: &[(&str, &str)]) -> String {
-        parse_parameters(pairs.iter().copied()).unwrap_err().to_string()
+        parse_parameters(pairs.iter().copied())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -540,32 +570,78 @@ mod tests {
             ("threads", "2"),
         ])
         .unwrap();
-        assert_eq!(config.optimizer, Optimizer::Sgd { momentum: 0.9, nesterov: true });
-        assert_eq!(config.schedule, Schedule::Step { every_epochs: 2, gamma: 0.5 });
+        assert_eq!(
+            config.optimizer,
+            Optimizer::Sgd {
+                momentum: 0.9,
+                nesterov: true
+            }
+        );
+        assert_eq!(
+            config.schedule,
+            Schedule::Step {
+                every_epochs: 2,
+                gamma: 0.5
+            }
+        );
         assert_eq!((config.epochs, config.batch_size, config.seed), (4, 32, 7));
         assert_eq!(config.fedprox_mu, 0.01);
         assert_eq!(config.early_stop_patience, Some(2));
         assert_eq!(options.backend, BackendKind::Tch);
         assert_eq!(options.device, Device::Cuda(1));
 
-        assert_eq!(err(&[("epochs", "ten")]), "hyperparameter `epochs`: \"ten\" is not a whole number");
-        assert_eq!(err(&[("epochs", "0")]), "hyperparameter `epochs`: must be between 1 and 1000000");
-        assert_eq!(err(&[("learning_rate", "-1")]), "hyperparameter `learning_rate`: must be positive");
-        assert_eq!(err(&[("optimizer", "rmsprop")]), "hyperparameter `optimizer`: \"rmsprop\" is not sgd, adam or adamw");
-        assert_eq!(err(&[("momentum", "0.9")]), "hyperparameter `momentum`: applies to optimizer sgd; set optimizer=sgd");
-        assert_eq!(err(&[("early_stop_patience", "3")]), "hyperparameter `early_stop_patience`: needs a validation_split > 0");
-        assert_eq!(err(&[("min_lr", "0.1")]), "hyperparameter `min_lr`: applies to lr_schedule cosine");
-        assert_eq!(err(&[("device", "tpu")]), "hyperparameter `device`: \"tpu\" is not a device (cpu, cuda or cuda:N)");
-        assert_eq!(err(&[("lr", "0.1"), ("learning_rate", "0.2")]), "hyperparameter `learning_rate`: given twice");
+        assert_eq!(
+            err(&[("epochs", "ten")]),
+            "hyperparameter `epochs`: \"ten\" is not a whole number"
+        );
+        assert_eq!(
+            err(&[("epochs", "0")]),
+            "hyperparameter `epochs`: must be between 1 and 1000000"
+        );
+        assert_eq!(
+            err(&[("learning_rate", "-1")]),
+            "hyperparameter `learning_rate`: must be positive"
+        );
+        assert_eq!(
+            err(&[("optimizer", "rmsprop")]),
+            "hyperparameter `optimizer`: \"rmsprop\" is not sgd, adam or adamw"
+        );
+        assert_eq!(
+            err(&[("momentum", "0.9")]),
+            "hyperparameter `momentum`: applies to optimizer sgd; set optimizer=sgd"
+        );
+        assert_eq!(
+            err(&[("early_stop_patience", "3")]),
+            "hyperparameter `early_stop_patience`: needs a validation_split > 0"
+        );
+        assert_eq!(
+            err(&[("min_lr", "0.1")]),
+            "hyperparameter `min_lr`: applies to lr_schedule cosine"
+        );
+        assert_eq!(
+            err(&[("device", "tpu")]),
+            "hyperparameter `device`: \"tpu\" is not a device (cpu, cuda or cuda:N)"
+        );
+        assert_eq!(
+            err(&[("lr", "0.1"), ("learning_rate", "0.2")]),
+            "hyperparameter `learning_rate`: given twice"
+        );
         assert!(err(&[("learnin_rate", "1")]).contains("unknown hyperparameter (known: epochs, "));
     }
 
     #[test]
     fn sedna_json_parameters_are_read() {
-        let (_, config) =
-            parse_parameters_json(r#"[{"key": "epochs", "value": "2"}, {"key": "batch_size", "value": 16}]"#).unwrap();
+        let (_, config) = parse_parameters_json(
+            r#"[{"key": "epochs", "value": "2"}, {"key": "batch_size", "value": 16}]"#,
+        )
+        .unwrap();
         assert_eq!((config.epochs, config.batch_size), (2, 16));
-        assert!(parse_parameters_json("{}").unwrap_err().to_string().contains("`parameters`"));
+        assert!(
+            parse_parameters_json("{}")
+                .unwrap_err()
+                .to_string()
+                .contains("`parameters`")
+        );
     }
 
     #[test]
@@ -573,7 +649,10 @@ mod tests {
         let cosine = Schedule::Cosine { min_lr: 0.0 };
         assert_eq!(cosine.learning_rate(1.0, 0, 0, 100), 1.0);
         assert!((cosine.learning_rate(1.0, 0, 50, 100) - 0.5).abs() < 1e-12);
-        let step = Schedule::Step { every_epochs: 2, gamma: 0.1 };
+        let step = Schedule::Step {
+            every_epochs: 2,
+            gamma: 0.1,
+        };
         assert_eq!(step.learning_rate(1.0, 1, 0, 10), 1.0);
         assert!((step.learning_rate(1.0, 4, 0, 10) - 0.01).abs() < 1e-12);
     }

@@ -113,10 +113,7 @@ impl TrainData {
 
     /// Classification data from labels given as text: all whole numbers → those indices;
     /// otherwise class names, indexed in sorted order.
-    pub fn from_labelled(
-        features: Array2<f32>,
-        labels: &[String],
-    ) -> Result<Self, TrainError> {
+    pub fn from_labelled(features: Array2<f32>, labels: &[String]) -> Result<Self, TrainError> {
         if features.nrows() != labels.len() {
             return Err(data_error(format!(
                 "{} samples but {} labels",
@@ -146,7 +143,12 @@ impl TrainData {
 
     /// MNIST-style IDX files: images (`idx3-ubyte`) and labels (`idx1-ubyte`), plain or
     /// gzipped; pixels are multiplied by `scale` (1/255 gives 0..1).
-    pub fn from_idx(images: &Path, labels: &Path, scale: f32, limits: &Limits) -> Result<Self, TrainError> {
+    pub fn from_idx(
+        images: &Path,
+        labels: &Path,
+        scale: f32,
+        limits: &Limits,
+    ) -> Result<Self, TrainError> {
         let images = dataset::read_idx_images(images, limits)?;
         let labels = dataset::read_idx_labels(labels, limits)?;
         if images.len() != labels.len() {
@@ -188,13 +190,13 @@ impl TrainData {
         let mut labels = Vec::with_capacity(samples.len());
         let mut size = None;
         for sample in samples {
-            let bytes = std::fs::read(&sample.path).map_err(|source| dataset::DatasetError::Io {
-                path: sample.path.clone(),
-                source,
-            })?;
-            let image = dataset::decode_pgm(&bytes).map_err(|e| {
-                data_error(format!("{}: {e}", sample.path.display()))
-            })?;
+            let bytes =
+                std::fs::read(&sample.path).map_err(|source| dataset::DatasetError::Io {
+                    path: sample.path.clone(),
+                    source,
+                })?;
+            let image = dataset::decode_pgm(&bytes)
+                .map_err(|e| data_error(format!("{}: {e}", sample.path.display())))?;
             match size {
                 None => size = Some((image.rows, image.cols)),
                 Some(s) if s != (image.rows, image.cols) => {
@@ -210,9 +212,12 @@ impl TrainData {
                 Some(_) => {}
             }
             values.extend(image.pixels.iter().map(|p| f32::from(*p) * scale));
-            labels.push(sample.label.clone().ok_or_else(|| {
-                data_error(format!("{} has no label", sample.path.display()))
-            })?);
+            labels.push(
+                sample
+                    .label
+                    .clone()
+                    .ok_or_else(|| data_error(format!("{} has no label", sample.path.display())))?,
+            );
         }
         let (rows, cols) = size.ok_or_else(|| data_error("the dataset has no samples"))?;
         let features = Array2::from_shape_vec((samples.len(), rows * cols), values)
@@ -225,15 +230,18 @@ impl TrainData {
     /// images, or a directory of PGM images in one subdirectory per class. Images are scaled
     /// by 1/255.
     pub fn load(path: &Path, limits: &Limits) -> Result<Self, TrainError> {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if path.is_dir() {
             let samples = dataset::scan_directory(path, &["pgm"], limits)?;
             return Self::from_images(&samples, 1.0 / 255.0);
         }
         if name.contains("idx3-ubyte") {
-            let labels_name = name
-                .replacen("images", "labels", 1)
-                .replacen("idx3-ubyte", "idx1-ubyte", 1);
+            let labels_name =
+                name.replacen("images", "labels", 1)
+                    .replacen("idx3-ubyte", "idx1-ubyte", 1);
             if !name.contains("images") {
                 return Err(data_error(format!(
                     "{}: cannot tell the labels file (name the images file `…images….idx3-ubyte`)",
@@ -315,9 +323,13 @@ mod tests {
     #[test]
     fn text_labels_become_sorted_class_indices() {
         let x = Array2::zeros((3, 2));
-        let data = TrainData::from_labelled(x.clone(), &["cat".into(), "ant".into(), "cat".into()]).unwrap();
+        let data = TrainData::from_labelled(x.clone(), &["cat".into(), "ant".into(), "cat".into()])
+            .unwrap();
         assert_eq!(data.targets(), &Targets::Classes(vec![1, 0, 1]));
-        assert_eq!(data.classes(), Some(&["ant".to_string(), "cat".to_string()][..]));
+        assert_eq!(
+            data.classes(),
+            Some(&["ant".to_string(), "cat".to_string()][..])
+        );
         let numeric = TrainData::from_labelled(x, &["2".into(), "0".into(), "7".into()]).unwrap();
         assert_eq!(numeric.targets(), &Targets::Classes(vec![2, 0, 7]));
     }
@@ -331,13 +343,20 @@ mod tests {
         let err = TrainData::classification(x, vec![0, 1]).unwrap_err();
         assert!(err.to_string().contains("sample 1"), "{err}");
         let err = TrainData::load(Path::new("/nonexistent/x.bin"), &Limits::default()).unwrap_err();
-        assert!(err.to_string().contains("not a dataset the trainer reads"), "{err}");
+        assert!(
+            err.to_string().contains("not a dataset the trainer reads"),
+            "{err}"
+        );
     }
 
     #[test]
     fn the_mnist_train_split_loads_and_splits_reproducibly() {
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/mnist");
-        let data = TrainData::load(&Path::new(dir).join("train-images.idx3-ubyte.gz"), &Limits::default()).unwrap();
+        let data = TrainData::load(
+            &Path::new(dir).join("train-images.idx3-ubyte.gz"),
+            &Limits::default(),
+        )
+        .unwrap();
         assert_eq!((data.len(), data.sample_len()), (8000, 784));
         assert!(data.features().iter().all(|v| (0.0..=1.0).contains(v)));
         let (train, val) = data.split(0.1, 3);

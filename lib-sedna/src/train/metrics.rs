@@ -74,7 +74,9 @@ impl Evaluation {
 
 /// Log of the softmax of one row, in f64.
 fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let max = row.iter().fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
+    let max = row
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, v| m.max(f64::from(*v)));
     let sum: f64 = row.iter().map(|v| (f64::from(*v) - max).exp()).sum();
     let log_sum = sum.ln() + max;
     row.iter().map(|v| f64::from(*v) - log_sum).collect()
@@ -91,12 +93,17 @@ pub(crate) fn evaluate(outputs: ArrayView2<'_, f32>, targets: TargetsRef<'_>) ->
             for (row, &label) in outputs.rows().into_iter().zip(labels) {
                 let row = row.to_vec();
                 let logp = log_softmax(&row);
-                loss -= logp.get(label as usize).copied().unwrap_or(f64::NEG_INFINITY);
+                loss -= logp
+                    .get(label as usize)
+                    .copied()
+                    .unwrap_or(f64::NEG_INFINITY);
                 // The first highest output wins ties, as argmax does everywhere else.
                 let predicted = row
                     .iter()
                     .enumerate()
-                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| if *v > bv { (i, *v) } else { (bi, bv) })
+                    .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, v)| {
+                        if *v > bv { (i, *v) } else { (bi, bv) }
+                    })
                     .0;
                 if let Some(r) = confusion.get_mut(label as usize) {
                     r[predicted] += 1;
@@ -108,10 +115,27 @@ pub(crate) fn evaluate(outputs: ArrayView2<'_, f32>, targets: TargetsRef<'_>) ->
                     let tp = confusion[c][c] as f64;
                     let predicted: u64 = confusion.iter().map(|r| r[c]).sum();
                     let support: u64 = confusion[c].iter().sum();
-                    let precision = if predicted == 0 { 0.0 } else { tp / predicted as f64 };
-                    let recall = if support == 0 { 0.0 } else { tp / support as f64 };
-                    let f1 = if precision + recall == 0.0 { 0.0 } else { 2.0 * precision * recall / (precision + recall) };
-                    ClassMetrics { precision, recall, f1, support }
+                    let precision = if predicted == 0 {
+                        0.0
+                    } else {
+                        tp / predicted as f64
+                    };
+                    let recall = if support == 0 {
+                        0.0
+                    } else {
+                        tp / support as f64
+                    };
+                    let f1 = if precision + recall == 0.0 {
+                        0.0
+                    } else {
+                        2.0 * precision * recall / (precision + recall)
+                    };
+                    ClassMetrics {
+                        precision,
+                        recall,
+                        f1,
+                        support,
+                    }
                 })
                 .collect();
             Evaluation {
@@ -147,18 +171,46 @@ mod tests {
     #[test]
     fn classification_figures_match_a_hand_computation() {
         // Three classes; predictions: 0→0, 0→1, 1→1, 2→1.
-        let logits = array![[2.0f32, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 3.0, 0.0], [0.0, 1.0, 0.5]];
+        let logits = array![
+            [2.0f32, 0.0, 0.0],
+            [0.0, 1.0, 0.0],
+            [0.0, 3.0, 0.0],
+            [0.0, 1.0, 0.5]
+        ];
         let e = evaluate(logits.view(), TargetsRef::Classes(&[0, 0, 1, 2]));
         assert_eq!(e.accuracy, Some(0.5));
-        assert_eq!(e.confusion, vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]);
-        assert_eq!(e.per_class[0], ClassMetrics { precision: 1.0, recall: 0.5, f1: 2.0 / 3.0, support: 2 });
+        assert_eq!(
+            e.confusion,
+            vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 1, 0]]
+        );
+        assert_eq!(
+            e.per_class[0],
+            ClassMetrics {
+                precision: 1.0,
+                recall: 0.5,
+                f1: 2.0 / 3.0,
+                support: 2
+            }
+        );
         assert_eq!(e.per_class[1].precision, 1.0 / 3.0);
-        assert_eq!(e.per_class[2], ClassMetrics { precision: 0.0, recall: 0.0, f1: 0.0, support: 1 });
+        assert_eq!(
+            e.per_class[2],
+            ClassMetrics {
+                precision: 0.0,
+                recall: 0.0,
+                f1: 0.0,
+                support: 1
+            }
+        );
         let ce = |row: [f64; 3], c: usize| {
             let s: f64 = row.iter().map(|v| v.exp()).sum();
             -(row[c].exp() / s).ln()
         };
-        let want = (ce([2.0, 0.0, 0.0], 0) + ce([0.0, 1.0, 0.0], 0) + ce([0.0, 3.0, 0.0], 1) + ce([0.0, 1.0, 0.5], 2)) / 4.0;
+        let want = (ce([2.0, 0.0, 0.0], 0)
+            + ce([0.0, 1.0, 0.0], 0)
+            + ce([0.0, 3.0, 0.0], 1)
+            + ce([0.0, 1.0, 0.5], 2))
+            / 4.0;
         assert!((e.loss - want).abs() < 1e-9);
         let m = e.metrics();
         assert_eq!(m["accuracy"], 0.5);
@@ -168,7 +220,10 @@ mod tests {
 
     #[test]
     fn regression_loss_is_the_mean_squared_error() {
-        let e = evaluate(array![[1.0f32, 2.0], [3.0, 4.0]].view(), TargetsRef::Values(array![[1.0f32, 0.0], [3.0, 6.0]].view()));
+        let e = evaluate(
+            array![[1.0f32, 2.0], [3.0, 4.0]].view(),
+            TargetsRef::Values(array![[1.0f32, 0.0], [3.0, 6.0]].view()),
+        );
         assert_eq!(e.loss, 2.0);
         assert_eq!(e.accuracy, None);
         assert!(!e.metrics().contains_key("accuracy"));

@@ -52,8 +52,8 @@ pub use config::{
     BackendKind, Device, KEYS, Loss, Optimizer, Schedule, TrainConfig, TrainerOptions,
     parse_parameters, parse_parameters_json,
 };
-pub use data::{Targets, TrainData};
 use data::TargetsRef;
+pub use data::{Targets, TrainData};
 pub use metrics::{ClassMetrics, Evaluation};
 pub use onnx::{MAX_MODEL_BYTES, MAX_NODES};
 
@@ -105,7 +105,9 @@ pub enum TrainError {
         message: String,
     },
     /// Training diverged (the loss is not finite).
-    #[error("training diverged at epoch {epoch}, step {step}: the loss is {loss}; lower the learning rate")]
+    #[error(
+        "training diverged at epoch {epoch}, step {step}: the loss is {loss}; lower the learning rate"
+    )]
     Diverged {
         /// 1-based epoch.
         epoch: usize,
@@ -208,7 +210,12 @@ pub(crate) trait Backend: Send {
     /// the dropout seed.
     fn begin(&mut self, config: &TrainConfig) -> Result<(), TrainError>;
     /// One optimizer step on a batch; returns the batch's loss.
-    fn train_step(&mut self, batch: &Batch<'_>, config: &TrainConfig, learning_rate: f64) -> Result<f64, TrainError>;
+    fn train_step(
+        &mut self,
+        batch: &Batch<'_>,
+        config: &TrainConfig,
+        learning_rate: f64,
+    ) -> Result<f64, TrainError>;
     /// The trained output (logits) for `n` samples, in inference mode: `n × width` values.
     fn forward(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>, TrainError>;
     /// The trainable parameters: name, shape, values (ONNX initializer names, file order).
@@ -265,7 +272,9 @@ impl Trainer {
     pub fn from_bytes(bytes: Vec<u8>, options: &TrainerOptions) -> Result<Trainer, TrainError> {
         let model = onnx::OnnxModel::parse(bytes)?;
         let threads = if options.threads == 0 {
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
         } else {
             options.threads
         };
@@ -273,24 +282,28 @@ impl Trainer {
             .num_threads(threads)
             .thread_name(|i| format!("sedna-train-{i}"))
             .build()
-            .map_err(|e| TrainError::Unavailable(format!("cannot start {threads} training threads: {e}")))?;
-        let (program, sample_shape, backend): (graph::Program, Vec<usize>, Box<dyn Backend>) = match options.backend {
-            BackendKind::Candle => {
-                if options.device != Device::Cpu {
-                    return Err(TrainError::Unavailable(format!(
-                        "the candle backend trains on the CPU only; device {} needs the tch backend",
-                        options.device
-                    )));
+            .map_err(|e| {
+                TrainError::Unavailable(format!("cannot start {threads} training threads: {e}"))
+            })?;
+        let (program, sample_shape, backend): (graph::Program, Vec<usize>, Box<dyn Backend>) =
+            match options.backend {
+                BackendKind::Candle => {
+                    if options.device != Device::Cpu {
+                        return Err(TrainError::Unavailable(format!(
+                            "the candle backend trains on the CPU only; device {} needs the tch backend",
+                            options.device
+                        )));
+                    }
+                    let program = graph::Program::build(&model, options.output.as_deref())?;
+                    let shape = Self::fixed_sample_shape(&program)?;
+                    let backend = candle::CandleBackend::new(&model, &program, &shape)?;
+                    (program, shape, Box::new(backend))
                 }
-                let program = graph::Program::build(&model, options.output.as_deref())?;
-                let shape = Self::fixed_sample_shape(&program)?;
-                let backend = candle::CandleBackend::new(&model, &program, &shape)?;
-                (program, shape, Box::new(backend))
-            }
-            BackendKind::Tch => Self::tch_backend(&model, options, threads)?,
-        };
+                BackendKind::Tch => Self::tch_backend(&model, options, threads)?,
+            };
         let mut backend = backend;
-        let width = pool.install(|| output_width(backend.as_mut(), sample_shape.iter().product()))?;
+        let width =
+            pool.install(|| output_width(backend.as_mut(), sample_shape.iter().product()))?;
         Ok(Trainer {
             model,
             program,
@@ -314,9 +327,12 @@ impl Trainer {
         let program = graph::Program::describe(model, options.output.as_deref())?;
         let shape = Self::fixed_sample_shape(&program)?;
         let twin = options.torchscript.as_deref().ok_or_else(|| {
-            TrainError::Model("the tch backend needs the model's TorchScript twin (torchscript option)".into())
+            TrainError::Model(
+                "the tch backend needs the model's TorchScript twin (torchscript option)".into(),
+            )
         })?;
-        let backend = torch::TchBackend::new(model, &program, twin, options.device, threads, &shape)?;
+        let backend =
+            torch::TchBackend::new(model, &program, twin, options.device, threads, &shape)?;
         Ok((program, shape, Box::new(backend)))
     }
 
@@ -368,7 +384,11 @@ impl Trainer {
                 "the samples have {} values but the model's input `{}` takes [N, {}] ({want} values per sample)",
                 data.sample_len(),
                 self.program.input.name,
-                self.sample_shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+                self.sample_shape
+                    .iter()
+                    .map(|d| d.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         }
         match (data.targets(), loss) {
@@ -393,10 +413,14 @@ impl Trainer {
                 }
             }
             (Targets::Classes(_), Some(Loss::Mse)) => {
-                return Err(TrainError::Data("loss mse needs target values, not class labels".into()));
+                return Err(TrainError::Data(
+                    "loss mse needs target values, not class labels".into(),
+                ));
             }
             (Targets::Values(_), Some(Loss::CrossEntropy)) => {
-                return Err(TrainError::Data("loss cross_entropy needs class labels, not target values".into()));
+                return Err(TrainError::Data(
+                    "loss cross_entropy needs class labels, not target values".into(),
+                ));
             }
         }
         Ok(())
@@ -420,7 +444,15 @@ impl Trainer {
         let pool = &self.pool;
         let backend = self.backend.as_mut();
         let width = self.width;
-        fit_loop(pool, backend, width, &train, validation.as_ref(), config, progress)
+        fit_loop(
+            pool,
+            backend,
+            width,
+            &train,
+            validation.as_ref(),
+            config,
+            progress,
+        )
     }
 
     /// Evaluates on `data`: loss, and for classification accuracy, per-class precision,
@@ -495,7 +527,9 @@ impl Trainer {
                 )));
             }
             if tensor.iter().any(|v| !v.is_finite()) {
-                return Err(TrainError::Weights(format!("{name:?} holds a value that is not finite")));
+                return Err(TrainError::Weights(format!(
+                    "{name:?} holds a value that is not finite"
+                )));
             }
             values.push((name.clone(), tensor.iter().copied().collect()));
         }
@@ -505,8 +539,11 @@ impl Trainer {
     /// The trained model as ONNX bytes: the original file with new initializer values.
     pub fn to_onnx(&self) -> Result<Vec<u8>, TrainError> {
         let parameters = self.backend.parameters()?;
-        self.model
-            .with_values(parameters.iter().map(|(n, _, v)| (n.as_str(), v.as_slice())))
+        self.model.with_values(
+            parameters
+                .iter()
+                .map(|(n, _, v)| (n.as_str(), v.as_slice())),
+        )
     }
 
     /// Writes the trained model (atomically: a temporary file renamed into place).
@@ -517,7 +554,10 @@ impl Trainer {
             path: path.to_path_buf(),
             source,
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
         std::io::Write::write_all(&mut tmp, &bytes).map_err(io)?;
         tmp.as_file().sync_all().map_err(io)?;
@@ -532,7 +572,7 @@ impl Trainer {
 }
 
 /// Samples per forward pass when predicting.
-const EVAL_BATCH: usize = 512;
+const EVAL_BATCH: usize = 128;
 
 /// The training loop. It runs on the caller's thread (so `progress` need not be `Send`); the
 /// backend's work runs in the trainer's thread pool.
@@ -556,7 +596,9 @@ fn fit_loop(
     let steps_per_epoch = n.div_ceil(config.batch_size);
     let total_steps = config
         .max_steps
-        .map_or(steps_per_epoch * config.epochs, |m| m.min(steps_per_epoch * config.epochs));
+        .map_or(steps_per_epoch * config.epochs, |m| {
+            m.min(steps_per_epoch * config.epochs)
+        });
     let features = train.features();
     let flat = features.as_slice().unwrap_or_default();
     let sample_len = train.sample_len();
@@ -591,7 +633,9 @@ fn fit_loop(
                 n: chunk.len(),
                 targets: batch_targets.as_ref(),
             };
-            let lr = config.schedule.learning_rate(config.learning_rate, epoch, step, total_steps);
+            let lr = config
+                .schedule
+                .learning_rate(config.learning_rate, epoch, step, total_steps);
             let loss = pool.install(|| backend.train_step(&batch, config, lr))?;
             step += 1;
             if !loss.is_finite() {
@@ -610,7 +654,8 @@ fn fit_loop(
                 total_steps,
                 loss,
                 learning_rate: lr,
-                samples_per_sec: epoch_samples as f64 / epoch_start.elapsed().as_secs_f64().max(1e-9),
+                samples_per_sec: epoch_samples as f64
+                    / epoch_start.elapsed().as_secs_f64().max(1e-9),
             });
         }
         if batches == 0 {
@@ -645,7 +690,10 @@ fn fit_loop(
                     .map(|(name, _, values)| (name, values))
                     .collect();
                 best = Some((loss, epoch + 1, snapshot));
-            } else if best.as_ref().is_some_and(|(_, e, _)| epoch + 1 - e >= patience) {
+            } else if best
+                .as_ref()
+                .is_some_and(|(_, e, _)| epoch + 1 - e >= patience)
+            {
                 stopped_early = true;
                 break 'epochs;
             }
@@ -672,7 +720,11 @@ fn fit_loop(
     })
 }
 
-fn predict_all(backend: &mut dyn Backend, data: &TrainData, width: usize) -> Result<Array2<f32>, TrainError> {
+fn predict_all(
+    backend: &mut dyn Backend,
+    data: &TrainData,
+    width: usize,
+) -> Result<Array2<f32>, TrainError> {
     let features = data.features();
     let flat = features.as_slice().unwrap_or_default();
     let (n, f) = (data.len(), data.sample_len());

@@ -73,9 +73,7 @@ impl OnnxModel {
         }
         let model = pb::ModelProto::decode(bytes.as_slice())
             .map_err(|e| bad(format!("not an ONNX model: {e}")))?;
-        let graph = model
-            .graph
-            .ok_or_else(|| bad("the model has no graph"))?;
+        let graph = model.graph.ok_or_else(|| bad("the model has no graph"))?;
         if graph.node.len() > MAX_NODES {
             return Err(bad(format!(
                 "the graph has {} nodes; at most {MAX_NODES} are trained",
@@ -137,7 +135,9 @@ impl OnnxModel {
                         tensor
                             .raw_data
                             .chunks_exact(8)
-                            .map(|b| i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                            .map(|b| {
+                                i64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+                            })
                             .collect()
                     } else {
                         tensor.int64_data.clone()
@@ -217,7 +217,10 @@ impl OnnxModel {
 
 fn dims_of(name: &str, dims: &[i64]) -> Result<Vec<usize>, TrainError> {
     dims.iter()
-        .map(|d| usize::try_from(*d).map_err(|_| bad(format!("initializer {name:?} has a negative dimension {d}"))))
+        .map(|d| {
+            usize::try_from(*d)
+                .map_err(|_| bad(format!("initializer {name:?} has a negative dimension {d}")))
+        })
         .collect::<Result<Vec<_>, _>>()
         .and_then(|dims| {
             dims.iter()
@@ -300,18 +303,28 @@ fn walk(
                 Wire::Varint
             }
             1 => {
-                at = at.checked_add(8).filter(|a| *a <= end).ok_or_else(|| bad("truncated protobuf field"))?;
+                at = at
+                    .checked_add(8)
+                    .filter(|a| *a <= end)
+                    .ok_or_else(|| bad("truncated protobuf field"))?;
                 Wire::Fixed64
             }
             2 => {
-                let len = usize::try_from(varint(&mut at)?).map_err(|_| bad("protobuf length too large"))?;
+                let len = usize::try_from(varint(&mut at)?)
+                    .map_err(|_| bad("protobuf length too large"))?;
                 let start = at;
-                at = at.checked_add(len).filter(|a| *a <= end).ok_or_else(|| bad("truncated protobuf field"))?;
+                at = at
+                    .checked_add(len)
+                    .filter(|a| *a <= end)
+                    .ok_or_else(|| bad("truncated protobuf field"))?;
                 Wire::Len(start..at)
             }
             5 => {
                 let start = at;
-                at = at.checked_add(4).filter(|a| *a <= end).ok_or_else(|| bad("truncated protobuf field"))?;
+                at = at
+                    .checked_add(4)
+                    .filter(|a| *a <= end)
+                    .ok_or_else(|| bad("truncated protobuf field"))?;
                 Wire::Fixed32(start)
             }
             other => return Err(bad(format!("unsupported protobuf wire type {other}"))),
@@ -411,7 +424,13 @@ pub(crate) mod build {
     }
 
     /// A node.
-    pub(crate) fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str], attributes: Vec<pb::AttributeProto>) -> pb::NodeProto {
+    pub(crate) fn node(
+        op: &str,
+        name: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attributes: Vec<pb::AttributeProto>,
+    ) -> pb::NodeProto {
         pb::NodeProto {
             op_type: op.into(),
             name: name.into(),
@@ -424,17 +443,32 @@ pub(crate) mod build {
 
     /// An int attribute.
     pub(crate) fn int(name: &str, i: i64) -> pb::AttributeProto {
-        pb::AttributeProto { name: name.into(), r#type: 2, i, ..Default::default() }
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: 2,
+            i,
+            ..Default::default()
+        }
     }
 
     /// A float attribute.
     pub(crate) fn float(name: &str, f: f32) -> pb::AttributeProto {
-        pb::AttributeProto { name: name.into(), r#type: 1, f, ..Default::default() }
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: 1,
+            f,
+            ..Default::default()
+        }
     }
 
     /// An ints attribute.
     pub(crate) fn ints(name: &str, ints: &[i64]) -> pb::AttributeProto {
-        pb::AttributeProto { name: name.into(), r#type: 7, ints: ints.to_vec(), ..Default::default() }
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: 7,
+            ints: ints.to_vec(),
+            ..Default::default()
+        }
     }
 
     /// A float tensor value description with fixed or symbolic (None) dimensions.
@@ -473,7 +507,10 @@ pub(crate) mod build {
     ) -> Vec<u8> {
         pb::ModelProto {
             ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 17 }],
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
             producer_name: "sedna tests".into(),
             graph: Some(pb::GraphProto {
                 node: nodes,
@@ -500,12 +537,27 @@ mod tests {
         let bytes = std::fs::read(path).unwrap();
         let model = OnnxModel::parse(bytes.clone()).unwrap();
         let names: Vec<&str> = model.floats.iter().map(|i| i.name.as_str()).collect();
-        assert_eq!(names, ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias", "fc.weight", "fc.bias"]);
+        assert_eq!(
+            names,
+            [
+                "conv1.weight",
+                "conv1.bias",
+                "conv2.weight",
+                "conv2.bias",
+                "fc.weight",
+                "fc.bias"
+            ]
+        );
         assert_eq!(model.floats[0].dims, [8, 1, 5, 5]);
         let doubled: Vec<(String, Vec<f32>)> = model
             .floats
             .iter()
-            .map(|i| (i.name.clone(), i.values.iter().map(|v| v * 2.0 + 1.0).collect()))
+            .map(|i| {
+                (
+                    i.name.clone(),
+                    i.values.iter().map(|v| v * 2.0 + 1.0).collect(),
+                )
+            })
             .collect();
         let saved = model
             .with_values(doubled.iter().map(|(n, v)| (n.as_str(), v.as_slice())))
@@ -515,7 +567,10 @@ mod tests {
         let data: Vec<Range<usize>> = model.floats.iter().flat_map(|i| i.ranges.clone()).collect();
         for (at, (a, b)) in bytes.iter().zip(&saved).enumerate() {
             if a != b {
-                assert!(data.iter().any(|r| r.contains(&at)), "byte {at} changed outside the weights");
+                assert!(
+                    data.iter().any(|r| r.contains(&at)),
+                    "byte {at} changed outside the weights"
+                );
             }
         }
         let again = OnnxModel::parse(saved).unwrap();
@@ -534,11 +589,21 @@ mod tests {
             float_data: vec![1.0, 2.0, 3.0],
             ..Default::default()
         };
-        let bytes = model(vec![], vec![packed], vec![value("x", &[None, Some(3)])], vec![]);
+        let bytes = model(
+            vec![],
+            vec![packed],
+            vec![value("x", &[None, Some(3)])],
+            vec![],
+        );
         let parsed = OnnxModel::parse(bytes).unwrap();
         assert_eq!(parsed.floats[0].values, [1.0, 2.0, 3.0]);
-        let saved = parsed.with_values([("w", &[4.0f32, 5.0, 6.0][..])]).unwrap();
-        assert_eq!(OnnxModel::parse(saved).unwrap().floats[0].values, [4.0, 5.0, 6.0]);
+        let saved = parsed
+            .with_values([("w", &[4.0f32, 5.0, 6.0][..])])
+            .unwrap();
+        assert_eq!(
+            OnnxModel::parse(saved).unwrap().floats[0].values,
+            [4.0, 5.0, 6.0]
+        );
 
         // An unpacked tensor: name (8), dims (1), data_type (2), then float_data as fixed32 fields.
         let mut tensor = vec![0x42, 1, b'u', 0x08, 2, 0x10, 1];
@@ -553,7 +618,10 @@ mod tests {
         let parsed = OnnxModel::parse(file).unwrap();
         assert_eq!(parsed.floats[0].values, [7.0, 8.0]);
         let saved = parsed.with_values([("u", &[9.0f32, 10.0][..])]).unwrap();
-        assert_eq!(OnnxModel::parse(saved).unwrap().floats[0].values, [9.0, 10.0]);
+        assert_eq!(
+            OnnxModel::parse(saved).unwrap().floats[0].values,
+            [9.0, 10.0]
+        );
     }
 
     #[test]
@@ -568,7 +636,11 @@ mod tests {
             ..Default::default()
         };
         let err = OnnxModel::parse(model(vec![], vec![short], vec![], vec![])).unwrap_err();
-        assert!(err.to_string().contains("\"w\" has shape [4] (4 values) but 8 bytes"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("\"w\" has shape [4] (4 values) but 8 bytes"),
+            "{err}"
+        );
         let external = pb::TensorProto {
             name: "big".into(),
             dims: vec![1],
