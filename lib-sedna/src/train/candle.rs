@@ -452,10 +452,7 @@ fn apply(
             let relu = fused_relu.is_some();
             pad2d(x, *pads, f32::MIN)?
                 .contiguous()?
-                .apply_op1(kernels::MaxPool {
-                    kernel: *kernel,
-                    relu,
-                })
+                .apply_op1(kernels::MaxPool::new(*kernel, relu))
         }
         Op::AveragePool {
             kernel,

@@ -8,7 +8,7 @@
 //!
 //! All are safe Rust over contiguous f32 buffers, parallel over the batch with rayon.
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, bail};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, bail};
 use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution's patches.
@@ -148,13 +148,17 @@ fn col2im(p: &Patches, cols: &[f32], n: usize) -> Vec<f32> {
 
 /// `[A, B, L]` ↔ `[B, A, L]`: swaps the two outer axes of blocks of `l` values.
 fn swap_outer(values: &[f32], a: usize, b: usize, l: usize) -> Vec<f32> {
-    let mut out = vec![0f32; values.len()];
-    out.par_chunks_mut(a * l).enumerate().for_each(|(j, dst)| {
-        for i in 0..a {
-            dst[i * l..(i + 1) * l].copy_from_slice(&values[(i * b + j) * l..(i * b + j + 1) * l]);
-        }
-    });
-    out
+    let blocks: Vec<Vec<f32>> = (0..b)
+        .into_par_iter()
+        .map(|j| {
+            let mut block = Vec::with_capacity(a * l);
+            for i in 0..a {
+                block.extend_from_slice(&values[(i * b + j) * l..(i * b + j + 1) * l]);
+            }
+            block
+        })
+        .collect();
+    blocks.concat()
 }
 
 /// Runs `f` on a tensor's values without copying them out (the tensor is made contiguous
@@ -300,55 +304,94 @@ impl CustomOp3 for Conv2d {
 /// Max pooling of `[N, C, H, W]` with `kernel`-sized windows that do not overlap (stride =
 /// kernel, no padding; rows and columns that do not fill a window are dropped). With `relu`,
 /// a ReLU is applied first — computed as `relu(max(x))`, which is the same and touches a
-/// quarter of the values.
-#[derive(Debug, Clone, Copy)]
+/// quarter of the values. The forward pass keeps each window's winner for the backward pass.
 pub(crate) struct MaxPool {
-    pub(crate) kernel: [usize; 2],
-    pub(crate) relu: bool,
+    kernel: [usize; 2],
+    relu: bool,
+    /// Per output, the index of its input within the plane (`u32::MAX`: a ReLU cut it).
+    winners: std::sync::Mutex<Option<Vec<u32>>>,
 }
 
+/// A winner index meaning "no input gets the gradient".
+const CUT: u32 = u32::MAX;
+
 impl MaxPool {
+    pub(crate) fn new(kernel: [usize; 2], relu: bool) -> Self {
+        MaxPool {
+            kernel,
+            relu,
+            winners: std::sync::Mutex::new(None),
+        }
+    }
+
     fn geometry(&self, dims: &[usize]) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
         let [n, c, h, w] = dims else {
             bail!("max pooling needs [N, C, H, W], got {dims:?}");
         };
         let [kh, kw] = self.kernel;
-        if kh == 0 || kw == 0 || *h < kh || *w < kw {
+        if kh == 0 || kw == 0 || *h < kh || *w < kw || h * w >= CUT as usize {
             bail!("max pooling window {:?} does not fit {dims:?}", self.kernel);
         }
         Ok((*n * *c, *h, *w, *h / kh, *w / kw))
     }
 
-    /// Index (within one plane) of the first maximum of each window.
-    fn argmax(
+    /// Pools one plane: the outputs and the index of each output's input (the first maximum of
+    /// its window; NaN wins, so it propagates).
+    fn pool_plane(
         &self,
         plane: &[f32],
-        h: usize,
         w: usize,
         oh: usize,
         ow: usize,
-        mut f: impl FnMut(usize, usize, f32),
+        out: &mut [f32],
+        winners: &mut [u32],
     ) {
-        let _ = h;
         let [kh, kw] = self.kernel;
         for oy in 0..oh {
-            for ox in 0..ow {
-                let mut best = (oy * kh) * w + ox * kw;
-                let mut value = plane[best];
-                for ky in 0..kh {
-                    let row = (oy * kh + ky) * w + ox * kw;
-                    for kx in 0..kw {
-                        // NaN propagates: a NaN wins over any number.
-                        let v = plane[row + kx];
-                        if v > value || (v.is_nan() && !value.is_nan()) {
-                            value = v;
-                            best = row + kx;
-                        }
+            let out_row = &mut out[oy * ow..(oy + 1) * ow];
+            let win_row = &mut winners[oy * ow..(oy + 1) * ow];
+            // Each window's first value, then the others (selects, not branches: pooled values
+            // compare unpredictably).
+            let first = oy * kh * w;
+            for (ox, (o, i)) in out_row.iter_mut().zip(win_row.iter_mut()).enumerate() {
+                *o = plane[first + ox * kw];
+                *i = (first + ox * kw) as u32;
+            }
+            for ky in 0..kh {
+                let y = oy * kh + ky;
+                let row = &plane[y * w..y * w + ow * kw];
+                for (ox, (window, (o, i))) in row
+                    .chunks_exact(kw)
+                    .zip(out_row.iter_mut().zip(win_row.iter_mut()))
+                    .enumerate()
+                {
+                    for (kx, &v) in window.iter().enumerate().skip(usize::from(ky == 0)) {
+                        let better = v > *o || (v.is_nan() && !o.is_nan());
+                        let at = (y * w + ox * kw + kx) as u32;
+                        *o = if better { v } else { *o };
+                        *i = if better { at } else { *i };
                     }
                 }
-                f(oy * ow + ox, best, value);
+            }
+            if self.relu {
+                for (o, i) in out_row.iter_mut().zip(win_row.iter_mut()) {
+                    let cut = *o <= 0.0;
+                    *o = if cut { 0.0 } else { *o };
+                    *i = if cut { CUT } else { *i };
+                }
             }
         }
+    }
+
+    fn forward(&self, x: &[f32], dims: &[usize]) -> candle_core::Result<(Vec<f32>, Vec<u32>)> {
+        let (planes, h, w, oh, ow) = self.geometry(dims)?;
+        let mut out = vec![0f32; planes * oh * ow];
+        let mut winners = vec![0u32; planes * oh * ow];
+        out.par_chunks_mut(oh * ow)
+            .zip(winners.par_chunks_mut(oh * ow))
+            .zip(x.par_chunks(h * w))
+            .for_each(|((o, i), plane)| self.pool_plane(plane, w, oh, ow, o, i));
+        Ok((out, winners))
     }
 }
 
@@ -364,15 +407,11 @@ impl CustomOp1 for MaxPool {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, self.name())?;
         let dims = layout.dims().to_vec();
-        let (planes, h, w, oh, ow) = self.geometry(&dims)?;
-        let mut out = vec![0f32; planes * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(h * w))
-            .for_each(|(dst, plane)| {
-                self.argmax(plane, h, w, oh, ow, |o, _, v| {
-                    dst[o] = if self.relu { v.max(0.0) } else { v }
-                })
-            });
+        let (out, winners) = self.forward(x, &dims)?;
+        if let Ok(mut cache) = self.winners.lock() {
+            *cache = Some(winners);
+        }
+        let (_, _, _, oh, ow) = self.geometry(&dims)?;
         Ok((
             CpuStorage::F32(out),
             Shape::from((dims[0], dims[1], oh, ow)),
@@ -385,52 +424,26 @@ impl CustomOp1 for MaxPool {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(arg.contiguous()?.apply_op2_no_bwd(
-            &grad.contiguous()?,
-            &MaxPoolGrad(*self),
-        )?))
-    }
-}
-
-/// The gradient of [`MaxPool`]: (input, output gradient) → input gradient (to each window's
-/// first maximum; nothing where a ReLU cut the window to zero).
-struct MaxPoolGrad(MaxPool);
-
-impl CustomOp2 for MaxPoolGrad {
-    fn name(&self) -> &'static str {
-        "sedna-maxpool-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = contiguous_f32(s1, l1, self.name())?;
-        let grad = contiguous_f32(s2, l2, self.name())?;
-        let pool = self.0;
-        let (planes, h, w, oh, ow) = pool.geometry(l1.dims())?;
-        if grad.len() != planes * oh * ow {
-            bail!(
-                "{}: gradient {:?} does not match input {:?}",
-                self.name(),
-                l2.dims(),
-                l1.dims()
-            );
-        }
-        let mut out = vec![0f32; planes * h * w];
-        out.par_chunks_mut(h * w)
-            .zip(x.par_chunks(h * w).zip(grad.par_chunks(oh * ow)))
-            .for_each(|(dst, (plane, g))| {
-                pool.argmax(plane, h, w, oh, ow, |o, at, v| {
-                    if !pool.relu || v > 0.0 {
-                        dst[at] += g[o];
+        let dims = arg.dims().to_vec();
+        let (planes, h, w, oh, ow) = self.geometry(&dims)?;
+        let winners = match self.winners.lock().ok().and_then(|mut c| c.take()) {
+            Some(w) => w,
+            None => with_values(arg, |x| self.forward(x, &dims))??.1,
+        };
+        let out = with_values(grad, |g| {
+            let mut out = vec![0f32; planes * h * w];
+            out.par_chunks_mut(h * w)
+                .zip(winners.par_chunks(oh * ow).zip(g.par_chunks(oh * ow)))
+                .for_each(|(dst, (win, g))| {
+                    for (&i, &g) in win.iter().zip(g) {
+                        if i != CUT {
+                            dst[i as usize] = g;
+                        }
                     }
-                })
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+                });
+            out
+        })?;
+        Ok(Some(cpu_tensor(out, dims)?))
     }
 }
 
@@ -540,12 +553,7 @@ mod tests {
             .unwrap(),
         )
         .unwrap();
-        let y = x
-            .apply_op1(MaxPool {
-                kernel: [2, 2],
-                relu: false,
-            })
-            .unwrap();
+        let y = x.apply_op1(MaxPool::new([2, 2], false)).unwrap();
         assert_eq!(y.flatten_all().unwrap().to_vec1::<f32>().unwrap(), [3.0]);
         let grads = y.sum_all().unwrap().backward().unwrap();
         let g = grads
@@ -558,30 +566,17 @@ mod tests {
         assert_eq!(g, [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
 
         let x = random(&[2, 3, 8, 8], 4);
-        let ours = x
-            .apply_op1(MaxPool {
-                kernel: [2, 2],
-                relu: false,
-            })
-            .unwrap();
+        let ours = x.apply_op1(MaxPool::new([2, 2], false)).unwrap();
         let theirs = x.max_pool2d_with_stride((2, 2), (2, 2)).unwrap();
         assert!(close(&ours, &theirs) == 0.0);
 
         // With the ReLU folded in: the same values and gradients as relu, then pool.
         let x = Var::from_tensor(&random(&[2, 3, 8, 8], 5)).unwrap();
-        let fused = x
-            .apply_op1(MaxPool {
-                kernel: [2, 2],
-                relu: true,
-            })
-            .unwrap();
+        let fused = x.apply_op1(MaxPool::new([2, 2], true)).unwrap();
         let plain = x
             .relu()
             .unwrap()
-            .apply_op1(MaxPool {
-                kernel: [2, 2],
-                relu: false,
-            })
+            .apply_op1(MaxPool::new([2, 2], false))
             .unwrap();
         assert!(close(&fused, &plain) == 0.0);
         let weights = random(fused.dims(), 6);

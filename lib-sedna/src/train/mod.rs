@@ -278,8 +278,15 @@ impl Trainer {
         } else {
             options.threads
         };
+        // candle computes in this pool. libtorch has its own intra-op threads (set to
+        // `threads` by the tch backend), whose OpenMP team belongs to the calling thread: one
+        // calling thread, or every pool thread would bring a team of its own.
+        let pool_threads = match options.backend {
+            BackendKind::Candle => threads,
+            BackendKind::Tch => 1,
+        };
         let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
+            .num_threads(pool_threads)
             .thread_name(|i| format!("sedna-train-{i}"))
             .build()
             .map_err(|e| {
@@ -434,25 +441,51 @@ impl Trainer {
         config: &TrainConfig,
         progress: &mut dyn FnMut(&Progress),
     ) -> Result<FitReport, TrainError> {
-        self.check_data(data, Some(config.loss))?;
-        let (train, validation) = if config.validation_split > 0.0 {
+        if config.validation_split > 0.0 {
             let (train, validation) = data.split(config.validation_split, config.seed);
-            (train, Some(validation))
+            self.fit_validated(
+                &train,
+                Some(&validation),
+                &TrainConfig {
+                    validation_split: 0.0,
+                    ..config.clone()
+                },
+                progress,
+            )
         } else {
-            (data.clone(), None)
-        };
+            self.fit_validated(data, None, config, progress)
+        }
+    }
+
+    /// Trains on `train` and evaluates `validation` (a held-out set of your own) after every
+    /// epoch: its loss and accuracy are in the epoch summaries, and early stopping watches it.
+    pub fn fit_validated(
+        &mut self,
+        train: &TrainData,
+        validation: Option<&TrainData>,
+        config: &TrainConfig,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<FitReport, TrainError> {
+        if config.validation_split > 0.0 && validation.is_some() {
+            return Err(TrainError::Parameter {
+                key: "validation_split".into(),
+                reason: "validation data is given; a split of the training data would be a second validation set".into(),
+            });
+        }
+        if config.early_stop_patience.is_some() && validation.is_none() {
+            return Err(TrainError::Parameter {
+                key: "early_stop_patience".into(),
+                reason: "needs validation data or a validation_split > 0".into(),
+            });
+        }
+        self.check_data(train, Some(config.loss))?;
+        if let Some(v) = validation {
+            self.check_data(v, Some(config.loss))?;
+        }
         let pool = &self.pool;
         let backend = self.backend.as_mut();
         let width = self.width;
-        fit_loop(
-            pool,
-            backend,
-            width,
-            &train,
-            validation.as_ref(),
-            config,
-            progress,
-        )
+        fit_loop(pool, backend, width, train, validation, config, progress)
     }
 
     /// Evaluates on `data`: loss, and for classification accuracy, per-class precision,
