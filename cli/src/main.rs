@@ -9,12 +9,14 @@
 //! - `sedna cloudcore`, `sedna token create`, `sedna join`, `sedna edgecore`: the node layer
 //!   (hub, join tokens, joining an edge node, the edge agent).
 //! - `sedna up --data-dir D --edges N`: all of it on one machine, in one process.
+//! - `sedna train --model M.onnx --data D --out O.onnx`: trains a model (lib-sedna's trainer).
 //! - `sedna gm --kubeconfig K`: the controllers; `sedna edge-worker`, `sedna cloud-worker`: the
 //!   joint-inference workers (also run when this binary is called `sedna-edge-worker` or
 //!   `sedna-cloud-worker`).
 
 mod node;
 mod ops;
+mod train;
 mod up;
 mod validate;
 
@@ -100,6 +102,8 @@ enum Command {
     /// Run a JointInferenceService's edge worker (what a pod with image `sedna-edge-worker`
     /// runs; configured by the environment the controller injects).
     EdgeWorker(sedna_edge_worker::Args),
+    /// Train an ONNX model on a dataset; writes the same graph with the trained weights.
+    Train(train::TrainArgs),
     /// Run a JointInferenceService's cloud worker (image `sedna-cloud-worker`).
     CloudWorker(sedna_cloud_worker::Args),
 }
@@ -236,6 +240,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train(args) => train::train(args),
         Command::EdgeWorker(args) => {
             init_logging(cli.log_json);
             runtime()?.block_on(sedna_edge_worker::run(args))?;
