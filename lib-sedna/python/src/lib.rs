@@ -23,6 +23,7 @@ use sedna::fl::{self, Estimator, EstimatorError, TrainReport};
 use sedna::hem::{self, HardExampleMining, Input};
 use sedna::inference::{self, Provider, SessionOptions, Tensor, TensorView};
 use sedna::joint;
+use sedna::train;
 use sedna::weights::{Encoding, Limits, Weights};
 
 create_exception!(
@@ -69,6 +70,12 @@ create_exception!(
     "The worker configuration is invalid."
 );
 create_exception!(_sedna, StorageError, SednaError, "Object storage failed.");
+create_exception!(
+    _sedna,
+    TrainError,
+    SednaError,
+    "Training failed, or the model, data or a hyperparameter is unfit for it."
+);
 create_exception!(
     _sedna,
     DatasetError,
@@ -1350,6 +1357,357 @@ fn scan_directory(
         .collect())
 }
 
+// ----- training ---------------------------------------------------------------------------------
+
+/// A hyperparameter value from Python: strings as they are, booleans as true/false, numbers
+/// as written.
+fn parameter_text(value: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(b) = value.extract::<bool>() {
+        return Ok(b.to_string());
+    }
+    if let Ok(s) = value.extract::<String>() {
+        return Ok(s);
+    }
+    Ok(value.str()?.to_string())
+}
+
+/// Features as rows: any float array whose first axis is the samples.
+fn features_from_py(x: &Bound<'_, PyAny>) -> PyResult<ndarray::Array2<f32>> {
+    let array: PyReadonlyArrayDyn<'_, f32> = match x.extract() {
+        Ok(a) => a,
+        Err(_) => x
+            .call_method1("astype", ("float32",))
+            .and_then(|c| c.extract())
+            .map_err(|_| TrainError::new_err("x must be a numeric numpy array [N, ...]"))?,
+    };
+    let view = array.as_array();
+    let n = view.shape().first().copied().unwrap_or(0);
+    let width = if n == 0 { 0 } else { view.len() / n };
+    let values: Vec<f32> = view.iter().copied().collect();
+    ndarray::Array2::from_shape_vec((n, width), values).map_err(err(TrainError::new_err))
+}
+
+/// Training data from numpy: integer labels [N] (classification) or float targets [N] or
+/// [N, K] (regression).
+fn data_from_py(x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResult<train::TrainData> {
+    let features = features_from_py(x)?;
+    let kind: String = y.getattr("dtype")?.getattr("kind")?.extract()?;
+    if kind == "i" || kind == "u" {
+        let labels: PyReadonlyArrayDyn<'_, i64> =
+            y.call_method1("astype", ("int64",))?.extract()?;
+        let labels = labels
+            .as_array()
+            .iter()
+            .map(|l| {
+                u32::try_from(*l)
+                    .map_err(|_| TrainError::new_err(format!("label {l} is not a class index")))
+            })
+            .collect::<PyResult<Vec<u32>>>()?;
+        train::TrainData::classification(features, labels).map_err(err(TrainError::new_err))
+    } else {
+        let targets: PyReadonlyArrayDyn<'_, f32> =
+            y.call_method1("astype", ("float32",))?.extract()?;
+        let targets = targets.as_array();
+        let n = targets.shape().first().copied().unwrap_or(0);
+        let width = if n == 0 { 0 } else { targets.len() / n };
+        let values = ndarray::Array2::from_shape_vec((n, width), targets.iter().copied().collect())
+            .map_err(err(TrainError::new_err))?;
+        train::TrainData::regression(features, values).map_err(err(TrainError::new_err))
+    }
+}
+
+fn progress_to_py<'py>(
+    py: Python<'py>,
+    progress: &train::Progress,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    match progress {
+        train::Progress::Step {
+            epoch,
+            step,
+            total_steps,
+            loss,
+            learning_rate,
+            samples_per_sec,
+        } => {
+            d.set_item("event", "step")?;
+            d.set_item("epoch", epoch)?;
+            d.set_item("step", step)?;
+            d.set_item("total_steps", total_steps)?;
+            d.set_item("loss", loss)?;
+            d.set_item("learning_rate", learning_rate)?;
+            d.set_item("samples_per_sec", samples_per_sec)?;
+        }
+        train::Progress::Epoch(e) => {
+            d.set_item("event", "epoch")?;
+            d.set_item("epoch", e.epoch)?;
+            d.set_item("train_loss", e.train_loss)?;
+            d.set_item("validation_loss", e.validation_loss)?;
+            d.set_item("validation_accuracy", e.validation_accuracy)?;
+            d.set_item("samples_per_sec", e.samples_per_sec)?;
+            d.set_item("seconds", e.seconds)?;
+        }
+    }
+    Ok(d)
+}
+
+fn evaluation_to_py<'py>(py: Python<'py>, e: &train::Evaluation) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in e.metrics() {
+        d.set_item(k, v)?;
+    }
+    d.set_item("confusion", e.confusion.clone())?;
+    Ok(d)
+}
+
+/// Trains an ONNX model: Trainer(path, backend="candle", device="cpu", threads=0,
+/// output=None, torchscript=None). Arrays in and out are numpy; hyperparameters are keyword
+/// arguments with lib-sedna's keys (epochs=3, batch_size=64, learning_rate=1e-3,
+/// optimizer="sgd", …) or Sedna's `parameters=[{"key": …, "value": …}]`.
+#[pyclass(module = "sedna._sedna")]
+struct Trainer {
+    inner: Mutex<train::Trainer>,
+}
+
+impl Trainer {
+    fn config(
+        parameters: Option<&Bound<'_, PyAny>>,
+        kwargs: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<train::TrainConfig> {
+        let mut pairs: Vec<(String, String)> = Vec::new();
+        if let Some(list) = parameters {
+            for item in list.try_iter()? {
+                let item = item?;
+                let key: String = item.get_item("key")?.extract()?;
+                pairs.push((key, parameter_text(&item.get_item("value")?)?));
+            }
+        }
+        if let Some(kwargs) = kwargs {
+            for (key, value) in kwargs.iter() {
+                pairs.push((key.extract()?, parameter_text(&value)?));
+            }
+        }
+        for (key, _) in &pairs {
+            if ["backend", "device", "threads", "output"].contains(&key.as_str()) {
+                return Err(TrainError::new_err(format!(
+                    "hyperparameter `{key}`: set it when creating the Trainer"
+                )));
+            }
+        }
+        let (_, config) =
+            train::parse_parameters(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+                .map_err(err(TrainError::new_err))?;
+        Ok(config)
+    }
+}
+
+#[pymethods]
+impl Trainer {
+    #[new]
+    #[pyo3(signature = (path, backend = "candle", device = "cpu", threads = 0, output = None, torchscript = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        backend: &str,
+        device: &str,
+        threads: usize,
+        output: Option<String>,
+        torchscript: Option<PathBuf>,
+    ) -> PyResult<Self> {
+        let threads = threads.to_string();
+        let mut pairs = vec![
+            ("backend", backend),
+            ("device", device),
+            ("threads", threads.as_str()),
+        ];
+        if let Some(output) = output.as_deref() {
+            pairs.push(("output", output));
+        }
+        let (mut options, _) = train::parse_parameters(pairs).map_err(err(TrainError::new_err))?;
+        options.torchscript = torchscript;
+        let trainer = py
+            .detach(|| train::Trainer::load(&path, &options))
+            .map_err(err(TrainError::new_err))?;
+        Ok(Trainer {
+            inner: Mutex::new(trainer),
+        })
+    }
+
+    /// fit(x, y, validation=None, callback=None, parameters=None, **hyperparameters) -> dict
+    ///
+    /// Trains on x (float [N, ...]) and y (int labels [N], or float targets [N, K]);
+    /// `validation=(x, y)` is evaluated after every epoch; `callback(event: dict)` sees every
+    /// step and epoch. Returns the report (epochs, steps, history, …).
+    #[pyo3(signature = (x, y, validation = None, callback = None, parameters = None, **hyperparameters))]
+    fn fit<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: &Bound<'py, PyAny>,
+        validation: Option<(Bound<'py, PyAny>, Bound<'py, PyAny>)>,
+        callback: Option<Py<PyAny>>,
+        parameters: Option<&Bound<'py, PyAny>>,
+        hyperparameters: Option<&Bound<'py, PyDict>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let config = Self::config(parameters, hyperparameters)?;
+        let data = data_from_py(x, y)?;
+        let validation = validation
+            .map(|(vx, vy)| data_from_py(&vx, &vy))
+            .transpose()?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let trainer: &mut train::Trainer = &mut guard;
+        let failed: Mutex<Option<PyErr>> = Mutex::new(None);
+        let report = py.detach(|| {
+            trainer.fit_validated(&data, validation.as_ref(), &config, &mut |p| {
+                if let Some(cb) = &callback {
+                    Python::attach(|py| {
+                        let result = progress_to_py(py, p).and_then(|d| cb.call1(py, (d,)));
+                        if let Err(e) = result {
+                            failed
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                        }
+                    });
+                }
+            })
+        });
+        if let Some(e) = failed.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e);
+        }
+        let report = report.map_err(err(TrainError::new_err))?;
+        let d = PyDict::new(py);
+        d.set_item("epochs", report.epochs)?;
+        d.set_item("steps", report.steps)?;
+        d.set_item("num_samples", report.num_samples)?;
+        d.set_item("stopped_early", report.stopped_early)?;
+        d.set_item("best_epoch", report.best_epoch)?;
+        d.set_item("samples_per_sec", report.samples_per_sec)?;
+        let history = PyList::empty(py);
+        for e in &report.history {
+            history.append(progress_to_py(py, &train::Progress::Epoch(e.clone()))?)?;
+        }
+        d.set_item("history", history)?;
+        Ok(d)
+    }
+
+    /// evaluate(x, y) -> dict: loss, accuracy, precision, recall, f1 (macro), per-class
+    /// figures (`precision_3`, …) and the confusion matrix.
+    fn evaluate<'py>(
+        &self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        y: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let data = data_from_py(x, y)?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let trainer: &mut train::Trainer = &mut guard;
+        let evaluation = py
+            .detach(|| trainer.evaluate(&data))
+            .map_err(err(TrainError::new_err))?;
+        evaluation_to_py(py, &evaluation)
+    }
+
+    /// predict(x) -> ndarray [N, outputs]: the trained output (logits for a classifier).
+    fn predict<'py>(&self, py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        let features = features_from_py(x)?;
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let trainer: &mut train::Trainer = &mut guard;
+        let out = py
+            .detach(|| trainer.predict(features.view()))
+            .map_err(err(TrainError::new_err))?;
+        Ok(out.into_pyarray(py).into_any())
+    }
+
+    /// weights() -> dict[str, ndarray]: the trainable tensors by ONNX initializer name.
+    fn weights<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let weights = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .weights()
+            .map_err(err(TrainError::new_err))?;
+        weights_to_py(py, weights)
+    }
+
+    /// set_weights(weights: dict[str, ndarray]): replaces tensors by name (names and shapes
+    /// must match the model's).
+    fn set_weights(&self, weights: &Bound<'_, PyAny>) -> PyResult<()> {
+        let weights = weights_from_py(weights)?;
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_weights(&weights)
+            .map_err(err(TrainError::new_err))
+    }
+
+    /// save(path): writes the trained model (the original file with new weights), atomically.
+    fn save(&self, py: Python<'_>, path: PathBuf) -> PyResult<()> {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let trainer: &mut train::Trainer = &mut guard;
+        py.detach(move || trainer.save(&path))
+            .map_err(err(TrainError::new_err))
+    }
+
+    /// to_onnx() -> bytes: the trained model.
+    fn to_onnx<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        let bytes = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .to_onnx()
+            .map_err(err(TrainError::new_err))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// (name, per-sample shape) of the data input.
+    #[getter]
+    fn input(&self) -> (String, Vec<usize>) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (name, shape) = guard.input();
+        (name.to_string(), shape.to_vec())
+    }
+
+    /// (name, width) of the trained output.
+    #[getter]
+    fn output(&self) -> (String, usize) {
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let (name, width) = guard.output();
+        (name.to_string(), width)
+    }
+
+    /// The backend: "candle" or "tch".
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .backend()
+            .name()
+    }
+}
+
+/// load_training_data(path) -> (x float32 [N, F], y int64 [N]): a dataset the trainer reads
+/// (IDX images with their labels file, a csv with a `label` column, a Sedna txt index of PGM
+/// images, a directory of PGM images per class); images scaled to 0..1.
+#[pyfunction]
+fn load_training_data<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
+    let data = py
+        .detach(|| train::TrainData::load(&path, &sedna::dataset::Limits::default()))
+        .map_err(|e| TrainError::new_err(format!("{}: {e}", path.display())))?;
+    let x = data.features().to_owned().into_pyarray(py).into_any();
+    let y = match data.targets() {
+        train::Targets::Classes(c) => ndarray::Array1::from_iter(c.iter().map(|v| i64::from(*v)))
+            .into_pyarray(py)
+            .into_any(),
+        train::Targets::Values(v) => v.clone().into_pyarray(py).into_any(),
+    };
+    Ok((x, y))
+}
+
 /// The native module.
 #[pymodule]
 fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -1367,6 +1725,9 @@ fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ConfigError", py.get_type::<ConfigError>())?;
     m.add("StorageError", py.get_type::<StorageError>())?;
     m.add("DatasetError", py.get_type::<DatasetError>())?;
+    m.add("TrainError", py.get_type::<TrainError>())?;
+    m.add_class::<Trainer>()?;
+    m.add_function(wrap_pyfunction!(load_training_data, m)?)?;
     m.add_class::<Model>()?;
     m.add_class::<HardExampleMiningAlgorithm>()?;
     m.add_class::<JointInference>()?;

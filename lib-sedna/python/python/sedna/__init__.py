@@ -11,6 +11,8 @@ mining, datasets, worker configuration), implemented in Rust:
   hard examples while the cloud is unreachable.
 - ``FederatedLearning``, ``Aggregator``, ``encode_weights``/``decode_weights``: weights as
   binary tensors (f32, fp16, int8), FedAvg and friends.
+- ``Trainer``, ``load_training_data``: train an ONNX model (its float initializers are the
+  weights) on numpy data; ``save`` writes the same graph with the trained weights.
 - ``config_from_env``, ``Storage``, ``parse_txt_index``, ``parse_csv``, ``scan_directory``.
 """
 
@@ -36,6 +38,8 @@ from ._sedna import (  # noqa: F401
     SednaError,
     Storage,
     StorageError,
+    TrainError,
+    Trainer,
     WeightsError,
     aggregators,
     config_from_env,
@@ -43,6 +47,7 @@ from ._sedna import (  # noqa: F401
     decode_weights,
     encode_weights,
     hem_names,
+    load_training_data,
     parse_csv,
     parse_txt_index,
     register_hem,
@@ -68,6 +73,8 @@ __all__ = [
     "SednaError",
     "Storage",
     "StorageError",
+    "TrainError",
+    "Trainer",
     "WeightsError",
     "aggregators",
     "config_from_env",
@@ -75,6 +82,7 @@ __all__ = [
     "decode_weights",
     "encode_weights",
     "hem_names",
+    "load_training_data",
     "onnxruntime_library",
     "parse_csv",
     "parse_txt_index",
