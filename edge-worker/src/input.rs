@@ -1,10 +1,12 @@
 //! Where samples come from and how they become model inputs: a directory of image files
-//! (as they arrive) or an IDX file (MNIST's format) replayed; PGM (P5) images.
+//! (as they arrive), an IDX file (MNIST's format) replayed, video, an HTTP request API; images
+//! are decoded by `sedna::dataset` (PGM, IDX).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use ndarray::ArrayD;
+pub(crate) use sedna::dataset::{GreyImage as Image, decode_pgm};
 use sedna::inference::{DType, TensorInfo};
 
 /// A source of samples.
@@ -85,7 +87,7 @@ pub(crate) fn spawn_source(
     let (tx, rx) = tokio::sync::mpsc::channel::<Sample>(64);
     match source {
         Source::Idx(path) => {
-            let images = read_idx(&path)?;
+            let images = sedna::dataset::read_idx_images(&path, &Default::default())?;
             tokio::spawn(async move {
                 for (i, image) in images.into_iter().enumerate() {
                     let id = format!("{i:06}");
@@ -121,7 +123,7 @@ pub(crate) fn spawn_source(
                             .to_string();
                         let image = std::fs::read(&path)
                             .map_err(anyhow::Error::from)
-                            .and_then(|b| decode_pgm(&b))
+                            .and_then(|b| decode_pgm(&b).map_err(anyhow::Error::from))
                             .map_err(|e| format!("{}: {e}", path.display()));
                         seen.insert(id.clone());
                         if !send(&tx, id, image).await {
@@ -177,101 +179,6 @@ pub(crate) fn spawn_source(
     Ok(rx)
 }
 
-/// A grey image: rows × cols bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Image {
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    pub(crate) pixels: Vec<u8>,
-}
-
-/// The largest image accepted (pixels).
-pub(crate) const MAX_PIXELS: usize = 64 << 20;
-
-/// Decodes a binary PGM (P5, maxval ≤ 255).
-pub(crate) fn decode_pgm(bytes: &[u8]) -> Result<Image> {
-    let mut fields = Vec::new();
-    let mut at = 0;
-    while fields.len() < 4 {
-        while at < bytes.len() && (bytes[at].is_ascii_whitespace() || bytes[at] == b'#') {
-            if bytes[at] == b'#' {
-                while at < bytes.len() && bytes[at] != b'\n' {
-                    at += 1;
-                }
-            } else {
-                at += 1;
-            }
-        }
-        let start = at;
-        while at < bytes.len() && !bytes[at].is_ascii_whitespace() {
-            at += 1;
-        }
-        if start == at {
-            bail!("truncated PGM header");
-        }
-        fields.push(std::str::from_utf8(&bytes[start..at]).context("PGM header is not ASCII")?);
-    }
-    if fields[0] != "P5" {
-        bail!("not a binary PGM (P5) image: magic {:?}", fields[0]);
-    }
-    let number = |i: usize, what: &str| -> Result<usize> {
-        fields[i]
-            .parse::<usize>()
-            .with_context(|| format!("PGM {what} {:?} is not a number", fields[i]))
-    };
-    let (cols, rows, max) = (
-        number(1, "width")?,
-        number(2, "height")?,
-        number(3, "maxval")?,
-    );
-    if max == 0 || max > 255 {
-        bail!("PGM maxval {max}: only 8-bit images are supported");
-    }
-    let n = rows
-        .checked_mul(cols)
-        .filter(|n| *n <= MAX_PIXELS)
-        .context("PGM image too large")?;
-    let data = bytes
-        .get(at + 1..at + 1 + n)
-        .context("PGM pixel data truncated")?;
-    Ok(Image {
-        rows,
-        cols,
-        pixels: data.to_vec(),
-    })
-}
-
-/// Reads every image of an IDX `idx3-ubyte` file.
-pub(crate) fn read_idx(path: &Path) -> Result<Vec<Image>> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let word = |at: usize| -> Result<usize> {
-        let b = bytes.get(at..at + 4).context("IDX header truncated")?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-    };
-    if word(0)? != 0x803 {
-        bail!(
-            "{}: not an IDX file of 8-bit images (magic 0x00000803)",
-            path.display()
-        );
-    }
-    let (count, rows, cols) = (word(4)?, word(8)?, word(12)?);
-    let size = rows
-        .checked_mul(cols)
-        .filter(|n| *n <= MAX_PIXELS)
-        .context("IDX images too large")?;
-    let data = bytes
-        .get(16..16 + count.checked_mul(size).context("IDX too large")?)
-        .context("IDX data truncated")?;
-    Ok(data
-        .chunks_exact(size)
-        .map(|p| Image {
-            rows,
-            cols,
-            pixels: p.to_vec(),
-        })
-        .collect())
-}
-
 /// Turns an image into the model's (single) float input: `[1, rows·cols]`, `[1, rows, cols]`
 /// or `[1, 1, rows, cols]`, pixels times `scale`.
 pub(crate) fn to_input(image: &Image, input: &TensorInfo, scale: f32) -> Result<ArrayD<f32>> {
@@ -311,33 +218,6 @@ pub(crate) fn to_input(image: &Image, input: &TensorInfo, scale: f32) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pgm_images_decode_and_bad_ones_are_refused() {
-        let mut pgm = b"P5\n# a comment\n3 2\n255\n".to_vec();
-        pgm.extend_from_slice(&[0, 1, 2, 3, 4, 255]);
-        let image = decode_pgm(&pgm).unwrap();
-        assert_eq!((image.rows, image.cols), (2, 3));
-        assert_eq!(image.pixels, vec![0, 1, 2, 3, 4, 255]);
-        assert!(
-            decode_pgm(b"P2\n1 1\n255\n0")
-                .unwrap_err()
-                .to_string()
-                .contains("P5")
-        );
-        assert!(
-            decode_pgm(b"P5\n3 2\n255\n\x00")
-                .unwrap_err()
-                .to_string()
-                .contains("truncated")
-        );
-        assert!(
-            decode_pgm(b"P5\n1 1\n65535\n\x00\x00")
-                .unwrap_err()
-                .to_string()
-                .contains("8-bit")
-        );
-    }
 
     #[test]
     fn images_fit_the_model_input_or_say_why() {

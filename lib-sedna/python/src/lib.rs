@@ -1382,7 +1382,7 @@ fn features_from_py(x: &Bound<'_, PyAny>) -> PyResult<ndarray::Array2<f32>> {
     };
     let view = array.as_array();
     let n = view.shape().first().copied().unwrap_or(0);
-    let width = if n == 0 { 0 } else { view.len() / n };
+    let width = view.len().checked_div(n).unwrap_or(0);
     let values: Vec<f32> = view.iter().copied().collect();
     ndarray::Array2::from_shape_vec((n, width), values).map_err(err(TrainError::new_err))
 }
@@ -1409,7 +1409,7 @@ fn data_from_py(x: &Bound<'_, PyAny>, y: &Bound<'_, PyAny>) -> PyResult<train::T
             y.call_method1("astype", ("float32",))?.extract()?;
         let targets = targets.as_array();
         let n = targets.shape().first().copied().unwrap_or(0);
-        let width = if n == 0 { 0 } else { targets.len() / n };
+        let width = targets.len().checked_div(n).unwrap_or(0);
         let values = ndarray::Array2::from_shape_vec((n, width), targets.iter().copied().collect())
             .map_err(err(TrainError::new_err))?;
         train::TrainData::regression(features, values).map_err(err(TrainError::new_err))
@@ -1539,6 +1539,7 @@ impl Trainer {
     /// `validation=(x, y)` is evaluated after every epoch; `callback(event: dict)` sees every
     /// step and epoch. Returns the report (epochs, steps, history, …).
     #[pyo3(signature = (x, y, validation = None, callback = None, parameters = None, **hyperparameters))]
+    #[allow(clippy::too_many_arguments)] // Python's keyword arguments
     fn fit<'py>(
         &self,
         py: Python<'py>,

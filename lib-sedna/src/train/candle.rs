@@ -11,7 +11,9 @@ use rand::{RngExt, SeedableRng};
 use super::graph::{Op, Program, Step};
 use super::kernels;
 use super::onnx::OnnxModel;
-use super::{Backend, Batch, Loss, Optimizer, TargetsRef, TrainConfig, TrainError};
+use super::{
+    Backend, Batch, Loss, Optimizer, Parameter, TargetsRef, TrainConfig, TrainError, Values,
+};
 
 /// Per-parameter optimizer state.
 enum Moments {
@@ -54,11 +56,12 @@ fn fuse(program: &Program) -> Vec<Fused> {
             .iter()
             .filter(|s| s.inputs.iter().flatten().any(|n| n == input))
             .count();
-        if readers == 1 && program.target != input {
-            if let Some(Some(relu_input)) = program.steps[relu].inputs.first() {
-                fused[relu] = Fused::Skip;
-                fused[i] = Fused::ReluInput(relu_input.clone());
-            }
+        if readers == 1
+            && program.target != input
+            && let Some(Some(relu_input)) = program.steps[relu].inputs.first()
+        {
+            fused[relu] = Fused::Skip;
+            fused[i] = Fused::ReluInput(relu_input.clone());
         }
     }
     fused
@@ -263,7 +266,7 @@ impl Backend for CandleBackend {
     fn begin(&mut self, config: &TrainConfig) -> Result<(), TrainError> {
         self.moments = self.params.iter().map(|_| Moments::None).collect();
         self.steps = 0;
-        self.rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5ed7a_d40f);
+        self.rng = rand::rngs::StdRng::seed_from_u64(config.seed ^ 0x5ed7_ad40);
         self.anchor = if config.fedprox_mu > 0.0 {
             self.params
                 .iter()
@@ -301,7 +304,7 @@ impl Backend for CandleBackend {
             .map_err(backend_error)
     }
 
-    fn parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TrainError> {
+    fn parameters(&self) -> Result<Vec<Parameter>, TrainError> {
         self.params
             .iter()
             .map(|(name, var)| {
@@ -315,7 +318,7 @@ impl Backend for CandleBackend {
             .collect()
     }
 
-    fn set_parameters(&mut self, values: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
+    fn set_parameters(&mut self, values: &[Values]) -> Result<(), TrainError> {
         for (name, new) in values {
             let Some((_, var)) = self.params.iter().find(|(n, _)| n == name) else {
                 return Err(TrainError::Weights(format!("no trainable tensor {name:?}")));

@@ -561,17 +561,14 @@ impl Program {
             "Dropout" => {
                 let ratio = match node.input.get(1).filter(|n| !n.is_empty()) {
                     None => attrs.float("ratio", 0.5),
-                    Some(name) => {
-                        let value = model
-                            .floats
-                            .iter()
-                            .find(|f| &f.name == name)
-                            .and_then(|f| f.values.first().copied())
-                            .ok_or_else(|| {
-                                unsupported(node, "its ratio must be a constant initializer")
-                            })?;
-                        value
-                    }
+                    Some(name) => model
+                        .floats
+                        .iter()
+                        .find(|f| &f.name == name)
+                        .and_then(|f| f.values.first().copied())
+                        .ok_or_else(|| {
+                            unsupported(node, "its ratio must be a constant initializer")
+                        })?,
                 };
                 if !(0.0..1.0).contains(&ratio) {
                     return Err(unsupported(

@@ -202,6 +202,11 @@ pub(crate) struct Batch<'a> {
     pub(crate) targets: TargetsRef<'a>,
 }
 
+/// A trainable tensor as a backend reports it: name, shape, values.
+pub(crate) type Parameter = (String, Vec<usize>, Vec<f32>);
+/// New values for a tensor, by name.
+pub(crate) type Values = (String, Vec<f32>);
+
 /// What a backend does; the loop, the data handling and the metrics are shared.
 pub(crate) trait Backend: Send {
     /// The backend's name (for errors and reports).
@@ -219,9 +224,9 @@ pub(crate) trait Backend: Send {
     /// The trained output (logits) for `n` samples, in inference mode: `n × width` values.
     fn forward(&mut self, x: &[f32], n: usize) -> Result<Vec<f32>, TrainError>;
     /// The trainable parameters: name, shape, values (ONNX initializer names, file order).
-    fn parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TrainError>;
+    fn parameters(&self) -> Result<Vec<Parameter>, TrainError>;
     /// Replaces parameters by name (all names and shapes already checked).
-    fn set_parameters(&mut self, values: &[(String, Vec<f32>)]) -> Result<(), TrainError>;
+    fn set_parameters(&mut self, values: &[Values]) -> Result<(), TrainError>;
 }
 
 /// The trained output's width per sample (classes, or regression targets), from one
@@ -229,6 +234,9 @@ pub(crate) trait Backend: Send {
 fn output_width(backend: &mut dyn Backend, sample_len: usize) -> Result<usize, TrainError> {
     Ok(backend.forward(&vec![0.0; sample_len], 1)?.len())
 }
+
+/// A backend set up for a model: its program, per-sample input shape and the backend.
+type Built = (graph::Program, Vec<usize>, Box<dyn Backend>);
 
 /// Trains one ONNX model. See the [module documentation](self).
 pub struct Trainer {
@@ -292,22 +300,21 @@ impl Trainer {
             .map_err(|e| {
                 TrainError::Unavailable(format!("cannot start {threads} training threads: {e}"))
             })?;
-        let (program, sample_shape, backend): (graph::Program, Vec<usize>, Box<dyn Backend>) =
-            match options.backend {
-                BackendKind::Candle => {
-                    if options.device != Device::Cpu {
-                        return Err(TrainError::Unavailable(format!(
-                            "the candle backend trains on the CPU only; device {} needs the tch backend",
-                            options.device
-                        )));
-                    }
-                    let program = graph::Program::build(&model, options.output.as_deref())?;
-                    let shape = Self::fixed_sample_shape(&program)?;
-                    let backend = candle::CandleBackend::new(&model, &program, &shape)?;
-                    (program, shape, Box::new(backend))
+        let (program, sample_shape, backend): Built = match options.backend {
+            BackendKind::Candle => {
+                if options.device != Device::Cpu {
+                    return Err(TrainError::Unavailable(format!(
+                        "the candle backend trains on the CPU only; device {} needs the tch backend",
+                        options.device
+                    )));
                 }
-                BackendKind::Tch => Self::tch_backend(&model, options, threads)?,
-            };
+                let program = graph::Program::build(&model, options.output.as_deref())?;
+                let shape = Self::fixed_sample_shape(&program)?;
+                let backend = candle::CandleBackend::new(&model, &program, &shape)?;
+                (program, shape, Box::new(backend))
+            }
+            BackendKind::Tch => Self::tch_backend(&model, options, threads)?,
+        };
         let mut backend = backend;
         let width =
             pool.install(|| output_width(backend.as_mut(), sample_shape.iter().product()))?;
@@ -330,7 +337,7 @@ impl Trainer {
         model: &onnx::OnnxModel,
         options: &TrainerOptions,
         threads: usize,
-    ) -> Result<(graph::Program, Vec<usize>, Box<dyn Backend>), TrainError> {
+    ) -> Result<Built, TrainError> {
         let program = graph::Program::describe(model, options.output.as_deref())?;
         let shape = Self::fixed_sample_shape(&program)?;
         let twin = options.torchscript.as_deref().ok_or_else(|| {
@@ -344,11 +351,7 @@ impl Trainer {
     }
 
     #[cfg(not(feature = "tch"))]
-    fn tch_backend(
-        _: &onnx::OnnxModel,
-        _: &TrainerOptions,
-        _: usize,
-    ) -> Result<(graph::Program, Vec<usize>, Box<dyn Backend>), TrainError> {
+    fn tch_backend(_: &onnx::OnnxModel, _: &TrainerOptions, _: usize) -> Result<Built, TrainError> {
         Err(TrainError::Unavailable(
             "the tch backend is not built in: build lib-sedna with the cargo feature `tch` (and torch in .venv)".into(),
         ))
@@ -640,7 +643,7 @@ fn fit_loop(
     let mut x = Vec::with_capacity(config.batch_size * sample_len);
     let mut history = Vec::new();
     let mut step = 0;
-    let mut best: Option<(f64, usize, Vec<(String, Vec<f32>)>)> = None;
+    let mut best: Option<(f64, usize, Vec<Values>)> = None;
     let mut stopped_early = false;
     let started = Instant::now();
     let mut trained_samples = 0usize;

@@ -232,10 +232,11 @@ fn dims_of(name: &str, dims: &[i64]) -> Result<Vec<usize>, TrainError> {
 }
 
 fn value_info(v: &pb::ValueInfoProto) -> ValueInfo {
-    let tensor = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
-        Some(pb::type_proto::Value::TensorType(t)) => Some(t),
-        None => None,
-    };
+    let tensor = v
+        .r#type
+        .as_ref()
+        .and_then(|t| t.value.as_ref())
+        .map(|pb::type_proto::Value::TensorType(t)| t);
     let dims = tensor
         .and_then(|t| t.shape.as_ref())
         .map(|s| {
@@ -437,26 +438,6 @@ pub(crate) mod build {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: outputs.iter().map(|s| s.to_string()).collect(),
             attribute: attributes,
-            ..Default::default()
-        }
-    }
-
-    /// An int attribute.
-    pub(crate) fn int(name: &str, i: i64) -> pb::AttributeProto {
-        pb::AttributeProto {
-            name: name.into(),
-            r#type: 2,
-            i,
-            ..Default::default()
-        }
-    }
-
-    /// A float attribute.
-    pub(crate) fn float(name: &str, f: f32) -> pb::AttributeProto {
-        pb::AttributeProto {
-            name: name.into(),
-            r#type: 1,
-            f,
             ..Default::default()
         }
     }

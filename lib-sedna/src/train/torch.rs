@@ -18,7 +18,9 @@ use tch::{IValue, Kind, Tensor};
 
 use super::graph::Program;
 use super::onnx::OnnxModel;
-use super::{Backend, Batch, Device, Loss, Optimizer, TargetsRef, TrainConfig, TrainError};
+use super::{
+    Backend, Batch, Device, Loss, Optimizer, Parameter, TargetsRef, TrainConfig, TrainError, Values,
+};
 
 fn torch_error(e: tch::TchError) -> TrainError {
     TrainError::Backend {
@@ -339,7 +341,7 @@ impl Backend for TchBackend {
         to_vec(&out)
     }
 
-    fn parameters(&self) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>, TrainError> {
+    fn parameters(&self) -> Result<Vec<Parameter>, TrainError> {
         let variables = self.vs.variables();
         let mut out = Vec::with_capacity(self.params.len() + self.buffers.len());
         for p in &self.params {
@@ -359,7 +361,7 @@ impl Backend for TchBackend {
         Ok(out)
     }
 
-    fn set_parameters(&mut self, values: &[(String, Vec<f32>)]) -> Result<(), TrainError> {
+    fn set_parameters(&mut self, values: &[Values]) -> Result<(), TrainError> {
         let mut variables = self.vs.variables();
         let reported = if values
             .iter()
