@@ -573,4 +573,197 @@ mod tests {
             assert!(backend.anchor.iter().all(|a| !a.track_op()));
         }
     }
+
+    /// Every operator the backend trains, on two small graphs: the forward pass against ONNX
+    /// Runtime, and candle's gradients against central differences (MSE, fixed targets).
+    #[test]
+    fn gradients_match_finite_differences_through_every_operator() {
+        use crate::train::onnx::build::*;
+        use sedna_proto::onnx as pb;
+        let attr = |name: &str, f: f32| pb::AttributeProto {
+            name: name.into(),
+            r#type: 1,
+            f,
+            ..Default::default()
+        };
+        let int = |name: &str, i: i64| pb::AttributeProto {
+            name: name.into(),
+            r#type: 2,
+            i,
+            ..Default::default()
+        };
+        let values = |n: usize, seed: u32| -> Vec<f32> {
+            (0..n)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2654435761) ^ seed.wrapping_mul(40503)) % 1000) as f32
+                        / 1000.0
+                        - 0.5
+                })
+                .collect()
+        };
+        let graphs = [
+            // x [N,1,4,4] → Conv 3x3 pad 1 → LeakyRelu → MaxPool 2 → GlobalAveragePool →
+            // Reshape [-1, 2] → Mul → Sub → Tanh → Gemm (transB) → Softmax.
+            model(
+                vec![
+                    node(
+                        "Conv",
+                        "conv",
+                        &["x", "w", "b"],
+                        &["c"],
+                        vec![ints("kernel_shape", &[3, 3]), ints("pads", &[1, 1, 1, 1])],
+                    ),
+                    node(
+                        "LeakyRelu",
+                        "leaky",
+                        &["c"],
+                        &["l"],
+                        vec![attr("alpha", 0.1)],
+                    ),
+                    node(
+                        "MaxPool",
+                        "pool",
+                        &["l"],
+                        &["p"],
+                        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+                    ),
+                    node("GlobalAveragePool", "gap", &["p"], &["g"], vec![]),
+                    node("Reshape", "reshape", &["g", "shape"], &["r"], vec![]),
+                    node("Mul", "mul", &["r", "scale"], &["m"], vec![]),
+                    node("Sub", "sub", &["m", "shift"], &["s"], vec![]),
+                    node("Tanh", "tanh", &["s"], &["t"], vec![]),
+                    node(
+                        "Gemm",
+                        "fc",
+                        &["t", "w2", "b2"],
+                        &["o"],
+                        vec![int("transB", 1), attr("alpha", 1.5)],
+                    ),
+                    node("Softmax", "softmax", &["o"], &["y"], vec![int("axis", 1)]),
+                ],
+                vec![
+                    float_init("w", &[2, 1, 3, 3], &values(18, 1)),
+                    float_init("b", &[2], &values(2, 2)),
+                    int64_init("shape", &[-1, 2]),
+                    float_init("scale", &[2], &[1.5, -2.0]),
+                    float_init("shift", &[2], &values(2, 3)),
+                    float_init("w2", &[3, 2], &values(6, 4)),
+                    float_init("b2", &[3], &values(3, 5)),
+                ],
+                vec![value("x", &[None, Some(1), Some(4), Some(4)])],
+                vec![value("y", &[None, Some(3)]), value("o", &[None, Some(3)])],
+            ),
+            // x [N,1,4,4] → AveragePool 2 → Flatten → MatMul → Add → Sigmoid → Transpose twice →
+            // Div → Dropout → LogSoftmax → Identity.
+            model(
+                vec![
+                    node(
+                        "AveragePool",
+                        "avg",
+                        &["x"],
+                        &["a"],
+                        vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+                    ),
+                    node("Flatten", "flat", &["a"], &["f"], vec![]),
+                    node("MatMul", "mm", &["f", "w"], &["h"], vec![]),
+                    node("Add", "add", &["h", "b"], &["z"], vec![]),
+                    node("Sigmoid", "sig", &["z"], &["q"], vec![]),
+                    node(
+                        "Transpose",
+                        "t1",
+                        &["q"],
+                        &["qt"],
+                        vec![ints("perm", &[1, 0])],
+                    ),
+                    node(
+                        "Transpose",
+                        "t2",
+                        &["qt"],
+                        &["q2"],
+                        vec![ints("perm", &[1, 0])],
+                    ),
+                    node("Div", "div", &["q2", "d"], &["v"], vec![]),
+                    node("Dropout", "drop", &["v", "ratio"], &["v2"], vec![]),
+                    node("LogSoftmax", "lsm", &["v2"], &["ls"], vec![int("axis", -1)]),
+                    node("Identity", "id", &["ls"], &["y"], vec![]),
+                ],
+                vec![
+                    float_init("w", &[4, 3], &values(12, 6)),
+                    float_init("b", &[3], &values(3, 7)),
+                    float_init("d", &[3], &[0.5, 2.0, -1.5]),
+                    float_init("ratio", &[], &[0.0]),
+                ],
+                vec![value("x", &[None, Some(1), Some(4), Some(4)])],
+                vec![value("y", &[None, Some(3)])],
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for (g, bytes) in graphs.into_iter().enumerate() {
+            let model = OnnxModel::parse(bytes.clone()).unwrap();
+            let program = Program::build(&model, Some("y")).unwrap();
+            let mut backend = CandleBackend::new(&model, &program, &[1, 4, 4]).unwrap();
+            let (n, width) = (3, 3);
+            let x = values(n * 16, 8);
+
+            // The forward pass computes what ONNX Runtime computes (the trained tensor: the
+            // logits before a softmax head).
+            let path = dir.path().join(format!("g{g}.onnx"));
+            std::fs::write(&path, &bytes).unwrap();
+            let ort = crate::inference::Model::load(&path, &Default::default()).unwrap();
+            let input =
+                ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[n, 1, 4, 4]), x.clone()).unwrap();
+            let outputs = ort
+                .run(&[("x", crate::inference::TensorView::from(input.view()))])
+                .unwrap();
+            let want = outputs.f32(&program.target).unwrap();
+            let ours = backend.forward(&x, n).unwrap();
+            for (a, b) in ours.iter().zip(want.iter()) {
+                assert!(
+                    (a - b).abs() < 1e-5,
+                    "graph {g}: candle {a}, ONNX Runtime {b}"
+                );
+            }
+
+            let target = Tensor::from_vec(values(n * width, 9), (n, width), &Device::Cpu).unwrap();
+            let loss = |backend: &mut CandleBackend| -> Tensor {
+                let out = backend.run(&x, n, true).unwrap();
+                out.sub(&target).unwrap().sqr().unwrap().mean_all().unwrap()
+            };
+            let grads = loss(&mut backend).backward().unwrap();
+            let params: Vec<(String, Var)> = backend.params.clone();
+            assert!(!params.is_empty());
+            for (name, var) in &params {
+                let analytic = grads
+                    .get(var.as_tensor())
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                let original = var
+                    .as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for (i, want) in analytic.iter().enumerate() {
+                    let eps = 1e-2f32;
+                    let mut at = |delta: f32| {
+                        let mut v = original.clone();
+                        v[i] += delta;
+                        var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
+                            .unwrap();
+                        f64::from(loss(&mut backend).to_scalar::<f32>().unwrap())
+                    };
+                    let numeric = ((at(eps) - at(-eps)) / (2.0 * f64::from(eps))) as f32;
+                    var.set(&Tensor::from_vec(original.clone(), var.dims(), &Device::Cpu).unwrap())
+                        .unwrap();
+                    assert!(
+                        (numeric - want).abs() <= 2e-3 + 0.05 * want.abs(),
+                        "{name}[{i}]: candle {want}, finite differences {numeric}"
+                    );
+                }
+            }
+        }
+    }
 }
