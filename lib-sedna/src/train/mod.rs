@@ -774,3 +774,126 @@ fn predict_all(
         message: e.to_string(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use ndarray::{Array2, IxDyn};
+
+    use super::onnx::build::*;
+    use super::*;
+    use crate::inference::{Model, SessionOptions, TensorView};
+
+    fn config(pairs: &[(&str, &str)]) -> TrainConfig {
+        parse_parameters(pairs.iter().copied()).unwrap().1
+    }
+
+    fn candle() -> TrainerOptions {
+        TrainerOptions {
+            threads: 2,
+            ..Default::default()
+        }
+    }
+
+    /// `x` [N, 1, 4, 4] → AveragePool 2x2 → Reshape [-1, 4] → MatMul + Add → Sigmoid →
+    /// Dropout 0.1 → MatMul + Add → Identity → `y` [N, 1].
+    fn regression_model() -> Vec<u8> {
+        let w1: Vec<f32> = (0..32)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 10.0)
+            .collect();
+        let w2: Vec<f32> = (0..8).map(|i| ((i * 5 % 7) as f32 - 3.0) / 10.0).collect();
+        model(
+            vec![
+                node(
+                    "AveragePool",
+                    "pool",
+                    &["x"],
+                    &["pooled"],
+                    vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+                ),
+                node("Reshape", "flat", &["pooled", "shape"], &["flat"], vec![]),
+                node("MatMul", "mm1", &["flat", "w1"], &["h0"], vec![]),
+                node("Add", "add1", &["h0", "b1"], &["h1"], vec![]),
+                node("Sigmoid", "sigmoid", &["h1"], &["h2"], vec![]),
+                node("Dropout", "dropout", &["h2", "ratio"], &["h3"], vec![]),
+                node("MatMul", "mm2", &["h3", "w2"], &["o0"], vec![]),
+                node("Add", "add2", &["o0", "b2"], &["o1"], vec![]),
+                node("Identity", "id", &["o1"], &["y"], vec![]),
+            ],
+            vec![
+                int64_init("shape", &[-1, 4]),
+                float_init("w1", &[4, 8], &w1),
+                float_init("b1", &[8], &[0.0; 8]),
+                float_init("ratio", &[], &[0.1]),
+                float_init("w2", &[8, 1], &w2),
+                float_init("b2", &[1], &[0.0]),
+            ],
+            vec![value("x", &[None, Some(1), Some(4), Some(4)])],
+            vec![value("y", &[None, Some(1)])],
+        )
+    }
+
+    /// A regression graph written here with several operators the CNN does not use
+    /// (MatMul, Add, Reshape, AveragePool, Dropout, Sigmoid, Identity), trained with MSE.
+    #[test]
+    fn a_regression_graph_of_other_operators_trains_with_mse_and_saves() {
+        let bytes = regression_model();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("regression.onnx");
+        std::fs::write(&path, &bytes).unwrap();
+        let mut trainer = Trainer::load(&path, &candle()).unwrap();
+        assert_eq!(trainer.input(), ("x", &[1, 4, 4][..]));
+        assert_eq!(trainer.output(), ("y", 1));
+
+        // Target: the mean of the image's top-left quadrant minus the bottom-right one.
+        let n = 512;
+        let mut rng = 1u64;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 40) as f32 / (1u64 << 24) as f32
+        };
+        let x = Array2::from_shape_fn((n, 16), |_| next());
+        let y = Array2::from_shape_fn((n, 1), |(i, _)| {
+            let q = |r0: usize, c0: usize| {
+                (0..2)
+                    .flat_map(|r| (0..2).map(move |c| (r0 + r) * 4 + c0 + c))
+                    .map(|j| x[[i, j]])
+                    .sum::<f32>()
+                    / 4.0
+            };
+            q(0, 0) - q(2, 2)
+        });
+        let data = TrainData::regression(x, y).unwrap();
+        let before = trainer.evaluate(&data).unwrap().loss;
+        let c = config(&[
+            ("loss", "mse"),
+            ("epochs", "60"),
+            ("batch_size", "32"),
+            ("learning_rate", "0.01"),
+        ]);
+        trainer.fit(&data, &c, &mut |_| {}).unwrap();
+        let after = trainer.evaluate(&data).unwrap();
+        assert!(after.accuracy.is_none());
+        assert!(after.loss < before / 20.0, "MSE {before} -> {}", after.loss);
+
+        // Saved and run by ONNX Runtime: the same outputs (dropout is off outside training).
+        let saved = dir.path().join("trained.onnx");
+        trainer.save(&saved).unwrap();
+        let ours = trainer.predict(data.features()).unwrap();
+        let session = Model::load(&saved, &SessionOptions::default()).unwrap();
+        let x = data
+            .features()
+            .to_owned()
+            .into_shape_with_order(IxDyn(&[n, 1, 4, 4]))
+            .unwrap();
+        let outputs = session.run(&[("x", TensorView::from(x.view()))]).unwrap();
+        let theirs = outputs.f32("y").unwrap();
+        let delta = ours
+            .iter()
+            .zip(theirs.iter())
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(delta <= 1e-5, "ort differs by {delta}");
+    }
+}

@@ -413,7 +413,6 @@ pub(crate) mod build {
     }
 
     /// An int64 tensor initializer.
-    #[allow(dead_code)]
     pub(crate) fn int64_init(name: &str, values: &[i64]) -> pb::TensorProto {
         pb::TensorProto {
             name: name.into(),
