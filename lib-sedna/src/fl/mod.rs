@@ -57,6 +57,9 @@ use std::collections::BTreeMap;
 
 use crate::weights::{Encoding, Limits, Weights, WeightsError};
 
+pub mod server;
+pub mod wire;
+
 const MAGIC: &[u8; 4] = b"SDNF";
 const VERSION: u8 = 1;
 /// The largest JSON header a frame may carry.
