@@ -1,4 +1,5 @@
-//! `sedna-cloud-worker`: the cloud side of a JointInferenceService. Loads the big model from
+//! `sedna-cloud-worker`: the cloud side of a JointInferenceService (and, with the `aggregate`
+//! subcommand, a FederatedLearningJob's aggregation worker: [`AggregateArgs`]). Loads the big model from
 //! `MODEL_URL` (through lib-sedna's storage: `s3://`, `file://` or a path; credentials from
 //! mounted files) and serves it as the `sedna.inference.v1.Inference` gRPC service with
 //! dynamic batching, until SIGTERM or Ctrl-C.
@@ -19,6 +20,16 @@ use sedna::config::Config;
 use sedna::inference::{Model, Provider, SessionOptions};
 use sedna::storage::Storage;
 
+mod aggregate;
+pub use aggregate::AggregateArgs;
+
+/// The worker's modes besides serving the big model.
+#[derive(clap::Subcommand, Debug)]
+pub enum Mode {
+    /// Aggregate a FederatedLearningJob's updates (its aggregation worker).
+    Aggregate(AggregateArgs),
+}
+
 /// Flags (each with an environment variable the controller sets).
 #[derive(Parser, Debug)]
 #[command(
@@ -27,6 +38,9 @@ use sedna::storage::Storage;
     about = "Serves a JointInferenceService's big model over gRPC with dynamic batching"
 )]
 pub struct Args {
+    /// Another mode (default: serve the big model).
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
     /// The model (`s3://bucket/key`, `file:///path` or an absolute path); default: MODEL_URL.
     #[arg(long)]
     pub model_url: Option<String>,
@@ -58,6 +72,9 @@ pub struct Args {
 
 /// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
 pub async fn run(args: Args) -> Result<()> {
+    if let Some(Mode::Aggregate(aggregate)) = args.mode {
+        return aggregate::run(aggregate).await;
+    }
     let config = Config::from_env().context("reading the worker configuration")?;
     for name in &config.ignored_secret_variables {
         tracing::warn!(variable = name, dir = %config.credentials_dir.display(), "secret variable in the environment ignored: mount credentials as files");
@@ -115,7 +132,7 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,
         Err(_) => {

@@ -1,5 +1,6 @@
-//! `sedna-edge-worker`: the edge side of a JointInferenceService, configured entirely by the
-//! environment the controller injects (Sedna's names), so no custom image or code is needed.
+//! `sedna-edge-worker`: the edge side of a JointInferenceService (and, with the `train`
+//! subcommand, a FederatedLearningJob's training worker: [`TrainArgs`]), configured entirely by
+//! the environment the controller injects (Sedna's names), so no custom image or code is needed.
 //!
 //! It loads the small model from `MODEL_URL`, mines hard examples with `HEM_NAME` /
 //! `HEM_PARAMETERS`, sends them to the cloud worker at `BIG_MODEL_IP`:`BIG_MODEL_PORT`
@@ -17,6 +18,16 @@
 
 mod http;
 mod input;
+mod train;
+
+pub use train::TrainArgs;
+
+/// The worker's modes besides joint inference.
+#[derive(clap::Subcommand, Debug)]
+pub enum Mode {
+    /// Train in a FederatedLearningJob (its training worker).
+    Train(TrainArgs),
+}
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -42,12 +53,15 @@ use crate::input::Source;
     about = "Runs a JointInferenceService's edge side"
 )]
 pub struct Args {
+    /// Another mode (default: joint inference's edge side).
+    #[command(subcommand)]
+    pub mode: Option<Mode>,
     /// Samples: `dir:/path` (PGM images as they arrive), `idx:/path/images.idx3-ubyte`,
     /// `video:<file or URL>` (any video or stream ffmpeg reads: a file, `rtsp://…`, an HTTP
     /// MJPEG stream), or `http:<host:port>` (apps POST PGM images to `/infer` and get the
     /// result as JSON).
     #[arg(long, env = "SEDNA_INPUT")]
-    pub input: String,
+    pub input: Option<String>,
     /// Where results, figures and the hard-example queue go.
     #[arg(long, env = "SEDNA_OUTPUT_DIR", default_value = "output")]
     pub output_dir: PathBuf,
@@ -181,82 +195,22 @@ fn p50(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-/// Reports the figures into the JointInferenceService's `status.metrics` through the node's
-/// local API (`SEDNA_LOCAL_KUBECONFIG`); the node relays the write to the cloud through its
-/// outbox, so reports made offline arrive later.
-struct Reporter {
-    api: kube::Api<sedna_api::joint_inference::JointInferenceService>,
-    service: String,
-}
-
-impl Reporter {
-    async fn connect(config: &Config) -> Option<Reporter> {
-        let path = std::env::var_os("SEDNA_LOCAL_KUBECONFIG")?;
-        let service = config.service_name.clone()?;
-        let kubeconfig = match kube::config::Kubeconfig::read_from(&path) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(error = %e, "local API kubeconfig unreadable; figures stay local");
-                return None;
-            }
-        };
-        let client = match kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .map_err(anyhow::Error::from)
-            .and_then(|c| kube::Client::try_from(c).map_err(anyhow::Error::from))
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "local API unusable; figures stay local");
-                return None;
-            }
-        };
-        Some(Reporter {
-            api: kube::Api::namespaced(client, &config.namespace),
-            service,
-        })
-    }
-
-    async fn report(&self, figures: &serde_json::Value) {
-        let metrics: Vec<serde_json::Value> = figures
-            .as_object()
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| {
-                let value = match v {
-                    serde_json::Value::Number(n) => match n.as_f64() {
-                        Some(f) if n.is_f64() => format!("{f:.4}"),
-                        _ => n.to_string(),
-                    },
-                    serde_json::Value::String(text) => text.clone(),
-                    other => other.to_string(),
-                };
-                serde_json::json!({"key": k, "value": value})
-            })
-            .collect();
-        let number = |key: &str| figures.get(key).and_then(serde_json::Value::as_i64);
-        let ratio = figures
-            .get("uploadRatio")
-            .and_then(serde_json::Value::as_f64)
-            .map(|r| format!("{:.1}%", r * 100.0));
-        let patch = serde_json::json!({"status": {
-            "metrics": metrics,
+/// Reports the figures into the JointInferenceService's `status.metrics` (and its printer
+/// columns) through the node's local API.
+async fn report(reporter: &sedna::report::StatusReporter, figures: &serde_json::Value) {
+    let number = |key: &str| figures.get(key).and_then(serde_json::Value::as_i64);
+    let ratio = figures
+        .get("uploadRatio")
+        .and_then(serde_json::Value::as_f64)
+        .map(|r| format!("{:.1}%", r * 100.0));
+    reporter
+        .report(serde_json::json!({
+            "metrics": sedna::report::metrics_list(figures),
             "inferences": number("inferences"),
             "hardExamples": number("hardExamples"),
             "uploadRatio": ratio,
-        }});
-        if let Err(e) = self
-            .api
-            .patch_status(
-                &self.service,
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-        {
-            tracing::warn!(error = %e, service = %self.service, "reporting figures failed");
-        }
-    }
+        }))
+        .await;
 }
 
 fn figures(ji: &JointInference, latencies: &Latencies, cloud_path: &str) -> serde_json::Value {
@@ -284,6 +238,9 @@ fn write_figures(dir: &Path, figures: &serde_json::Value) {
 
 /// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
 pub async fn run(args: Args) -> Result<()> {
+    if let Some(Mode::Train(train)) = args.mode {
+        return train::run(train).await;
+    }
     let config = Config::from_env().context("reading the worker configuration")?;
     for name in &config.ignored_secret_variables {
         tracing::warn!(
@@ -291,7 +248,11 @@ pub async fn run(args: Args) -> Result<()> {
             "secret variable in the environment ignored: mount credentials as files"
         );
     }
-    let source = Source::parse(&args.input)?;
+    let input = args
+        .input
+        .clone()
+        .context("SEDNA_INPUT (--input) is not set: where do the samples come from?")?;
+    let source = Source::parse(&input)?;
     let model_url = config.require_model_url()?.to_string();
     let mining = config
         .hard_example_mining()?
@@ -354,7 +315,7 @@ pub async fn run(args: Args) -> Result<()> {
         },
     )?;
     let ji = Arc::new(JointInference::new(model, mining, Box::new(cloud), queue));
-    tracing::info!(model = %model_url, cloud = %cloud_url, hem = ji.hem().name(), input = %args.input, "edge worker started");
+    tracing::info!(model = %model_url, cloud = %cloud_url, hem = ji.hem().name(), %input, "edge worker started");
 
     let results_path = args.output_dir.join("results.jsonl");
     let done = already_done(&results_path);
@@ -386,7 +347,18 @@ pub async fn run(args: Args) -> Result<()> {
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let mut seen = done.len();
     let mut last_figures = Instant::now();
-    let reporter = Reporter::connect(&config).await;
+    let reporter = match &config.service_name {
+        Some(service) => {
+            sedna::report::StatusReporter::connect(
+                "sedna.io/v1alpha1",
+                "JointInferenceService",
+                &config.namespace,
+                service,
+            )
+            .await
+        }
+        None => None,
+    };
     let report_interval = Duration::from_millis(args.report_interval_ms);
     let mut last_report = Instant::now() - report_interval;
     let frame = input::frame_size(&input_info);
@@ -482,7 +454,7 @@ pub async fn run(args: Args) -> Result<()> {
             if let Some(reporter) = &reporter
                 && last_report.elapsed() >= report_interval
             {
-                reporter.report(&current).await;
+                report(reporter, &current).await;
                 last_report = Instant::now();
             }
             last_figures = Instant::now();
@@ -497,7 +469,7 @@ pub async fn run(args: Args) -> Result<()> {
     );
     write_figures(&args.output_dir, &last);
     if let Some(reporter) = &reporter {
-        reporter.report(&last).await;
+        report(reporter, &last).await;
     }
     tracing::info!(stats = ?ji.stats(), "edge worker done");
     Ok(())

@@ -319,6 +319,43 @@ impl GrpcCloud {
     }
 }
 
+/// Opens a byte stream to a cloud endpoint through the node's cloud proxy at `proxy`
+/// (`host:port`, from `SEDNA_CLOUD_PROXY`): `CONNECT target`, then the raw stream, tunnelled
+/// over the node's own connection to the hub. The proxy's refusal is the error, with its
+/// reason.
+pub async fn proxy_connect(proxy: &str, target: &str) -> std::io::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(proxy).await?;
+    stream.set_nodelay(true)?;
+    stream
+        .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
+        if stream.read(&mut byte).await? == 0 {
+            break;
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).into_owned();
+    if !text.starts_with("HTTP/1.1 200") {
+        // The reason follows the head; read what is there.
+        let mut reason = vec![0u8; 1024];
+        let n = tokio::time::timeout(Duration::from_millis(200), stream.read(&mut reason))
+            .await
+            .ok()
+            .and_then(std::result::Result::ok)
+            .unwrap_or(0);
+        return Err(std::io::Error::other(format!(
+            "cloud proxy {proxy}: {} {}",
+            text.lines().next().unwrap_or("no answer"),
+            String::from_utf8_lossy(&reason[..n]).trim()
+        )));
+    }
+    Ok(stream)
+}
+
 impl GrpcCloud {
     /// A client of the cloud worker of JointInferenceService `target`
     /// (`<namespace>/<name>`) through the node's cloud proxy at `proxy` (`host:port`, from
@@ -336,38 +373,7 @@ impl GrpcCloud {
         let connector = tower::service_fn(move |_uri: tonic::transport::Uri| {
             let (proxy, target) = (proxy.clone(), target.clone());
             async move {
-                use tokio::io::{AsyncReadExt, AsyncWriteExt};
-                let mut stream = tokio::net::TcpStream::connect(&proxy).await?;
-                stream.set_nodelay(true)?;
-                stream
-                    .write_all(
-                        format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes(),
-                    )
-                    .await?;
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 4096 {
-                    if stream.read(&mut byte).await? == 0 {
-                        break;
-                    }
-                    head.push(byte[0]);
-                }
-                let text = String::from_utf8_lossy(&head).into_owned();
-                if !text.starts_with("HTTP/1.1 200") {
-                    // The reason follows the head; read what is there.
-                    let mut reason = vec![0u8; 1024];
-                    let n =
-                        tokio::time::timeout(Duration::from_millis(200), stream.read(&mut reason))
-                            .await
-                            .ok()
-                            .and_then(std::result::Result::ok)
-                            .unwrap_or(0);
-                    return Err(std::io::Error::other(format!(
-                        "cloud proxy {proxy}: {} {}",
-                        text.lines().next().unwrap_or("no answer"),
-                        String::from_utf8_lossy(&reason[..n]).trim()
-                    )));
-                }
+                let stream = proxy_connect(&proxy, &target).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
             }
         });

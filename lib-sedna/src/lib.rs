@@ -14,6 +14,7 @@
 //! | [`aggregate`] | FedAvg, FedAvgM, FedAdam, FedYogi, FedMedian, FedTrimmedAvg, Krum |
 //! | [`fl`] | the federated-learning client (`Estimator`, round protocol, frames) |
 //! | [`config`] | worker configuration from Sedna's environment names; credentials from files |
+//! | `report` | (feature `kube`) workers' figures into their workload's status via the local API |
 //! | [`storage`] | models and datasets on `s3://` / `file://`, cached by content hash |
 //! | [`dataset`] | Sedna's `txt` and `csv` dataset indexes, directories of files, PGM and IDX images |
 //! | [`train`] | training ONNX models (candle; tch for GPU clouds): fit, evaluate, weights, save |
@@ -135,6 +136,8 @@ pub mod fl;
 pub mod hem;
 pub mod inference;
 pub mod joint;
+#[cfg(feature = "kube")]
+pub mod report;
 pub mod storage;
 pub mod train;
 pub mod weights;

@@ -429,6 +429,40 @@ impl Storage {
         })
     }
 
+    /// Where to read a dataset from: a local path (`file://` or absolute) as it is, in place —
+    /// an index names files beside it, which a copy in the cache would lose — and a remote
+    /// object fetched into the cache under its own file name (a cache entry is named by its
+    /// content, so a `.csv` or `.idx3-ubyte.gz` would no longer say what it is).
+    pub async fn dataset_path(&self, url: &str) -> Result<PathBuf> {
+        match parse_location(url)? {
+            Location::Local(path) => Ok(path),
+            Location::S3 { key, .. } => {
+                let fetched = self.fetch(url).await?;
+                let name = Path::new(&key)
+                    .file_name()
+                    .map(|n| n.to_os_string())
+                    .unwrap_or_else(|| "dataset".into());
+                let dir = self
+                    .options
+                    .cache_dir
+                    .join("datasets")
+                    .join(&fetched.sha256);
+                let path = dir.join(name);
+                if !path.exists() {
+                    let cache = |source| StorageError::Cache {
+                        path: dir.clone(),
+                        source,
+                    };
+                    std::fs::create_dir_all(&dir).map_err(cache)?;
+                    std::fs::hard_link(&fetched.path, &path)
+                        .or_else(|_| std::fs::copy(&fetched.path, &path).map(|_| ()))
+                        .map_err(cache)?;
+                }
+                Ok(path)
+            }
+        }
+    }
+
     /// Reads a whole object into memory (at most `max_bytes`), bypassing the cache.
     pub async fn read(&self, url: &str, max_bytes: u64) -> Result<bytes::Bytes> {
         let (store, location) = self.store_for(url)?;

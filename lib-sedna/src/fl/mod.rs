@@ -57,6 +57,8 @@ use std::collections::BTreeMap;
 
 use crate::weights::{Encoding, Limits, Weights, WeightsError};
 
+pub mod client;
+pub mod estimator;
 pub mod server;
 pub mod wire;
 
@@ -527,10 +529,15 @@ impl<E: Estimator> FederatedLearning<E> {
         &self.history
     }
 
-    /// The message that joins the job (also the one to send again after reconnecting).
+    /// The message that joins the job (also the one to send again after reconnecting, or
+    /// after a retryable rejection: the client waits again, its last answer kept).
     pub fn join(&mut self) -> Message {
-        if self.state == ClientState::New {
-            self.state = ClientState::Waiting { last_round: 0 };
+        if matches!(self.state, ClientState::New | ClientState::Rejected { .. }) {
+            let last_round = match &self.last_update {
+                Some(Message::Update { round, .. }) => *round,
+                _ => 0,
+            };
+            self.state = ClientState::Waiting { last_round };
         }
         let mut encodings = vec![self.encoding];
         encodings.extend(
