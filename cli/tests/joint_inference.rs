@@ -6,46 +6,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 mod support;
-use support::{Kubectl, free_port, sedna};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
-
-/// Two consecutive free ports (the nodes' local APIs).
-fn free_pair() -> u16 {
-    loop {
-        let p = free_port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-}
-
-struct Up(Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.0.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use support::{root, up, wait_until};
 
 fn write_digits(dir: &Path, count: usize) -> Vec<i64> {
     let images = std::fs::read(root().join("models/mnist/test-images.idx3-ubyte")).unwrap();
@@ -101,71 +66,11 @@ spec:
     )
 }
 
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> Option<String>) -> String {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = ok() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 #[test]
 fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_reports_its_figures() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let local = free_pair();
-    let _up = Up(sedna(&[
-        "up",
-        "--edges",
-        "1",
-        "--no-fsync",
-        "--metrics-addr",
-        "off",
-        "--data-dir",
-    ])
-    .arg(&data)
-    .args([
-        "--api-listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--hub-listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--local-api",
-        &format!("127.0.0.1:{local}"),
-    ])
-    .spawn()
-    .unwrap());
-    let kubeconfig = data.join("kubeconfig");
-    wait_until("the kubeconfig", Duration::from_secs(60), || {
-        kubeconfig.exists().then(String::new)
-    });
-    let Some(kubectl) = Kubectl::new(&kubeconfig) else {
-        panic!("kubectl is not installed (scripts/setup installs it)");
-    };
-    wait_until("two Ready nodes", Duration::from_secs(60), || {
-        let out = kubectl.run(&["get", "nodes", "--no-headers"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (text
-            .lines()
-            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
-            .count()
-            == 2)
-            .then_some(text)
-    });
-    // The CRDs are installed by `sedna up`; the global manager runs in it.
-    wait_until(
-        "the JointInferenceService CRD",
-        Duration::from_secs(30),
-        || {
-            kubectl
-                .run(&["get", "ji"])
-                .status
-                .success()
-                .then(String::new)
-        },
-    );
+    let (_up, kubectl) = up(&data, 1);
 
     let inputs = dir.path().join("camera");
     let labels = write_digits(&inputs, 200);
@@ -345,13 +250,13 @@ fn a_joint_inference_service_applied_with_kubectl_answers_every_input_and_report
     {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(&cloud_proxy).unwrap();
-        s.write_all(b"CONNECT default/digits HTTP/1.1\r\nHost: x\r\n\r\n")
+        s.write_all(b"CONNECT default/digits-edge/cloud HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
         assert!(
-            answer.contains("node cloud runs no edge worker of default/digits"),
+            answer.contains("node cloud runs no pod default/digits-edge"),
             "{answer}"
         );
     }

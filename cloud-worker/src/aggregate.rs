@@ -79,7 +79,7 @@ enum Event {
 }
 
 fn pairs(json: &str, what: &str) -> Result<Vec<(String, String)>> {
-    Ok(sedna::hem::parse_parameters(json).with_context(|| format!("{what}: {json:?}"))?)
+    sedna::hem::parse_parameters(json).with_context(|| format!("{what}: {json:?}"))
 }
 
 /// The checkpoint index: the last completed round and where its model is.

@@ -6,8 +6,8 @@
 //!   `WORKER_NAME`; and Service `S-cloud` in front of it;
 //! - Pod `S-edge` from `edgeWorker.template`, once the cloud pod has an address:
 //!   `MODEL_URL`, `HEM_NAME`, `HEM_PARAMETERS` (Sedna's JSON list), `SEDNA_CLOUD_TUNNEL`
-//!   (`<namespace>/S`: the edge worker reaches the cloud worker through its node's
-//!   connection to the hub), `BIG_MODEL_IP` / `BIG_MODEL_PORT` (the direct route), and the
+//!   (`<namespace>/S-edge/cloud`: the edge worker reaches the cloud worker through its node's
+//!   connection to the hub, to the endpoint its pod declares), `BIG_MODEL_IP` / `BIG_MODEL_PORT` (the direct route), and the
 //!   same identity variables.
 //!
 //! A template placed with `nodeSelector` is bound to the first Ready node that matches (by
@@ -26,20 +26,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{
-    EnvVar, Node, Pod, PodSpec, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
-};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Api, Client, Resource, ResourceExt};
 use sedna_api::common::{Condition, ConditionStatus, WorkloadPhase, set_condition};
 use sedna_api::joint_inference::JointInferenceService;
 use sedna_api::model::Model;
-use sha2::{Digest, Sha256};
 
 use crate::Error;
 
@@ -54,39 +50,24 @@ pub const KNOWN_HEM: [&str; 6] = [
 ];
 /// Annotation choosing the cloud worker's port.
 pub const PORT_ANNOTATION: &str = "sedna.io/cloud-port";
-/// Annotation carrying the hash of what a worker pod was built from.
-pub const HASH_ANNOTATION: &str = "sedna.io/spec-hash";
+pub use crate::workers::{CREDENTIALS_DIR, ENDPOINTS_ANNOTATION, HASH_ANNOTATION, pick_node};
 /// Label naming the service a worker belongs to.
 pub const SERVICE_LABEL: &str = "sedna.io/joint-inference-service";
 /// Label saying which worker a pod is (`cloud` or `edge`).
 pub const WORKER_LABEL: &str = "sedna.io/worker";
-/// Where a Model's credentials are mounted in a worker.
-pub const CREDENTIALS_DIR: &str = "/var/run/secrets/sedna/credentials";
 
 /// The cloud worker's port for a service.
 pub fn cloud_port(ji: &JointInferenceService) -> Result<u16, Error> {
-    if let Some(value) = ji.annotations().get(PORT_ANNOTATION) {
-        return value.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
-            Error::Invalid(format!(
-                "annotation {PORT_ANNOTATION}={value:?} is not a port"
-            ))
-        });
-    }
-    let key = format!("{}/{}", ji.namespace().unwrap_or_default(), ji.name_any());
-    let digest = Sha256::digest(key.as_bytes());
-    Ok(20_000 + u16::from_be_bytes([digest[0], digest[1]]) % 10_000)
+    crate::workers::endpoint_port(
+        ji.annotations(),
+        PORT_ANNOTATION,
+        &ji.namespace().unwrap_or_default(),
+        &ji.name_any(),
+    )
 }
 
 fn owner(ji: &JointInferenceService) -> Option<OwnerReference> {
     ji.controller_owner_ref(&())
-}
-
-fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..EnvVar::default()
-    }
 }
 
 /// What a worker pod is built from, besides the template.
@@ -104,90 +85,56 @@ pub struct WorkerInputs {
     pub node: Option<String>,
 }
 
-/// The worker pod for a service (pure: the reconcile creates what this returns).
+/// The worker pod for a service (pure: the reconcile creates what this returns). The edge
+/// worker's pod declares the cloud worker as its cloud endpoint `cloud` (see
+/// [`ENDPOINTS_ANNOTATION`]), which is what lets its node tunnel to it.
 pub fn worker_pod(ji: &JointInferenceService, inputs: &WorkerInputs) -> Result<Pod, Error> {
     let name = ji.name_any();
     let template = match inputs.worker {
         "cloud" => &ji.spec.cloud_worker.template,
         _ => &ji.spec.edge_worker.template,
     };
-    let mut spec: PodSpec = template.spec.clone().unwrap_or_default();
-    if spec.containers.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}Worker.template has no containers",
-            inputs.worker
-        )));
-    }
-    if spec.node_name.is_none() {
-        spec.node_name = inputs.node.clone();
-    }
     let pod_name = format!("{name}-{}", inputs.worker);
-    let mut injected: Vec<EnvVar> = vec![
-        env(
-            "NAMESPACE",
+    let mut env = vec![
+        (
+            "NAMESPACE".to_string(),
             ji.namespace().unwrap_or_else(|| "default".into()),
         ),
-        env("SERVICE_NAME", name.clone()),
-        env("WORKER_NAME", pod_name.clone()),
-        env("MODEL_URL", inputs.model_url.clone()),
+        ("SERVICE_NAME".to_string(), name.clone()),
+        ("WORKER_NAME".to_string(), pod_name.clone()),
+        ("MODEL_URL".to_string(), inputs.model_url.clone()),
     ];
-    injected.extend(inputs.env.iter().map(|(k, v)| env(k, v.clone())));
-    if let Some(secret) = &inputs.credentials {
-        injected.push(env("SEDNA_CREDENTIALS_DIR", CREDENTIALS_DIR));
-        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
-            name: "sedna-credentials".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                ..SecretVolumeSource::default()
-            }),
-            ..Volume::default()
-        });
+    env.extend(inputs.env.iter().cloned());
+    let mut annotations = BTreeMap::new();
+    if inputs.worker == "edge"
+        && let Some((_, port)) = inputs.env.iter().find(|(k, _)| k == "BIG_MODEL_PORT")
+    {
+        annotations.insert(
+            ENDPOINTS_ANNOTATION.to_string(),
+            serde_json::json!({ "cloud": format!("{name}-cloud:{port}") }).to_string(),
+        );
     }
-    for container in spec.containers.iter_mut() {
-        let own: Vec<EnvVar> = container.env.take().unwrap_or_default();
-        // The template's own variables win over the injected ones of the same name.
-        let mut merged: Vec<EnvVar> = injected
-            .iter()
-            .filter(|e| !own.iter().any(|o| o.name == e.name))
-            .cloned()
-            .collect();
-        merged.extend(own);
-        container.env = Some(merged);
-        if inputs.credentials.is_some() {
-            container
-                .volume_mounts
-                .get_or_insert_with(Vec::new)
-                .push(VolumeMount {
-                    name: "sedna-credentials".into(),
-                    mount_path: CREDENTIALS_DIR.into(),
-                    read_only: Some(true),
-                    ..VolumeMount::default()
-                });
-        }
-    }
-    let mut labels: BTreeMap<String, String> = template
-        .metadata
-        .as_ref()
-        .and_then(|m| m.labels.clone())
-        .unwrap_or_default();
-    labels.insert(SERVICE_LABEL.into(), name.clone());
-    labels.insert(WORKER_LABEL.into(), inputs.worker.into());
-    let hash = {
-        let mut h = Sha256::new();
-        h.update(serde_json::to_vec(&spec).map_err(|e| Error::Invalid(e.to_string()))?);
-        hex::encode(&h.finalize()[..8])
-    };
-    Ok(Pod {
-        metadata: ObjectMeta {
-            name: Some(pod_name),
-            namespace: ji.namespace(),
-            labels: Some(labels),
-            annotations: Some(BTreeMap::from([(HASH_ANNOTATION.to_string(), hash)])),
-            owner_references: owner(ji).map(|o| vec![o]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(spec),
-        status: None,
+    crate::workers::build_pod(&crate::workers::PodPlan {
+        owner: owner(ji),
+        namespace: ji.namespace(),
+        name: pod_name,
+        template,
+        labels: BTreeMap::from([
+            (SERVICE_LABEL.to_string(), name.clone()),
+            (WORKER_LABEL.to_string(), inputs.worker.to_string()),
+        ]),
+        annotations,
+        env,
+        credentials: inputs.credentials.clone(),
+        node: inputs.node.clone(),
+        restart_policy: None,
+    })
+    .map_err(|e| match e {
+        Error::Invalid(_) => Error::Invalid(format!(
+            "{}Worker.template has no containers",
+            inputs.worker
+        )),
+        other => other,
     })
 }
 
@@ -221,32 +168,7 @@ pub fn cloud_service(ji: &JointInferenceService, port: u16) -> Service {
     }
 }
 
-/// The first Ready node (by name) whose labels include `selector`.
-pub fn pick_node(selector: &BTreeMap<String, String>, nodes: &[Node]) -> Option<String> {
-    let mut matching: Vec<String> = nodes
-        .iter()
-        .filter(|n| {
-            let labels = n.labels();
-            selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-        })
-        .filter(|n| {
-            n.status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        })
-        .map(|n| n.name_any())
-        .collect();
-    matching.sort();
-    matching.into_iter().next()
-}
-
-fn pod_phase(pod: &Pod) -> &str {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Pending")
-}
+use crate::workers::pod_phase;
 
 struct Context {
     client: Client,
@@ -254,6 +176,13 @@ struct Context {
 }
 
 impl Context {
+    fn events(&self, ji: &JointInferenceService) -> crate::workers::Events<'_> {
+        crate::workers::Events {
+            recorder: &self.recorder,
+            object: ji.object_ref(&()),
+        }
+    }
+
     async fn event(
         &self,
         ji: &JointInferenceService,
@@ -261,16 +190,7 @@ impl Context {
         reason: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &ji.object_ref(&())).await {
-            tracing::debug!(error = %e, "event not recorded");
-        }
+        self.events(ji).publish(type_, reason, note).await;
     }
 }
 
@@ -355,71 +275,13 @@ async fn ensure_pod(
     ji: &JointInferenceService,
     desired: Pod,
 ) -> Result<Option<Pod>, Error> {
-    let name = desired.name_any();
-    let want_hash = desired.annotations().get(HASH_ANNOTATION).cloned();
-    match pods.get_opt(&name).await? {
-        Some(existing) if existing.metadata.deletion_timestamp.is_some() => Ok(None),
-        Some(existing) => {
-            let stale = existing.annotations().get(HASH_ANNOTATION) != want_hash.as_ref();
-            let failed = matches!(pod_phase(&existing), "Failed" | "Succeeded");
-            if stale || failed {
-                let why = if stale {
-                    "its spec changed"
-                } else {
-                    "it stopped"
-                };
-                pods.delete(&name, &DeleteParams::default()).await?;
-                ctx.event(
-                    ji,
-                    EventType::Normal,
-                    "RecreatingWorker",
-                    format!("deleted pod {name}: {why}"),
-                )
-                .await;
-                return Ok(None);
-            }
-            Ok(Some(existing))
-        }
-        None => {
-            let created = pods.create(&PostParams::default(), &desired).await?;
-            let node = created
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .unwrap_or_else(|| "no node yet".into());
-            ctx.event(
-                ji,
-                EventType::Normal,
-                "CreatedWorker",
-                format!("created pod {name} on {node}"),
-            )
-            .await;
-            Ok(Some(created))
-        }
-    }
-}
-
-async fn placement(
-    client: &Client,
-    template_spec: Option<&PodSpec>,
-) -> Result<Result<Option<String>, String>, Error> {
-    let Some(spec) = template_spec else {
-        return Ok(Ok(None));
-    };
-    if spec.node_name.is_some() {
-        return Ok(Ok(None));
-    }
-    let Some(selector) = spec.node_selector.as_ref().filter(|s| !s.is_empty()) else {
-        return Ok(Err(
-            "the template names no node (nodeName or nodeSelector)".into()
-        ));
-    };
-    let nodes: Api<Node> = Api::all(client.clone());
-    let list = nodes.list(&ListParams::default()).await?;
-    Ok(match pick_node(selector, &list.items) {
-        Some(node) => Ok(Some(node)),
-        None => Err(format!("no Ready node matches nodeSelector {selector:?}")),
-    })
+    crate::workers::ensure_pod(
+        pods,
+        &ctx.events(ji),
+        desired,
+        crate::workers::Stopped::Recreate,
+    )
+    .await
 }
 
 /// Where a worker goes (`None`: its template names the node); a service that cannot be
@@ -435,7 +297,7 @@ async fn place(
         _ => &ji.spec.edge_worker.template,
     };
     Ok(
-        match placement(&ctx.client, template.spec.as_ref()).await? {
+        match crate::workers::placement(&ctx.client, template.spec.as_ref()).await? {
             Ok(node) => Ok(node),
             Err(message) => Err(fail(
                 ctx,
@@ -547,7 +409,7 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
                     // the direct route where the edge can reach the cloud network.
                     (
                         "SEDNA_CLOUD_TUNNEL".into(),
-                        format!("{ns}/{}", ji.name_any()),
+                        format!("{ns}/{}-edge/cloud", ji.name_any()),
                     ),
                 ],
                 node: edge_node,
@@ -641,6 +503,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::Node;
 
     fn service() -> JointInferenceService {
         let yaml = r#"

@@ -5,13 +5,18 @@
 //! - [`model`]: checks each Model's URL and reports readiness in its status.
 //! - [`joint_inference`]: a JointInferenceService becomes a cloud-worker Pod (with a Service)
 //!   and an edge-worker Pod, configured through Sedna's environment names.
+//! - [`federated_learning`]: a FederatedLearningJob becomes an aggregation-worker Pod and one
+//!   training-worker Pod per dataset, on the dataset's node.
+//! - [`workers`]: building, placing and keeping worker pods, shared by the above.
 //!
 //! Reconciles are idempotent; errors requeue with jittered backoff; every transition is an
 //! Event on the resource.
 #![forbid(unsafe_code)]
 
+pub mod federated_learning;
 pub mod joint_inference;
 pub mod model;
+pub mod workers;
 
 use std::time::Duration;
 
@@ -50,11 +55,13 @@ pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let models = tokio::spawn(model::run(client.clone(), wait(rx.clone())));
-    let services = tokio::spawn(joint_inference::run(client, wait(rx)));
+    let services = tokio::spawn(joint_inference::run(client.clone(), wait(rx.clone())));
+    let jobs = tokio::spawn(federated_learning::run(client, wait(rx)));
     shutdown.await;
     let _ = tx.send(true);
     let _ = models.await;
     let _ = services.await;
+    let _ = jobs.await;
 }
 
 #[cfg(test)]

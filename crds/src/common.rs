@@ -17,6 +17,12 @@ pub const MAX_CONDITIONS: usize = 8;
 /// The most `{key, value}` pairs in a parameter or metric list.
 pub const MAX_KEY_VALUES: usize = 64;
 
+/// Annotation on a worker pod declaring the cloud endpoints its node may reach through the
+/// hub's tunnel, as JSON: `{"<endpoint>": "<pod>:<port>"}` (pods of the same namespace).
+/// Controllers write it; nodes cannot (they write only pod statuses). A worker asks its node's
+/// cloud proxy for `<namespace>/<its pod>/<endpoint>`.
+pub const CLOUD_ENDPOINTS_ANNOTATION: &str = "sedna.io/cloud-endpoints";
+
 /// Regular expression of a Kubernetes object name (RFC 1123 subdomain).
 pub(crate) const NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
 

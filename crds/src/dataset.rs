@@ -20,6 +20,9 @@ pub enum DatasetFormat {
     Csv,
     /// A directory: every file in it is a sample.
     Dir,
+    /// MNIST's IDX format: `url` names the images file (`…images….idx3-ubyte`, optionally
+    /// gzipped), the labels file lies beside it (`…labels….idx1-ubyte`).
+    Idx,
 }
 
 /// Where a dataset lives and how it is indexed.

@@ -83,6 +83,14 @@ pub struct FederatedLearningJobSpec {
 pub struct AggregationWorker {
     /// The Model the aggregated weights are written to.
     pub model: NameRef,
+    /// A held-out Dataset on the aggregation worker's node: the global model is evaluated on
+    /// it after every round (accuracy and loss per round in the status).
+    #[serde(
+        default,
+        rename = "testDataset",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub test_dataset: Option<NameRef>,
     /// Pod template of the aggregation worker.
     #[schemars(schema_with = "pod_template_schema")]
     pub template: WorkerTemplate,

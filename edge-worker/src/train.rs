@@ -7,9 +7,10 @@
 //! Environment (flags override): `JOB_NAME`, `WORKER_NAME`, `MODEL_URL` (the model whose
 //! initializers are trained), `TRAIN_DATASET_URL` (a local path or `file://` URL: IDX, csv, a
 //! Sedna txt index, a directory; `s3://` for single-file datasets), `TEST_DATASET_URL`
-//! (optional), `PARAMETERS` (hyperparameters, Sedna's JSON list; each round's settings from
-//! the aggregator are laid over them), `AGG_IP`/`AGG_PORT`, or `SEDNA_AGG_TUNNEL` with the
-//! node's `SEDNA_CLOUD_PROXY`.
+//! (optional), `PARAMETERS` (hyperparameters, Sedna's JSON list) and variables named as
+//! hyperparameters (`epochs`, `batch_size`, …, as Sedna's examples set them); each round's
+//! settings from the aggregator are laid over them. The aggregator: `SEDNA_AGG_TUNNEL` through
+//! the node's `SEDNA_CLOUD_PROXY` (the default where the node has one), else `AGG_IP`/`AGG_PORT`.
 
 use std::path::PathBuf;
 
@@ -78,7 +79,14 @@ pub(crate) async fn run(args: TrainArgs) -> Result<()> {
         .fetch(&model_url)
         .await
         .with_context(|| format!("fetching the model {model_url}"))?;
-    let parameters = config.parameters.clone();
+    // Hyperparameters: PARAMETERS (Sedna's JSON list), and variables named as the keys
+    // (Sedna's examples set `epochs`, `batch_size`, `learning_rate` that way).
+    let mut parameters = config.parameters.clone();
+    for (key, _) in sedna::train::KEYS {
+        if let Ok(value) = std::env::var(key) {
+            parameters.entry(key.to_string()).or_insert(value);
+        }
+    }
     let (options, _) = parse_parameters(parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .context("PARAMETERS")?;
     let trainer =

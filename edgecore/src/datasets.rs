@@ -74,6 +74,28 @@ pub fn count(format: &str, path: &Path) -> Count {
             }
             Count::Samples(files)
         }
+        "idx" => {
+            // The images file's header: magic 0x00000803, then the count (big-endian).
+            let mut header = [0u8; 8];
+            let read = std::fs::File::open(path).and_then(|file| {
+                use std::io::Read;
+                if path.extension().is_some_and(|e| e == "gz") {
+                    flate2::read::GzDecoder::new(file).read_exact(&mut header)
+                } else {
+                    let mut file = file;
+                    file.read_exact(&mut header)
+                }
+            });
+            match read {
+                Err(e) => unreadable(e),
+                Ok(()) if header[..4] != [0, 0, 8, 3] => {
+                    Count::Unreadable(format!("{}: not an IDX file of images", path.display()))
+                }
+                Ok(()) => Count::Samples(u64::from(u32::from_be_bytes([
+                    header[4], header[5], header[6], header[7],
+                ]))),
+            }
+        }
         other => Count::Unreadable(format!("unknown format {other:?}")),
     }
 }
@@ -163,6 +185,10 @@ mod tests {
             std::fs::write(images.join(f), b"x").unwrap();
         }
         assert_eq!(count("dir", &images), Count::Samples(3));
+        let shard = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../models/mnist/shards/client-0-images.idx3-ubyte.gz");
+        assert_eq!(count("idx", &shard), Count::Samples(2054));
+        assert!(matches!(count("idx", &csv), Count::Unreadable(m) if m.contains("not an IDX")));
         assert!(
             matches!(count("txt", &dir.path().join("none.txt")), Count::Unreadable(m) if m.contains("none.txt"))
         );

@@ -2,10 +2,10 @@
 //! node's outbound, mutually authenticated connection, with no route to the cloud network.
 //!
 //! A worker connects to the proxy (loopback; `SEDNA_CLOUD_PROXY` in its environment) and asks
-//! `CONNECT <namespace>/<service> HTTP/1.1`; the proxy opens a `Hub.Tunnel` stream naming that
-//! target, answers `200` once the hub has connected to the service's cloud worker (or `403` /
-//! `502` with the hub's reason), then relays bytes both ways. The hub decides whether this
-//! node may reach that target.
+//! `CONNECT <namespace>/<its pod>/<endpoint> HTTP/1.1`; the proxy opens a `Hub.Tunnel` stream
+//! naming that target, answers `200` once the hub has connected to the endpoint its pod
+//! declares (or `403` / `502` with the hub's reason), then relays bytes both ways. The hub
+//! decides whether this node may reach that target.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -135,7 +135,7 @@ async fn serve(
     let (Some("CONNECT"), Some(target)) = (words.next(), words.next()) else {
         let _ = stream
             .write_all(
-                b"HTTP/1.1 405 Method Not Allowed\r\n\r\nuse CONNECT <namespace>/<service>\n",
+                b"HTTP/1.1 405 Method Not Allowed\r\n\r\nuse CONNECT <namespace>/<pod>/<endpoint>\n",
             )
             .await;
         return Err("not a CONNECT request".into());

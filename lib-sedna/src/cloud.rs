@@ -357,15 +357,15 @@ pub async fn proxy_connect(proxy: &str, target: &str) -> std::io::Result<tokio::
 }
 
 impl GrpcCloud {
-    /// A client of the cloud worker of JointInferenceService `target`
-    /// (`<namespace>/<name>`) through the node's cloud proxy at `proxy` (`host:port`, from
+    /// A client of the cloud worker at tunnel target `target`
+    /// (`<namespace>/<edge worker pod>/cloud`) through the node's cloud proxy at `proxy` (`host:port`, from
     /// `SEDNA_CLOUD_PROXY`): the bytes travel over the node's own connection to the hub, so the
     /// edge needs no route to the cloud. Connects lazily; the proxy's refusal (say, a node that
     /// does not run this service) is the request's error.
     pub fn via_proxy(proxy: &str, target: &str, timeout: Duration) -> Result<GrpcCloud> {
         if !target.contains('/') {
             return Err(JointError::Config(format!(
-                "tunnel target {target:?} is not <namespace>/<service>"
+                "tunnel target {target:?} is not <namespace>/<pod>/<endpoint>"
             )));
         }
         let endpoint = format!("{target} via the cloud proxy {proxy}");

@@ -274,3 +274,94 @@ pub fn container_pid(edge_dir: &Path, pod: &str, container: &str) -> Option<i32>
 pub fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
 }
+
+/// The repository root.
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Polls `ok` until it returns a value (every 200 ms), failing after `timeout`.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut ok: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = ok() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `sedna up` as a process, stopped with SIGTERM (then SIGKILL) when dropped.
+pub struct Up(pub Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while self.0.try_wait().ok().flatten().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `sedna up` with `edges` edge nodes in `data` (every port picked free), and kubectl once all
+/// nodes are Ready and the platform's CRDs are served.
+pub fn up(data: &Path, edges: usize) -> (Up, Kubectl) {
+    let up = Up(sedna(&[
+        "up",
+        "--edges",
+        &edges.to_string(),
+        "--no-fsync",
+        "--metrics-addr",
+        "off",
+        "--data-dir",
+    ])
+    .arg(data)
+    .args([
+        "--api-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--hub-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--local-api",
+        "127.0.0.1:0",
+    ])
+    .spawn()
+    .unwrap());
+    let kubeconfig = data.join("kubeconfig");
+    wait_until("the kubeconfig", Duration::from_secs(60), || {
+        kubeconfig.exists().then_some(())
+    });
+    let Some(kubectl) = Kubectl::new(&kubeconfig) else {
+        panic!("kubectl is not installed (scripts/setup installs it)");
+    };
+    wait_until("every node Ready", Duration::from_secs(60), || {
+        let out = kubectl.run(&["get", "nodes", "--no-headers"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (text
+            .lines()
+            .filter(|l| l.split_whitespace().nth(1) == Some("Ready"))
+            .count()
+            == edges + 1)
+            .then_some(())
+    });
+    wait_until("the platform's CRDs", Duration::from_secs(30), || {
+        kubectl
+            .run(&["get", "sedna"])
+            .status
+            .success()
+            .then_some(())
+    });
+    (up, kubectl)
+}
