@@ -156,6 +156,24 @@ fn three_trainers_on_non_iid_shards_learn_together_sending_only_weights() {
     let dir = tempfile::tempdir().unwrap();
     let (agg, port) = aggregator(dir.path(), 3, &[], 0);
     let mut procs = Procs(vec![agg]);
+    // A hostile peer first: a frame announcing 1 TiB, and one of garbage. Both are refused
+    // from their first bytes; the job is not disturbed.
+    for hostile in [
+        [
+            b"SDNF\x01\x00\x00\x00".as_slice(),
+            &16u32.to_le_bytes(),
+            &(1u64 << 40).to_le_bytes(),
+        ]
+        .concat(),
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    ] {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&hostile).unwrap();
+        let mut rest = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.read_to_end(&mut rest); // closed by the aggregator
+    }
     for k in 0..3 {
         procs.0.push(trainer(dir.path(), k, port));
     }
@@ -202,6 +220,25 @@ fn three_trainers_on_non_iid_shards_learn_together_sending_only_weights() {
             .unwrap()
             .len()
     );
+    let log = std::fs::read_to_string(dir.path().join("aggregator.log")).unwrap();
+    assert!(log.contains("exceeds the limit of"), "{log}");
+    assert!(log.contains("does not start with SDNF"), "{log}");
+}
+
+#[test]
+fn an_unknown_aggregation_algorithm_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sedna"))
+        .args(["cloud-worker", "aggregate", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("JOB_NAME", "digits")
+        .env("MODEL_URL", root().join("models/mnist/cnn/init.onnx"))
+        .env("SEDNA_FL_ALGORITHM", "FedMagic")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("SEDNA_FL_ALGORITHM=FedMagic"), "{stderr}");
 }
 
 #[test]

@@ -98,6 +98,14 @@ pub fn validate(job: &FederatedLearningJob) -> Result<(), String> {
     Ok(())
 }
 
+/// The job's `updateEncoding` as the workers name it.
+fn encoding(job: &FederatedLearningJob) -> Option<String> {
+    job.spec
+        .update_encoding
+        .and_then(|e| serde_json::to_value(e).ok())
+        .and_then(|v| v.as_str().map(str::to_string))
+}
+
 /// The aggregation worker's pod (pure).
 pub fn aggregator_pod(job: &FederatedLearningJob, inputs: &JobInputs) -> Result<Pod, Error> {
     let name = job.name_any();
@@ -143,6 +151,9 @@ pub fn aggregator_pod(job: &FederatedLearningJob, inputs: &JobInputs) -> Result<
     }
     if let Some(test) = &inputs.test {
         env.push(("TEST_DATASET_URL".into(), test.clone()));
+    }
+    if let Some(encoding) = encoding(job) {
+        env.push(("SEDNA_FL_ENCODING".into(), encoding));
     }
     workers::build_pod(&PodPlan {
         owner: owner(job),
@@ -193,6 +204,10 @@ pub fn trainer_pod(
             format!("{ns}/{pod_name}/aggregator"),
         ),
     ];
+    let mut env = env;
+    if let Some(encoding) = encoding(job) {
+        env.push(("SEDNA_FL_UPDATE_ENCODING".into(), encoding));
+    }
     let annotations = BTreeMap::from([(
         ENDPOINTS_ANNOTATION.to_string(),
         serde_json::json!({"aggregator": format!("{name}-aggregator:{}", inputs.port)}).to_string(),
@@ -633,6 +648,7 @@ mod tests {
         job["metadata"]["uid"] = "0f0f".into();
         job["spec"]["minClients"] = 2.into();
         job["spec"]["roundTimeoutSeconds"] = 60.into();
+        job["spec"]["updateEncoding"] = "int8".into();
         serde_json::from_value(job).unwrap()
     }
 
@@ -682,6 +698,7 @@ mod tests {
             ("SEDNA_FL_MIN_CLIENTS", "2"),
             ("SEDNA_FL_ROUND_TIMEOUT_SECONDS", "60"),
             ("SEDNA_FL_ALGORITHM", "FedAvg"),
+            ("SEDNA_FL_ENCODING", "int8"),
             ("SEDNA_CREDENTIALS_DIR", workers::CREDENTIALS_DIR),
         ] {
             assert_eq!(env.get(k).map(String::as_str), Some(v), "{k}");
@@ -708,6 +725,7 @@ mod tests {
         );
         assert_eq!(env["MODEL_URL"], "file:///models/init.onnx");
         assert_eq!(env["AGG_IP"], "10.0.0.7");
+        assert_eq!(env["SEDNA_FL_UPDATE_ENCODING"], "int8");
         assert_eq!(env["SEDNA_AGG_TUNNEL"], "default/digits-train-2/aggregator");
         // The template's own (Sedna-style) hyperparameters are kept.
         assert_eq!(env["epochs"], "1");

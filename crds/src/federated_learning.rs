@@ -71,6 +71,14 @@ pub struct FederatedLearningJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_TRAINING_WORKERS))]
     pub min_clients: Option<i64>,
+    /// How weights travel between the workers: `f32` (exact), `f16` (half the bytes) or
+    /// `int8` (a quarter, quantized per tensor). Default `f32`.
+    #[serde(
+        default,
+        rename = "updateEncoding",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub update_encoding: Option<UpdateEncoding>,
     /// How long a round waits for updates. When it passes with at least `minClients` updates
     /// the round closes without the stragglers; with fewer, the round fails. Default: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -146,6 +154,18 @@ pub struct Aggregation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::common::key_values_schema")]
     pub parameters: Vec<KeyValue>,
+}
+
+/// Encodings of weights on the wire.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum UpdateEncoding {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// 8-bit, quantized per tensor.
+    Int8,
 }
 
 /// Aggregation algorithms.
