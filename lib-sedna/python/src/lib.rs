@@ -1041,6 +1041,71 @@ impl FederatedLearning {
     }
 }
 
+/// run_federated_client(job, worker, estimator, encoding="f32", address=None, proxy=None,
+/// target=None) -> list[(round, metrics)]
+///
+/// Runs a federated-learning client to the end of the job with lib-sedna's transport (the
+/// same loop as the Rust training worker: joins, answers each round with `estimator`,
+/// reconnects with jittered backoff): to the aggregator at `address` (`host:port`), or
+/// through the node's cloud proxy `proxy` to tunnel `target`. The estimator is as for
+/// `FederatedLearning`. Returns the training metrics of every round answered; the estimator
+/// then holds the final weights. Raises FederatedLearningError when the job fails for good.
+#[pyfunction]
+#[pyo3(signature = (job, worker, estimator, encoding = "f32", address = None, proxy = None, target = None))]
+#[allow(clippy::too_many_arguments)] // Python's keyword arguments
+fn run_federated_client(
+    py: Python<'_>,
+    job: &str,
+    worker: &str,
+    estimator: Py<PyAny>,
+    encoding: &str,
+    address: Option<String>,
+    proxy: Option<String>,
+    target: Option<String>,
+) -> PyResult<Vec<(u32, BTreeMap<String, f64>)>> {
+    let encoding = parse_encoding(encoding)?;
+    enum Route {
+        Direct(String),
+        Tunnel(String, String),
+    }
+    let route = match (address, proxy, target) {
+        (Some(address), _, _) => Route::Direct(address),
+        (None, Some(proxy), Some(target)) => Route::Tunnel(proxy, target),
+        _ => {
+            return Err(FederatedLearningError::new_err(
+                "no aggregator: give address=host:port, or proxy= and target=",
+            ));
+        }
+    };
+    let route = Arc::new(route);
+    let client =
+        fl::FederatedLearning::new(job, worker, PyEstimator { object: estimator }, encoding);
+    let rt = runtime()?;
+    let connect = move || {
+        let route = route.clone();
+        async move {
+            match &*route {
+                Route::Direct(address) => {
+                    let stream = tokio::net::TcpStream::connect(address).await?;
+                    stream.set_nodelay(true)?;
+                    Ok(stream)
+                }
+                Route::Tunnel(proxy, target) => sedna::cloud::proxy_connect(proxy, target).await,
+            }
+        }
+    };
+    let done = py
+        .detach(move || {
+            rt.block_on(fl::client::run(
+                client,
+                connect,
+                fl::client::ClientOptions::default(),
+            ))
+        })
+        .map_err(err(FederatedLearningError::new_err))?;
+    Ok(done.history().to_vec())
+}
+
 /// train_frame(round, weights, settings=None, encoding="f32") -> bytes
 ///
 /// The aggregator's "train" frame (for tests and simple servers).
@@ -1743,6 +1808,7 @@ fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(hem_names, m)?)?;
     m.add_function(wrap_pyfunction!(serve_cloud, m)?)?;
     m.add_function(wrap_pyfunction!(train_frame, m)?)?;
+    m.add_function(wrap_pyfunction!(run_federated_client, m)?)?;
     m.add_function(wrap_pyfunction!(decode_frame, m)?)?;
     m.add_function(wrap_pyfunction!(config_from_env, m)?)?;
     m.add_function(wrap_pyfunction!(parse_txt_index, m)?)?;
