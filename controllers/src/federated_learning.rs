@@ -75,14 +75,15 @@ fn labels(job: &FederatedLearningJob, worker: &str) -> BTreeMap<String, String> 
     ])
 }
 
-/// The aggregator's port: `sedna.io/aggregator-port`, else derived from the job's name.
+/// The aggregator's port: `sedna.io/aggregator-port`, else derived from the job's kind,
+/// namespace and name (a JointInferenceService of the same name gets another port).
 pub fn aggregator_port(job: &FederatedLearningJob) -> Result<u16, Error> {
-    workers::endpoint_port(
-        job.annotations(),
-        PORT_ANNOTATION,
-        &job.namespace().unwrap_or_default(),
-        &job.name_any(),
-    )
+    let key = format!(
+        "federatedlearningjob/{}/{}",
+        job.namespace().unwrap_or_default(),
+        job.name_any()
+    );
+    workers::endpoint_port(job.annotations(), PORT_ANNOTATION, &key)
 }
 
 /// Refuses what the schema cannot: `minClients` above the number of training workers.
@@ -737,6 +738,20 @@ mod tests {
             serde_json::json!({"aggregator": "digits-aggregator:23456"})
         );
         assert!(trainer_pod(&job, 3, &inputs(), "10.0.0.7").is_err());
+    }
+
+    #[test]
+    fn a_job_and_a_joint_inference_service_of_the_same_name_get_different_ports() {
+        let job = job();
+        let ji: sedna_api::joint_inference::JointInferenceService = serde_norway::from_str(
+            "apiVersion: sedna.io/v1alpha1\nkind: JointInferenceService\nmetadata: {name: digits, namespace: default}\n\
+             spec: {edgeWorker: {model: {name: a}, hardExampleMining: {name: EdgeOnly}, template: {}}, cloudWorker: {model: {name: b}, template: {}}}",
+        )
+        .unwrap();
+        assert_ne!(
+            aggregator_port(&job).unwrap(),
+            crate::joint_inference::cloud_port(&ji).unwrap()
+        );
     }
 
     #[test]

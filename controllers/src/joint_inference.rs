@@ -58,12 +58,8 @@ pub const WORKER_LABEL: &str = "sedna.io/worker";
 
 /// The cloud worker's port for a service.
 pub fn cloud_port(ji: &JointInferenceService) -> Result<u16, Error> {
-    crate::workers::endpoint_port(
-        ji.annotations(),
-        PORT_ANNOTATION,
-        &ji.namespace().unwrap_or_default(),
-        &ji.name_any(),
-    )
+    let key = format!("{}/{}", ji.namespace().unwrap_or_default(), ji.name_any());
+    crate::workers::endpoint_port(ji.annotations(), PORT_ANNOTATION, &key)
 }
 
 fn owner(ji: &JointInferenceService) -> Option<OwnerReference> {

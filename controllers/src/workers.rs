@@ -274,18 +274,18 @@ pub async fn ensure_pod(
 }
 
 /// A port for a workload's cloud endpoint: `annotation` when the workload sets it, else
-/// derived from `namespace/name` (20000–29999), so several workloads share a node.
+/// derived from `key` (20000–29999; the key names the workload, e.g. `namespace/name`, and
+/// its kind where two kinds may share a name), so several workloads share a node.
 pub fn endpoint_port(
     annotations: &BTreeMap<String, String>,
     annotation: &str,
-    namespace: &str,
-    name: &str,
+    key: &str,
 ) -> Result<u16, Error> {
     if let Some(value) = annotations.get(annotation) {
         return value.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| {
             Error::Invalid(format!("annotation {annotation}={value:?} is not a port"))
         });
     }
-    let digest = Sha256::digest(format!("{namespace}/{name}").as_bytes());
+    let digest = Sha256::digest(key.as_bytes());
     Ok(20_000 + u16::from_be_bytes([digest[0], digest[1]]) % 10_000)
 }
