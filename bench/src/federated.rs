@@ -250,7 +250,7 @@ fn main() -> Result<()> {
     let f32_run = ours(&args, "f32", None)?;
     eprintln!("this platform, int8 updates …");
     let int8_run = ours(&args, "int8", None)?;
-    eprintln!("Flower {} …", "1.42");
+    eprintln!("Flower 1.42 …");
     let flower = flower(&args)?;
     eprintln!("centralised …");
     let central = centralised(&args)?;

@@ -332,3 +332,43 @@ fn a_killed_aggregator_resumes_after_its_last_checkpointed_round() {
         );
     }
 }
+
+#[test]
+fn a_job_with_a_target_accuracy_stops_at_the_first_round_that_reaches_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agg, port) = aggregator(
+        dir.path(),
+        10,
+        &[
+            ("SEDNA_FL_TARGET_METRIC", "accuracy"),
+            ("SEDNA_FL_TARGET_VALUE", "0.85"),
+        ],
+        0,
+    );
+    let mut procs = Procs(vec![agg]);
+    for k in 0..3 {
+        procs.0.push(trainer(dir.path(), k, port));
+    }
+    exit_ok(&mut procs.0[0], "aggregator", dir.path(), "aggregator.log");
+    for k in 0..3 {
+        let log = format!("client-{k}.log");
+        exit_ok(&mut procs.0[k + 1], &log.clone(), dir.path(), &log);
+    }
+    let accuracy: Vec<f64> = rounds(dir.path())
+        .iter()
+        .map(|r| r["test_accuracy"].as_f64().unwrap())
+        .collect();
+    eprintln!("held-out accuracy per round: {accuracy:?}");
+    assert!(accuracy.len() < 10, "{accuracy:?}");
+    let (last, before) = accuracy.split_last().unwrap();
+    assert!(*last >= 0.85, "{accuracy:?}");
+    assert!(before.iter().all(|a| *a < 0.85), "{accuracy:?}");
+    // The trainers got the model of the round that reached the target.
+    let final_model = std::fs::read(dir.path().join("final.onnx")).unwrap();
+    for k in 0..3 {
+        assert_eq!(
+            std::fs::read(dir.path().join(format!("client-{k}/final.onnx"))).unwrap(),
+            final_model
+        );
+    }
+}

@@ -55,6 +55,13 @@ pub struct AggregateArgs {
     /// Hyperparameters every round carries to the workers (`[{"key": …, "value": …}]`).
     #[arg(long, env = "SEDNA_FL_SETTINGS", default_value = "[]")]
     pub settings: String,
+    /// Stop once the global model's held-out metric (`accuracy`, `f1`, …) reaches
+    /// `--target-value` (needs TEST_DATASET_URL).
+    #[arg(long, env = "SEDNA_FL_TARGET_METRIC", requires = "target_value")]
+    pub target_metric: Option<String>,
+    /// The value of `--target-metric` that ends the job.
+    #[arg(long, env = "SEDNA_FL_TARGET_VALUE", requires = "target_metric")]
+    pub target_value: Option<f64>,
     /// Where checkpoints go (default: `file://<output dir>/checkpoints`).
     #[arg(long, env = "SEDNA_FL_CHECKPOINT_URL")]
     pub checkpoint_url: Option<String>,
@@ -156,6 +163,11 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
         },
     )
     .with_context(|| format!("loading {model_url}"))?;
+    if args.target_metric.is_some() && config.test_dataset_url.is_none() {
+        bail!(
+            "SEDNA_FL_TARGET_METRIC needs TEST_DATASET_URL: the target is measured on held-out data"
+        );
+    }
     let test = match &config.test_dataset_url {
         Some(url) => {
             let path = storage
@@ -271,7 +283,9 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
         if let Input::Disconnected(conn) = &input {
             writers.remove(conn);
         }
-        for output in server.step(input, started.elapsed()) {
+        let mut pending: std::collections::VecDeque<Output> =
+            server.step(input, started.elapsed()).into();
+        while let Some(output) = pending.pop_front() {
             match output {
                 Output::Send { conn, message } => {
                     let encoding = server.encoding_for(conn);
@@ -310,6 +324,12 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
                         reporter
                             .report(status(&summary, &line, "Running", None))
                             .await;
+                    }
+                    if let (Some(metric), Some(value)) = (&args.target_metric, args.target_value)
+                        && evaluation.get(metric).is_some_and(|v| *v >= value)
+                    {
+                        tracing::info!(round = summary.round, %metric, value, "target reached: stopping");
+                        pending.extend(server.stop());
                     }
                 }
                 Output::Finished { round } => {

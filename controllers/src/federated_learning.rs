@@ -96,6 +96,12 @@ pub fn validate(job: &FederatedLearningJob) -> Result<(), String> {
             "minClients {min} is more than the {workers} training workers"
         ));
     }
+    if job.spec.target.is_some() && job.spec.aggregation_worker.test_dataset.is_none() {
+        return Err(
+            "target needs aggregationWorker.testDataset: the target is measured on held-out data"
+                .into(),
+        );
+    }
     Ok(())
 }
 
@@ -155,6 +161,10 @@ pub fn aggregator_pod(job: &FederatedLearningJob, inputs: &JobInputs) -> Result<
     }
     if let Some(encoding) = encoding(job) {
         env.push(("SEDNA_FL_ENCODING".into(), encoding));
+    }
+    if let Some(target) = &job.spec.target {
+        env.push(("SEDNA_FL_TARGET_METRIC".into(), target.metric.clone()));
+        env.push(("SEDNA_FL_TARGET_VALUE".into(), target.value.to_string()));
     }
     workers::build_pod(&PodPlan {
         owner: owner(job),
@@ -763,5 +773,20 @@ mod tests {
             validate(&job).unwrap_err(),
             "minClients 4 is more than the 3 training workers"
         );
+    }
+
+    #[test]
+    fn a_target_is_passed_to_the_aggregator_and_needs_a_test_dataset() {
+        let mut job = job();
+        job.spec.target = Some(sedna_api::federated_learning::Target {
+            metric: "accuracy".into(),
+            value: 0.95,
+        });
+        let env = env(&aggregator_pod(&job, &inputs()).unwrap());
+        assert_eq!(env["SEDNA_FL_TARGET_METRIC"], "accuracy");
+        assert_eq!(env["SEDNA_FL_TARGET_VALUE"], "0.95");
+        assert!(validate(&job).is_ok());
+        job.spec.aggregation_worker.test_dataset = None;
+        assert!(validate(&job).unwrap_err().contains("testDataset"));
     }
 }

@@ -71,6 +71,10 @@ pub struct FederatedLearningJobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_TRAINING_WORKERS))]
     pub min_clients: Option<i64>,
+    /// Stop before `rounds` once the global model reaches this held-out figure (measured on
+    /// `aggregationWorker.testDataset` after every round).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
     /// How weights travel between the workers: `f32` (exact), `f16` (half the bytes) or
     /// `int8` (a quarter, quantized per tensor). Default `f32`.
     #[serde(
@@ -154,6 +158,16 @@ pub struct Aggregation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::common::key_values_schema")]
     pub parameters: Vec<KeyValue>,
+}
+
+/// A held-out figure that ends a job early.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct Target {
+    /// The metric: `accuracy`, `f1`, `precision`, `recall`, or a per-class one (`f1_3`).
+    #[schemars(length(min = 1, max = 64), regex(pattern = r"^[a-z0-9_]+$"))]
+    pub metric: String,
+    /// The value at or above which the job stops.
+    pub value: f64,
 }
 
 /// Encodings of weights on the wire.

@@ -297,6 +297,31 @@ impl Server {
         }
     }
 
+    /// Ends the job now, after the last closed round (a target metric was reached): the
+    /// global weights are final, every connected client gets them; a round under way is
+    /// abandoned (late answers are refused).
+    pub fn stop(&mut self) -> Vec<Output> {
+        if matches!(self.phase, Phase::Finished { .. } | Phase::Failed { .. }) {
+            return Vec::new();
+        }
+        let round = self.completed;
+        self.answers.clear();
+        self.phase = Phase::Finished { round };
+        let mut out: Vec<Output> = self
+            .connected()
+            .into_iter()
+            .map(|(_, conn)| Output::Send {
+                conn,
+                message: Message::Finish {
+                    round,
+                    weights: self.global.clone(),
+                },
+            })
+            .collect();
+        out.push(Output::Finished { round });
+        out
+    }
+
     /// Handles one input at time `now` (any monotonic clock, as an offset).
     pub fn step(&mut self, input: Input, now: Duration) -> Vec<Output> {
         let mut out = Vec::new();
@@ -1023,6 +1048,35 @@ mod tests {
             rejection(&out, 2).unwrap().0,
             "job digits takes at most 1 workers"
         );
+    }
+
+    #[test]
+    fn stopping_at_a_target_finishes_with_the_last_closed_round() {
+        let mut s = server(10, 2, 2, None);
+        join(&mut s, 1, "edge-1", 0);
+        join(&mut s, 2, "edge-2", 0);
+        update(&mut s, 1, 1, 10, 2.0, 1);
+        let out = update(&mut s, 2, 1, 10, 4.0, 1);
+        assert_eq!(trains(&out), vec![(1, 2), (2, 2)], "round 2 started");
+        let out = s.stop();
+        assert_eq!(out.last(), Some(&Output::Finished { round: 1 }));
+        assert_eq!(
+            out.iter()
+                .filter(|o| matches!(
+                    o,
+                    Output::Send {
+                        message: Message::Finish { round: 1, .. },
+                        ..
+                    }
+                ))
+                .count(),
+            2
+        );
+        assert_eq!(s.global(), &w(3.0));
+        // A late answer to the abandoned round is refused; stopping again does nothing.
+        assert!(rejection(&update(&mut s, 1, 2, 10, 9.0, 2), 1).is_some());
+        assert!(s.stop().is_empty());
+        assert_eq!(s.global(), &w(3.0));
     }
 
     #[test]
