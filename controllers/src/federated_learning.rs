@@ -24,13 +24,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Patch, PatchParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, Client, Resource, ResourceExt};
 use sedna_api::common::{Condition, ConditionStatus, WorkloadPhase, set_condition};
 use sedna_api::dataset::Dataset;
@@ -38,7 +36,7 @@ use sedna_api::federated_learning::FederatedLearningJob;
 use sedna_api::model::Model;
 
 use crate::Error;
-use crate::workers::{self, ENDPOINTS_ANNOTATION, Events, PodPlan, Stopped, pod_phase};
+use crate::workers::{self, Context, ENDPOINTS_ANNOTATION, PodPlan, Stopped, pod_phase};
 
 /// Annotation choosing the aggregator's port.
 pub const PORT_ANNOTATION: &str = "sedna.io/aggregator-port";
@@ -235,20 +233,6 @@ pub fn trainer_pod(
         node: Some(node).filter(|_| template.spec.as_ref().is_none_or(|s| s.node_name.is_none())),
         restart_policy: Some("OnFailure"),
     })
-}
-
-struct Context {
-    client: Client,
-    recorder: Recorder,
-}
-
-impl Context {
-    fn events(&self, job: &FederatedLearningJob) -> Events<'_> {
-        Events {
-            recorder: &self.recorder,
-            object: job.object_ref(&()),
-        }
-    }
 }
 
 /// What the controller concluded, to write into the status.
@@ -475,7 +459,7 @@ async fn reconcile(job: Arc<FederatedLearningJob>, ctx: Arc<Context>) -> Result<
         port,
     };
 
-    let events = ctx.events(&job);
+    let events = ctx.events(&*job);
     let aggregator = workers::ensure_pod(
         &pods,
         &events,
@@ -605,39 +589,19 @@ async fn reconcile(job: Arc<FederatedLearningJob>, ctx: Arc<Context>) -> Result<
     })
 }
 
-fn error_policy(job: Arc<FederatedLearningJob>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(job = %job.name_any(), %error, "federated learning reconcile failed");
-    Action::requeue(crate::backoff(2))
-}
-
 /// Runs the FederatedLearningJob controller until `shutdown`.
 pub async fn run(
     client: Client,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "sedna-gm".into(),
-            instance: None,
-        },
-    );
-    let jobs: Api<FederatedLearningJob> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
-    Controller::new(jobs, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels(JOB_LABEL))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { client, recorder }),
-        )
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile");
-            }
-        })
-        .await;
+    workers::run_owning_pods::<FederatedLearningJob, _>(
+        client,
+        JOB_LABEL,
+        "federated learning",
+        reconcile,
+        shutdown,
+    )
+    .await;
 }
 
 #[cfg(test)]

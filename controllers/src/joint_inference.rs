@@ -25,13 +25,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use kube::{Api, Client, Resource, ResourceExt};
 use sedna_api::common::{Condition, ConditionStatus, WorkloadPhase, set_condition};
 use sedna_api::joint_inference::JointInferenceService;
@@ -164,31 +162,7 @@ pub fn cloud_service(ji: &JointInferenceService, port: u16) -> Service {
     }
 }
 
-use crate::workers::pod_phase;
-
-struct Context {
-    client: Client,
-    recorder: Recorder,
-}
-
-impl Context {
-    fn events(&self, ji: &JointInferenceService) -> crate::workers::Events<'_> {
-        crate::workers::Events {
-            recorder: &self.recorder,
-            object: ji.object_ref(&()),
-        }
-    }
-
-    async fn event(
-        &self,
-        ji: &JointInferenceService,
-        type_: EventType,
-        reason: &str,
-        note: String,
-    ) {
-        self.events(ji).publish(type_, reason, note).await;
-    }
-}
+use crate::workers::{self, Context, pod_phase};
 
 async fn set_status(
     api: &Api<JointInferenceService>,
@@ -243,7 +217,9 @@ async fn fail(
     });
     set_status(api, ji, WorkloadPhase::Failed, 0, 0, condition).await?;
     if !already {
-        ctx.event(ji, EventType::Warning, reason, message).await;
+        ctx.events(ji)
+            .publish(EventType::Warning, reason, message)
+            .await;
     }
     Ok(Action::requeue(Duration::from_secs(30)))
 }
@@ -446,13 +422,13 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
     };
     let became = set_status(&api, &ji, phase, active, failed, ready).await?;
     if became && phase == WorkloadPhase::Running {
-        ctx.event(
-            &ji,
-            EventType::Normal,
-            "Running",
-            "cloud and edge workers are running".into(),
-        )
-        .await;
+        ctx.events(&*ji)
+            .publish(
+                EventType::Normal,
+                "Running",
+                "cloud and edge workers are running".into(),
+            )
+            .await;
     }
     Ok(if phase == WorkloadPhase::Running {
         Action::requeue(Duration::from_secs(60))
@@ -461,39 +437,19 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
     })
 }
 
-fn error_policy(ji: Arc<JointInferenceService>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(service = %ji.name_any(), %error, "joint inference reconcile failed");
-    Action::requeue(crate::backoff(2))
-}
-
 /// Runs the JointInferenceService controller until `shutdown`.
 pub async fn run(
     client: Client,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "sedna-gm".into(),
-            instance: None,
-        },
-    );
-    let services: Api<JointInferenceService> = Api::all(client.clone());
-    let pods: Api<Pod> = Api::all(client.clone());
-    Controller::new(services, watcher::Config::default())
-        .owns(pods, watcher::Config::default().labels(SERVICE_LABEL))
-        .graceful_shutdown_on(shutdown)
-        .run(
-            reconcile,
-            error_policy,
-            Arc::new(Context { client, recorder }),
-        )
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile");
-            }
-        })
-        .await;
+    workers::run_owning_pods::<JointInferenceService, _>(
+        client,
+        SERVICE_LABEL,
+        "joint inference",
+        reconcile,
+        shutdown,
+    )
+    .await;
 }
 
 #[cfg(test)]

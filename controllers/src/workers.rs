@@ -6,14 +6,19 @@
 //! an Event on the workload.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
 
 use k8s_openapi::api::core::v1::{
     EnvVar, Node, ObjectReference, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
-use kube::{Api, Client, ResourceExt};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
 use sedna_api::common::WorkerTemplate;
 use sha2::{Digest, Sha256};
 
@@ -211,6 +216,73 @@ impl Events<'_> {
             tracing::debug!(error = %e, "event not recorded");
         }
     }
+}
+
+/// What a workload controller's reconcile gets: the client and the Event recorder.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// Records Events as `sedna-gm`.
+    pub recorder: Recorder,
+}
+
+impl Context {
+    /// Events about `object`.
+    pub fn events<K: Resource<DynamicType = ()>>(&self, object: &K) -> Events<'_> {
+        Events {
+            recorder: &self.recorder,
+            object: object.object_ref(&()),
+        }
+    }
+}
+
+/// Runs a workload controller until `shutdown`: `reconcile` on every change of a `K` or of a
+/// pod labelled `label` that it owns; a failed reconcile is logged (as `what`) and retried
+/// after a growing, jittered delay.
+pub async fn run_owning_pods<K, F>(
+    client: Client,
+    label: &str,
+    what: &'static str,
+    reconcile: impl FnMut(Arc<K>, Arc<Context>) -> F,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    F: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "sedna-gm".into(),
+            instance: None,
+        },
+    );
+    let error_policy = move |object: Arc<K>, error: &Error, _: Arc<Context>| {
+        tracing::warn!(%what, name = %object.name_any(), %error, "reconcile failed");
+        Action::requeue(crate::backoff(2))
+    };
+    Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
+        .owns(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().labels(label),
+        )
+        .graceful_shutdown_on(shutdown)
+        .run(
+            reconcile,
+            error_policy,
+            Arc::new(Context { client, recorder }),
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile");
+            }
+        })
+        .await;
 }
 
 /// What to do with a worker that has stopped.
