@@ -116,6 +116,16 @@ fn trainer(dir: &Path, k: usize, port: u16) -> Child {
         .unwrap()
 }
 
+/// An aggregator (see [`aggregator`]) and the three trainers, connected to it.
+fn job(dir: &Path, rounds: u32, extra: &[(&str, &str)]) -> (Procs, u16) {
+    let (agg, port) = aggregator(dir, rounds, extra, 0);
+    let mut procs = Procs(vec![agg]);
+    for k in 0..3 {
+        procs.0.push(trainer(dir, k, port));
+    }
+    (procs, port)
+}
+
 fn rounds(dir: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(dir.join("aggregator/rounds.jsonl"))
         .unwrap_or_default()
@@ -244,19 +254,14 @@ fn an_unknown_aggregation_algorithm_is_refused_with_its_name() {
 #[test]
 fn a_killed_trainer_is_left_behind_at_the_round_timeout_and_the_job_finishes() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg, port) = aggregator(
+    let (mut procs, _) = job(
         dir.path(),
         3,
         &[
             ("SEDNA_FL_MIN_CLIENTS", "2"),
             ("SEDNA_FL_ROUND_TIMEOUT_SECONDS", "4"),
         ],
-        0,
     );
-    let mut procs = Procs(vec![agg]);
-    for k in 0..3 {
-        procs.0.push(trainer(dir.path(), k, port));
-    }
     wait_for("round 1", Duration::from_secs(120), || {
         !rounds(dir.path()).is_empty()
     });
@@ -291,11 +296,7 @@ fn a_killed_trainer_is_left_behind_at_the_round_timeout_and_the_job_finishes() {
 #[test]
 fn a_killed_aggregator_resumes_after_its_last_checkpointed_round() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg, port) = aggregator(dir.path(), 3, &[], 0);
-    let mut procs = Procs(vec![agg]);
-    for k in 0..3 {
-        procs.0.push(trainer(dir.path(), k, port));
-    }
+    let (mut procs, port) = job(dir.path(), 3, &[]);
     wait_for("round 1", Duration::from_secs(120), || {
         !rounds(dir.path()).is_empty()
     });
@@ -336,19 +337,14 @@ fn a_killed_aggregator_resumes_after_its_last_checkpointed_round() {
 #[test]
 fn a_job_with_a_target_accuracy_stops_at_the_first_round_that_reaches_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg, port) = aggregator(
+    let (mut procs, _) = job(
         dir.path(),
         10,
         &[
             ("SEDNA_FL_TARGET_METRIC", "accuracy"),
             ("SEDNA_FL_TARGET_VALUE", "0.85"),
         ],
-        0,
     );
-    let mut procs = Procs(vec![agg]);
-    for k in 0..3 {
-        procs.0.push(trainer(dir.path(), k, port));
-    }
     exit_ok(&mut procs.0[0], "aggregator", dir.path(), "aggregator.log");
     for k in 0..3 {
         let log = format!("client-{k}.log");

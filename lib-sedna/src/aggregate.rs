@@ -489,19 +489,6 @@ pub struct Krum {
     pub keep: usize,
 }
 
-fn squared_distance(a: &Weights, b: &Weights) -> f64 {
-    a.tensors()
-        .iter()
-        .zip(b.tensors())
-        .map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y.iter())
-                .map(|(p, q)| f64::from(p - q).powi(2))
-                .sum::<f64>()
-        })
-        .sum()
-}
-
 impl Krum {
     /// Krum scores (sum of squared distances to the n − f − 2 nearest others), per update.
     pub fn scores(&self, updates: &[Update]) -> Result<Vec<f64>, AggregateError> {
@@ -517,7 +504,7 @@ impl Krum {
         let mut d = vec![vec![0.0f64; n]; n];
         for i in 0..n {
             for j in i + 1..n {
-                let x = squared_distance(&updates[i].weights, &updates[j].weights);
+                let x = updates[i].weights.squared_distance(&updates[j].weights);
                 d[i][j] = x;
                 d[j][i] = x;
             }

@@ -188,6 +188,21 @@ impl Weights {
         self.tensors.iter().find(|(n, _)| n == name).map(|(_, a)| a)
     }
 
+    /// The squared Euclidean distance to `other`, tensor by tensor in order (both must have
+    /// the same layout; extra tensors on either side are ignored).
+    pub fn squared_distance(&self, other: &Weights) -> f64 {
+        self.tensors
+            .iter()
+            .zip(&other.tensors)
+            .map(|((_, x), (_, y))| {
+                x.iter()
+                    .zip(y.iter())
+                    .map(|(p, q)| f64::from(p - q).powi(2))
+                    .sum::<f64>()
+            })
+            .sum()
+    }
+
     /// Number of tensors.
     pub fn len(&self) -> usize {
         self.tensors.len()

@@ -287,20 +287,6 @@ fn weights_round_trip_and_wrong_names_or_shapes_are_refused() {
     );
 }
 
-fn distance(a: &Weights, b: &Weights) -> f64 {
-    a.tensors()
-        .iter()
-        .zip(b.tensors())
-        .map(|((_, x), (_, y))| {
-            x.iter()
-                .zip(y.iter())
-                .map(|(p, q)| f64::from(p - q).powi(2))
-                .sum::<f64>()
-        })
-        .sum::<f64>()
-        .sqrt()
-}
-
 #[test]
 fn fedprox_keeps_the_weights_closer_to_where_training_started() {
     let data = train_split().select(&(0..2000).collect::<Vec<_>>());
@@ -314,7 +300,7 @@ fn fedprox_keeps_the_weights_closer_to_where_training_started() {
             ("fedprox_mu", mu),
         ]);
         trainer.fit(&data, &c, &mut |_| {}).unwrap();
-        distance(&start, &trainer.weights().unwrap())
+        start.squared_distance(&trainer.weights().unwrap()).sqrt()
     };
     let free = moved("0");
     let proximal = moved("1.0");

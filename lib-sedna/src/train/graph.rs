@@ -386,12 +386,7 @@ impl Program {
             });
         }
         // Parameters in file order.
-        let order: HashMap<&str, usize> = model
-            .floats
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.name.as_str(), i))
-            .collect();
+        let order = model.file_order();
         params.sort_by_key(|p| order.get(p.as_str()).copied().unwrap_or(usize::MAX));
         Ok(Program {
             input,

@@ -177,6 +177,15 @@ impl OnnxModel {
         })
     }
 
+    /// Each float initializer's position in the file, by name (parameters are listed in it).
+    pub(crate) fn file_order(&self) -> HashMap<&str, usize> {
+        self.floats
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.as_str(), i))
+            .collect()
+    }
+
     /// The file's bytes with the named initializers' values replaced (same length; nothing else
     /// changes). Every name must be a float initializer with the same number of values.
     pub(crate) fn with_values<'a>(

@@ -129,12 +129,7 @@ impl TchBackend {
             )));
         }
         // ONNX order, as the candle backend reports them.
-        let order: HashMap<&str, usize> = model
-            .floats
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.name.as_str(), i))
-            .collect();
+        let order = model.file_order();
         params.sort_by_key(|p| order.get(p.onnx.as_str()).copied().unwrap_or(usize::MAX));
 
         let mut backend = TchBackend {
