@@ -167,6 +167,11 @@ impl ApiError {
         )
     }
 
+    /// 413 RequestEntityTooLarge, for a reason other than the body's own size.
+    pub fn too_large_because(message: impl Into<String>) -> Self {
+        Self::new(413, "RequestEntityTooLarge", message)
+    }
+
     /// 415 UnsupportedMediaType.
     pub fn unsupported_media_type(message: impl Into<String>) -> Self {
         Self::new(415, "UnsupportedMediaType", message)

@@ -775,16 +775,18 @@ pub async fn patch(api: &Api, call: &Call) -> Result<Reply, ApiError> {
         attempt += 1;
         let current = api.store.get(&call.key()).ok_or_else(|| call.not_found())?;
         let live = served(&call.t, &current.value);
+        let limits = patch_limits(api);
         let patched = match patch_type {
             PatchType::Merge => patch::merge(&live, &body),
-            PatchType::Json => patch::json(&live, &body).map_err(|e| {
-                ApiError::invalid_field(&call.t.kind, &call.t.group, call.name(), "", &e)
-            })?,
+            PatchType::Json => {
+                patch::json(&live, &body, &limits).map_err(|e| patch_error(call, e))?
+            }
             PatchType::Strategic => {
                 patch::strategic(&call.t, &live, &body).map_err(ApiError::bad_request)?
             }
             PatchType::Apply => unreachable!("handled above"),
         };
+        patch::check_result(&patched, &limits).map_err(|e| patch_error(call, e))?;
         // A patch carrying a resourceVersion is a precondition.
         if let Some(rv) = body
             .pointer("/metadata/resourceVersion")
@@ -800,6 +802,25 @@ pub async fn patch(api: &Api, call: &Call) -> Result<Reply, ApiError> {
         match commit_update(api, call, &current, patched, Some(&call.manager())).await {
             Err(e) if e.code == 409 && e.reason == "Conflict" && attempt < 5 => continue,
             other => return other,
+        }
+    }
+}
+
+/// What a patch result is held to on this server.
+fn patch_limits(api: &Api) -> patch::Limits {
+    patch::Limits {
+        max_bytes: api.config.max_body_bytes,
+    }
+}
+
+/// A refused patch: 413 when it is too big (as Kubernetes answers), else 422 with the reason.
+fn patch_error(call: &Call, e: patch::PatchError) -> ApiError {
+    match e {
+        patch::PatchError::TooManyOperations(_) | patch::PatchError::TooLarge(_) => {
+            ApiError::too_large_because(e.to_string())
+        }
+        patch::PatchError::Invalid(_) | patch::PatchError::TooDeep => {
+            ApiError::invalid_field(&call.t.kind, &call.t.group, call.name(), "", &e.to_string())
         }
     }
 }
@@ -876,6 +897,7 @@ async fn server_side_apply(api: &Api, call: &Call, body: Value) -> Result<Reply,
                 e.message = why;
                 e
             })?;
+        patch::check_result(&merged, &patch_limits(api)).map_err(|e| patch_error(call, e))?;
         let result = match &current {
             None => {
                 if call.path.subresource.is_some() {

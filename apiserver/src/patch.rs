@@ -1,5 +1,11 @@
 //! Patches: JSON merge patch (RFC 7386), JSON patch (RFC 6902, with Kubernetes' reading of a
 //! `test` against `null`), and strategic merge patch for built-in kinds.
+//!
+//! A patch is hostile input: a few kilobytes of JSON patch `copy` operations that copy a value
+//! into itself double the document per operation. Every patch result is held to
+//! [`Limits`] — operations counted before any is applied, a `copy`'s growth measured before it
+//! is made, and the result's depth and size checked — so a patch bomb is refused with a reason
+//! instead of exhausting the stack or the memory.
 
 use serde_json::{Map, Value};
 
@@ -32,6 +38,104 @@ impl PatchType {
     }
 }
 
+/// The most operations a JSON patch may carry (as in Kubernetes).
+pub const MAX_JSON_PATCH_OPERATIONS: usize = 10_000;
+
+/// The deepest nesting of objects and arrays a patched object may reach. Request bodies are
+/// read with a limit of 128 levels, so a stored object deeper than that could not be read back.
+pub const MAX_DEPTH: usize = 100;
+
+/// What a patch result is held to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// The result's largest size, as JSON (the server uses its request body limit).
+    pub max_bytes: usize,
+}
+
+/// Why a patch was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    /// The patch is malformed or does not apply (a failed `test`, a missing path…).
+    #[error("{0}")]
+    Invalid(String),
+    /// A JSON patch with more than [`MAX_JSON_PATCH_OPERATIONS`] operations.
+    #[error(
+        "the allowed maximum operations in a JSON patch is {MAX_JSON_PATCH_OPERATIONS}, got {0}"
+    )]
+    TooManyOperations(usize),
+    /// The result would be larger than [`Limits::max_bytes`].
+    #[error("the patched object would be larger than the limit of {0} bytes")]
+    TooLarge(usize),
+    /// The result would nest deeper than [`MAX_DEPTH`].
+    #[error("the patched object would nest deeper than {MAX_DEPTH} levels")]
+    TooDeep,
+}
+
+/// Checks a patch result against the limits (depth first, without recursion; then its size,
+/// counted while serializing and abandoned at the limit).
+pub fn check_result(value: &Value, limits: &Limits) -> Result<(), PatchError> {
+    if depth_exceeds(value, MAX_DEPTH) {
+        return Err(PatchError::TooDeep);
+    }
+    if size_exceeds(value, limits.max_bytes) {
+        return Err(PatchError::TooLarge(limits.max_bytes));
+    }
+    Ok(())
+}
+
+/// Whether `value` nests more than `max` levels (a scalar is 0, `{}` or `[]` is 1).
+fn depth_exceeds(value: &Value, max: usize) -> bool {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, above)) = stack.pop() {
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Object(m) => Box::new(m.values()),
+            Value::Array(a) => Box::new(a.iter()),
+            _ => continue,
+        };
+        if above + 1 > max {
+            return true;
+        }
+        stack.extend(children.map(|c| (c, above + 1)));
+    }
+    false
+}
+
+/// A writer that counts bytes and fails once more than `limit` were written.
+struct Counter {
+    written: usize,
+    limit: usize,
+}
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written += buf.len();
+        if self.written > self.limit {
+            return Err(std::io::Error::other("limit"));
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The size of `value` as compact JSON, if at most `limit` (call only on values whose depth
+/// is bounded: serialization recurses).
+fn size_within(value: &Value, limit: usize) -> Option<usize> {
+    let mut counter = Counter { written: 0, limit };
+    serde_json::to_writer(&mut counter, value).ok()?;
+    Some(counter.written)
+}
+
+fn size_exceeds(value: &Value, limit: usize) -> bool {
+    size_within(value, limit).is_none()
+}
+
+/// Containers a JSON pointer passes through.
+fn pointer_depth(pointer: &str) -> usize {
+    pointer.matches('/').count()
+}
+
 /// Applies a JSON merge patch.
 pub fn merge(target: &Value, patch: &Value) -> Value {
     let mut out = target.clone();
@@ -40,20 +144,58 @@ pub fn merge(target: &Value, patch: &Value) -> Value {
 }
 
 /// Applies a JSON patch. A `test` of a missing path against `null` passes, as Kubernetes
-/// (and kube-rs' finalizer helper) expect.
-pub fn json(target: &Value, patch: &Value) -> Result<Value, String> {
-    let ops: Vec<json_patch::PatchOperation> =
-        serde_json::from_value(patch.clone()).map_err(|e| format!("invalid JSON patch: {e}"))?;
-    let mut doc = target.clone();
-    for op in ops {
-        if let json_patch::PatchOperation::Test(test) = &op
-            && test.value.is_null()
-            && doc.pointer(test.path.as_str()).is_none()
-        {
-            continue;
-        }
-        json_patch::patch(&mut doc, &[op]).map_err(|e| e.to_string())?;
+/// (and kube-rs' finalizer helper) expect. The operations are counted before any is applied;
+/// each `add`, `replace`, `copy` and `move` is checked against [`MAX_DEPTH`] before it is made,
+/// and each `copy`'s growth against `limits.max_bytes`; the result is checked with
+/// [`check_result`].
+pub fn json(target: &Value, patch: &Value, limits: &Limits) -> Result<Value, PatchError> {
+    use json_patch::PatchOperation as Op;
+    let count = patch.as_array().map_or(0, Vec::len);
+    if count > MAX_JSON_PATCH_OPERATIONS {
+        return Err(PatchError::TooManyOperations(count));
     }
+    let ops: Vec<Op> = serde_json::from_value(patch.clone())
+        .map_err(|e| PatchError::Invalid(format!("invalid JSON patch: {e}")))?;
+    let mut doc = target.clone();
+    // What the document may still grow by through copies (adds and replaces are bounded by
+    // the patch itself, which is within the request limit).
+    let mut budget = limits
+        .max_bytes
+        .saturating_sub(size_within(&doc, limits.max_bytes).unwrap_or(limits.max_bytes));
+    for op in ops {
+        let missing = |from: &str| PatchError::Invalid(format!("path {from:?} does not exist"));
+        let (path, value) = match &op {
+            Op::Test(test) if test.value.is_null() && doc.pointer(test.path.as_str()).is_none() => {
+                continue;
+            }
+            Op::Add(add) => (add.path.as_str(), Some(&add.value)),
+            Op::Replace(replace) => (replace.path.as_str(), Some(&replace.value)),
+            Op::Copy(copy) => {
+                let source = doc
+                    .pointer(copy.from.as_str())
+                    .ok_or_else(|| missing(copy.from.as_str()))?;
+                let size =
+                    size_within(source, budget).ok_or(PatchError::TooLarge(limits.max_bytes))?;
+                budget -= size;
+                (copy.path.as_str(), Some(source))
+            }
+            Op::Move(mv) => (
+                mv.path.as_str(),
+                Some(
+                    doc.pointer(mv.from.as_str())
+                        .ok_or_else(|| missing(mv.from.as_str()))?,
+                ),
+            ),
+            Op::Remove(_) | Op::Test(_) => ("", None),
+        };
+        if let Some(value) = value
+            && depth_exceeds(value, MAX_DEPTH.saturating_sub(pointer_depth(path)))
+        {
+            return Err(PatchError::TooDeep);
+        }
+        json_patch::patch(&mut doc, &[op]).map_err(|e| PatchError::Invalid(e.to_string()))?;
+    }
+    check_result(&doc, limits)?;
     Ok(doc)
 }
 
@@ -201,6 +343,68 @@ mod tests {
     use crate::registry::builtins;
     use serde_json::json;
 
+    const LIMITS: Limits = Limits {
+        max_bytes: 3 * 1024 * 1024,
+    };
+
+    #[test]
+    fn copies_of_a_value_into_itself_are_refused_before_the_stack_or_memory_runs_out() {
+        let doc = json!({ "metadata": { "name": "x" }, "spec": { "a": { "b": [1, 2, 3, 4] } } });
+        // Depth: each copy nests the value one level deeper inside itself (17 KB of ops).
+        let deeper: Vec<Value> = (0..400)
+            .map(|_| json!({ "op": "copy", "from": "/spec/a", "path": "/spec/a/a" }))
+            .collect();
+        assert_eq!(
+            json(&doc, &Value::Array(deeper), &LIMITS),
+            Err(PatchError::TooDeep)
+        );
+        // Memory: each copy appends the list to itself, doubling it (40 ops, 2 KB).
+        let doubling: Vec<Value> = (0..40)
+            .map(|_| json!({ "op": "copy", "from": "/spec/a/b", "path": "/spec/a/b/-" }))
+            .collect();
+        assert_eq!(
+            json(&doc, &Value::Array(doubling.clone()), &LIMITS),
+            Err(PatchError::TooLarge(LIMITS.max_bytes))
+        );
+        // A few of the same copies are an ordinary patch.
+        let out = json(&doc, &Value::Array(doubling[..3].to_vec()), &LIMITS).unwrap();
+        assert_eq!(out.pointer("/spec/a/b/4"), Some(&json!([1, 2, 3, 4])));
+        assert_eq!(out.pointer("/spec/a/b/6/5/4"), Some(&json!([1, 2, 3, 4])));
+        // Depth reached by moving a deep value deeper, or by adding one at a deep path.
+        let deep_value = (0..98).fold(json!(1), |v, _| json!([v]));
+        let add = json!([{ "op": "add", "path": "/spec/a/c", "value": deep_value }]);
+        assert_eq!(json(&doc, &add, &LIMITS), Err(PatchError::TooDeep));
+    }
+
+    #[test]
+    fn a_json_patch_of_more_than_ten_thousand_operations_is_refused_unapplied() {
+        let doc = json!({ "metadata": { "name": "x" } });
+        let ops = |n: usize| {
+            Value::Array(
+                (0..n)
+                    .map(|i| json!({ "op": "add", "path": format!("/k{}", i % 10), "value": i }))
+                    .collect(),
+            )
+        };
+        assert_eq!(
+            json(&doc, &ops(10_001), &LIMITS),
+            Err(PatchError::TooManyOperations(10_001))
+        );
+        assert!(json(&doc, &ops(10_000), &LIMITS).is_ok());
+    }
+
+    #[test]
+    fn results_of_any_patch_are_checked_for_depth_and_size() {
+        let deep = (0..120).fold(json!(1), |v, _| json!({ "a": v }));
+        assert_eq!(check_result(&deep, &LIMITS), Err(PatchError::TooDeep));
+        let shallow = (0..99).fold(json!(1), |v, _| json!({ "a": v }));
+        assert_eq!(check_result(&shallow, &LIMITS), Ok(()));
+        let big = json!({ "data": "x".repeat(100) });
+        let small = Limits { max_bytes: 64 };
+        assert_eq!(check_result(&big, &small), Err(PatchError::TooLarge(64)));
+        assert_eq!(check_result(&json!({ "data": "x" }), &small), Ok(()));
+    }
+
     fn pods() -> ResourceType {
         builtins()
             .into_iter()
@@ -224,11 +428,11 @@ mod tests {
             { "op": "test", "path": "/metadata/finalizers", "value": null },
             { "op": "add", "path": "/metadata/finalizers", "value": ["f"] }
         ]);
-        let out = json(&doc, &patch).unwrap();
+        let out = json(&doc, &patch, &LIMITS).unwrap();
         assert_eq!(out["metadata"]["finalizers"], json!(["f"]));
         let failing = json!([{ "op": "test", "path": "/metadata/name", "value": "y" }]);
-        assert!(json(&doc, &failing).is_err());
-        assert!(json(&doc, &json!({ "op": "add" })).is_err());
+        assert!(json(&doc, &failing, &LIMITS).is_err());
+        assert!(json(&doc, &json!({ "op": "add" }), &LIMITS).is_err());
     }
 
     #[test]

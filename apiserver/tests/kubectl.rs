@@ -146,11 +146,11 @@ async fn get_prints_the_crd_printer_columns() {
         !header.contains("ALGORITHM"),
         "priority-1 columns only with -o wide"
     );
-    let row = out.lines().nth(1).unwrap();
-    assert!(
-        row.starts_with("surface-defect-detection") && row.contains(" 20 "),
-        "{out}"
-    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("surface-defect-detection"))
+        .unwrap();
+    assert!(row.contains(" 20 "), "{out}");
     let wide = kubectl.ok(&["get", "fl", "-o", "wide"]);
     assert!(wide.contains("FedAvg"), "{wide}");
     let datasets = kubectl.ok(&["get", "datasets"]);

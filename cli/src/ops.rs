@@ -259,8 +259,15 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
         .counter_of(
             "unauthenticated",
             "Connections refused without a valid node certificate",
-            s,
+            s.clone(),
             |s: &S| &s.unauthenticated,
+        )
+        .counter_of(
+            "handshakes_dropped",
+            "Connections closed before their TLS handshake completed (over the bounds, \
+             evicted, silent or failed)",
+            s,
+            |s: &S| &s.handshakes_dropped,
         )
 }
 

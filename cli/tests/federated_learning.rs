@@ -48,6 +48,22 @@ fn a_federated_learning_job_applied_with_kubectl_trains_across_three_edges_and_l
     });
     assert_eq!(phase, "Succeeded", "conditions: {}", field("conditions"));
     assert_eq!(field("round"), "3");
+    // Every round is in the status, with its figures.
+    let history: Vec<serde_json::Value> = serde_json::from_str(&field("rounds")).unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|r| r["round"].as_i64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3],
+        "{history:?}"
+    );
+    for r in &history {
+        assert_eq!(r["clients"], 3, "{r}");
+        assert!(r["testAccuracy"].as_f64().unwrap() > 0.5, "{r}");
+        assert!(r["trainLoss"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["bytesUp"].as_i64().unwrap() > 3 * 45_000, "{r}");
+    }
     let metric = |key: &str| field(&format!("metrics[?(@.key==\"{key}\")].value"));
     let accuracy: f64 = metric("test_accuracy").parse().unwrap();
     assert!(

@@ -12,9 +12,9 @@
 //! `SEDNA_FL_*` for the job's settings (rounds, minimum clients, round timeout, algorithm and
 //! its parameters, the encoding of weights sent down, the settings each round carries).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,6 +26,7 @@ use sedna::fl::wire::{self, WireLimits};
 use sedna::storage::Storage;
 use sedna::train::{TrainData, Trainer, TrainerOptions};
 use sedna::weights::Encoding;
+use sedna_api::federated_learning::{MAX_ROUND_HISTORY, RoundFigures};
 use tokio::sync::mpsc;
 
 /// Flags of `aggregate` (each with the environment variable the controller sets).
@@ -254,6 +255,10 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
         .create(true)
         .append(true)
         .open(args.output_dir.join("rounds.jsonl"))?;
+    let mut history = History::load(
+        &args.output_dir.join("rounds.jsonl"),
+        server.completed_rounds(),
+    );
     let shutdown = crate::shutdown_signal();
     tokio::pin!(shutdown);
     if let Phase::Finished { round } = server.phase().clone() {
@@ -283,8 +288,7 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
         if let Input::Disconnected(conn) = &input {
             writers.remove(conn);
         }
-        let mut pending: std::collections::VecDeque<Output> =
-            server.step(input, started.elapsed()).into();
+        let mut pending: VecDeque<Output> = server.step(input, started.elapsed()).into();
         while let Some(output) = pending.pop_front() {
             match output {
                 Output::Send { conn, message } => {
@@ -320,10 +324,11 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
                     tracing::info!(round = summary.round, participants = ?summary.participants, stragglers = ?summary.stragglers, metrics = %line, "round closed");
                     use std::io::Write;
                     writeln!(rounds_log, "{line}")?;
+                    history.push(&summary, &evaluation);
                     if let Some(reporter) = &reporter {
-                        reporter
-                            .report(status(&summary, &line, "Running", None))
-                            .await;
+                        let mut status = status(&summary, &line, "Running", None);
+                        status["rounds"] = serde_json::to_value(&history.rounds)?;
+                        reporter.report(status).await;
                     }
                     if let (Some(metric), Some(value)) = (&args.target_metric, args.target_value)
                         && evaluation.get(metric).is_some_and(|v| *v >= value)
@@ -357,6 +362,75 @@ fn evaluate(trainer: &mut Trainer, test: &Option<TrainData>) -> Result<BTreeMap<
     Ok(match test {
         Some(test) => trainer.evaluate(test)?.metrics(),
         None => BTreeMap::new(),
+    })
+}
+
+/// The latest rounds' figures, as the job's status lists them.
+struct History {
+    rounds: VecDeque<RoundFigures>,
+}
+
+impl History {
+    /// What a resumed aggregator had reported: the rounds up to `completed` in `rounds.jsonl`
+    /// (a round logged after its checkpoint was lost is run again, and logged again).
+    fn load(log: &Path, completed: u32) -> Self {
+        let mut history = History {
+            rounds: VecDeque::new(),
+        };
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(line) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a line cut short by a crash
+            };
+            let Some(figures) = figures_of_line(&line) else {
+                continue;
+            };
+            if figures.round <= i64::from(completed) {
+                history.rounds.retain(|r| r.round != figures.round);
+                history.add(figures);
+            }
+        }
+        history
+    }
+
+    fn push(&mut self, summary: &RoundSummary, evaluation: &BTreeMap<String, f64>) {
+        if let Some(figures) = figures_of_line(&round_line(summary, evaluation)) {
+            self.add(figures);
+        }
+    }
+
+    fn add(&mut self, figures: RoundFigures) {
+        self.rounds.push_back(figures);
+        while self.rounds.len() > MAX_ROUND_HISTORY {
+            self.rounds.pop_front();
+        }
+    }
+}
+
+/// A `rounds.jsonl` line as the status lists it.
+fn figures_of_line(line: &serde_json::Value) -> Option<RoundFigures> {
+    let count = |key: &str| {
+        line.get(key)
+            .and_then(|v| v.as_array())
+            .map_or(0, |a| a.len() as i64)
+    };
+    let int = |key: &str| {
+        line.get(key)
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0)
+    };
+    let float = |key: &str| line.get(key).and_then(serde_json::Value::as_f64);
+    Some(RoundFigures {
+        round: line.get("round")?.as_i64()?,
+        clients: count("participants"),
+        stragglers: count("stragglers"),
+        samples: int("numSamples"),
+        train_loss: float("loss"),
+        test_accuracy: float("test_accuracy"),
+        test_loss: float("test_loss"),
+        bytes_up: int("bytesUp"),
+        bytes_down: int("bytesDown"),
+        seconds: float("seconds").unwrap_or(0.0),
     })
 }
 
@@ -512,5 +586,56 @@ async fn accept(
             }
             let _ = events.send(Event::Input(Input::Disconnected(conn))).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(round: u32) -> String {
+        serde_json::json!({
+            "round": round, "participants": ["a", "b"], "stragglers": ["c"], "numSamples": 200,
+            "bytesUp": 90_000, "bytesDown": 135_000, "seconds": 1.5, "loss": 0.4,
+            "test_accuracy": 0.9, "test_loss": 0.3,
+        })
+        .to_string()
+    }
+
+    #[test]
+    fn a_resumed_history_keeps_the_checkpointed_rounds_once_and_at_most_the_limit() {
+        let dir = std::env::temp_dir().join(format!("sedna-history-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("rounds.jsonl");
+        // Rounds 1–3 logged, then a crash before round 3's checkpoint; round 2 was logged
+        // twice by an earlier restart; a line was cut short.
+        let text = [
+            line(1),
+            line(2),
+            line(2),
+            line(3),
+            "{\"round\": 4, \"partic".into(),
+        ]
+        .join("\n");
+        std::fs::write(&log, text).unwrap();
+        let history = History::load(&log, 2);
+        let rounds: Vec<i64> = history.rounds.iter().map(|r| r.round).collect();
+        assert_eq!(rounds, [1, 2]);
+        let first = &history.rounds[0];
+        assert_eq!(
+            (first.clients, first.stragglers, first.samples),
+            (2, 1, 200)
+        );
+        assert_eq!(first.train_loss, Some(0.4));
+        assert_eq!(first.test_accuracy, Some(0.9));
+        assert_eq!((first.bytes_up, first.bytes_down), (90_000, 135_000));
+
+        let many: Vec<String> = (1..=250).map(line).collect();
+        std::fs::write(&log, many.join("\n")).unwrap();
+        let history = History::load(&log, 250);
+        assert_eq!(history.rounds.len(), MAX_ROUND_HISTORY);
+        assert_eq!(history.rounds.front().unwrap().round, 151);
+        assert_eq!(history.rounds.back().unwrap().round, 250);
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

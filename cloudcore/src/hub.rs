@@ -1,4 +1,4 @@
-//! The hub's tokio shell: the TLS listener (with a bound on concurrent handshakes), the gRPC
+//! The hub's tokio shell: the TLS listener (handshakes admitted by [`crate::gate`]), the gRPC
 //! service (`Join`, `Attach`), one shared watch per routed kind feeding the router, and one
 //! task per connected node running its [`Session`].
 
@@ -16,9 +16,10 @@ use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
 use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse, TunnelFrame};
 use sedna_proto::identity::{self, JoinToken};
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
+use crate::gate::{GateLimits, HandshakeGate};
 use crate::pki::HubPki;
 use crate::router::{Downstream, Kind, ObjKey, Object, Router};
 use crate::session::{Input, Output, Session, SessionConfig};
@@ -39,8 +40,15 @@ pub struct HubConfig {
     pub node_cert_validity: Duration,
     /// Largest envelope accepted or sent.
     pub max_message_bytes: usize,
-    /// Most TLS handshakes in progress at once (reconnect storms queue instead of thrashing).
+    /// Most TLS handshakes in progress at once; beyond it a newcomer takes a slot from the
+    /// source holding the most (see [`crate::gate`]).
     pub max_concurrent_handshakes: usize,
+    /// Most TLS handshakes in progress from one source address.
+    pub max_handshakes_per_source: usize,
+    /// How long a new connection has to send its TLS ClientHello.
+    pub client_hello_timeout: Duration,
+    /// How long a whole TLS handshake may take.
+    pub handshake_timeout: Duration,
     /// Node lifecycle (NotReady on lease expiry, eviction after an autonomy period); `None`
     /// leaves it to another controller (e.g. kube-controller-manager on a real cluster).
     pub lifecycle: Option<crate::lifecycle::LifecycleConfig>,
@@ -57,6 +65,9 @@ impl HubConfig {
             node_cert_validity: Duration::from_secs(30 * 86400),
             max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_handshakes: 256,
+            max_handshakes_per_source: 32,
+            client_hello_timeout: Duration::from_secs(3),
+            handshake_timeout: Duration::from_secs(10),
             lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
         }
     }
@@ -89,6 +100,9 @@ pub struct HubStats {
     pub joins_refused: AtomicU64,
     /// Connections refused for want of a valid node certificate.
     pub unauthenticated: AtomicU64,
+    /// Connections closed before their TLS handshake: over the handshake bounds, evicted for
+    /// another source, silent past the ClientHello deadline, or failed.
+    pub handshakes_dropped: AtomicU64,
 }
 
 /// Why the hub could not start.
@@ -377,34 +391,42 @@ async fn serve(
     tls: Arc<rustls::ServerConfig>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let limit = Arc::new(Semaphore::new(
-        shared.config.max_concurrent_handshakes.max(1),
-    ));
+    let gate = HandshakeGate::new(GateLimits {
+        per_source: shared.config.max_handshakes_per_source,
+        total: shared.config.max_concurrent_handshakes,
+    });
     let (conn_tx, conn_rx) = mpsc::channel(1024);
     let accept = {
         let mut shutdown = shutdown.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
             loop {
+                // Accept first, always: admission is decided per connection, never by
+                // leaving connections in the kernel's backlog.
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     _ = shutdown.changed() => return,
                 };
-                let Ok((tcp, _)) = accepted else { continue };
-                let _ = tcp.set_nodelay(true);
-                let Ok(permit) = limit.clone().acquire_owned().await else {
-                    return;
-                };
-                let acceptor = acceptor.clone();
-                let conn_tx = conn_tx.clone();
-                tokio::spawn(async move {
-                    let handshake =
-                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
-                    drop(permit);
-                    if let Ok(Ok(stream)) = handshake {
-                        let _ = conn_tx.send(Ok::<_, std::io::Error>(stream)).await;
+                let Ok((tcp, peer)) = accepted else { continue };
+                let ticket = match gate.admit(peer.ip()) {
+                    Ok(ticket) => ticket,
+                    Err(why) => {
+                        shared
+                            .stats
+                            .handshakes_dropped
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(%peer, %why, "connection closed before its handshake");
+                        continue;
                     }
-                });
+                };
+                let _ = tcp.set_nodelay(true);
+                tokio::spawn(handshake(
+                    shared.clone(),
+                    tcp,
+                    tls.clone(),
+                    ticket,
+                    conn_tx.clone(),
+                ));
             }
         })
     };
@@ -428,6 +450,48 @@ async fn serve(
         tracing::error!(error = %e, "hub server stopped");
     }
     accept.abort();
+}
+
+/// One TLS handshake under the ClientHello and handshake deadlines, abandoned if its slot is
+/// given to another source; a finished one goes to the gRPC server.
+async fn handshake(
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    mut ticket: crate::gate::Ticket,
+    conn_tx: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+) {
+    let config = &shared.config;
+    let work = async {
+        let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let start = tokio::time::timeout(config.client_hello_timeout, hello)
+            .await
+            .ok()?
+            .ok()?;
+        let rest = config
+            .handshake_timeout
+            .saturating_sub(config.client_hello_timeout);
+        tokio::time::timeout(rest, start.into_stream(tls))
+            .await
+            .ok()?
+            .ok()
+    };
+    let stream = tokio::select! {
+        stream = work => stream,
+        _ = &mut ticket.evicted => None,
+    };
+    drop(ticket);
+    match stream {
+        Some(stream) => {
+            let _ = conn_tx.send(Ok(stream)).await;
+        }
+        None => {
+            shared
+                .stats
+                .handshakes_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 struct Service {

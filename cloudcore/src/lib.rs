@@ -9,7 +9,9 @@
 //! - [`upstream`]: authorization and application of nodes' writes.
 //! - [`lifecycle`]: nodes whose lease expired become NotReady; eviction only after an
 //!   autonomy period set on the node.
+//! - [`gate`]: admission of TLS handshakes (per source, in total, fair when full).
 //! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
+pub mod gate;
 pub mod hub;
 pub mod lifecycle;
 pub mod pki;

@@ -18,6 +18,10 @@ pub const MAX_TRAINING_WORKERS: usize = 1024;
 /// The most rounds a job may ask for.
 pub const MAX_ROUNDS: i64 = 100_000;
 
+/// How many of the latest rounds the status keeps (every round is in the aggregator's
+/// `rounds.jsonl`).
+pub const MAX_ROUND_HISTORY: usize = 100;
+
 /// The aggregation worker, the training workers, and how rounds run.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -247,4 +251,48 @@ pub struct FederatedLearningJobStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::common::key_values_schema")]
     pub metrics: Vec<KeyValue>,
+    /// The latest rounds, oldest first (at most [`MAX_ROUND_HISTORY`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_ROUND_HISTORY))]
+    pub rounds: Vec<RoundFigures>,
+}
+
+/// What one closed round measured.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoundFigures {
+    /// The round, from 1.
+    #[schemars(range(min = 1))]
+    pub round: i64,
+    /// Updates aggregated.
+    #[schemars(range(min = 0))]
+    pub clients: i64,
+    /// Selected clients that did not answer before the round closed.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub stragglers: i64,
+    /// Training samples behind the updates.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub samples: i64,
+    /// Mean training loss the clients reported (weighted by samples).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_loss: Option<f64>,
+    /// Held-out accuracy of the new global model (with a test Dataset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    /// Held-out loss of the new global model (with a test Dataset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    /// Bytes of updates received from the clients.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub bytes_up: i64,
+    /// Bytes of global weights sent to the clients.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub bytes_down: i64,
+    /// How long the round took.
+    #[serde(default)]
+    pub seconds: f64,
 }

@@ -25,7 +25,7 @@
 //! let errors = schema.admit(&mut object, UnknownFields::Strict).unwrap_err();
 //! assert_eq!(
 //!     errors.to_string(),
-//!     r#"spec.format: Unsupported value: "xml": supported values: "txt", "csv", "dir""#
+//!     r#"spec.format: Unsupported value: "xml": supported values: "txt", "csv", "dir", "idx""#
 //! );
 //! ```
 

@@ -307,7 +307,7 @@ fn duplicate_list_keys_and_two_transmitters_are_refused() {
     );
 
     let err = refused(example("FederatedLearningJob"), |d| {
-        d["spec"]["transmitter"]["s3"] = json!({ "aggDataPath": "s3://fl/agg" });
+        d["spec"]["transmitter"] = json!({ "ws": {}, "s3": { "aggDataPath": "s3://fl/agg" } });
     });
     assert!(
         err.contains("spec.transmitter in body should have at most 1 properties"),
