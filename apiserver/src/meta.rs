@@ -25,7 +25,11 @@ pub fn generate_name(prefix: &str) -> String {
     let suffix: String = (0..5)
         .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())] as char)
         .collect();
-    let keep = prefix.len().min(253 - 5);
+    // Cut the prefix at a character boundary (the name is then validated as any other).
+    let mut keep = prefix.len().min(253 - 5);
+    while !prefix.is_char_boundary(keep) {
+        keep -= 1;
+    }
     format!("{}{suffix}", &prefix[..keep])
 }
 
@@ -371,6 +375,16 @@ mod tests {
         assert!(meta.get("resourceVersion").is_none());
         assert_eq!(obj["apiVersion"], "sedna.io/v1alpha1");
         assert!(obj.get("status").is_none(), "status is dropped on create");
+    }
+
+    #[test]
+    fn a_long_generate_name_ending_in_a_multibyte_character_is_refused_not_a_panic() {
+        let t = model_type();
+        let prefix = format!("{}é", "a".repeat(247));
+        let mut obj = json!({ "metadata": { "generateName": prefix }, "spec": {} });
+        let err = prepare_create(&t, &mut obj, Some("default")).unwrap_err();
+        assert_eq!(err.code, 422);
+        assert!(generate_name(&prefix).starts_with(&"a".repeat(247)));
     }
 
     #[test]

@@ -54,6 +54,13 @@ pub struct Config {
     pub garbage_collection: bool,
     /// Which writes clients may make (default: every write of an authenticated client).
     pub write_policy: Option<WritePolicy>,
+    /// Most client connections open at once (handshaking, idle or busy); a connection beyond
+    /// it is closed at once, so the server never runs out of file descriptors.
+    pub max_connections: usize,
+    /// How long a TLS handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long a client may take to send a request's headers (HTTP/1).
+    pub header_read_timeout: Duration,
 }
 
 /// A write a client asks for, as the write policy sees it.
@@ -101,6 +108,9 @@ impl Config {
             gc_interval: Duration::from_secs(30),
             garbage_collection: true,
             write_policy: None,
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -450,6 +460,9 @@ async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
 
 async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let connections = Arc::new(tokio::sync::Semaphore::new(
+        api.config.max_connections.max(1),
+    ));
     let mut shutdown = api.shutdown.clone();
     loop {
         let accepted = tokio::select! {
@@ -464,24 +477,35 @@ async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::Serv
                 continue;
             }
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "connection closed: at the connection limit");
+            continue;
+        };
         let _ = tcp.set_nodelay(true);
         let api = api.clone();
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
+            let _permit = permit;
+            let handshake =
+                tokio::time::timeout(api.config.handshake_timeout, acceptor.accept(tcp));
+            let tls = match handshake.await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let header_read_timeout = api.config.header_read_timeout;
             let service = hyper::service::service_fn(move |req| {
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(handle(api, req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_read_timeout);
             if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }

@@ -425,7 +425,7 @@ fn figures_of_line(line: &serde_json::Value) -> Option<RoundFigures> {
         clients: count("participants"),
         stragglers: count("stragglers"),
         samples: int("numSamples"),
-        train_loss: float("loss"),
+        train_loss: float("train_loss"),
         test_accuracy: float("test_accuracy"),
         test_loss: float("test_loss"),
         bytes_up: int("bytesUp"),
@@ -596,7 +596,7 @@ mod tests {
     fn line(round: u32) -> String {
         serde_json::json!({
             "round": round, "participants": ["a", "b"], "stragglers": ["c"], "numSamples": 200,
-            "bytesUp": 90_000, "bytesDown": 135_000, "seconds": 1.5, "loss": 0.4,
+            "bytesUp": 90_000, "bytesDown": 135_000, "seconds": 1.5, "train_loss": 0.4,
             "test_accuracy": 0.9, "test_loss": 0.3,
         })
         .to_string()

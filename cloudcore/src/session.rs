@@ -37,6 +37,9 @@ pub struct SessionConfig {
     /// Largest object payload sent; a larger object is skipped with an error (it could never
     /// cross the channel, and retrying would break the stream forever).
     pub max_payload: usize,
+    /// Most upstream writes queued for the API; beyond it a write is left unacknowledged
+    /// (the edge keeps it and sends it again), so a node cannot grow the hub's memory.
+    pub max_upstream_queue: usize,
 }
 
 impl Default for SessionConfig {
@@ -48,6 +51,7 @@ impl Default for SessionConfig {
             read_deadline: Duration::from_secs(25),
             upstream_retry: Duration::from_secs(2),
             max_payload: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
+            max_upstream_queue: 1024,
         }
     }
 }
@@ -484,7 +488,7 @@ impl Session {
             Op::Upstream => match Upstream::decode(e.payload.as_slice()) {
                 Ok(u) => {
                     let duplicate = self.upstream.iter().any(|(id, _)| *id == e.id);
-                    if !duplicate {
+                    if !duplicate && self.upstream.len() < self.config.max_upstream_queue {
                         self.upstream.push_back((e.id, u));
                     }
                 }
@@ -745,6 +749,45 @@ mod tests {
         );
         assert!(out.iter().any(|o| matches!(o, Output::Send(e)
             if e.op == Op::Reject as i32 && e.ack_of == [2] && e.payload == b"not yours")));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_writes_beyond_the_queue_bound_are_left_unacknowledged_for_a_resend() {
+        let now = Instant::now();
+        let config = SessionConfig {
+            max_upstream_queue: 3,
+            ..Default::default()
+        };
+        let mut s = Session::new(config, now);
+        let up = |id: u64| Envelope {
+            id,
+            op: Op::Upstream as i32,
+            payload: Upstream {
+                kind: 3,
+                object: None,
+                payload: vec![],
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        };
+        for id in 1..=10 {
+            s.step(Input::Received(up(id)), now);
+        }
+        assert_eq!(s.upstream.len(), 3, "the queue holds its bound");
+        let applied = |s: &mut Session, id| {
+            s.step(
+                Input::Applied {
+                    id,
+                    outcome: UpstreamOutcome::Applied,
+                },
+                now,
+            )
+        };
+        applied(&mut s, 1);
+        // The edge sends 4 again (it was never acknowledged); now there is room for it.
+        s.step(Input::Received(up(4)), now);
+        let order: Vec<u64> = s.upstream.iter().map(|(id, _)| *id).collect();
+        assert_eq!(order, [2, 3, 4]);
     }
 
     #[tokio::test(start_paused = true)]

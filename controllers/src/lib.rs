@@ -48,6 +48,41 @@ pub fn backoff(failures: u32) -> Duration {
     ceiling.mul_f64(0.5 + rand::random::<f64>() / 2.0)
 }
 
+/// Consecutive reconcile failures per object: each failure doubles the object's retry delay
+/// (see [`backoff`]), a success resets it. Objects are keyed by namespace and name.
+#[derive(Debug, Default)]
+pub struct Failures(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Failures {
+    fn key<K: kube::Resource>(object: &K) -> String {
+        format!(
+            "{}/{}",
+            object.meta().namespace.as_deref().unwrap_or_default(),
+            object.meta().name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// Records a failure of `object`; returns the delay before its next try.
+    pub fn failed<K: kube::Resource>(&self, object: &K) -> Duration {
+        let mut map = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = map.entry(Self::key(object)).or_insert(0);
+        let delay = backoff(*count);
+        *count = count.saturating_add(1);
+        delay
+    }
+
+    /// Records a success of `object` (its next failure starts from the shortest delay).
+    pub fn succeeded<K: kube::Resource>(&self, object: &K) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&Self::key(object));
+    }
+}
+
 /// Runs every controller until `shutdown` completes.
 pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output = ()> + Send) {
     let (tx, rx) = tokio::sync::watch::channel(false);
@@ -67,6 +102,36 @@ pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retries_of_one_object_grow_and_reset_on_success_independently_of_others() {
+        let object = |name: &str| sedna_api::model::Model {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..Default::default()
+            },
+            spec: serde_json::from_value(serde_json::json!({ "url": "/m.onnx", "format": "onnx" }))
+                .unwrap(),
+            status: None,
+        };
+        let (a, b) = (object("a"), object("b"));
+        let failures = Failures::default();
+        let delays: Vec<Duration> = (0..6).map(|_| failures.failed(&a)).collect();
+        for (n, d) in delays.iter().enumerate() {
+            let ceiling = Duration::from_secs(1 << n);
+            assert!(*d <= ceiling && *d >= ceiling / 2, "failure {n}: {d:?}");
+        }
+        assert!(
+            failures.failed(&b) <= Duration::from_secs(1),
+            "b has its own count"
+        );
+        failures.succeeded(&a);
+        assert!(
+            failures.failed(&a) <= Duration::from_secs(1),
+            "reset by a success"
+        );
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {

@@ -134,6 +134,7 @@ pub async fn resolve(
 struct Context {
     client: Client,
     cache_dir: std::path::PathBuf,
+    failures: crate::Failures,
 }
 
 async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error> {
@@ -209,9 +210,10 @@ async fn reconcile(model: Arc<Model>, ctx: Arc<Context>) -> Result<Action, Error
     })
 }
 
-fn error_policy(_: Arc<Model>, error: &Error, _: Arc<Context>) -> Action {
-    tracing::warn!(%error, "model reconcile failed");
-    Action::requeue(crate::backoff(3))
+fn error_policy(model: Arc<Model>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.failures.failed(&*model);
+    tracing::warn!(model = %model.name_any(), %error, retry_in = ?delay, "model reconcile failed");
+    Action::requeue(delay)
 }
 
 /// Runs the Model controller until `shutdown`.
@@ -224,9 +226,19 @@ pub async fn run(
     Controller::new(api, watcher::Config::default())
         .graceful_shutdown_on(shutdown)
         .run(
-            reconcile,
+            |model, ctx: Arc<Context>| async move {
+                let result = reconcile(model.clone(), ctx.clone()).await;
+                if result.is_ok() {
+                    ctx.failures.succeeded(&*model);
+                }
+                result
+            },
             error_policy,
-            Arc::new(Context { client, cache_dir }),
+            Arc::new(Context {
+                client,
+                cache_dir,
+                failures: crate::Failures::default(),
+            }),
         )
         .for_each(|_| async {})
         .await;

@@ -224,6 +224,8 @@ pub struct Context {
     pub client: Client,
     /// Records Events as `sedna-gm`.
     pub recorder: Recorder,
+    /// Consecutive failures per object (retries back off per object).
+    pub failures: crate::Failures,
 }
 
 impl Context {
@@ -262,9 +264,21 @@ pub async fn run_owning_pods<K, F>(
             instance: None,
         },
     );
-    let error_policy = move |object: Arc<K>, error: &Error, _: Arc<Context>| {
-        tracing::warn!(%what, name = %object.name_any(), %error, "reconcile failed");
-        Action::requeue(crate::backoff(2))
+    let error_policy = move |object: Arc<K>, error: &Error, ctx: Arc<Context>| {
+        let delay = ctx.failures.failed(&*object);
+        tracing::warn!(%what, name = %object.name_any(), %error, retry_in = ?delay, "reconcile failed");
+        Action::requeue(delay)
+    };
+    let mut reconcile = reconcile;
+    let reconcile = move |object: Arc<K>, ctx: Arc<Context>| {
+        let work = reconcile(object.clone(), ctx.clone());
+        async move {
+            let result = work.await;
+            if result.is_ok() {
+                ctx.failures.succeeded(&*object);
+            }
+            result
+        }
     };
     Controller::new(Api::<K>::all(client.clone()), watcher::Config::default())
         .owns(
@@ -275,7 +289,11 @@ pub async fn run_owning_pods<K, F>(
         .run(
             reconcile,
             error_policy,
-            Arc::new(Context { client, recorder }),
+            Arc::new(Context {
+                client,
+                recorder,
+                failures: crate::Failures::default(),
+            }),
         )
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -134,6 +134,9 @@ impl Identity {
     /// Saves the identity into `data_dir` (key and certificate atomically replaced).
     pub fn save(&self, data_dir: &Path) -> Result<(), JoinError> {
         let dir = pki_dir(data_dir);
+        // The agent's data (its key, its store, its pods' secrets) is readable by it alone.
+        crate::private_dir(data_dir).map_err(|e| files_err(data_dir, e))?;
+        crate::private_dir(&dir).map_err(|e| files_err(&dir, e))?;
         write(&dir.join("ca.crt"), &self.ca_pem, false)?;
         write(&dir.join("node.key"), &self.key_pem, true)?;
         write(&dir.join("node.crt"), &self.cert_pem, false)
@@ -218,4 +221,30 @@ pub async fn join(
     };
     identity.save(data_dir)?;
     Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_saved_identity_is_readable_by_the_agent_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        // An existing, world-readable data directory is made private too.
+        std::fs::create_dir(&data).unwrap();
+        std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let identity = Identity {
+            node: "edge-1".into(),
+            ca_pem: "ca".into(),
+            cert_pem: "cert".into(),
+            key_pem: "key".into(),
+        };
+        identity.save(&data).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        assert_eq!(mode(&data.join("pki")), 0o700);
+        assert_eq!(mode(&data.join("pki/node.key")), 0o600);
+    }
 }

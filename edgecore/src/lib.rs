@@ -23,3 +23,14 @@ pub mod tunnel;
 
 pub use agent::{Agent, AgentConfig};
 pub use client::{EdgeConfig, EdgeHub, EdgeStatus};
+
+/// Creates `dir` (and missing parents) readable by this user alone (0700), and makes an
+/// existing `dir` so: the agent's data holds its key, its store and its pods' secrets.
+pub(crate) fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}

@@ -174,9 +174,16 @@ impl EdgeStore {
         if let Some(dir) = path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(e.to_string()))?;
+            crate::private_dir(dir).map_err(|e| StoreError::Database(e.to_string()))?;
         }
         let conn = Connection::open(path)?;
+        if path != Path::new(":memory:") {
+            // Before the first write: SQLite gives its WAL and shared-memory files the
+            // database file's mode.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::Database(format!("{}: {e}", path.display())))?;
+        }
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -544,6 +551,20 @@ mod tests {
             kind: UpstreamKind::Event as i32,
             object: None,
             payload: format!("event {n}").into_bytes(),
+        }
+    }
+
+    #[test]
+    fn the_store_and_its_directory_are_readable_by_the_agent_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("node");
+        let store = EdgeStore::open(&data.join("edge.db"), 4, 1024).unwrap();
+        store.push(&event(1)).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&data), 0o700);
+        for file in ["edge.db", "edge.db-wal", "edge.db-shm"] {
+            assert_eq!(mode(&data.join(file)), 0o600, "{file}");
         }
     }
 

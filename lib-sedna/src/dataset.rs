@@ -137,6 +137,15 @@ pub fn parse_txt(text: &str, base: &Path, limits: &Limits) -> Result<Vec<Sample>
             });
         }
         let path = Path::new(path);
+        if path.is_absolute() {
+            return Err(DatasetError::Line {
+                line: number,
+                reason: format!(
+                    "path {} is absolute: an index names files relative to its own directory",
+                    path.display()
+                ),
+            });
+        }
         if path
             .components()
             .any(|c| c == std::path::Component::ParentDir)
@@ -153,11 +162,7 @@ pub fn parse_txt(text: &str, base: &Path, limits: &Limits) -> Result<Vec<Sample>
             )));
         }
         samples.push(Sample {
-            path: if path.is_absolute() {
-                path.to_path_buf()
-            } else {
-                base.join(path)
-            },
+            path: base.join(path),
             label,
         });
     }
@@ -564,11 +569,11 @@ mod tests {
 
     #[test]
     fn txt_indexes_resolve_paths_and_keep_labels() {
-        let text = "# helmet set\nimg/a.jpg 1\n\n  /abs/b.jpg   0  \nimg/c.jpg\n";
+        let text = "# helmet set\nimg/a.jpg 1\n\n  img/b.jpg   0  \nimg/c.jpg\n";
         let s = parse_txt(text, Path::new("/data/set"), &Limits::default()).unwrap();
         assert_eq!(s.len(), 3);
         assert_eq!(s[0].path, PathBuf::from("/data/set/img/a.jpg"));
-        assert_eq!(s[1].path, PathBuf::from("/abs/b.jpg"));
+        assert_eq!(s[1].path, PathBuf::from("/data/set/img/b.jpg"));
         assert_eq!(s[1].label.as_deref(), Some("0"));
         assert_eq!(s[2].label, None);
     }
@@ -582,6 +587,12 @@ mod tests {
         assert!(
             err.to_string()
                 .contains("line 1: path ../../etc/passwd leaves"),
+            "{err}"
+        );
+        let err = parse_txt("a.jpg 0\n/etc/shadow 1\n", Path::new("/d"), &limits).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("line 2: path /etc/shadow is absolute"),
             "{err}"
         );
         let small = Limits {
