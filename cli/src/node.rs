@@ -91,7 +91,9 @@ pub(crate) struct EdgecoreArgs {
     /// Drop the connection when the hub is silent for this long.
     #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
     read_deadline: Duration,
-    /// Role label of the node: `node-role.sedna.io/<ROLE>`.
+    /// Role label of the node: `node-role.sedna.io/<ROLE>`. A role other than `edge` must be
+    /// granted by an administrator (`kubectl label node <name> node-role.sedna.io/<ROLE>=`);
+    /// the hub leaves out labels a node may not give itself.
     #[arg(long, value_name = "ROLE", default_value = "edge")]
     role: String,
     /// Extra Node labels, `key=value[,key=value...]`.

@@ -53,6 +53,25 @@ pub(crate) async fn client_for(kubeconfig: &Path) -> Result<kube::Client> {
     Ok(kube::Client::try_from(config)?)
 }
 
+/// Labels the Node `node-role.sedna.io/<role>` as the administrator: a node may not give
+/// itself a role other than `edge` (the hub leaves such labels out of the node's own writes).
+async fn grant_role(client: &kube::Client, name: &str, role: &str) -> Result<()> {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+    let label = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": { "name": name, "labels": { format!("node-role.sedna.io/{role}"): "" } },
+    });
+    nodes
+        .patch(
+            name,
+            &kube::api::PatchParams::apply("sedna-up"),
+            &kube::api::Patch::Apply(&label),
+        )
+        .await
+        .with_context(|| format!("granting node {name} the {role} role"))?;
+    Ok(())
+}
+
 async fn ensure_joined(client: &kube::Client, hub: &str, name: &str, dir: &Path) -> Result<()> {
     if sedna_edgecore::join::Identity::load(dir)
         .with_context(|| format!("reading the identity of node {name}"))?
@@ -114,6 +133,9 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     for (i, (name, role)) in node_names(args.edges).into_iter().enumerate() {
         let dir = d.join("nodes").join(&name);
         ensure_joined(&client, &hub_addr, &name, &dir).await?;
+        if role != "edge" {
+            grant_role(&client, &name, role).await?;
+        }
         link_workers(&dir.join("bin"))?;
         let mut config =
             sedna_edgecore::AgentConfig::new(sedna_edgecore::EdgeConfig::new(&hub_addr, &dir));

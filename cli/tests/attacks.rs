@@ -1,5 +1,7 @@
 //! The attack suite: real `sedna` processes (API server, hub, an edge node) on 127.0.0.1, each
-//! probe of the security review replayed as an attacker would send it. Every probe must fail
+//! probe of the security review replayed as an attacker would send it (patch bombs through the
+//! cloud API and a node's local API, a node labelling itself with roles it was not given, a
+//! flood of idle connections against the hub). Every probe must fail
 //! cleanly — a clear refusal, no crash — while legitimate clients keep working.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -12,7 +14,7 @@ use kube::api::PostParams;
 use serde_json::{Value, json};
 
 mod support;
-use support::{Procs, client, edge, eventually, free_port, hub, join, sedna, token};
+use support::{Procs, client, edge, edge_with, eventually, free_port, hub, join, sedna, token};
 
 /// A JSON patch whose copies nest a value inside itself, one level deeper per operation
 /// (17 KB: it overflowed the stack before patches were bounded).
@@ -54,7 +56,7 @@ fn still_running(child: &mut Child, what: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn patch_bombs_are_refused_by_the_cloud_api_and_by_a_nodes_local_api() {
+async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_roles() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let api_port = free_port();
@@ -113,7 +115,17 @@ async fn patch_bombs_are_refused_by_the_cloud_api_and_by_a_nodes_local_api() {
     let cloud = format!("127.0.0.1:{hub_port}");
     let node = d.join("edge-a");
     join(&node, &cloud, &token(&kubeconfig, "edge-a"), "edge-a");
-    procs.0.push(edge(&node, &cloud));
+    // The node claims roles it was not given; the hub leaves those labels out.
+    procs.0.push(edge_with(
+        &node,
+        &cloud,
+        &[
+            "--role",
+            "cloud",
+            "--labels",
+            "node-role.kubernetes.io/control-plane=,site=north",
+        ],
+    ));
     let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
     pods.create(
         &PostParams::default(),
@@ -139,6 +151,26 @@ async fn patch_bombs_are_refused_by_the_cloud_api_and_by_a_nodes_local_api() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(seen, "the pod never reached the node");
+    let labels = Api::<k8s_openapi::api::core::v1::Node>::all(kube.clone())
+        .get("edge-a")
+        .await
+        .unwrap()
+        .metadata
+        .labels
+        .unwrap_or_default();
+    assert_eq!(labels.get("site").map(String::as_str), Some("north"));
+    assert_eq!(
+        labels.get("kubernetes.io/hostname").map(String::as_str),
+        Some("edge-a")
+    );
+    assert!(
+        !labels.contains_key("node-role.sedna.io/cloud"),
+        "{labels:?}"
+    );
+    assert!(
+        !labels.contains_key("node-role.kubernetes.io/control-plane"),
+        "{labels:?}"
+    );
     let uri = "/api/v1/namespaces/default/pods/victim/status";
     let (code, message) = refused_patch(&local, uri, depth_bomb("/status/bomb")).await;
     assert_eq!(code, 422, "{message}");

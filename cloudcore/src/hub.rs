@@ -703,6 +703,22 @@ async fn run_session(
                             });
                         }
                         Decision::Allow => {
+                            let mut upstream = upstream;
+                            if upstream.kind == sedna_proto::channel::upstream::Kind::Node as i32 {
+                                let current = shared
+                                    .router()
+                                    .get(&ObjKey::new(Kind::Node, "", &node))
+                                    .map(|o| o.value.clone());
+                                if let Some((payload, removed)) = upstream::restrict_node_labels(
+                                    current.as_deref(),
+                                    &upstream.payload,
+                                ) {
+                                    if !removed.is_empty() {
+                                        tracing::warn!(%node, labels = ?removed, "labels a node may not give itself were left out");
+                                    }
+                                    upstream.payload = payload;
+                                }
+                            }
                             let client = shared.client.clone();
                             let node = node.clone();
                             let done_tx = done_tx.clone();

@@ -158,6 +158,64 @@ pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
     }
 }
 
+/// Labels a node may give itself although their prefix is reserved (as Kubernetes'
+/// NodeRestriction admits for kubelets, plus the default role of this platform).
+const SELF_SETTABLE_LABELS: &[&str] = &[
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "kubernetes.io/arch",
+    "beta.kubernetes.io/os",
+    "beta.kubernetes.io/arch",
+    "node.kubernetes.io/instance-type",
+    "topology.kubernetes.io/region",
+    "topology.kubernetes.io/zone",
+    "node-role.sedna.io/edge",
+];
+
+/// Whether a label key is under a prefix only an administrator may set on a Node
+/// (`kubernetes.io`, `k8s.io`, `sedna.io` and their subdomains: roles, restrictions…).
+pub fn reserved_node_label(key: &str) -> bool {
+    let Some((prefix, _)) = key.split_once('/') else {
+        return false;
+    };
+    if SELF_SETTABLE_LABELS.contains(&key) {
+        return false;
+    }
+    ["kubernetes.io", "k8s.io", "sedna.io"]
+        .iter()
+        .any(|d| prefix == *d || prefix.ends_with(&format!(".{d}")))
+}
+
+/// A node's write of its own Node with the reserved labels it may not give itself removed —
+/// unless `current` (the Node as the API holds it) already carries the label with the same
+/// value, granted by an administrator. Returns the payload to apply and the keys removed;
+/// `None` for a payload that is not a JSON object.
+pub fn restrict_node_labels(
+    current: Option<&Value>,
+    payload: &[u8],
+) -> Option<(Vec<u8>, Vec<String>)> {
+    let mut obj: Value = serde_json::from_slice(payload).ok()?;
+    let granted = current.and_then(|c| c.pointer("/metadata/labels"));
+    let mut removed = Vec::new();
+    if let Some(labels) = obj
+        .pointer_mut("/metadata/labels")
+        .and_then(Value::as_object_mut)
+    {
+        labels.retain(|key, value| {
+            let keep = !reserved_node_label(key)
+                || granted.and_then(|g| g.get(key)).is_some_and(|g| g == value);
+            if !keep {
+                removed.push(key.clone());
+            }
+            keep
+        });
+    }
+    if removed.is_empty() {
+        return Some((payload.to_vec(), removed));
+    }
+    Some((serde_json::to_vec(&obj).ok()?, removed))
+}
+
 fn outcome(e: kube::Error) -> UpstreamOutcome {
     match e {
         kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
@@ -273,6 +331,50 @@ mod tests {
     use super::*;
     use crate::router::Object;
     use serde_json::json;
+
+    #[test]
+    fn a_node_cannot_give_itself_reserved_labels_but_keeps_those_an_administrator_granted() {
+        let payload = json!({ "metadata": { "name": "a", "labels": {
+            "kubernetes.io/hostname": "a", "node-role.sedna.io/edge": "", "site": "north",
+            "node-role.sedna.io/cloud": "", "node-role.kubernetes.io/control-plane": "",
+            "node-restriction.kubernetes.io/gpu": "true", "example.com/team": "x" } } });
+        let bytes = serde_json::to_vec(&payload).unwrap();
+        let (out, removed) = restrict_node_labels(None, &bytes).unwrap();
+        assert_eq!(
+            removed,
+            [
+                "node-restriction.kubernetes.io/gpu",
+                "node-role.kubernetes.io/control-plane",
+                "node-role.sedna.io/cloud"
+            ]
+        );
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        let kept: Vec<&String> = out["metadata"]["labels"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "example.com/team",
+                "kubernetes.io/hostname",
+                "node-role.sedna.io/edge",
+                "site"
+            ]
+        );
+        // Granted by an administrator with this value: kept; with another value: removed.
+        let current = json!({ "metadata": { "labels": { "node-role.sedna.io/cloud": "" } } });
+        let (_, removed) = restrict_node_labels(Some(&current), &bytes).unwrap();
+        assert!(!removed.contains(&"node-role.sedna.io/cloud".to_string()));
+        let current =
+            json!({ "metadata": { "labels": { "node-restriction.kubernetes.io/gpu": "false" } } });
+        let (_, removed) = restrict_node_labels(Some(&current), &bytes).unwrap();
+        assert!(removed.contains(&"node-restriction.kubernetes.io/gpu".to_string()));
+        // Nothing to remove: the payload is passed through untouched.
+        let plain = br#"{"metadata":{"name":"a","labels":{"site":"x"}}}"#;
+        assert_eq!(restrict_node_labels(None, plain).unwrap().0, plain);
+    }
 
     fn router() -> Router {
         let mut r = Router::new();
