@@ -342,12 +342,23 @@ mod tests {
                 "--node-name",
                 "n",
             ],
-            &["sedna", "token", "create"],
+            &["sedna", "token", "create", "--node", "edge-1"],
+            &["sedna", "token", "create", "--any-node", "--single-use"],
             &["sedna", "crds"],
             &["sedna", "up"],
             &["sedna", "up", "--edges", "5", "--local-api", "off"],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn a_join_token_names_its_node_unless_fleet_wide_is_asked_for() {
+        for args in [
+            &["sedna", "token", "create"][..],
+            &["sedna", "token", "create", "--node", "a", "--any-node"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
     }
 }

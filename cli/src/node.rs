@@ -51,8 +51,14 @@ pub(crate) enum TokenCommand {
         #[arg(long, value_name = "FILE")]
         kubeconfig: Option<PathBuf>,
         /// Allow only this node name to join with the token.
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", required_unless_present = "any_node")]
         node: Option<String>,
+        /// Let any node name join with the token (a fleet-wide token: keep its TTL short).
+        #[arg(long, conflicts_with = "node")]
+        any_node: bool,
+        /// Let the token join once: the join that uses it deletes it.
+        #[arg(long)]
+        single_use: bool,
         /// How long the token stays valid.
         #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
         ttl: Duration,
@@ -74,6 +80,10 @@ pub(crate) struct JoinArgs {
     /// Directory for the node identity and store.
     #[arg(long, value_name = "DIR", default_value = "sedna-data/edge")]
     data_dir: PathBuf,
+    /// Replace a node of this name that is connected now (a reinstalled machine); without
+    /// it such a join is refused.
+    #[arg(long)]
+    replace: bool,
 }
 
 /// `sedna edgecore`.
@@ -222,6 +232,8 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
         TokenCommand::Create {
             kubeconfig,
             node,
+            any_node: _,
+            single_use,
             ttl,
         } => {
             if let Some(n) = &node {
@@ -231,7 +243,9 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
                 bail!("--ttl must be positive");
             }
             let client = kube_client(kubeconfig).await?;
-            let token = sedna_cloudcore::tokens::create(&client, node.as_deref(), ttl).await?;
+            let token =
+                sedna_cloudcore::tokens::create_with(&client, node.as_deref(), ttl, single_use)
+                    .await?;
             println!("{token}");
             Ok(())
         }
@@ -239,9 +253,14 @@ pub(crate) async fn token(command: TokenCommand) -> Result<()> {
 }
 
 pub(crate) async fn join(args: JoinArgs) -> Result<()> {
-    let identity =
-        sedna_edgecore::join::join(&args.cloud, &args.token, &args.node_name, &args.data_dir)
-            .await?;
+    let identity = sedna_edgecore::join::join_with(
+        &args.cloud,
+        &args.token,
+        &args.node_name,
+        &args.data_dir,
+        args.replace,
+    )
+    .await?;
     println!(
         "node {} joined {}; identity saved in {}",
         identity.node,

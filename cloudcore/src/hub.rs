@@ -530,6 +530,12 @@ impl HubService for Service {
                 "the token pins another hub's CA",
             )));
         }
+        if !req.replace && shared.sessions().contains_key(&req.node_name) {
+            return Err(refuse(Status::already_exists(format!(
+                "node {:?} is connected now; join with --replace to replace it",
+                req.node_name
+            ))));
+        }
         crate::tokens::validate(&shared.client, &token, &req.node_name)
             .await
             .map_err(|e| {

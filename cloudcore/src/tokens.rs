@@ -36,6 +36,9 @@ pub enum TokenError {
         /// The name asked for.
         asked: String,
     },
+    /// A single-use token was used already.
+    #[error("the join token was for a single use and has been used")]
+    Used,
     /// The hub CA has not been published yet (start the hub first).
     #[error("the hub CA is not published in {}/{}: start `sedna cloudcore` first", CA_CONFIGMAP.0, CA_CONFIGMAP.1)]
     NoHubCa,
@@ -86,11 +89,22 @@ pub async fn publish_ca(client: &kube::Client, ca_pem: &str) -> Result<(), Token
     Ok(())
 }
 
-/// Creates a token valid for `ttl`, restricted to `node` when given.
+/// Creates a token valid for `ttl`, restricted to `node` when given, for any number of joins.
 pub async fn create(
     client: &kube::Client,
     node: Option<&str>,
     ttl: Duration,
+) -> Result<JoinToken, TokenError> {
+    create_with(client, node, ttl, false).await
+}
+
+/// Creates a token valid for `ttl`, restricted to `node` when given; a `single_use` token is
+/// deleted by the join that uses it (a second join with it is refused).
+pub async fn create_with(
+    client: &kube::Client,
+    node: Option<&str>,
+    ttl: Duration,
+    single_use: bool,
 ) -> Result<JoinToken, TokenError> {
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), CA_CONFIGMAP.0);
     let ca_pem = cms
@@ -121,6 +135,9 @@ pub async fn create(
     if let Some(n) = node {
         data.insert("node-name".into(), n.to_owned());
     }
+    if single_use {
+        data.insert("usage".into(), "single".into());
+    }
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(secret_name(&token.id)),
@@ -140,7 +157,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks a token for a join as `node`.
+/// Checks a token for a join as `node`; a single-use token is consumed (deleted, with its
+/// resourceVersion as a precondition, so two joins racing with it cannot both pass).
 pub async fn validate(
     client: &kube::Client,
     token: &JoinToken,
@@ -178,6 +196,22 @@ pub async fn validate(
             allowed,
             asked: node.to_owned(),
         });
+    }
+    if field("usage") == "single" {
+        let params = kube::api::DeleteParams {
+            preconditions: Some(kube::api::Preconditions {
+                resource_version: secret.metadata.resource_version.clone(),
+                uid: None,
+            }),
+            ..Default::default()
+        };
+        match secrets.delete(&secret_name(&token.id), &params).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {
+                return Err(TokenError::Used);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

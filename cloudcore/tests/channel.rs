@@ -234,6 +234,7 @@ async fn a_valid_token_joins_and_bad_tokens_or_requests_are_refused() {
             token: any.clone(),
             node_name: "edge-y".into(),
             csr_der: csr,
+            replace: false,
         })
         .await
         .unwrap_err();
@@ -245,6 +246,49 @@ async fn a_valid_token_joins_and_bad_tokens_or_requests_are_refused() {
     );
     assert_eq!(c.hub().stats().joins.load(Ordering::Relaxed), 1);
     assert!(c.hub().stats().joins_refused.load(Ordering::Relaxed) >= 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_single_use_token_joins_once_and_a_connected_name_is_replaced_only_when_asked() {
+    let c = Cluster::start().await;
+    let hub = c.hub_addr.to_string();
+    let once = sedna_cloudcore::tokens::create_with(
+        &c.client,
+        Some("edge-s"),
+        Duration::from_secs(60),
+        true,
+    )
+    .await
+    .unwrap()
+    .to_string();
+    sedna_edgecore::join::join(&hub, &once, "edge-s", &c.edge_dir("edge-s"))
+        .await
+        .unwrap();
+    let again = sedna_edgecore::join::join(&hub, &once, "edge-s", &c.edge_dir("other"))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, JoinError::Refused(_)), "{again}");
+
+    // edge-s is connected: another machine joining under its name is refused …
+    let _edge = c.edge_at("edge-s", &hub).await;
+    eventually("edge-s connects", || {
+        c.hub().stats().connected.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let token = c.token(Some("edge-s"), Duration::from_secs(60)).await;
+    let taken = sedna_edgecore::join::join(&hub, &token, "edge-s", &c.edge_dir("other"))
+        .await
+        .unwrap_err();
+    assert!(
+        taken
+            .to_string()
+            .contains("is connected now; join with --replace"),
+        "{taken}"
+    );
+    // … unless replacing it is asked for.
+    sedna_edgecore::join::join_with(&hub, &token, "edge-s", &c.edge_dir("other"), true)
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -168,6 +168,18 @@ pub async fn join(
     node: &str,
     data_dir: &Path,
 ) -> Result<Identity, JoinError> {
+    join_with(hub, token, node, data_dir, false).await
+}
+
+/// [`join`], replacing a node of the same name that is connected now when `replace` is set
+/// (without it the hub refuses such a join).
+pub async fn join_with(
+    hub: &str,
+    token: &str,
+    node: &str,
+    data_dir: &Path,
+    replace: bool,
+) -> Result<Identity, JoinError> {
     identity::check_node_name(node)?;
     let token: JoinToken = token.parse()?;
     let (key, csr) = new_request(node)?;
@@ -187,6 +199,7 @@ pub async fn join(
             token: token.to_string(),
             node_name: node.to_owned(),
             csr_der: csr,
+            replace,
         })
         .await
         .map_err(|s| match s.code() {
