@@ -175,7 +175,8 @@ fn a_federated_learning_job_applied_with_kubectl_trains_across_three_edges_and_l
     // minClients above the number of workers: refused with the reason.
     let bad = manifest
         .replace("  rounds: 3\n", "  rounds: 3\n  minClients: 4\n")
-        .replace("name: digits\n  namespace", "name: too-many\n  namespace");
+        .replace("  name: digits\nspec:", "  name: too-many\nspec:");
+    assert!(bad.contains("name: too-many") && bad.contains("minClients: 4"));
     kubectl.apply(&bad);
     let message = wait_until("the refusal", Duration::from_secs(30), || {
         let out = kubectl.run(&[

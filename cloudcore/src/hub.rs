@@ -122,12 +122,15 @@ pub enum HubError {
     /// The API refused to publish the CA.
     #[error(transparent)]
     Token(#[from] crate::tokens::TokenError),
+    /// The revoked certificates could not be read from the API.
+    #[error("reading revoked node certificates: {0}")]
+    Revocations(#[from] kube::Error),
 }
 
 impl HubError {
     /// Whether trying again could succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, HubError::Listen { .. })
+        matches!(self, HubError::Listen { .. } | HubError::Revocations(_))
             || matches!(self, HubError::Token(t) if t.is_retryable())
     }
 }
@@ -146,6 +149,7 @@ struct Shared {
     pki: HubPki,
     client: kube::Client,
     config: HubConfig,
+    revocations: crate::revocation::Revocations,
     stats: Arc<HubStats>,
 }
 
@@ -218,7 +222,9 @@ impl Hub {
             client,
             config,
             stats: Arc::default(),
+            revocations: crate::revocation::Revocations::default(),
         });
+        shared.revocations.load(&shared.client).await?;
         let mut tasks = Vec::new();
         let (init_tx, init_rx) = mpsc::unbounded_channel();
         for kind in Kind::ALL {
@@ -309,6 +315,18 @@ async fn track_readiness(shared: Arc<Shared>, mut init: mpsc::UnboundedReceiver<
 }
 
 /// One shared watch of a kind: feeds the router, reports its first complete list.
+/// A deleted Node: its certificates issued until now are revoked (recorded in the API, so
+/// other hubs and restarts see it) and its session, if any, ends.
+async fn revoke(shared: &Shared, node: &str) {
+    let at = crate::revocation::now_ms();
+    shared.revocations.revoke(node, at);
+    if let Err(e) = crate::revocation::Revocations::persist(&shared.client, node, at).await {
+        tracing::error!(%node, error = %e, "the revocation could not be recorded in the API");
+    }
+    drop(shared.sessions().remove(node));
+    tracing::warn!(%node, "Node deleted: its certificates are revoked");
+}
+
 async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender<Kind>) {
     let resource = upstream::api_resource(kind);
     let api: Api<DynamicObject> = if kind == Kind::Lease {
@@ -346,6 +364,9 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
                         .filter(|k| !seen.contains(k))
                         .collect();
                     for key in stale {
+                        if key.kind == Kind::Node {
+                            revoke(&shared, &key.name).await;
+                        }
                         let routed = shared.router().delete(&key);
                         shared.dispatch(routed);
                     }
@@ -364,6 +385,9 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
             }
             Ok(watcher::Event::Delete(o)) => {
                 if let Some(obj) = to_object(o) {
+                    if kind == Kind::Node {
+                        revoke(&shared, &obj.key.name).await;
+                    }
                     let routed = shared.router().delete(&obj.key);
                     shared.dispatch(routed);
                 }
@@ -498,7 +522,8 @@ struct Service {
     shared: Arc<Shared>,
 }
 
-fn peer_node<T>(req: &Request<T>) -> Option<String> {
+/// The node a request's client certificate names, and when that certificate was issued.
+fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
     let certs = req
         .extensions()
@@ -506,7 +531,33 @@ fn peer_node<T>(req: &Request<T>) -> Option<String> {
         .peer_certs()?;
     let leaf = certs.first()?;
     let info = identity::certificate_info(leaf).ok()?;
-    info.node_name().map(str::to_owned)
+    let issued = crate::revocation::issued_ms(&info.serial);
+    info.node_name().map(|n| (n.to_owned(), issued))
+}
+
+impl Service {
+    /// The request's node, unless its certificate is missing or revoked.
+    fn node_of<T>(&self, req: &Request<T>) -> Result<(String, Option<u64>), Status> {
+        let Some((node, issued)) = peer_node(req) else {
+            self.shared
+                .stats
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::unauthenticated(
+                "the channel requires a node certificate (join first)",
+            ));
+        };
+        if self.shared.revocations.is_revoked(&node, issued) {
+            self.shared
+                .stats
+                .unauthenticated
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Status::permission_denied(format!(
+                "the certificate of node {node:?} was revoked (its Node was deleted): join again"
+            )));
+        }
+        Ok((node, issued))
+    }
 }
 
 #[tonic::async_trait]
@@ -565,9 +616,7 @@ impl HubService for Service {
         &self,
         request: Request<tonic::Streaming<TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
-        let Some(node) = peer_node(&request) else {
-            return Err(Status::unauthenticated("no node certificate"));
-        };
+        let (node, _) = self.node_of(&request)?;
         let stream =
             crate::tunnel::serve(self.shared.client.clone(), node, request.into_inner()).await?;
         Ok(Response::new(stream))
@@ -577,18 +626,16 @@ impl HubService for Service {
         &self,
         request: Request<tonic::Streaming<Envelope>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        let Some(node) = peer_node(&request) else {
-            self.shared
-                .stats
-                .unauthenticated
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::unauthenticated(
-                "the channel requires a node certificate (join first)",
-            ));
-        };
+        let (node, issued) = self.node_of(&request)?;
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel::<Result<Envelope, Status>>(1024);
-        tokio::spawn(run_session(self.shared.clone(), node, inbound, out_tx));
+        tokio::spawn(run_session(
+            self.shared.clone(),
+            node,
+            issued,
+            inbound,
+            out_tx,
+        ));
         let stream = futures_util::stream::unfold(out_rx, |mut rx| async move {
             rx.recv().await.map(|m| (m, rx))
         });
@@ -603,6 +650,7 @@ enum Done {
 async fn run_session(
     shared: Arc<Shared>,
     node: String,
+    issued: Option<u64>,
     mut inbound: tonic::Streaming<Envelope>,
     out: mpsc::Sender<Result<Envelope, Status>>,
 ) {
@@ -747,10 +795,14 @@ async fn run_session(
                 }
                 Output::Sign { id, csr } => {
                     let validity = shared.config.node_cert_validity.as_secs() as i64;
-                    let result = shared
-                        .pki
-                        .sign_node(&csr, &node, validity)
-                        .map_err(|e| e.to_string());
+                    let result = if shared.revocations.is_revoked(&node, issued) {
+                        Err(format!("the certificate of node {node:?} was revoked"))
+                    } else {
+                        shared
+                            .pki
+                            .sign_node(&csr, &node, validity)
+                            .map_err(|e| e.to_string())
+                    };
                     pending.push_back(Input::Signed { id, result });
                 }
                 Output::Resynced { buckets, wanted } => {

@@ -4,6 +4,7 @@
 //!
 //! - [`pki`]: the hub CA, its serving certificate and node certificates.
 //! - [`tokens`]: join tokens, kept as Secrets in the API.
+//! - [`revocation`]: certificates revoked by deleting their Node.
 //! - [`router`]: which objects each node needs (pure).
 //! - [`session`]: one node's protocol state machine (pure).
 //! - [`upstream`]: authorization and application of nodes' writes.
@@ -15,6 +16,7 @@ pub mod gate;
 pub mod hub;
 pub mod lifecycle;
 pub mod pki;
+pub mod revocation;
 pub mod router;
 pub mod session;
 pub mod tokens;

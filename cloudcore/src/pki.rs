@@ -250,6 +250,9 @@ impl HubPki {
         // (renewal is planned from the validity span).
         let backdate = (validity_seconds / 10).min(300);
         set_validity(&mut params, now() - backdate, now() + validity_seconds);
+        // The issuance time, to the millisecond, as the serial number: revocation refuses
+        // the certificates issued up to a node's deletion (see `crate::revocation`).
+        params.serial_number = Some(crate::revocation::now_ms().into());
         csr.params = params;
         Ok(csr.signed_by(&self.issuer)?.pem())
     }

@@ -292,6 +292,43 @@ async fn a_single_use_token_joins_once_and_a_connected_name_is_replaced_only_whe
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleting_a_node_revokes_its_certificate_until_it_joins_again() {
+    use k8s_openapi::api::core::v1::Node;
+    let c = Cluster::start().await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "edge-r" } })).unwrap(),
+        )
+        .await
+        .unwrap();
+    let edge = c.edge("edge-r").await;
+    let connected = || c.hub().stats().connected.load(Ordering::Relaxed);
+    eventually("edge-r connects", || connected() == 1).await;
+    let refused_before = c.hub().stats().unauthenticated.load(Ordering::Relaxed);
+    nodes
+        .delete("edge-r", &DeleteParams::default())
+        .await
+        .unwrap();
+    // Its session ends and its reconnections are refused.
+    eventually("edge-r is refused", || {
+        connected() == 0
+            && c.hub().stats().unauthenticated.load(Ordering::Relaxed) > refused_before + 1
+    })
+    .await;
+    assert!(!edge.status().borrow().connected);
+    edge.shutdown().await;
+    let kept: Api<ConfigMap> = Api::namespaced(c.client.clone(), "kube-system");
+    let kept = kept.get("sedna-revoked-nodes").await.unwrap();
+    assert!(kept.data.unwrap().contains_key("edge-r"));
+    // Joined again with a new token, it gets a certificate that is not revoked.
+    let edge = c.edge("edge-r").await;
+    eventually("edge-r connects again", || connected() == 1).await;
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_without_a_valid_client_certificate_is_refused() {
     let c = Cluster::start().await;
     let hub = c.hub_addr.to_string();

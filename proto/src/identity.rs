@@ -129,6 +129,8 @@ pub struct CertificateInfo {
     pub not_before: i64,
     /// End of validity (Unix seconds).
     pub not_after: i64,
+    /// Serial number (big-endian bytes; node certificates carry their issuance time).
+    pub serial: Vec<u8>,
 }
 
 impl CertificateInfo {
@@ -154,6 +156,7 @@ pub fn certificate_info(der: &[u8]) -> Result<CertificateInfo, IdentityError> {
         common_name,
         not_before: cert.validity().not_before.timestamp(),
         not_after: cert.validity().not_after.timestamp(),
+        serial: cert.tbs_certificate.raw_serial().to_vec(),
     })
 }
 
