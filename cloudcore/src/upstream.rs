@@ -158,6 +158,34 @@ pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
     }
 }
 
+/// Status fields of workloads that their controller owns: a node's report (a worker's figures,
+/// forwarded with whatever the node's copy of the status held) never overwrites them, so a
+/// late or replayed report cannot turn a finished job back to Running.
+pub const CONTROLLER_STATUS_FIELDS: &[&str] = &[
+    "phase",
+    "conditions",
+    "startTime",
+    "completionTime",
+    "active",
+    "succeeded",
+    "failed",
+];
+
+/// Removes the controller's fields from a node's status patch of a workload (a Pod's status
+/// is the node's own and is left whole).
+pub fn strip_controller_fields(kind: Kind, patch: &mut Value) {
+    let workload = matches!(
+        kind,
+        Kind::JointInferenceService | Kind::IncrementalLearningJob | Kind::FederatedLearningJob
+    );
+    if let (true, Some(status)) = (
+        workload,
+        patch.get_mut("status").and_then(Value::as_object_mut),
+    ) {
+        status.retain(|k, _| !CONTROLLER_STATUS_FIELDS.contains(&k.as_str()));
+    }
+}
+
 /// Labels a node may give itself although their prefix is reserved (as Kubernetes'
 /// NodeRestriction admits for kubelets, plus the default role of this platform).
 const SELF_SETTABLE_LABELS: &[&str] = &[
@@ -271,9 +299,10 @@ pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamO
                     r.api_version, r.kind
                 ));
             };
-            let Ok(patch) = parsed() else {
+            let Ok(mut patch) = parsed() else {
                 return UpstreamOutcome::Rejected("malformed status patch".into());
             };
+            strip_controller_fields(kind, &mut patch);
             let api: Api<DynamicObject> =
                 Api::namespaced_with(client.clone(), &r.namespace, &api_resource(kind));
             match api
@@ -331,6 +360,21 @@ mod tests {
     use super::*;
     use crate::router::Object;
     use serde_json::json;
+
+    #[test]
+    fn a_nodes_status_report_of_a_workload_leaves_the_controllers_fields_alone() {
+        let report = json!({ "status": { "phase": "Running", "conditions": [], "active": 2,
+            "completionTime": null, "round": 4, "metrics": [{ "key": "accuracy", "value": "0.9" }] } });
+        let mut job = report.clone();
+        strip_controller_fields(Kind::FederatedLearningJob, &mut job);
+        assert_eq!(
+            job,
+            json!({ "status": { "round": 4, "metrics": [{ "key": "accuracy", "value": "0.9" }] } })
+        );
+        let mut pod = report.clone();
+        strip_controller_fields(Kind::Pod, &mut pod);
+        assert_eq!(pod, report, "a pod's status is the node's");
+    }
 
     #[test]
     fn a_node_cannot_give_itself_reserved_labels_but_keeps_those_an_administrator_granted() {

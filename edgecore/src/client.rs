@@ -15,7 +15,7 @@ use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::join::{self, Identity};
-use crate::machine::{EdgeMachine, Input, MachineConfig, Output};
+use crate::machine::{ConnectError, EdgeMachine, Input, MachineConfig, Output};
 use crate::store::{Change, EdgeStore, StoreError};
 use crate::tls;
 
@@ -90,6 +90,8 @@ pub struct EdgeStatus {
     pub connections: u64,
     /// Certificates renewed since start.
     pub renewals: u64,
+    /// Why the hub refused this node for good (it then stops dialing and works offline).
+    pub refused: Option<String>,
 }
 
 /// A running hub client.
@@ -207,7 +209,7 @@ struct Live {
     inbound: tonic::Streaming<Envelope>,
 }
 
-type Dialed = Result<Live, String>;
+type Dialed = Result<Live, ConnectError>;
 
 struct Shell {
     config: EdgeConfig,
@@ -251,8 +253,10 @@ impl Shell {
 
     async fn dial(hub: String, identity: Identity, max: usize) -> Dialed {
         let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
-            .map_err(|e| e.to_string())?;
-        let channel = tls::connect(&hub, config).await?;
+            .map_err(|e| ConnectError::Refused(format!("the node's credentials: {e}")))?;
+        let channel = tls::connect(&hub, config)
+            .await
+            .map_err(ConnectError::Unreachable)?;
         let (tx, rx) = mpsc::channel::<Envelope>(1024);
         let outgoing =
             futures_util::stream::unfold(
@@ -265,7 +269,16 @@ impl Shell {
         let inbound = client
             .attach(outgoing)
             .await
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .map_err(|s| {
+                let reason = format!("{:?}: {}", s.code(), s.message());
+                match s.code() {
+                    // Decided by the hub about this certificate: dialing again cannot help.
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+                        ConnectError::Refused(reason)
+                    }
+                    _ => ConnectError::Unreachable(reason),
+                }
+            })?
             .into_inner();
         Ok(Live { tx, inbound })
     }
@@ -382,6 +395,11 @@ impl Shell {
                                 s.syncs += 1;
                             });
                         }
+                        Output::GaveUp(error) => {
+                            tracing::error!(%node, %error, "no more connection attempts: join the node again (sedna join --replace)");
+                            self.status
+                                .send_modify(|s| s.refused = Some(error.to_string()));
+                        }
                         Output::Disconnect(reason) => {
                             tracing::info!(%node, %reason, "dropping the connection");
                             live = None;
@@ -414,13 +432,13 @@ impl Shell {
                                 });
                                 queue.push_back(Input::Connected { hello });
                             }
-                            Err(err) => queue.push_back(Input::ConnectFailed(err.to_string())),
+                            Err(err) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(err.to_string()))),
                         },
                         Ok(Err(reason)) => {
                             tracing::debug!(%node, %reason, "connecting to the hub failed");
                             queue.push_back(Input::ConnectFailed(reason));
                         }
-                        Err(join) => queue.push_back(Input::ConnectFailed(join.to_string())),
+                        Err(join) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(join.to_string()))),
                     }
                 }
                 message = async {

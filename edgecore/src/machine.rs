@@ -51,6 +51,25 @@ impl Default for MachineConfig {
     }
 }
 
+/// Why a connection to the hub could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectError {
+    /// The hub could not be reached, or failed (retryable).
+    #[error("cannot reach the hub: {0}")]
+    Unreachable(String),
+    /// The hub refused this node's certificate (revoked, or not a node certificate): trying
+    /// again cannot help; the node must join again.
+    #[error("the hub refused this node's certificate: {0}")]
+    Refused(String),
+}
+
+impl ConnectError {
+    /// Whether dialing again could succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ConnectError::Unreachable(_))
+    }
+}
+
 /// What the machine reacts to.
 #[derive(Debug)]
 pub enum Input {
@@ -62,7 +81,7 @@ pub enum Input {
         hello: Envelope,
     },
     /// Dialing failed.
-    ConnectFailed(String),
+    ConnectFailed(ConnectError),
     /// The stream ended or failed.
     Closed(String),
     /// An envelope from the hub.
@@ -111,11 +130,15 @@ pub enum Output {
     Synced,
     /// Drop the connection (read deadline, protocol error).
     Disconnect(String),
+    /// The hub refused this node for good: no more dialing (the node works offline until it
+    /// joins again).
+    GaveUp(ConnectError),
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum Phase {
     Stopped,
+    Refused,
     Waiting { until: Instant },
     Dialing,
     Resync,
@@ -249,9 +272,14 @@ impl EdgeMachine {
                     self.request_upstream(&mut out);
                 }
             }
-            Input::ConnectFailed(_) => {
+            Input::ConnectFailed(error) => {
                 if self.phase == Phase::Dialing {
-                    self.lost(&mut out, now);
+                    if error.is_retryable() {
+                        self.lost(&mut out, now);
+                    } else {
+                        self.phase = Phase::Refused;
+                        out.push(Output::GaveUp(error));
+                    }
                 }
             }
             Input::Closed(_) => {
@@ -413,7 +441,10 @@ mod tests {
         let mut delays = Vec::new();
         let mut t = now;
         for _ in 0..8 {
-            m.step(Input::ConnectFailed("refused".into()), t);
+            m.step(
+                Input::ConnectFailed(ConnectError::Unreachable("refused".into())),
+                t,
+            );
             let until = match m.next_deadline() {
                 Some(u) => u,
                 None => panic!("no retry"),
@@ -449,7 +480,10 @@ mod tests {
         for seed in 0..20 {
             let mut m = EdgeMachine::new(MachineConfig::default(), seed, now);
             m.step(Input::Start, now);
-            m.step(Input::ConnectFailed("x".into()), now);
+            m.step(
+                Input::ConnectFailed(ConnectError::Unreachable("x".into())),
+                now,
+            );
             firsts.insert(m.next_deadline().unwrap());
         }
         assert!(firsts.len() > 15, "reconnects are spread, not in lockstep");
@@ -561,5 +595,25 @@ mod tests {
         assert!(matches!(&out[0], Output::Disconnect(_)));
         assert!(!m.connected());
         assert!(m.next_deadline().is_some(), "a reconnect is scheduled");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_certificate_stops_the_dialing_a_network_failure_does_not() {
+        let now = Instant::now();
+        let mut m = EdgeMachine::new(MachineConfig::default(), 7, now);
+        assert_eq!(m.step(Input::Start, now), [Output::Dial]);
+        let out = m.step(
+            Input::ConnectFailed(ConnectError::Unreachable("timed out".into())),
+            now,
+        );
+        assert!(out.is_empty());
+        let retry = m.next_deadline().expect("a retry is planned");
+        assert_eq!(m.step(Input::Tick, retry), [Output::Dial]);
+        let refused = ConnectError::Refused("PermissionDenied: revoked".into());
+        let out = m.step(Input::ConnectFailed(refused.clone()), retry);
+        assert_eq!(out, [Output::GaveUp(refused)]);
+        assert_eq!(m.next_deadline(), None, "no retry is planned");
+        let later = retry + Duration::from_secs(3600);
+        assert!(m.step(Input::Tick, later).is_empty());
     }
 }
