@@ -53,25 +53,72 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     }
 }
 
-/// Writes `contents` to `path` readable by the owner only.
-pub fn write_private(path: &Path, contents: &str) -> Result<(), PkiError> {
+/// Writes `contents` to `path` readable by the owner only (0600), atomically: a unique
+/// temporary file in the same directory, synced, renamed over `path`, and the directory
+/// synced, so a crash leaves the old contents or the new, never a mix. A missing directory is
+/// created readable by the owner only (0700). The one implementation every crate uses for
+/// keys, certificates and kubeconfigs.
+pub fn write_private(path: &Path, contents: impl AsRef<[u8]>) -> Result<(), PkiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(
+        ".{name}.{}.{}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(contents.as_ref())?;
+        f.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(&tmp)(e));
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents.as_bytes()).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
     std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
     Ok(())
+}
+
+/// A CA kept in `dir` (`ca.crt`, and `ca.key` readable by the owner only): loaded, or created
+/// self-signed from `params` on first use (the key is written before the certificate, so a
+/// certificate on disk always has its key). The one implementation the API server and the
+/// hub use.
+pub fn load_or_create_ca(
+    dir: &Path,
+    params: rcgen::CertificateParams,
+) -> Result<(String, KeyPair), PkiError> {
+    let cert_path = dir.join("ca.crt");
+    let key_path = dir.join("ca.key");
+    if cert_path.exists() && key_path.exists() {
+        let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        return Ok((cert, KeyPair::from_pem(&key)?));
+    }
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write_private(&key_path, key.serialize_pem())?;
+    write_private(&cert_path, cert.pem())?;
+    Ok((cert.pem(), key))
 }
 
 /// The server's certificate authority and serving certificate.
@@ -126,19 +173,7 @@ impl Pki {
     /// Loads the CA from `dir` (creating it on first use) and issues a serving certificate
     /// for `localhost`, the loopback addresses and `extra_names` (names or IP addresses).
     pub fn load_or_create(dir: &Path, extra_names: &[String]) -> Result<Pki, PkiError> {
-        let ca_cert_path = dir.join("ca.crt");
-        let ca_key_path = dir.join("ca.key");
-        let (ca_pem, ca_key) = if ca_cert_path.exists() && ca_key_path.exists() {
-            let cert = std::fs::read_to_string(&ca_cert_path).map_err(io(&ca_cert_path))?;
-            let key = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
-            (cert, KeyPair::from_pem(&key)?)
-        } else {
-            let key = KeyPair::generate()?;
-            let cert = ca_params()?.self_signed(&key)?;
-            write_private(&ca_key_path, &key.serialize_pem())?;
-            std::fs::write(&ca_cert_path, cert.pem()).map_err(io(&ca_cert_path))?;
-            (cert.pem(), key)
-        };
+        let (ca_pem, ca_key) = load_or_create_ca(dir, ca_params()?)?;
         let issuer = Issuer::new(ca_params()?, ca_key);
         let mut names = vec![
             "localhost".to_owned(),
@@ -238,7 +273,7 @@ impl Tokens {
     pub fn load_or_create(path: &Path) -> Result<(Tokens, String), PkiError> {
         if !path.exists() {
             let token = random_token();
-            write_private(path, &format!("{token},admin,admin,\"system:masters\"\n"))?;
+            write_private(path, format!("{token},admin,admin,\"system:masters\"\n"))?;
         }
         let text = std::fs::read_to_string(path).map_err(io(path))?;
         let mut tokens = Vec::new();

@@ -258,7 +258,7 @@ impl ApiServer {
         let kubeconfig_path = layout.kubeconfig();
         pki::write_private(
             &kubeconfig_path,
-            &pki::kubeconfig(&format!("https://{address}"), &pki.ca_pem, &admin_token),
+            pki::kubeconfig(&format!("https://{address}"), &pki.ca_pem, &admin_token),
         )?;
         let mut tasks = vec![
             tokio::spawn(accept_loop(api.clone(), listener, tls)),

@@ -105,7 +105,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         .context("starting the API server")?;
     let kubeconfig = d.join("kubeconfig");
     let text = std::fs::read(server.kubeconfig_path())?;
-    write_private(&kubeconfig, &text)?;
+    sedna_apiserver::pki::write_private(&kubeconfig, &text)?;
     let client = client_for(&kubeconfig).await?;
 
     let mut hub_config = sedna_cloudcore::HubConfig::new(d.join("cloudcore"));
@@ -238,23 +238,6 @@ fn link_workers(bin: &Path) -> Result<()> {
         std::os::unix::fs::symlink(&exe, &link)
             .with_context(|| format!("linking {} to {}", link.display(), exe.display()))?;
     }
-    Ok(())
-}
-
-fn write_private(path: &Path, content: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(content)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 

@@ -19,20 +19,15 @@ pub const HUB_NAME: &str = "sedna-hub";
 /// Why certificates could not be prepared or issued.
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
-    /// A file could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: String,
-        /// The error.
-        source: std::io::Error,
-    },
     /// Key or certificate generation or parsing failed.
     #[error("certificate error: {0}")]
     Certificate(#[from] rcgen::Error),
     /// TLS configuration failed.
     #[error("TLS configuration error: {0}")]
     Tls(String),
+    /// The CA's files could not be read or written.
+    #[error(transparent)]
+    Files(#[from] sedna_apiserver::pki::PkiError),
     /// A CSR asks for a different identity than the one allowed.
     #[error("the certificate request is for {found:?}, not {expected:?}")]
     WrongSubject {
@@ -46,36 +41,8 @@ pub enum PkiError {
 impl PkiError {
     /// Whether trying again could succeed (I/O only).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, PkiError::Io { .. })
+        matches!(self, PkiError::Files(e) if e.is_retryable())
     }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
-/// Writes a file readable by its owner only, atomically.
-pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(contents).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))?;
-    Ok(())
 }
 
 /// Sets validity from `from` to `to` (Unix seconds), at calendar-day granularity when the
@@ -150,18 +117,7 @@ impl HubPki {
     /// [`HUB_NAME`], `localhost`, the loopback addresses and `names`.
     pub fn load_or_create(dir: &Path, names: &[String]) -> Result<HubPki, PkiError> {
         let cert_path = dir.join("ca.crt");
-        let key_path = dir.join("ca.key");
-        let (ca_pem, ca_key) = if cert_path.exists() && key_path.exists() {
-            let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-            let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-            (cert, KeyPair::from_pem(&key)?)
-        } else {
-            let key = KeyPair::generate()?;
-            let cert = ca_params()?.self_signed(&key)?;
-            write_private(&key_path, key.serialize_pem().as_bytes())?;
-            std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
-            (cert.pem(), key)
-        };
+        let (ca_pem, ca_key) = sedna_apiserver::pki::load_or_create_ca(dir, ca_params()?)?;
         let ca_der = CertificateDer::from_pem_slice(ca_pem.as_bytes())
             .map_err(|e| PkiError::Tls(format!("{}: {e}", cert_path.display())))?
             .to_vec();

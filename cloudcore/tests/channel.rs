@@ -185,7 +185,7 @@ async fn a_valid_token_joins_and_bad_tokens_or_requests_are_refused() {
     sedna_edgecore::join::join(&hub, &good, "edge-a", &dir("a"))
         .await
         .unwrap();
-    let key = std::fs::metadata(dir("a").join("pki/node.key")).unwrap();
+    let key = std::fs::metadata(dir("a").join("pki/node.pem")).unwrap();
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(key.permissions().mode() & 0o777, 0o600);
 
@@ -635,7 +635,7 @@ async fn certificates_are_renewed_over_the_channel_before_they_expire() {
     )
     .await
     .unwrap();
-    let before = std::fs::read_to_string(edge_dir.join("pki/node.crt")).unwrap();
+    let before = std::fs::read_to_string(edge_dir.join("pki/node.pem")).unwrap();
     let mut ec = EdgeConfig::new(hub.addr().to_string(), &edge_dir);
     ec.machine.heartbeat = Duration::from_millis(200);
     ec.machine.read_deadline = Duration::from_millis(1500);
@@ -651,7 +651,7 @@ async fn certificates_are_renewed_over_the_channel_before_they_expire() {
         renewed.is_ok(),
         "no renewal within 20 s of a 9 s certificate"
     );
-    let after = std::fs::read_to_string(edge_dir.join("pki/node.crt")).unwrap();
+    let after = std::fs::read_to_string(edge_dir.join("pki/node.pem")).unwrap();
     assert_ne!(before, after);
     // The node reconnects with the new certificate.
     tokio::time::timeout(Duration::from_secs(10), async {

@@ -1,4 +1,4 @@
-//! Joining a hub, and the node's identity on disk (`<data dir>/pki/{ca.crt,node.crt,node.key}`,
+//! Joining a hub, and the node's identity on disk (`<data dir>/pki/{ca.crt,node.pem}`,
 //! the key with mode 0600). The key never leaves the node: the hub signs a request for
 //! `system:node:<name>`.
 
@@ -74,6 +74,9 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// The node's key and certificate, in one file (PEM: the key, then the certificate).
+pub const IDENTITY_FILE: &str = "node.pem";
+
 fn pki_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("pki")
 }
@@ -85,24 +88,8 @@ fn files_err(path: &Path, e: impl std::fmt::Display) -> JoinError {
     }
 }
 
-fn write(path: &Path, contents: &str, private: bool) -> Result<(), JoinError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| files_err(dir, e))?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(if private { 0o600 } else { 0o644 })
-        .open(&tmp)
-        .map_err(|e| files_err(&tmp, e))?;
-    f.write_all(contents.as_bytes())
-        .map_err(|e| files_err(&tmp, e))?;
-    f.sync_all().map_err(|e| files_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| files_err(path, e))
+fn write(path: &Path, contents: &str) -> Result<(), JoinError> {
+    sedna_apiserver::pki::write_private(path, contents).map_err(|e| files_err(path, e))
 }
 
 impl Identity {
@@ -113,10 +100,18 @@ impl Identity {
             let p = dir.join(name);
             std::fs::read_to_string(&p).map_err(|e| files_err(&p, e))
         };
-        if !dir.join("node.crt").exists() {
+        let (key_pem, cert_pem) = if dir.join(IDENTITY_FILE).exists() {
+            let both = read(IDENTITY_FILE)?;
+            let at = both.find("-----BEGIN CERTIFICATE-----").ok_or_else(|| {
+                files_err(&dir.join(IDENTITY_FILE), "no certificate after the key")
+            })?;
+            (both[..at].to_owned(), both[at..].to_owned())
+        } else if dir.join("node.crt").exists() {
+            // Written by an earlier version: a key and a certificate apart.
+            (read("node.key")?, read("node.crt")?)
+        } else {
             return Ok(None);
-        }
-        let cert_pem = read("node.crt")?;
+        };
         let node = certificate_info(&cert_pem)?
             .node_name()
             .map(str::to_owned)
@@ -127,19 +122,29 @@ impl Identity {
             node,
             ca_pem: read("ca.crt")?,
             cert_pem,
-            key_pem: read("node.key")?,
+            key_pem,
         }))
     }
 
-    /// Saves the identity into `data_dir` (key and certificate atomically replaced).
+    /// Saves the identity into `data_dir`: the key and its certificate in one file, replaced
+    /// atomically (a renewal interrupted by a crash leaves the old pair or the new, never a
+    /// key with another key's certificate), readable by the agent alone.
     pub fn save(&self, data_dir: &Path) -> Result<(), JoinError> {
         let dir = pki_dir(data_dir);
         // The agent's data (its key, its store, its pods' secrets) is readable by it alone.
         crate::private_dir(data_dir).map_err(|e| files_err(data_dir, e))?;
         crate::private_dir(&dir).map_err(|e| files_err(&dir, e))?;
-        write(&dir.join("ca.crt"), &self.ca_pem, false)?;
-        write(&dir.join("node.key"), &self.key_pem, true)?;
-        write(&dir.join("node.crt"), &self.cert_pem, false)
+        write(&dir.join("ca.crt"), &self.ca_pem)?;
+        let mut both = self.key_pem.clone();
+        if !both.ends_with('\n') {
+            both.push('\n');
+        }
+        both.push_str(&self.cert_pem);
+        write(&dir.join(IDENTITY_FILE), &both)?;
+        for old in ["node.key", "node.crt"] {
+            let _ = std::fs::remove_file(dir.join(old));
+        }
+        Ok(())
     }
 }
 
@@ -258,6 +263,41 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&data), 0o700);
         assert_eq!(mode(&data.join("pki")), 0o700);
-        assert_eq!(mode(&data.join("pki/node.key")), 0o600);
+        assert_eq!(mode(&data.join("pki/node.pem")), 0o600);
+    }
+
+    #[test]
+    fn key_and_certificate_are_saved_and_replaced_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (key, csr) = new_request("edge-1").unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&ca_key)
+            .unwrap();
+        let issuer = rcgen::Issuer::new(rcgen::CertificateParams::default(), ca_key);
+        let csr = rcgen::CertificateSigningRequestParams::from_der(&csr.into()).unwrap();
+        let cert = csr.signed_by(&issuer).unwrap();
+        let identity = Identity {
+            node: "edge-1".into(),
+            ca_pem: ca.pem(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        };
+        // A data directory from an earlier version (key and certificate apart) still loads…
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        std::fs::write(pki.join("ca.crt"), &identity.ca_pem).unwrap();
+        std::fs::write(pki.join("node.key"), &identity.key_pem).unwrap();
+        std::fs::write(pki.join("node.crt"), &identity.cert_pem).unwrap();
+        let loaded = Identity::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.key_pem, identity.key_pem);
+        // … and saving writes the pair as one file, leaving no stray halves.
+        identity.save(dir.path()).unwrap();
+        assert!(!pki.join("node.key").exists() && !pki.join("node.crt").exists());
+        let loaded = Identity::load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.node, "edge-1");
+        assert_eq!(loaded.key_pem.trim_end(), identity.key_pem.trim_end());
+        assert_eq!(loaded.cert_pem, identity.cert_pem);
     }
 }
