@@ -393,9 +393,26 @@ pub async fn run(args: Args) -> Result<()> {
                     Err(e) => serde_json::json!({"id": id, "error": e.to_string()}),
                     Ok(x) => {
                         let started = Instant::now();
-                        let r = ji
+                        let r = match ji
                             .inference(&id, &[(input_info.name.clone(), Tensor::F32(x))])
-                            .await?;
+                            .await
+                        {
+                            Ok(r) => r,
+                            // This sample's problem (a bad input, a refused cloud answer, a bad
+                            // frame): a result line with the error, and on to the next.
+                            Err(e) if sample_error(&e) => {
+                                tracing::warn!(id, error = %e, "sample failed");
+                                seen += 1;
+                                let answer = serde_json::json!({"id": id, "error": e.to_string()});
+                                results.write(&answer);
+                                if let Some(reply) = reply {
+                                    results.flush();
+                                    let _ = reply.send(answer);
+                                }
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        };
                         let ms = started.elapsed().as_secs_f64() * 1e3;
                         {
                             let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner());
@@ -473,4 +490,11 @@ pub async fn run(args: Args) -> Result<()> {
     }
     tracing::info!(stats = ?ji.stats(), "edge worker done");
     Ok(())
+}
+
+/// Whether an inference error belongs to one sample (the worker answers it with an error
+/// and goes on) rather than to the worker (its queue's disk, its configuration).
+fn sample_error(e: &sedna::joint::JointError) -> bool {
+    use sedna::joint::JointError as E;
+    matches!(e, E::Edge(_) | E::Frame(_) | E::CloudRefused(_))
 }

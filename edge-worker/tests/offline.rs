@@ -245,3 +245,70 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
     let saved = std::fs::read(output.join("hard-examples").join(id)).unwrap();
     assert_eq!(&saved[saved.len() - 784..], digits[index].0.as_slice());
 }
+
+#[test]
+fn a_sample_the_cloud_refuses_gets_an_error_line_and_the_worker_goes_on() {
+    let digits = digits();
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = dir.path().join("inputs");
+    let output = dir.path().join("output");
+    std::fs::create_dir_all(&inputs).unwrap();
+    // A cloud model that takes images (N, 1, 28, 28), not the edge's flat 784 values: the
+    // cloud refuses every hard example.
+    let cloud_model = Arc::new(
+        Model::load(
+            root().join("models/mnist/cnn/init.onnx"),
+            &SessionOptions {
+                intra_threads: 1,
+                ..SessionOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model);
+    feed(&inputs, &digits, 0..60);
+    let status = Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "MODEL_URL",
+            root()
+                .join("models/mnist/edge/model.onnx")
+                .canonicalize()
+                .unwrap(),
+        )
+        .env("HEM_NAME", "CrossEntropy")
+        .env(
+            "HEM_PARAMETERS",
+            r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
+        )
+        .env("SEDNA_CLOUD_URL", format!("http://{address}"))
+        .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
+        .env("SEDNA_OUTPUT_DIR", &output)
+        .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
+        .env("SEDNA_EXIT_AFTER", "60")
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .status()
+        .unwrap();
+    cloud.stop();
+    assert!(status.success(), "the worker ended with {status}");
+    let results = lines(&output.join("results.jsonl"));
+    assert_eq!(results.len(), 60, "every sample has a line");
+    let refused: Vec<&serde_json::Value> = results
+        .iter()
+        .filter(|v| v.get("error").is_some())
+        .collect();
+    assert!(!refused.is_empty(), "some hard examples went to the cloud");
+    assert!(
+        refused
+            .iter()
+            .all(|v| v["error"].as_str().unwrap().contains("cloud refused")),
+        "{refused:?}"
+    );
+    assert!(
+        results.iter().any(|v| v.get("label").is_some()),
+        "easy samples were answered at the edge"
+    );
+}
