@@ -213,16 +213,53 @@ async fn report(reporter: &sedna::report::StatusReporter, figures: &serde_json::
         .await;
 }
 
-fn figures(ji: &JointInference, latencies: &Latencies, cloud_path: &str) -> serde_json::Value {
+/// What earlier runs of the worker counted (the `figures.json` they left in the same output
+/// directory): the service's figures are cumulative across worker and agent restarts.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+struct Earlier {
+    inferences: u64,
+    hard_examples: u64,
+    cloud_answers: u64,
+    refused: u64,
+    uplink_bytes: u64,
+}
+
+impl Earlier {
+    fn load(dir: &Path) -> Self {
+        let Some(v) = std::fs::read(dir.join("figures.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            return Self::default();
+        };
+        let n = |key: &str| v.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        Self {
+            inferences: n("inferences"),
+            hard_examples: n("hardExamples"),
+            cloud_answers: n("cloudAnswers"),
+            refused: n("refused"),
+            uplink_bytes: n("uplinkBytes"),
+        }
+    }
+}
+
+fn figures(
+    ji: &JointInference,
+    earlier: &Earlier,
+    latencies: &Latencies,
+    cloud_path: &str,
+) -> serde_json::Value {
     let s = ji.stats();
+    let inferences = s.inferences + earlier.inferences;
+    let hard_examples = s.hard_examples + earlier.hard_examples;
     serde_json::json!({
-        "inferences": s.inferences,
-        "hardExamples": s.hard_examples,
-        "cloudAnswers": s.cloud_answers,
+        "inferences": inferences,
+        "hardExamples": hard_examples,
+        "cloudAnswers": s.cloud_answers + earlier.cloud_answers,
         "queued": ji.queued(),
-        "refused": s.refused,
-        "uploadRatio": s.upload_ratio(),
-        "uplinkBytes": s.uplink_bytes,
+        "refused": s.refused + earlier.refused,
+        "uploadRatio": if inferences == 0 { 0.0 } else { hard_examples as f64 / inferences as f64 },
+        "uplinkBytes": s.uplink_bytes + earlier.uplink_bytes,
         "edgeLatencyMs": p50(&latencies.edge),
         "cloudLatencyMs": p50(&latencies.cloud),
         "cloudPath": cloud_path,
@@ -347,6 +384,7 @@ pub async fn run(args: Args) -> Result<()> {
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let mut seen = done.len();
     let mut last_figures = Instant::now();
+    let earlier = Earlier::load(&args.output_dir);
     let reporter = match &config.service_name {
         Some(service) => {
             sedna::report::StatusReporter::connect(
@@ -464,6 +502,7 @@ pub async fn run(args: Args) -> Result<()> {
         if last_figures.elapsed() >= Duration::from_secs(1) {
             let current = figures(
                 &ji,
+                &earlier,
                 &latencies.lock().unwrap_or_else(|p| p.into_inner()),
                 cloud_path,
             );
@@ -481,6 +520,7 @@ pub async fn run(args: Args) -> Result<()> {
     results.flush();
     let last = figures(
         &ji,
+        &earlier,
         &latencies.lock().unwrap_or_else(|p| p.into_inner()),
         cloud_path,
     );

@@ -247,7 +247,8 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
 }
 
 #[test]
-fn a_sample_the_cloud_refuses_gets_an_error_line_and_the_worker_goes_on() {
+fn a_sample_the_cloud_refuses_gets_an_error_line_the_worker_goes_on_and_its_figures_survive_a_restart()
+ {
     let digits = digits();
     let dir = tempfile::tempdir().unwrap();
     let inputs = dir.path().join("inputs");
@@ -267,35 +268,51 @@ fn a_sample_the_cloud_refuses_gets_an_error_line_and_the_worker_goes_on() {
     );
     let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model);
     feed(&inputs, &digits, 0..60);
-    let status = Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "MODEL_URL",
-            root()
-                .join("models/mnist/edge/model.onnx")
-                .canonicalize()
-                .unwrap(),
-        )
-        .env("HEM_NAME", "CrossEntropy")
-        .env(
-            "HEM_PARAMETERS",
-            r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
-        )
-        .env("SEDNA_CLOUD_URL", format!("http://{address}"))
-        .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
-        .env("SEDNA_OUTPUT_DIR", &output)
-        .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
-        .env("SEDNA_EXIT_AFTER", "60")
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .status()
-        .unwrap();
+    let run = |exit_after: usize| {
+        Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "MODEL_URL",
+                root()
+                    .join("models/mnist/edge/model.onnx")
+                    .canonicalize()
+                    .unwrap(),
+            )
+            .env("HEM_NAME", "CrossEntropy")
+            .env(
+                "HEM_PARAMETERS",
+                r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
+            )
+            .env("SEDNA_CLOUD_URL", format!("http://{address}"))
+            .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
+            .env("SEDNA_OUTPUT_DIR", &output)
+            .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
+            .env("SEDNA_EXIT_AFTER", exit_after.to_string())
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .status()
+            .unwrap()
+    };
+    let status = run(60);
+    let inferences = || {
+        let figures: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(output.join("figures.json")).unwrap()).unwrap();
+        figures["inferences"].as_u64().unwrap()
+    };
+    assert_eq!(inferences(), 60);
+    // Restarted on 30 new digits: its figures go on from where they were.
+    feed(&inputs, &digits, 60..90);
+    assert!(
+        run(90).success(),
+        "SEDNA_EXIT_AFTER counts every answer, before the restart too"
+    );
+    assert_eq!(inferences(), 90, "figures are cumulative across restarts");
     cloud.stop();
     assert!(status.success(), "the worker ended with {status}");
     let results = lines(&output.join("results.jsonl"));
-    assert_eq!(results.len(), 60, "every sample has a line");
+    assert_eq!(results.len(), 90, "every sample has a line");
     let refused: Vec<&serde_json::Value> = results
         .iter()
         .filter(|v| v.get("error").is_some())
