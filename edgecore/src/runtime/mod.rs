@@ -526,6 +526,7 @@ impl Worker {
 
     /// Creates the pod directory and its volumes; returns the volumes' directories.
     fn prepare(&mut self) -> Result<BTreeMap<String, PathBuf>, SpecError> {
+        spec::check_names(&self.pod)?;
         let plans = spec::volumes(&self.pod, &self.lookup())?;
         let io = |e: std::io::Error| {
             SpecError::CreateContainerConfigError(format!("preparing volumes: {e}"))

@@ -25,6 +25,10 @@ pub enum SpecError {
     /// The program cannot be found.
     #[error("{0}")]
     ProgramNotFound(String),
+    /// A name the runtime turns into a path is not a valid name (it could leave the pod's
+    /// directory). Not retryable: the pod must be fixed.
+    #[error("{0}")]
+    InvalidName(String),
 }
 
 impl SpecError {
@@ -33,12 +37,13 @@ impl SpecError {
         match self {
             SpecError::CreateContainerConfigError(_) => "CreateContainerConfigError",
             SpecError::ProgramNotFound(_) => "ErrImagePull",
+            SpecError::InvalidName(_) => "CreateContainerConfigError",
         }
     }
 
     /// Whether the pod may start later (once the missing object arrives).
     pub fn is_retryable(&self) -> bool {
-        true
+        !matches!(self, SpecError::InvalidName(_))
     }
 }
 
@@ -343,6 +348,62 @@ pub fn launch(
     })
 }
 
+/// A DNS-1123 label: lowercase letters, digits and `-`, starting and ending with a letter or
+/// digit, at most 63 characters (what Kubernetes requires of container and volume names).
+fn dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+}
+
+/// A name the runtime puts in a path component: no separators, not `.` or `..`, not empty.
+fn path_component(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
+}
+
+/// Checks every name the runtime turns into a path — the pod's namespace, name and uid, its
+/// containers' and volumes' names — before anything is created (the API server validates
+/// them too; the node does not rely on it).
+pub fn check_names(pod: &Pod) -> Result<(), SpecError> {
+    let bad = |what: &str, name: &str| {
+        Err(SpecError::InvalidName(format!(
+            "{what} {name:?} is not a valid name (a DNS-1123 label)"
+        )))
+    };
+    for (what, name) in [
+        (
+            "namespace",
+            pod.metadata.namespace.as_deref().unwrap_or("default"),
+        ),
+        ("pod name", pod.metadata.name.as_deref().unwrap_or_default()),
+        ("pod uid", pod.metadata.uid.as_deref().unwrap_or_default()),
+    ] {
+        if !path_component(name) {
+            return bad(what, name);
+        }
+    }
+    let spec = pod.spec.as_ref();
+    for c in spec.iter().flat_map(|s| {
+        s.containers
+            .iter()
+            .chain(s.init_containers.iter().flatten())
+    }) {
+        if !dns_label(&c.name) {
+            return bad("container", &c.name);
+        }
+    }
+    for v in spec.iter().flat_map(|s| s.volumes.iter().flatten()) {
+        if !dns_label(&v.name) {
+            return bad("volume", &v.name);
+        }
+    }
+    Ok(())
+}
+
 /// What each volume of the pod becomes.
 pub fn volumes(pod: &Pod, lookup: &Lookup<'_>) -> Result<BTreeMap<String, VolumePlan>, SpecError> {
     let ns = pod
@@ -413,6 +474,30 @@ fn select(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_that_would_leave_the_pod_directory_are_refused() {
+        let pod = |container: &str, volume: &str, name: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": name, "namespace": "default", "uid": "u-1" },
+                "spec": { "containers": [{ "name": container }],
+                          "volumes": [{ "name": volume, "emptyDir": {} }] }
+            }))
+            .unwrap()
+        };
+        assert!(check_names(&pod("worker", "data", "p")).is_ok());
+        for (c, v, n) in [
+            ("../../x", "data", "p"),
+            ("worker", "../etc", "p"),
+            ("worker", "Data", "p"),
+            ("worker", "data", ".."),
+            ("worker", "data", "a/b"),
+        ] {
+            let err = check_names(&pod(c, v, n)).unwrap_err();
+            assert!(!err.is_retryable(), "{err}");
+            assert!(err.to_string().contains("is not a valid name"), "{err}");
+        }
+    }
+
     use super::*;
     use serde_json::json;
 
