@@ -14,7 +14,7 @@ use kube::api::PostParams;
 use serde_json::{Value, json};
 
 mod support;
-use support::{Procs, client, edge, edge_with, eventually, free_port, hub, join, sedna, token};
+use support::{Procs, apiserver, client, edge, edge_with, eventually, free_port, hub, join, token};
 
 /// A JSON patch whose copies nest a value inside itself, one level deeper per operation
 /// (17 KB: it overflowed the stack before patches were bounded).
@@ -59,16 +59,9 @@ fn still_running(child: &mut Child, what: &str) {
 async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_roles() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let api_port = free_port();
     let hub_port = free_port();
-    let mut procs = Procs(vec![
-        sedna(&["apiserver", "--metrics-addr", "off", "--data-dir"])
-            .arg(d.join("api"))
-            .args(["--listen", &format!("127.0.0.1:{api_port}")])
-            .spawn()
-            .unwrap(),
-    ]);
-    let kubeconfig = d.join("api/kubeconfig");
+    let (api, kubeconfig) = apiserver(&d.join("api"));
+    let mut procs = Procs(vec![api]);
     let kube = client(&kubeconfig).await;
 
     // The cloud API.
@@ -216,16 +209,9 @@ async fn an_edge_joins_and_connects_while_idle_connections_flood_the_hub() {
     use k8s_openapi::api::core::v1::Node;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let api_port = free_port();
     let hub_port = free_port();
-    let mut procs = Procs(vec![
-        sedna(&["apiserver", "--metrics-addr", "off", "--data-dir"])
-            .arg(d.join("api"))
-            .args(["--listen", &format!("127.0.0.1:{api_port}")])
-            .spawn()
-            .unwrap(),
-    ]);
-    let kubeconfig = d.join("api/kubeconfig");
+    let (api, kubeconfig) = apiserver(&d.join("api"));
+    let mut procs = Procs(vec![api]);
     let kube = client(&kubeconfig).await;
     procs.0.push(hub(d, &kubeconfig, hub_port));
     let cloud = format!("127.0.0.1:{hub_port}");

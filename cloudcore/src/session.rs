@@ -692,12 +692,9 @@ mod tests {
         assert!(out.iter().any(|o| matches!(o, Output::Close(_))));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn upstream_writes_apply_in_order_and_retry_without_reordering() {
-        let now = Instant::now();
-        let config = SessionConfig::default();
-        let mut s = Session::new(config.clone(), now);
-        let up = |id: u64| Envelope {
+    /// An upstream write envelope (a status write) with this id.
+    fn up(id: u64) -> Envelope {
+        Envelope {
             id,
             op: Op::Upstream as i32,
             payload: Upstream {
@@ -707,7 +704,14 @@ mod tests {
             }
             .encode_to_vec(),
             ..Default::default()
-        };
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn upstream_writes_apply_in_order_and_retry_without_reordering() {
+        let now = Instant::now();
+        let config = SessionConfig::default();
+        let mut s = Session::new(config.clone(), now);
         let out = s.step(Input::Received(up(1)), now);
         assert!(matches!(out[0], Output::Apply { id: 1, .. }));
         let out = s.step(Input::Received(up(2)), now);
@@ -759,17 +763,6 @@ mod tests {
             ..Default::default()
         };
         let mut s = Session::new(config, now);
-        let up = |id: u64| Envelope {
-            id,
-            op: Op::Upstream as i32,
-            payload: Upstream {
-                kind: 3,
-                object: None,
-                payload: vec![],
-            }
-            .encode_to_vec(),
-            ..Default::default()
-        };
         for id in 1..=10 {
             s.step(Input::Received(up(id)), now);
         }

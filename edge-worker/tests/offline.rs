@@ -101,6 +101,41 @@ impl Cloud {
     }
 }
 
+/// The worker on the MNIST edge model, CrossEntropy mining, reading PGM files from `inputs`,
+/// asking the cloud at `address`, until `exit_after` answers in all.
+fn worker(
+    dir: &Path,
+    inputs: &Path,
+    output: &Path,
+    address: std::net::SocketAddr,
+    exit_after: usize,
+) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"));
+    c.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env(
+            "MODEL_URL",
+            root()
+                .join("models/mnist/edge/model.onnx")
+                .canonicalize()
+                .unwrap(),
+        )
+        .env("HEM_NAME", "CrossEntropy")
+        .env(
+            "HEM_PARAMETERS",
+            r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
+        )
+        .env("SEDNA_CLOUD_URL", format!("http://{address}"))
+        .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
+        .env("SEDNA_OUTPUT_DIR", output)
+        .env("SEDNA_CACHE_DIR", dir.join("cache"))
+        .env("SEDNA_EXIT_AFTER", exit_after.to_string())
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    c
+}
+
 #[test]
 fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer() {
     let digits = digits();
@@ -120,26 +155,9 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
     );
     let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model.clone());
     feed(&inputs, &digits, 0..100);
-    let edge_model = root().join("models/mnist/edge/model.onnx");
-    let mut worker = Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"))
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("MODEL_URL", edge_model.canonicalize().unwrap())
-        .env("HEM_NAME", "CrossEntropy")
-        .env(
-            "HEM_PARAMETERS",
-            r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
-        )
-        .env("SEDNA_CLOUD_URL", format!("http://{address}"))
+    let mut worker = worker(dir.path(), &inputs, &output, address, 300)
         .env("SEDNA_CLOUD_TIMEOUT_MS", "500")
-        .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
-        .env("SEDNA_OUTPUT_DIR", &output)
-        .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
-        .env("SEDNA_EXIT_AFTER", "300")
         .env("SEDNA_SAVE_HARD_EXAMPLES", "true")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let results = output.join("results.jsonl");
@@ -269,29 +287,7 @@ fn a_sample_the_cloud_refuses_gets_an_error_line_the_worker_goes_on_and_its_figu
     let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model);
     feed(&inputs, &digits, 0..60);
     let run = |exit_after: usize| {
-        Command::new(env!("CARGO_BIN_EXE_sedna-edge-worker"))
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env(
-                "MODEL_URL",
-                root()
-                    .join("models/mnist/edge/model.onnx")
-                    .canonicalize()
-                    .unwrap(),
-            )
-            .env("HEM_NAME", "CrossEntropy")
-            .env(
-                "HEM_PARAMETERS",
-                r#"[{"key": "threshold_cross_entropy", "value": "0.67"}]"#,
-            )
-            .env("SEDNA_CLOUD_URL", format!("http://{address}"))
-            .env("SEDNA_INPUT", format!("dir:{}", inputs.display()))
-            .env("SEDNA_OUTPUT_DIR", &output)
-            .env("SEDNA_CACHE_DIR", dir.path().join("cache"))
-            .env("SEDNA_EXIT_AFTER", exit_after.to_string())
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+        worker(dir.path(), &inputs, &output, address, exit_after)
             .status()
             .unwrap()
     };
