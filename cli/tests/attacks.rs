@@ -47,6 +47,14 @@ async fn refused_patch(client: &kube::Client, uri: &str, body: Vec<u8>) -> (u16,
     }
 }
 
+/// `sedna apiserver` in a new temporary directory, and an admin client of it.
+async fn api_server() -> (tempfile::TempDir, Procs, std::path::PathBuf, kube::Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let (api, kubeconfig) = apiserver(&dir.path().join("api"));
+    let kube = client(&kubeconfig).await;
+    (dir, Procs(vec![api]), kubeconfig, kube)
+}
+
 fn still_running(child: &mut Child, what: &str) {
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -57,12 +65,9 @@ fn still_running(child: &mut Child, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_roles() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, mut procs, kubeconfig, kube) = api_server().await;
     let d = dir.path();
     let hub_port = free_port();
-    let (api, kubeconfig) = apiserver(&d.join("api"));
-    let mut procs = Procs(vec![api]);
-    let kube = client(&kubeconfig).await;
 
     // The cloud API.
     let config_maps: Api<ConfigMap> = Api::namespaced(kube.clone(), "default");
@@ -207,12 +212,9 @@ async fn flood(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_edge_joins_and_connects_while_idle_connections_flood_the_hub() {
     use k8s_openapi::api::core::v1::Node;
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, mut procs, kubeconfig, kube) = api_server().await;
     let d = dir.path();
     let hub_port = free_port();
-    let (api, kubeconfig) = apiserver(&d.join("api"));
-    let mut procs = Procs(vec![api]);
-    let kube = client(&kubeconfig).await;
     procs.0.push(hub(d, &kubeconfig, hub_port));
     let cloud = format!("127.0.0.1:{hub_port}");
     let token = token(&kubeconfig, "edge-a");

@@ -136,6 +136,15 @@ fn worker(
     c
 }
 
+/// A model of the repository, run on one thread.
+fn one_thread_model(path: &str) -> Arc<Model> {
+    let options = SessionOptions {
+        intra_threads: 1,
+        ..SessionOptions::default()
+    };
+    Arc::new(Model::load(root().join(path), &options).unwrap())
+}
+
 #[test]
 fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer() {
     let digits = digits();
@@ -143,16 +152,7 @@ fn the_cloud_stops_mid_stream_and_every_hard_example_still_gets_its_cloud_answer
     let inputs = dir.path().join("inputs");
     let output = dir.path().join("output");
     std::fs::create_dir_all(&inputs).unwrap();
-    let cloud_model = Arc::new(
-        Model::load(
-            root().join("models/mnist/cloud/model.onnx"),
-            &SessionOptions {
-                intra_threads: 1,
-                ..SessionOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let cloud_model = one_thread_model("models/mnist/cloud/model.onnx");
     let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model.clone());
     feed(&inputs, &digits, 0..100);
     let mut worker = worker(dir.path(), &inputs, &output, address, 300)
@@ -274,16 +274,7 @@ fn a_sample_the_cloud_refuses_gets_an_error_line_the_worker_goes_on_and_its_figu
     std::fs::create_dir_all(&inputs).unwrap();
     // A cloud model that takes images (N, 1, 28, 28), not the edge's flat 784 values: the
     // cloud refuses every hard example.
-    let cloud_model = Arc::new(
-        Model::load(
-            root().join("models/mnist/cnn/init.onnx"),
-            &SessionOptions {
-                intra_threads: 1,
-                ..SessionOptions::default()
-            },
-        )
-        .unwrap(),
-    );
+    let cloud_model = one_thread_model("models/mnist/cnn/init.onnx");
     let (cloud, address) = Cloud::start("127.0.0.1:0".parse().unwrap(), cloud_model);
     feed(&inputs, &digits, 0..60);
     let run = |exit_after: usize| {
