@@ -142,6 +142,14 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for the trainers `ks` of a [`job`] to finish successfully.
+fn trainers_exit_ok(procs: &mut Procs, dir: &Path, ks: &[usize]) {
+    for &k in ks {
+        let what = format!("client-{k}");
+        exit_ok(&mut procs.0[1 + k], &what, dir, &format!("{what}.log"));
+    }
+}
+
 fn exit_ok(child: &mut Child, what: &str, dir: &Path, log: &str) {
     let start = Instant::now();
     loop {
@@ -283,14 +291,7 @@ fn a_killed_trainer_is_left_behind_at_the_round_timeout_and_the_job_finishes() {
         serde_json::json!(["client-0", "client-2"])
     );
     assert!(rounds[2]["stragglers"].as_array().unwrap().is_empty());
-    for k in [0, 2] {
-        exit_ok(
-            &mut procs.0[1 + k],
-            &format!("client-{k}"),
-            dir.path(),
-            &format!("client-{k}.log"),
-        );
-    }
+    trainers_exit_ok(&mut procs, dir.path(), &[0, 2]);
 }
 
 #[test]
@@ -324,14 +325,7 @@ fn a_killed_aggregator_resumes_after_its_last_checkpointed_round() {
     );
     let log = std::fs::read_to_string(dir.path().join("aggregator.log")).unwrap();
     assert!(log.contains("resumed from the last checkpoint"), "{log}");
-    for k in 0..3 {
-        exit_ok(
-            &mut procs.0[1 + k],
-            &format!("client-{k}"),
-            dir.path(),
-            &format!("client-{k}.log"),
-        );
-    }
+    trainers_exit_ok(&mut procs, dir.path(), &[0, 1, 2]);
 }
 
 #[test]
@@ -346,10 +340,7 @@ fn a_job_with_a_target_accuracy_stops_at_the_first_round_that_reaches_it() {
         ],
     );
     exit_ok(&mut procs.0[0], "aggregator", dir.path(), "aggregator.log");
-    for k in 0..3 {
-        let log = format!("client-{k}.log");
-        exit_ok(&mut procs.0[k + 1], &log.clone(), dir.path(), &log);
-    }
+    trainers_exit_ok(&mut procs, dir.path(), &[0, 1, 2]);
     let accuracy: Vec<f64> = rounds(dir.path())
         .iter()
         .map(|r| r["test_accuracy"].as_f64().unwrap())
