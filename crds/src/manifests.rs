@@ -47,9 +47,41 @@ pub fn render(crd: &CustomResourceDefinition) -> Result<String, ManifestError> {
         name: crd.metadata.name.clone().unwrap_or_default(),
         source,
     })?;
+    let body = quote_yaml11_scalars(&body);
     Ok(format!(
         "# Generated from the Rust types in crds/src by `{REGENERATE}`. Do not edit.\n{body}"
     ))
+}
+
+/// Plain scalars that YAML 1.1 parsers (PyYAML, older Go and Ruby parsers) read as something
+/// other than a string: `=` (the "value" key) and the 1.1 booleans.
+const YAML11_SPECIAL: &[&str] = &[
+    "=", "y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off",
+    "Off", "OFF",
+];
+
+/// Quotes the plain scalars of `yaml` (a YAML 1.2 rendering) that YAML 1.1 would misread, so
+/// the manifests load the same in every common parser.
+fn quote_yaml11_scalars(yaml: &str) -> String {
+    let mut out = String::with_capacity(yaml.len() + 16);
+    for line in yaml.lines() {
+        let value_start = if let Some(rest) = line.trim_start().strip_prefix("- ") {
+            Some(line.len() - rest.len())
+        } else {
+            line.find(": ").map(|i| i + 2)
+        };
+        match value_start {
+            Some(at) if YAML11_SPECIAL.contains(&&line[at..]) => {
+                out.push_str(&line[..at]);
+                out.push('\'');
+                out.push_str(&line[at..]);
+                out.push('\'');
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Every CRD as `(file name, YAML text)`, in [`crate::crds`] order.
@@ -176,5 +208,31 @@ mod tests {
         write_all(&dir).unwrap();
         assert!(drift(&dir).unwrap().is_empty(), "write_all repairs drift");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod yaml11_tests {
+    use super::*;
+
+    #[test]
+    fn scalars_yaml_1_1_misreads_are_quoted() {
+        let yaml = "enum:\n- '>'\n- =\n- ==\nflag: on\nname: one\n";
+        assert_eq!(
+            quote_yaml11_scalars(yaml),
+            "enum:\n- '>'\n- '='\n- ==\nflag: 'on'\nname: one\n"
+        );
+        for (_, text) in render_all().unwrap() {
+            for line in text.lines() {
+                let value = line
+                    .trim_start()
+                    .strip_prefix("- ")
+                    .or_else(|| line.split_once(": ").map(|(_, v)| v));
+                assert!(
+                    !value.is_some_and(|v| YAML11_SPECIAL.contains(&v)),
+                    "unquoted YAML 1.1 scalar: {line}"
+                );
+            }
+        }
     }
 }
