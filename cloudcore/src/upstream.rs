@@ -182,7 +182,15 @@ pub fn strip_controller_fields(kind: Kind, patch: &mut Value) {
         workload,
         patch.get_mut("status").and_then(Value::as_object_mut),
     ) {
-        status.retain(|k, _| !CONTROLLER_STATUS_FIELDS.contains(&k.as_str()));
+        if kind == Kind::IncrementalLearningJob {
+            // The stage machine's fields are the controller's: a node reports only its
+            // trigger and its workers' reports.
+            status.retain(|k, _| {
+                sedna_api::incremental_learning::NODE_STATUS_FIELDS.contains(&k.as_str())
+            });
+        } else {
+            status.retain(|k, _| !CONTROLLER_STATUS_FIELDS.contains(&k.as_str()));
+        }
     }
 }
 
@@ -374,6 +382,17 @@ mod tests {
         let mut pod = report.clone();
         strip_controller_fields(Kind::Pod, &mut pod);
         assert_eq!(pod, report, "a pod's status is the node's");
+        // An incremental learning job's stage machine is the controller's alone: a node may
+        // report its trigger and its workers' reports, nothing else.
+        let mut il = json!({ "status": { "round": 9, "stage": "Deploy", "stageState": "Ready",
+            "deployed": { "round": 9, "url": "/evil.onnx" }, "trainTrigger": { "round": 1 },
+            "evaluation": { "round": 1 }, "inference": { "modelUrl": "/m" } } });
+        strip_controller_fields(Kind::IncrementalLearningJob, &mut il);
+        assert_eq!(
+            il,
+            json!({ "status": { "trainTrigger": { "round": 1 }, "evaluation": { "round": 1 },
+                "inference": { "modelUrl": "/m" } } })
+        );
     }
 
     #[test]

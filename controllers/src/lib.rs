@@ -7,6 +7,8 @@
 //!   and an edge-worker Pod, configured through Sedna's environment names.
 //! - [`federated_learning`]: a FederatedLearningJob becomes an aggregation-worker Pod and one
 //!   training-worker Pod per dataset, on the dataset's node.
+//! - [`incremental_learning`]: an IncrementalLearningJob's rounds, Train → Eval → Deploy, with
+//!   an inference worker on the dataset's node that reloads each deployed model in place.
 //! - [`workers`]: building, placing and keeping worker pods, shared by the above.
 //!
 //! Reconciles are idempotent; errors requeue with jittered backoff; every transition is an
@@ -14,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod federated_learning;
+pub mod incremental_learning;
 pub mod joint_inference;
 pub mod model;
 pub mod workers;
@@ -91,12 +94,14 @@ pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output
     };
     let models = tokio::spawn(model::run(client.clone(), wait(rx.clone())));
     let services = tokio::spawn(joint_inference::run(client.clone(), wait(rx.clone())));
-    let jobs = tokio::spawn(federated_learning::run(client, wait(rx)));
+    let jobs = tokio::spawn(federated_learning::run(client.clone(), wait(rx.clone())));
+    let rounds = tokio::spawn(incremental_learning::run(client, wait(rx)));
     shutdown.await;
     let _ = tx.send(true);
     let _ = models.await;
     let _ = services.await;
     let _ = jobs.await;
+    let _ = rounds.await;
 }
 
 #[cfg(test)]

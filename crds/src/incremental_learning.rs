@@ -404,6 +404,13 @@ pub struct IncrementalLearningJobStatus {
     /// State of the current stage.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage_state: Option<StageState>,
+    /// When the current stage entered its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub stage_time: Option<Time>,
+    /// The round in progress (moved to `rounds` when it ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<RoundRecord>,
     /// Failed tries of the current stage so far (reset when a stage completes).
     #[serde(default, skip_serializing_if = "is_zero")]
     #[schemars(range(min = 0))]
@@ -478,6 +485,10 @@ pub struct ModelVersion {
 pub struct RoundRecord {
     /// The round.
     pub round: i64,
+    /// When it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub started: Option<Time>,
     /// What started it: `trigger` (the node's train trigger) or `request` (the annotation).
     #[schemars(length(max = 16))]
     pub started_by: String,
