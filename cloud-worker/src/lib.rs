@@ -1,5 +1,6 @@
 //! `sedna-cloud-worker`: the cloud side of a JointInferenceService (and, with the `aggregate`
-//! subcommand, a FederatedLearningJob's aggregation worker: [`AggregateArgs`]). Loads the big model from
+//! subcommand, a FederatedLearningJob's aggregation worker: [`AggregateArgs`]; with `train` and
+//! `evaluate`, an IncrementalLearningJob's train and eval workers: [`IncrementalArgs`]). Loads the big model from
 //! `MODEL_URL` (through lib-sedna's storage: `s3://`, `file://` or a path; credentials from
 //! mounted files) and serves it as the `sedna.inference.v1.Inference` gRPC service with
 //! dynamic batching, until SIGTERM or Ctrl-C.
@@ -21,13 +22,20 @@ use sedna::inference::{Model, Provider, SessionOptions};
 use sedna::storage::Storage;
 
 mod aggregate;
+mod incremental;
 pub use aggregate::AggregateArgs;
+pub use incremental::IncrementalArgs;
 
 /// The worker's modes besides serving the big model.
 #[derive(clap::Subcommand, Debug)]
 pub enum Mode {
     /// Aggregate a FederatedLearningJob's updates (its aggregation worker).
-    Aggregate(AggregateArgs),
+    Aggregate(Box<AggregateArgs>),
+    /// Train an IncrementalLearningJob's candidate model (its train worker).
+    Train(IncrementalArgs),
+    /// Evaluate an IncrementalLearningJob's candidate against the deployed model (its eval
+    /// worker).
+    Evaluate(IncrementalArgs),
 }
 
 /// Flags (each with an environment variable the controller sets).
@@ -72,8 +80,11 @@ pub struct Args {
 
 /// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
 pub async fn run(args: Args) -> Result<()> {
-    if let Some(Mode::Aggregate(aggregate)) = args.mode {
-        return aggregate::run(aggregate).await;
+    match args.mode {
+        Some(Mode::Aggregate(aggregate)) => return aggregate::run(*aggregate).await,
+        Some(Mode::Train(il)) => return incremental::train(il).await,
+        Some(Mode::Evaluate(il)) => return incremental::evaluate(il).await,
+        None => {}
     }
     let config = Config::from_env().context("reading the worker configuration")?;
     for name in &config.ignored_secret_variables {

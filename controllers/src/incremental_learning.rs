@@ -270,7 +270,9 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
                         effects.push(event(
                             true,
                             "StageFailed",
-                            format!("the {stage:?} worker of round {round} exited without reporting"),
+                            format!(
+                                "the {stage:?} worker of round {round} exited without reporting"
+                            ),
                         ));
                         enter(&mut next, stage, StageState::Failed);
                     }
@@ -354,8 +356,8 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
                 deployed.url = url.clone();
                 next.deployed = Some(deployed);
                 if let Some(current) = next.current.as_mut() {
-                    current.deploy_seconds = seconds_since(current.started.as_ref(), seen.now)
-                        .map(|all| {
+                    current.deploy_seconds =
+                        seconds_since(current.started.as_ref(), seen.now).map(|all| {
                             all - current.train_seconds.unwrap_or(0.0)
                                 - current.eval_seconds.unwrap_or(0.0)
                         });
@@ -415,7 +417,9 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
                 effects.push(event(
                     true,
                     "RolledBack",
-                    format!("round {round}: gave up deploying; the Model points at {previous} again"),
+                    format!(
+                        "round {round}: gave up deploying; the Model points at {previous} again"
+                    ),
                 ));
                 if let Some(current) = next.current.as_mut() {
                     current.deployed = false;
@@ -441,7 +445,10 @@ fn candidate_url(status: &Status, settings: &Settings) -> String {
 
 fn stage_reported(status: &Status, stage: Stage) -> bool {
     match stage {
-        Stage::Train => status.training.as_ref().is_some_and(|t| t.round == status.round),
+        Stage::Train => status
+            .training
+            .as_ref()
+            .is_some_and(|t| t.round == status.round),
         Stage::Eval => status
             .evaluation
             .as_ref()
@@ -467,7 +474,10 @@ pub fn settle(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Sta
         let (next, more) = step(&current, settings, &seen);
         let settled = next == current;
         // A worker created in this pass is not observed yet; a request is acted on once.
-        if more.iter().any(|e| matches!(e, Effect::CreateWorker(_) | Effect::DeleteWorker(_))) {
+        if more
+            .iter()
+            .any(|e| matches!(e, Effect::CreateWorker(_) | Effect::DeleteWorker(_)))
+        {
             seen.worker = PodState::Pending;
         }
         if next.last_train_request != current.last_train_request {
@@ -486,7 +496,11 @@ fn owner(job: &IncrementalLearningJob) -> Option<OwnerReference> {
     job.controller_owner_ref(&())
 }
 
-fn labels(job: &IncrementalLearningJob, worker: &str, round: Option<i64>) -> BTreeMap<String, String> {
+fn labels(
+    job: &IncrementalLearningJob,
+    worker: &str,
+    round: Option<i64>,
+) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::from([
         (JOB_LABEL.to_string(), job.name_any()),
         (WORKER_LABEL.to_string(), worker.to_string()),
@@ -500,7 +514,10 @@ fn labels(job: &IncrementalLearningJob, worker: &str, round: Option<i64>) -> BTr
 fn base_env(job: &IncrementalLearningJob, worker: &str) -> Vec<(String, String)> {
     vec![
         ("JOB_NAME".into(), job.name_any()),
-        ("NAMESPACE".into(), job.namespace().unwrap_or_else(|| "default".into())),
+        (
+            "NAMESPACE".into(),
+            job.namespace().unwrap_or_else(|| "default".into()),
+        ),
         ("WORKER_NAME".into(), worker.to_string()),
     ]
 }
@@ -540,15 +557,16 @@ pub fn inference_pod(job: &IncrementalLearningJob, r: &Resolved) -> Result<Pod, 
         deploy.model.poll_period_seconds.to_string(),
     ));
     env.push(("HEM_NAME".into(), deploy.hard_example_mining.name.clone()));
-    let parameters: BTreeMap<&str, &str> = deploy
+    // Sedna's JSON list of {key, value}.
+    let parameters: Vec<serde_json::Value> = deploy
         .hard_example_mining
         .parameters
         .iter()
-        .map(|kv| (kv.key.as_str(), kv.value.as_str()))
+        .map(|kv| serde_json::json!({"key": kv.key, "value": kv.value}))
         .collect();
     env.push((
         "HEM_PARAMETERS".into(),
-        serde_json::to_string(&parameters).map_err(|e| Error::Invalid(e.to_string()))?,
+        serde_json::Value::Array(parameters).to_string(),
     ));
     if let Some(dir) = hard_examples_dir(&r.dataset.0) {
         env.push(("SEDNA_HARD_EXAMPLES_DIR".into(), dir));
@@ -571,7 +589,8 @@ pub fn inference_pod(job: &IncrementalLearningJob, r: &Resolved) -> Result<Pod, 
 /// index (an object-store Dataset gets none: the worker keeps them in its output).
 pub fn hard_examples_dir(dataset_url: &str) -> Option<String> {
     let path = dataset_url.strip_prefix("file://").unwrap_or(dataset_url);
-    if dataset_url.contains("://") && !dataset_url.starts_with("file://") || !path.starts_with('/') {
+    if dataset_url.contains("://") && !dataset_url.starts_with("file://") || !path.starts_with('/')
+    {
         return None;
     }
     let parent = std::path::Path::new(path).parent()?;
@@ -620,7 +639,10 @@ pub fn stage_pod(
                 (Some(initial), true) => initial.clone(),
                 _ => deployed,
             };
-            env.push(("MODEL_URLS".into(), format!("{};{compare}", candidate_url(status, &r.settings))));
+            env.push((
+                "MODEL_URLS".into(),
+                format!("{};{compare}", candidate_url(status, &r.settings)),
+            ));
             env.push(("TEST_DATASET_URL".into(), r.dataset.0.clone()));
         }
     }
@@ -717,9 +739,18 @@ async fn resolve(
 fn controller_patch(status: &Status) -> serde_json::Value {
     let mut value = serde_json::to_value(status).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
-        map.retain(|k, _| !sedna_api::incremental_learning::NODE_STATUS_FIELDS.contains(&k.as_str()));
+        map.retain(|k, _| {
+            !sedna_api::incremental_learning::NODE_STATUS_FIELDS.contains(&k.as_str())
+        });
         // Absent optional fields are cleared explicitly (a merge patch keeps what it omits).
-        for key in ["stage", "stageState", "candidate", "current", "stageTime", "lastTrainRequest"] {
+        for key in [
+            "stage",
+            "stageState",
+            "candidate",
+            "current",
+            "stageTime",
+            "lastTrainRequest",
+        ] {
             map.entry(key).or_insert(serde_json::Value::Null);
         }
         map.entry("attempts").or_insert(0.into());
@@ -744,9 +775,15 @@ async fn fail(
     if changed {
         status.phase = WorkloadPhase::Failed;
         status.completion_time = Some(Time(Timestamp::now()));
-        api.patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(&controller_patch(&status)))
-            .await?;
-        ctx.events(job).publish(EventType::Warning, reason, message).await;
+        api.patch_status(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&controller_patch(&status)),
+        )
+        .await?;
+        ctx.events(job)
+            .publish(EventType::Warning, reason, message)
+            .await;
     }
     Ok(Action::await_change())
 }
@@ -801,7 +838,10 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
     let observed_worker = match status.stage.and_then(|s| worker_name(s, status.round)) {
         Some(name) => {
             let pod = pods.get_opt(&name).await?;
-            PodState::of(pod.as_ref().filter(|p| p.metadata.deletion_timestamp.is_none()))
+            PodState::of(
+                pod.as_ref()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none()),
+            )
         }
         None => PodState::Absent,
     };
@@ -824,7 +864,11 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
                 // Earlier rounds' workers are done: keep only this round's and the last one's.
                 let selector = format!("{JOB_LABEL}={},{ROUND_LABEL}", job.name_any());
                 for pod in pods.list(&ListParams::default().labels(&selector)).await? {
-                    let round: i64 = pod.labels().get(ROUND_LABEL).and_then(|r| r.parse().ok()).unwrap_or(0);
+                    let round: i64 = pod
+                        .labels()
+                        .get(ROUND_LABEL)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0);
                     if round + 1 < next.round {
                         let _ = pods.delete(&pod.name_any(), &DeleteParams::default()).await;
                     }
@@ -842,18 +886,36 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
             Effect::PointDeployModel(url) => {
                 let patch = serde_json::json!({"spec": {"url": url}});
                 models
-                    .patch(&job.spec.deploy_spec.model.name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .patch(
+                        &job.spec.deploy_spec.model.name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
                     .await?;
             }
-            Effect::Event { warning, reason, message } => {
-                let type_ = if warning { EventType::Warning } else { EventType::Normal };
+            Effect::Event {
+                warning,
+                reason,
+                message,
+            } => {
+                let type_ = if warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                };
                 events.publish(type_, reason, message).await;
             }
         }
     }
     let now = Time(Timestamp::now());
-    let serving = inference.as_ref().is_some_and(|p| pod_phase(p) == "Running");
-    next.phase = if serving { WorkloadPhase::Running } else { WorkloadPhase::Pending };
+    let serving = inference
+        .as_ref()
+        .is_some_and(|p| pod_phase(p) == "Running");
+    next.phase = if serving {
+        WorkloadPhase::Running
+    } else {
+        WorkloadPhase::Pending
+    };
     next.start_time.get_or_insert(now.clone());
     next.completion_time = None;
     let stage_condition = |type_: &str, stage: Stage| {
@@ -864,7 +926,11 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
             );
         Condition::new(
             type_,
-            if active { ConditionStatus::True } else { ConditionStatus::False },
+            if active {
+                ConditionStatus::True
+            } else {
+                ConditionStatus::False
+            },
             now.clone(),
         )
         .with_reason(if active { "StageActive" } else { "StageIdle" })
@@ -878,7 +944,11 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
     let failed = next.stage_state == Some(StageState::Failed);
     let failure = Condition::new(
         "Failed",
-        if failed { ConditionStatus::True } else { ConditionStatus::False },
+        if failed {
+            ConditionStatus::True
+        } else {
+            ConditionStatus::False
+        },
         now.clone(),
     )
     .with_reason(if failed { "StageFailed" } else { "NoFailure" })
@@ -899,10 +969,20 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
     });
     set_condition(&mut next.conditions, failure);
     if next != status {
-        api.patch_status(&job.name_any(), &PatchParams::default(), &Patch::Merge(&controller_patch(&next)))
-            .await?;
+        api.patch_status(
+            &job.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&controller_patch(&next)),
+        )
+        .await?;
     }
-    let check = Duration::from_secs(job.spec.train_spec.trigger.check_period_seconds.clamp(1, 60) as u64);
+    let check = Duration::from_secs(
+        job.spec
+            .train_spec
+            .trigger
+            .check_period_seconds
+            .clamp(1, 60) as u64,
+    );
     Ok(match (next.stage, next.stage_state) {
         (_, Some(StageState::Failed)) if next.attempts < MAX_ATTEMPTS => {
             Action::requeue(retry_delay(next.attempts).mul_f64(1.0 + rand::random::<f64>() / 4.0))
@@ -913,7 +993,10 @@ async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Resul
 }
 
 /// Runs the IncrementalLearningJob controller until `shutdown`.
-pub async fn run(client: Client, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     workers::run_owning_pods::<IncrementalLearningJob, _>(
         client,
         JOB_LABEL,
@@ -979,7 +1062,10 @@ mod tests {
             time: None,
         });
         let (s, effects) = settle(&s, &settings(), &seen(1, PodState::Absent));
-        assert_eq!(state(&s), (round, Some(Stage::Train), Some(StageState::Starting)));
+        assert_eq!(
+            state(&s),
+            (round, Some(Stage::Train), Some(StageState::Starting))
+        );
         assert!(effects.contains(&Effect::CreateWorker(Stage::Train)));
         let (s, _) = settle(&s, &settings(), &seen(2, PodState::Running));
         assert_eq!(s.stage_state, Some(StageState::Running));
@@ -993,7 +1079,10 @@ mod tests {
             seconds: 4.0,
         });
         let (s, effects) = settle(&s, &settings(), &seen(10, PodState::Succeeded));
-        assert_eq!(state(&s), (round, Some(Stage::Eval), Some(StageState::Starting)));
+        assert_eq!(
+            state(&s),
+            (round, Some(Stage::Eval), Some(StageState::Starting))
+        );
         assert!(effects.contains(&Effect::CreateWorker(Stage::Eval)));
         let mut s = s;
         s.evaluation = Some(EvaluationReport {
@@ -1008,12 +1097,18 @@ mod tests {
     #[test]
     fn a_fired_trigger_runs_train_eval_and_deploys_a_better_model() {
         let s = waiting();
-        assert_eq!(state(&s), (0, Some(Stage::Train), Some(StageState::Waiting)));
+        assert_eq!(
+            state(&s),
+            (0, Some(Stage::Train), Some(StageState::Waiting))
+        );
         assert_eq!(s.deployed.as_ref().unwrap().url, "/m/deploy.onnx");
         // Nothing happens without a trigger or a request.
         assert_eq!(settle(&s, &settings(), &seen(1, PodState::Absent)).0, s);
         let (s, effects) = through_eval(s, 0.9, 0.7);
-        assert_eq!(state(&s), (1, Some(Stage::Deploy), Some(StageState::Running)));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Deploy), Some(StageState::Running))
+        );
         assert!(effects.contains(&Effect::PointDeployModel("/out/round-1/model.onnx".into())));
         // Serving the old model: still deploying.
         let mut s = s;
@@ -1031,10 +1126,22 @@ mod tests {
             ..Default::default()
         });
         let (s, effects) = settle(&s, &settings(), &seen(20, PodState::Absent));
-        assert_eq!(state(&s), (1, Some(Stage::Train), Some(StageState::Waiting)));
-        assert!(effects.iter().any(|e| matches!(e, Effect::Event { reason: "Deployed", .. })));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Train), Some(StageState::Waiting))
+        );
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Event {
+                reason: "Deployed",
+                ..
+            }
+        )));
         let deployed = s.deployed.as_ref().unwrap();
-        assert_eq!((deployed.round, deployed.url.as_str()), (1, "/out/round-1/model.onnx"));
+        assert_eq!(
+            (deployed.round, deployed.url.as_str()),
+            (1, "/out/round-1/model.onnx")
+        );
         assert_eq!(deployed.metrics, metrics(0.9));
         let record = &s.rounds[0];
         assert!(record.deployed, "{record:?}");
@@ -1044,7 +1151,11 @@ mod tests {
         assert_eq!(record.eval_seconds, Some(5.0));
         assert_eq!(record.started.as_ref().map(|t| t.0), Some(at(1)));
         assert_eq!(record.deploy_seconds, Some(5.0));
-        assert!(record.reason.contains("accuracy_delta[0] > 0.01 holds"), "{}", record.reason);
+        assert!(
+            record.reason.contains("accuracy_delta[0] > 0.01 holds"),
+            "{}",
+            record.reason
+        );
         assert_eq!(s.last_round_samples, 100);
         assert!(s.current.is_none());
     }
@@ -1052,15 +1163,36 @@ mod tests {
     #[test]
     fn a_candidate_worse_than_the_deployed_model_is_recorded_and_not_deployed() {
         let (s, effects) = through_eval(waiting(), 0.7, 0.9);
-        assert_eq!(state(&s), (1, Some(Stage::Train), Some(StageState::Waiting)));
-        assert!(!effects.iter().any(|e| matches!(e, Effect::PointDeployModel(_))));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Train), Some(StageState::Waiting))
+        );
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::PointDeployModel(_)))
+        );
         assert!(!s.rounds[0].deployed);
-        assert!(s.rounds[0].reason.contains("does not hold (-0.2000)"), "{}", s.rounds[0].reason);
+        assert!(
+            s.rounds[0].reason.contains("does not hold (-0.2000)"),
+            "{}",
+            s.rounds[0].reason
+        );
         assert_eq!(s.deployed.as_ref().unwrap().url, "/m/deploy.onnx");
         // The next round starts from a new trigger for round 2 only; a stale one is ignored.
         let mut stale = s.clone();
-        stale.train_trigger = Some(TriggerReport { round: 1, samples: 100, new_samples: 100, time: None });
-        assert_eq!(settle(&stale, &settings(), &seen(30, PodState::Absent)).0.round, 1);
+        stale.train_trigger = Some(TriggerReport {
+            round: 1,
+            samples: 100,
+            new_samples: 100,
+            time: None,
+        });
+        assert_eq!(
+            settle(&stale, &settings(), &seen(30, PodState::Absent))
+                .0
+                .round,
+            1
+        );
         let (s, _) = through_eval(s, 0.95, 0.9);
         assert_eq!(s.round, 2);
         assert_eq!(s.stage, Some(Stage::Deploy));
@@ -1072,11 +1204,17 @@ mod tests {
         let mut seen_now = seen(5, PodState::Absent);
         seen_now.request = Some("1700000000");
         let (s, effects) = settle(&s, &settings(), &seen_now);
-        assert_eq!(state(&s), (1, Some(Stage::Train), Some(StageState::Starting)));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Train), Some(StageState::Starting))
+        );
         assert_eq!(s.last_train_request.as_deref(), Some("1700000000"));
         assert_eq!(s.current.as_ref().unwrap().started_by, "request");
         assert_eq!(
-            effects.iter().filter(|e| matches!(e, Effect::CreateWorker(_))).count(),
+            effects
+                .iter()
+                .filter(|e| matches!(e, Effect::CreateWorker(_)))
+                .count(),
             1
         );
     }
@@ -1088,31 +1226,59 @@ mod tests {
         // Go back to an eval that fails instead.
         let (mut s, _) = {
             let mut s = waiting();
-            s.train_trigger = Some(TriggerReport { round: 1, samples: 10, new_samples: 10, time: None });
+            s.train_trigger = Some(TriggerReport {
+                round: 1,
+                samples: 10,
+                new_samples: 10,
+                time: None,
+            });
             let (mut s, _) = settle(&s, &settings(), &seen(0, PodState::Absent));
-            s.training = Some(TrainingReport { round: 1, model_url: "/out/round-1/model.onnx".into(), ..Default::default() });
+            s.training = Some(TrainingReport {
+                round: 1,
+                model_url: "/out/round-1/model.onnx".into(),
+                ..Default::default()
+            });
             settle(&s, &settings(), &seen(1, PodState::Succeeded))
         };
         assert_eq!(s.stage, Some(Stage::Eval));
         let mut t = 2;
         for attempt in 1..=MAX_ATTEMPTS {
             let (failed, effects) = settle(&s, &settings(), &seen(t, PodState::Failed));
-            assert_eq!(state(&failed), (1, Some(Stage::Eval), Some(StageState::Failed)));
+            assert_eq!(
+                state(&failed),
+                (1, Some(Stage::Eval), Some(StageState::Failed))
+            );
             assert_eq!(failed.attempts, attempt);
-            assert!(effects.iter().any(|e| matches!(e, Effect::Event { reason: "StageFailed", .. })));
+            assert!(effects.iter().any(|e| matches!(
+                e,
+                Effect::Event {
+                    reason: "StageFailed",
+                    ..
+                }
+            )));
             // Not before the delay.
             let early = settle(&failed, &settings(), &seen(t + 1, PodState::Failed)).0;
             assert_eq!(early.stage_state, Some(StageState::Failed));
             let later = t + retry_delay(attempt).as_secs() as i64;
             let (retried, effects) = settle(&failed, &settings(), &seen(later, PodState::Failed));
             if attempt < MAX_ATTEMPTS {
-                assert_eq!(state(&retried), (1, Some(Stage::Eval), Some(StageState::Starting)));
+                assert_eq!(
+                    state(&retried),
+                    (1, Some(Stage::Eval), Some(StageState::Starting))
+                );
                 assert!(effects.contains(&Effect::DeleteWorker(Stage::Eval)));
                 assert!(effects.contains(&Effect::CreateWorker(Stage::Eval)));
                 // The trained candidate is kept: no new training.
-                assert_eq!(retried.candidate.as_ref().unwrap().url, "/out/round-1/model.onnx");
+                assert_eq!(
+                    retried.candidate.as_ref().unwrap().url,
+                    "/out/round-1/model.onnx"
+                );
             } else {
-                assert_eq!(retried.stage_state, Some(StageState::Failed), "tries used up");
+                assert_eq!(
+                    retried.stage_state,
+                    Some(StageState::Failed),
+                    "tries used up"
+                );
             }
             s = retried;
             t = later + 1;
@@ -1121,21 +1287,38 @@ mod tests {
         let mut with_request = seen(t + 1000, PodState::Failed);
         with_request.request = Some("again");
         let (s, _) = settle(&s, &settings(), &with_request);
-        assert_eq!(state(&s), (1, Some(Stage::Eval), Some(StageState::Starting)));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Eval), Some(StageState::Starting))
+        );
         assert_eq!(s.attempts, 0);
     }
 
     #[test]
     fn a_worker_deleted_while_its_stage_runs_is_recreated() {
         let mut s = waiting();
-        s.train_trigger = Some(TriggerReport { round: 1, samples: 10, new_samples: 10, time: None });
+        s.train_trigger = Some(TriggerReport {
+            round: 1,
+            samples: 10,
+            new_samples: 10,
+            time: None,
+        });
         let (s, _) = settle(&s, &settings(), &seen(0, PodState::Absent));
         let (s, _) = settle(&s, &settings(), &seen(1, PodState::Running));
         assert_eq!(s.stage_state, Some(StageState::Running));
         let (s, effects) = settle(&s, &settings(), &seen(2, PodState::Absent));
-        assert_eq!(state(&s), (1, Some(Stage::Train), Some(StageState::Starting)));
+        assert_eq!(
+            state(&s),
+            (1, Some(Stage::Train), Some(StageState::Starting))
+        );
         assert!(effects.contains(&Effect::CreateWorker(Stage::Train)));
-        assert!(effects.iter().any(|e| matches!(e, Effect::Event { reason: "WorkerRecreated", .. })));
+        assert!(effects.iter().any(|e| matches!(
+            e,
+            Effect::Event {
+                reason: "WorkerRecreated",
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -1197,7 +1380,11 @@ mod tests {
     fn resolved() -> Resolved {
         Resolved {
             settings: settings(),
-            dataset: ("/data/il/index.txt".into(), Some("edge-1".into()), "txt".into()),
+            dataset: (
+                "/data/il/index.txt".into(),
+                Some("edge-1".into()),
+                "txt".into(),
+            ),
             deploy_model_url: "/out/round-3/model.onnx".into(),
             inference_started_with: None,
             credentials: None,
@@ -1218,23 +1405,46 @@ mod tests {
         let job = job();
         let mut status = waiting();
         status.round = 2;
-        status.candidate = Some(ModelVersion { round: 2, url: "/out/round-2/model.onnx".into(), metrics: Metrics::new() });
-        status.deployed = Some(ModelVersion { round: 1, url: "/out/round-1/model.onnx".into(), metrics: Metrics::new() });
+        status.candidate = Some(ModelVersion {
+            round: 2,
+            url: "/out/round-2/model.onnx".into(),
+            metrics: Metrics::new(),
+        });
+        status.deployed = Some(ModelVersion {
+            round: 1,
+            url: "/out/round-1/model.onnx".into(),
+            metrics: Metrics::new(),
+        });
         let train = stage_pod(&job, Stage::Train, &status, &resolved()).unwrap();
-        assert_eq!(train.metadata.name.as_deref(), Some("helmet-detection-demo-train-2"));
+        assert_eq!(
+            train.metadata.name.as_deref(),
+            Some("helmet-detection-demo-train-2")
+        );
         let e = env(&train);
         assert_eq!(e["BASE_MODEL_URL"], "/out/round-1/model.onnx");
         assert_eq!(e["MODEL_URL"], "/out/round-2/model.onnx");
         assert_eq!(e["TRAIN_DATASET_URL"], "/data/il/index.txt");
         assert_eq!(e["SEDNA_TRAIN_PROB"], "0.8");
-        assert_eq!(e["batch_size"], "32", "the template's own variables are kept");
-        assert_eq!(train.spec.as_ref().unwrap().restart_policy.as_deref(), Some("Never"));
+        assert_eq!(
+            e["batch_size"], "32",
+            "the template's own variables are kept"
+        );
+        assert_eq!(
+            train.spec.as_ref().unwrap().restart_policy.as_deref(),
+            Some("Never")
+        );
         assert_eq!(train.labels()[ROUND_LABEL], "2");
         let eval = stage_pod(&job, Stage::Eval, &status, &resolved()).unwrap();
-        assert_eq!(env(&eval)["MODEL_URLS"], "/out/round-2/model.onnx;/out/round-1/model.onnx");
+        assert_eq!(
+            env(&eval)["MODEL_URLS"],
+            "/out/round-2/model.onnx;/out/round-1/model.onnx"
+        );
         // Round 1 trains from the initial model.
         status.deployed.as_mut().unwrap().round = 0;
-        assert_eq!(env(&stage_pod(&job, Stage::Train, &status, &resolved()).unwrap())["BASE_MODEL_URL"], "/m/initial.onnx");
+        assert_eq!(
+            env(&stage_pod(&job, Stage::Train, &status, &resolved()).unwrap())["BASE_MODEL_URL"],
+            "/m/initial.onnx"
+        );
 
         let infer = inference_pod(&job, &resolved()).unwrap();
         let e = env(&infer);
@@ -1243,14 +1453,23 @@ mod tests {
         assert_eq!(e["MODEL_POLL_PERIOD_SECONDS"], "60");
         assert_eq!(e["SEDNA_DEPLOY_MODEL"], "deploy-model");
         assert_eq!(e["SEDNA_HARD_EXAMPLES_DIR"], "/data/il/hard-examples");
-        assert_eq!(serde_json::from_str::<serde_json::Value>(&e["HEM_PARAMETERS"]).unwrap()["threshold_img"], "0.9");
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(&e["HEM_PARAMETERS"]).unwrap()[0],
+            serde_json::json!({"key": "threshold_img", "value": "0.9"})
+        );
         // Hot update: a running worker keeps the pod it has (no recreation on deploy).
         let mut running = resolved();
         running.inference_started_with = Some("/m/deploy.onnx".into());
-        assert_eq!(env(&inference_pod(&job, &running).unwrap())["MODEL_URL"], "/m/deploy.onnx");
+        assert_eq!(
+            env(&inference_pod(&job, &running).unwrap())["MODEL_URL"],
+            "/m/deploy.onnx"
+        );
         let mut cold = job.clone();
         cold.spec.deploy_spec.model.hot_update_enabled = false;
-        assert_eq!(env(&inference_pod(&cold, &running).unwrap())["MODEL_URL"], "/out/round-3/model.onnx");
+        assert_eq!(
+            env(&inference_pod(&cold, &running).unwrap())["MODEL_URL"],
+            "/out/round-3/model.onnx"
+        );
         assert_eq!(hard_examples_dir("s3://bucket/index.txt"), None);
     }
 }

@@ -772,8 +772,16 @@ mod tests {
         assert_eq!(check(cond("precision_delta[0]", "gt", 0.1)), Ok(true));
         assert_eq!(check(cond("accuracy_delta", ">=", 0.0)), Ok(false));
         assert_eq!(check(cond("accuracy", ">", 0.85)), Ok(true));
-        assert!(check(cond("precision_delta[1]", ">", 0.1)).unwrap_err().contains("[0]"));
-        assert!(check(cond("recall_delta", ">", 0.1)).unwrap_err().contains("recall_delta"));
+        assert!(
+            check(cond("precision_delta[1]", ">", 0.1))
+                .unwrap_err()
+                .contains("[0]")
+        );
+        assert!(
+            check(cond("recall_delta", ">", 0.1))
+                .unwrap_err()
+                .contains("recall_delta")
+        );
         assert_eq!(
             cond("num_of_samples", "ge", 100.0).describe(),
             "num_of_samples >= 100"

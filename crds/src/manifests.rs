@@ -56,8 +56,8 @@ pub fn render(crd: &CustomResourceDefinition) -> Result<String, ManifestError> {
 /// Plain scalars that YAML 1.1 parsers (PyYAML, older Go and Ruby parsers) read as something
 /// other than a string: `=` (the "value" key) and the 1.1 booleans.
 const YAML11_SPECIAL: &[&str] = &[
-    "=", "y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off",
-    "Off", "OFF",
+    "=", "y", "Y", "n", "N", "yes", "Yes", "YES", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+    "OFF",
 ];
 
 /// Quotes the plain scalars of `yaml` (a YAML 1.2 rendering) that YAML 1.1 would misread, so

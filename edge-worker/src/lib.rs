@@ -1,5 +1,6 @@
 //! `sedna-edge-worker`: the edge side of a JointInferenceService (and, with the `train`
-//! subcommand, a FederatedLearningJob's training worker: [`TrainArgs`]), configured entirely by
+//! subcommand, a FederatedLearningJob's training worker: [`TrainArgs`]; with `infer`, an
+//! IncrementalLearningJob's inference worker: [`InferArgs`]), configured entirely by
 //! the environment the controller injects (Sedna's names), so no custom image or code is needed.
 //!
 //! It loads the small model from `MODEL_URL`, mines hard examples with `HEM_NAME` /
@@ -17,9 +18,11 @@
 //! `results.jsonl` are not processed again after a restart.
 
 mod http;
+mod incremental;
 mod input;
 mod train;
 
+pub use incremental::InferArgs;
 pub use train::TrainArgs;
 
 /// The worker's modes besides joint inference.
@@ -27,6 +30,9 @@ pub use train::TrainArgs;
 pub enum Mode {
     /// Train in a FederatedLearningJob (its training worker).
     Train(TrainArgs),
+    /// Serve an IncrementalLearningJob's deployed model, reloading each new one in place
+    /// (its inference worker).
+    Infer(InferArgs),
 }
 
 use std::collections::HashSet;
@@ -275,8 +281,10 @@ fn write_figures(dir: &Path, figures: &serde_json::Value) {
 
 /// Runs the worker until its input ends (when asked to) or SIGTERM / Ctrl-C.
 pub async fn run(args: Args) -> Result<()> {
-    if let Some(Mode::Train(train)) = args.mode {
-        return train::run(train).await;
+    match args.mode {
+        Some(Mode::Train(train)) => return train::run(train).await,
+        Some(Mode::Infer(infer)) => return incremental::run(infer).await,
+        None => {}
     }
     let config = Config::from_env().context("reading the worker configuration")?;
     for name in &config.ignored_secret_variables {
@@ -530,6 +538,21 @@ pub async fn run(args: Args) -> Result<()> {
     }
     tracing::info!(stats = ?ji.stats(), "edge worker done");
     Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub(crate) async fn shutdown_signal() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Whether an inference error belongs to one sample (the worker answers it with an error

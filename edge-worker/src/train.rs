@@ -81,12 +81,7 @@ pub(crate) async fn run(args: TrainArgs) -> Result<()> {
         .with_context(|| format!("fetching the model {model_url}"))?;
     // Hyperparameters: PARAMETERS (Sedna's JSON list), and variables named as the keys
     // (Sedna's examples set `epochs`, `batch_size`, `learning_rate` that way).
-    let mut parameters = config.parameters.clone();
-    for (key, _) in sedna::train::KEYS {
-        if let Ok(value) = std::env::var(key) {
-            parameters.entry(key.to_string()).or_insert(value);
-        }
-    }
+    let parameters = sedna::train::parameters_with_env(&config.parameters);
     let (options, _) = parse_parameters(parameters.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .context("PARAMETERS")?;
     let trainer =

@@ -29,28 +29,7 @@ impl StatusReporter {
         namespace: &str,
         name: &str,
     ) -> Option<StatusReporter> {
-        let path = std::env::var_os("SEDNA_LOCAL_KUBECONFIG")?;
-        let kubeconfig = match kube::config::Kubeconfig::read_from(&path) {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::warn!(error = %e, "local API kubeconfig unreadable; figures stay local");
-                return None;
-            }
-        };
-        let client =
-            match kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await {
-                Ok(config) => match kube::Client::try_from(config) {
-                    Ok(client) => client,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "local API unusable; figures stay local");
-                        return None;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "local API unusable; figures stay local");
-                    return None;
-                }
-            };
+        let client = local_client().await?;
         let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
         let plural = format!("{}s", kind.to_ascii_lowercase());
         let resource = ApiResource::from_gvk_with_plural(
@@ -95,4 +74,53 @@ pub fn metrics_list(figures: &serde_json::Value) -> Vec<serde_json::Value> {
             serde_json::json!({"key": k, "value": value})
         })
         .collect()
+}
+
+/// A client of the node's local API (`SEDNA_LOCAL_KUBECONFIG`, which the edge agent gives
+/// every pod), or `None` (logged) when the pod has none.
+pub async fn local_client() -> Option<kube::Client> {
+    let path = std::env::var_os("SEDNA_LOCAL_KUBECONFIG")?;
+    let kubeconfig = match kube::config::Kubeconfig::read_from(&path) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::warn!(error = %e, "local API kubeconfig unreadable");
+            return None;
+        }
+    };
+    let config = match kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::warn!(error = %e, "local API unusable");
+            return None;
+        }
+    };
+    match kube::Client::try_from(config) {
+        Ok(client) => Some(client),
+        Err(e) => {
+            tracing::warn!(error = %e, "local API unusable");
+            None
+        }
+    }
+}
+
+/// The `spec.url` of Model `namespace/name`, read through `client` (the node's local API: it
+/// answers from the node's copy while the cloud is unreachable).
+pub async fn model_url(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<String, kube::Error> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("sedna.io", "v1alpha1", "Model"),
+        "models",
+    );
+    let api: kube::Api<DynamicObject> =
+        kube::Api::namespaced_with(client.clone(), namespace, &resource);
+    let model = api.get(name).await?;
+    Ok(model
+        .data
+        .pointer("/spec/url")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string())
 }

@@ -261,6 +261,21 @@ fn check(key: &str, ok: bool, reason: &str) -> Result<(), TrainError> {
     }
 }
 
+/// A worker's hyperparameters: `base` (Sedna's `PARAMETERS`) plus the environment variables
+/// named as a key (Sedna's examples set `epochs`, `batch_size`, `learning_rate` that way),
+/// `base` winning.
+pub fn parameters_with_env(
+    base: &std::collections::BTreeMap<String, String>,
+) -> std::collections::BTreeMap<String, String> {
+    let mut parameters = base.clone();
+    for (key, _) in KEYS {
+        if let Ok(value) = std::env::var(key) {
+            parameters.entry(key.to_string()).or_insert(value);
+        }
+    }
+    parameters
+}
+
 /// Reads hyperparameters from key/value pairs (Sedna's `[{key, value}]` list, a worker's
 /// round settings, `--param k=v`): the trainer options and the training configuration.
 /// An unknown key or a bad value is an error naming the key.

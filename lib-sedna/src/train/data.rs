@@ -302,6 +302,19 @@ impl TrainData {
         }
     }
 
+    /// Splits by a stable rule per sample: sample `i` goes to the first set when
+    /// [`in_first_split`]`(key(i), fraction)`. Unlike [`TrainData::split`], a sample stays on its
+    /// side as the dataset grows (incremental learning's train/test split by `trainProb`).
+    pub fn split_by_key(
+        &self,
+        fraction: f64,
+        key: impl Fn(usize) -> String,
+    ) -> (TrainData, TrainData) {
+        let (first, second): (Vec<usize>, Vec<usize>) =
+            (0..self.len()).partition(|i| in_first_split(&key(*i), fraction));
+        (self.select(&first), self.select(&second))
+    }
+
     /// Splits off a seeded random share `fraction` as a second set (validation).
     pub fn split(&self, fraction: f64, seed: u64) -> (TrainData, TrainData) {
         let mut order: Vec<usize> = (0..self.len()).collect();
@@ -314,6 +327,16 @@ impl TrainData {
         val.sort_unstable();
         (self.select(&train), self.select(&val))
     }
+}
+
+/// Whether the sample named `key` falls in the first `fraction` of a split: a hash of the key
+/// (SHA-256) read as a number in [0, 1), so the answer never changes for a key.
+pub fn in_first_split(key: &str, fraction: f64) -> bool {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(key.as_bytes());
+    let mut head = [0u8; 8];
+    head.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(head) as f64 / 2f64.powi(64)) < fraction
 }
 
 #[cfg(test)]

@@ -50,10 +50,10 @@ use rand::seq::SliceRandom;
 
 pub use config::{
     BackendKind, Device, KEYS, Loss, Optimizer, Schedule, TrainConfig, TrainerOptions,
-    parse_parameters, parse_parameters_json,
+    parameters_with_env, parse_parameters, parse_parameters_json,
 };
 use data::TargetsRef;
-pub use data::{Targets, TrainData};
+pub use data::{Targets, TrainData, in_first_split};
 pub use metrics::{ClassMetrics, Evaluation};
 pub use onnx::{MAX_MODEL_BYTES, MAX_NODES};
 
