@@ -91,6 +91,7 @@ pub struct Agent {
     metaserver: Option<MetaServer>,
     cloud_proxy: Option<crate::tunnel::CloudProxy>,
     datasets_task: tokio::task::JoinHandle<()>,
+    triggers_task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -166,6 +167,14 @@ impl Agent {
             hub.reporter(),
             config.dataset_interval,
         ));
+        let triggers_task = tokio::spawn(crate::triggers::run(
+            hub.node().to_owned(),
+            hub.store().clone(),
+            hub.reporter(),
+            config
+                .dataset_interval
+                .min(std::time::Duration::from_secs(1)),
+        ));
         let metaserver = match config.metaserver {
             Some(meta) => match MetaServer::start(
                 meta.clone(),
@@ -191,6 +200,7 @@ impl Agent {
             metaserver,
             cloud_proxy,
             datasets_task,
+            triggers_task,
         })
     }
 
@@ -227,6 +237,7 @@ impl Agent {
     pub async fn shutdown(self) {
         self.node_task.abort();
         self.datasets_task.abort();
+        self.triggers_task.abort();
         self.runtime.abort();
         if let Some(m) = self.metaserver {
             m.shutdown().await;

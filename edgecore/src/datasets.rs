@@ -29,7 +29,7 @@ pub enum Count {
     Unreadable(String),
 }
 
-fn local_path(url: &str) -> Option<PathBuf> {
+pub(crate) fn local_path(url: &str) -> Option<PathBuf> {
     let path = url.strip_prefix("file://").unwrap_or(url);
     (path.starts_with('/') && !url.contains("://") || url.starts_with("file://"))
         .then(|| PathBuf::from(path))

@@ -7,6 +7,8 @@
 //! - [`join`]: joining a hub with a token; the node identity on disk.
 //! - [`tls`]: pinned and mutual TLS towards the hub.
 //! - [`store`]: objects received and the outbox of upstream writes (SQLite).
+//! - [`datasets`], [`triggers`]: the local controller: Dataset sample counts and
+//!   incremental-learning train triggers, evaluated on the node and reported upstream.
 //! - [`machine`]: the channel protocol as a pure state machine.
 //! - [`client`]: the tokio shell that runs it.
 pub mod agent;
@@ -19,6 +21,7 @@ pub mod node;
 pub mod runtime;
 pub mod store;
 pub mod tls;
+pub mod triggers;
 pub mod tunnel;
 
 pub use agent::{Agent, AgentConfig};
