@@ -314,8 +314,8 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
                 Err(e) => (false, format!("{condition} cannot be checked: {e}")),
             };
             if let Some(current) = next.current.as_mut() {
-                current.candidate_metrics = evaluation.candidate.clone();
-                current.deployed_metrics = evaluation.deployed.clone();
+                current.candidate_metrics = headline(&evaluation.candidate);
+                current.deployed_metrics = headline(&evaluation.deployed);
                 current.eval_seconds = seconds_since(current.started.as_ref(), seen.now)
                     .map(|all| all - current.train_seconds.unwrap_or(0.0));
                 current.reason = reason.clone();
@@ -434,6 +434,22 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
         }
     }
     (next, effects)
+}
+
+/// The headline metrics of an evaluation (per-class figures stay in `status.evaluation` and
+/// `eval.json`), so a round's record stays small.
+fn headline(
+    metrics: &sedna_api::incremental_learning::Metrics,
+) -> sedna_api::incremental_learning::Metrics {
+    metrics
+        .iter()
+        .filter(|(k, _)| {
+            !["precision_", "recall_", "f1_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .map(|(k, v)| (k.clone(), *v))
+        .collect()
 }
 
 fn candidate_url(status: &Status, settings: &Settings) -> String {
@@ -1347,6 +1363,20 @@ mod tests {
         assert_eq!(s.attempts, MAX_ATTEMPTS);
         assert!(rolled_back, "the Model points at the serving model again");
         assert_eq!(s.deployed.as_ref().unwrap().url, "/m/deploy.onnx");
+    }
+
+    #[test]
+    fn round_records_keep_headline_metrics_only() {
+        let m = Metrics::from([
+            ("accuracy".into(), 0.9),
+            ("precision_3".into(), 0.5),
+            ("f1_helmet".into(), 0.5),
+            ("shifted_precision".into(), 0.7),
+        ]);
+        assert_eq!(
+            headline(&m).keys().collect::<Vec<_>>(),
+            ["accuracy", "shifted_precision"]
+        );
     }
 
     #[test]

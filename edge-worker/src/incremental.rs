@@ -295,6 +295,10 @@ fn answer(
 pub(crate) async fn run(args: InferArgs) -> Result<()> {
     let config = Config::from_env().context("reading the worker configuration")?;
     let source = Source::parse(&args.input)?;
+    if let Source::Dir(dir) = &source {
+        // The camera (or whoever drops samples) may not have started yet.
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let model_url = config.require_model_url()?.to_string();
     let hem = config
         .hard_example_mining()?
