@@ -209,6 +209,9 @@ pub fn step(status: &Status, settings: &Settings, seen: &Observed<'_>) -> (Statu
             next.attempts = 0;
             next.current = Some(RoundRecord {
                 round: round + 1,
+                triggered: fired
+                    .filter(|_| started_by == "trigger")
+                    .and_then(|t| t.time.clone()),
                 started: Some(now.clone()),
                 started_by: started_by.into(),
                 samples,

@@ -485,7 +485,11 @@ pub struct ModelVersion {
 pub struct RoundRecord {
     /// The round.
     pub round: i64,
-    /// When it started.
+    /// When the node's trigger fired (absent for a train request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "time_schema")]
+    pub triggered: Option<Time>,
+    /// When the controller started it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "time_schema")]
     pub started: Option<Time>,
