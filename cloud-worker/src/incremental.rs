@@ -60,12 +60,15 @@ async fn load_split(storage: &Storage, url: &str, fraction: f64, side: Side) -> 
     let path = storage.dataset_path(url).await?;
     let is_txt = path.extension().is_some_and(|e| e == "txt");
     let (train, test) = if is_txt {
-        // Keyed by each sample's path: stable whatever order the index is in.
+        // Keyed by each sample's path relative to the index: stable whatever order the index
+        // is in and wherever the dataset is mounted.
         let samples =
             load_txt(&path, &Limits::default()).with_context(|| format!("dataset {url}"))?;
-        let (a, b): (Vec<_>, Vec<_>) = samples
-            .into_iter()
-            .partition(|s| sedna::train::in_first_split(&s.path.display().to_string(), fraction));
+        let base = path.parent().unwrap_or(std::path::Path::new("/"));
+        let (a, b): (Vec<_>, Vec<_>) = samples.into_iter().partition(|s| {
+            let key = s.path.strip_prefix(base).unwrap_or(&s.path);
+            sedna::train::in_first_split(&key.display().to_string(), fraction)
+        });
         let load = |s: &[sedna::dataset::Sample]| -> Result<Option<TrainData>> {
             if s.is_empty() {
                 return Ok(None);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use numpy::{IntoPyArray, PyArrayMethods, PyReadonlyArrayDyn};
 use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::exceptions::{PyException, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -1106,6 +1106,48 @@ fn run_federated_client(
     Ok(done.history().to_vec())
 }
 
+/// report_status(api_version, kind, namespace, name, status_json) -> bool
+///
+/// Merges `status_json` (the fields a worker owns, as a JSON object) into the status of
+/// `kind` `namespace/name` through the node's local API (`SEDNA_LOCAL_KUBECONFIG`); the node
+/// relays it to the cloud, later if the cloud is unreachable. Returns False when the pod has
+/// no local API (nothing is reported); a refused write is logged, not raised.
+#[pyfunction]
+fn report_status(
+    py: Python<'_>,
+    api_version: &str,
+    kind: &str,
+    namespace: &str,
+    name: &str,
+    status_json: &str,
+) -> PyResult<bool> {
+    let status: serde_json::Value = serde_json::from_str(status_json)
+        .map_err(|e| PyValueError::new_err(format!("status_json: {e}")))?;
+    if !status.is_object() {
+        return Err(PyValueError::new_err("status_json must be a JSON object"));
+    }
+    let rt = runtime()?;
+    let (api_version, kind, namespace, name) = (
+        api_version.to_string(),
+        kind.to_string(),
+        namespace.to_string(),
+        name.to_string(),
+    );
+    Ok(py.detach(move || {
+        rt.block_on(async move {
+            match sedna::report::StatusReporter::connect(&api_version, &kind, &namespace, &name)
+                .await
+            {
+                Some(reporter) => {
+                    reporter.report(status).await;
+                    true
+                }
+                None => false,
+            }
+        })
+    }))
+}
+
 /// train_frame(round, weights, settings=None, encoding="f32") -> bytes
 ///
 /// The aggregator's "train" frame (for tests and simple servers).
@@ -1806,6 +1848,7 @@ fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(decode_weights, m)?)?;
     m.add_function(wrap_pyfunction!(register_hem, m)?)?;
     m.add_function(wrap_pyfunction!(hem_names, m)?)?;
+    m.add_function(wrap_pyfunction!(report_status, m)?)?;
     m.add_function(wrap_pyfunction!(serve_cloud, m)?)?;
     m.add_function(wrap_pyfunction!(train_frame, m)?)?;
     m.add_function(wrap_pyfunction!(run_federated_client, m)?)?;
