@@ -209,7 +209,7 @@ fn rounds_on_up(args: &Args) -> Result<Vec<Value>> {
         ])?;
         round += 1;
         let want = round;
-        let fired = wait_for("the round", Duration::from_secs(300), || {
+        let fired = wait_for("the round", Duration::from_secs(90), || {
             let s = status();
             s["rounds"]
                 .as_array()?

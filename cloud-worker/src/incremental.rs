@@ -6,7 +6,8 @@
 //! sample (a hash of its path, or of its position for files without paths), so a sample stays
 //! on its side as the dataset grows and the two workers agree.
 //!
-//! - `train`: trains `BASE_MODEL_URL` (the deployed model) on the train split with the
+//! - `train`: trains `BASE_MODEL_URL` (the deployed model) on the train split (plus as many
+//!   samples of Sedna's `ORIGINAL_DATASET_URL`, when set, against forgetting) with the
 //!   template's hyperparameters (`PARAMETERS`, or variables named `epochs`, `batch_size`,
 //!   `learning_rate`, `fedprox_mu` …), writes the candidate to `MODEL_URL` and reports
 //!   `status.training` (round, model, samples, epochs, loss, seconds).
@@ -124,8 +125,25 @@ pub(crate) async fn train(args: IncrementalArgs) -> Result<()> {
         .with_context(|| format!("fetching {base}"))?;
     let mut trainer =
         Trainer::load(&model.path, &options).with_context(|| format!("loading {base}"))?;
-    let data = load_split(&storage, &data_url, args.train_prob, Side::Train).await?;
-    tracing::info!(round = args.round, samples = data.len(), base = %base, "training");
+    let new = load_split(&storage, &data_url, args.train_prob, Side::Train).await?;
+    let new_count = new.len();
+    // Sedna's ORIGINAL_DATASET_URL: as many samples of the data the model was first trained on
+    // as there are new ones, so the model learns the new data without forgetting the old.
+    let data = match &config.original_dataset_url {
+        Some(url) => {
+            let path = storage.dataset_path(url).await?;
+            let original = TrainData::load(&path, &Limits::default())
+                .with_context(|| format!("ORIGINAL_DATASET_URL {url}"))?;
+            let take = new.len().min(original.len());
+            // A seeded random share of that size (a different one each round).
+            let (_, replay) =
+                original.split(take as f64 / original.len() as f64, args.round as u64);
+            new.concat(&replay)
+                .with_context(|| format!("joining {url} to the new samples"))?
+        }
+        None => new,
+    };
+    tracing::info!(round = args.round, new = new_count, samples = data.len(), base = %base, "training");
     let started = Instant::now();
     let report = trainer.fit(&data, &train_config, &mut |_| {})?;
     let seconds = started.elapsed().as_secs_f64();

@@ -302,6 +302,41 @@ impl TrainData {
         }
     }
 
+    /// This dataset followed by `other`'s samples (the same kind of targets, sample size and
+    /// class names are required).
+    pub fn concat(&self, other: &TrainData) -> Result<TrainData, TrainError> {
+        if self.sample_len() != other.sample_len() {
+            return Err(data_error(format!(
+                "cannot join samples of {} values with samples of {}",
+                self.sample_len(),
+                other.sample_len()
+            )));
+        }
+        if self.classes != other.classes {
+            return Err(data_error(
+                "cannot join datasets with different class names",
+            ));
+        }
+        let features =
+            ndarray::concatenate(Axis(0), &[self.features.view(), other.features.view()])
+                .map_err(|e| data_error(e.to_string()))?;
+        let targets = match (&self.targets, &other.targets) {
+            (Targets::Classes(a), Targets::Classes(b)) => {
+                Targets::Classes([a.as_slice(), b].concat())
+            }
+            (Targets::Values(a), Targets::Values(b)) => Targets::Values(
+                ndarray::concatenate(Axis(0), &[a.view(), b.view()])
+                    .map_err(|e| data_error(e.to_string()))?,
+            ),
+            _ => {
+                return Err(data_error(
+                    "cannot join class labels with regression targets",
+                ));
+            }
+        };
+        Self::checked(features, targets, self.classes.clone())
+    }
+
     /// Splits by a stable rule per sample: sample `i` goes to the first set when
     /// [`in_first_split`]`(key(i), fraction)`. Unlike [`TrainData::split`], a sample stays on its
     /// side as the dataset grows (incremental learning's train/test split by `trainProb`).
@@ -386,5 +421,37 @@ mod tests {
         assert_eq!((train.len(), val.len()), (7200, 800));
         assert_eq!(data.split(0.1, 3).1, val);
         assert_ne!(data.split(0.1, 4).1, val);
+    }
+
+    #[test]
+    fn datasets_join_and_a_keyed_split_keeps_each_sample_on_its_side() {
+        let a = TrainData::classification(Array2::zeros((3, 4)), vec![0, 1, 2]).unwrap();
+        let b = TrainData::classification(Array2::ones((2, 4)), vec![3, 4]).unwrap();
+        let joined = a.concat(&b).unwrap();
+        assert_eq!(joined.len(), 5);
+        assert_eq!(joined.targets(), &Targets::Classes(vec![0, 1, 2, 3, 4]));
+        assert_eq!(joined.features()[[4, 0]], 1.0);
+        let narrow = TrainData::classification(Array2::zeros((1, 3)), vec![0]).unwrap();
+        assert!(a.concat(&narrow).unwrap_err().to_string().contains("4"));
+        // The same key lands on the same side whatever else is in the dataset.
+        let keys: Vec<String> = (0..200)
+            .map(|i| format!("hard-examples/s-{i}.pgm"))
+            .collect();
+        let first: Vec<bool> = keys.iter().map(|k| in_first_split(k, 0.8)).collect();
+        let share = first.iter().filter(|f| **f).count();
+        assert!(
+            (140..=180).contains(&share),
+            "{share} of 200 in an 0.8 split"
+        );
+        assert_eq!(
+            first,
+            keys.iter()
+                .map(|k| in_first_split(k, 0.8))
+                .collect::<Vec<_>>()
+        );
+        assert!(
+            keys.iter()
+                .all(|k| !in_first_split(k, 0.0) && in_first_split(k, 1.0))
+        );
     }
 }
