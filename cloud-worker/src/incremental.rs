@@ -24,7 +24,7 @@ use sedna::config::Config;
 use sedna::dataset::{Limits, load_txt};
 use sedna::storage::Storage;
 use sedna::train::{TrainData, Trainer, TrainerOptions, parameters_with_env, parse_parameters};
-use sedna_api::incremental_learning::{EvaluationReport, Metrics, TrainingReport};
+use sedna_api::incremental_learning::{EvaluationReport, MAX_METRICS, Metrics, TrainingReport};
 
 /// Flags of `train` and `evaluate`.
 #[derive(clap::Args, Debug, Clone)]
@@ -191,6 +191,23 @@ fn score(trainer: &mut Trainer, data: &TrainData, prefix: &str) -> Result<Metric
     })
 }
 
+/// The metrics a status report carries: all of them when they fit [`MAX_METRICS`], else the
+/// headline ones (no per-class figures).
+fn reportable(metrics: Metrics) -> Metrics {
+    if metrics.len() <= MAX_METRICS {
+        return metrics;
+    }
+    metrics
+        .into_iter()
+        .filter(|(k, _)| {
+            !["precision_", "recall_", "f1_"]
+                .iter()
+                .any(|p| k.starts_with(p))
+        })
+        .take(MAX_METRICS)
+        .collect()
+}
+
 /// Parses `name=url;name=url`.
 fn held_out_sets(text: &str) -> Result<Vec<(String, String)>> {
     text.split(';')
@@ -254,7 +271,13 @@ pub(crate) async fn evaluate(args: IncrementalArgs) -> Result<()> {
         candidate: results.remove("candidate").unwrap_or_default(),
         deployed: results.remove("deployed").unwrap_or_default(),
     };
+    // Everything goes to eval.json; the status gets what the API admits.
     let json = serde_json::to_vec_pretty(&evaluation)?;
+    let evaluation = EvaluationReport {
+        candidate: reportable(evaluation.candidate.clone()),
+        deployed: reportable(evaluation.deployed.clone()),
+        ..evaluation
+    };
     if let Some((dir, _)) = candidate.rsplit_once('/') {
         let at = format!("{dir}/eval.json");
         if let Err(e) = storage.upload(&at, json.clone().into()).await {
@@ -273,6 +296,19 @@ pub(crate) async fn evaluate(args: IncrementalArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thousand_class_evaluation_reports_its_headline_figures_only() {
+        let mut many: Metrics = (0..1000).map(|c| (format!("precision_{c}"), 0.5)).collect();
+        many.insert("accuracy".into(), 0.9);
+        many.insert("shifted_accuracy".into(), 0.8);
+        assert_eq!(
+            reportable(many).keys().collect::<Vec<_>>(),
+            ["accuracy", "shifted_accuracy"]
+        );
+        let few: Metrics = (0..10).map(|c| (format!("recall_{c}"), 0.5)).collect();
+        assert_eq!(reportable(few.clone()), few);
+    }
 
     #[test]
     fn held_out_sets_are_named_pairs() {

@@ -25,7 +25,7 @@
 //! sent back to Train; a worker deleted while its stage runs is recreated; a deploy that
 //! cannot load is rolled back (the Model points at the previous model again); conditions are
 //! one per type; every error requeues. The decisions are [`step`], a pure function of the
-//! status and what was observed; [`reconcile`] observes, applies its effects and writes the
+//! status and what was observed; the reconcile shell observes, applies its effects and writes the
 //! status.
 
 use std::collections::BTreeMap;
@@ -804,7 +804,8 @@ async fn fail(
             .publish(EventType::Warning, reason, message)
             .await;
     }
-    Ok(Action::await_change())
+    // A missing Model or Dataset may be created later (the controller does not watch them).
+    Ok(Action::requeue(Duration::from_secs(30)))
 }
 
 async fn reconcile(job: Arc<IncrementalLearningJob>, ctx: Arc<Context>) -> Result<Action, Error> {

@@ -380,6 +380,18 @@ pub enum StageState {
 /// Metrics by name (`accuracy`, `precision`, `recall`, `f1`, `loss`, `precision_<class>`, …).
 pub type Metrics = std::collections::BTreeMap<String, f64>;
 
+/// The most metrics one evaluation may report (a larger map is refused by the API: a worker
+/// reports its headline figures then, and keeps the rest in `eval.json`).
+pub const MAX_METRICS: usize = 256;
+
+fn metrics_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "type": "number" },
+        "maxProperties": MAX_METRICS,
+    })
+}
+
 /// The most rounds kept in `status.rounds` (the oldest are dropped).
 pub const MAX_ROUNDS_KEPT: usize = 100;
 
@@ -476,6 +488,7 @@ pub struct ModelVersion {
     pub url: String,
     /// Its evaluation on the test split, when evaluated.
     #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+    #[schemars(schema_with = "metrics_schema")]
     pub metrics: Metrics,
 }
 
@@ -509,9 +522,11 @@ pub struct RoundRecord {
     pub reason: String,
     /// The candidate's evaluation.
     #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+    #[schemars(schema_with = "metrics_schema")]
     pub candidate_metrics: Metrics,
     /// The then-deployed model's evaluation on the same split.
     #[serde(default, skip_serializing_if = "Metrics::is_empty")]
+    #[schemars(schema_with = "metrics_schema")]
     pub deployed_metrics: Metrics,
     /// Seconds per stage: from the trigger to the trained model, to the evaluation, to the
     /// model serving at the edge (absent when not deployed).
@@ -568,8 +583,10 @@ pub struct EvaluationReport {
     /// Test samples.
     pub samples: i64,
     /// The trained model's metrics.
+    #[schemars(schema_with = "metrics_schema")]
     pub candidate: Metrics,
     /// The deployed model's metrics on the same samples.
+    #[schemars(schema_with = "metrics_schema")]
     pub deployed: Metrics,
 }
 
@@ -790,5 +807,38 @@ mod tests {
             cond("num_of_samples", "ge", 100.0).describe(),
             "num_of_samples >= 100"
         );
+    }
+
+    #[test]
+    fn a_node_cannot_bloat_the_status_with_metrics() {
+        use kube::CustomResourceExt;
+        let schema =
+            crate::schema::StructuralSchema::from_crd(&IncrementalLearningJob::crd(), "v1alpha1")
+                .unwrap();
+        let yaml = include_str!("../../examples/incremental-learning/mnist-digits.yaml");
+        let mut job = crate::yaml_documents(yaml)
+            .unwrap()
+            .into_iter()
+            .find(|v| v["kind"] == "IncrementalLearningJob")
+            .unwrap();
+        let metrics = |n: usize| -> serde_json::Value {
+            (0..n)
+                .map(|k| (format!("precision_{k}"), serde_json::json!(0.5)))
+                .collect::<serde_json::Map<_, _>>()
+                .into()
+        };
+        job["status"] = serde_json::json!({"evaluation": {"round": 1, "samples": 10,
+            "candidate": metrics(MAX_METRICS), "deployed": metrics(1)}});
+        assert!(
+            schema
+                .admit(&mut job.clone(), crate::schema::UnknownFields::Strict)
+                .is_ok()
+        );
+        job["status"]["evaluation"]["candidate"] = metrics(MAX_METRICS + 1);
+        let error = schema
+            .admit(&mut job, crate::schema::UnknownFields::Strict)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("status.evaluation.candidate"), "{error}");
     }
 }
