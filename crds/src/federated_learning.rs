@@ -122,9 +122,9 @@ pub struct TrainingWorker {
     pub template: WorkerTemplate,
 }
 
-/// How model updates travel (at most one of `ws`, `s3`).
+/// How model updates travel: `ws` or `s3`. Sedna's own samples give both (`ws: {}` as the
+/// default beside an `s3` section); then `s3` is meant, as Sedna's controller decides.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[schemars(extend("maxProperties" = 1))]
 pub struct Transmitter {
     /// Updates stream to and from the aggregation worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
