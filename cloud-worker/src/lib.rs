@@ -3,7 +3,9 @@
 //! `evaluate`, an IncrementalLearningJob's train and eval workers: [`IncrementalArgs`]). Loads the big model from
 //! `MODEL_URL` (through lib-sedna's storage: `s3://`, `file://` or a path; credentials from
 //! mounted files) and serves it as the `sedna.inference.v1.Inference` gRPC service with
-//! dynamic batching, until SIGTERM or Ctrl-C.
+//! dynamic batching, until SIGTERM or Ctrl-C; on the same port it answers Sedna's HTTP JSON
+//! protocol for the big model (`POST /<service>/predict`, `{"data": …}` → `{"result": …}`),
+//! so an unmodified Sedna little-model app can use it.
 //!
 //! Configured like a Sedna worker, from the environment the controller injects, with flags
 //! overriding it: `MODEL_URL`, `BIG_MODEL_PORT` (default 5000), `SEDNA_LISTEN_HOST`
@@ -124,6 +126,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let model = Arc::new(Model::load(&fetched.path, &options)?);
     tracing::info!(model = %model_url, sha256 = %fetched.sha256, inputs = ?model.inputs(), "model loaded");
+    let inputs = model.inputs();
     let batcher = Batcher::spawn(
         model,
         BatchOptions {
@@ -138,7 +141,14 @@ pub async fn run(args: Args) -> Result<()> {
     // Tests and orchestration read this line to learn the port when 0 was asked for.
     println!("listening on {}", listener.local_addr()?);
     tracing::info!(address = %listener.local_addr()?, max_batch = args.max_batch, max_delay_ms = args.max_delay_ms, "serving");
-    serve_grpc(listener, batcher, shutdown_signal()).await?;
+    match inputs.as_slice() {
+        // Sedna's little-model apps send {"data": ...} for the model's one input.
+        [only] => {
+            sedna::cloud::serve_grpc_and_json(listener, batcher, only.clone(), shutdown_signal())
+                .await?
+        }
+        _ => serve_grpc(listener, batcher, shutdown_signal()).await?,
+    }
     tracing::info!("stopped");
     Ok(())
 }

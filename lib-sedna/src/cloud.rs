@@ -1,7 +1,8 @@
 //! The cloud side of joint inference: dynamic batching of concurrent requests
 //! ([`Batcher`]), the gRPC service that serves a model through it ([`serve_grpc`], protocol
-//! `sedna.inference.v1.Inference` in `proto/inference.proto`), and the edge's gRPC client
-//! ([`GrpcCloud`], a [`Cloud`]).
+//! `sedna.inference.v1.Inference` in `proto/inference.proto`; [`serve_grpc_and_json`] adds
+//! Sedna's HTTP JSON protocol on the same port), and the edge's gRPC client ([`GrpcCloud`], a
+//! [`Cloud`]).
 //!
 //! The batcher takes the requests already waiting (up to [`BatchOptions::max_batch`]); a
 //! lone request runs at once, while under load (several waiting) the batch waits up to
@@ -291,6 +292,264 @@ fn tokio_stream_listener(
     })
 }
 
+/// Serves `batcher` on `listener` in two protocols on one port until `shutdown`: the
+/// `Inference` gRPC service (requests with `content-type: application/grpc`), and Sedna's HTTP
+/// JSON protocol for the big model, which Sedna's little-model apps speak: `POST
+/// /<service>/predict` with `{"data": <nested numbers>}` (one sample, or a batch when its rank
+/// is the model input's) answered with `{"result": <first output>, "outputs": {name: …},
+/// "model_version": n}`. `input` is the model's (single) input. Bad JSON, a ragged or
+/// wrongly shaped array, or a body over [`MAX_GRPC_MESSAGE_BYTES`] get a 4xx naming the
+/// problem.
+pub async fn serve_grpc_and_json(
+    listener: tokio::net::TcpListener,
+    batcher: Batcher,
+    input: crate::inference::TensorInfo,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let grpc = InferenceServer::new(Service {
+        batcher: batcher.clone(),
+        limits: FrameLimits::default(),
+    })
+    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let input = Arc::new(input);
+    let mut connections = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (grpc, batcher, input) = (grpc.clone(), batcher.clone(), input.clone());
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (grpc, batcher, input) = (grpc.clone(), batcher.clone(), input.clone());
+                        async move {
+                            let is_grpc = request
+                                .headers()
+                                .get(hyper::header::CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(|v| v.starts_with("application/grpc"));
+                            if is_grpc {
+                                tower::ServiceExt::oneshot(grpc, request).await
+                            } else {
+                                Ok(sedna_json(&batcher, &input, request).await)
+                            }
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// One request of Sedna's JSON protocol.
+async fn sedna_json(
+    batcher: &Batcher,
+    input: &crate::inference::TensorInfo,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<tonic::body::Body> {
+    use http_body_util::{BodyExt, Full, Limited};
+    use hyper::StatusCode;
+    let reply = |status: StatusCode, body: serde_json::Value| {
+        let mut response = hyper::Response::new(tonic::body::Body::new(Full::new(
+            bytes::Bytes::from(body.to_string()),
+        )));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        response
+    };
+    let error = |status: StatusCode, message: String| {
+        reply(status, serde_json::json!({ "error": message }))
+    };
+    let path = request.uri().path().to_string();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    if !matches!(segments.as_slice(), [service, "predict"] if !service.is_empty()) {
+        return error(
+            StatusCode::NOT_FOUND,
+            "use POST /<service>/predict with {\"data\": ...} (Sedna's protocol) or gRPC".into(),
+        );
+    }
+    if request.method() != hyper::Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use POST".into());
+    }
+    let body = match Limited::new(request.into_body(), MAX_GRPC_MESSAGE_BYTES)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("the body is over {MAX_GRPC_MESSAGE_BYTES} bytes"),
+            );
+        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let tensor = match json_input(&body, input) {
+        Ok(t) => t,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let (tensor, added_batch) = tensor;
+    match batcher.infer(vec![(input.name.clone(), tensor)]).await {
+        Ok(answer) => {
+            let outputs: serde_json::Map<String, serde_json::Value> = answer
+                .outputs
+                .iter()
+                .map(|(name, t)| (name.clone(), tensor_json(t, added_batch)))
+                .collect();
+            let result = answer
+                .outputs
+                .iter()
+                .find(|(_, t)| matches!(t, Tensor::F32(_)))
+                .or(answer.outputs.first())
+                .map(|(_, t)| tensor_json(t, added_batch))
+                .unwrap_or_default();
+            reply(
+                StatusCode::OK,
+                serde_json::json!({ "result": result, "outputs": outputs, "model_version": answer.model_version }),
+            )
+        }
+        Err(JointError::Cloud(m)) => error(StatusCode::SERVICE_UNAVAILABLE, m),
+        Err(e) => error(StatusCode::BAD_REQUEST, e.to_string()),
+    }
+}
+
+/// The deepest nesting of `data` Sedna's JSON protocol accepts.
+const MAX_JSON_RANK: usize = 8;
+
+/// `{"data": nested numbers}` as a float tensor for `input`, with whether a batch axis of 1
+/// was added (one sample sent).
+fn json_input(
+    body: &[u8],
+    input: &crate::inference::TensorInfo,
+) -> std::result::Result<(Tensor, bool), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let data = value
+        .get("data")
+        .ok_or("the body must be {\"data\": [...]} (Sedna's protocol)")?;
+    if input.dtype != crate::inference::DType::F32 {
+        return Err(format!(
+            "the model's input {} is {}; JSON data is sent as float32",
+            input.name,
+            input.dtype.name()
+        ));
+    }
+    let mut shape = Vec::new();
+    let mut level = data;
+    while let serde_json::Value::Array(items) = level {
+        if shape.len() == MAX_JSON_RANK {
+            return Err(format!("data is nested deeper than {MAX_JSON_RANK}"));
+        }
+        shape.push(items.len());
+        level = items.first().ok_or("data has an empty list")?;
+    }
+    let mut values = Vec::with_capacity(shape.iter().product());
+    flatten(data, &shape, &mut values)?;
+    let rank = input.shape.len();
+    let (shape, added) = match shape.len() {
+        n if n == rank => (shape, false),
+        n if n + 1 == rank => (std::iter::once(1).chain(shape).collect(), true),
+        n => {
+            return Err(format!(
+                "data has rank {n}; the model's input {} takes {:?} (send one sample or a batch)",
+                input.name, input.shape
+            ));
+        }
+    };
+    for (axis, (got, want)) in shape.iter().zip(&input.shape).enumerate() {
+        if let Some(want) = want
+            && got != want
+        {
+            return Err(format!(
+                "data has shape {shape:?}; the model's input {} takes {:?} (axis {axis})",
+                input.name, input.shape
+            ));
+        }
+    }
+    let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), values)
+        .map_err(|e| e.to_string())?;
+    Ok((Tensor::F32(array), added))
+}
+
+fn flatten(
+    value: &serde_json::Value,
+    shape: &[usize],
+    out: &mut Vec<f32>,
+) -> std::result::Result<(), String> {
+    match (value, shape) {
+        (serde_json::Value::Array(items), [n, rest @ ..]) if items.len() == *n => {
+            items.iter().try_for_each(|v| flatten(v, rest, out))
+        }
+        (serde_json::Value::Number(x), []) => {
+            out.push(x.as_f64().unwrap_or(f64::NAN) as f32);
+            Ok(())
+        }
+        _ => Err("data is ragged or not all numbers (every row must have the same length)".into()),
+    }
+}
+
+/// A tensor as nested JSON lists (without its first axis when that was added).
+fn tensor_json(tensor: &Tensor, drop_batch: bool) -> serde_json::Value {
+    fn nest<T: Copy + Into<serde_json::Value>>(shape: &[usize], values: &[T]) -> serde_json::Value {
+        match shape {
+            [] => values.first().map(|v| (*v).into()).unwrap_or_default(),
+            [n, rest @ ..] => {
+                let step = rest.iter().product::<usize>().max(1);
+                serde_json::Value::Array(
+                    (0..*n)
+                        .map(|i| nest(rest, values.get(i * step..).unwrap_or_default()))
+                        .collect(),
+                )
+            }
+        }
+    }
+    let (shape, json) = match tensor {
+        Tensor::F32(a) => (
+            a.shape().to_vec(),
+            nest(a.shape(), &a.iter().copied().collect::<Vec<_>>()),
+        ),
+        Tensor::F64(a) => (
+            a.shape().to_vec(),
+            nest(a.shape(), &a.iter().copied().collect::<Vec<_>>()),
+        ),
+        Tensor::I64(a) => (
+            a.shape().to_vec(),
+            nest(a.shape(), &a.iter().copied().collect::<Vec<_>>()),
+        ),
+        Tensor::I32(a) => (
+            a.shape().to_vec(),
+            nest(a.shape(), &a.iter().copied().collect::<Vec<_>>()),
+        ),
+        Tensor::U8(a) => (
+            a.shape().to_vec(),
+            nest(a.shape(), &a.iter().copied().collect::<Vec<_>>()),
+        ),
+    };
+    match (drop_batch, shape.first(), json) {
+        (true, Some(1), serde_json::Value::Array(mut items)) if items.len() == 1 => items.remove(0),
+        (_, _, json) => json,
+    }
+}
+
 /// The edge's client of a cloud worker's `Inference` gRPC service.
 #[derive(Debug, Clone)]
 pub struct GrpcCloud {
@@ -426,6 +685,52 @@ impl Cloud for GrpcCloud {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn input_784() -> crate::inference::TensorInfo {
+        crate::inference::TensorInfo {
+            name: "input".into(),
+            dtype: crate::inference::DType::F32,
+            shape: vec![None, Some(784)],
+        }
+    }
+
+    #[test]
+    fn sednas_json_data_becomes_one_sample_or_a_batch_and_bad_data_is_named() {
+        let input = input_784();
+        let one = serde_json::json!({ "data": vec![0.5f32; 784] }).to_string();
+        let (tensor, added) = json_input(one.as_bytes(), &input).unwrap();
+        assert_eq!((tensor.shape(), added), (&[1, 784][..], true));
+        let batch = serde_json::json!({ "data": vec![vec![0.0f32; 784]; 3] }).to_string();
+        let (tensor, added) = json_input(batch.as_bytes(), &input).unwrap();
+        assert_eq!((tensor.shape(), added), (&[3, 784][..], false));
+        let refused = |body: &str| json_input(body.as_bytes(), &input).unwrap_err();
+        assert!(refused("not json").contains("not JSON"));
+        assert!(refused(r#"{"samples": [1]}"#).contains("{\"data\""));
+        assert!(refused(r#"{"data": [[1, 2], [3]]}"#).contains("ragged"));
+        assert!(refused(r#"{"data": [1, "x"]}"#).contains("not all numbers"));
+        assert!(refused(r#"{"data": [[]]}"#).contains("empty"));
+        assert!(refused(r#"{"data": [1, 2, 3]}"#).contains("784"));
+        assert!(refused(r#"{"data": [[[1]]]}"#).contains("rank 3"));
+        let deep = format!("{{\"data\": {}1{}}}", "[".repeat(20), "]".repeat(20));
+        assert!(refused(&deep).contains("deeper than 8"));
+    }
+
+    #[test]
+    fn outputs_go_back_as_nested_lists_without_the_added_batch_axis() {
+        let t = Tensor::F32(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 3]), vec![0.1, 0.2, 0.7]).unwrap(),
+        );
+        let flat = tensor_json(&t, true);
+        assert_eq!(flat.as_array().unwrap().len(), 3);
+        assert_eq!(tensor_json(&t, false).as_array().unwrap().len(), 1);
+        let labels = Tensor::I64(
+            ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 2]), vec![1, 2, 3, 4]).unwrap(),
+        );
+        assert_eq!(
+            tensor_json(&labels, false),
+            serde_json::json!([[1, 2], [3, 4]])
+        );
+    }
 
     fn digits() -> Arc<Model> {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/digits/model.onnx");

@@ -1,0 +1,1 @@
+"""Sedna's `sedna.algorithms`: hard-example mining (`hard_example_mining`)."""

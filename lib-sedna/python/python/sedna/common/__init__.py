@@ -1,0 +1,2 @@
+"""Sedna's `sedna.common`: worker configuration (`config`) and the class registry
+(`class_factory`)."""
