@@ -99,6 +99,15 @@ struct Checkpoint {
 
 /// Runs the aggregator until the job finishes or fails (or SIGTERM).
 pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
+    run_with(args, None).await
+}
+
+/// Runs the aggregation worker with `custom` in place of the built-in algorithm
+/// `args.algorithm` names (a user's aggregation, e.g. a Python class through the bindings).
+pub(crate) async fn run_with(
+    args: AggregateArgs,
+    custom: Option<Box<dyn aggregate::Aggregator>>,
+) -> Result<()> {
     let config = Config::from_env().context("reading the worker configuration")?;
     let job = config
         .job_name
@@ -207,8 +216,11 @@ pub(crate) async fn run(args: AggregateArgs) -> Result<()> {
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
-    let aggregator = aggregate::build(&algorithm, &refs)
-        .map_err(|e| anyhow::anyhow!("SEDNA_FL_ALGORITHM={algorithm}: {e}"))?;
+    let aggregator = match custom {
+        Some(custom) => custom,
+        None => aggregate::build(&algorithm, &refs)
+            .map_err(|e| anyhow::anyhow!("SEDNA_FL_ALGORITHM={algorithm}: {e}"))?,
+    };
     let server_config = ServerConfig {
         job: job.clone(),
         rounds: args.rounds,

@@ -153,6 +153,26 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// Runs the aggregation worker as `sedna-cloud-worker aggregate ARGV…` would (flags, then the
+/// environment the controller sets), aggregating with `custom` when given instead of the
+/// algorithm `--algorithm` names: how a user's aggregation (e.g. a Python class registered with
+/// Sedna's `ClassFactory`) runs inside the platform's aggregation worker.
+pub async fn aggregate_with(
+    argv: &[String],
+    custom: Option<Box<dyn sedna::aggregate::Aggregator>>,
+) -> Result<()> {
+    #[derive(Parser)]
+    #[command(name = "aggregate")]
+    struct Flags {
+        #[command(flatten)]
+        args: AggregateArgs,
+    }
+    let flags =
+        Flags::try_parse_from(std::iter::once("aggregate".to_string()).chain(argv.iter().cloned()))
+            .map_err(|e| anyhow::anyhow!("{}", e.render()))?;
+    aggregate::run_with(flags.args, custom).await
+}
+
 pub(crate) async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(term) => term,

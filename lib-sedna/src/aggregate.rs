@@ -79,6 +79,15 @@ pub enum AggregateError {
         /// Available.
         known: String,
     },
+    /// An aggregation of the user's (e.g. a Python class) failed or answered badly. Not
+    /// retryable.
+    #[error("aggregation {algorithm} failed: {reason}")]
+    Custom {
+        /// Its name.
+        algorithm: String,
+        /// What went wrong.
+        reason: String,
+    },
     /// A bad parameter. Not retryable.
     #[error("aggregation {algorithm}: parameter {key} = {value:?}: {reason}")]
     InvalidParameter {

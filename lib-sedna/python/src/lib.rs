@@ -1106,6 +1106,106 @@ fn run_federated_client(
     Ok(done.history().to_vec())
 }
 
+/// A user's aggregation (a Python callable) as the aggregation worker's algorithm: called with
+/// the round's updates as `[(num_samples, [arrays in the model's order])]`, it returns the new
+/// global weights as a list of arrays in that order.
+struct PyAggregation {
+    name: String,
+    callable: Py<PyAny>,
+}
+
+impl std::fmt::Debug for PyAggregation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PyAggregation")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl sedna::aggregate::Aggregator for PyAggregation {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn aggregate(
+        &mut self,
+        global: &sedna::weights::Weights,
+        updates: &[sedna::aggregate::Update],
+    ) -> Result<sedna::weights::Weights, sedna::aggregate::AggregateError> {
+        let failed = |reason: String| sedna::aggregate::AggregateError::Custom {
+            algorithm: self.name.clone(),
+            reason,
+        };
+        Python::attach(|py| -> PyResult<Result<sedna::weights::Weights, String>> {
+            let clients = PyList::empty(py);
+            for update in updates {
+                let arrays = PyList::empty(py);
+                for (_, array) in update.weights.tensors() {
+                    arrays.append(array.clone().into_pyarray(py))?;
+                }
+                clients.append((update.num_samples, arrays))?;
+            }
+            let answer = self.callable.call1(py, (clients,))?;
+            let answer = answer.bind(py);
+            let items: Vec<Bound<'_, PyAny>> = answer.try_iter()?.collect::<PyResult<_>>()?;
+            if items.len() != global.tensors().len() {
+                return Ok(Err(format!(
+                    "it returned {} arrays; the model has {} tensors",
+                    items.len(),
+                    global.tensors().len()
+                )));
+            }
+            let mut tensors = Vec::with_capacity(items.len());
+            for (item, (name, old)) in items.iter().zip(global.tensors()) {
+                let converted = py
+                    .import("numpy")?
+                    .call_method1("asarray", (item, "float32"))?;
+                let array: PyReadonlyArrayDyn<'_, f32> = converted.extract()?;
+                let array = array.as_array().to_owned();
+                if array.shape() != old.shape() {
+                    return Ok(Err(format!(
+                        "tensor {name}: shape {:?}, the model's is {:?}",
+                        array.shape(),
+                        old.shape()
+                    )));
+                }
+                tensors.push((name.clone(), array));
+            }
+            Ok(sedna::weights::Weights::new(tensors).map_err(|e| e.to_string()))
+        })
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)
+    }
+}
+
+/// run_aggregation_server(aggregation=None, name="custom", args=None)
+///
+/// Runs the platform's aggregation worker (what `sedna-cloud-worker aggregate` runs: the round
+/// protocol, checkpoints, evaluation, status reports) in this process until the job finishes,
+/// configured by `args` (its flags) and the environment the controller sets. With
+/// `aggregation`, a callable `(clients: [(num_samples, [arrays])]) -> [arrays]`, rounds are
+/// aggregated by it instead of the built-in algorithm. Raises FederatedLearningError when the
+/// job fails.
+#[pyfunction]
+#[pyo3(signature = (aggregation = None, name = "custom", args = None))]
+fn run_aggregation_server(
+    py: Python<'_>,
+    aggregation: Option<Py<PyAny>>,
+    name: &str,
+    args: Option<Vec<String>>,
+) -> PyResult<()> {
+    let custom: Option<Box<dyn sedna::aggregate::Aggregator>> = aggregation.map(|callable| {
+        Box::new(PyAggregation {
+            name: name.to_string(),
+            callable,
+        }) as Box<dyn sedna::aggregate::Aggregator>
+    });
+    let argv = args.unwrap_or_default();
+    let rt = runtime()?;
+    py.detach(move || rt.block_on(sedna_cloud_worker::aggregate_with(&argv, custom)))
+        .map_err(|e| FederatedLearningError::new_err(format!("{e:#}")))
+}
+
 /// report_status(api_version, kind, namespace, name, status_json) -> bool
 ///
 /// Merges `status_json` (the fields a worker owns, as a JSON object) into the status of
@@ -1849,6 +1949,7 @@ fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(register_hem, m)?)?;
     m.add_function(wrap_pyfunction!(hem_names, m)?)?;
     m.add_function(wrap_pyfunction!(report_status, m)?)?;
+    m.add_function(wrap_pyfunction!(run_aggregation_server, m)?)?;
     m.add_function(wrap_pyfunction!(serve_cloud, m)?)?;
     m.add_function(wrap_pyfunction!(train_frame, m)?)?;
     m.add_function(wrap_pyfunction!(run_federated_client, m)?)?;

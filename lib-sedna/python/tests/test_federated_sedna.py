@@ -139,3 +139,93 @@ def test_a_python_worker_and_rust_workers_train_in_one_job(tmp_path, monkeypatch
         for p in [aggregator, *workers]:
             if p.poll() is None:
                 p.kill()
+
+
+AGGREGATE_PY = '''
+# A Sedna aggregation worker script (examples/federated_learning/*/aggregation_worker/aggregate.py)
+# with the user's own aggregation class registered in the ClassFactory.
+import json
+import os
+
+import numpy as np
+
+from sedna.algorithms.aggregation import BaseAggregation
+from sedna.common.class_factory import ClassFactory, ClassType
+from sedna.common.config import Context
+from sedna.service.server import AggregationServer
+
+
+@ClassFactory.register(ClassType.FL_AGG, alias="Median")
+class Median(BaseAggregation):
+    def aggregate(self, clients):
+        with open(os.environ["CALLS"], "a") as f:
+            f.write(json.dumps([c.num_samples for c in clients]) + "\\n")
+        return [np.median(np.stack([c.weights[i] for c in clients]), axis=0)
+                for i in range(len(clients[0].weights))]
+
+
+def run_server():
+    aggregation_algorithm = Context.get_parameters("aggregation_algorithm", "FedAvg")
+    exit_round = int(Context.get_parameters("exit_round", 3))
+    participants_count = int(Context.get_parameters("participants_count", 1))
+    server = AggregationServer(aggregation=aggregation_algorithm, exit_round=exit_round,
+                               ws_size=20 * 1024 * 1024, participants_count=participants_count)
+    server.start()
+
+
+if __name__ == "__main__":
+    run_server()
+'''
+
+
+def test_a_sedna_aggregation_script_with_its_own_class_aggregates_the_rounds(tmp_path):
+    binary = sedna_binary()
+    script = tmp_path / "aggregate.py"
+    script.write_text(AGGREGATE_PY)
+    port = str(_free_port())
+    calls = tmp_path / "calls.jsonl"
+    env = dict(os.environ, JOB_NAME="digits", RAYON_NUM_THREADS="1", CANDLE_NUM_THREADS="1")
+    for key in ("PARTICIPANTS_COUNT", "SEDNA_FL_ROUNDS", "SEDNA_LOCAL_KUBECONFIG"):
+        env.pop(key, None)
+    server = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path,
+        env=dict(env, aggregation_algorithm="Median", exit_round="2", participants_count="2",
+                 CALLS=str(calls), AGG_PORT=port, SEDNA_LISTEN_HOST="127.0.0.1",
+                 MODEL_URL=str(tmp_path / "final.onnx"), BASE_MODEL_URL=str(MNIST / "mlp" / "init.onnx"),
+                 TEST_DATASET_URL=str(MNIST / "test-images.idx3-ubyte"),
+                 SEDNA_OUTPUT_DIR=str(tmp_path / "agg"), SEDNA_CACHE_DIR=str(tmp_path / "agg-cache")),
+        stdout=subprocess.DEVNULL, stderr=open(tmp_path / "aggregate.log", "w"))
+    workers = []
+    try:
+        for k in (0, 1):
+            workers.append(subprocess.Popen(
+                [binary, "edge-worker", "train"], cwd=tmp_path,
+                env=dict(env, WORKER_NAME=f"rust-{k}", MODEL_URL=str(MNIST / "mlp" / "init.onnx"),
+                         TRAIN_DATASET_URL=str(MNIST / "shards" / f"client-{k}-images.idx3-ubyte.gz"),
+                         AGG_IP="127.0.0.1", AGG_PORT=port, threads="1", epochs="1", learning_rate="0.05",
+                         SEDNA_OUTPUT_DIR=str(tmp_path / f"rust-{k}"), SEDNA_CACHE_DIR=str(tmp_path / f"cache-{k}")),
+                stderr=open(tmp_path / f"rust-{k}.log", "w")))
+        assert server.wait(timeout=180) == 0, (tmp_path / "aggregate.log").read_text()
+        for w in workers:
+            assert w.wait(timeout=60) == 0
+    finally:
+        for p in [server, *workers]:
+            if p.poll() is None:
+                p.kill()
+    # The user's class aggregated both rounds, each from both workers' updates.
+    rounds_called = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(rounds_called) == 2 and all(len(c) == 2 and min(c) > 1000 for c in rounds_called), rounds_called
+    rounds = [json.loads(line) for line in (tmp_path / "agg" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[-1]["test_accuracy"] > 0.3, rounds  # chance is 0.1; two non-IID shards
+    final = sedna.Trainer(str(tmp_path / "final.onnx")).weights()
+    start = sedna.Trainer(str(MNIST / "mlp" / "init.onnx")).weights()
+    assert any(not np.array_equal(final[n], start[n]) for n in final)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,1 @@
+"""Sedna's `sedna.service`: the aggregation server (`server.AggregationServer`)."""
