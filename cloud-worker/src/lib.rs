@@ -144,8 +144,13 @@ pub async fn run(args: Args) -> Result<()> {
     match inputs.as_slice() {
         // Sedna's little-model apps send {"data": ...} for the model's one input.
         [only] => {
-            sedna::cloud::serve_grpc_and_json(listener, batcher, only.clone(), shutdown_signal())
-                .await?
+            sedna::cloud::serve_grpc_and_json(
+                listener,
+                batcher,
+                Some(only.clone()),
+                shutdown_signal(),
+            )
+            .await?
         }
         _ => serve_grpc(listener, batcher, shutdown_signal()).await?,
     }

@@ -4,13 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test panics
 
+mod common;
+use common::{round_trip, without_empty_values};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use sedna_api::schema::UnknownFields;
 use sedna_api::{AdmitError, admit, yaml_documents};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// A kind, an edit that breaks its example, and an excerpt of the expected error.
@@ -85,32 +86,6 @@ fn the_examples_cover_every_kind() {
         .map(|c| c.spec.names.kind)
         .collect();
     assert_eq!(covered, all);
-}
-
-/// Drops `false`, empty lists and empty objects, which a type may omit when serializing, and
-/// writes integral numbers as integers (`500.0` is the JSON number `500`).
-fn without_empty_values(v: &Value) -> Value {
-    match v {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), without_empty_values(v)))
-                .filter(|(_, v)| !matches!(v, Value::Bool(false)))
-                .filter(|(_, v)| v.as_array().is_none_or(|a| !a.is_empty()))
-                .filter(|(_, v)| v.as_object().is_none_or(|o| !o.is_empty()))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.iter().map(without_empty_values).collect()),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => json!(f as i64),
-            _ => Value::Number(n.clone()),
-        },
-        other => other.clone(),
-    }
-}
-
-fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
-    let typed: T = serde_json::from_value(doc.clone()).unwrap();
-    serde_json::to_value(&typed).unwrap()
 }
 
 #[test]

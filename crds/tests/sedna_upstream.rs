@@ -6,12 +6,13 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a failing test panics
 
+mod common;
+use common::{round_trip, without_empty_values};
+
 use std::path::{Path, PathBuf};
 
 use sedna_api::schema::UnknownFields;
 use sedna_api::{admit, yaml_documents};
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 /// Manifests broken upstream: the Model's spec is indented under `metadata`.
@@ -30,30 +31,6 @@ fn files() -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
-}
-
-fn without_empty_values(v: &Value) -> Value {
-    match v {
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), without_empty_values(v)))
-                .filter(|(_, v)| !matches!(v, Value::Bool(false) | Value::Null))
-                .filter(|(_, v)| v.as_array().is_none_or(|a| !a.is_empty()))
-                .filter(|(_, v)| v.as_object().is_none_or(|o| !o.is_empty()))
-                .collect(),
-        ),
-        Value::Array(items) => Value::Array(items.iter().map(without_empty_values).collect()),
-        Value::Number(n) => match n.as_f64() {
-            Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => json!(f as i64),
-            _ => Value::Number(n.clone()),
-        },
-        other => other.clone(),
-    }
-}
-
-fn round_trip<T: DeserializeOwned + Serialize>(doc: &Value) -> Value {
-    let typed: T = serde_json::from_value(doc.clone()).unwrap();
-    serde_json::to_value(&typed).unwrap()
 }
 
 #[test]

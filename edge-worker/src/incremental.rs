@@ -225,22 +225,7 @@ impl HardExamples {
 
     /// Saves one; returns how many old ones were removed to make room.
     fn save(&mut self, id: &str, image: &input::Image) -> Result<u64> {
-        let stem: String = id
-            .trim_end_matches(".pgm")
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let path = self.dir.join(format!("{stem}.pgm"));
-        let tmp = self.dir.join(format!(".{stem}.pgm.tmp"));
-        let mut bytes = format!("P5\n{} {}\n255\n", image.cols, image.rows).into_bytes();
-        bytes.extend_from_slice(&image.pixels);
-        std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, &path))?;
+        let path = crate::write_pgm(&self.dir, &crate::file_stem(id), image)?;
         self.kept.retain(|p| *p != path);
         self.kept.push_back(path);
         let mut dropped = 0;

@@ -135,10 +135,10 @@ impl Results {
     }
 }
 
-/// Writes a hard example's image as a PGM file (atomically), named after its id.
-fn save_hard_example(output: &Path, id: &str, image: &input::Image) {
-    let dir = output.join("hard-examples");
-    let name: String = id
+/// A file stem from a sample id: letters, digits, `-`, `_` and `.` kept, anything else `_`
+/// (an id cannot name a path outside the directory).
+pub(crate) fn file_stem(id: &str) -> String {
+    id.trim_end_matches(".pgm")
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
@@ -147,15 +147,24 @@ fn save_hard_example(output: &Path, id: &str, image: &input::Image) {
                 '_'
             }
         })
-        .collect();
-    let stem = name.trim_end_matches(".pgm");
+        .collect()
+}
+
+/// Writes `image` as the binary PGM `dir/<stem>.pgm`, atomically (a temporary file renamed).
+pub(crate) fn write_pgm(dir: &Path, stem: &str, image: &input::Image) -> std::io::Result<PathBuf> {
     let mut bytes = format!("P5\n{} {}\n255\n", image.cols, image.rows).into_bytes();
     bytes.extend_from_slice(&image.pixels);
-    let tmp = dir.join(format!(".{stem}.pgm"));
-    let written = std::fs::create_dir_all(&dir)
+    let path = dir.join(format!("{stem}.pgm"));
+    let tmp = dir.join(format!(".{stem}.pgm.tmp"));
+    std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&tmp, &bytes))
-        .and_then(|()| std::fs::rename(&tmp, dir.join(format!("{stem}.pgm"))));
-    if let Err(e) = written {
+        .and_then(|()| std::fs::rename(&tmp, &path))?;
+    Ok(path)
+}
+
+/// Writes a hard example's image as a PGM file (atomically), named after its id.
+fn save_hard_example(output: &Path, id: &str, image: &input::Image) {
+    if let Err(e) = write_pgm(&output.join("hard-examples"), &file_stem(id), image) {
         tracing::warn!(id, error = %e, "hard example image not saved");
     }
 }

@@ -232,8 +232,61 @@ fn run_one_batch(model: &Model, batch: &[Job]) -> Result<Vec<BatchReply>> {
     Ok(replies)
 }
 
+/// A function that answers requests itself (e.g. a Python estimator, through the bindings):
+/// named inputs in, named outputs out, or why not (the caller's error).
+pub type InferFn = Arc<
+    dyn Fn(Vec<(String, Tensor)>) -> std::result::Result<Vec<(String, Tensor)>, String>
+        + Send
+        + Sync,
+>;
+
+/// What answers a cloud worker's requests: an ONNX model behind the [`Batcher`], or a function.
+#[derive(Clone)]
+pub enum Backend {
+    /// Dynamic batching in front of a model.
+    Batcher(Batcher),
+    /// One call per request, on a blocking thread.
+    Function(InferFn),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Batcher(b) => f.debug_tuple("Batcher").field(b).finish(),
+            Backend::Function(_) => f.write_str("Function"),
+        }
+    }
+}
+
+impl From<Batcher> for Backend {
+    fn from(batcher: Batcher) -> Backend {
+        Backend::Batcher(batcher)
+    }
+}
+
+impl Backend {
+    /// Answers one request.
+    pub async fn infer(&self, inputs: Vec<(String, Tensor)>) -> Result<BatchReply> {
+        match self {
+            Backend::Batcher(batcher) => batcher.infer(inputs).await,
+            Backend::Function(function) => {
+                let function = function.clone();
+                let outputs = tokio::task::spawn_blocking(move || function(inputs))
+                    .await
+                    .map_err(|e| JointError::Cloud(format!("the model's call failed: {e}")))?
+                    .map_err(JointError::CloudRefused)?;
+                Ok(BatchReply {
+                    outputs,
+                    model_version: 1,
+                    batch_size: 1,
+                })
+            }
+        }
+    }
+}
+
 struct Service {
-    batcher: Batcher,
+    backend: Backend,
     limits: FrameLimits,
 }
 
@@ -246,7 +299,7 @@ impl Inference for Service {
         let request = request.into_inner();
         let inputs = decode_tensors(&request.tensors, &self.limits)
             .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
-        let reply = self.batcher.infer(inputs).await.map_err(|e| match e {
+        let reply = self.backend.infer(inputs).await.map_err(|e| match e {
             JointError::Cloud(m) => tonic::Status::unavailable(m),
             other => tonic::Status::invalid_argument(other.to_string()),
         })?;
@@ -270,7 +323,7 @@ pub async fn serve_grpc(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let service = InferenceServer::new(Service {
-        batcher,
+        backend: batcher.into(),
         limits: FrameLimits::default(),
     })
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
@@ -297,17 +350,19 @@ fn tokio_stream_listener(
 /// JSON protocol for the big model, which Sedna's little-model apps speak: `POST
 /// /<service>/predict` with `{"data": <nested numbers>}` (one sample, or a batch when its rank
 /// is the model input's) answered with `{"result": <first output>, "outputs": {name: …},
-/// "model_version": n}`. `input` is the model's (single) input. Bad JSON, a ragged or
+/// "model_version": n}`. `input` is the model's (single) input; without one (a function
+/// backend) the data goes as it is, named `data`. Bad JSON, a ragged or
 /// wrongly shaped array, or a body over [`MAX_GRPC_MESSAGE_BYTES`] get a 4xx naming the
 /// problem.
 pub async fn serve_grpc_and_json(
     listener: tokio::net::TcpListener,
-    batcher: Batcher,
-    input: crate::inference::TensorInfo,
+    backend: impl Into<Backend>,
+    input: Option<crate::inference::TensorInfo>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
+    let batcher: Backend = backend.into();
     let grpc = InferenceServer::new(Service {
-        batcher: batcher.clone(),
+        backend: batcher.clone(),
         limits: FrameLimits::default(),
     })
     .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
@@ -341,7 +396,7 @@ pub async fn serve_grpc_and_json(
                             if is_grpc {
                                 tower::ServiceExt::oneshot(grpc, request).await
                             } else {
-                                Ok(sedna_json(&batcher, &input, request).await)
+                                Ok(sedna_json(&batcher, (*input).as_ref(), request).await)
                             }
                         }
                     });
@@ -359,8 +414,8 @@ pub async fn serve_grpc_and_json(
 
 /// One request of Sedna's JSON protocol.
 async fn sedna_json(
-    batcher: &Batcher,
-    input: &crate::inference::TensorInfo,
+    batcher: &Backend,
+    input: Option<&crate::inference::TensorInfo>,
     request: hyper::Request<hyper::body::Incoming>,
 ) -> hyper::Response<tonic::body::Body> {
     use http_body_util::{BodyExt, Full, Limited};
@@ -408,7 +463,8 @@ async fn sedna_json(
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
     };
     let (tensor, added_batch) = tensor;
-    match batcher.infer(vec![(input.name.clone(), tensor)]).await {
+    let name = input.map_or("data".to_string(), |i| i.name.clone());
+    match batcher.infer(vec![(name, tensor)]).await {
         Ok(answer) => {
             let outputs: serde_json::Map<String, serde_json::Value> = answer
                 .outputs
@@ -439,14 +495,16 @@ const MAX_JSON_RANK: usize = 8;
 /// was added (one sample sent).
 fn json_input(
     body: &[u8],
-    input: &crate::inference::TensorInfo,
+    input: Option<&crate::inference::TensorInfo>,
 ) -> std::result::Result<(Tensor, bool), String> {
     let value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
     let data = value
         .get("data")
         .ok_or("the body must be {\"data\": [...]} (Sedna's protocol)")?;
-    if input.dtype != crate::inference::DType::F32 {
+    if let Some(input) = input
+        && input.dtype != crate::inference::DType::F32
+    {
         return Err(format!(
             "the model's input {} is {}; JSON data is sent as float32",
             input.name,
@@ -464,6 +522,11 @@ fn json_input(
     }
     let mut values = Vec::with_capacity(shape.iter().product());
     flatten(data, &shape, &mut values)?;
+    let Some(input) = input else {
+        let array = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&shape), values)
+            .map_err(|e| e.to_string())?;
+        return Ok((Tensor::F32(array), false));
+    };
     let rank = input.shape.len();
     let (shape, added) = match shape.len() {
         n if n == rank => (shape, false),
@@ -698,12 +761,12 @@ mod tests {
     fn sednas_json_data_becomes_one_sample_or_a_batch_and_bad_data_is_named() {
         let input = input_784();
         let one = serde_json::json!({ "data": vec![0.5f32; 784] }).to_string();
-        let (tensor, added) = json_input(one.as_bytes(), &input).unwrap();
+        let (tensor, added) = json_input(one.as_bytes(), Some(&input)).unwrap();
         assert_eq!((tensor.shape(), added), (&[1, 784][..], true));
         let batch = serde_json::json!({ "data": vec![vec![0.0f32; 784]; 3] }).to_string();
-        let (tensor, added) = json_input(batch.as_bytes(), &input).unwrap();
+        let (tensor, added) = json_input(batch.as_bytes(), Some(&input)).unwrap();
         assert_eq!((tensor.shape(), added), (&[3, 784][..], false));
-        let refused = |body: &str| json_input(body.as_bytes(), &input).unwrap_err();
+        let refused = |body: &str| json_input(body.as_bytes(), Some(&input)).unwrap_err();
         assert!(refused("not json").contains("not JSON"));
         assert!(refused(r#"{"samples": [1]}"#).contains("{\"data\""));
         assert!(refused(r#"{"data": [[1, 2], [3]]}"#).contains("ragged"));

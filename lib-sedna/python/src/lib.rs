@@ -858,6 +858,81 @@ fn serve_cloud(
     })
 }
 
+/// serve_estimator(predict, host="127.0.0.1", port=5000) -> CloudServer
+///
+/// Serves a Python function as a cloud worker, in the background: on one port the gRPC service
+/// `sedna-edge-worker` and `sedna.JointInference` speak, and Sedna's HTTP JSON protocol
+/// (`POST /<service>/predict`, `{"data": …}` → `{"result": …}`). `predict(inputs)` gets one
+/// numpy array (one input; JSON data as float32) or a dict name → array, and returns an array
+/// (named `output`; floats as float32) or a dict name → array. Its exceptions become the
+/// request's error.
+#[pyfunction]
+#[pyo3(signature = (predict, host = "127.0.0.1", port = 5000))]
+fn serve_estimator(predict: Py<PyAny>, host: &str, port: u16) -> PyResult<CloudServer> {
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind((host, port)))
+        .map_err(|e| JointInferenceError::new_err(format!("listening on {host}:{port}: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| JointInferenceError::new_err(e.to_string()))?
+        .port();
+    let predict = Arc::new(predict);
+    let function: sedna::cloud::InferFn = Arc::new(move |inputs: Vec<(String, Tensor)>| {
+        Python::attach(|py| -> PyResult<Vec<(String, Tensor)>> {
+            let argument = if inputs.len() == 1 {
+                match inputs.into_iter().next() {
+                    Some((_, tensor)) => tensor_to_py(py, tensor),
+                    None => py.None().into_bound(py),
+                }
+            } else {
+                tensors_to_dict(py, inputs)?.into_any()
+            };
+            let answer = predict.call1(py, (argument,))?;
+            let answer = answer.bind(py);
+            let numpy = py.import("numpy")?;
+            let as_array = |value: &Bound<'_, PyAny>| -> PyResult<Tensor> {
+                let mut array = numpy.call_method1("asarray", (value,))?;
+                if array
+                    .getattr("dtype")?
+                    .getattr("kind")?
+                    .extract::<String>()?
+                    == "f"
+                {
+                    array = array.call_method1("astype", ("float32",))?;
+                }
+                Ok(Borrowed::extract("output", &array)?.owned())
+            };
+            if let Ok(dict) = answer.cast::<PyDict>() {
+                let mut outputs = Vec::with_capacity(dict.len());
+                for (key, value) in dict.iter() {
+                    outputs.push((key.extract::<String>()?, as_array(&value)?));
+                }
+                Ok(outputs)
+            } else {
+                Ok(vec![("output".to_string(), as_array(answer)?)])
+            }
+        })
+        .map_err(|e| e.to_string())
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    rt.spawn(async move {
+        let _ = sedna::cloud::serve_grpc_and_json(
+            listener,
+            sedna::cloud::Backend::Function(function),
+            None,
+            async move {
+                let _ = stopped.await;
+            },
+        )
+        .await;
+    });
+    Ok(CloudServer {
+        stop: Mutex::new(Some(stop)),
+        port,
+    })
+}
+
 // ----- federated learning -----------------------------------------------------------------------
 
 /// A Python estimator: get_weights() -> dict, set_weights(dict), train(settings: dict) ->
@@ -1951,6 +2026,7 @@ fn _sedna(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(report_status, m)?)?;
     m.add_function(wrap_pyfunction!(run_aggregation_server, m)?)?;
     m.add_function(wrap_pyfunction!(serve_cloud, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_estimator, m)?)?;
     m.add_function(wrap_pyfunction!(train_frame, m)?)?;
     m.add_function(wrap_pyfunction!(run_federated_client, m)?)?;
     m.add_function(wrap_pyfunction!(decode_frame, m)?)?;

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+import sedna
 from sedna.algorithms.hard_example_mining import IBTFilter, ThresholdFilter
 from sedna.common.class_factory import ClassFactory, ClassType
 from sedna.common.config import BaseConfig, Context
@@ -134,7 +135,7 @@ class BigEstimator(Estimator):
     """The big model of Sedna's big_model.py, here the platform's MNIST cloud model."""
 
 
-def test_big_model_service_serves_a_sedna_little_model(monkeypatch):
+def test_big_model_service_serves_a_sedna_little_model_and_the_platforms_edge(monkeypatch, tmp_path):
     port = free_port()
     monkeypatch.setenv("MODEL_URL", str(MNIST / "cloud" / "model.onnx"))
     monkeypatch.setenv("BIG_MODEL_BIND_PORT", str(port))
@@ -154,9 +155,15 @@ def test_big_model_service_serves_a_sedna_little_model(monkeypatch):
         accuracy = np.mean([np.argmax(np.asarray(f).reshape(-1)) == label for f, label in zip(finals, y)])
         assert ji.cloud_errors == 0 and accuracy >= 0.9, accuracy
         status, answer = post(port, "/digits/predict", {"nodata": 1})
-        assert status == 400
-        status, _ = post(port, "/other/predict", {"data": [0.0] * 784})
+        assert status == 400 and "data" in answer["error"]
+        status, _ = post(port, "/a/b/predict", {"data": [0.0] * 784})
         assert status == 404
+        # The same port speaks the platform's gRPC: the Rust edge side (ONNX fast path) uses it.
+        edge = sedna.JointInference(str(MNIST / "edge" / "model.onnx"), "CloudOnly",
+                                    f"grpc://127.0.0.1:{port}", str(tmp_path / "queue"))
+        is_hard, result, _, cloud = edge.inference(x[:1])
+        assert is_hard and cloud is not None
+        assert int(np.argmax(np.asarray(cloud["output"]).reshape(-1))) == y[0]
     finally:
         service.stop()
 

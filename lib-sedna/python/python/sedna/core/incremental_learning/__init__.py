@@ -26,20 +26,12 @@ import time
 import numpy as np
 
 from ... import _sedna
+from .._common import num_samples
 
 __all__ = ["IncrementalLearning"]
 
 
-def _num_samples(data):
-    if data is None:
-        return 0
-    for attribute in ("x", "num_samples"):
-        value = getattr(data, attribute, None)
-        if value is not None:
-            return int(value() if callable(value) else len(value))
-    if isinstance(data, (tuple, list)) and len(data) == 2 and hasattr(data[0], "__len__"):
-        return len(data[0])
-    return len(data)
+_num_samples = num_samples
 
 
 def _metrics(result):

@@ -29,18 +29,15 @@ import json
 import os
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
+from ... import _sedna
 from ...algorithms import hard_example_mining as _builtin_hem  # noqa: F401  (registers them)
 from ...common.class_factory import ClassFactory, ClassType
 from ...common.config import BaseConfig, Context
 
-__all__ = ["JointInference", "BigModelService", "MAX_REQUEST_BYTES"]
-
-#: The largest request body the big-model service accepts.
-MAX_REQUEST_BYTES = 64 << 20
+__all__ = ["JointInference", "BigModelService"]
 
 
 def _local(url):
@@ -184,7 +181,10 @@ class JointInference:
 
 class BigModelService:
     """The cloud side, Sedna-style: serves your estimator's `predict` on
-    `BIG_MODEL_BIND_PORT` (default 5000) at `POST /<service>/predict`."""
+    `BIG_MODEL_BIND_PORT` (default 5000), in both protocols on one port: the platform's gRPC
+    (what `sedna-edge-worker` and `sedna.JointInference` speak) and Sedna's HTTP JSON
+    (`POST /<service>/predict`, what Sedna's little-model apps and `JointInference` above
+    send). Requests are bounded (64 MiB); an estimator's exception is the request's error."""
 
     def __init__(self, estimator=None):
         if estimator is None:
@@ -194,6 +194,7 @@ class BigModelService:
         self.port = int(Context.get_parameters("BIG_MODEL_BIND_PORT", "5000"))
         self.service = _service_name()
         self.server = None
+        self._stopped = threading.Event()
 
     def inference(self, data=None, post_process=None, **kwargs):
         """The estimator's answer (after `post_process`)."""
@@ -201,72 +202,28 @@ class BigModelService:
         callback = _callback(post_process)
         return callback(res) if callback else res
 
-    def _handler(self):
-        service = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def _reply(self, status, payload):
-                body = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self):
-                if self.path.rstrip("/") == f"/{service.service}":
-                    self._reply(200, {"infos": [{"url": f"/{service.service}/predict", "method": "POST"}]})
-                else:
-                    self._reply(404, {"error": f"use POST /{service.service}/predict"})
-
-            def do_POST(self):
-                if self.path != f"/{service.service}/predict":
-                    return self._reply(404, {"error": f"use POST /{service.service}/predict"})
-                try:
-                    length = int(self.headers.get("Content-Length", "0"))
-                except ValueError:
-                    return self._reply(400, {"error": "bad Content-Length"})
-                if length > MAX_REQUEST_BYTES:
-                    return self._reply(413, {"error": f"the body is over {MAX_REQUEST_BYTES} bytes"})
-                try:
-                    request = json.loads(self.rfile.read(length))
-                    data = request["data"]
-                except (ValueError, KeyError, TypeError):
-                    return self._reply(400, {"error": 'the body must be JSON {"data": ...}'})
-                try:
-                    result = service.inference(np.asarray(data, dtype=np.float32)
-                                               if isinstance(data, list) else data,
-                                               post_process=request.get("callback"))
-                except Exception as err:  # the estimator's error, reported to the caller
-                    return self._reply(500, {"error": f"{type(err).__name__}: {err}"})
-                self._reply(200, {"result": _jsonable(result)})
-
-        return Handler
-
     def start(self, block=True):
-        """Loads the model (`MODEL_URL`) and serves until stopped (blocking, as Sedna's);
-        with `block=False` serves in a thread and returns the bound port."""
+        """Loads the model (`MODEL_URL`) and serves until stopped (blocking, as Sedna's; Ctrl-C
+        stops it); with `block=False` serves in the background and returns the bound port."""
         if isinstance(self.estimator, type):
             self.estimator = self.estimator()
         model = _local(BaseConfig.model_url)
         if model:
             self.estimator.load(model)
-        self.server = ThreadingHTTPServer((self.host, self.port), self._handler())
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
+        self.server = _sedna.serve_estimator(lambda inputs: self.inference(inputs), self.host, self.port)
+        self.port = self.server.port
         if block:
-            self.server.serve_forever()
-        else:
-            threading.Thread(target=self.server.serve_forever, daemon=True).start()
+            try:
+                while not self._stopped.wait(0.5):
+                    pass
+            except KeyboardInterrupt:
+                pass
+            finally:
+                self.stop()
         return self.port
 
     def stop(self):
         """Stops serving."""
+        self._stopped.set()
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            self.server.stop()
