@@ -68,7 +68,7 @@ fn an_incremental_learning_job_retrains_on_edge_samples_deploys_only_better_mode
             .replace("/opt/sedna-output", output.to_str().unwrap())
             .replace("/opt/sedna", root().to_str().unwrap())
             .replace("checkPeriodSeconds: 5", "checkPeriodSeconds: 1")
-            .replace("threshold: 200", "threshold: 100");
+            .replace("threshold: 150", "threshold: 100");
     kubectl.apply(&manifest);
     let data = output.join("incremental/data");
     let feed = output.join("incremental/stream");

@@ -51,8 +51,11 @@ from ._sedna import (  # noqa: F401
     parse_csv,
     parse_txt_index,
     register_hem,
+    report_status,
+    run_aggregation_server,
     scan_directory,
     serve_cloud,
+    serve_estimator,
     train_frame,
 )
 
@@ -88,7 +91,10 @@ __all__ = [
     "parse_txt_index",
     "register_hem",
     "scan_directory",
+    "report_status",
+    "run_aggregation_server",
     "serve_cloud",
+    "serve_estimator",
     "train_frame",
 ]
 
