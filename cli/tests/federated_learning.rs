@@ -70,6 +70,9 @@ fn a_federated_learning_job_applied_with_kubectl_trains_across_three_edges_and_l
         accuracy > 0.88,
         "held-out accuracy after 3 rounds: {accuracy}"
     );
+    // The final report keeps the last round's traffic (it once went to 0).
+    let bytes_up: i64 = metric("bytesUp").parse().unwrap();
+    assert!(bytes_up > 3 * 45_000, "bytesUp {bytes_up}");
     assert_eq!(
         metric("model"),
         format!("file://{}/federated/digits-cnn.onnx", output.display())

@@ -275,7 +275,16 @@ pub(crate) async fn run_with(
     tokio::pin!(shutdown);
     if let Phase::Finished { round } = server.phase().clone() {
         tracing::info!(round, "the job had already finished");
-        finish(&storage, &trainer, &output_url, &reporter, round, &test).await?;
+        finish(
+            &storage,
+            &trainer,
+            &output_url,
+            &reporter,
+            round,
+            &test,
+            history.rounds.back(),
+        )
+        .await?;
         return Ok(());
     }
     loop {
@@ -350,7 +359,16 @@ pub(crate) async fn run_with(
                     }
                 }
                 Output::Finished { round } => {
-                    finish(&storage, &trainer, &output_url, &reporter, round, &test).await?;
+                    finish(
+                        &storage,
+                        &trainer,
+                        &output_url,
+                        &reporter,
+                        round,
+                        &test,
+                        history.rounds.back(),
+                    )
+                    .await?;
                     // Let the final frames reach the workers.
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     return Ok(());
@@ -505,6 +523,7 @@ async fn finish(
     reporter: &Option<sedna::report::StatusReporter>,
     round: u32,
     test: &Option<TrainData>,
+    last: Option<&RoundFigures>,
 ) -> Result<()> {
     storage
         .upload(output_url, trainer.to_onnx()?.into())
@@ -530,12 +549,19 @@ async fn finish(
             bytes_down: 0,
             duration: Duration::ZERO,
         };
-        let mut status = status(
-            &summary,
-            &round_line(&summary, &evaluation),
-            "succeeded",
-            Some(output_url),
-        );
+        // The final figures: the model's evaluation, and the last round's traffic and time
+        // (the metrics list is replaced as a whole).
+        let mut line = round_line(&summary, &evaluation);
+        if let Some(last) = last {
+            line["bytesUp"] = last.bytes_up.into();
+            line["bytesDown"] = last.bytes_down.into();
+            line["seconds"] = last.seconds.into();
+            line["numSamples"] = last.samples.into();
+            if let Some(loss) = last.train_loss {
+                line["train_loss"] = loss.into();
+            }
+        }
+        let mut status = status(&summary, &line, "succeeded", Some(output_url));
         if let Some(map) = status.as_object_mut() {
             map.remove("lastRoundClients");
         }
