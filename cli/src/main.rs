@@ -295,17 +295,51 @@ async fn apiserver(
 
 /// Waits for Ctrl-C or SIGTERM.
 pub(crate) async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+    Signals::install().wait().await;
+}
+
+/// SIGTERM and SIGINT handlers installed up front: a signal that arrives while a long start
+/// is still under way is kept until [`Signals::wait`] (instead of killing the process with
+/// the default disposition).
+pub(crate) struct Signals {
+    term: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers (needs a tokio runtime).
+    pub(crate) fn install() -> Signals {
+        use tokio::signal::unix::{SignalKind, signal};
+        Signals {
+            term: signal(SignalKind::terminate()).ok(),
+            interrupt: signal(SignalKind::interrupt()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    }
+
+    /// Completes on the first SIGTERM or SIGINT (received since [`Signals::install`]).
+    pub(crate) async fn wait(mut self) {
+        let term = async {
+            match self.term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let interrupt = async {
+            match self.interrupt.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        };
+        tokio::select! {
+            () = term => {}
+            () = interrupt => {}
+        }
     }
 }
 

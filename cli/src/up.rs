@@ -89,6 +89,8 @@ async fn ensure_joined(client: &kube::Client, hub: &str, name: &str, dir: &Path)
 }
 
 pub(crate) async fn up(args: UpArgs) -> Result<()> {
+    // Before anything starts: a SIGTERM during the start stops it cleanly afterwards.
+    let signals = crate::Signals::install();
     let d = &args.data_dir;
     std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     let d = d
@@ -196,9 +198,11 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         kubeconfig.display()
     );
 
-    println!("global manager: Model and JointInferenceService controllers running");
+    println!(
+        "global manager: Model, JointInferenceService, IncrementalLearningJob and FederatedLearningJob controllers running"
+    );
 
-    crate::wait_for_signal().await;
+    signals.wait().await;
     println!("stopping");
     let _ = stop_gm.send(());
     let _ = gm.await;
