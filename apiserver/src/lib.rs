@@ -5,7 +5,8 @@
 //! - Storage: one append-only revision log in SQLite ([`store`]).
 //! - API: discovery, OpenAPI, CRDs with schema validation, built-in kinds, every verb with
 //!   watch, patches, server-side apply, status subresources, finalizers, garbage collection.
-//! - Security: HTTPS with a generated CA, bearer tokens, loopback by default.
+//! - Security: HTTPS with a generated CA, bearer tokens, RBAC ([`authz`]), loopback by
+//!   default.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 pub mod apply;
+pub mod authz;
 pub mod builtin;
 pub mod discovery;
 pub mod error;

@@ -1,5 +1,5 @@
 //! Kubernetes protobuf request bodies (`application/vnd.kubernetes.protobuf`): `kubectl create
-//! configmap|secret|namespace` sends them. The envelope is the magic `k8s\0` followed by a
+//! configmap|secret|namespace|role|clusterrole|rolebinding|clusterrolebinding` sends them. The envelope is the magic `k8s\0` followed by a
 //! `runtime.Unknown` message whose `raw` field holds the object.
 
 use std::collections::BTreeMap;
@@ -108,6 +108,62 @@ struct Namespace {
     spec: Option<NamespaceSpec>,
 }
 
+#[derive(Clone, PartialEq, Message)]
+struct PolicyRule {
+    #[prost(string, repeated, tag = "1")]
+    verbs: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    api_groups: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    resources: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    resource_names: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    non_resource_urls: Vec<String>,
+}
+
+/// A Role or ClusterRole (the same fields up to `aggregationRule`, which is not read).
+#[derive(Clone, PartialEq, Message)]
+struct Role {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    rules: Vec<PolicyRule>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Subject {
+    #[prost(string, optional, tag = "1")]
+    kind: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    api_group: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    name: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    namespace: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RoleRef {
+    #[prost(string, optional, tag = "1")]
+    api_group: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    kind: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    name: Option<String>,
+}
+
+/// A RoleBinding or ClusterRoleBinding.
+#[derive(Clone, PartialEq, Message)]
+struct RoleBinding {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    subjects: Vec<Subject>,
+    #[prost(message, optional, tag = "3")]
+    role_ref: Option<RoleRef>,
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -166,7 +222,8 @@ fn metadata_json(meta: Option<ObjectMeta>) -> Value {
     Value::Object(out)
 }
 
-/// Decodes a protobuf body of a ConfigMap, Secret or Namespace into its JSON form.
+/// Decodes a protobuf body of a ConfigMap, Secret, Namespace or RBAC object into its JSON
+/// form.
 pub fn decode(body: &[u8]) -> Result<Value, String> {
     let payload = body
         .strip_prefix(MAGIC)
@@ -224,10 +281,55 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             v
         }
+        ("rbac.authorization.k8s.io/v1", "Role" | "ClusterRole") => {
+            let role = Role::decode(raw.as_slice()).map_err(bad)?;
+            let rules: Vec<Value> = role
+                .rules
+                .into_iter()
+                .map(|r| {
+                    let mut v = json!({ "verbs": r.verbs });
+                    for (field, list) in [
+                        ("apiGroups", r.api_groups),
+                        ("resources", r.resources),
+                        ("resourceNames", r.resource_names),
+                        ("nonResourceURLs", r.non_resource_urls),
+                    ] {
+                        if !list.is_empty() {
+                            v[field] = json!(list);
+                        }
+                    }
+                    v
+                })
+                .collect();
+            json!({ "metadata": metadata_json(role.metadata), "rules": rules })
+        }
+        ("rbac.authorization.k8s.io/v1", "RoleBinding" | "ClusterRoleBinding") => {
+            let b = RoleBinding::decode(raw.as_slice()).map_err(bad)?;
+            let subjects: Vec<Value> = b
+                .subjects
+                .into_iter()
+                .map(|s| {
+                    let mut v = json!({ "kind": s.kind.unwrap_or_default(),
+                                        "name": s.name.unwrap_or_default() });
+                    if let Some(g) = set(s.api_group) {
+                        v["apiGroup"] = json!(g);
+                    }
+                    if let Some(ns) = set(s.namespace) {
+                        v["namespace"] = json!(ns);
+                    }
+                    v
+                })
+                .collect();
+            let r = b.role_ref.unwrap_or_default();
+            json!({ "metadata": metadata_json(b.metadata), "subjects": subjects,
+                    "roleRef": { "apiGroup": r.api_group.unwrap_or_default(),
+                                 "kind": r.kind.unwrap_or_default(),
+                                 "name": r.name.unwrap_or_default() } })
+        }
         _ => {
             return Err(format!(
-                "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace, not \
-                 {api_version} {kind}: send JSON"
+                "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace and RBAC \
+                 roles and bindings, not {api_version} {kind}: send JSON"
             ));
         }
     };
@@ -294,6 +396,60 @@ mod tests {
         assert!(
             v["metadata"].get("generateName").is_none(),
             "empty strings are unset"
+        );
+    }
+
+    #[test]
+    fn rbac_bindings_and_roles_decode() {
+        let b = RoleBinding {
+            metadata: Some(ObjectMeta {
+                name: Some("viewers".into()),
+                ..Default::default()
+            }),
+            subjects: vec![Subject {
+                kind: Some("Group".into()),
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                name: Some("viewers".into()),
+                namespace: Some(String::new()),
+            }],
+            role_ref: Some(RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: Some("ClusterRole".into()),
+                name: Some("view".into()),
+            }),
+        };
+        let rbac = |kind: &str, raw: Vec<u8>| {
+            let unknown = Unknown {
+                type_meta: Some(TypeMeta {
+                    api_version: Some("rbac.authorization.k8s.io/v1".into()),
+                    kind: Some(kind.into()),
+                }),
+                raw: Some(raw),
+                content_encoding: None,
+                content_type: None,
+            };
+            let mut body = MAGIC.to_vec();
+            body.extend(unknown.encode_to_vec());
+            body
+        };
+        let body = rbac("ClusterRoleBinding", b.encode_to_vec());
+        let v = decode(&body).unwrap();
+        assert_eq!(v["roleRef"]["name"], "view");
+        assert_eq!(v["subjects"][0]["kind"], "Group");
+        assert!(v["subjects"][0].get("namespace").is_none());
+        let role = Role {
+            metadata: None,
+            rules: vec![PolicyRule {
+                verbs: vec!["get".into()],
+                resources: vec!["pods".into()],
+                ..Default::default()
+            }],
+        };
+        let body = rbac("Role", role.encode_to_vec());
+        let v = decode(&body).unwrap();
+        assert_eq!(
+            v["rules"][0],
+            json!({ "verbs": ["get"], "resources": ["pods"] })
         );
     }
 

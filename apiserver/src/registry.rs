@@ -140,6 +140,8 @@ fn builtin(
     }
 }
 
+const RBAC: &str = crate::authz::RBAC_GROUP;
+
 /// The built-in kinds.
 pub fn builtins() -> Vec<ResourceType> {
     let mut pods = builtin("", "v1", "pods", "Pod", true, &["po"], true);
@@ -183,6 +185,18 @@ pub fn builtins() -> Vec<ResourceType> {
             false,
         ),
         events_v1,
+        builtin(RBAC, "v1", "roles", "Role", true, &[], false),
+        builtin(RBAC, "v1", "rolebindings", "RoleBinding", true, &[], false),
+        builtin(RBAC, "v1", "clusterroles", "ClusterRole", false, &[], false),
+        builtin(
+            RBAC,
+            "v1",
+            "clusterrolebindings",
+            "ClusterRoleBinding",
+            false,
+            &[],
+            false,
+        ),
         builtin(
             "apiextensions.k8s.io",
             "v1",

@@ -18,10 +18,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::authz::{Attributes, Authenticator, Authorizer};
 use crate::discovery;
 use crate::error::ApiError;
 use crate::handlers::{self, Call, Reply};
-use crate::pki::{self, Layout, Pki, Tokens};
+use crate::pki::{self, Layout, Pki, Tokens, User};
 use crate::registry::{Registry, ResourceType};
 use crate::request::{self, Query, Representation, Route};
 use crate::store::{Mutation, Precondition, Store, StoreError, StoreOptions};
@@ -54,6 +55,11 @@ pub struct Config {
     pub garbage_collection: bool,
     /// Which writes clients may make (default: every write of an authenticated client).
     pub write_policy: Option<WritePolicy>,
+    /// Who may do what (default: [`crate::authz::rbac`] over the stored RBAC objects, with
+    /// Kubernetes' default ClusterRoles created at start).
+    pub authorizer: Option<Authorizer>,
+    /// Bearer tokens beyond the token file (default: none).
+    pub authenticator: Option<Authenticator>,
     /// Most client connections open at once (handshaking, idle or busy); a connection beyond
     /// it is closed at once, so the server never runs out of file descriptors.
     pub max_connections: usize,
@@ -108,6 +114,8 @@ impl Config {
             gc_interval: Duration::from_secs(30),
             garbage_collection: true,
             write_policy: None,
+            authorizer: None,
+            authenticator: None,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
@@ -254,6 +262,11 @@ impl ApiServer {
         }
         for ns in DEFAULT_NAMESPACES {
             ensure_namespace(&api, ns).await?;
+        }
+        if config.authorizer.is_none() {
+            for role in crate::authz::default_cluster_roles() {
+                ensure_cluster_role(&api, role).await?;
+            }
         }
         let kubeconfig_path = layout.kubeconfig();
         pki::write_private(
@@ -458,6 +471,28 @@ async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
     }
 }
 
+async fn ensure_cluster_role(api: &Api, mut role: Value) -> Result<(), StartError> {
+    let name = crate::meta::meta_str(&role, "name")
+        .unwrap_or_default()
+        .to_owned();
+    let key = format!("{}/clusterroles//{name}", crate::authz::RBAC_GROUP);
+    if api.store.get(&key).is_some() {
+        return Ok(());
+    }
+    if let Some(meta) = role.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("uid".into(), json!(crate::meta::new_uid()));
+        meta.insert("creationTimestamp".into(), json!(crate::meta::now()));
+    }
+    match api
+        .store
+        .write(key, Precondition::Absent, Mutation::Put(role))
+        .await
+    {
+        Ok(_) | Err(StoreError::AlreadyExists) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let connections = Arc::new(tokio::sync::Semaphore::new(
@@ -581,7 +616,7 @@ async fn handle(api: Arc<Api>, req: Request<Incoming>) -> Response<Body> {
     response
 }
 
-fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<User, ApiError> {
     let token = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -589,10 +624,29 @@ fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
         .ok_or_else(ApiError::unauthorized)?;
-    api.tokens
-        .authenticate(token)
-        .map(|_| ())
+    if let Some(user) = api.tokens.authenticate(token) {
+        return Ok(user.clone());
+    }
+    api.config
+        .authenticator
+        .as_ref()
+        .and_then(|a| (a.0)(token))
         .ok_or_else(ApiError::unauthorized)
+}
+
+/// The verb of a resource request, as RBAC names it.
+fn verb_of(method: &Method, has_name: bool, watch: bool) -> &'static str {
+    match (method.as_str(), has_name) {
+        ("GET" | "HEAD", true) => "get",
+        ("GET" | "HEAD", false) if watch => "watch",
+        ("GET" | "HEAD", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
 }
 
 async fn read_body(api: &Api, body: Incoming) -> Result<Bytes, ApiError> {
@@ -613,7 +667,7 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         Route::Version => return Ok(json_response(200, &discovery::version())),
         _ => {}
     }
-    authenticate(api, &req)?;
+    let user = authenticate(api, &req)?;
     let header = |name: http::header::HeaderName| {
         req.headers()
             .get(name)
@@ -690,6 +744,20 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         .map_err(ApiError::forbidden)?;
     }
     let query = Query::parse(req.uri().query());
+    let attributes = Attributes {
+        verb: verb_of(&method, path.name.is_some(), query.flag("watch")),
+        group: &path.group,
+        resource: &path.resource,
+        subresource: path.subresource.as_deref(),
+        namespace: path.namespace.as_deref(),
+        name: path.name.as_deref(),
+        field_selector: query.get("fieldSelector"),
+    };
+    match &api.config.authorizer {
+        Some(authorizer) => (authorizer.0)(&user, &attributes, &api.store),
+        None => crate::authz::rbac(&user, &attributes, &api.store),
+    }
+    .map_err(ApiError::forbidden)?;
     let repr = request::negotiate(accept.as_deref());
     let content_type = header(http::header::CONTENT_TYPE).unwrap_or_default();
     let agent = header(http::header::USER_AGENT)

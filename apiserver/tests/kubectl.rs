@@ -419,3 +419,149 @@ async fn reapplying_a_built_in_kind_uses_a_strategic_merge_patch() {
         "a key dropped from the manifest is removed"
     );
 }
+
+/// A kubeconfig like the admin's, authenticating with `token`.
+fn kubeconfig_for(server: &TestServer, token: &str, name: &str) -> std::path::PathBuf {
+    let admin = std::fs::read_to_string(server.kubeconfig()).unwrap();
+    let admin_token = server.server.admin_token().to_owned();
+    let path = server.dir.path().join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, admin.replace(&admin_token, token)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn token_file_groups_get_only_what_their_role_bindings_grant() {
+    let server = TestServer::start_with(|config| {
+        std::fs::create_dir_all(&config.data_dir).unwrap();
+        std::fs::write(
+            config.data_dir.join("tokens.csv"),
+            "admin-token-0123456789,admin,admin,\"system:masters\"\n\
+             viewer-token-0123456789,alice,alice,\"viewers,staff\"\n\
+             team-token-0123456789,bob,bob,\"team-a\"\n",
+        )
+        .unwrap();
+    })
+    .await;
+    let dispatcher = &kubectls().dispatcher;
+    let admin = Kubectl::new(dispatcher, server.kubeconfig());
+    let alice = Kubectl::new(
+        dispatcher,
+        &kubeconfig_for(&server, "viewer-token-0123456789", "alice"),
+    );
+    let bob = Kubectl::new(
+        dispatcher,
+        &kubeconfig_for(&server, "team-token-0123456789", "bob"),
+    );
+    admin.ok(&["create", "namespace", "team-a"]);
+    admin.ok(&["create", "configmap", "settings", "--from-literal=a=1"]);
+    admin.ok(&["create", "secret", "generic", "creds", "--from-literal=k=v"]);
+
+    // Nothing bound yet: an authenticated user without bindings may do nothing.
+    let denied = alice.run(&["get", "configmaps"]);
+    assert!(!denied.ok, "{denied:?}");
+    assert!(
+        denied.stderr.contains(
+            "configmaps is forbidden: User \"alice\" cannot list resource \"configmaps\" in API \
+             group \"\" in the namespace \"default\""
+        ),
+        "{denied:?}"
+    );
+
+    // The default ClusterRoles exist; bind `view` to a group and `edit` in one namespace.
+    let roles = admin.ok(&["get", "clusterroles", "-o", "name"]);
+    for role in ["cluster-admin", "admin", "edit", "view"] {
+        assert!(
+            roles.contains(&format!("clusterrole.rbac.authorization.k8s.io/{role}")),
+            "{roles}"
+        );
+    }
+    admin.ok(&[
+        "create",
+        "clusterrolebinding",
+        "viewers",
+        "--clusterrole=view",
+        "--group=viewers",
+    ]);
+    admin.ok(&[
+        "create",
+        "rolebinding",
+        "team-a-edit",
+        "--clusterrole=edit",
+        "--group=team-a",
+        "-n",
+        "team-a",
+    ]);
+
+    let listed = alice.ok(&["get", "configmaps"]);
+    assert!(listed.contains("settings"), "{listed}");
+    let secrets = alice.run(&["get", "secret", "creds"]);
+    assert!(
+        !secrets.ok && secrets.stderr.contains("is forbidden"),
+        "{secrets:?}"
+    );
+    let delete = alice.run(&["delete", "configmap", "settings"]);
+    assert!(
+        !delete.ok && delete.stderr.contains("cannot delete resource"),
+        "{delete:?}"
+    );
+    // A viewer cannot grant itself more.
+    let escalate = alice.run(&[
+        "create",
+        "clusterrolebinding",
+        "mine",
+        "--clusterrole=cluster-admin",
+        "--user=alice",
+    ]);
+    assert!(
+        !escalate.ok && escalate.stderr.contains("is forbidden"),
+        "{escalate:?}"
+    );
+
+    // The team edits its own namespace, and nothing elsewhere.
+    bob.ok(&[
+        "create",
+        "configmap",
+        "app",
+        "-n",
+        "team-a",
+        "--from-literal=x=1",
+    ]);
+    bob.ok(&["delete", "configmap", "app", "-n", "team-a"]);
+    let outside = bob.run(&["create", "configmap", "app", "--from-literal=x=1"]);
+    assert!(
+        !outside.ok && outside.stderr.contains("in the namespace \"default\""),
+        "{outside:?}"
+    );
+    let nodes = bob.run(&["get", "nodes"]);
+    assert!(
+        !nodes.ok && nodes.stderr.contains("at the cluster scope"),
+        "{nodes:?}"
+    );
+    // `edit` does not include RBAC: the team cannot bind roles even in its namespace.
+    let bind = bob.run(&[
+        "create",
+        "rolebinding",
+        "x",
+        "--clusterrole=admin",
+        "--user=bob",
+        "-n",
+        "team-a",
+    ]);
+    assert!(!bind.ok && bind.stderr.contains("is forbidden"), "{bind:?}");
+
+    // Nothing the refused requests asked for happened.
+    assert!(
+        admin
+            .ok(&["get", "configmap", "settings", "-o", "name"])
+            .contains("settings")
+    );
+    let bindings = admin.ok(&["get", "clusterrolebindings", "-o", "name"]);
+    assert!(!bindings.contains("/mine"), "{bindings}");
+    // A token the file does not hold is refused outright.
+    let stranger = Kubectl::new(dispatcher, &kubeconfig_for(&server, "no-such-token", "x"));
+    let refused = stranger.run(&["get", "pods"]);
+    assert!(
+        !refused.ok && refused.stderr.contains("provide credentials"),
+        "{refused:?}"
+    );
+}
