@@ -128,6 +128,10 @@ pub(crate) struct EdgecoreArgs {
     /// DATA_DIR/metaserver/kubeconfig.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:10550", value_parser = parse_optional_addr)]
     local_api: MaybeAddr,
+    /// Run each pod under its own uid from this range, e.g. `524288-589823` (the agent must
+    /// run as root; programs, models and data the pods use must be readable by other users).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pod_uids: Option<String>,
 }
 
 /// Parses `key=value,key=value`.
@@ -288,6 +292,11 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
         (Some(addr), Some(meta)) => meta.listen = addr,
         (None, _) => config.metaserver = None,
         _ => {}
+    }
+    if let Some(range) = &args.pod_uids {
+        config.pod_users = Some(std::sync::Arc::new(
+            sedna_edgecore::runtime::users::PodUsers::parse(range).map_err(anyhow::Error::msg)?,
+        ));
     }
     let agent = sedna_edgecore::Agent::start(config)
         .await

@@ -254,3 +254,195 @@ async fn an_edge_joins_and_connects_while_idle_connections_flood_the_hub() {
     assert!(opened > 500, "the flood opened only {opened} connections");
     still_running(&mut procs.0[1], "the hub");
 }
+
+/// The last lines of a container's log on `node` (empty until it exists).
+fn container_log(node: &std::path::Path, pod: &str, uid: &str) -> String {
+    std::fs::read_to_string(node.join(format!("pods/default_{pod}_{uid}/logs/c.log")))
+        .unwrap_or_default()
+}
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_pod_reaches_only_its_own_objects_through_the_local_api_and_only_its_own_files() {
+    use std::os::unix::fs::PermissionsExt;
+    let (dir, mut procs, kubeconfig, kube) = api_server().await;
+    let d = dir.path();
+    // Pods with their own uids must be able to walk down to the node's directory.
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711)).unwrap();
+    let hub_port = free_port();
+    procs.0.push(hub(d, &kubeconfig, hub_port));
+    let cloud = format!("127.0.0.1:{hub_port}");
+    let node = d.join("edge-p");
+    join(&node, &cloud, &token(&kubeconfig, "edge-p"), "edge-p");
+    let root = running_as_root();
+    let uids: &[&str] = if root {
+        &["--pod-uids", "300000-300099"]
+    } else {
+        &[]
+    };
+    procs.0.push(edge_with(&node, &cloud, uids));
+
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(kube.clone(), "default");
+    for (name, value) in [("mine", "my-secret"), ("theirs", "their-secret")] {
+        secrets
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(
+                    json!({ "metadata": { "name": name }, "stringData": { "key": value } }),
+                )
+                .unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), "default");
+    let create = |name: &str, secret: &str, script: String, env: Value| {
+        serde_json::from_value::<Pod>(json!({
+            "metadata": { "name": name },
+            "spec": { "nodeName": "edge-p", "restartPolicy": "Never",
+                "volumes": [{ "name": "creds", "secret": { "secretName": secret } }],
+                "containers": [{ "name": "c", "image": "sh", "command": ["sh", "-c", script],
+                                 "env": env,
+                                 "volumeMounts": [{ "name": "creds", "mountPath": "/creds" }] }] }
+        }))
+        .unwrap()
+    };
+    let victim = pods
+        .create(
+            &PostParams::default(),
+            &create("victim", "theirs", "id -u; sleep 3600".into(), json!([])),
+        )
+        .await
+        .unwrap();
+    let victim_uid = victim.metadata.uid.unwrap();
+    let victim_dir = node.join(format!("pods/default_victim_{victim_uid}"));
+    // The prober tries every file of the node and of the other pod it should not read.
+    let targets = [
+        node.join("pki/node.pem"),
+        node.join("edge.db"),
+        node.join("edge.db-wal"),
+        node.join("metaserver/kubeconfig"),
+        node.join("metaserver/pod-token.key"),
+        node.join("metaserver/tokens.csv"),
+        victim_dir.join("volumes/creds/key"),
+        victim_dir.join("local-api.kubeconfig"),
+        victim_dir.join("home"),
+    ];
+    let mut script = String::from("id -u\n");
+    for t in &targets {
+        let t = t.display();
+        script.push_str(&format!(
+            "if cat '{t}' >/dev/null 2>&1 || ls '{t}/' >/dev/null 2>&1; then echo 'READ {t}'; else echo 'DENIED {t}'; fi\n"
+        ));
+    }
+    script.push_str(&format!(
+        "echo tampered > '{}/state.json' 2>/dev/null && echo 'WROTE state'\n\
+         echo \"OWN $(cat \"$SEDNA_MOUNT_CREDS/key\")\"\necho DONE\nsleep 3600\n",
+        victim_dir.display()
+    ));
+    let prober = pods
+        .create(
+            &PostParams::default(),
+            &create("prober", "mine", script, json!([])),
+        )
+        .await
+        .unwrap();
+    let prober_uid = prober.metadata.uid.unwrap();
+    eventually("the prober's probes", || {
+        container_log(&node, "prober", &prober_uid).contains("DONE")
+    })
+    .await;
+    let probes = container_log(&node, "prober", &prober_uid);
+    assert!(probes.contains("OWN my-secret"), "{probes}");
+    if root {
+        assert!(!probes.contains("READ "), "{probes}");
+        assert!(!probes.contains("WROTE"), "{probes}");
+        assert_eq!(probes.matches("DENIED ").count(), targets.len(), "{probes}");
+        let uid_of = |log: &str| {
+            log.lines()
+                .next()
+                .and_then(|l| l.trim().parse::<u32>().ok())
+        };
+        let victim_log = container_log(&node, "victim", &victim_uid);
+        let (p, v) = (uid_of(&probes).unwrap(), uid_of(&victim_log).unwrap());
+        assert!(
+            (300_000..=300_099).contains(&p) && (300_000..=300_099).contains(&v),
+            "{p} {v}"
+        );
+        assert_ne!(p, v, "two pods, two uids");
+    } else {
+        eprintln!("not root: pods run as the agent's user; only the local API's scoping is tested");
+    }
+
+    // The prober's own token on the node's local API.
+    let token_kubeconfig = node.join(format!(
+        "pods/default_prober_{prober_uid}/local-api.kubeconfig"
+    ));
+    let local = client(&token_kubeconfig).await;
+    let local_pods: Api<Pod> = Api::namespaced(local.clone(), "default");
+    let local_secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(local.clone(), "default");
+    let mut reached = false;
+    for _ in 0..300 {
+        if local_pods.get_opt("prober").await.ok().flatten().is_some() {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reached, "the pod never read itself through the local API");
+    assert!(local_secrets.get("mine").await.is_ok());
+    let forbidden = |r: Result<_, kube::Error>| match r {
+        Err(kube::Error::Api(s)) if s.code == 403 => s.message,
+        other => panic!("expected 403, got {:?}", other.map(|_: ()| ())),
+    };
+    let message = forbidden(local_secrets.get("theirs").await.map(|_| ()));
+    assert!(
+        message.contains("User \"system:pod:default:prober\""),
+        "{message}"
+    );
+    forbidden(local_secrets.list(&Default::default()).await.map(|_| ()));
+    forbidden(local_pods.get("victim").await.map(|_| ()));
+    forbidden(
+        Api::<k8s_openapi::api::core::v1::Node>::all(local.clone())
+            .get("edge-p")
+            .await
+            .map(|_| ()),
+    );
+    let status = kube::api::Patch::Merge(json!({ "status": { "message": "hello" } }));
+    forbidden(
+        local_pods
+            .patch_status("victim", &Default::default(), &status)
+            .await
+            .map(|_| ()),
+    );
+    local_pods
+        .patch_status("prober", &Default::default(), &status)
+        .await
+        .unwrap();
+    // The node's administrator still reads everything.
+    let admin = client(&node.join("metaserver/kubeconfig")).await;
+    let all = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin, "default")
+        .list(&Default::default())
+        .await
+        .unwrap();
+    assert!(all.items.len() >= 2);
+    // A deleted pod's token is worthless.
+    pods.delete("prober", &Default::default()).await.unwrap();
+    let mut refused = String::new();
+    for _ in 0..300 {
+        if let Err(kube::Error::Api(s)) = local_pods.get("prober").await
+            && s.code == 403
+        {
+            refused = s.message;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(refused.contains("is gone"), "{refused}");
+    still_running(&mut procs.0[2], "the edge agent");
+}

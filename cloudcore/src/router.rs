@@ -13,6 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
+use sedna_api::references::{Reference, pod_references, workload_references};
 use serde_json::Value;
 
 /// The kinds the hub routes.
@@ -259,97 +260,12 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     v.as_str()
 }
 
-fn items<'a>(v: &'a Value, path: &[&str]) -> &'a [Value] {
-    let mut v = v;
-    for p in path {
-        match v.get(*p) {
-            Some(next) => v = next,
-            None => return &[],
+/// Adds what `references` name (in namespace `ns`) to `out`, for the kinds the hub routes.
+fn add_references(references: Vec<Reference>, ns: &str, out: &mut BTreeSet<ObjKey>) {
+    for r in references {
+        if let Some(kind) = Kind::of(r.api_version, r.kind) {
+            out.insert(ObjKey::new(kind, ns, &r.name));
         }
-    }
-    v.as_array().map(Vec::as_slice).unwrap_or_default()
-}
-
-/// ConfigMaps and Secrets a pod uses, and the workloads that own it.
-fn pod_references(pod: &Value, ns: &str, out: &mut BTreeSet<ObjKey>) {
-    let mut add = |kind: Kind, name: Option<&str>| {
-        if let Some(n) = name.filter(|n| !n.is_empty()) {
-            out.insert(ObjKey::new(kind, ns, n));
-        }
-    };
-    for vol in items(pod, &["spec", "volumes"]) {
-        add(Kind::ConfigMap, str_at(vol, &["configMap", "name"]));
-        add(Kind::Secret, str_at(vol, &["secret", "secretName"]));
-        for source in items(vol, &["projected", "sources"]) {
-            add(Kind::ConfigMap, str_at(source, &["configMap", "name"]));
-            add(Kind::Secret, str_at(source, &["secret", "name"]));
-        }
-    }
-    for list in ["containers", "initContainers", "ephemeralContainers"] {
-        for c in items(pod, &["spec", list]) {
-            for env in items(c, &["env"]) {
-                add(
-                    Kind::ConfigMap,
-                    str_at(env, &["valueFrom", "configMapKeyRef", "name"]),
-                );
-                add(
-                    Kind::Secret,
-                    str_at(env, &["valueFrom", "secretKeyRef", "name"]),
-                );
-            }
-            for from in items(c, &["envFrom"]) {
-                add(Kind::ConfigMap, str_at(from, &["configMapRef", "name"]));
-                add(Kind::Secret, str_at(from, &["secretRef", "name"]));
-            }
-        }
-    }
-    for s in items(pod, &["spec", "imagePullSecrets"]) {
-        add(Kind::Secret, str_at(s, &["name"]));
-    }
-    for owner in items(pod, &["metadata", "ownerReferences"]) {
-        let (Some(v), Some(k)) = (str_at(owner, &["apiVersion"]), str_at(owner, &["kind"])) else {
-            continue;
-        };
-        if let Some(kind) = Kind::of(v, k).filter(|k| k.workload()) {
-            add(kind, str_at(owner, &["name"]));
-        }
-    }
-}
-
-/// Models and Datasets a workload names.
-fn workload_references(kind: Kind, w: &Value, ns: &str, out: &mut BTreeSet<ObjKey>) {
-    let mut add = |k: Kind, path: &[&str], v: &Value| {
-        if let Some(n) = str_at(v, path).filter(|n| !n.is_empty()) {
-            out.insert(ObjKey::new(k, ns, n));
-        }
-    };
-    match kind {
-        Kind::JointInferenceService => {
-            add(Kind::Model, &["spec", "edgeWorker", "model", "name"], w);
-            add(Kind::Model, &["spec", "cloudWorker", "model", "name"], w);
-        }
-        Kind::IncrementalLearningJob => {
-            add(Kind::Dataset, &["spec", "dataset", "name"], w);
-            add(Kind::Model, &["spec", "initialModel", "name"], w);
-            add(
-                Kind::Model,
-                &["spec", "evalSpec", "initialEvalModel", "name"],
-                w,
-            );
-            add(Kind::Model, &["spec", "deploySpec", "model", "name"], w);
-        }
-        Kind::FederatedLearningJob => {
-            add(
-                Kind::Model,
-                &["spec", "aggregationWorker", "model", "name"],
-                w,
-            );
-            add(Kind::Model, &["spec", "pretrainedModel", "name"], w);
-            for t in items(w, &["spec", "trainingWorkers"]) {
-                add(Kind::Dataset, &["dataset", "name"], t);
-            }
-        }
-        _ => {}
     }
 }
 
@@ -541,7 +457,7 @@ impl Router {
         for key in pods {
             wanted.insert(key.clone());
             if let Some(pod) = self.objects.get(key) {
-                pod_references(&pod.value, &key.namespace, &mut wanted);
+                add_references(pod_references(&pod.value), &key.namespace, &mut wanted);
             }
         }
         for key in &self.workloads {
@@ -582,7 +498,11 @@ impl Router {
             .collect();
         for key in workloads {
             if let Some(w) = self.objects.get(&key) {
-                workload_references(key.kind, &w.value, &key.namespace, &mut wanted);
+                add_references(
+                    workload_references(key.kind.name(), &w.value),
+                    &key.namespace,
+                    &mut wanted,
+                );
             }
         }
         let present = wanted

@@ -40,6 +40,7 @@ pub mod incremental_learning;
 pub mod joint_inference;
 pub mod manifests;
 pub mod model;
+pub mod references;
 pub mod schema;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

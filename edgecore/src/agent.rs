@@ -12,6 +12,7 @@ use crate::metaserver::{MetaConfig, MetaServer};
 use crate::node::{self, NodeConfig};
 use crate::runtime::process::LogLimits;
 use crate::runtime::supervisor::Backoff;
+use crate::runtime::users::PodUsers;
 use crate::runtime::{Runtime, RuntimeConfig, RuntimeStats};
 
 /// Agent settings.
@@ -42,6 +43,9 @@ pub struct AgentConfig {
     pub cloud_proxy: Option<std::net::SocketAddr>,
     /// How often the node's Datasets are counted.
     pub dataset_interval: Duration,
+    /// Run each pod under its own uid from this range (`None`: pods run as the agent's user;
+    /// only an agent running as root can switch users).
+    pub pod_users: Option<Arc<PodUsers>>,
 }
 
 impl AgentConfig {
@@ -65,6 +69,7 @@ impl AgentConfig {
             metaserver,
             cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             dataset_interval: Duration::from_secs(10),
+            pod_users: None,
         }
     }
 }
@@ -105,6 +110,17 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     /// Starts the hub client, restores and supervises the node's pods, reports the node.
     pub async fn start(config: AgentConfig) -> Result<Agent, EdgeError> {
+        if config.pod_users.is_some() && !crate::runtime::users::can_switch_users() {
+            return Err(EdgeError::Config(
+                "pods can run under their own uids only when the agent runs as root".into(),
+            ));
+        }
+        if config.pod_users.is_none() && crate::runtime::users::can_switch_users() {
+            tracing::warn!(
+                "the agent runs as root and pods run as root too: they can read the node's key \
+                 and every pod's files; give pods their own uids with --pod-uids FIRST-LAST"
+            );
+        }
         let hub = EdgeHub::start(config.edge.clone()).await?;
         let host_ip = config.host_ip.clone().unwrap_or_else(host_ip);
         let cloud_proxy = match config.cloud_proxy {
@@ -128,14 +144,24 @@ impl Agent {
             // Workers reach their cloud workers through the hub at this address.
             node_env.insert("SEDNA_CLOUD_PROXY".to_string(), proxy.addr().to_string());
         }
-        if let Some(meta) = &config.metaserver {
-            // Workers reach the node's local API (the local controller's role: their
-            // reports go up through the outbox) with this kubeconfig.
-            node_env.insert(
-                "SEDNA_LOCAL_KUBECONFIG".to_string(),
-                meta.data_dir.join("kubeconfig").display().to_string(),
-            );
-        }
+        let metaserver = match config.metaserver {
+            Some(meta) => match MetaServer::start(
+                meta.clone(),
+                hub.store().clone(),
+                hub.subscribe(),
+                hub.reporter(),
+            )
+            .await
+            {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::error!(listen = %meta.listen, error = %e,
+                        "the local API is not served (workloads run regardless)");
+                    None
+                }
+            },
+            None => None,
+        };
         let runtime = Runtime::start(
             RuntimeConfig {
                 node: hub.node().to_owned(),
@@ -145,6 +171,10 @@ impl Agent {
                 program_dirs: config.program_dirs.clone(),
                 log_limits: LogLimits::default(),
                 node_env,
+                // Each pod reaches the node's local API (the local controller's role: its
+                // reports go up through the outbox) with a token of its own.
+                pod_api: metaserver.as_ref().map(MetaServer::pod_api),
+                pod_users: config.pod_users.clone(),
             },
             hub.store().clone(),
             hub.subscribe(),
@@ -175,24 +205,6 @@ impl Agent {
                 .dataset_interval
                 .min(std::time::Duration::from_secs(1)),
         ));
-        let metaserver = match config.metaserver {
-            Some(meta) => match MetaServer::start(
-                meta.clone(),
-                hub.store().clone(),
-                hub.subscribe(),
-                hub.reporter(),
-            )
-            .await
-            {
-                Ok(m) => Some(m),
-                Err(e) => {
-                    tracing::error!(listen = %meta.listen, error = %e,
-                        "the local API is not served (workloads run regardless)");
-                    None
-                }
-            },
-            None => None,
-        };
         Ok(Agent {
             hub,
             runtime,

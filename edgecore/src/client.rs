@@ -65,6 +65,9 @@ pub enum EdgeError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The agent's settings cannot work (not retryable: change them).
+    #[error("invalid agent settings: {0}")]
+    Config(String),
 }
 
 impl EdgeError {

@@ -18,6 +18,7 @@ pub mod join;
 pub mod machine;
 pub mod metaserver;
 pub mod node;
+pub mod podtoken;
 pub mod runtime;
 pub mod store;
 pub mod tls;

@@ -8,7 +8,9 @@
 //! through the outbox (the cloud's answer then replaces the local copy). Everything else is
 //! refused with 403 Forbidden: change objects through the cloud API.
 //!
-//! Clients authenticate with the token in `<data>/metaserver/kubeconfig` (mode 0600).
+//! The node's administrator authenticates with the token in `<data>/metaserver/kubeconfig`
+//! (mode 0600) and reads everything; each pod gets its own token, scoped to what the pod
+//! uses ([`crate::podtoken`]).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::podtoken::{PodApi, PodTokens};
 use crate::runtime::Reporter;
 use crate::store::{Change, EdgeStore};
 
@@ -45,6 +48,9 @@ pub enum MetaError {
     /// The edge store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The pod-token key could not be read or written (not retryable: fix the directory).
+    #[error("the pod-token key: {0}")]
+    Key(#[from] sedna_apiserver::pki::PkiError),
 }
 
 impl MetaError {
@@ -54,6 +60,7 @@ impl MetaError {
             MetaError::Start(e) => e.is_retryable(),
             MetaError::Mirror(e) => e.is_retryable(),
             MetaError::Store(e) => e.is_retryable(),
+            MetaError::Key(_) => false,
         }
     }
 }
@@ -91,6 +98,7 @@ pub fn allowed(w: &WriteRequest<'_>) -> Result<(), String> {
 /// The running local API.
 pub struct MetaServer {
     server: Arc<ApiServer>,
+    pod_api: PodApi,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -276,7 +284,17 @@ impl MetaServer {
         api.store.keep_revisions = 200;
         api.garbage_collection = false;
         api.write_policy = Some(WritePolicy(Arc::new(allowed)));
+        let tokens = Arc::new(PodTokens::load_or_create(
+            &config.data_dir.join("pod-token.key"),
+        )?);
+        api.authenticator = Some(tokens.authenticator());
+        api.authorizer = Some(crate::podtoken::authorizer());
         let server = Arc::new(ApiServer::start(api).await?);
+        let pod_api = PodApi {
+            url: server.url(),
+            ca_pem: server.ca_pem().to_owned(),
+            tokens,
+        };
         for crd in sedna_api::crds() {
             if let Ok(v) = serde_json::to_value(&crd) {
                 server.mirror_put(v).await?;
@@ -324,7 +342,11 @@ impl MetaServer {
             }
         });
         tracing::info!(url = %server.url(), "local API serving the node's objects");
-        Ok(MetaServer { server, task })
+        Ok(MetaServer {
+            server,
+            pod_api,
+            task,
+        })
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -332,7 +354,12 @@ impl MetaServer {
         self.server.url()
     }
 
-    /// The kubeconfig edge apps use.
+    /// What the runtime needs to give each pod its own token.
+    pub fn pod_api(&self) -> PodApi {
+        self.pod_api.clone()
+    }
+
+    /// The node administrator's kubeconfig (every object of the node, read-only).
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.server.kubeconfig_path().to_owned()
     }

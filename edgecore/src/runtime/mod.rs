@@ -8,6 +8,7 @@
 pub mod process;
 pub mod spec;
 pub mod supervisor;
+pub mod users;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -22,10 +23,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
+use crate::podtoken::{PodApi, PodIdentity};
 use crate::store::{Change, EdgeStore, StoreError};
 use process::LogLimits;
 use spec::{Data, SpecError, VolumePlan};
 use supervisor::{Backoff, Decision, Exit, Record, RestartPolicy, State};
+use users::{PodUsers, UidLease};
 
 /// Where upstream writes go (the outbox).
 pub trait Reporter: Send + Sync {
@@ -51,6 +54,10 @@ pub struct RuntimeConfig {
     /// Variables every container gets from the node (e.g. where its local API is); a pod's
     /// own `env` wins.
     pub node_env: BTreeMap<String, String>,
+    /// Gives each pod its own token for the node's local API (`SEDNA_LOCAL_KUBECONFIG`).
+    pub pod_api: Option<PodApi>,
+    /// Runs each pod under its own uid from this range (the agent must run as root).
+    pub pod_users: Option<Arc<PodUsers>>,
 }
 
 /// Figures of the runtime.
@@ -175,6 +182,20 @@ async fn run(
     stats: Arc<RuntimeStats>,
     mut control: mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<()>>,
 ) {
+    if config.pod_users.is_some() {
+        // Pods reach their own directories by name; nobody but the agent lists anything.
+        use std::os::unix::fs::PermissionsExt;
+        let pods = pods_dir(&config);
+        let traversable = std::fs::create_dir_all(&pods).and_then(|()| {
+            for d in [&config.data_dir, &pods] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = traversable {
+            tracing::error!(error = %e, "pods with their own uids cannot reach their directories");
+        }
+    }
     let killed = process::kill_leftovers(&pods_dir(&config));
     if killed > 0 {
         tracing::info!(killed, "removed processes left by a previous agent");
@@ -317,6 +338,10 @@ struct Worker {
     config_retry: Duration,
     exits: mpsc::UnboundedSender<(usize, u64, Exit)>,
     exits_rx: Option<mpsc::UnboundedReceiver<(usize, u64, Exit)>>,
+    /// The pod's own uid, when pods run under their own users.
+    user: Option<UidLease>,
+    /// Variables the runtime gives this pod (its local API kubeconfig…).
+    pod_env: BTreeMap<String, String>,
 }
 
 impl Worker {
@@ -375,6 +400,8 @@ impl Worker {
             config_retry: Duration::from_secs(5),
             exits,
             exits_rx: Some(exits_rx),
+            user: None,
+            pod_env: BTreeMap::new(),
         }
     }
 
@@ -525,13 +552,45 @@ impl Worker {
     }
 
     /// Creates the pod directory and its volumes; returns the volumes' directories.
+    ///
+    /// With per-pod users the pod directory stays the agent's (0711: the pod reaches its
+    /// own entries by name, lists nothing), holding the agent's files (state, pid files,
+    /// logs) out of the pod's reach; `home/`, each volume and the local API kubeconfig
+    /// belong to the pod's uid. ConfigMap and Secret volumes are written afresh each time.
     fn prepare(&mut self) -> Result<BTreeMap<String, PathBuf>, SpecError> {
         spec::check_names(&self.pod)?;
         let plans = spec::volumes(&self.pod, &self.lookup())?;
         let io = |e: std::io::Error| {
             SpecError::CreateContainerConfigError(format!("preparing volumes: {e}"))
         };
+        if self.user.is_none()
+            && let Some(users) = &self.config.pod_users
+        {
+            self.user = Some(users.lease(&self.uid).ok_or_else(|| {
+                SpecError::CreateContainerConfigError(format!(
+                    "every uid of the pod uid range ({users:?}) is taken"
+                ))
+            })?);
+        }
+        let owner = self.user.as_ref().map(|u| u.uid);
         create_private_dir(&self.dir).map_err(io)?;
+        let traversable = |d: &Path| -> std::io::Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))
+        };
+        let volumes = self.dir.join("volumes");
+        if let Some(uid) = owner {
+            traversable(&self.dir).map_err(io)?;
+            create_private_dir(&volumes).map_err(io)?;
+            traversable(&volumes).map_err(io)?;
+            let home = self.dir.join("home");
+            create_private_dir(&home).map_err(io)?;
+            users::give(&home, uid).map_err(io)?;
+            self.pod_env
+                .insert("HOME".into(), home.display().to_string());
+            self.pod_env
+                .insert("SEDNA_POD_DIR".into(), home.display().to_string());
+        }
         let mut dirs = BTreeMap::new();
         for (name, plan) in plans {
             let dir = match plan {
@@ -542,12 +601,19 @@ impl Worker {
                     path
                 }
                 VolumePlan::Empty => {
-                    let d = self.dir.join("volumes").join(&name);
+                    let d = volumes.join(&name);
                     create_private_dir(&d).map_err(io)?;
+                    if let Some(uid) = owner {
+                        users::give(&d, uid).map_err(io)?;
+                    }
                     d
                 }
                 VolumePlan::Files { files, private } => {
-                    let d = self.dir.join("volumes").join(&name);
+                    let d = volumes.join(&name);
+                    if owner.is_some() && d.exists() {
+                        // The pod owned it: start from nothing it may have planted there.
+                        std::fs::remove_dir_all(&d).map_err(io)?;
+                    }
                     create_private_dir(&d).map_err(io)?;
                     for (file, content) in files {
                         if file.contains("..") || file.starts_with('/') {
@@ -555,10 +621,36 @@ impl Worker {
                         }
                         write_file(&d.join(&file), &content, private).map_err(io)?;
                     }
+                    if let Some(uid) = owner {
+                        users::give_tree(&d, uid).map_err(io)?;
+                    }
                     d
                 }
             };
             dirs.insert(name, dir);
+        }
+        if let Some(api) = &self.config.pod_api {
+            let path = self.dir.join("local-api.kubeconfig");
+            let identity = PodIdentity {
+                namespace: self
+                    .pod
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+                name: self.pod.metadata.name.clone().unwrap_or_default(),
+                uid: self.uid.clone(),
+            };
+            sedna_apiserver::pki::write_private(&path, api.kubeconfig(&identity)).map_err(|e| {
+                SpecError::CreateContainerConfigError(format!(
+                    "writing the pod's local API kubeconfig: {e}"
+                ))
+            })?;
+            if let Some(uid) = owner {
+                users::give(&path, uid).map_err(io)?;
+            }
+            self.pod_env
+                .insert("SEDNA_LOCAL_KUBECONFIG".into(), path.display().to_string());
         }
         Ok(dirs)
     }
@@ -579,8 +671,20 @@ impl Worker {
         };
         let launch = match launch {
             Ok(mut l) => {
-                for (name, value) in &self.config.node_env {
+                for (name, value) in self.pod_env.iter().chain(&self.config.node_env) {
                     l.env.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+                if let Some(user) = &self.user {
+                    l.run_as = Some(user.uid);
+                    if self.containers[i].spec.working_dir.is_none() {
+                        l.working_dir = self.dir.join("home");
+                    }
+                    // The runtime's own values: a pod's env cannot point them elsewhere.
+                    for key in ["HOME", "SEDNA_POD_DIR"] {
+                        if let Some(v) = self.pod_env.get(key) {
+                            l.env.insert(key.into(), v.clone());
+                        }
+                    }
                 }
                 l
             }
@@ -1044,6 +1148,8 @@ mod tests {
             program_dirs: vec![],
             log_limits: LogLimits::default(),
             node_env: BTreeMap::new(),
+            pod_api: None,
+            pod_users: None,
         };
         Fixture {
             _dir: dir,

@@ -97,6 +97,10 @@ pub fn spawn(
         .stderr(log)
         .process_group(0)
         .kill_on_drop(false);
+    if let Some(uid) = launch.run_as {
+        // std drops the supplementary groups when it changes the uid of a root process.
+        command.uid(uid).gid(uid);
+    }
     std::fs::create_dir_all(&launch.working_dir)?;
     let child = command.spawn()?;
     let pid = child.id().unwrap_or_default();

@@ -64,6 +64,8 @@ pub struct Launch {
     pub memory_limit: Option<u64>,
     /// CPU limit in millicores, if any.
     pub cpu_limit_millis: Option<u64>,
+    /// The uid (and gid) it runs under; `None`: the agent's.
+    pub run_as: Option<u32>,
 }
 
 /// A ConfigMap's or Secret's data as strings (Secret values decoded).
@@ -345,6 +347,7 @@ pub fn launch(
             .get("memory")
             .and_then(|q| parse_quantity_bytes(&q.0)),
         cpu_limit_millis: limits.get("cpu").and_then(|q| parse_cpu_millis(&q.0)),
+        run_as: None,
     })
 }
 
