@@ -78,7 +78,7 @@ impl<'a> Attributes<'a> {
     }
 
     /// The same request on a subresource.
-    pub fn sub(mut self, subresource: &'a str) -> Self {
+    pub fn on_subresource(mut self, subresource: &'a str) -> Self {
         self.subresource = Some(subresource);
         self
     }
@@ -388,10 +388,10 @@ mod tests {
             &rule,
             &Attributes::new("list", "sedna.io", "models")
         ));
-        assert!(!rule_allows(&rule, &a.clone().sub("status")));
+        assert!(!rule_allows(&rule, &a.clone().on_subresource("status")));
         let status = Attributes::new("update", "sedna.io", "jobs")
             .named("m1")
-            .sub("status");
+            .on_subresource("status");
         assert!(rule_allows(&rule, &status));
         assert!(!rule_allows(
             &rule,

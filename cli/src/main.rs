@@ -87,6 +87,11 @@ enum Command {
         #[command(subcommand)]
         command: node::TokenCommand,
     },
+    /// Manage edge nodes' identities.
+    Node {
+        #[command(subcommand)]
+        command: node::NodeCommand,
+    },
     /// Join this machine to a hub as an edge node (once; then run `sedna edgecore`).
     Join(node::JoinArgs),
     /// Run the edge agent of a joined node.
@@ -206,6 +211,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Token { command } => {
             runtime()?.block_on(node::token(command))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Node { command } => {
+            runtime()?.block_on(node::node(command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Join(args) => {

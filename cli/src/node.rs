@@ -65,6 +65,38 @@ pub(crate) enum TokenCommand {
     },
 }
 
+/// `sedna node …`.
+#[derive(Subcommand)]
+pub(crate) enum NodeCommand {
+    /// Revoke every certificate issued to a node until now: hubs refuse its attach, renewal
+    /// and tunnels at once and end its session; the Node object stays. The node can return
+    /// only by joining again with a new token (`sedna join --replace`).
+    Revoke {
+        /// Kubeconfig of the API server (default: $KUBECONFIG, then ~/.kube/config).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+        /// The node.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+}
+
+/// `sedna node`.
+pub(crate) async fn node(command: NodeCommand) -> Result<()> {
+    match command {
+        NodeCommand::Revoke { kubeconfig, name } => {
+            sedna_proto::identity::check_node_name(&name)?;
+            let client = kube_client(kubeconfig).await?;
+            let at = sedna_cloudcore::revocation::now_ms();
+            sedna_cloudcore::revocation::Revocations::persist(&client, &name, at)
+                .await
+                .context("recording the revocation")?;
+            println!("node/{name} revoked: certificates issued until now are refused");
+            Ok(())
+        }
+    }
+}
+
 /// `sedna join`.
 #[derive(Args)]
 pub(crate) struct JoinArgs {

@@ -178,6 +178,26 @@ async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_role
     still_running(&mut procs.0[0], "the API server");
     // The node's local API still serves its pods.
     assert!(local_pods.get("victim").await.is_ok());
+
+    // The operator revokes the node's certificate; the Node object stays.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sedna"))
+        .args(["node", "revoke", "edge-a", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("node/edge-a revoked"));
+    let kept = Api::<ConfigMap>::namespaced(kube.clone(), "kube-system")
+        .get("sedna-revoked-nodes")
+        .await
+        .unwrap();
+    assert!(kept.data.unwrap_or_default().contains_key("edge-a"));
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_sedna"))
+        .args(["node", "revoke", "Not_A_Name", "--kubeconfig"])
+        .arg(&kubeconfig)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
 }
 
 /// Opens idle TCP connections to `target` from 127.0.0.2–127.0.0.(1 + sources) as fast as it

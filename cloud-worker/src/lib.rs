@@ -10,7 +10,10 @@
 //! Configured like a Sedna worker, from the environment the controller injects, with flags
 //! overriding it: `MODEL_URL`, `BIG_MODEL_PORT` (default 5000), `SEDNA_LISTEN_HOST`
 //! (default 127.0.0.1; the controller sets 0.0.0.0 inside a pod), `SEDNA_MAX_BATCH`,
-//! `SEDNA_MAX_DELAY_MS`, `SEDNA_CACHE_DIR`, `SEDNA_PROVIDERS`, `SEDNA_INTRA_THREADS`.
+//! `SEDNA_MAX_DELAY_MS`, `SEDNA_CACHE_DIR`, `SEDNA_PROVIDERS`, `SEDNA_INTRA_THREADS`,
+//! `SEDNA_MAX_REQUEST_BYTES` (16 MiB), `SEDNA_MAX_IN_FLIGHT` (64). With
+//! `SEDNA_SERVICE_TOKEN_FILE` (the controller mounts the service's token) every request must
+//! carry `authorization: Bearer <token>`; others are refused (gRPC `UNAUTHENTICATED`, HTTP 401).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use sedna::cloud::{BatchOptions, Batcher, serve_grpc};
+use sedna::cloud::{BatchOptions, Batcher, Protocols, ServeOptions, serve};
 use sedna::config::Config;
 use sedna::inference::{Model, Provider, SessionOptions};
 use sedna::storage::Storage;
@@ -75,6 +78,13 @@ pub struct Args {
     /// Threads per inference (0: ONNX Runtime's default).
     #[arg(long, env = "SEDNA_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+    /// Largest request accepted (gRPC message or JSON body), in bytes.
+    #[arg(long, env = "SEDNA_MAX_REQUEST_BYTES", default_value_t = sedna::cloud::DEFAULT_MAX_REQUEST_BYTES)]
+    pub max_request_bytes: usize,
+    /// Most requests read or answered at once (memory for requests stays under this times
+    /// the largest request).
+    #[arg(long, env = "SEDNA_MAX_IN_FLIGHT", default_value_t = 64)]
+    pub max_in_flight: usize,
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long, env = "SEDNA_S3_ALLOW_HTTP")]
     s3_allow_http: bool,
@@ -135,25 +145,32 @@ pub async fn run(args: Args) -> Result<()> {
             max_queue: args.max_queue,
         },
     );
+    let token = sedna::cloud::service_token_from_env().context("reading the service token")?;
+    if token.is_none() {
+        tracing::warn!(
+            "no SEDNA_SERVICE_TOKEN_FILE: any caller that reaches this port is answered"
+        );
+    }
+    let options = ServeOptions {
+        max_request_bytes: args.max_request_bytes,
+        max_in_flight: args.max_in_flight,
+        token,
+        ..ServeOptions::default()
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     // Tests and orchestration read this line to learn the port when 0 was asked for.
     println!("listening on {}", listener.local_addr()?);
-    tracing::info!(address = %listener.local_addr()?, max_batch = args.max_batch, max_delay_ms = args.max_delay_ms, "serving");
-    match inputs.as_slice() {
+    tracing::info!(address = %listener.local_addr()?, max_batch = args.max_batch, max_delay_ms = args.max_delay_ms, ?options, "serving");
+    let protocols = match inputs.as_slice() {
         // Sedna's little-model apps send {"data": ...} for the model's one input.
-        [only] => {
-            sedna::cloud::serve_grpc_and_json(
-                listener,
-                batcher,
-                Some(only.clone()),
-                shutdown_signal(),
-            )
-            .await?
-        }
-        _ => serve_grpc(listener, batcher, shutdown_signal()).await?,
-    }
+        [only] => Protocols::GrpcAndJson {
+            input: Some(only.clone()),
+        },
+        _ => Protocols::Grpc,
+    };
+    serve(listener, batcher, protocols, options, shutdown_signal()).await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use kube::api::{Api, DynamicObject};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
 use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse, TunnelFrame};
 use sedna_proto::identity::{self, JoinToken};
@@ -235,6 +235,7 @@ impl Hub {
             )));
         }
         tasks.push(tokio::spawn(track_readiness(shared.clone(), init_rx)));
+        tasks.push(tokio::spawn(follow_revocations(shared.clone())));
         if let Some(lifecycle) = shared.config.lifecycle {
             tasks.push(tokio::spawn(node_lifecycle(shared.clone(), lifecycle)));
         }
@@ -310,6 +311,30 @@ async fn track_readiness(shared: Arc<Shared>, mut init: mpsc::UnboundedReceiver<
         if done.len() == Kind::ALL.len() {
             shared.ready.send_replace(true);
             tracing::info!(objects = shared.router().len(), "hub cache ready");
+        }
+    }
+}
+
+/// Follows the kept revocations (`sedna node revoke`, other hubs): a node revoked anew loses
+/// its session at once; its certificate is refused from then on.
+async fn follow_revocations(shared: Arc<Shared>) {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let (namespace, name) = crate::revocation::REVOCATIONS_CONFIGMAP;
+    let api: Api<ConfigMap> = Api::namespaced(shared.client.clone(), namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    // kube-runtime's default backoff: growing, with jitter, reset after a success.
+    let mut stream = watcher(api, config).default_backoff().boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
+                for node in shared.revocations.merge(&cm.data.unwrap_or_default()) {
+                    if shared.sessions().remove(&node).is_some() {
+                        tracing::warn!(%node, "node revoked: its session ended");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "watching the revocations"),
         }
     }
 }

@@ -42,11 +42,25 @@ pub fn issued_ms(serial: &[u8]) -> Option<u64> {
 pub struct Revocations(Mutex<HashMap<String, u64>>);
 
 impl Revocations {
-    /// Revokes every certificate of `node` issued at or before `at_ms`.
-    pub fn revoke(&self, node: &str, at_ms: u64) {
+    /// Revokes every certificate of `node` issued at or before `at_ms`; whether that revokes
+    /// more than before.
+    pub fn revoke(&self, node: &str, at_ms: u64) -> bool {
         let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         let entry = map.entry(node.to_owned()).or_insert(0);
+        let newer = at_ms > *entry;
         *entry = (*entry).max(at_ms);
+        newer
+    }
+
+    /// Takes in the revocations of the kept ConfigMap's `data`; the nodes whose revocation
+    /// is newer than what was known (their sessions must end).
+    pub fn merge(&self, data: &BTreeMap<String, String>) -> Vec<String> {
+        data.iter()
+            .filter_map(|(node, at)| {
+                let at: u64 = at.parse().ok()?;
+                self.revoke(node, at).then(|| node.clone())
+            })
+            .collect()
     }
 
     /// Whether a certificate of `node` issued at `issued_ms` (`None`: an old certificate
@@ -67,11 +81,7 @@ impl Revocations {
             .await?
             .and_then(|c| c.data)
             .unwrap_or_default();
-        for (node, at) in data {
-            if let Ok(at) = at.parse() {
-                self.revoke(&node, at);
-            }
-        }
+        self.merge(&data);
         Ok(())
     }
 
@@ -107,11 +117,26 @@ mod tests {
         assert!(!r.is_revoked("a", Some(1_001)), "joined again afterwards");
         assert!(r.is_revoked("a", None), "a certificate without its time");
         assert!(!r.is_revoked("b", Some(1)));
-        r.revoke("a", 10);
+        assert!(!r.revoke("a", 10), "an older revocation changes nothing");
         assert!(
             r.is_revoked("a", Some(999)),
             "an older revocation does not undo a newer"
         );
+    }
+
+    #[test]
+    fn merging_the_kept_revocations_names_the_nodes_newly_revoked() {
+        let r = Revocations::default();
+        r.revoke("a", 100);
+        let kept = BTreeMap::from([
+            ("a".to_owned(), "100".to_owned()),
+            ("b".to_owned(), "200".to_owned()),
+            ("c".to_owned(), "not a time".to_owned()),
+        ]);
+        assert_eq!(r.merge(&kept), vec!["b".to_owned()]);
+        assert!(r.merge(&kept).is_empty(), "nothing new the second time");
+        assert!(r.is_revoked("b", Some(200)));
+        assert!(!r.is_revoked("c", Some(1)));
     }
 
     #[test]

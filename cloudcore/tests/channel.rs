@@ -333,6 +333,39 @@ async fn deleting_a_node_revokes_its_certificate_until_it_joins_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revocation_recorded_in_the_api_ends_a_connected_nodes_session_at_once() {
+    use k8s_openapi::api::core::v1::Node;
+    let c = Cluster::start().await;
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "edge-v" } })).unwrap(),
+        )
+        .await
+        .unwrap();
+    let edge = c.edge("edge-v").await;
+    let connected = || c.hub().stats().connected.load(Ordering::Relaxed);
+    eventually("edge-v connects", || connected() == 1).await;
+    // What `sedna node revoke edge-v` records (the Node stays).
+    sedna_cloudcore::revocation::Revocations::persist(
+        &c.client,
+        "edge-v",
+        sedna_cloudcore::revocation::now_ms(),
+    )
+    .await
+    .unwrap();
+    eventually("edge-v is refused", || {
+        connected() == 0 && edge.status().borrow().refused.is_some()
+    })
+    .await;
+    let reason = edge.status().borrow().refused.clone().unwrap();
+    assert!(reason.contains("revoked"), "{reason}");
+    assert!(nodes.get_opt("edge-v").await.unwrap().is_some());
+    edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stream_without_a_valid_client_certificate_is_refused() {
     let c = Cluster::start().await;
     let hub = c.hub_addr.to_string();

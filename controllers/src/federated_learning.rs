@@ -173,6 +173,7 @@ pub fn aggregator_pod(job: &FederatedLearningJob, inputs: &JobInputs) -> Result<
         annotations: BTreeMap::new(),
         env,
         credentials: inputs.output.1.clone(),
+        service_token: None,
         node: inputs.aggregator_node.clone(),
         restart_policy: Some("OnFailure"),
     })
@@ -230,6 +231,7 @@ pub fn trainer_pod(
         annotations,
         env,
         credentials: secret,
+        service_token: None,
         node: Some(node).filter(|_| template.spec.as_ref().is_none_or(|s| s.node_name.is_none())),
         restart_policy: Some("OnFailure"),
     })

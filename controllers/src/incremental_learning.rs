@@ -599,6 +599,7 @@ pub fn inference_pod(job: &IncrementalLearningJob, r: &Resolved) -> Result<Pod, 
         annotations: BTreeMap::new(),
         env,
         credentials: r.credentials.clone(),
+        service_token: None,
         node: r.dataset.1.clone(),
         restart_policy: Some("Always"),
     })
@@ -674,6 +675,7 @@ pub fn stage_pod(
         annotations: BTreeMap::new(),
         env,
         credentials: r.credentials.clone(),
+        service_token: None,
         node: r.dataset.1.clone(),
         restart_policy: Some("Never"),
     })

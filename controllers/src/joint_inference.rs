@@ -15,6 +15,9 @@
 //! mounted as files in `/var/run/secrets/sedna/credentials` (`SEDNA_CREDENTIALS_DIR`), never
 //! put in the environment. Each pod carries a hash of what it was built from; a spec change
 //! deletes and recreates it ("rolls" the worker), as does a worker that failed or was deleted.
+//! Both workers get the service's token (Secret `S-service-token`, mounted in
+//! `/var/run/secrets/sedna/service`, named by `SEDNA_SERVICE_TOKEN_FILE`): the cloud worker
+//! answers only requests that carry it.
 //! The status reports `phase`, `active`, `failed`, a `Ready` condition and `startTime`; the
 //! edge worker reports `metrics` itself through its node.
 //!
@@ -25,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -79,6 +82,31 @@ pub struct WorkerInputs {
     pub node: Option<String>,
 }
 
+/// The Secret holding the service's token: its cloud worker answers only requests that carry
+/// it, its edge worker sends it.
+pub fn token_secret_name(ji: &JointInferenceService) -> String {
+    format!("{}-service-token", ji.name_any())
+}
+
+/// The service's token Secret (32 random bytes), owned by the service.
+fn token_secret(ji: &JointInferenceService) -> Secret {
+    use base64::Engine;
+    let bytes: [u8; 32] = rand::random();
+    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(token_secret_name(ji)),
+            namespace: ji.namespace(),
+            owner_references: owner(ji).map(|o| vec![o]),
+            labels: Some(BTreeMap::from([(SERVICE_LABEL.to_string(), ji.name_any())])),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([("token".to_string(), token)])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    }
+}
+
 /// The worker pod for a service (pure: the reconcile creates what this returns). The edge
 /// worker's pod declares the cloud worker as its cloud endpoint `cloud` (see
 /// [`ENDPOINTS_ANNOTATION`]), which is what lets its node tunnel to it.
@@ -120,6 +148,7 @@ pub fn worker_pod(ji: &JointInferenceService, inputs: &WorkerInputs) -> Result<P
         annotations,
         env,
         credentials: inputs.credentials.clone(),
+        service_token: Some(token_secret_name(ji)),
         node: inputs.node.clone(),
         restart_policy: None,
     })
@@ -322,7 +351,19 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
         Err(e) => return fail(&ctx, &api, &ji, "InvalidPort", e.to_string()).await,
     };
 
-    // Service, then the cloud worker.
+    // The token, the Service, then the cloud worker.
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    if secrets.get_opt(&token_secret_name(&ji)).await?.is_none() {
+        match secrets
+            .create(&PostParams::default(), &token_secret(&ji))
+            .await
+        {
+            Ok(_) => {}
+            // Another reconcile created it meanwhile.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let service = cloud_service(&ji, port);
     if services.get_opt(&service.name_any()).await?.is_none() {
         services.create(&PostParams::default(), &service).await?;
@@ -547,6 +588,24 @@ spec:
         );
         let mounts = spec.containers[0].volume_mounts.as_ref().unwrap();
         assert_eq!(mounts[0].mount_path, CREDENTIALS_DIR);
+        // The service's token, as a mounted Secret the variable names.
+        assert_eq!(
+            env["SEDNA_SERVICE_TOKEN_FILE"],
+            "/var/run/secrets/sedna/service/token"
+        );
+        assert_eq!(mounts[1].mount_path, "/var/run/secrets/sedna/service");
+        let token_volume = spec
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == mounts[1].name);
+        assert_eq!(
+            token_volume
+                .and_then(|v| v.secret.as_ref())
+                .and_then(|s| s.secret_name.as_deref()),
+            Some("digits-service-token")
+        );
         // A different model changes the hash (the worker is rolled).
         let other = worker_pod(
             &ji,

@@ -29,6 +29,8 @@ pub const HASH_ANNOTATION: &str = "sedna.io/spec-hash";
 pub use sedna_api::common::CLOUD_ENDPOINTS_ANNOTATION as ENDPOINTS_ANNOTATION;
 /// Where a Model's or Dataset's credentials are mounted in a worker.
 pub const CREDENTIALS_DIR: &str = "/var/run/secrets/sedna/credentials";
+/// Where a service's token is mounted in its workers (the file `token`).
+pub const SERVICE_TOKEN_DIR: &str = "/var/run/secrets/sedna/service";
 
 /// Everything a worker pod is built from.
 #[derive(Debug, Clone)]
@@ -49,6 +51,9 @@ pub struct PodPlan<'a> {
     pub env: Vec<(String, String)>,
     /// A Secret mounted as files in [`CREDENTIALS_DIR`].
     pub credentials: Option<String>,
+    /// A Secret holding the service's token (key `token`), mounted in [`SERVICE_TOKEN_DIR`]
+    /// and named by `SEDNA_SERVICE_TOKEN_FILE`.
+    pub service_token: Option<String>,
     /// The node, when the template does not name one.
     pub node: Option<String>,
     /// The restart policy when the template sets none.
@@ -90,6 +95,20 @@ pub fn build_pod(plan: &PodPlan<'_>) -> Result<Pod, Error> {
             ..Volume::default()
         });
     }
+    if let Some(secret) = &plan.service_token {
+        injected.push(env(
+            "SEDNA_SERVICE_TOKEN_FILE",
+            format!("{SERVICE_TOKEN_DIR}/token"),
+        ));
+        spec.volumes.get_or_insert_with(Vec::new).push(Volume {
+            name: "sedna-service-token".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
+    }
     for container in spec.containers.iter_mut() {
         let own: Vec<EnvVar> = container.env.take().unwrap_or_default();
         // The template's own variables win over the injected ones of the same name.
@@ -107,6 +126,17 @@ pub fn build_pod(plan: &PodPlan<'_>) -> Result<Pod, Error> {
                 .push(VolumeMount {
                     name: "sedna-credentials".into(),
                     mount_path: CREDENTIALS_DIR.into(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                });
+        }
+        if plan.service_token.is_some() {
+            container
+                .volume_mounts
+                .get_or_insert_with(Vec::new)
+                .push(VolumeMount {
+                    name: "sedna-service-token".into(),
+                    mount_path: SERVICE_TOKEN_DIR.into(),
                     read_only: Some(true),
                     ..VolumeMount::default()
                 });

@@ -210,9 +210,9 @@ mod tests {
         assert_eq!(
             names,
             vec![
+                ("FederatedLearningJob", "fl".to_owned()),
                 ("ConfigMap", "cm1".to_owned()),
                 ("ConfigMap", "cm2".to_owned()),
-                ("FederatedLearningJob", "fl".to_owned()),
                 ("Secret", "pull".to_owned()),
                 ("Secret", "s1".to_owned()),
                 ("Secret", "s2".to_owned()),

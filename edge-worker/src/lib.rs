@@ -337,6 +337,11 @@ pub async fn run(args: Args) -> Result<()> {
             ),
         },
     };
+    // The service's token, when its controller mounted one (its cloud worker requires it).
+    let cloud = match sedna::cloud::service_token_from_env()? {
+        Some(token) => cloud.with_token(&token)?,
+        None => cloud,
+    };
     std::fs::create_dir_all(&args.output_dir)
         .with_context(|| format!("creating {}", args.output_dir.display()))?;
 

@@ -365,7 +365,7 @@ mod tests {
             ok(Attributes::new("patch", "", "pods")
                 .in_namespace(ns)
                 .named("worker")
-                .sub("status"))
+                .on_subresource("status"))
             .is_ok()
         );
         assert!(
@@ -373,7 +373,7 @@ mod tests {
                 Attributes::new("patch", "sedna.io", "incrementallearningjobs")
                     .in_namespace(ns)
                     .named("job")
-                    .sub("status")
+                    .on_subresource("status")
             )
             .is_ok()
         );
@@ -407,7 +407,7 @@ mod tests {
             ok(Attributes::new("patch", "", "pods")
                 .in_namespace(ns)
                 .named("other")
-                .sub("status"))
+                .on_subresource("status"))
             .is_err()
         );
         assert!(
@@ -420,7 +420,7 @@ mod tests {
             ok(Attributes::new("patch", "sedna.io", "models")
                 .in_namespace(ns)
                 .named("deployed")
-                .sub("status"))
+                .on_subresource("status"))
             .is_err()
         );
         assert!(ok(Attributes::new("get", "", "nodes").named("edge-1")).is_err());

@@ -313,51 +313,180 @@ impl Inference for Service {
     }
 }
 
-/// The largest gRPC message either side accepts.
+/// The largest gRPC message the edge's client accepts (answers can be large).
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 
-/// Serves `batcher` as the `Inference` gRPC service on `listener` until `shutdown`.
+/// The largest request a cloud worker accepts by default.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 16 << 20;
+
+/// The variable naming the file that holds a service's bearer token (its cloud worker
+/// requires it; its edge workers send it).
+pub const SERVICE_TOKEN_FILE_ENV: &str = "SEDNA_SERVICE_TOKEN_FILE";
+
+/// Who may call a cloud worker, and how much it takes in at once.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServeOptions {
+    /// Largest request accepted: a gRPC message, or a JSON body (default
+    /// [`DEFAULT_MAX_REQUEST_BYTES`]). Larger ones are refused before they are decoded.
+    pub max_request_bytes: usize,
+    /// Most requests being read or answered at once, over all connections (default 64); more
+    /// wait, their bodies held back by HTTP/2 flow control. Memory for requests stays under
+    /// `max_in_flight × max_request_bytes`.
+    pub max_in_flight: usize,
+    /// Most connections open at once (default 512); one beyond is closed at once.
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams per connection (default 32).
+    pub max_streams_per_connection: u32,
+    /// The bearer token every request must carry (`authorization: Bearer <token>`); `None`
+    /// accepts any caller (a worker reachable only by its own edge, or a test).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ServeOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServeOptions")
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("max_connections", &self.max_connections)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            max_in_flight: 64,
+            max_connections: 512,
+            max_streams_per_connection: 32,
+            token: None,
+        }
+    }
+}
+
+/// The service token named by `SEDNA_SERVICE_TOKEN_FILE`, if the variable is set: the file's
+/// first line. An unreadable or empty file is an error naming it (never silently no token).
+pub fn service_token_from_env() -> std::io::Result<Option<String>> {
+    let Some(path) = std::env::var_os(SERVICE_TOKEN_FILE_ENV) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!(
+                "{SERVICE_TOKEN_FILE_ENV}={}: {e}",
+                std::path::Path::new(&path).display()
+            ),
+        )
+    })?;
+    let token = text.lines().next().unwrap_or_default().trim().to_string();
+    if token.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "{SERVICE_TOKEN_FILE_ENV}={}: the file is empty",
+                std::path::Path::new(&path).display()
+            ),
+        ));
+    }
+    Ok(Some(token))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether a request carries the token (always, when none is required).
+fn authorized<B>(token: Option<&str>, request: &hyper::Request<B>) -> bool {
+    let Some(token) = token else { return true };
+    request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+/// Serves `batcher` as the `Inference` gRPC service on `listener` until `shutdown`, with the
+/// default [`ServeOptions`] (no token).
 pub async fn serve_grpc(
     listener: tokio::net::TcpListener,
     batcher: Batcher,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    let service = InferenceServer::new(Service {
-        backend: batcher.into(),
-        limits: FrameLimits::default(),
-    })
-    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    tonic::transport::Server::builder()
-        .serve_with_incoming_shutdown(service, tokio_stream_listener(listener), shutdown)
-        .await
+) -> std::io::Result<()> {
+    serve(
+        listener,
+        batcher,
+        Protocols::Grpc,
+        ServeOptions::default(),
+        shutdown,
+    )
+    .await
 }
 
-fn tokio_stream_listener(
-    listener: tokio::net::TcpListener,
-) -> impl futures_util::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
-    futures_util::stream::unfold(listener, |listener| async move {
-        let accepted = listener.accept().await.map(|(stream, _)| {
-            let _ = stream.set_nodelay(true);
-            stream
-        });
-        Some((accepted, listener))
-    })
-}
-
-/// Serves `batcher` on `listener` in two protocols on one port until `shutdown`: the
-/// `Inference` gRPC service (requests with `content-type: application/grpc`), and Sedna's HTTP
-/// JSON protocol for the big model, which Sedna's little-model apps speak: `POST
-/// /<service>/predict` with `{"data": <nested numbers>}` (one sample, or a batch when its rank
-/// is the model input's) answered with `{"result": <first output>, "outputs": {name: …},
-/// "model_version": n}`. `input` is the model's (single) input; without one (a function
-/// backend) the data goes as it is, named `data`. Bad JSON, a ragged or
-/// wrongly shaped array, or a body over [`MAX_GRPC_MESSAGE_BYTES`] get a 4xx naming the
-/// problem.
+/// Serves `batcher` on `listener` in two protocols on one port until `shutdown`, with the
+/// default [`ServeOptions`]: see [`Protocols::GrpcAndJson`].
 pub async fn serve_grpc_and_json(
     listener: tokio::net::TcpListener,
     backend: impl Into<Backend>,
     input: Option<crate::inference::TensorInfo>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    serve(
+        listener,
+        backend,
+        Protocols::GrpcAndJson { input },
+        ServeOptions::default(),
+        shutdown,
+    )
+    .await
+}
+
+/// What a cloud worker speaks on its port.
+#[derive(Debug, Clone)]
+pub enum Protocols {
+    /// The `Inference` gRPC service only.
+    Grpc,
+    /// The `Inference` gRPC service (requests with `content-type: application/grpc`), and
+    /// Sedna's HTTP JSON protocol for the big model, which Sedna's little-model apps speak:
+    /// `POST /<service>/predict` with `{"data": <nested numbers>}` (one sample, or a batch
+    /// when its rank is the model input's) answered with `{"result": <first output>,
+    /// "outputs": {name: …}, "model_version": n}`. `input` is the model's (single) input;
+    /// without one (a function backend) the data goes as it is, named `data`. Bad JSON, a
+    /// ragged or wrongly shaped array, or a body over the request limit get a 4xx naming the
+    /// problem.
+    GrpcAndJson {
+        /// The model's input.
+        input: Option<crate::inference::TensorInfo>,
+    },
+}
+
+fn grpc_refusal(code: tonic::Code, message: &str) -> hyper::Response<tonic::body::Body> {
+    let mut response = hyper::Response::new(tonic::body::Body::empty());
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", hyper::header::HeaderValue::from(code as i32));
+    if let Ok(v) = hyper::header::HeaderValue::from_str(message) {
+        headers.insert("grpc-message", v);
+    }
+    response
+}
+
+/// Serves `backend` on `listener` until `shutdown`: the protocols asked for, every request
+/// checked against `options` (token, size, requests in flight, connections).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    backend: impl Into<Backend>,
+    protocols: Protocols,
+    options: ServeOptions,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let batcher: Backend = backend.into();
@@ -365,9 +494,17 @@ pub async fn serve_grpc_and_json(
         backend: batcher.clone(),
         limits: FrameLimits::default(),
     })
-    .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+    .max_decoding_message_size(options.max_request_bytes)
     .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-    let input = Arc::new(input);
+    let json_input = match protocols {
+        Protocols::Grpc => None,
+        Protocols::GrpcAndJson { input } => Some(input),
+    };
+    let json_input = Arc::new(json_input);
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(options.max_in_flight.max(1)));
+    let connections_left = Arc::new(tokio::sync::Semaphore::new(options.max_connections.max(1)));
+    let token: Arc<Option<String>> = Arc::new(options.token.clone());
+    let max_request_bytes = options.max_request_bytes;
     let mut connections = tokio::task::JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -382,25 +519,59 @@ pub async fn serve_grpc_and_json(
                         continue;
                     }
                 };
+                let Ok(slot) = connections_left.clone().try_acquire_owned() else {
+                    tracing::warn!("connection limit reached: a connection was closed");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
-                let (grpc, batcher, input) = (grpc.clone(), batcher.clone(), input.clone());
+                let (grpc, batcher, input, in_flight, token) =
+                    (grpc.clone(), batcher.clone(), json_input.clone(), in_flight.clone(), token.clone());
                 connections.spawn(async move {
+                    let _slot = slot;
                     let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (grpc, batcher, input) = (grpc.clone(), batcher.clone(), input.clone());
+                        let (grpc, batcher, input, in_flight, token) =
+                            (grpc.clone(), batcher.clone(), input.clone(), in_flight.clone(), token.clone());
                         async move {
                             let is_grpc = request
                                 .headers()
                                 .get(hyper::header::CONTENT_TYPE)
                                 .and_then(|v| v.to_str().ok())
                                 .is_some_and(|v| v.starts_with("application/grpc"));
+                            let allowed = authorized((*token).as_deref(), &request);
                             if is_grpc {
+                                if !allowed {
+                                    return Ok(grpc_refusal(
+                                        tonic::Code::Unauthenticated,
+                                        "this cloud worker needs the service's token (authorization: Bearer; SEDNA_SERVICE_TOKEN_FILE)",
+                                    ));
+                                }
+                                let Ok(_permit) = in_flight.acquire_owned().await else {
+                                    return Ok(grpc_refusal(tonic::Code::Unavailable, "shutting down"));
+                                };
                                 tower::ServiceExt::oneshot(grpc, request).await
                             } else {
-                                Ok(sedna_json(&batcher, (*input).as_ref(), request).await)
+                                match (*input).as_ref() {
+                                    None => Ok(json_error(
+                                        hyper::StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                                        "this cloud worker speaks gRPC only".into(),
+                                    )),
+                                    Some(_) if !allowed => Ok(json_error(
+                                        hyper::StatusCode::UNAUTHORIZED,
+                                        "this cloud worker needs the service's token (authorization: Bearer)".into(),
+                                    )),
+                                    Some(input) => {
+                                        let Ok(_permit) = in_flight.acquire_owned().await else {
+                                            return Ok(json_error(hyper::StatusCode::SERVICE_UNAVAILABLE, "shutting down".into()));
+                                        };
+                                        Ok(sedna_json(&batcher, input.as_ref(), request, max_request_bytes).await)
+                                    }
+                                }
                             }
                         }
                     });
-                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    builder.http2().max_concurrent_streams(options.max_streams_per_connection);
+                    let _ = builder
                         .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                         .await;
                 });
@@ -412,28 +583,37 @@ pub async fn serve_grpc_and_json(
     Ok(())
 }
 
+fn json_reply(
+    status: hyper::StatusCode,
+    body: serde_json::Value,
+) -> hyper::Response<tonic::body::Body> {
+    use http_body_util::Full;
+    let mut response = hyper::Response::new(tonic::body::Body::new(Full::new(bytes::Bytes::from(
+        body.to_string(),
+    ))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn json_error(status: hyper::StatusCode, message: String) -> hyper::Response<tonic::body::Body> {
+    json_reply(status, serde_json::json!({ "error": message }))
+}
+
 /// One request of Sedna's JSON protocol.
 async fn sedna_json(
     batcher: &Backend,
     input: Option<&crate::inference::TensorInfo>,
     request: hyper::Request<hyper::body::Incoming>,
+    max_request_bytes: usize,
 ) -> hyper::Response<tonic::body::Body> {
-    use http_body_util::{BodyExt, Full, Limited};
+    use http_body_util::{BodyExt, Limited};
     use hyper::StatusCode;
-    let reply = |status: StatusCode, body: serde_json::Value| {
-        let mut response = hyper::Response::new(tonic::body::Body::new(Full::new(
-            bytes::Bytes::from(body.to_string()),
-        )));
-        *response.status_mut() = status;
-        response.headers_mut().insert(
-            hyper::header::CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/json"),
-        );
-        response
-    };
-    let error = |status: StatusCode, message: String| {
-        reply(status, serde_json::json!({ "error": message }))
-    };
+    let reply = json_reply;
+    let error = json_error;
     let path = request.uri().path().to_string();
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     if !matches!(segments.as_slice(), [service, "predict"] if !service.is_empty()) {
@@ -445,7 +625,7 @@ async fn sedna_json(
     if request.method() != hyper::Method::POST {
         return error(StatusCode::METHOD_NOT_ALLOWED, "use POST".into());
     }
-    let body = match Limited::new(request.into_body(), MAX_GRPC_MESSAGE_BYTES)
+    let body = match Limited::new(request.into_body(), max_request_bytes)
         .collect()
         .await
     {
@@ -453,7 +633,7 @@ async fn sedna_json(
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("the body is over {MAX_GRPC_MESSAGE_BYTES} bytes"),
+                format!("the body is over {max_request_bytes} bytes"),
             );
         }
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
@@ -619,6 +799,7 @@ pub struct GrpcCloud {
     client: InferenceClient<tonic::transport::Channel>,
     endpoint: String,
     limits: FrameLimits,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl GrpcCloud {
@@ -637,7 +818,17 @@ impl GrpcCloud {
                 .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
             endpoint: endpoint.to_string(),
             limits: FrameLimits::default(),
+            token: None,
         })
+    }
+
+    /// The same client sending `token` as `authorization: Bearer <token>` (the service's
+    /// token, from [`service_token_from_env`]).
+    pub fn with_token(mut self, token: &str) -> Result<GrpcCloud> {
+        self.token = Some(format!("Bearer {token}").parse().map_err(|_| {
+            JointError::Config("the service token has characters a header cannot carry".into())
+        })?);
+        Ok(self)
     }
 }
 
@@ -709,6 +900,7 @@ impl GrpcCloud {
                 .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES),
             endpoint,
             limits: FrameLimits::default(),
+            token: None,
         })
     }
 }
@@ -722,14 +914,23 @@ impl Cloud for GrpcCloud {
             let tensors = encode_tensors(inputs)?;
             let bytes_sent = tensors.len() as u64;
             let mut client = self.client.clone();
+            let mut request = tonic::Request::new(PredictRequest {
+                id: String::new(),
+                tensors,
+            });
+            if let Some(token) = &self.token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", token.clone());
+            }
             let response = client
-                .predict(PredictRequest {
-                    id: String::new(),
-                    tensors,
-                })
+                .predict(request)
                 .await
                 .map_err(|status| match status.code() {
-                    tonic::Code::InvalidArgument => {
+                    tonic::Code::InvalidArgument
+                    | tonic::Code::Unauthenticated
+                    | tonic::Code::OutOfRange
+                    | tonic::Code::ResourceExhausted => {
                         JointError::CloudRefused(status.message().to_string())
                     }
                     _ => JointError::Cloud(format!("{}: {}", self.endpoint, status.message())),

@@ -267,6 +267,7 @@ mod tests {
             working_dir: dir.path().join("work"),
             memory_limit: None,
             cpu_limit_millis: None,
+            run_as: None,
         };
         let log = dir.path().join("logs/c.log");
         let pid_file = dir.path().join("pod/c.pid");
@@ -295,6 +296,7 @@ mod tests {
             working_dir: pod.clone(),
             memory_limit: None,
             cpu_limit_millis: None,
+            run_as: None,
         };
         let mut child = spawn(
             &launch,

@@ -9,7 +9,10 @@
 //!   (`registry.example.com/sedna/edge-worker:v1` → `edge-worker`), with `args` as arguments.
 //! - A volume cannot be mounted at `mountPath` without container isolation; each mounted
 //!   volume's directory on the node is given to the process as `SEDNA_MOUNT_<NAME>` (name
-//!   upper-cased, `-` → `_`), and `SEDNA_POD_DIR` names the pod's directory.
+//!   upper-cased, `-` → `_`), and `SEDNA_POD_DIR` names the pod's directory. An environment
+//!   value or argument that is a `mountPath` or a path under one is rewritten to the volume's
+//!   directory (`SEDNA_CREDENTIALS_DIR=/var/run/secrets/sedna/credentials` names the mounted
+//!   Secret's files), so manifests written for containers work unchanged.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -299,13 +302,31 @@ pub fn launch(
         }
     }
     env.insert("SEDNA_POD_DIR".into(), pod_dir.display().to_string());
+    let mut mounted: Vec<(String, String)> = Vec::new();
     for mount in container.volume_mounts.as_deref().unwrap_or_default() {
         if let Some(dir) = volume_dirs.get(&mount.name) {
             let path = match mount.sub_path.as_deref().filter(|s| !s.is_empty()) {
                 Some(sub) => dir.join(sub),
                 None => dir.clone(),
             };
+            let at = mount.mount_path.trim_end_matches('/');
+            if at.starts_with('/') && at.len() > 1 {
+                mounted.push((at.to_owned(), path.display().to_string()));
+            }
             env.insert(mount_env(&mount.name), path.display().to_string());
+        }
+    }
+    // The longest mount path first, so nested mounts resolve to the innermost volume.
+    mounted.sort_by_key(|(at, _)| std::cmp::Reverse(at.len()));
+    let relocate = |value: &str| -> Option<String> {
+        mounted.iter().find_map(|(at, dir)| {
+            let rest = value.strip_prefix(at.as_str())?;
+            (rest.is_empty() || rest.starts_with('/')).then(|| format!("{dir}{rest}"))
+        })
+    };
+    for value in env.values_mut() {
+        if let Some(moved) = relocate(value) {
+            *value = moved;
         }
     }
     let command = container.command.clone().unwrap_or_default();
@@ -325,7 +346,13 @@ pub fn launch(
         }
         out
     };
-    let args = args.iter().map(|a| expand(a)).collect();
+    let args = args
+        .iter()
+        .map(|a| {
+            let a = expand(a);
+            relocate(&a).unwrap_or(a)
+        })
+        .collect();
     let program = resolve_program(&expand(&program_name), program_dirs)?;
     let working_dir = container
         .working_dir
@@ -572,6 +599,50 @@ mod tests {
         assert_eq!(l.memory_limit, Some(64 * 1024 * 1024));
         assert_eq!(l.cpu_limit_millis, Some(500));
         assert_eq!(l.working_dir, PathBuf::from("/pods/u1"));
+    }
+
+    #[test]
+    fn mount_paths_in_env_and_args_name_the_volumes_directories() {
+        let p = pod(json!({ "nodeName": "edge-1", "containers": [{
+            "name": "c", "command": ["sh", "/app/run.sh", "/var/run/secrets/sedna/credentials/key"],
+            "env": [
+                { "name": "SEDNA_CREDENTIALS_DIR", "value": "/var/run/secrets/sedna/credentials" },
+                { "name": "TOKEN_FILE", "value": "/var/run/secrets/sedna/service/token" },
+                { "name": "ELSEWHERE", "value": "/var/run/secrets/sedna/credentials-old" },
+                { "name": "PLAIN", "value": "/app" }
+            ],
+            "volumeMounts": [
+                { "name": "creds", "mountPath": "/var/run/secrets/sedna/credentials" },
+                { "name": "token", "mountPath": "/var/run/secrets/sedna/service/" },
+                { "name": "app", "mountPath": "/app" },
+                { "name": "root", "mountPath": "/" }
+            ] }] }));
+        let container = &p.spec.as_ref().unwrap().containers[0];
+        let dirs = BTreeMap::from([
+            ("creds".to_owned(), PathBuf::from("/pods/u1/volumes/creds")),
+            ("token".to_owned(), PathBuf::from("/pods/u1/volumes/token")),
+            ("app".to_owned(), PathBuf::from("/pods/u1/volumes/app")),
+            ("root".to_owned(), PathBuf::from("/pods/u1/volumes/root")),
+        ]);
+        let l = launch(
+            &p,
+            container,
+            "edge-1",
+            "10.0.0.5",
+            Path::new("/pods/u1"),
+            &dirs,
+            &[],
+            &lookup,
+        )
+        .unwrap();
+        assert_eq!(l.env["SEDNA_CREDENTIALS_DIR"], "/pods/u1/volumes/creds");
+        assert_eq!(l.env["TOKEN_FILE"], "/pods/u1/volumes/token/token");
+        assert_eq!(l.env["ELSEWHERE"], "/var/run/secrets/sedna/credentials-old");
+        assert_eq!(l.env["PLAIN"], "/pods/u1/volumes/app");
+        assert_eq!(
+            l.args,
+            ["/pods/u1/volumes/app/run.sh", "/pods/u1/volumes/creds/key"]
+        );
     }
 
     #[test]

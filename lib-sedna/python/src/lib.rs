@@ -665,7 +665,13 @@ impl JointInference {
         let cloud: Box<dyn joint::Cloud> = runtime()?
             .block_on(async {
                 match cloud_url.strip_prefix("grpc://") {
+                    // The service's token, when its controller mounted one.
                     Some(rest) => sedna::cloud::GrpcCloud::new(&format!("http://{rest}"), timeout)
+                        .and_then(|c| match sedna::cloud::service_token_from_env() {
+                            Ok(Some(token)) => c.with_token(&token),
+                            Ok(None) => Ok(c),
+                            Err(e) => Err(joint::JointError::Config(e.to_string())),
+                        })
                         .map(|c| Box::new(c) as Box<dyn joint::Cloud>),
                     None => joint::HttpCloud::new(cloud_url, timeout)
                         .map(|c| Box::new(c) as Box<dyn joint::Cloud>),
@@ -836,12 +842,19 @@ fn serve_cloud(
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let model = model.get().inner.clone();
     if protocol == "grpc" {
+        let options = serve_options()?;
         rt.spawn(async move {
             let batcher =
                 sedna::cloud::Batcher::spawn(model, sedna::cloud::BatchOptions::default());
-            let _ = sedna::cloud::serve_grpc(listener, batcher, async move {
-                let _ = stopped.await;
-            })
+            let _ = sedna::cloud::serve(
+                listener,
+                batcher,
+                sedna::cloud::Protocols::Grpc,
+                options,
+                async move {
+                    let _ = stopped.await;
+                },
+            )
             .await;
         });
     } else {
@@ -855,6 +868,16 @@ fn serve_cloud(
     Ok(CloudServer {
         stop: Mutex::new(Some(stop)),
         port,
+    })
+}
+
+/// A cloud worker's limits, with the service's token when `SEDNA_SERVICE_TOKEN_FILE` names one.
+fn serve_options() -> PyResult<sedna::cloud::ServeOptions> {
+    let token = sedna::cloud::service_token_from_env()
+        .map_err(|e| JointInferenceError::new_err(e.to_string()))?;
+    Ok(sedna::cloud::ServeOptions {
+        token,
+        ..sedna::cloud::ServeOptions::default()
     })
 }
 
@@ -916,11 +939,13 @@ fn serve_estimator(predict: Py<PyAny>, host: &str, port: u16) -> PyResult<CloudS
         .map_err(|e| e.to_string())
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let options = serve_options()?;
     rt.spawn(async move {
-        let _ = sedna::cloud::serve_grpc_and_json(
+        let _ = sedna::cloud::serve(
             listener,
             sedna::cloud::Backend::Function(function),
-            None,
+            sedna::cloud::Protocols::GrpcAndJson { input: None },
+            options,
             async move {
                 let _ = stopped.await;
             },
