@@ -37,6 +37,11 @@ pub(crate) struct UpArgs {
     /// Acknowledge API writes once in the OS page cache (survives kill -9, not power loss).
     #[arg(long)]
     no_fsync: bool,
+    /// Run each pod under its own uid from this range, e.g. `524288-589823`, shared by every
+    /// node (`sedna up` must run as root; the programs, models and data pods use must be
+    /// readable by other users, and DATA_DIR's parents traversable).
+    #[arg(long, value_name = "FIRST-LAST")]
+    pod_uids: Option<String>,
 }
 
 /// The nodes `sedna up` runs: the cloud-role node first.
@@ -131,6 +136,12 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         let _ = gm_stopped.await;
     }));
 
+    let pod_users = match &args.pod_uids {
+        Some(range) => Some(std::sync::Arc::new(
+            sedna_edgecore::runtime::users::PodUsers::parse(range).map_err(anyhow::Error::msg)?,
+        )),
+        None => None,
+    };
     let mut agents = Vec::new();
     for (i, (name, role)) in node_names(args.edges).into_iter().enumerate() {
         let dir = d.join("nodes").join(&name);
@@ -142,6 +153,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         let mut config =
             sedna_edgecore::AgentConfig::new(sedna_edgecore::EdgeConfig::new(&hub_addr, &dir));
         config.role = role.to_owned();
+        config.pod_users = pod_users.clone();
         config.dataset_interval = Duration::from_secs(2);
         config.host_ip = Some("127.0.0.1".into());
         match (args.local_api.0, config.metaserver.as_mut()) {

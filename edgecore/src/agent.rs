@@ -115,7 +115,11 @@ impl Agent {
                 "pods can run under their own uids only when the agent runs as root".into(),
             ));
         }
-        if config.pod_users.is_none() && crate::runtime::users::can_switch_users() {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if config.pod_users.is_none()
+            && crate::runtime::users::can_switch_users()
+            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
             tracing::warn!(
                 "the agent runs as root and pods run as root too: they can read the node's key \
                  and every pod's files; give pods their own uids with --pod-uids FIRST-LAST"

@@ -176,6 +176,30 @@ def test_joint_inference_against_a_grpc_cloud_worker(tmp_path, model, digits):
         sedna.serve_cloud(model, port=free_port(), protocol="carrier-pigeon")
 
 
+def test_a_cloud_worker_with_the_services_token_answers_only_callers_that_send_it(
+    tmp_path, model, digits, monkeypatch
+):
+    x, _ = digits
+    token = tmp_path / "token"
+    token.write_text("the-service-token\n")
+    # The controller mounts the token in both workers and names it in this variable.
+    monkeypatch.setenv("SEDNA_SERVICE_TOKEN_FILE", str(token))
+    port = free_port()
+    cloud = sedna.serve_cloud(model, port=port, protocol="grpc")
+    hem = sedna.HardExampleMining("CloudOnly")
+    ji = sedna.JointInference(model, hem, f"grpc://127.0.0.1:{port}", str(tmp_path / "q"))
+    is_hard, _, _, cloud_result = ji.inference(x[:1])
+    assert is_hard and cloud_result is not None
+    monkeypatch.delenv("SEDNA_SERVICE_TOKEN_FILE")
+    stranger = sedna.JointInference(model, hem, f"grpc://127.0.0.1:{port}", str(tmp_path / "q2"))
+    with pytest.raises(sedna.JointInferenceError, match="token"):
+        stranger.inference(x[:1])
+    monkeypatch.setenv("SEDNA_SERVICE_TOKEN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(sedna.JointInferenceError, match="SEDNA_SERVICE_TOKEN_FILE"):
+        sedna.JointInference(model, hem, f"grpc://127.0.0.1:{port}", str(tmp_path / "q3"))
+    cloud.stop()
+
+
 class Softmax:
     """A numpy softmax regression, as an app would write an estimator."""
 
