@@ -165,15 +165,7 @@ impl std::fmt::Debug for Authenticator {
 }
 
 fn strings(rule: &Value, field: &str) -> Vec<String> {
-    rule.get(field)
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(str::to_owned)
-                .collect()
-        })
-        .unwrap_or_default()
+    crate::meta::strings(rule.get(field))
 }
 
 /// Whether one RBAC `PolicyRule` allows a request (verbs, apiGroups, resources with

@@ -66,11 +66,9 @@ pub fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     metadata(obj).get(field).and_then(Value::as_str)
 }
 
-/// `metadata.finalizers`.
-pub fn finalizers(obj: &Value) -> Vec<String> {
-    metadata(obj)
-        .get("finalizers")
-        .and_then(Value::as_array)
+/// The strings of a JSON list (other items skipped; not a list: none).
+pub fn strings(list: Option<&Value>) -> Vec<String> {
+    list.and_then(Value::as_array)
         .map(|a| {
             a.iter()
                 .filter_map(Value::as_str)
@@ -78,6 +76,11 @@ pub fn finalizers(obj: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// `metadata.finalizers`.
+pub fn finalizers(obj: &Value) -> Vec<String> {
+    strings(metadata(obj).get("finalizers"))
 }
 
 /// Whether the object is being deleted (has a `deletionTimestamp`).

@@ -461,9 +461,14 @@ async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
         "spec": { "finalizers": ["kubernetes"] },
         "status": { "phase": "Active" },
     });
+    create_if_absent(api, key, ns).await
+}
+
+/// Stores `object` at `key` unless something is there (a racing creator wins).
+async fn create_if_absent(api: &Api, key: String, object: Value) -> Result<(), StartError> {
     match api
         .store
-        .write(key, Precondition::Absent, Mutation::Put(ns))
+        .write(key, Precondition::Absent, Mutation::Put(object))
         .await
     {
         Ok(_) | Err(StoreError::AlreadyExists) => Ok(()),
@@ -483,14 +488,7 @@ async fn ensure_cluster_role(api: &Api, mut role: Value) -> Result<(), StartErro
         meta.insert("uid".into(), json!(crate::meta::new_uid()));
         meta.insert("creationTimestamp".into(), json!(crate::meta::now()));
     }
-    match api
-        .store
-        .write(key, Precondition::Absent, Mutation::Put(role))
-        .await
-    {
-        Ok(_) | Err(StoreError::AlreadyExists) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
+    create_if_absent(api, key, role).await
 }
 
 async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {

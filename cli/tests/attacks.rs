@@ -55,6 +55,17 @@ async fn api_server() -> (tempfile::TempDir, Procs, std::path::PathBuf, kube::Cl
     (dir, Procs(vec![api]), kubeconfig, kube)
 }
 
+/// Waits (30 s at most) until a node's local API serves pod `name` to this client.
+async fn served_locally(pods: &Api<Pod>, name: &str) {
+    for _ in 0..300 {
+        if pods.get_opt(name).await.ok().flatten().is_some() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the node's local API never served pod {name}");
+}
+
 fn still_running(child: &mut Child, what: &str) {
     assert!(
         child.try_wait().unwrap().is_none(),
@@ -140,15 +151,7 @@ async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_role
     eventually("the node's local API", || local_kubeconfig.exists()).await;
     let local = client(&local_kubeconfig).await;
     let local_pods: Api<Pod> = Api::namespaced(local.clone(), "default");
-    let mut seen = false;
-    for _ in 0..300 {
-        if local_pods.get_opt("victim").await.ok().flatten().is_some() {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(seen, "the pod never reached the node");
+    served_locally(&local_pods, "victim").await;
     let labels = Api::<k8s_openapi::api::core::v1::Node>::all(kube.clone())
         .get("edge-a")
         .await
@@ -406,15 +409,7 @@ async fn a_pod_reaches_only_its_own_objects_through_the_local_api_and_only_its_o
     let local_pods: Api<Pod> = Api::namespaced(local.clone(), "default");
     let local_secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(local.clone(), "default");
-    let mut reached = false;
-    for _ in 0..300 {
-        if local_pods.get_opt("prober").await.ok().flatten().is_some() {
-            reached = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert!(reached, "the pod never read itself through the local API");
+    served_locally(&local_pods, "prober").await;
     assert!(local_secrets.get("mine").await.is_ok());
     let forbidden = |r: Result<_, kube::Error>| match r {
         Err(kube::Error::Api(s)) if s.code == 403 => s.message,

@@ -134,7 +134,36 @@ async fn hub_api_server_and_two_edges_as_processes() {
         "the kill happened mid-sync ({partial} objects held)"
     );
     // The edge runtime reports the pods' statuses (their program is not installed), and the
-    // API echoes the updated pods back: wait until that traffic settles.
+    // API echoes the updated pods back: wait until every pod of A has its status in the API
+    // (on a loaded machine the runtime may not have reported them all yet), then until that
+    // traffic settles.
+    let mut reported = 0;
+    for _ in 0..600 {
+        reported = pods
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("a-"))
+            })
+            .filter(|p| {
+                p.status
+                    .as_ref()
+                    .and_then(|s| s.container_statuses.as_ref())
+                    .is_some_and(|c| !c.is_empty())
+            })
+            .count();
+        if reported == 150 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(reported, 150, "edge A reported the status of every pod");
     let mut last = proxy.bytes_to_client();
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
