@@ -89,6 +89,10 @@ fn aggregator(dir: &Path, rounds: u32, extra: &[(&str, &str)], port: u16) -> (Ch
 }
 
 fn trainer(dir: &Path, k: usize, port: u16) -> Child {
+    trainer_with(dir, k, port, &[])
+}
+
+fn trainer_with(dir: &Path, k: usize, port: u16, extra: &[(&str, &str)]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_sedna"))
         .args(["edge-worker", "train"])
         .current_dir(dir)
@@ -108,6 +112,7 @@ fn trainer(dir: &Path, k: usize, port: u16) -> Child {
         .env("SEDNA_CACHE_DIR", dir.join(format!("cache-{k}")))
         .env("RAYON_NUM_THREADS", "1")
         .env("CANDLE_NUM_THREADS", "1")
+        .envs(extra.iter().copied())
         .stdout(Stdio::null())
         .stderr(Stdio::from(
             std::fs::File::create(dir.join(format!("client-{k}.log"))).unwrap(),
@@ -241,6 +246,43 @@ fn three_trainers_on_non_iid_shards_learn_together_sending_only_weights() {
     let log = std::fs::read_to_string(dir.path().join("aggregator.log")).unwrap();
     assert!(log.contains("exceeds the limit of"), "{log}");
     assert!(log.contains("does not start with SDNF"), "{log}");
+}
+
+#[test]
+fn an_aggregator_with_the_jobs_token_admits_only_workers_that_present_it() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = d.join("token");
+    std::fs::write(&token, "the-jobs-token\n").unwrap();
+    let token = token.display().to_string();
+    let with_token = [("SEDNA_SERVICE_TOKEN_FILE", token.as_str())];
+    let (agg, port) = aggregator(d, 1, &with_token, 0);
+    let mut procs = Procs(vec![agg]);
+    // A peer that speaks the protocol but has no token: refused, the connection closed.
+    let mut stranger = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stranger
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stranger.write_all(b"SDNF\x01\x00\x00\x00\x00\x00").unwrap();
+    let mut answer = Vec::new();
+    stranger.read_to_end(&mut answer).unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).contains("needs the job's token"),
+        "{answer:?}"
+    );
+    // A trainer without it is refused for good (it does not retry forever).
+    let mut outsider = trainer(d, 0, port);
+    let status = outsider.wait().unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(d.join("client-0.log")).unwrap();
+    assert!(log.contains("token"), "{log}");
+    // The job's own trainers take part and the job finishes.
+    for k in 0..3 {
+        procs.0.push(trainer_with(d, k, port, &with_token));
+    }
+    trainers_exit_ok(&mut procs, d, &[0, 1, 2]);
+    assert_eq!(rounds(d).len(), 1);
 }
 
 #[test]

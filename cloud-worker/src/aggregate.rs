@@ -75,6 +75,9 @@ pub struct AggregateArgs {
     /// The largest frame a worker may send, in bytes.
     #[arg(long, env = "SEDNA_FL_MAX_FRAME_BYTES", default_value_t = 256 << 20)]
     pub max_frame_bytes: u64,
+    /// Most workers' connections open at once; one beyond is closed at once.
+    #[arg(long, env = "SEDNA_FL_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: usize,
     /// Allow a plain-HTTP S3 endpoint.
     #[arg(long, env = "SEDNA_S3_ALLOW_HTTP")]
     pub s3_allow_http: bool,
@@ -259,8 +262,22 @@ pub(crate) async fn run_with(
         max_frame_bytes: args.max_frame_bytes,
         ..WireLimits::default()
     };
+    let token = sedna::cloud::service_token_from_env().context("reading the job's token")?;
+    if token.is_none() {
+        tracing::warn!("no SEDNA_SERVICE_TOKEN_FILE: any worker that reaches this port may join");
+    }
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
-    tokio::spawn(accept(listener, events_tx, limits));
+    tokio::spawn(accept(
+        listener,
+        events_tx,
+        Admission {
+            limits,
+            token: token.map(std::sync::Arc::from),
+            connections: std::sync::Arc::new(tokio::sync::Semaphore::new(
+                args.max_connections.max(1),
+            )),
+        },
+    ));
     let mut writers: HashMap<ConnId, mpsc::Sender<(Message, Encoding)>> = HashMap::new();
     let started = Instant::now();
     let mut rounds_log = std::fs::OpenOptions::new()
@@ -570,61 +587,104 @@ async fn finish(
     Ok(())
 }
 
-/// Accepts workers; each connection gets a reader (frames → events) and a writer (a bounded
-/// queue of messages → frames).
+/// What a connection must satisfy to take part.
+#[derive(Clone)]
+struct Admission {
+    limits: WireLimits,
+    /// The job's token every connection must open with (`None`: any).
+    token: Option<std::sync::Arc<str>>,
+    /// Connections left.
+    connections: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// How long a new connection may take to present the job's token.
+const TOKEN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Accepts workers; each connection (within the connection limit, after presenting the job's
+/// token when one is required) gets a reader (frames → events) and a writer (a bounded queue
+/// of messages → frames).
 async fn accept(
     listener: tokio::net::TcpListener,
     events: mpsc::Sender<Event>,
-    limits: WireLimits,
+    admission: Admission,
 ) {
     let mut next: ConnId = 1;
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let Ok(slot) = admission.connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached: a connection was closed");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let conn = next;
         next += 1;
-        let (mut reader, mut writer) = stream.into_split();
-        let (tx, mut rx) = mpsc::channel::<(Message, Encoding)>(8);
-        if events.send(Event::Connected(conn, tx)).await.is_err() {
-            return;
-        }
+        let (events, admission) = (events.clone(), admission.clone());
         tokio::spawn(async move {
-            while let Some((message, encoding)) = rx.recv().await {
-                if let Err(e) = wire::write_message(&mut writer, &message, encoding).await {
-                    tracing::debug!(conn, error = %e, "writing to a worker failed");
-                    break;
-                }
-            }
-        });
-        let events = events.clone();
-        tokio::spawn(async move {
-            loop {
-                match wire::read_message(&mut reader, &limits).await {
-                    Ok(Some((message, bytes))) => {
-                        if events
-                            .send(Event::Input(Input::Message {
-                                conn,
-                                message,
-                                bytes,
-                            }))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::warn!(conn, %peer, error = %e, "a worker's frame was refused; closing its connection");
-                        break;
-                    }
-                }
-            }
-            let _ = events.send(Event::Input(Input::Disconnected(conn))).await;
+            let _slot = slot;
+            serve_worker(stream, peer, conn, events, admission).await;
         });
     }
+}
+
+/// One worker's connection, from its token to its end.
+async fn serve_worker(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    conn: ConnId,
+    events: mpsc::Sender<Event>,
+    admission: Admission,
+) {
+    let (mut reader, mut writer) = stream.into_split();
+    if let Some(token) = &admission.token {
+        let presented =
+            tokio::time::timeout(TOKEN_DEADLINE, wire::read_token(&mut reader, token)).await;
+        if !matches!(presented, Ok(Ok(true))) {
+            tracing::warn!(conn, %peer, "a connection without the job's token was refused");
+            let refusal = Message::Reject {
+                reason: "this aggregator needs the job's token (SEDNA_SERVICE_TOKEN_FILE)".into(),
+                retryable: false,
+            };
+            let _ = wire::write_message(&mut writer, &refusal, Encoding::F32).await;
+            return;
+        }
+    }
+    let (tx, mut rx) = mpsc::channel::<(Message, Encoding)>(8);
+    if events.send(Event::Connected(conn, tx)).await.is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        while let Some((message, encoding)) = rx.recv().await {
+            if let Err(e) = wire::write_message(&mut writer, &message, encoding).await {
+                tracing::debug!(conn, error = %e, "writing to a worker failed");
+                break;
+            }
+        }
+    });
+    loop {
+        match wire::read_message(&mut reader, &admission.limits).await {
+            Ok(Some((message, bytes))) => {
+                if events
+                    .send(Event::Input(Input::Message {
+                        conn,
+                        message,
+                        bytes,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(conn, %peer, error = %e, "a worker's frame was refused; closing its connection");
+                break;
+            }
+        }
+    }
+    let _ = events.send(Event::Input(Input::Disconnected(conn))).await;
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //!   runs: `MODEL_URL` (the starting model), `TRAIN_DATASET_URL`, `AGG_IP`/`AGG_PORT` (the
 //!   direct route) and `SEDNA_AGG_TUNNEL` (the default: through the node's connection to the
 //!   hub, to the `aggregator` endpoint the pod declares).
+//! - Secret `J-service-token`, mounted in every worker (`SEDNA_SERVICE_TOKEN_FILE`): the
+//!   aggregator admits only connections that open with it.
 //!
 //! Workers restart on failure (`OnFailure`); the aggregator resumes after its last
 //! checkpointed round. A finished worker is left as it is. Status: `phase` (Pending until
@@ -173,7 +175,7 @@ pub fn aggregator_pod(job: &FederatedLearningJob, inputs: &JobInputs) -> Result<
         annotations: BTreeMap::new(),
         env,
         credentials: inputs.output.1.clone(),
-        service_token: None,
+        service_token: Some(workers::token_secret_name(&job.name_any())),
         node: inputs.aggregator_node.clone(),
         restart_policy: Some("OnFailure"),
     })
@@ -231,7 +233,7 @@ pub fn trainer_pod(
         annotations,
         env,
         credentials: secret,
-        service_token: None,
+        service_token: Some(workers::token_secret_name(&job.name_any())),
         node: Some(node).filter(|_| template.spec.as_ref().is_none_or(|s| s.node_name.is_none())),
         restart_policy: Some("OnFailure"),
     })
@@ -461,6 +463,15 @@ async fn reconcile(job: Arc<FederatedLearningJob>, ctx: Arc<Context>) -> Result<
         port,
     };
 
+    // The job's token: the aggregator admits only workers that present it.
+    workers::ensure_token(
+        &ctx.client,
+        &ns,
+        &job.name_any(),
+        owner(&job),
+        BTreeMap::from([(JOB_LABEL.to_string(), job.name_any())]),
+    )
+    .await?;
     let events = ctx.events(&*job);
     let aggregator = workers::ensure_pod(
         &pods,

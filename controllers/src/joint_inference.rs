@@ -28,7 +28,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Pod, Secret, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -85,26 +85,7 @@ pub struct WorkerInputs {
 /// The Secret holding the service's token: its cloud worker answers only requests that carry
 /// it, its edge worker sends it.
 pub fn token_secret_name(ji: &JointInferenceService) -> String {
-    format!("{}-service-token", ji.name_any())
-}
-
-/// The service's token Secret (32 random bytes), owned by the service.
-fn token_secret(ji: &JointInferenceService) -> Secret {
-    use base64::Engine;
-    let bytes: [u8; 32] = rand::random();
-    let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
-    Secret {
-        metadata: ObjectMeta {
-            name: Some(token_secret_name(ji)),
-            namespace: ji.namespace(),
-            owner_references: owner(ji).map(|o| vec![o]),
-            labels: Some(BTreeMap::from([(SERVICE_LABEL.to_string(), ji.name_any())])),
-            ..ObjectMeta::default()
-        },
-        string_data: Some(BTreeMap::from([("token".to_string(), token)])),
-        type_: Some("Opaque".into()),
-        ..Secret::default()
-    }
+    crate::workers::token_secret_name(&ji.name_any())
 }
 
 /// The worker pod for a service (pure: the reconcile creates what this returns). The edge
@@ -352,18 +333,14 @@ async fn reconcile(ji: Arc<JointInferenceService>, ctx: Arc<Context>) -> Result<
     };
 
     // The token, the Service, then the cloud worker.
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    if secrets.get_opt(&token_secret_name(&ji)).await?.is_none() {
-        match secrets
-            .create(&PostParams::default(), &token_secret(&ji))
-            .await
-        {
-            Ok(_) => {}
-            // Another reconcile created it meanwhile.
-            Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
+    crate::workers::ensure_token(
+        &ctx.client,
+        &ns,
+        &ji.name_any(),
+        owner(&ji),
+        BTreeMap::from([(SERVICE_LABEL.to_string(), ji.name_any())]),
+    )
+    .await?;
     let service = cloud_service(&ji, port);
     if services.get_opt(&service.name_any()).await?.is_none() {
         services.create(&PostParams::default(), &service).await?;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 
 use k8s_openapi::api::core::v1::{
-    EnvVar, Node, ObjectReference, Pod, PodSpec, SecretVolumeSource, Volume, VolumeMount,
+    EnvVar, Node, ObjectReference, Pod, PodSpec, Secret, SecretVolumeSource, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -31,6 +31,52 @@ pub use sedna_api::common::CLOUD_ENDPOINTS_ANNOTATION as ENDPOINTS_ANNOTATION;
 pub const CREDENTIALS_DIR: &str = "/var/run/secrets/sedna/credentials";
 /// Where a service's token is mounted in its workers (the file `token`).
 pub const SERVICE_TOKEN_DIR: &str = "/var/run/secrets/sedna/service";
+
+/// The Secret holding a workload's token (key `token`): its cloud-side worker (a JI cloud
+/// worker, an FL aggregator) answers only callers that present it; its other workers get it
+/// mounted.
+pub fn token_secret_name(workload: &str) -> String {
+    format!("{workload}-service-token")
+}
+
+/// Creates workload `name`'s token Secret (32 random bytes, owned by the workload) unless it
+/// exists.
+pub async fn ensure_token(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    owner: Option<OwnerReference>,
+    labels: BTreeMap<String, String>,
+) -> Result<(), Error> {
+    use base64::Engine;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret_name = token_secret_name(name);
+    if secrets.get_opt(&secret_name).await?.is_some() {
+        return Ok(());
+    }
+    let bytes: [u8; 32] = rand::random();
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(secret_name),
+            namespace: Some(namespace.to_owned()),
+            owner_references: owner.map(|o| vec![o]),
+            labels: Some(labels),
+            ..ObjectMeta::default()
+        },
+        string_data: Some(BTreeMap::from([(
+            "token".to_string(),
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes),
+        )])),
+        type_: Some("Opaque".into()),
+        ..Secret::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(_) => Ok(()),
+        // Another reconcile created it meanwhile.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
 
 /// Everything a worker pod is built from.
 #[derive(Debug, Clone)]

@@ -99,6 +99,8 @@ pub(crate) async fn run(args: TrainArgs) -> Result<()> {
     let estimator = OnnxEstimator::new(trainer, data, test, parameters)
         .map_err(|e| anyhow::anyhow!("PARAMETERS: {e}"))?;
     let client = FederatedLearning::new(&job, &worker, estimator, encoding);
+    // The job's token, when its controller mounted one (its aggregator requires it).
+    let token = sedna::cloud::service_token_from_env()?;
     let connect = || {
         let route = match &route {
             Route::Direct(address) => Route::Direct(address.clone()),
@@ -107,17 +109,22 @@ pub(crate) async fn run(args: TrainArgs) -> Result<()> {
                 target: target.clone(),
             },
         };
+        let token = token.clone();
         async move {
-            match route {
+            let mut stream = match route {
                 Route::Direct(address) => {
                     let stream = tokio::net::TcpStream::connect(&address).await?;
                     stream.set_nodelay(true)?;
-                    Ok(stream)
+                    stream
                 }
                 Route::Tunnel { proxy, target } => {
-                    sedna::cloud::proxy_connect(&proxy, &target).await
+                    sedna::cloud::proxy_connect(&proxy, &target).await?
                 }
+            };
+            if let Some(token) = &token {
+                sedna::fl::wire::write_token(&mut stream, token).await?;
             }
+            Ok(stream)
         }
     };
     let done = client::run(client, connect, ClientOptions::default()).await?;

@@ -1181,17 +1181,25 @@ fn run_federated_client(
     let client =
         fl::FederatedLearning::new(job, worker, PyEstimator { object: estimator }, encoding);
     let rt = runtime()?;
+    // The job's token, when its controller mounted one (its aggregator requires it).
+    let token: Option<Arc<str>> = sedna::cloud::service_token_from_env()
+        .map_err(|e| FederatedLearningError::new_err(e.to_string()))?
+        .map(Arc::from);
     let connect = move || {
-        let route = route.clone();
+        let (route, token) = (route.clone(), token.clone());
         async move {
-            match &*route {
+            let mut stream = match &*route {
                 Route::Direct(address) => {
                     let stream = tokio::net::TcpStream::connect(address).await?;
                     stream.set_nodelay(true)?;
-                    Ok(stream)
+                    stream
                 }
-                Route::Tunnel(proxy, target) => sedna::cloud::proxy_connect(proxy, target).await,
+                Route::Tunnel(proxy, target) => sedna::cloud::proxy_connect(proxy, target).await?,
+            };
+            if let Some(token) = &token {
+                fl::wire::write_token(&mut stream, token).await?;
             }
+            Ok(stream)
         }
     };
     let done = py

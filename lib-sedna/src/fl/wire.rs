@@ -45,6 +45,56 @@ impl WireError {
     }
 }
 
+/// The bytes that open a connection to an aggregator that requires the job's token, before
+/// any frame: `SDNA`, the token's length (u16, big endian), the token.
+pub const TOKEN_MAGIC: [u8; 4] = *b"SDNA";
+
+/// The longest token a connection may open with.
+pub const MAX_TOKEN_BYTES: usize = 512;
+
+/// Opens an authenticated connection: writes the token preamble.
+pub async fn write_token<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    token: &str,
+) -> std::io::Result<()> {
+    let len = u16::try_from(token.len())
+        .ok()
+        .filter(|l| usize::from(*l) <= MAX_TOKEN_BYTES)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the job's token is longer than {MAX_TOKEN_BYTES} bytes"),
+            )
+        })?;
+    let mut preamble = Vec::with_capacity(6 + token.len());
+    preamble.extend_from_slice(&TOKEN_MAGIC);
+    preamble.extend_from_slice(&len.to_be_bytes());
+    preamble.extend_from_slice(token.as_bytes());
+    writer.write_all(&preamble).await?;
+    writer.flush().await
+}
+
+/// Reads a connection's token preamble; whether it carries `expected` (a stream that opens
+/// with anything else, or a token over [`MAX_TOKEN_BYTES`], does not; nothing beyond the
+/// announced length is read).
+pub async fn read_token<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    expected: &str,
+) -> std::io::Result<bool> {
+    let mut head = [0u8; 6];
+    reader.read_exact(&mut head).await?;
+    if head[..4] != TOKEN_MAGIC {
+        return Ok(false);
+    }
+    let len = usize::from(u16::from_be_bytes([head[4], head[5]]));
+    if len > MAX_TOKEN_BYTES {
+        return Ok(false);
+    }
+    let mut token = vec![0u8; len];
+    reader.read_exact(&mut token).await?;
+    Ok(crate::cloud::constant_time_eq(&token, expected.as_bytes()))
+}
+
 /// Reads one frame; `Ok(None)` when the stream ends cleanly before a frame starts. Returns the
 /// message and the frame's size.
 pub async fn read_message<R: AsyncRead + Unpin>(
@@ -116,6 +166,32 @@ mod tests {
     use crate::weights::Weights;
     use ndarray::{ArrayD, IxDyn};
     use std::collections::BTreeMap;
+
+    #[tokio::test]
+    async fn a_connection_opens_with_the_jobs_token_and_anything_else_is_refused() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        write_token(&mut a, "job-token").await.unwrap();
+        assert!(read_token(&mut b, "job-token").await.unwrap());
+        write_token(&mut a, "guess").await.unwrap();
+        assert!(!read_token(&mut b, "job-token").await.unwrap());
+        // A frame without a preamble (an old or hostile client) is not a token.
+        a.write_all(b"SDNF\x01\x00\x00\x00").await.unwrap();
+        assert!(!read_token(&mut b, "job-token").await.unwrap());
+        // A length over the limit is refused without reading the rest.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        a.write_all(b"SDNA\xff\xff").await.unwrap();
+        assert!(!read_token(&mut b, "job-token").await.unwrap());
+        assert!(
+            write_token(&mut a, &"x".repeat(MAX_TOKEN_BYTES + 1))
+                .await
+                .is_err()
+        );
+        // A stream that ends early is an I/O error.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        a.write_all(b"SDN").await.unwrap();
+        drop(a);
+        assert!(read_token(&mut b, "job-token").await.is_err());
+    }
 
     #[tokio::test]
     async fn frames_round_trip_on_a_stream_and_oversized_ones_are_refused_before_reading() {
