@@ -164,6 +164,49 @@ struct RoleBinding {
     role_ref: Option<RoleRef>,
 }
 
+#[derive(Clone, PartialEq, Message)]
+struct ResourceAttributes {
+    #[prost(string, optional, tag = "1")]
+    namespace: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    verb: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    group: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    version: Option<String>,
+    #[prost(string, optional, tag = "5")]
+    resource: Option<String>,
+    #[prost(string, optional, tag = "6")]
+    subresource: Option<String>,
+    #[prost(string, optional, tag = "7")]
+    name: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct NonResourceAttributes {
+    #[prost(string, optional, tag = "1")]
+    path: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    verb: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct SelfSubjectAccessReviewSpec {
+    #[prost(message, optional, tag = "1")]
+    resource_attributes: Option<ResourceAttributes>,
+    #[prost(message, optional, tag = "2")]
+    non_resource_attributes: Option<NonResourceAttributes>,
+}
+
+/// What `kubectl auth can-i` asks.
+#[derive(Clone, PartialEq, Message)]
+struct SelfSubjectAccessReview {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<SelfSubjectAccessReviewSpec>,
+}
+
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -325,6 +368,33 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
                     "roleRef": { "apiGroup": r.api_group.unwrap_or_default(),
                                  "kind": r.kind.unwrap_or_default(),
                                  "name": r.name.unwrap_or_default() } })
+        }
+        ("authorization.k8s.io/v1", "SelfSubjectAccessReview") => {
+            let review = SelfSubjectAccessReview::decode(raw.as_slice()).map_err(bad)?;
+            let spec = review.spec.unwrap_or_default();
+            let mut out = json!({});
+            if let Some(r) = spec.resource_attributes {
+                let mut attributes = Map::new();
+                for (field, value) in [
+                    ("namespace", r.namespace),
+                    ("verb", r.verb),
+                    ("group", r.group),
+                    ("version", r.version),
+                    ("resource", r.resource),
+                    ("subresource", r.subresource),
+                    ("name", r.name),
+                ] {
+                    if let Some(v) = set(value) {
+                        attributes.insert(field.into(), json!(v));
+                    }
+                }
+                out["resourceAttributes"] = Value::Object(attributes);
+            }
+            if let Some(n) = spec.non_resource_attributes {
+                out["nonResourceAttributes"] = json!({
+                    "path": n.path.unwrap_or_default(), "verb": n.verb.unwrap_or_default() });
+            }
+            json!({ "metadata": metadata_json(review.metadata), "spec": out })
         }
         _ => {
             return Err(format!(

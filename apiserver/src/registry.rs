@@ -82,6 +82,12 @@ impl ResourceType {
         }
     }
 
+    /// Whether this is `authorization.k8s.io` SelfSubjectAccessReview, which is answered and
+    /// never stored.
+    pub fn is_access_review(&self) -> bool {
+        self.group == "authorization.k8s.io" && self.resource == "selfsubjectaccessreviews"
+    }
+
     /// Storage key of one object.
     pub fn key(&self, namespace: Option<&str>, name: &str) -> String {
         let ns = if self.namespaced {
@@ -99,6 +105,9 @@ impl ResourceType {
 
     /// The verbs this resource supports, for discovery.
     pub fn verbs(&self) -> Vec<&'static str> {
+        if self.is_access_review() {
+            return vec!["create"];
+        }
         vec![
             "create",
             "delete",
@@ -185,6 +194,15 @@ pub fn builtins() -> Vec<ResourceType> {
             false,
         ),
         events_v1,
+        builtin(
+            "authorization.k8s.io",
+            "v1",
+            "selfsubjectaccessreviews",
+            "SelfSubjectAccessReview",
+            false,
+            &[],
+            false,
+        ),
         builtin(RBAC, "v1", "roles", "Role", true, &[], false),
         builtin(RBAC, "v1", "rolebindings", "RoleBinding", true, &[], false),
         builtin(RBAC, "v1", "clusterroles", "ClusterRole", false, &[], false),

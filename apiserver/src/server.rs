@@ -632,6 +632,54 @@ fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<User, ApiError> {
         .ok_or_else(ApiError::unauthorized)
 }
 
+/// Answers `kubectl auth can-i`: whether `user` may do what the review's spec describes.
+fn access_review(api: &Api, user: &User, mut review: Value) -> Value {
+    let spec = review.get("spec").cloned().unwrap_or_default();
+    let text = |v: &Value, f: &str| v.get(f).and_then(Value::as_str).map(str::to_owned);
+    let decision = match spec.get("resourceAttributes") {
+        Some(r) => {
+            let (verb, group, resource) = (
+                text(r, "verb").unwrap_or_default(),
+                text(r, "group").unwrap_or_default(),
+                text(r, "resource").unwrap_or_default(),
+            );
+            let (subresource, namespace, name) = (
+                text(r, "subresource"),
+                text(r, "namespace"),
+                text(r, "name"),
+            );
+            let attributes = Attributes {
+                verb: &verb,
+                group: &group,
+                resource: &resource,
+                subresource: subresource.as_deref().filter(|s| !s.is_empty()),
+                namespace: namespace.as_deref().filter(|s| !s.is_empty()),
+                name: name.as_deref().filter(|s| !s.is_empty()),
+                field_selector: None,
+            };
+            match &api.config.authorizer {
+                Some(authorizer) => (authorizer.0)(user, &attributes, &api.store),
+                None => crate::authz::rbac(user, &attributes, &api.store),
+            }
+        }
+        // Discovery and other non-resource paths: readable by every authenticated user.
+        None => match spec
+            .pointer("/nonResourceAttributes/verb")
+            .and_then(Value::as_str)
+        {
+            Some("get" | "head") => Ok(()),
+            _ => Err("only reading non-resource paths is allowed".to_owned()),
+        },
+    };
+    review["apiVersion"] = json!("authorization.k8s.io/v1");
+    review["kind"] = json!("SelfSubjectAccessReview");
+    review["status"] = match decision {
+        Ok(()) => json!({ "allowed": true }),
+        Err(reason) => json!({ "allowed": false, "reason": reason }),
+    };
+    review
+}
+
 /// The verb of a resource request, as RBAC names it.
 fn verb_of(method: &Method, has_name: bool, watch: bool) -> &'static str {
     match (method.as_str(), has_name) {
@@ -742,6 +790,17 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         .map_err(ApiError::forbidden)?;
     }
     let query = Query::parse(req.uri().query());
+    if t.is_access_review() {
+        if method != Method::POST {
+            return Err(ApiError::method_not_allowed(
+                "selfsubjectaccessreviews can only be created",
+            ));
+        }
+        let content_type = header(http::header::CONTENT_TYPE).unwrap_or_default();
+        let body = read_body(api, req.into_body()).await?;
+        let review = handlers::decode_body(&content_type, &body)?;
+        return Ok(json_response(201, &access_review(api, &user, review)));
+    }
     let attributes = Attributes {
         verb: verb_of(&method, path.name.is_some(), query.flag("watch")),
         group: &path.group,

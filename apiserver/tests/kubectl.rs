@@ -429,6 +429,18 @@ fn kubeconfig_for(server: &TestServer, token: &str, name: &str) -> std::path::Pa
     path
 }
 
+/// `kubectl auth can-i …` as `kubectl` answers it: `yes` or `no` (its first word).
+fn can_i(kubectl: &Kubectl, question: &[&str]) -> String {
+    let mut args = vec!["auth", "can-i"];
+    args.extend_from_slice(question);
+    let answer = kubectl.run(&args).stdout;
+    answer
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn token_file_groups_get_only_what_their_role_bindings_grant() {
     let server = TestServer::start_with(|config| {
@@ -492,6 +504,16 @@ async fn token_file_groups_get_only_what_their_role_bindings_grant() {
         "team-a",
     ]);
 
+    // `kubectl auth can-i` asks the server (SelfSubjectAccessReview).
+    assert_eq!(
+        alice.ok(&["auth", "can-i", "list", "configmaps"]).trim(),
+        "yes"
+    );
+    let cannot = alice.run(&["auth", "can-i", "delete", "configmaps"]);
+    assert!(
+        !cannot.ok && cannot.stdout.starts_with("no - configmaps is forbidden"),
+        "{cannot:?}"
+    );
     let listed = alice.ok(&["get", "configmaps"]);
     assert!(listed.contains("settings"), "{listed}");
     let secrets = alice.run(&["get", "secret", "creds"]);
@@ -518,6 +540,14 @@ async fn token_file_groups_get_only_what_their_role_bindings_grant() {
     );
 
     // The team edits its own namespace, and nothing elsewhere.
+    assert_eq!(
+        can_i(&bob, &["create", "configmaps", "-n", "team-a"]),
+        "yes"
+    );
+    assert_eq!(
+        can_i(&bob, &["create", "configmaps", "-n", "default"]),
+        "no"
+    );
     bob.ok(&[
         "create",
         "configmap",
