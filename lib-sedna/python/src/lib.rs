@@ -832,13 +832,7 @@ fn serve_cloud(
         )));
     }
     let rt = runtime()?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind((host, port)))
-        .map_err(|e| JointInferenceError::new_err(format!("listening on {host}:{port}: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| JointInferenceError::new_err(e.to_string()))?
-        .port();
+    let (listener, port) = listen(&rt, host, port)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let model = model.get().inner.clone();
     if protocol == "grpc" {
@@ -871,6 +865,22 @@ fn serve_cloud(
     })
 }
 
+/// Binds a cloud worker's port (0: any free one); the listener and the port it got.
+fn listen(
+    rt: &tokio::runtime::Runtime,
+    host: &str,
+    port: u16,
+) -> PyResult<(tokio::net::TcpListener, u16)> {
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind((host, port)))
+        .map_err(|e| JointInferenceError::new_err(format!("listening on {host}:{port}: {e}")))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| JointInferenceError::new_err(e.to_string()))?
+        .port();
+    Ok((listener, port))
+}
+
 /// A cloud worker's limits, with the service's token when `SEDNA_SERVICE_TOKEN_FILE` names one.
 fn serve_options() -> PyResult<sedna::cloud::ServeOptions> {
     let token = sedna::cloud::service_token_from_env()
@@ -893,13 +903,7 @@ fn serve_options() -> PyResult<sedna::cloud::ServeOptions> {
 #[pyo3(signature = (predict, host = "127.0.0.1", port = 5000))]
 fn serve_estimator(predict: Py<PyAny>, host: &str, port: u16) -> PyResult<CloudServer> {
     let rt = runtime()?;
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind((host, port)))
-        .map_err(|e| JointInferenceError::new_err(format!("listening on {host}:{port}: {e}")))?;
-    let port = listener
-        .local_addr()
-        .map_err(|e| JointInferenceError::new_err(e.to_string()))?
-        .port();
+    let (listener, port) = listen(&rt, host, port)?;
     let predict = Arc::new(predict);
     let function: sedna::cloud::InferFn = Arc::new(move |inputs: Vec<(String, Tensor)>| {
         Python::attach(|py| -> PyResult<Vec<(String, Tensor)>> {
