@@ -832,7 +832,7 @@ fn serve_cloud(
         )));
     }
     let rt = runtime()?;
-    let (listener, port) = listen(&rt, host, port)?;
+    let (listener, port) = listen(rt, host, port)?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let model = model.get().inner.clone();
     if protocol == "grpc" {
@@ -903,7 +903,7 @@ fn serve_options() -> PyResult<sedna::cloud::ServeOptions> {
 #[pyo3(signature = (predict, host = "127.0.0.1", port = 5000))]
 fn serve_estimator(predict: Py<PyAny>, host: &str, port: u16) -> PyResult<CloudServer> {
     let rt = runtime()?;
-    let (listener, port) = listen(&rt, host, port)?;
+    let (listener, port) = listen(rt, host, port)?;
     let predict = Arc::new(predict);
     let function: sedna::cloud::InferFn = Arc::new(move |inputs: Vec<(String, Tensor)>| {
         Python::attach(|py| -> PyResult<Vec<(String, Tensor)>> {
