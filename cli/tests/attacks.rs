@@ -152,10 +152,19 @@ async fn patch_bombs_are_refused_by_both_apis_and_a_node_cannot_give_itself_role
     let local = client(&local_kubeconfig).await;
     let local_pods: Api<Pod> = Api::namespaced(local.clone(), "default");
     served_locally(&local_pods, "victim").await;
-    let labels = Api::<k8s_openapi::api::core::v1::Node>::all(kube.clone())
-        .get("edge-a")
-        .await
-        .unwrap()
+    // The pod reaches the node as soon as the hub routes it; the Node object the node reports
+    // is written by the hub on its own schedule, so wait for it.
+    let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(kube.clone());
+    let mut reported = None;
+    for _ in 0..300 {
+        reported = nodes.get_opt("edge-a").await.ok().flatten();
+        if reported.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let labels = reported
+        .expect("the hub never wrote node edge-a")
         .metadata
         .labels
         .unwrap_or_default();
