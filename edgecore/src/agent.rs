@@ -1,5 +1,5 @@
-//! The whole edge agent: the hub client and store, the process runtime, and the node's
-//! status and lease. Everything runs from the local store, so pods start, restart and report
+//! The whole edge agent: the hub client and store, the process runtime, the device manager,
+//! and the node's status and lease. Everything runs from the local store, so pods start, restart and report
 //! while the hub is unreachable; reports reach the cloud when it returns.
 
 use std::collections::BTreeMap;
@@ -46,6 +46,8 @@ pub struct AgentConfig {
     /// Run each pod under its own uid from this range (`None`: pods run as the agent's user;
     /// only an agent running as root can switch users).
     pub pod_users: Option<Arc<PodUsers>>,
+    /// The device manager (twin coalescing, mapper restarts).
+    pub devices: crate::devices::DevicesConfig,
 }
 
 impl AgentConfig {
@@ -70,6 +72,7 @@ impl AgentConfig {
             cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             dataset_interval: Duration::from_secs(10),
             pod_users: None,
+            devices: crate::devices::DevicesConfig::default(),
         }
     }
 }
@@ -97,6 +100,7 @@ pub struct Agent {
     cloud_proxy: Option<crate::tunnel::CloudProxy>,
     datasets_task: tokio::task::JoinHandle<()>,
     triggers_task: tokio::task::JoinHandle<()>,
+    devices_task: tokio::task::JoinHandle<()>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -209,6 +213,13 @@ impl Agent {
                 .dataset_interval
                 .min(std::time::Duration::from_secs(1)),
         ));
+        let devices_task = tokio::spawn(crate::devices::run(
+            hub.node().to_owned(),
+            hub.store().clone(),
+            hub.subscribe(),
+            hub.reporter(),
+            config.devices,
+        ));
         Ok(Agent {
             hub,
             runtime,
@@ -217,6 +228,7 @@ impl Agent {
             cloud_proxy,
             datasets_task,
             triggers_task,
+            devices_task,
         })
     }
 
@@ -254,6 +266,7 @@ impl Agent {
         self.node_task.abort();
         self.datasets_task.abort();
         self.triggers_task.abort();
+        self.devices_task.abort();
         self.runtime.abort();
         if let Some(m) = self.metaserver {
             m.shutdown().await;

@@ -9,11 +9,13 @@
 //! - [`store`]: objects received and the outbox of upstream writes (SQLite).
 //! - [`datasets`], [`triggers`]: the local controller: Dataset sample counts and
 //!   incremental-learning train triggers, evaluated on the node and reported upstream.
+//! - [`devices`]: mappers for the node's Devices (Modbus TCP, MQTT) and their twins.
 //! - [`machine`]: the channel protocol as a pure state machine.
 //! - [`client`]: the tokio shell that runs it.
 pub mod agent;
 pub mod client;
 pub mod datasets;
+pub mod devices;
 pub mod join;
 pub mod machine;
 pub mod metaserver;

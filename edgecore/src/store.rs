@@ -387,9 +387,21 @@ impl EdgeStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // A node's status and lease are snapshots: a newer one of the same object makes queued
-        // ones pointless.
+        // ones pointless. So are a device's twins (each write carries every property's latest
+        // value): however long the hub is away, one waits per device.
         let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
-        let target = if snapshot.contains(&upstream.kind) {
+        let device_twins = upstream.kind == UpstreamKind::Status as i32
+            && upstream.object.as_ref().is_some_and(|o| {
+                o.kind == "Device" && o.api_version.starts_with("devices.sedna.io/")
+            });
+        let target = if device_twins {
+            let target = target_of(upstream);
+            tx.execute(
+                "DELETE FROM outbox WHERE kind = ?1 AND target = ?2",
+                params![upstream.kind, target],
+            )?;
+            target
+        } else if snapshot.contains(&upstream.kind) {
             let name = serde_json::from_slice::<serde_json::Value>(&upstream.payload)
                 .ok()
                 .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_owned))
@@ -711,6 +723,36 @@ mod tests {
         );
         assert_eq!(pending[1].upstream.payload, lease("other", 9).payload);
         assert_eq!(pending[2].upstream.payload, lease("edge-1", 3).payload);
+    }
+
+    #[test]
+    fn a_devices_twin_snapshot_replaces_its_queued_one_and_pod_statuses_pile_up() {
+        let (_d, s) = open();
+        let twins = |device: &str, n: u8| Upstream {
+            kind: UpstreamKind::Status as i32,
+            object: Some(ObjectRef {
+                api_version: "devices.sedna.io/v1beta1".into(),
+                kind: "Device".into(),
+                namespace: "default".into(),
+                name: device.into(),
+                uid: format!("u-{device}"),
+            }),
+            payload: format!(r#"{{"status":{{"n":{n}}}}}"#).into_bytes(),
+        };
+        for n in 0..50 {
+            s.push(&twins("sensor", n)).unwrap();
+            s.push(&twins("other", n)).unwrap();
+        }
+        s.push(&status("p", "Pending")).unwrap();
+        s.push(&status("p", "Running")).unwrap();
+        let pending = s.pending(0, 100).unwrap();
+        assert_eq!(
+            pending.len(),
+            4,
+            "one snapshot per device, every pod status"
+        );
+        assert_eq!(pending[0].upstream.payload, twins("sensor", 49).payload);
+        assert_eq!(pending[1].upstream.payload, twins("other", 49).payload);
     }
 
     #[test]

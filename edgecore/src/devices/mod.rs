@@ -1,0 +1,541 @@
+//! The device manager: runs a mapper for every Device bound to this node, restarts it with
+//! growing, jittered back-off when it fails, stops it when the Device goes, and sends the
+//! devices' twins upstream through the outbox, coalesced (see [`twin`]).
+//!
+//! - [`spec`]: a Device and its DeviceModel resolved into what a mapper runs (checked first;
+//!   a bad setting is a Warning event on the Device naming the field, and state `unhealthy`).
+//! - [`modbus`], [`mqtt`]: the built-in mappers.
+//! - [`twin`]: the latest value per property, sent at most once per device per interval.
+//!
+//! The manager works from the local store, so devices keep being read while the hub is away;
+//! their latest values wait in the outbox as one snapshot per device (a newer one replaces a
+//! queued one), however long the node is offline.
+
+pub mod modbus;
+pub mod mqtt;
+pub mod spec;
+pub mod twin;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::RngExt;
+use sedna_api::devices::{Device, DeviceModel};
+use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::Instant;
+
+use crate::runtime::Reporter;
+use crate::store::{Change, EdgeStore};
+use spec::{MapperSpec, Protocol, SpecError};
+use twin::Coalescer;
+
+/// The most devices one node runs mappers for; more are reported `unhealthy`.
+pub const MAX_DEVICES: usize = 1000;
+
+/// Device manager settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DevicesConfig {
+    /// At most one twin write per device per this interval (zero: one per change).
+    pub report_interval: Duration,
+    /// Restart back-off of failed mappers.
+    pub restarts: RestartPolicy,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        Self {
+            report_interval: Duration::from_secs(10),
+            restarts: RestartPolicy::default(),
+        }
+    }
+}
+
+/// Back-off between restarts of a failing mapper: doubling from `base` to `max`, each delay
+/// drawn between half and all of it; a mapper that ran `reset_after` starts again from `base`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// First delay.
+    pub base: Duration,
+    /// Largest delay.
+    pub max: Duration,
+    /// Running this long resets the back-off.
+    pub reset_after: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        Self {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(60),
+            reset_after: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RestartPolicy {
+    /// The delay before the next start after the `failures`-th failure in a row (0-based),
+    /// for a mapper that ran `ran_for`; returns the new failure count too.
+    pub fn next(
+        &self,
+        failures: u32,
+        ran_for: Duration,
+        rng: &mut rand::rngs::SmallRng,
+    ) -> (Duration, u32) {
+        let failures = if ran_for >= self.reset_after {
+            0
+        } else {
+            failures
+        };
+        let full = self
+            .base
+            .saturating_mul(1u32 << failures.min(16))
+            .min(self.max);
+        let half = full / 2;
+        let jitter = rng.random_range(0..=half.as_millis() as u64);
+        (half + Duration::from_millis(jitter), failures + 1)
+    }
+}
+
+/// Why a mapper stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapperError {
+    /// The device (or its broker) could not be reached or stopped answering; retried.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The manager is gone (the agent is stopping).
+    #[error("the device manager stopped")]
+    Stopped,
+}
+
+impl MapperError {
+    /// Whether starting the mapper again may help.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, MapperError::Unreachable(_))
+    }
+}
+
+/// What a mapper tells the manager.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Reading {
+    /// The device's state (`online`).
+    State(&'static str),
+    /// A property's value.
+    Reported { property: String, value: String },
+    /// A desired value was written to the device.
+    Applied { property: String, value: String },
+    /// A property could not be read or written.
+    Failed { property: String, message: String },
+}
+
+/// A mapper's side of the manager: where readings go, and the desired values.
+pub(crate) struct MapperIo {
+    uid: String,
+    generation: u64,
+    readings: mpsc::Sender<Message>,
+    pub(crate) desired: watch::Receiver<BTreeMap<String, String>>,
+}
+
+impl MapperIo {
+    pub(crate) async fn send(&self, reading: Reading) -> Result<(), MapperError> {
+        self.readings
+            .send((self.uid.clone(), self.generation, reading))
+            .await
+            .map_err(|_| MapperError::Stopped)
+    }
+}
+
+async fn run_mapper(spec: Arc<MapperSpec>, mut io: MapperIo) -> Result<(), MapperError> {
+    match spec.protocol {
+        Protocol::Modbus { .. } => modbus::run(&spec, &mut io).await,
+        Protocol::Mqtt { .. } => mqtt::run(&spec, &mut io).await,
+    }
+}
+
+/// One device the manager knows.
+struct Managed {
+    object: ObjectRef,
+    spec: Result<Arc<MapperSpec>, SpecError>,
+    report_to_cloud: std::collections::BTreeSet<String>,
+    generation: u64,
+    task: Option<tokio::task::JoinHandle<()>>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    failures: u32,
+    desired: watch::Sender<BTreeMap<String, String>>,
+    /// The last warning said per subject, so a repeated failure is one event.
+    warned: HashMap<String, String>,
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// The manager's shell: reacts to store changes, mapper readings and exits, and flushes twins.
+pub async fn run(
+    node: String,
+    store: EdgeStore,
+    mut changes: broadcast::Receiver<Change>,
+    reporter: Arc<dyn Reporter>,
+    config: DevicesConfig,
+) {
+    let mut manager = Manager {
+        node,
+        store,
+        reporter,
+        config,
+        devices: HashMap::new(),
+        coalescer: Coalescer::new(config.report_interval),
+        readings: mpsc::channel(1024),
+        exits: mpsc::unbounded_channel(),
+        next_generation: 0,
+        rng: rand::SeedableRng::seed_from_u64(rand::random()),
+    };
+    manager.reconcile();
+    loop {
+        let wake = [
+            manager.coalescer.next_due(),
+            manager.devices.values().filter_map(|d| d.restart_at).min(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        let mut dirty = false;
+        tokio::select! {
+            change = changes.recv() => match change {
+                Ok(Change::Upserted(id)) => dirty = id.kind == "Device" || id.kind == "DeviceModel",
+                Ok(Change::Deleted { kind, .. }) => dirty = kind == "Device" || kind == "DeviceModel",
+                Err(broadcast::error::RecvError::Lagged(_)) => dirty = true,
+                Err(broadcast::error::RecvError::Closed) => return,
+            },
+            Some((uid, generation, reading)) = manager.readings.1.recv() => {
+                manager.reading(&uid, generation, reading);
+            }
+            Some((uid, generation, result)) = manager.exits.1.recv() => {
+                manager.exited(&uid, generation, result);
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+        if dirty {
+            manager.reconcile();
+        }
+        manager.restart_due();
+        manager.flush();
+    }
+}
+
+/// A mapper's exit: device uid, mapper generation, result.
+type Exit = (String, u64, Result<(), MapperError>);
+/// A mapper's reading: device uid, mapper generation, reading.
+type Message = (String, u64, Reading);
+
+struct Manager {
+    node: String,
+    store: EdgeStore,
+    reporter: Arc<dyn Reporter>,
+    config: DevicesConfig,
+    devices: HashMap<String, Managed>,
+    coalescer: Coalescer,
+    readings: (mpsc::Sender<Message>, mpsc::Receiver<Message>),
+    exits: (mpsc::UnboundedSender<Exit>, mpsc::UnboundedReceiver<Exit>),
+    next_generation: u64,
+    rng: rand::rngs::SmallRng,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+impl Manager {
+    /// Brings the running mappers in line with the Devices bound to this node.
+    fn reconcile(&mut self) {
+        let Ok(stored) = self.store.list("Device") else {
+            return;
+        };
+        let mut seen = std::collections::HashSet::new();
+        for object in stored {
+            let Ok(device) = serde_json::from_slice::<Device>(&object.value) else {
+                continue;
+            };
+            if device.spec.node_name.as_deref() != Some(self.node.as_str()) {
+                continue;
+            }
+            seen.insert(object.uid.clone());
+            let model = self
+                .store
+                .get(
+                    "DeviceModel",
+                    &object.namespace,
+                    &device.spec.device_model_ref.name,
+                )
+                .ok()
+                .flatten()
+                .and_then(|m| serde_json::from_slice::<DeviceModel>(&m.value).ok());
+            let spec = if seen.len() > MAX_DEVICES {
+                Err(SpecError {
+                    device: format!("{}/{}", object.namespace, object.name),
+                    message: format!("this node runs at most {MAX_DEVICES} devices"),
+                })
+            } else {
+                spec::resolve(&device, model.as_ref()).map(Arc::new)
+            };
+            let desired = spec::desired(&device);
+            let report_to_cloud = device
+                .spec
+                .properties
+                .iter()
+                .filter(|p| p.report_to_cloud)
+                .map(|p| p.name.clone())
+                .collect();
+            let object_ref = ObjectRef {
+                api_version: object.api_version.clone(),
+                kind: object.kind.clone(),
+                namespace: object.namespace.clone(),
+                name: object.name.clone(),
+                uid: object.uid.clone(),
+            };
+            match self.devices.get_mut(&object.uid) {
+                Some(d) if d.spec == spec => {
+                    d.report_to_cloud = report_to_cloud;
+                    d.desired.send_if_modified(|old| {
+                        let changed = *old != desired;
+                        *old = desired;
+                        changed
+                    });
+                }
+                _ => {
+                    let (tx, _) = watch::channel(desired);
+                    let managed = Managed {
+                        object: object_ref,
+                        spec,
+                        report_to_cloud,
+                        generation: 0,
+                        task: None,
+                        started: Instant::now(),
+                        restart_at: None,
+                        failures: 0,
+                        desired: tx,
+                        warned: HashMap::new(),
+                    };
+                    // Replacing the entry stops the old mapper (Drop aborts it).
+                    self.devices.insert(object.uid.clone(), managed);
+                    self.start(&object.uid);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .devices
+            .keys()
+            .filter(|uid| !seen.contains(*uid))
+            .cloned()
+            .collect();
+        for uid in gone {
+            self.devices.remove(&uid);
+            self.coalescer.forget(&uid);
+        }
+    }
+
+    fn start(&mut self, uid: &str) {
+        self.next_generation += 1;
+        let generation = self.next_generation;
+        let Some(d) = self.devices.get_mut(uid) else {
+            return;
+        };
+        d.restart_at = None;
+        let spec = match &d.spec {
+            Ok(spec) => spec.clone(),
+            Err(e) => {
+                let message = e.message.clone();
+                self.coalescer.state(uid, "unhealthy", &now());
+                self.warn(uid, "spec", "InvalidDevice", &message);
+                return;
+            }
+        };
+        d.generation = generation;
+        d.started = Instant::now();
+        let io = MapperIo {
+            uid: uid.to_owned(),
+            generation,
+            readings: self.readings.0.clone(),
+            desired: d.desired.subscribe(),
+        };
+        let exits = self.exits.0.clone();
+        let uid = uid.to_owned();
+        d.task = Some(tokio::spawn(async move {
+            let result = run_mapper(spec, io).await;
+            let _ = exits.send((uid, generation, result));
+        }));
+    }
+
+    fn reading(&mut self, uid: &str, generation: u64, reading: Reading) {
+        let Some(d) = self.devices.get_mut(uid) else {
+            return;
+        };
+        if d.generation != generation {
+            return;
+        }
+        let at = now();
+        match reading {
+            Reading::State(state) => {
+                d.failures = d.failures.min(1);
+                d.warned.remove("mapper");
+                self.coalescer.state(uid, state, &at);
+            }
+            Reading::Reported { property, value } => {
+                d.warned.remove(&property);
+                if d.report_to_cloud.contains(&property) {
+                    self.coalescer.report(uid, &property, &value, &at);
+                }
+            }
+            Reading::Applied { property, value } => {
+                if d.report_to_cloud.contains(&property) {
+                    self.coalescer.applied(uid, &property, &value, &at);
+                }
+            }
+            Reading::Failed { property, message } => {
+                self.warn(
+                    uid,
+                    &property,
+                    "PropertyFailed",
+                    &format!("property {property}: {message}"),
+                );
+            }
+        }
+    }
+
+    fn exited(&mut self, uid: &str, generation: u64, result: Result<(), MapperError>) {
+        let Some(d) = self.devices.get_mut(uid) else {
+            return;
+        };
+        if d.generation != generation {
+            return;
+        }
+        d.task = None;
+        let (delay, failures) =
+            self.config
+                .restarts
+                .next(d.failures, d.started.elapsed(), &mut self.rng);
+        d.failures = failures;
+        d.restart_at = Some(Instant::now() + delay);
+        let why = match &result {
+            Ok(()) => "the mapper stopped".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        self.coalescer.state(uid, "offline", &now());
+        self.warn(
+            uid,
+            "mapper",
+            "DeviceUnreachable",
+            &format!("{why}; retrying in {:.1}s", delay.as_secs_f64()),
+        );
+    }
+
+    fn restart_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.restart_at.is_some_and(|t| t <= now))
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in due {
+            self.start(&uid);
+        }
+    }
+
+    fn flush(&mut self) {
+        for flush in self.coalescer.due(Instant::now()) {
+            let Some(d) = self.devices.get(&flush.uid) else {
+                continue;
+            };
+            let mut status = json!({ "twins": flush.twins });
+            if let Some(state) = flush.state {
+                status["state"] = json!(state);
+            }
+            if let Some(at) = flush.last_online_time {
+                status["lastOnlineTime"] = json!(at);
+            }
+            let upstream = Upstream {
+                kind: UpstreamKind::Status as i32,
+                object: Some(d.object.clone()),
+                payload: json!({ "status": status }).to_string().into_bytes(),
+            };
+            if let Err(e) = self.reporter.report(&upstream) {
+                tracing::warn!(device = %d.object.name, error = %e, "device twins not queued");
+            }
+        }
+    }
+
+    /// A Warning event on the device, once per distinct message per subject.
+    fn warn(&mut self, uid: &str, subject: &str, reason: &str, message: &str) {
+        let Some(d) = self.devices.get_mut(uid) else {
+            return;
+        };
+        // The retry delay changes every time; compare what went wrong only.
+        let key = message.split("; retrying").next().unwrap_or(message);
+        if d.warned.get(subject).map(String::as_str) == Some(key) {
+            return;
+        }
+        d.warned.insert(subject.to_owned(), key.to_owned());
+        tracing::warn!(device = %d.object.name, reason, message);
+        let stamp = now();
+        let suffix: u64 = rand::random();
+        let o = &d.object;
+        let event = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": { "name": format!("{}.{suffix:016x}", o.name), "namespace": o.namespace },
+            "involvedObject": { "apiVersion": o.api_version, "kind": o.kind, "name": o.name,
+                                "namespace": o.namespace, "uid": o.uid },
+            "reason": reason, "message": message, "type": "Warning",
+            "source": { "component": "sedna-edgecore", "host": self.node },
+            "reportingComponent": "sedna-edgecore", "reportingInstance": self.node,
+            "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,
+        });
+        let upstream = Upstream {
+            kind: UpstreamKind::Event as i32,
+            object: Some(o.clone()),
+            payload: event.to_string().into_bytes(),
+        };
+        if let Err(e) = self.reporter.report(&upstream) {
+            tracing::warn!(device = %o.name, error = %e, "device event not queued");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn restarts_back_off_with_jitter_and_reset_after_a_long_run() {
+        let policy = RestartPolicy::default();
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        let mut failures = 0;
+        let mut delays = Vec::new();
+        for _ in 0..10 {
+            let (d, f) = policy.next(failures, Duration::from_secs(1), &mut rng);
+            delays.push(d);
+            failures = f;
+        }
+        for (i, d) in delays.iter().enumerate() {
+            let full = (policy.base * (1 << i)).min(policy.max);
+            assert!(*d >= full / 2 && *d <= full, "{i}: {d:?} vs {full:?}");
+        }
+        assert!(delays[9] >= policy.max / 2, "capped, not reset");
+        let (d, f) = policy.next(failures, policy.reset_after, &mut rng);
+        assert!(d <= policy.base && f == 1, "a long run starts over: {d:?}");
+        let mut other = rand::rngs::SmallRng::seed_from_u64(8);
+        let again: Vec<_> = (0..10)
+            .map(|i| policy.next(i, Duration::ZERO, &mut other).0)
+            .collect();
+        assert_ne!(delays, again, "jittered");
+    }
+}
