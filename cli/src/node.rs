@@ -164,6 +164,10 @@ pub(crate) struct EdgecoreArgs {
     /// run as root; programs, models and data the pods use must be readable by other users).
     #[arg(long, value_name = "FIRST-LAST")]
     pod_uids: Option<String>,
+    /// At most one twin (reported device values) write per device per this interval; the
+    /// latest value of every property goes in each ("0s": one write per change).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    twin_interval: Duration,
 }
 
 /// Parses `key=value,key=value`.
@@ -317,6 +321,7 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
     config.backoff.base = args.restart_backoff;
     config.lease_interval = args.lease_interval;
     config.lease_duration = args.lease_interval * 4;
+    config.devices.report_interval = args.twin_interval;
     if !args.program_dirs.is_empty() {
         config.program_dirs = args.program_dirs;
     }

@@ -42,6 +42,10 @@ pub(crate) struct UpArgs {
     /// readable by other users, and DATA_DIR's parents traversable).
     #[arg(long, value_name = "FIRST-LAST")]
     pod_uids: Option<String>,
+    /// At most one twin (reported device values) write per device per this interval
+    /// ("0s": one write per change).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::node::parse_duration)]
+    twin_interval: std::time::Duration,
 }
 
 /// The nodes `sedna up` runs: the cloud-role node first.
@@ -155,6 +159,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         config.role = role.to_owned();
         config.pod_users = pod_users.clone();
         config.dataset_interval = Duration::from_secs(2);
+        config.devices.report_interval = args.twin_interval;
         config.host_ip = Some("127.0.0.1".into());
         match (args.local_api.0, config.metaserver.as_mut()) {
             (Some(base), Some(meta)) => {

@@ -22,7 +22,7 @@ pub const MAX_METHODS: usize = 64;
     kind = "DeviceModel",
     namespaced,
     status = "DeviceModelStatus",
-    category = "devices",
+    category = "iot",
     doc = "A kind of device: the properties every such device has and the protocol it speaks.",
     printcolumn(name = "Protocol", type_ = "string", json_path = ".spec.protocol"),
     printcolumn(
@@ -144,7 +144,7 @@ pub struct DeviceModelStatus {
     kind = "Device",
     namespaced,
     status = "DeviceStatus",
-    category = "devices",
+    category = "iot",
     doc = "A device attached to an edge node, with desired and reported property values.",
     printcolumn(
         name = "Model",

@@ -319,6 +319,11 @@ impl Drop for Up {
 /// `sedna up` with `edges` edge nodes in `data` (every port picked free), and kubectl once all
 /// nodes are Ready and the platform's CRDs are served.
 pub fn up(data: &Path, edges: usize) -> (Up, Kubectl) {
+    up_with(data, edges, &[])
+}
+
+/// [`up`] with extra arguments.
+pub fn up_with(data: &Path, edges: usize, extra: &[&str]) -> (Up, Kubectl) {
     let up = Up(sedna(&[
         "up",
         "--edges",
@@ -337,6 +342,7 @@ pub fn up(data: &Path, edges: usize) -> (Up, Kubectl) {
         "--local-api",
         "127.0.0.1:0",
     ])
+    .args(extra)
     .spawn()
     .unwrap());
     let kubeconfig = data.join("kubeconfig");

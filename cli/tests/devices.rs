@@ -1,0 +1,287 @@
+//! Devices end to end, with the real kubectl on `sedna up` and real peers: a Modbus TCP
+//! thermostat (pymodbus, `examples/devices/modbus_sensor.py`) and an MQTT sensor behind a real
+//! broker (Debian `mosquitto`, driven with `mosquitto_pub` / `mosquitto_sub`). The edge's
+//! mappers read the devices, write desired values to them, report coalesced twins to the cloud,
+//! and say why when a device is unreachable or misconfigured.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+mod support;
+use support::{Kubectl, Procs, free_port, root, up_with, wait_until};
+
+fn modbus_sensor(port: u16) -> Child {
+    Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("examples/devices/modbus_sensor.py"))
+        .args(["--port", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the Modbus sensor needs .venv with pymodbus (scripts/setup)")
+}
+
+fn mosquitto(dir: &std::path::Path, port: u16) -> Child {
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
+    Command::new("mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto is not installed (scripts/setup installs it)")
+}
+
+/// The device as JSON, when it exists.
+fn device(kubectl: &Kubectl, name: &str) -> Option<Value> {
+    let out = kubectl.run(&["get", "device", name, "-o", "json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// A twin's reported value.
+fn reported(device: &Value, property: &str) -> Option<String> {
+    device
+        .pointer("/status/twins")?
+        .as_array()?
+        .iter()
+        .find(|t| t["propertyName"] == property)?
+        .pointer("/reported/value")?
+        .as_str()
+        .map(str::to_owned)
+}
+
+fn state(device: &Value) -> Option<&str> {
+    device.pointer("/status/state")?.as_str()
+}
+
+/// Waits until `ok` holds for device `name`; says what was last seen when it never does.
+fn wait_device(kubectl: &Kubectl, name: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        if let Some(d) = device(kubectl, name) {
+            if ok(&d) {
+                return d;
+            }
+            last = d;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{what}: never; last seen {:#}", last["status"]);
+}
+
+fn events_about(kubectl: &Kubectl, name: &str) -> String {
+    kubectl.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        &format!("involvedObject.name={name}"),
+        "-o",
+        "custom-columns=REASON:.reason,MESSAGE:.message",
+    ])
+}
+
+const THERMOSTAT: &str = r#"
+apiVersion: devices.sedna.io/v1beta1
+kind: DeviceModel
+metadata: { name: thermostat }
+spec:
+  protocol: modbus
+  properties:
+  - name: temperature
+    type: FLOAT
+    unit: Celsius
+    visitors: { configData: { register: InputRegister, offset: 0, dataType: int16, scale: 0.1 } }
+  - name: setpoint
+    type: FLOAT
+    accessMode: ReadWrite
+    visitors: { configData: { register: HoldingRegister, offset: 0, dataType: float32 } }
+  - name: heater
+    type: BOOLEAN
+    visitors: { configData: { register: CoilRegister, offset: 0 } }
+"#;
+
+fn thermostat(name: &str, port: u16, setpoint: &str, register: &str) -> String {
+    format!(
+        r#"
+apiVersion: devices.sedna.io/v1beta1
+kind: Device
+metadata: {{ name: {name} }}
+spec:
+  deviceModelRef: {{ name: thermostat }}
+  nodeName: edge-1
+  protocol: {{ protocolName: modbus, configData: {{ ip: 127.0.0.1, port: {port} }} }}
+  properties:
+  - {{ name: temperature, collectCycle: 200, reportToCloud: true,
+      visitors: {{ configData: {{ register: {register} }} }} }}
+  - {{ name: setpoint, collectCycle: 200, reportToCloud: true, desired: {{ value: "{setpoint}" }} }}
+  - {{ name: heater, collectCycle: 200, reportToCloud: true }}
+"#
+    )
+}
+
+#[test]
+fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut procs, modbus_port, mqtt_port) = (Procs(Vec::new()), free_port(), free_port());
+    procs.0.push(modbus_sensor(modbus_port));
+    procs.0.push(mosquitto(dir.path(), mqtt_port));
+    let (_up, kubectl) = up_with(&dir.path().join("up"), 1, &["--twin-interval", "1s"]);
+
+    // Modbus: the thermostat reads 21.5 °C; the desired set point is written to the device
+    // (read back from its holding registers), and the device's own logic turns the heater on.
+    kubectl.apply(THERMOSTAT);
+    kubectl.apply(&thermostat(
+        "thermo-1",
+        modbus_port,
+        "23.5",
+        "InputRegister",
+    ));
+    let d = wait_device(&kubectl, "thermo-1", "the thermostat's twins", |d| {
+        reported(d, "setpoint").as_deref() == Some("23.5")
+            && reported(d, "heater").as_deref() == Some("true")
+    });
+    assert_eq!(reported(&d, "temperature").as_deref(), Some("21.5"));
+    assert_eq!(state(&d), Some("online"));
+    let twin = &d["status"]["twins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["propertyName"] == "setpoint")
+        .unwrap()
+        .clone();
+    assert_eq!(twin["observedDesired"]["value"], "23.5", "{twin}");
+    assert!(
+        twin.pointer("/reported/metadata/timestamp")
+            .and_then(Value::as_str)
+            .is_some_and(|t| t.len() >= 20 && t.as_bytes()[10] == b'T' && t.ends_with('Z')),
+        "{twin}"
+    );
+    // `kubectl get devices` shows the node and the state.
+    let listed = kubectl.ok(&["get", "devices"]);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with("thermo-1"))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        row.contains("thermostat") && row.contains("edge-1") && row.contains("online"),
+        "{listed}"
+    );
+    // A new desired value goes down and is written.
+    kubectl.ok(&[
+        "patch",
+        "device",
+        "thermo-1",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"19"}]"#,
+    ]);
+    wait_device(&kubectl, "thermo-1", "the new set point", |d| {
+        reported(d, "setpoint").as_deref() == Some("19")
+            && reported(d, "heater").as_deref() == Some("false")
+    });
+
+    // MQTT: the desired fan state is published; the sensor's JSON readings become the twin.
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string()])
+        .args(["-t", "site/air-1/fan/set", "-C", "1", "-W", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    kubectl.apply(&format!(
+        r#"
+apiVersion: devices.sedna.io/v1beta1
+kind: DeviceModel
+metadata: {{ name: air }}
+spec:
+  protocol: mqtt
+  properties:
+  - {{ name: temperature, type: DOUBLE, visitors: {{ configData: {{ topic: site/air-1/state, jsonPointer: /t }} }} }}
+  - {{ name: fan, type: BOOLEAN, accessMode: ReadWrite, visitors: {{ configData: {{ topic: site/air-1/fan }} }} }}
+---
+apiVersion: devices.sedna.io/v1beta1
+kind: Device
+metadata: {{ name: air-1 }}
+spec:
+  deviceModelRef: {{ name: air }}
+  nodeName: edge-1
+  protocol: {{ configData: {{ broker: "tcp://127.0.0.1:{mqtt_port}" }} }}
+  properties:
+  - {{ name: temperature, reportToCloud: true }}
+  - {{ name: fan, reportToCloud: true, desired: {{ value: "true" }} }}
+"#
+    ));
+    let published = sub.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&published.stdout).trim(), "true");
+    let mut reading = 0;
+    wait_until(
+        "the MQTT reading in the cloud",
+        Duration::from_secs(30),
+        || {
+            reading += 1;
+            let out = Command::new("mosquitto_pub")
+                .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string()])
+                .args(["-t", "site/air-1/state", "-m"])
+                .arg(format!(r#"{{"t": 18.{reading}, "rh": 40}}"#))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            std::thread::sleep(Duration::from_millis(300));
+            let d = device(&kubectl, "air-1")?;
+            reported(&d, "temperature")
+                .filter(|t| t.starts_with("18."))
+                .map(|_| ())
+        },
+    );
+    // A reading that is not what the model says is refused with the reason, not reported.
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &mqtt_port.to_string()])
+        .args(["-t", "site/air-1/state", "-m", r#"{"t": "warm"}"#])
+        .status()
+        .unwrap();
+    wait_until(
+        "the refusal of a bad reading",
+        Duration::from_secs(30),
+        || {
+            events_about(&kubectl, "air-1")
+                .contains("\"warm\" is not a number")
+                .then_some(())
+        },
+    );
+
+    // The Modbus device goes away: the device turns offline with the reason; when it returns,
+    // the mapper (restarted with back-off) finds it again.
+    let sensor = procs.0.remove(0);
+    drop(Procs(vec![sensor]));
+    wait_device(&kubectl, "thermo-1", "offline", |d| {
+        state(d) == Some("offline")
+    });
+    assert!(
+        events_about(&kubectl, "thermo-1").contains("DeviceUnreachable"),
+        "{}",
+        events_about(&kubectl, "thermo-1")
+    );
+    procs.0.push(modbus_sensor(modbus_port));
+    wait_device(&kubectl, "thermo-1", "online again", |d| {
+        state(d) == Some("online")
+    });
+
+    // A misconfigured device is refused with the field named.
+    kubectl.apply(&thermostat("thermo-bad", modbus_port, "20", "Input"));
+    wait_device(&kubectl, "thermo-bad", "unhealthy", |d| {
+        state(d) == Some("unhealthy")
+    });
+    let events = events_about(&kubectl, "thermo-bad");
+    assert!(
+        events.contains("InvalidDevice") && events.contains("register \"Input\""),
+        "{events}"
+    );
+}
