@@ -168,6 +168,10 @@ pub(crate) struct EdgecoreArgs {
     /// latest value of every property goes in each ("0s": one write per change).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     twin_interval: Duration,
+    /// Device readings are captured into Datasets only below this directory (default:
+    /// DATA_DIR/captured).
+    #[arg(long, value_name = "DIR")]
+    capture_dir: Option<PathBuf>,
 }
 
 /// Parses `key=value,key=value`.
@@ -322,6 +326,9 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
     config.lease_interval = args.lease_interval;
     config.lease_duration = args.lease_interval * 4;
     config.devices.report_interval = args.twin_interval;
+    if let Some(dir) = args.capture_dir {
+        config.devices.capture_dir = dir;
+    }
     if !args.program_dirs.is_empty() {
         config.program_dirs = args.program_dirs;
     }

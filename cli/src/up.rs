@@ -160,6 +160,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         config.pod_users = pod_users.clone();
         config.dataset_interval = Duration::from_secs(2);
         config.devices.report_interval = args.twin_interval;
+        // One capture directory for every node of this machine: DATA_DIR/captured.
+        config.devices.capture_dir = d.join("captured");
         config.host_ip = Some("127.0.0.1".into());
         match (args.local_api.0, config.metaserver.as_mut()) {
             (Some(base), Some(meta)) => {

@@ -124,7 +124,24 @@ spec:
       visitors: {{ configData: {{ register: {register} }} }} }}
   - {{ name: setpoint, collectCycle: 200, reportToCloud: true, desired: {{ value: "{setpoint}" }} }}
   - {{ name: heater, collectCycle: 200, reportToCloud: true }}
+  capture: {{ dataset: {name}-readings, properties: [temperature, heater], maxSamples: 20 }}
 "#
+    )
+}
+
+/// The Dataset a thermostat's readings are captured into.
+fn readings(name: &str, captured: &std::path::Path) -> String {
+    format!(
+        r#"
+apiVersion: sedna.io/v1alpha1
+kind: Dataset
+metadata: {{ name: {name}-readings }}
+spec:
+  url: {}/{name}/readings.csv
+  format: csv
+  nodeName: edge-1
+"#,
+        captured.display()
     )
 }
 
@@ -138,7 +155,14 @@ fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
 
     // Modbus: the thermostat reads 21.5 °C; the desired set point is written to the device
     // (read back from its holding registers), and the device's own logic turns the heater on.
+    let captured = dir
+        .path()
+        .join("up")
+        .canonicalize()
+        .unwrap()
+        .join("captured");
     kubectl.apply(THERMOSTAT);
+    kubectl.apply(&readings("thermo-1", &captured));
     kubectl.apply(&thermostat(
         "thermo-1",
         modbus_port,
@@ -188,6 +212,47 @@ fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
         reported(d, "setpoint").as_deref() == Some("19")
             && reported(d, "heater").as_deref() == Some("false")
     });
+
+    // The readings are recorded into the Dataset on the node (the set point is not: it is
+    // not among the captured properties), bounded to the newest 20 rows, and counted.
+    let file = captured.join("thermo-1/readings.csv");
+    wait_until(
+        "captured rows beyond the bound",
+        Duration::from_secs(30),
+        || {
+            events_about(&kubectl, "thermo-1")
+                .contains("CaptureTrimmed")
+                .then_some(())
+        },
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let rows: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(text.lines().next(), Some("timestamp,device,property,value"));
+    assert!(!rows.is_empty() && rows.len() <= 20, "{text}");
+    assert!(
+        rows.iter()
+            .any(|r| r.ends_with(",thermo-1,temperature,21.5")),
+        "{text}"
+    );
+    assert!(!text.contains("setpoint"), "{text}");
+    wait_until(
+        "the Dataset's sample count",
+        Duration::from_secs(30),
+        || {
+            let n: u64 = kubectl
+                .ok(&[
+                    "get",
+                    "dataset",
+                    "thermo-1-readings",
+                    "-o",
+                    "jsonpath={.status.numberOfSamples}",
+                ])
+                .trim()
+                .parse()
+                .ok()?;
+            (n > 0 && n <= 20).then_some(())
+        },
+    );
 
     // MQTT: the desired fan state is published; the sensor's JSON readings become the twin.
     let sub = Command::new("mosquitto_sub")

@@ -188,6 +188,33 @@ pub struct DeviceSpec {
     /// How the device's state (online, offline) is reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_report: Option<StateReportConfig>,
+    /// Record the device's readings into a Dataset on its node (a Sedna extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<Capture>,
+}
+
+/// Recording a device's readings into a Dataset: one CSV row per reading
+/// (`timestamp,device,property,value`), appended on the node whether or not the hub is
+/// reachable, the oldest rows dropped beyond the bounds.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capture {
+    /// The Dataset (same namespace, `format: csv`, `nodeName` the device's node, its `url` a
+    /// path under the node's capture directory).
+    #[schemars(length(min = 1, max = 253), regex(pattern = NAME_PATTERN))]
+    pub dataset: String,
+    /// The properties recorded (empty: all).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_PROPERTIES))]
+    pub properties: Vec<String>,
+    /// The most rows kept (default 100,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100_000_000))]
+    pub max_samples: Option<i64>,
+    /// The most bytes kept (default 64 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1024, max = 1_099_511_627_776_i64))]
+    pub max_bytes: Option<i64>,
 }
 
 /// How to connect to a device.

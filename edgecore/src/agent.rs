@@ -54,6 +54,7 @@ impl AgentConfig {
     /// Defaults around an edge configuration.
     pub fn new(edge: EdgeConfig) -> Self {
         let program_dirs = vec![edge.data_dir.join("bin")];
+        let devices = crate::devices::DevicesConfig::new(edge.data_dir.join("captured"));
         let metaserver = Some(MetaConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 10550)),
             data_dir: edge.data_dir.join("metaserver"),
@@ -72,7 +73,7 @@ impl AgentConfig {
             cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             dataset_interval: Duration::from_secs(10),
             pod_users: None,
-            devices: crate::devices::DevicesConfig::default(),
+            devices,
         }
     }
 }
@@ -218,7 +219,7 @@ impl Agent {
             hub.store().clone(),
             hub.subscribe(),
             hub.reporter(),
-            config.devices,
+            config.devices.clone(),
         ));
         Ok(Agent {
             hub,

@@ -6,11 +6,13 @@
 //!   a bad setting is a Warning event on the Device naming the field, and state `unhealthy`).
 //! - [`modbus`], [`mqtt`]: the built-in mappers.
 //! - [`twin`]: the latest value per property, sent at most once per device per interval.
+//! - [`capture`]: readings recorded as CSV rows into a Dataset on the node, bounded.
 //!
 //! The manager works from the local store, so devices keep being read while the hub is away;
 //! their latest values wait in the outbox as one snapshot per device (a newer one replaces a
 //! queued one), however long the node is offline.
 
+pub mod capture;
 pub mod modbus;
 pub mod mqtt;
 pub mod spec;
@@ -36,19 +38,23 @@ use twin::Coalescer;
 pub const MAX_DEVICES: usize = 1000;
 
 /// Device manager settings.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicesConfig {
     /// At most one twin write per device per this interval (zero: one per change).
     pub report_interval: Duration,
     /// Restart back-off of failed mappers.
     pub restarts: RestartPolicy,
+    /// Captured readings are written only below this directory.
+    pub capture_dir: std::path::PathBuf,
 }
 
-impl Default for DevicesConfig {
-    fn default() -> Self {
+impl DevicesConfig {
+    /// Defaults, capturing below `capture_dir`.
+    pub fn new(capture_dir: impl Into<std::path::PathBuf>) -> Self {
         Self {
             report_interval: Duration::from_secs(10),
             restarts: RestartPolicy::default(),
+            capture_dir: capture_dir.into(),
         }
     }
 }
@@ -167,6 +173,8 @@ struct Managed {
     desired: watch::Sender<BTreeMap<String, String>>,
     /// The last warning said per subject, so a repeated failure is one event.
     warned: HashMap<String, String>,
+    /// Where readings are recorded, if anywhere.
+    recorder: Option<capture::Recorder>,
 }
 
 impl Drop for Managed {
@@ -189,9 +197,9 @@ pub async fn run(
         node,
         store,
         reporter,
+        coalescer: Coalescer::new(config.report_interval),
         config,
         devices: HashMap::new(),
-        coalescer: Coalescer::new(config.report_interval),
         readings: mpsc::channel(1024),
         exits: mpsc::unbounded_channel(),
         next_generation: 0,
@@ -210,8 +218,8 @@ pub async fn run(
         let mut dirty = false;
         tokio::select! {
             change = changes.recv() => match change {
-                Ok(Change::Upserted(id)) => dirty = id.kind == "Device" || id.kind == "DeviceModel",
-                Ok(Change::Deleted { kind, .. }) => dirty = kind == "Device" || kind == "DeviceModel",
+                Ok(Change::Upserted(id)) => dirty = WATCHED.contains(&id.kind.as_str()),
+                Ok(Change::Deleted { kind, .. }) => dirty = WATCHED.contains(&kind.as_str()),
                 Err(broadcast::error::RecvError::Lagged(_)) => dirty = true,
                 Err(broadcast::error::RecvError::Closed) => return,
             },
@@ -233,6 +241,8 @@ pub async fn run(
 
 /// A mapper's exit: device uid, mapper generation, result.
 type Exit = (String, u64, Result<(), MapperError>);
+/// The kinds whose changes the manager reacts to.
+const WATCHED: [&str; 3] = ["Device", "DeviceModel", "Dataset"];
 /// A mapper's reading: device uid, mapper generation, reading.
 type Message = (String, u64, Reading);
 
@@ -286,6 +296,20 @@ impl Manager {
             } else {
                 spec::resolve(&device, model.as_ref()).map(Arc::new)
             };
+            let dataset = device.spec.capture.as_ref().and_then(|c| {
+                let d = self
+                    .store
+                    .get("Dataset", &object.namespace, &c.dataset)
+                    .ok()
+                    .flatten()?;
+                serde_json::from_slice::<sedna_api::dataset::Dataset>(&d.value).ok()
+            });
+            let capture_plan = capture::plan(
+                &device,
+                dataset.as_ref(),
+                &self.node,
+                &self.config.capture_dir,
+            );
             let desired = spec::desired(&device);
             let report_to_cloud = device
                 .spec
@@ -309,6 +333,7 @@ impl Manager {
                         *old = desired;
                         changed
                     });
+                    self.capture(&object.uid, capture_plan);
                 }
                 _ => {
                     let (tx, _) = watch::channel(desired);
@@ -323,9 +348,15 @@ impl Manager {
                         failures: 0,
                         desired: tx,
                         warned: HashMap::new(),
+                        recorder: None,
                     };
                     // Replacing the entry stops the old mapper (Drop aborts it).
-                    self.devices.insert(object.uid.clone(), managed);
+                    if let Some(mut old) = self.devices.insert(object.uid.clone(), managed)
+                        && let Some(mut r) = old.recorder.take()
+                    {
+                        let _ = r.flush();
+                    }
+                    self.capture(&object.uid, capture_plan);
                     self.start(&object.uid);
                 }
             }
@@ -339,6 +370,43 @@ impl Manager {
         for uid in gone {
             self.devices.remove(&uid);
             self.coalescer.forget(&uid);
+        }
+    }
+
+    /// Starts, keeps or stops a device's recorder as its capture plan says.
+    fn capture(&mut self, uid: &str, plan: Result<Option<capture::CapturePlan>, String>) {
+        let Some(d) = self.devices.get_mut(uid) else {
+            return;
+        };
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(why) => {
+                d.recorder = None;
+                self.warn(uid, "capture", "CaptureRefused", &why);
+                return;
+            }
+        };
+        if d.recorder.as_ref().map(capture::Recorder::plan) == plan.as_ref() {
+            return;
+        }
+        if let Some(mut old) = d.recorder.take() {
+            let _ = old.flush();
+        }
+        let Some(plan) = plan else {
+            return;
+        };
+        let path = plan.path.display().to_string();
+        match capture::Recorder::open(plan) {
+            Ok(r) => {
+                d.warned.remove("capture");
+                d.recorder = Some(r);
+            }
+            Err(e) => self.warn(
+                uid,
+                "capture",
+                "CaptureFailed",
+                &format!("capture: cannot open {path}: {e}"),
+            ),
         }
     }
 
@@ -390,6 +458,9 @@ impl Manager {
             }
             Reading::Reported { property, value } => {
                 d.warned.remove(&property);
+                if let Some(r) = d.recorder.as_mut().filter(|r| r.records(&property)) {
+                    r.record(&at, &d.object.name, &property, &value);
+                }
                 if d.report_to_cloud.contains(&property) {
                     self.coalescer.report(uid, &property, &value, &at);
                 }
@@ -451,6 +522,39 @@ impl Manager {
     }
 
     fn flush(&mut self) {
+        let mut said = Vec::new();
+        for (uid, d) in &mut self.devices {
+            let Some(r) = d.recorder.as_mut() else {
+                continue;
+            };
+            match r.flush() {
+                Ok(0) => {}
+                Ok(dropped) => said.push((
+                    uid.clone(),
+                    "CaptureTrimmed",
+                    format!(
+                        "capture: dropped the {dropped} oldest rows ({} in all), keeping {} \
+                         (bounds: {} rows, {} bytes)",
+                        r.dropped,
+                        r.rows(),
+                        r.plan().max_samples,
+                        r.plan().max_bytes
+                    ),
+                )),
+                Err(e) => said.push((
+                    uid.clone(),
+                    "CaptureFailed",
+                    format!("capture: writing {}: {e}", r.plan().path.display()),
+                )),
+            }
+        }
+        for (uid, reason, message) in said {
+            if reason == "CaptureTrimmed" {
+                self.event(&uid, "Normal", reason, &message);
+            } else {
+                self.warn(&uid, "capture", reason, &message);
+            }
+        }
         for flush in self.coalescer.due(Instant::now()) {
             let Some(d) = self.devices.get(&flush.uid) else {
                 continue;
@@ -485,6 +589,14 @@ impl Manager {
         }
         d.warned.insert(subject.to_owned(), key.to_owned());
         tracing::warn!(device = %d.object.name, reason, message);
+        self.event(uid, "Warning", reason, message);
+    }
+
+    /// An event about the device.
+    fn event(&self, uid: &str, type_: &str, reason: &str, message: &str) {
+        let Some(d) = self.devices.get(uid) else {
+            return;
+        };
         let stamp = now();
         let suffix: u64 = rand::random();
         let o = &d.object;
@@ -493,7 +605,7 @@ impl Manager {
             "metadata": { "name": format!("{}.{suffix:016x}", o.name), "namespace": o.namespace },
             "involvedObject": { "apiVersion": o.api_version, "kind": o.kind, "name": o.name,
                                 "namespace": o.namespace, "uid": o.uid },
-            "reason": reason, "message": message, "type": "Warning",
+            "reason": reason, "message": message, "type": type_,
             "source": { "component": "sedna-edgecore", "host": self.node },
             "reportingComponent": "sedna-edgecore", "reportingInstance": self.node,
             "firstTimestamp": stamp, "lastTimestamp": stamp, "count": 1,

@@ -43,6 +43,9 @@ pub fn value_of(
             }
         }
     };
+    if text.chars().any(char::is_control) {
+        return Err("the value holds control characters (line breaks, tabs, …)".into());
+    }
     if text.len() > MAX_VALUE_BYTES {
         return Err(format!(
             "the value is {} bytes, more than {MAX_VALUE_BYTES}",
@@ -208,6 +211,7 @@ mod tests {
                 "not a value",
             ),
             (b"\xff", None, PropertyType::String, "not UTF-8"),
+            (b"a\nb", None, PropertyType::String, "control characters"),
         ] {
             let e = value_of(payload, pointer, type_).unwrap_err();
             assert!(e.contains(wanted), "{e}");
