@@ -161,6 +161,14 @@ fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
         .canonicalize()
         .unwrap()
         .join("captured");
+    // `up` waits for the sedna.io CRDs; the devices.sedna.io ones may come a moment later.
+    wait_until("the device CRDs", Duration::from_secs(30), || {
+        kubectl
+            .run(&["get", "devices"])
+            .status
+            .success()
+            .then_some(())
+    });
     kubectl.apply(THERMOSTAT);
     kubectl.apply(&readings("thermo-1", &captured));
     kubectl.apply(&thermostat(
@@ -391,9 +399,17 @@ async fn capture_goes_on_while_the_hub_is_down_and_the_latest_twins_follow_it_ba
             .unwrap(),
     );
     let kubectl = Kubectl::new(&kubeconfig).expect("kubectl is installed by scripts/setup");
-    kubectl.ok(&["apply", "-f", root().join("crds/manifests").to_str().unwrap()]);
+    kubectl.ok(&[
+        "apply",
+        "-f",
+        root().join("crds/manifests").to_str().unwrap(),
+    ]);
     wait_until("the CRDs", Duration::from_secs(30), || {
-        kubectl.run(&["get", "devices"]).status.success().then_some(())
+        kubectl
+            .run(&["get", "devices"])
+            .status
+            .success()
+            .then_some(())
     });
     kubectl.apply(THERMOSTAT);
     kubectl.apply(&readings("thermo-1", &captured));
