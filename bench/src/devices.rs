@@ -14,14 +14,17 @@
 //!
 //! `cargo build --release -p sedna-cli && cargo run --release -p sedna-bench --bin device-bench`
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use common::{Killed, free_port, root, sedna_binary};
 use futures_util::StreamExt;
 use kube::Api;
 use kube::api::WatchParams;
@@ -43,45 +46,6 @@ struct Args {
     /// Seconds the hub is unreachable in the offline part.
     #[arg(long, default_value_t = 600)]
     offline_secs: u64,
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn sedna_binary() -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let path = target.join("release/sedna");
-    if !path.exists() {
-        bail!(
-            "{} does not exist: cargo build --release -p sedna-cli",
-            path.display()
-        );
-    }
-    Ok(path)
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.0.wait();
-    }
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -215,7 +179,13 @@ impl Cluster {
     fn edge(&self, twin_interval: &str) -> Result<Killed> {
         Ok(Killed(
             Command::new(&self.sedna)
-                .args(["edgecore", "--metrics-addr", "off", "--local-api", "127.0.0.1:0"])
+                .args([
+                    "edgecore",
+                    "--metrics-addr",
+                    "off",
+                    "--local-api",
+                    "127.0.0.1:0",
+                ])
                 .args(["--cloud", &self.proxy.addr().to_string(), "--data-dir"])
                 .arg(self.dir.path().join("edge-1"))
                 .args(["--twin-interval", twin_interval, "--capture-dir"])
@@ -266,7 +236,13 @@ async fn start() -> Result<Cluster> {
     let api_port = free_port()?;
     procs.push(Killed(
         Command::new(&sedna)
-            .args(["apiserver", "--metrics-addr", "off", "--no-fsync", "--data-dir"])
+            .args([
+                "apiserver",
+                "--metrics-addr",
+                "off",
+                "--no-fsync",
+                "--data-dir",
+            ])
             .arg(dir.path().join("api"))
             .args(["--listen", &format!("127.0.0.1:{api_port}")])
             .stdout(Stdio::null())
@@ -313,7 +289,13 @@ async fn start() -> Result<Cluster> {
     }
     let token = token.context("sedna token create kept failing")?;
     run(Command::new(&sedna)
-        .args(["join", "--cloud", &proxy.addr().to_string(), "--token", &token])
+        .args([
+            "join",
+            "--cloud",
+            &proxy.addr().to_string(),
+            "--token",
+            &token,
+        ])
         .args(["--node-name", "edge-1", "--data-dir"])
         .arg(dir.path().join("edge-1")))?;
     std::fs::create_dir_all(dir.path().join("captured"))?;
@@ -398,8 +380,6 @@ async fn coalescing(
         cluster.publish(name, &format!("{n}.5")).await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The last snapshot is due at most one interval later.
-    tokio::time::sleep(Duration::from_secs(11)).await;
     let busy = cluster.proxy.bytes_to_target() - start;
     let writes = cluster.seen(name, |s| s.writes) - writes_start;
     let minutes = window.as_secs_f64() / 60.0;
@@ -457,9 +437,14 @@ async fn main() -> Result<()> {
         }
     }
     let rows = |name: &str| -> u64 {
-        std::fs::read_to_string(cluster.dir.path().join(format!("captured/{name}/readings.csv")))
-            .map(|t| t.lines().count().saturating_sub(1) as u64)
-            .unwrap_or(0)
+        std::fs::read_to_string(
+            cluster
+                .dir
+                .path()
+                .join(format!("captured/{name}/readings.csv")),
+        )
+        .map(|t| t.lines().count().saturating_sub(1) as u64)
+        .unwrap_or(0)
     };
     let before: Vec<u64> = names.iter().map(|n| rows(n)).collect();
     cluster.proxy.set_blocked(true);
@@ -485,11 +470,15 @@ async fn main() -> Result<()> {
     cluster.proxy.set_blocked(false);
     let back = Instant::now();
     let last = format!("{tick}.5");
-    wait_for("the latest values after reconnection", Duration::from_secs(120), || {
-        names
-            .iter()
-            .all(|n| cluster.seen(n, |s| s.values.contains_key(&last)))
-    })
+    wait_for(
+        "the latest values after reconnection",
+        Duration::from_secs(120),
+        || {
+            names
+                .iter()
+                .all(|n| cluster.seen(n, |s| s.values.contains_key(&last)))
+        },
+    )
     .await?;
     let caught_up = back.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -9,13 +9,15 @@
 //! `cargo build --release -p sedna-cli && .venv/bin/pip install flwr &&
 //!  cargo run --release -p sedna-bench --bin fl-bench`
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use common::{root, sedna_binary};
 use plotters::prelude::*;
 use sedna::train::{TrainData, Trainer, TrainerOptions, parse_parameters};
 use serde_json::{Value, json};
@@ -32,27 +34,6 @@ struct Args {
 
 const LR: &str = "0.05";
 const BATCH: &str = "64";
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
-}
-
-fn sedna_binary() -> Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"));
-    let path = target.join("release/sedna");
-    if !path.exists() {
-        bail!(
-            "{} does not exist: cargo build --release -p sedna-cli",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -39,6 +39,17 @@ fn mosquitto(dir: &std::path::Path, port: u16) -> Child {
         .expect("mosquitto is not installed (scripts/setup installs it)")
 }
 
+/// Waits until the API serves the devices.sedna.io kinds.
+fn devices_served(kubectl: &Kubectl) {
+    wait_until("the device CRDs", Duration::from_secs(30), || {
+        kubectl
+            .run(&["get", "devices"])
+            .status
+            .success()
+            .then_some(())
+    });
+}
+
 /// The device as JSON, when it exists.
 fn device(kubectl: &Kubectl, name: &str) -> Option<Value> {
     let out = kubectl.run(&["get", "device", name, "-o", "json"]);
@@ -162,13 +173,7 @@ fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
         .unwrap()
         .join("captured");
     // `up` waits for the sedna.io CRDs; the devices.sedna.io ones may come a moment later.
-    wait_until("the device CRDs", Duration::from_secs(30), || {
-        kubectl
-            .run(&["get", "devices"])
-            .status
-            .success()
-            .then_some(())
-    });
+    devices_served(&kubectl);
     kubectl.apply(THERMOSTAT);
     kubectl.apply(&readings("thermo-1", &captured));
     kubectl.apply(&thermostat(
@@ -404,13 +409,7 @@ async fn capture_goes_on_while_the_hub_is_down_and_the_latest_twins_follow_it_ba
         "-f",
         root().join("crds/manifests").to_str().unwrap(),
     ]);
-    wait_until("the CRDs", Duration::from_secs(30), || {
-        kubectl
-            .run(&["get", "devices"])
-            .status
-            .success()
-            .then_some(())
-    });
+    devices_served(&kubectl);
     kubectl.apply(THERMOSTAT);
     kubectl.apply(&readings("thermo-1", &captured));
     kubectl.apply(

@@ -30,6 +30,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::Instant;
 
 use crate::runtime::Reporter;
+use crate::runtime::supervisor::Backoff;
 use crate::store::{Change, EdgeStore};
 use spec::{MapperSpec, Protocol, SpecError};
 use twin::Coalescer;
@@ -42,8 +43,8 @@ pub const MAX_DEVICES: usize = 1000;
 pub struct DevicesConfig {
     /// At most one twin write per device per this interval (zero: one per change).
     pub report_interval: Duration,
-    /// Restart back-off of failed mappers.
-    pub restarts: RestartPolicy,
+    /// Restart back-off of failed mappers (jittered, see [`restart_delay`]).
+    pub restarts: Backoff,
     /// Captured readings are written only below this directory.
     pub capture_dir: std::path::PathBuf,
 }
@@ -53,56 +54,34 @@ impl DevicesConfig {
     pub fn new(capture_dir: impl Into<std::path::PathBuf>) -> Self {
         Self {
             report_interval: Duration::from_secs(10),
-            restarts: RestartPolicy::default(),
+            restarts: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(60),
+                reset_after: Duration::from_secs(60),
+            },
             capture_dir: capture_dir.into(),
         }
     }
 }
 
-/// Back-off between restarts of a failing mapper: doubling from `base` to `max`, each delay
-/// drawn between half and all of it; a mapper that ran `reset_after` starts again from `base`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RestartPolicy {
-    /// First delay.
-    pub base: Duration,
-    /// Largest delay.
-    pub max: Duration,
-    /// Running this long resets the back-off.
-    pub reset_after: Duration,
-}
-
-impl Default for RestartPolicy {
-    fn default() -> Self {
-        Self {
-            base: Duration::from_secs(1),
-            max: Duration::from_secs(60),
-            reset_after: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RestartPolicy {
-    /// The delay before the next start after the `failures`-th failure in a row (0-based),
-    /// for a mapper that ran `ran_for`; returns the new failure count too.
-    pub fn next(
-        &self,
-        failures: u32,
-        ran_for: Duration,
-        rng: &mut rand::rngs::SmallRng,
-    ) -> (Duration, u32) {
-        let failures = if ran_for >= self.reset_after {
-            0
-        } else {
-            failures
-        };
-        let full = self
-            .base
-            .saturating_mul(1u32 << failures.min(16))
-            .min(self.max);
-        let half = full / 2;
-        let jitter = rng.random_range(0..=half.as_millis() as u64);
-        (half + Duration::from_millis(jitter), failures + 1)
-    }
+/// The delay before restarting a mapper that failed `failures` times in a row after running
+/// `ran_for`: the back-off's delay (doubling, reset by a long run), drawn between half and all
+/// of it so that devices that failed together do not return together; and the new count.
+pub fn restart_delay(
+    backoff: &Backoff,
+    failures: u32,
+    ran_for: Duration,
+    rng: &mut rand::rngs::SmallRng,
+) -> (Duration, u32) {
+    let failures = if ran_for >= backoff.reset_after {
+        0
+    } else {
+        failures
+    };
+    let full = backoff.delay(failures, Duration::ZERO);
+    let half = full / 2;
+    let jitter = rng.random_range(0..=half.as_millis() as u64);
+    (half + Duration::from_millis(jitter), failures + 1)
 }
 
 /// Why a mapper stopped.
@@ -204,6 +183,7 @@ pub async fn run(
         exits: mpsc::unbounded_channel(),
         next_generation: 0,
         rng: rand::SeedableRng::seed_from_u64(rand::random()),
+        recording: Default::default(),
     };
     manager.reconcile();
     loop {
@@ -225,6 +205,13 @@ pub async fn run(
             },
             Some((uid, generation, reading)) = manager.readings.1.recv() => {
                 manager.reading(&uid, generation, reading);
+                // Whatever else is waiting, before the bookkeeping below.
+                for _ in 0..1024 {
+                    let Ok((uid, generation, reading)) = manager.readings.1.try_recv() else {
+                        break;
+                    };
+                    manager.reading(&uid, generation, reading);
+                }
             }
             Some((uid, generation, result)) = manager.exits.1.recv() => {
                 manager.exited(&uid, generation, result);
@@ -257,6 +244,8 @@ struct Manager {
     exits: (mpsc::UnboundedSender<Exit>, mpsc::UnboundedReceiver<Exit>),
     next_generation: u64,
     rng: rand::rngs::SmallRng,
+    /// Devices with rows waiting to be written.
+    recording: std::collections::HashSet<String>,
 }
 
 fn now() -> String {
@@ -452,7 +441,6 @@ impl Manager {
         let at = now();
         match reading {
             Reading::State(state) => {
-                d.failures = d.failures.min(1);
                 d.warned.remove("mapper");
                 self.coalescer.state(uid, state, &at);
             }
@@ -460,6 +448,7 @@ impl Manager {
                 d.warned.remove(&property);
                 if let Some(r) = d.recorder.as_mut().filter(|r| r.records(&property)) {
                     r.record(&at, &d.object.name, &property, &value);
+                    self.recording.insert(uid.to_owned());
                 }
                 if d.report_to_cloud.contains(&property) {
                     self.coalescer.report(uid, &property, &value, &at);
@@ -489,10 +478,12 @@ impl Manager {
             return;
         }
         d.task = None;
-        let (delay, failures) =
-            self.config
-                .restarts
-                .next(d.failures, d.started.elapsed(), &mut self.rng);
+        let (delay, failures) = restart_delay(
+            &self.config.restarts,
+            d.failures,
+            d.started.elapsed(),
+            &mut self.rng,
+        );
         d.failures = failures;
         d.restart_at = Some(Instant::now() + delay);
         let why = match &result {
@@ -523,8 +514,8 @@ impl Manager {
 
     fn flush(&mut self) {
         let mut said = Vec::new();
-        for (uid, d) in &mut self.devices {
-            let Some(r) = d.recorder.as_mut() else {
+        for uid in std::mem::take(&mut self.recording) {
+            let Some(r) = self.devices.get_mut(&uid).and_then(|d| d.recorder.as_mut()) else {
                 continue;
             };
             match r.flush() {
@@ -628,12 +619,12 @@ mod tests {
 
     #[test]
     fn restarts_back_off_with_jitter_and_reset_after_a_long_run() {
-        let policy = RestartPolicy::default();
+        let policy = DevicesConfig::new("/x").restarts;
         let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
         let mut failures = 0;
         let mut delays = Vec::new();
         for _ in 0..10 {
-            let (d, f) = policy.next(failures, Duration::from_secs(1), &mut rng);
+            let (d, f) = restart_delay(&policy, failures, Duration::from_secs(1), &mut rng);
             delays.push(d);
             failures = f;
         }
@@ -642,11 +633,11 @@ mod tests {
             assert!(*d >= full / 2 && *d <= full, "{i}: {d:?} vs {full:?}");
         }
         assert!(delays[9] >= policy.max / 2, "capped, not reset");
-        let (d, f) = policy.next(failures, policy.reset_after, &mut rng);
+        let (d, f) = restart_delay(&policy, failures, policy.reset_after, &mut rng);
         assert!(d <= policy.base && f == 1, "a long run starts over: {d:?}");
         let mut other = rand::rngs::SmallRng::seed_from_u64(8);
         let again: Vec<_> = (0..10)
-            .map(|i| policy.next(i, Duration::ZERO, &mut other).0)
+            .map(|i| restart_delay(&policy, i, Duration::ZERO, &mut other).0)
             .collect();
         assert_ne!(delays, again, "jittered");
     }

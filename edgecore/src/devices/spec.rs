@@ -9,8 +9,9 @@
 //!   InputRegister, offset, dataType: int16 | uint16 | int32 | uint32 | float32, scale,
 //!   valueOffset, isSwap (bytes within a register), isRegisterSwap (register order)}`.
 //! - `mqtt`: protocol `configData` `{broker: "tcp://host:port", clientId, qos}`; a property's
-//!   visitor `configData` `{topic, jsonPointer (a field of a JSON payload; absent: the payload is
-//!   the value), desiredTopic (where desired values are published; default `<topic>/set`)}`.
+//!   visitor `configData` `{topic, jsonPointer, desiredTopic}`: `jsonPointer` names a field of a
+//!   JSON payload (absent: the payload is the value), `desiredTopic` is where desired values are
+//!   published (default: the topic followed by `/set`).
 
 use std::collections::BTreeMap;
 use std::time::Duration;

@@ -49,6 +49,22 @@ impl Default for Backoff {
     }
 }
 
+impl Backoff {
+    /// The delay after `count` restarts in a row: `base` doubled per restart up to `max`,
+    /// from `base` again when the last run lasted `reset_after`.
+    pub fn delay(&self, count: u32, ran_for: Duration) -> Duration {
+        let count = if ran_for >= self.reset_after {
+            0
+        } else {
+            count
+        };
+        self.base
+            .checked_mul(1u32 << count.min(16))
+            .unwrap_or(self.max)
+            .min(self.max)
+    }
+}
+
 /// How a container ended.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Exit {
@@ -142,17 +158,10 @@ pub fn after_exit(
     if !restart {
         return (Decision::Stay, restarts);
     }
-    let count = if ran_for >= backoff.reset_after {
-        0
-    } else {
-        restarts
-    };
-    let delay = backoff
-        .base
-        .checked_mul(1u32 << count.min(16))
-        .unwrap_or(backoff.max)
-        .min(backoff.max);
-    (Decision::Restart(delay), restarts + 1)
+    (
+        Decision::Restart(backoff.delay(restarts, ran_for)),
+        restarts + 1,
+    )
 }
 
 fn terminated_json(e: &Exit) -> Value {

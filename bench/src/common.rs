@@ -1,0 +1,52 @@
+//! What the benchmark binaries that drive real `sedna` processes share: the repository root,
+//! the release binary, free ports, and a child process stopped with SIGTERM when dropped.
+//! Included with `mod common;`; each binary uses a part of it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+
+use anyhow::{Result, bail};
+
+/// The repository's root.
+pub(crate) fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The release `sedna` binary (built beforehand: the benchmarks measure it, not the build).
+pub(crate) fn sedna_binary() -> Result<PathBuf> {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"));
+    let path = target.join("release/sedna");
+    if !path.exists() {
+        bail!(
+            "{} does not exist: cargo build --release -p sedna-cli",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A port free on 127.0.0.1 now.
+pub(crate) fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process, sent SIGTERM and reaped when dropped.
+pub(crate) struct Killed(pub(crate) Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.0.wait();
+    }
+}
