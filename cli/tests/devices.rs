@@ -461,3 +461,155 @@ async fn capture_goes_on_while_the_hub_is_down_and_the_latest_twins_follow_it_ba
     assert!(stamp(&back) > stamp(&first));
     assert!(rows() >= before + 30);
 }
+
+#[test]
+fn cameras_are_recorded_as_frames_into_a_dataset_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // A real stream: ffmpeg serving a video as HTTP MJPEG, and the same video as a file.
+    let clip = dir.path().join("clip.mp4");
+    let made = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .args([
+            "testsrc=size=160x120:rate=10",
+            "-t",
+            "5",
+            "-pix_fmt",
+            "yuv420p",
+        ])
+        .arg(&clip)
+        .status()
+        .expect("ffmpeg is installed by scripts/setup");
+    assert!(made.success());
+    let port = free_port();
+    let _server = Procs(vec![
+        Command::new("ffmpeg")
+            .args([
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-re",
+                "-stream_loop",
+                "-1",
+                "-i",
+            ])
+            .arg(&clip)
+            .args(["-f", "mpjpeg", "-listen", "1"])
+            .arg(format!("http://127.0.0.1:{port}/cam.mjpg"))
+            .spawn()
+            .unwrap(),
+    ]);
+    let (up, kubectl) = up_with(&dir.path().join("up"), 1, &["--twin-interval", "1s"]);
+    devices_served(&kubectl);
+    let captured = dir
+        .path()
+        .join("up")
+        .canonicalize()
+        .unwrap()
+        .join("captured");
+    let camera = |name: &str, config: &str, format: &str, max: u32| {
+        format!(
+            r#"
+apiVersion: sedna.io/v1alpha1
+kind: Dataset
+metadata: {{ name: {name}-frames }}
+spec: {{ url: {}/{name}, format: {format}, nodeName: edge-1 }}
+---
+apiVersion: devices.sedna.io/v1beta1
+kind: Device
+metadata: {{ name: {name} }}
+spec:
+  deviceModelRef: {{ name: camera }}
+  nodeName: edge-1
+  protocol: {{ protocolName: camera, configData: {config} }}
+  properties: [ {{ name: saveFrame }} ]
+  capture: {{ dataset: {name}-frames, maxSamples: {max} }}
+"#,
+            captured.display()
+        )
+    };
+    kubectl.apply(
+        r#"
+apiVersion: devices.sedna.io/v1beta1
+kind: DeviceModel
+metadata: { name: camera }
+spec:
+  protocol: camera
+  properties: [ { name: saveFrame, type: STREAM } ]
+"#,
+    );
+    kubectl.apply(&camera(
+        "cam-http",
+        &format!(
+            "{{ url: \"http://127.0.0.1:{port}/cam.mjpg\", fps: 5, width: 28, height: 28, format: pgm }}"
+        ),
+        "dir",
+        8,
+    ));
+    kubectl.apply(&camera(
+        "cam-file",
+        &format!("{{ url: \"{}\", fps: 4, format: jpg }}", clip.display()),
+        "dir",
+        100,
+    ));
+    // A camera cannot be captured into a CSV dataset: said, with the reason.
+    kubectl.apply(&camera("cam-csv", "{ url: /nowhere.mp4 }", "csv", 10));
+
+    // The stream's frames: 28x28 grey PGM files, the newest 8 kept, the deletions counted.
+    wait_until("frames beyond the bound", Duration::from_secs(60), || {
+        events_about(&kubectl, "cam-http")
+            .contains("CaptureTrimmed")
+            .then_some(())
+    });
+    let frames: Vec<_> = std::fs::read_dir(captured.join("cam-http"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(!frames.is_empty() && frames.len() <= 8, "{frames:?}");
+    for frame in &frames {
+        let bytes = std::fs::read(frame).unwrap();
+        assert!(bytes.starts_with(b"P5\n28 28\n255\n"), "{frame:?}");
+        assert_eq!(bytes.len(), 13 + 28 * 28, "{frame:?}");
+    }
+    let d = wait_device(&kubectl, "cam-http", "online", |d| {
+        state(d) == Some("online")
+    });
+    assert!(d["status"]["lastOnlineTime"].is_string(), "{d}");
+    // The file camera: JPEG frames at the source's size.
+    wait_until("JPEG frames from the file", Duration::from_secs(30), || {
+        let n = std::fs::read_dir(captured.join("cam-file")).ok()?.count();
+        (n >= 3).then_some(())
+    });
+    for entry in std::fs::read_dir(captured.join("cam-file")).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(path.extension().is_some_and(|e| e == "jpg"), "{path:?}");
+        assert!(
+            bytes.starts_with(&[0xFF, 0xD8]) && bytes.ends_with(&[0xFF, 0xD9]),
+            "{path:?}"
+        );
+    }
+    wait_until("the frame count", Duration::from_secs(30), || {
+        let n: u64 = kubectl
+            .ok(&[
+                "get",
+                "dataset",
+                "cam-file-frames",
+                "-o",
+                "jsonpath={.status.numberOfSamples}",
+            ])
+            .trim()
+            .parse()
+            .ok()?;
+        (n >= 3).then_some(())
+    });
+    wait_until(
+        "the refusal of a CSV dataset for frames",
+        Duration::from_secs(30),
+        || {
+            events_about(&kubectl, "cam-csv")
+                .contains("must have format dir")
+                .then_some(())
+        },
+    );
+    drop(up);
+}

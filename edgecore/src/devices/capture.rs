@@ -46,6 +46,7 @@ pub fn plan(
     dataset: Option<&Dataset>,
     node: &str,
     capture_dir: &Path,
+    frames: bool,
 ) -> Result<Option<CapturePlan>, String> {
     let Some(capture) = &device.spec.capture else {
         return Ok(None);
@@ -62,9 +63,14 @@ pub fn plan(
             capture.dataset, dataset.spec.node_name
         ));
     }
-    if dataset.spec.format != DatasetFormat::Csv {
+    let (wanted, what) = if frames {
+        (DatasetFormat::Dir, "dir (a camera's frames are files)")
+    } else {
+        (DatasetFormat::Csv, "csv")
+    };
+    if dataset.spec.format != wanted {
         return Err(format!(
-            "capture: Dataset {:?} must have format csv",
+            "capture: Dataset {:?} must have format {what}",
             capture.dataset
         ));
     }
@@ -227,6 +233,96 @@ impl Recorder {
     }
 }
 
+/// Writes a camera's frames as files into the Dataset's directory (`<device>-<seq>.<ext>`,
+/// each written under a hidden name and renamed, so a reader never sees half a frame), and
+/// deletes the oldest beyond the bounds.
+#[derive(Debug)]
+pub struct FrameRecorder {
+    plan: CapturePlan,
+    files: std::collections::VecDeque<(PathBuf, u64)>,
+    bytes: u64,
+    next: u64,
+    /// Frames deleted since the recorder started.
+    pub dropped: u64,
+}
+
+impl FrameRecorder {
+    /// Opens the directory (created if missing) and takes stock of the frames in it.
+    pub fn open(plan: CapturePlan) -> std::io::Result<FrameRecorder> {
+        std::fs::create_dir_all(&plan.path)?;
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&plan.path)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !meta.is_file() || name.starts_with('.') {
+                continue;
+            }
+            let seq = name
+                .rsplit_once('-')
+                .and_then(|(_, rest)| rest.split('.').next()?.parse::<u64>().ok());
+            if let Some(seq) = seq {
+                found.push((seq, entry.path(), meta.len()));
+            }
+        }
+        found.sort();
+        let next = found.last().map_or(0, |(seq, _, _)| seq + 1);
+        let bytes = found.iter().map(|(_, _, len)| len).sum();
+        Ok(FrameRecorder {
+            plan,
+            files: found.into_iter().map(|(_, p, len)| (p, len)).collect(),
+            bytes,
+            next,
+            dropped: 0,
+        })
+    }
+
+    /// The plan it records by.
+    pub fn plan(&self) -> &CapturePlan {
+        &self.plan
+    }
+
+    /// Frames the directory holds.
+    pub fn frames(&self) -> u64 {
+        self.files.len() as u64
+    }
+
+    /// Writes a frame; deletes the oldest beyond the bounds. Returns how many were deleted.
+    pub fn record(&mut self, device: &str, extension: &str, frame: &[u8]) -> std::io::Result<u64> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let name = format!("{device}-{:010}.{extension}", self.next);
+        let path = self.plan.path.join(&name);
+        let tmp = self.plan.path.join(format!(".{name}.tmp"));
+        {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o644)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&tmp)?;
+            file.write_all(frame)?;
+        }
+        std::fs::rename(&tmp, &path)?;
+        self.next += 1;
+        self.files.push_back((path, frame.len() as u64));
+        self.bytes += frame.len() as u64;
+        let mut dropped = 0;
+        while self.files.len() as u64 > self.plan.max_samples
+            || (self.bytes > self.plan.max_bytes && self.files.len() > 1)
+        {
+            let Some((old, len)) = self.files.pop_front() else {
+                break;
+            };
+            let _ = std::fs::remove_file(&old);
+            self.bytes -= len;
+            dropped += 1;
+        }
+        self.dropped += dropped;
+        Ok(dropped)
+    }
+}
+
 /// Appends to `path` without following a symbolic link there.
 fn append(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -272,6 +368,7 @@ mod tests {
             Some(&dataset(&inside, "edge-1", "csv")),
             "edge-1",
             &root,
+            false,
         )
         .unwrap()
         .unwrap();
@@ -279,7 +376,13 @@ mod tests {
         assert_eq!(plan.max_samples, 10);
         assert_eq!(plan.max_bytes, DEFAULT_MAX_BYTES);
         assert_eq!(
-            super::plan(&device(serde_json::Value::Null), None, "edge-1", &root),
+            super::plan(
+                &device(serde_json::Value::Null),
+                None,
+                "edge-1",
+                &root,
+                false
+            ),
             Ok(None)
         );
         std::os::unix::fs::symlink("/etc", root.join("etc")).unwrap();
@@ -306,12 +409,66 @@ mod tests {
             (&inside, "edge-1", "txt", "format csv"),
             ("s3://bucket/x.csv", "edge-1", "csv", "not a local path"),
         ] {
-            let e =
-                super::plan(&d, Some(&dataset(url, node, format)), "edge-1", &root).unwrap_err();
+            let e = super::plan(
+                &d,
+                Some(&dataset(url, node, format)),
+                "edge-1",
+                &root,
+                false,
+            )
+            .unwrap_err();
             assert!(e.contains(wanted), "{url}: {e}");
         }
-        let e = super::plan(&d, None, "edge-1", &root).unwrap_err();
+        let e = super::plan(&d, None, "edge-1", &root, false).unwrap_err();
         assert!(e.contains("not on this node"), "{e}");
+    }
+
+    #[test]
+    fn frames_are_files_and_the_oldest_go_beyond_the_bounds() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = CapturePlan {
+            path: dir.path().join("frames"),
+            properties: BTreeSet::new(),
+            max_samples: 5,
+            max_bytes: 1 << 20,
+        };
+        let mut r = FrameRecorder::open(plan.clone()).unwrap();
+        let mut dropped = 0;
+        for i in 0..12u8 {
+            dropped += r.record("cam", "pgm", &[i; 100]).unwrap();
+        }
+        assert_eq!((r.frames(), dropped, r.dropped), (5, 7, 7));
+        let mut names: Vec<String> = std::fs::read_dir(&plan.path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names.first().map(String::as_str),
+            Some("cam-0000000007.pgm")
+        );
+        assert_eq!(names.len(), 5, "no temporary files left: {names:?}");
+        assert_eq!(
+            crate::datasets::count("dir", &plan.path),
+            crate::datasets::Count::Samples(5)
+        );
+        // A restarted recorder continues the numbering and the bounds.
+        let mut again = FrameRecorder::open(plan.clone()).unwrap();
+        again.record("cam", "pgm", &[1; 100]).unwrap();
+        assert!(plan.path.join("cam-0000000012.pgm").exists());
+        assert_eq!(again.frames(), 5);
+        let small = CapturePlan {
+            max_samples: 100,
+            max_bytes: 250,
+            ..plan
+        };
+        let mut s = FrameRecorder::open(small).unwrap();
+        s.record("cam", "pgm", &[0; 200]).unwrap();
+        assert_eq!(
+            s.frames(),
+            1,
+            "bytes bound: 5 x 100 + 200 > 250 leaves the newest only"
+        );
     }
 
     #[test]

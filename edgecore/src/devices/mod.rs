@@ -4,14 +4,16 @@
 //!
 //! - [`spec`]: a Device and its DeviceModel resolved into what a mapper runs (checked first;
 //!   a bad setting is a Warning event on the Device naming the field, and state `unhealthy`).
-//! - [`modbus`], [`mqtt`]: the built-in mappers.
+//! - [`modbus`], [`mqtt`], [`camera`]: the built-in mappers.
 //! - [`twin`]: the latest value per property, sent at most once per device per interval.
-//! - [`capture`]: readings recorded as CSV rows into a Dataset on the node, bounded.
+//! - [`capture`]: readings recorded as CSV rows, camera frames as files, into a Dataset on the
+//!   node, bounded.
 //!
 //! The manager works from the local store, so devices keep being read while the hub is away;
 //! their latest values wait in the outbox as one snapshot per device (a newer one replaces a
 //! queued one), however long the node is offline.
 
+pub mod camera;
 pub mod capture;
 pub mod modbus;
 pub mod mqtt;
@@ -113,6 +115,8 @@ pub(crate) enum Reading {
     Applied { property: String, value: String },
     /// A property could not be read or written.
     Failed { property: String, message: String },
+    /// A camera frame, encoded as its device's format says.
+    Frame(Vec<u8>),
 }
 
 /// A mapper's side of the manager: where readings go, and the desired values.
@@ -136,6 +140,7 @@ async fn run_mapper(spec: Arc<MapperSpec>, mut io: MapperIo) -> Result<(), Mappe
     match spec.protocol {
         Protocol::Modbus { .. } => modbus::run(&spec, &mut io).await,
         Protocol::Mqtt { .. } => mqtt::run(&spec, &mut io).await,
+        Protocol::Camera { .. } => camera::run(&spec, &mut io).await,
     }
 }
 
@@ -154,6 +159,8 @@ struct Managed {
     warned: HashMap<String, String>,
     /// Where readings are recorded, if anywhere.
     recorder: Option<capture::Recorder>,
+    /// Where a camera's frames are recorded, if anywhere.
+    frames: Option<capture::FrameRecorder>,
 }
 
 impl Drop for Managed {
@@ -293,11 +300,16 @@ impl Manager {
                     .flatten()?;
                 serde_json::from_slice::<sedna_api::dataset::Dataset>(&d.value).ok()
             });
+            let camera = matches!(
+                spec.as_ref().map(|s| &s.protocol),
+                Ok(Protocol::Camera { .. })
+            );
             let capture_plan = capture::plan(
                 &device,
                 dataset.as_ref(),
                 &self.node,
                 &self.config.capture_dir,
+                camera,
             );
             let desired = spec::desired(&device);
             let report_to_cloud = device
@@ -338,6 +350,7 @@ impl Manager {
                         desired: tx,
                         warned: HashMap::new(),
                         recorder: None,
+                        frames: None,
                     };
                     // Replacing the entry stops the old mapper (Drop aborts it).
                     if let Some(mut old) = self.devices.insert(object.uid.clone(), managed)
@@ -375,16 +388,41 @@ impl Manager {
                 return;
             }
         };
-        if d.recorder.as_ref().map(capture::Recorder::plan) == plan.as_ref() {
+        let camera = matches!(
+            d.spec.as_ref().map(|s| &s.protocol),
+            Ok(Protocol::Camera { .. })
+        );
+        let current = match (&d.recorder, &d.frames) {
+            (Some(r), _) => Some(r.plan()),
+            (_, Some(f)) => Some(f.plan()),
+            _ => None,
+        };
+        if current == plan.as_ref() {
             return;
         }
         if let Some(mut old) = d.recorder.take() {
             let _ = old.flush();
         }
+        d.frames = None;
         let Some(plan) = plan else {
             return;
         };
         let path = plan.path.display().to_string();
+        if camera {
+            match capture::FrameRecorder::open(plan) {
+                Ok(f) => {
+                    d.warned.remove("capture");
+                    d.frames = Some(f);
+                }
+                Err(e) => self.warn(
+                    uid,
+                    "capture",
+                    "CaptureFailed",
+                    &format!("capture: cannot open {path}: {e}"),
+                ),
+            }
+            return;
+        }
         match capture::Recorder::open(plan) {
             Ok(r) => {
                 d.warned.remove("capture");
@@ -457,6 +495,46 @@ impl Manager {
             Reading::Applied { property, value } => {
                 if d.report_to_cloud.contains(&property) {
                     self.coalescer.applied(uid, &property, &value, &at);
+                }
+            }
+            Reading::Frame(frame) => {
+                let Some(f) = d.frames.as_mut() else {
+                    return;
+                };
+                let extension = match d.spec.as_ref().map(|s| &s.protocol) {
+                    Ok(Protocol::Camera { format, .. }) => format.extension(),
+                    _ => return,
+                };
+                let name = d.object.name.clone();
+                let said = match f.record(&name, extension, &frame) {
+                    Ok(0) => None,
+                    // Said on the first deletion and then once per hundred.
+                    Ok(dropped) if f.dropped == dropped || f.dropped % 100 < dropped => Some((
+                        "CaptureTrimmed",
+                        format!(
+                            "capture: deleted the oldest frames ({} in all), keeping {} \
+                             (bounds: {} frames, {} bytes)",
+                            f.dropped,
+                            f.frames(),
+                            f.plan().max_samples,
+                            f.plan().max_bytes
+                        ),
+                    )),
+                    Ok(_) => None,
+                    Err(e) => Some((
+                        "CaptureFailed",
+                        format!(
+                            "capture: writing a frame into {}: {e}",
+                            f.plan().path.display()
+                        ),
+                    )),
+                };
+                match said {
+                    Some(("CaptureTrimmed", message)) => {
+                        self.event(uid, "Normal", "CaptureTrimmed", &message)
+                    }
+                    Some((reason, message)) => self.warn(uid, "capture", reason, &message),
+                    None => {}
                 }
             }
             Reading::Failed { property, message } => {

@@ -79,6 +79,19 @@ pub enum Protocol {
         /// Unit identifier.
         slave: u8,
     },
+    /// A camera or video stream, read by ffmpeg.
+    Camera {
+        /// `rtsp://…`, `http(s)://…` (e.g. MJPEG), or a video file's path.
+        url: String,
+        /// Frames per second handed over.
+        fps: f64,
+        /// Frame size (width, height); `None`: the source's.
+        size: Option<(u32, u32)>,
+        /// Frame encoding.
+        format: CameraFormat,
+        /// A file starts over at its end.
+        looped: bool,
+    },
     /// MQTT 3.1.1.
     Mqtt {
         /// Broker host.
@@ -91,6 +104,31 @@ pub enum Protocol {
         qos: u8,
     },
 }
+
+/// How camera frames are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CameraFormat {
+    /// JPEG files (`.jpg`).
+    Jpeg,
+    /// 8-bit grey PGM files (`.pgm`), what the edge worker's `dir:` input reads.
+    Pgm,
+}
+
+impl CameraFormat {
+    /// File extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            CameraFormat::Jpeg => "jpg",
+            CameraFormat::Pgm => "pgm",
+        }
+    }
+}
+
+/// The most frames per second a camera is read at.
+pub const MAX_FPS: f64 = 30.0;
+
+/// The largest frame side, in pixels.
+pub const MAX_SIDE: u32 = 4096;
 
 /// Where a property's value lives.
 #[derive(Clone, Debug, PartialEq)]
@@ -259,9 +297,73 @@ pub fn resolve(device: &Device, model: Option<&DeviceModel>) -> Result<MapperSpe
                 qos,
             }
         }
+        "camera" | "rtsp" => {
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "camelCase", deny_unknown_fields)]
+            struct Raw {
+                url: String,
+                fps: Option<f64>,
+                width: Option<u32>,
+                height: Option<u32>,
+                format: Option<String>,
+                #[serde(rename = "loop")]
+                looped: Option<bool>,
+            }
+            let raw: Raw = parse(&config).map_err(|e| err(format!("camera configData: {e}")))?;
+            let url_ok = raw.url.starts_with("rtsp://")
+                || raw.url.starts_with("http://")
+                || raw.url.starts_with("https://")
+                || raw.url.starts_with('/');
+            if !url_ok || raw.url.len() > 4096 || raw.url.chars().any(char::is_control) {
+                return Err(err(format!(
+                    "camera configData.url {:?} must be rtsp://, http(s):// or an absolute path",
+                    raw.url
+                )));
+            }
+            let fps = raw.fps.unwrap_or(1.0);
+            if !(fps > 0.0 && fps <= MAX_FPS) {
+                return Err(err(format!(
+                    "camera configData.fps {fps} must be above 0 and at most {MAX_FPS}"
+                )));
+            }
+            let size = match (raw.width, raw.height) {
+                (None, None) => None,
+                (Some(w), Some(h))
+                    if (1..=MAX_SIDE).contains(&w) && (1..=MAX_SIDE).contains(&h) =>
+                {
+                    Some((w, h))
+                }
+                _ => {
+                    return Err(err(format!(
+                        "camera configData.width and height go together, 1-{MAX_SIDE} each"
+                    )));
+                }
+            };
+            let format = match raw.format.as_deref().unwrap_or("jpg") {
+                "jpg" | "jpeg" => CameraFormat::Jpeg,
+                "pgm" if size.is_some() => CameraFormat::Pgm,
+                "pgm" => {
+                    return Err(err(
+                        "camera configData.format pgm needs width and height".into()
+                    ));
+                }
+                other => {
+                    return Err(err(format!(
+                        "camera configData.format {other:?} is not jpg or pgm"
+                    )));
+                }
+            };
+            Protocol::Camera {
+                url: raw.url,
+                fps,
+                size,
+                format,
+                looped: raw.looped.unwrap_or(true),
+            }
+        }
         other => {
             return Err(err(format!(
-                "protocol {other:?} has no built-in mapper (built in: modbus, mqtt)"
+                "protocol {other:?} has no built-in mapper (built in: modbus, mqtt, camera)"
             )));
         }
     };
@@ -288,6 +390,8 @@ pub fn resolve(device: &Device, model: Option<&DeviceModel>) -> Result<MapperSpe
         let visitor = match &protocol {
             Protocol::Modbus { .. } => Visitor::Modbus(modbus_visitor(&visitor).map_err(field)?),
             Protocol::Mqtt { .. } => Visitor::Mqtt(mqtt_visitor(&visitor).map_err(field)?),
+            // A camera's properties describe its stream; frames are not property values.
+            Protocol::Camera { .. } => continue,
         };
         let writable = declared.access_mode == AccessMode::ReadWrite;
         if let Visitor::Modbus(m) = &visitor {
@@ -588,6 +692,54 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.message.contains("no built-in mapper"), "{e}");
+    }
+
+    #[test]
+    fn a_camera_resolves_its_stream_rate_size_and_format() {
+        let m = model("camera", json!([{ "name": "saveFrame", "type": "STREAM" }]));
+        let d = device(
+            json!({ "url": "http://127.0.0.1:8080/cam.mjpg", "fps": 2.5, "width": 28,
+                    "height": 28, "format": "pgm" }),
+            json!([{ "name": "saveFrame" }]),
+        );
+        let spec = resolve(&d, Some(&m)).unwrap();
+        assert_eq!(
+            spec.protocol,
+            Protocol::Camera {
+                url: "http://127.0.0.1:8080/cam.mjpg".into(),
+                fps: 2.5,
+                size: Some((28, 28)),
+                format: CameraFormat::Pgm,
+                looped: true
+            }
+        );
+        assert!(spec.properties.is_empty(), "frames are not twins");
+        for (config, wanted) in [
+            (json!({ "url": "ftp://x" }), "must be rtsp://"),
+            (json!({ "url": "relative.mp4" }), "must be rtsp://"),
+            (json!({ "url": "/v.mp4", "fps": 0 }), "fps 0"),
+            (json!({ "url": "/v.mp4", "fps": 120 }), "at most 30"),
+            (json!({ "url": "/v.mp4", "width": 28 }), "go together"),
+            (
+                json!({ "url": "/v.mp4", "width": 9000, "height": 10 }),
+                "go together",
+            ),
+            (
+                json!({ "url": "/v.mp4", "format": "pgm" }),
+                "needs width and height",
+            ),
+            (
+                json!({ "url": "/v.mp4", "format": "gif" }),
+                "not jpg or pgm",
+            ),
+            (
+                json!({ "url": "/v.mp4", "codec": "h264" }),
+                "unknown field `codec`",
+            ),
+        ] {
+            let e = resolve(&device(config, json!([])), Some(&m)).unwrap_err();
+            assert!(e.message.contains(wanted), "{e} lacks {wanted}");
+        }
     }
 
     #[test]
