@@ -50,6 +50,21 @@ fn devices_served(kubectl: &Kubectl) {
     });
 }
 
+/// A Dataset's `numberOfSamples`, once counted.
+fn samples(kubectl: &Kubectl, dataset: &str) -> Option<u64> {
+    kubectl
+        .ok(&[
+            "get",
+            "dataset",
+            dataset,
+            "-o",
+            "jsonpath={.status.numberOfSamples}",
+        ])
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The device as JSON, when it exists.
 fn device(kubectl: &Kubectl, name: &str) -> Option<Value> {
     let out = kubectl.run(&["get", "device", name, "-o", "json"]);
@@ -252,17 +267,7 @@ fn mappers_read_and_write_real_devices_and_twins_reach_the_cloud() {
         "the Dataset's sample count",
         Duration::from_secs(30),
         || {
-            let n: u64 = kubectl
-                .ok(&[
-                    "get",
-                    "dataset",
-                    "thermo-1-readings",
-                    "-o",
-                    "jsonpath={.status.numberOfSamples}",
-                ])
-                .trim()
-                .parse()
-                .ok()?;
+            let n = samples(&kubectl, "thermo-1-readings")?;
             (n > 0 && n <= 20).then_some(())
         },
     );
@@ -589,17 +594,7 @@ spec:
         );
     }
     wait_until("the frame count", Duration::from_secs(30), || {
-        let n: u64 = kubectl
-            .ok(&[
-                "get",
-                "dataset",
-                "cam-file-frames",
-                "-o",
-                "jsonpath={.status.numberOfSamples}",
-            ])
-            .trim()
-            .parse()
-            .ok()?;
+        let n = samples(&kubectl, "cam-file-frames")?;
         (n >= 3).then_some(())
     });
     wait_until(

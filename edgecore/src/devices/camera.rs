@@ -90,6 +90,34 @@ pub fn take_jpegs(buffer: &mut Vec<u8>) -> Vec<Vec<u8>> {
     }
 }
 
+/// The whole frames at the front of `buffer`: grey frames of `raw` (width, height) as PGM, or
+/// JPEG frames. Refuses a JPEG frame growing past [`MAX_FRAME_BYTES`] (the stream is cut and
+/// restarted), so a hostile stream cannot grow the agent's memory.
+pub fn cut_frames(
+    buffer: &mut Vec<u8>,
+    raw: Option<(usize, usize)>,
+) -> Result<Vec<Vec<u8>>, String> {
+    match raw {
+        Some((w, h)) => {
+            let size = w * h;
+            let mut frames = Vec::new();
+            while buffer.len() >= size {
+                let mut pgm = format!("P5\n{w} {h}\n255\n").into_bytes();
+                pgm.extend(buffer.drain(..size));
+                frames.push(pgm);
+            }
+            Ok(frames)
+        }
+        None => {
+            let frames = take_jpegs(buffer);
+            if buffer.len() > MAX_FRAME_BYTES {
+                return Err(format!("a frame is larger than {MAX_FRAME_BYTES} bytes"));
+            }
+            Ok(frames)
+        }
+    }
+}
+
 /// Runs ffmpeg until it fails or the stream ends (the manager restarts it) or the manager
 /// stops.
 pub(crate) async fn run(spec: &MapperSpec, io: &mut MapperIo) -> Result<(), MapperError> {
@@ -164,28 +192,8 @@ pub(crate) async fn run(spec: &MapperSpec, io: &mut MapperIo) -> Result<(), Mapp
             Ok(Ok(n)) => n,
         };
         buffer.extend_from_slice(&chunk[..n]);
-        let frames: Vec<Vec<u8>> = match raw {
-            Some((w, h)) => {
-                let size = w * h;
-                let mut frames = Vec::new();
-                while buffer.len() >= size {
-                    let pixels: Vec<u8> = buffer.drain(..size).collect();
-                    let mut pgm = format!("P5\n{w} {h}\n255\n").into_bytes();
-                    pgm.extend_from_slice(&pixels);
-                    frames.push(pgm);
-                }
-                frames
-            }
-            None => {
-                let frames = take_jpegs(&mut buffer);
-                if buffer.len() > MAX_FRAME_BYTES {
-                    return Err(MapperError::Unreachable(format!(
-                        "a frame from {url} is larger than {MAX_FRAME_BYTES} bytes"
-                    )));
-                }
-                frames
-            }
-        };
+        let frames = cut_frames(&mut buffer, raw)
+            .map_err(|why| MapperError::Unreachable(format!("{url}: {why}")))?;
         for frame in frames {
             if !online {
                 online = true;
@@ -219,6 +227,23 @@ mod tests {
         let mut junk = vec![1, 2, 3];
         assert!(take_jpegs(&mut junk).is_empty());
         assert!(junk.is_empty(), "bytes before any frame are dropped");
+    }
+
+    #[test]
+    fn grey_frames_are_cut_whole_and_an_endless_jpeg_is_refused() {
+        let mut buffer = vec![7u8; 2 * 4 * 3 + 5];
+        let frames = cut_frames(&mut buffer, Some((4, 3))).unwrap();
+        assert_eq!(frames.len(), 2);
+        assert!(frames[0].starts_with(b"P5\n4 3\n255\n") && frames[0].len() == 11 + 12);
+        assert_eq!(buffer.len(), 5, "the partial frame waits");
+        // A start-of-image marker and then no end: refused once past the bound, not buffered on.
+        let mut endless = vec![0xFF, 0xD8];
+        endless.resize(MAX_FRAME_BYTES + 10, 0);
+        let e = cut_frames(&mut endless, None).unwrap_err();
+        assert!(e.contains("larger than"), "{e}");
+        // Ordinary frames after it are cut as before.
+        let mut fine = vec![0xFF, 0xD8, 1, 2, 0xFF, 0xD9];
+        assert_eq!(cut_frames(&mut fine, None).unwrap().len(), 1);
     }
 
     #[test]

@@ -40,6 +40,50 @@ use twin::Coalescer;
 /// The most devices one node runs mappers for; more are reported `unhealthy`.
 pub const MAX_DEVICES: usize = 1000;
 
+/// The most readings taken from one device per second (a property polled every 100 ms, a
+/// sensor publishing at 10 Hz, are far below); the excess is dropped, and said once.
+pub const MAX_READINGS_PER_SECOND: u32 = 200;
+
+/// Readings admitted per one-second window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    per_second: u32,
+    window: Option<Instant>,
+    taken: u32,
+    /// Readings dropped so far.
+    pub dropped: u64,
+}
+
+impl RateLimit {
+    /// At most `per_second` readings per second.
+    pub fn new(per_second: u32) -> Self {
+        Self {
+            per_second,
+            window: None,
+            taken: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Whether a reading at `now` is admitted.
+    pub fn admit(&mut self, now: Instant) -> bool {
+        if self
+            .window
+            .is_none_or(|start| now >= start + Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.taken = 0;
+        }
+        if self.taken < self.per_second {
+            self.taken += 1;
+            true
+        } else {
+            self.dropped += 1;
+            false
+        }
+    }
+}
+
 /// Device manager settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DevicesConfig {
@@ -161,6 +205,8 @@ struct Managed {
     recorder: Option<capture::Recorder>,
     /// Where a camera's frames are recorded, if anywhere.
     frames: Option<capture::FrameRecorder>,
+    /// Readings taken from the device per second.
+    limit: RateLimit,
 }
 
 impl Drop for Managed {
@@ -351,6 +397,7 @@ impl Manager {
                         warned: HashMap::new(),
                         recorder: None,
                         frames: None,
+                        limit: RateLimit::new(MAX_READINGS_PER_SECOND),
                     };
                     // Replacing the entry stops the old mapper (Drop aborts it).
                     if let Some(mut old) = self.devices.insert(object.uid.clone(), managed)
@@ -408,25 +455,14 @@ impl Manager {
             return;
         };
         let path = plan.path.display().to_string();
-        if camera {
-            match capture::FrameRecorder::open(plan) {
-                Ok(f) => {
-                    d.warned.remove("capture");
-                    d.frames = Some(f);
-                }
-                Err(e) => self.warn(
-                    uid,
-                    "capture",
-                    "CaptureFailed",
-                    &format!("capture: cannot open {path}: {e}"),
-                ),
-            }
-            return;
-        }
-        match capture::Recorder::open(plan) {
-            Ok(r) => {
+        let opened = if camera {
+            capture::FrameRecorder::open(plan).map(|f| d.frames = Some(f))
+        } else {
+            capture::Recorder::open(plan).map(|r| d.recorder = Some(r))
+        };
+        match opened {
+            Ok(()) => {
                 d.warned.remove("capture");
-                d.recorder = Some(r);
             }
             Err(e) => self.warn(
                 uid,
@@ -483,6 +519,18 @@ impl Manager {
                 self.coalescer.state(uid, state, &at);
             }
             Reading::Reported { property, value } => {
+                if !d.limit.admit(Instant::now()) {
+                    self.warn(
+                        uid,
+                        "rate",
+                        "ReadingsDropped",
+                        &format!(
+                            "more than {MAX_READINGS_PER_SECOND} readings a second: the excess \
+                             is dropped, not reported or captured"
+                        ),
+                    );
+                    return;
+                }
                 d.warned.remove(&property);
                 if let Some(r) = d.recorder.as_mut().filter(|r| r.records(&property)) {
                     r.record(&at, &d.object.name, &property, &value);
@@ -694,6 +742,20 @@ impl Manager {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_flooding_device_is_held_to_its_rate_and_admitted_again_next_second() {
+        let mut limit = RateLimit::new(MAX_READINGS_PER_SECOND);
+        let start = Instant::now();
+        let admitted = (0..10_000)
+            .filter(|i| limit.admit(start + Duration::from_micros(*i)))
+            .count();
+        assert_eq!(admitted, MAX_READINGS_PER_SECOND as usize);
+        assert_eq!(limit.dropped, 10_000 - u64::from(MAX_READINGS_PER_SECOND));
+        // A sensor at 10 Hz afterwards loses nothing.
+        let later = start + Duration::from_secs(1);
+        assert!((0..10).all(|i| limit.admit(later + Duration::from_millis(100 * i))));
+    }
 
     #[test]
     fn restarts_back_off_with_jitter_and_reset_after_a_long_run() {

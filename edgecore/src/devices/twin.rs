@@ -74,19 +74,23 @@ impl Coalescer {
 
     /// A property's reported value, read at `at` (RFC 3339).
     pub fn report(&mut self, uid: &str, property: &str, value: &str, at: &str) {
-        let device = self.devices.entry(uid.to_owned()).or_default();
-        self.stats.observed += 1;
-        let twin = device.reported.entry(property.to_owned()).or_default();
-        twin.value = value.to_owned();
-        twin.metadata.insert("timestamp".into(), at.to_owned());
-        device.dirty = true;
+        self.set(uid, property, value, at, false);
     }
 
     /// A desired value the mapper wrote to the device.
     pub fn applied(&mut self, uid: &str, property: &str, value: &str, at: &str) {
+        self.set(uid, property, value, at, true);
+    }
+
+    fn set(&mut self, uid: &str, property: &str, value: &str, at: &str, applied: bool) {
         let device = self.devices.entry(uid.to_owned()).or_default();
         self.stats.observed += 1;
-        let twin = device.applied.entry(property.to_owned()).or_default();
+        let values = if applied {
+            &mut device.applied
+        } else {
+            &mut device.reported
+        };
+        let twin = values.entry(property.to_owned()).or_default();
         twin.value = value.to_owned();
         twin.metadata.insert("timestamp".into(), at.to_owned());
         device.dirty = true;
