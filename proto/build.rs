@@ -1,8 +1,15 @@
-//! Generates the channel's, the cloud-inference service's and the ONNX format's Rust code from `proto/*.proto` with protox (no system `protoc`).
+//! Generates the channel's, the cloud-inference service's, the device-mapper interface's and the ONNX format's Rust code from `proto/*.proto` with protox (no system `protoc`).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["proto/channel.proto", "proto/inference.proto"], ["proto"])?;
+    let fds = protox::compile(
+        [
+            "proto/channel.proto",
+            "proto/inference.proto",
+            "proto/mapper.proto",
+        ],
+        ["proto"],
+    )?;
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)

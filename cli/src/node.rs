@@ -172,6 +172,10 @@ pub(crate) struct EdgecoreArgs {
     /// DATA_DIR/captured).
     #[arg(long, value_name = "DIR")]
     capture_dir: Option<PathBuf>,
+    /// The Unix socket where device mappers of your own connect (`proto/mapper.proto`;
+    /// default: DATA_DIR/mappers.sock; made 0600).
+    #[arg(long, value_name = "PATH")]
+    mapper_socket: Option<PathBuf>,
 }
 
 /// Parses `key=value,key=value`.
@@ -326,6 +330,9 @@ pub(crate) async fn edgecore(args: EdgecoreArgs) -> Result<()> {
     config.lease_interval = args.lease_interval;
     config.lease_duration = args.lease_interval * 4;
     config.devices.report_interval = args.twin_interval;
+    if let Some(path) = args.mapper_socket {
+        config.devices.mapper_socket = Some(path);
+    }
     if let Some(dir) = args.capture_dir {
         config.devices.capture_dir = dir;
     }

@@ -210,6 +210,12 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
             Some(m) => println!("node {name}: local API {}", m.url()),
             None => println!("node {name}"),
         }
+        if let Some(socket) = agent.mapper_socket() {
+            println!(
+                "node {name}: device mappers connect to {}",
+                socket.display()
+            );
+        }
     }
     println!("kubeconfig: {}", kubeconfig.display());
     println!(

@@ -54,7 +54,8 @@ impl AgentConfig {
     /// Defaults around an edge configuration.
     pub fn new(edge: EdgeConfig) -> Self {
         let program_dirs = vec![edge.data_dir.join("bin")];
-        let devices = crate::devices::DevicesConfig::new(edge.data_dir.join("captured"));
+        let mut devices = crate::devices::DevicesConfig::new(edge.data_dir.join("captured"));
+        devices.mapper_socket = Some(edge.data_dir.join("mappers.sock"));
         let metaserver = Some(MetaConfig {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 10550)),
             data_dir: edge.data_dir.join("metaserver"),
@@ -102,6 +103,8 @@ pub struct Agent {
     datasets_task: tokio::task::JoinHandle<()>,
     triggers_task: tokio::task::JoinHandle<()>,
     devices_task: tokio::task::JoinHandle<()>,
+    mapper_server: Option<tokio::task::JoinHandle<()>>,
+    mapper_socket: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -214,12 +217,28 @@ impl Agent {
                 .dataset_interval
                 .min(std::time::Duration::from_secs(1)),
         ));
+        let mappers = crate::devices::external::Mappers::default();
+        let mapper_server = match &config.devices.mapper_socket {
+            Some(path) => {
+                let service = crate::devices::external::Service::new(hub.node(), mappers.clone());
+                match crate::devices::external::serve(path, service).await {
+                    Ok(task) => Some(task),
+                    Err(e) => {
+                        tracing::error!(socket = %path.display(), error = %e,
+                            "the mapper interface is not served (built-in mappers run regardless)");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
         let devices_task = tokio::spawn(crate::devices::run(
             hub.node().to_owned(),
             hub.store().clone(),
             hub.subscribe(),
             hub.reporter(),
             config.devices.clone(),
+            mappers,
         ));
         Ok(Agent {
             hub,
@@ -230,6 +249,10 @@ impl Agent {
             datasets_task,
             triggers_task,
             devices_task,
+            mapper_socket: mapper_server
+                .as_ref()
+                .and(config.devices.mapper_socket.clone()),
+            mapper_server,
         })
     }
 
@@ -243,6 +266,11 @@ impl Agent {
     /// The hub client (store, status, outbox).
     pub fn hub(&self) -> &EdgeHub {
         &self.hub
+    }
+
+    /// Where users' mappers connect, when served.
+    pub fn mapper_socket(&self) -> Option<&std::path::Path> {
+        self.mapper_socket.as_deref()
     }
 
     /// The local API, when served.
@@ -268,6 +296,9 @@ impl Agent {
         self.datasets_task.abort();
         self.triggers_task.abort();
         self.devices_task.abort();
+        if let Some(task) = self.mapper_server {
+            task.abort();
+        }
         self.runtime.abort();
         if let Some(m) = self.metaserver {
             m.shutdown().await;

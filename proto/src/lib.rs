@@ -15,6 +15,13 @@ pub mod inference {
     tonic::include_proto!("sedna.inference.v1");
 }
 
+/// The device-mapper interface of the edge agent (`proto/mapper.proto`): how a user's mapper
+/// process registers for a protocol and reports twin values. Client and server.
+#[allow(missing_docs, unreachable_pub, clippy::all)]
+pub mod mapper {
+    tonic::include_proto!("sedna.mapper.v1");
+}
+
 /// The ONNX model format, as far as the trainer reads it (`proto/onnx.proto`: ONNX's field
 /// numbers; unknown fields are skipped when decoding).
 #[allow(missing_docs, unreachable_pub, clippy::all)]

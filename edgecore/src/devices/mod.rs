@@ -5,6 +5,7 @@
 //! - [`spec`]: a Device and its DeviceModel resolved into what a mapper runs (checked first;
 //!   a bad setting is a Warning event on the Device naming the field, and state `unhealthy`).
 //! - [`modbus`], [`mqtt`], [`camera`]: the built-in mappers.
+//! - [`external`]: mappers written by users, any protocol, over gRPC (`proto/mapper.proto`).
 //! - [`twin`]: the latest value per property, sent at most once per device per interval.
 //! - [`capture`]: readings recorded as CSV rows, camera frames as files, into a Dataset on the
 //!   node, bounded.
@@ -15,6 +16,7 @@
 
 pub mod camera;
 pub mod capture;
+pub mod external;
 pub mod modbus;
 pub mod mqtt;
 pub mod spec;
@@ -93,6 +95,8 @@ pub struct DevicesConfig {
     pub restarts: Backoff,
     /// Captured readings are written only below this directory.
     pub capture_dir: std::path::PathBuf,
+    /// Where users' mappers connect ([`external`]; `None`: not served).
+    pub mapper_socket: Option<std::path::PathBuf>,
 }
 
 impl DevicesConfig {
@@ -106,6 +110,7 @@ impl DevicesConfig {
                 reset_after: Duration::from_secs(60),
             },
             capture_dir: capture_dir.into(),
+            mapper_socket: None,
         }
     }
 }
@@ -139,12 +144,18 @@ pub enum MapperError {
     /// The manager is gone (the agent is stopping).
     #[error("the device manager stopped")]
     Stopped,
+    /// No mapper serves the device's protocol (yet); retried, and at once when one registers.
+    #[error(
+        "no mapper serves protocol {0:?} (built in: modbus, mqtt, camera; a mapper of your own \
+         registers on the agent's mapper socket, see proto/mapper.proto)"
+    )]
+    NoMapper(String),
 }
 
 impl MapperError {
     /// Whether starting the mapper again may help.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, MapperError::Unreachable(_))
+        matches!(self, MapperError::Unreachable(_) | MapperError::NoMapper(_))
     }
 }
 
@@ -161,6 +172,11 @@ pub(crate) enum Reading {
     Failed { property: String, message: String },
     /// A camera frame, encoded as its device's format says.
     Frame(Vec<u8>),
+    /// The device is not online (`offline`, `unhealthy`), and why.
+    Down {
+        state: &'static str,
+        message: String,
+    },
 }
 
 /// A mapper's side of the manager: where readings go, and the desired values.
@@ -180,11 +196,16 @@ impl MapperIo {
     }
 }
 
-async fn run_mapper(spec: Arc<MapperSpec>, mut io: MapperIo) -> Result<(), MapperError> {
+async fn run_mapper(
+    spec: Arc<MapperSpec>,
+    mut io: MapperIo,
+    mappers: external::Mappers,
+) -> Result<(), MapperError> {
     match spec.protocol {
         Protocol::Modbus { .. } => modbus::run(&spec, &mut io).await,
         Protocol::Mqtt { .. } => mqtt::run(&spec, &mut io).await,
         Protocol::Camera { .. } => camera::run(&spec, &mut io).await,
+        Protocol::External { .. } => external::run(&spec, &mut io, &mappers).await,
     }
 }
 
@@ -224,8 +245,11 @@ pub async fn run(
     mut changes: broadcast::Receiver<Change>,
     reporter: Arc<dyn Reporter>,
     config: DevicesConfig,
+    mappers: external::Mappers,
 ) {
+    let mut registered = mappers.subscribe();
     let mut manager = Manager {
+        mappers,
         node,
         store,
         reporter,
@@ -269,6 +293,7 @@ pub async fn run(
             Some((uid, generation, result)) = manager.exits.1.recv() => {
                 manager.exited(&uid, generation, result);
             }
+            Ok(()) = registered.changed() => manager.mappers_changed(),
             _ = tokio::time::sleep_until(wake) => {}
         }
         if dirty {
@@ -287,6 +312,7 @@ const WATCHED: [&str; 3] = ["Device", "DeviceModel", "Dataset"];
 type Message = (String, u64, Reading);
 
 struct Manager {
+    mappers: external::Mappers,
     node: String,
     store: EdgeStore,
     reporter: Arc<dyn Reporter>,
@@ -499,8 +525,9 @@ impl Manager {
         };
         let exits = self.exits.0.clone();
         let uid = uid.to_owned();
+        let mappers = self.mappers.clone();
         d.task = Some(tokio::spawn(async move {
-            let result = run_mapper(spec, io).await;
+            let result = run_mapper(spec, io, mappers).await;
             let _ = exits.send((uid, generation, result));
         }));
     }
@@ -585,6 +612,15 @@ impl Manager {
                     None => {}
                 }
             }
+            Reading::Down { state, message } => {
+                self.coalescer.state(uid, state, &at);
+                let message = if message.is_empty() {
+                    format!("the mapper says the device is {state}")
+                } else {
+                    message
+                };
+                self.warn(uid, "mapper", "DeviceUnreachable", &message);
+            }
             Reading::Failed { property, message } => {
                 self.warn(
                     uid,
@@ -623,6 +659,20 @@ impl Manager {
             "DeviceUnreachable",
             &format!("{why}; retrying in {:.1}s", delay.as_secs_f64()),
         );
+    }
+
+    /// A mapper registered or went: devices waiting for a protocol now served start at once.
+    fn mappers_changed(&mut self) {
+        let served = self.mappers.protocols();
+        for d in self.devices.values_mut() {
+            if let Ok(spec) = &d.spec
+                && let Protocol::External { name, .. } = &spec.protocol
+                && served.contains(name)
+                && d.restart_at.is_some()
+            {
+                d.restart_at = Some(Instant::now());
+            }
+        }
     }
 
     fn restart_due(&mut self) {

@@ -202,7 +202,7 @@ pub(crate) async fn run(spec: &MapperSpec, io: &mut MapperIo) -> Result<(), Mapp
         .iter()
         .filter_map(|p| match &p.visitor {
             Visitor::Modbus(v) => Some((p, v)),
-            Visitor::Mqtt(_) => None,
+            _ => None,
         })
         .collect();
     let mut next: Vec<Instant> = vec![Instant::now(); properties.len()];

@@ -92,7 +92,7 @@ pub(crate) async fn run(spec: &MapperSpec, io: &mut MapperIo) -> Result<(), Mapp
         .iter()
         .filter_map(|p| match &p.visitor {
             Visitor::Mqtt(v) => Some((p, v)),
-            Visitor::Modbus(_) => None,
+            _ => None,
         })
         .collect();
     let mut options = MqttOptions::new(client_id.clone(), host.clone(), *port);

@@ -92,6 +92,13 @@ pub enum Protocol {
         /// A file starts over at its end.
         looped: bool,
     },
+    /// A protocol served by a user's mapper process ([`super::external`]).
+    External {
+        /// The protocol's name (`opcua`, …).
+        name: String,
+        /// The protocol's `configData` (the model's, overridden by the device's), as given.
+        config: serde_json::Value,
+    },
     /// MQTT 3.1.1.
     Mqtt {
         /// Broker host.
@@ -137,6 +144,8 @@ pub enum Visitor {
     Modbus(ModbusVisitor),
     /// An MQTT topic.
     Mqtt(MqttVisitor),
+    /// A user's mapper reads the visitor's `configData`, as given.
+    External(serde_json::Value),
 }
 
 /// Modbus register tables.
@@ -361,9 +370,14 @@ pub fn resolve(device: &Device, model: Option<&DeviceModel>) -> Result<MapperSpe
                 looped: raw.looped.unwrap_or(true),
             }
         }
+        other if super::external::valid_protocol_name(other) => Protocol::External {
+            name: other.to_owned(),
+            config: serde_json::Value::Object(config.into_iter().collect()),
+        },
         other => {
             return Err(err(format!(
-                "protocol {other:?} has no built-in mapper (built in: modbus, mqtt, camera)"
+                "protocol {other:?} is neither built in (modbus, mqtt, camera) nor a valid name \
+                 for a mapper of your own (lowercase letters, digits and '-', at most 63)"
             )));
         }
     };
@@ -392,6 +406,9 @@ pub fn resolve(device: &Device, model: Option<&DeviceModel>) -> Result<MapperSpe
             Protocol::Mqtt { .. } => Visitor::Mqtt(mqtt_visitor(&visitor).map_err(field)?),
             // A camera's properties describe its stream; frames are not property values.
             Protocol::Camera { .. } => continue,
+            Protocol::External { .. } => {
+                Visitor::External(serde_json::Value::Object(visitor.into_iter().collect()))
+            }
         };
         let writable = declared.access_mode == AccessMode::ReadWrite;
         if let Visitor::Modbus(m) = &visitor {
@@ -410,7 +427,10 @@ pub fn resolve(device: &Device, model: Option<&DeviceModel>) -> Result<MapperSpe
                 )));
             }
         }
-        if declared.type_ == PropertyType::Stream || declared.type_ == PropertyType::Bytes {
+        let external = matches!(protocol, Protocol::External { .. });
+        if !external
+            && (declared.type_ == PropertyType::Stream || declared.type_ == PropertyType::Bytes)
+        {
             return Err(err(format!(
                 "property {:?}: {:?} values have no built-in mapper",
                 p.name, declared.type_
@@ -688,10 +708,37 @@ mod tests {
         assert!(e.message.contains("DeviceModel \"m\""), "{e}");
         let e = resolve(
             &device(json!({}), json!([])),
-            Some(&model("onvif", json!([]))),
+            Some(&model("OPC UA", json!([]))),
         )
         .unwrap_err();
-        assert!(e.message.contains("no built-in mapper"), "{e}");
+        assert!(e.message.contains("neither built in"), "{e}");
+    }
+
+    #[test]
+    fn another_protocol_goes_to_a_users_mapper_with_its_settings_as_given() {
+        let m = model(
+            "opcua",
+            json!([{ "name": "t", "type": "DOUBLE", "accessMode": "ReadWrite",
+                     "visitors": { "configData": { "nodeId": "ns=2;s=T", "extra": 1 } } }]),
+        );
+        let d = device(
+            json!({ "endpoint": "opc.tcp://127.0.0.1:4840" }),
+            json!([{ "name": "t", "visitors": { "configData": { "nodeId": "ns=2;s=T2" } } }]),
+        );
+        let spec = resolve(&d, Some(&m)).unwrap();
+        assert_eq!(
+            spec.protocol,
+            Protocol::External {
+                name: "opcua".into(),
+                config: json!({ "endpoint": "opc.tcp://127.0.0.1:4840" }),
+            }
+        );
+        assert_eq!(
+            spec.properties[0].visitor,
+            Visitor::External(json!({ "nodeId": "ns=2;s=T2", "extra": 1 })),
+            "the device's visitor overrides the model's, field by field"
+        );
+        assert!(spec.properties[0].writable);
     }
 
     #[test]
