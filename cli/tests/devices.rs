@@ -2,7 +2,9 @@
 //! thermostat (pymodbus, `examples/devices/modbus_sensor.py`) and an MQTT sensor behind a real
 //! broker (Debian `mosquitto`, driven with `mosquitto_pub` / `mosquitto_sub`). The edge's
 //! mappers read the devices, write desired values to them, report coalesced twins to the cloud,
-//! and say why when a device is unreachable or misconfigured.
+//! and say why when a device is unreachable or misconfigured. A protocol without a built-in
+//! mapper (OPC UA, an asyncua server) is served by the shipped user's mapper
+//! (`examples/devices/mappers/opcua_mapper.py`) over `proto/mapper.proto`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -83,6 +85,22 @@ fn reported(device: &Value, property: &str) -> Option<String> {
         .pointer("/reported/value")?
         .as_str()
         .map(str::to_owned)
+}
+
+/// Established TCP connections to a local port (the server's side, from /proc/net/tcp).
+fn connections_to(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // local address "0100007F:PORT" in hex; state 01: ESTABLISHED.
+            fields.len() > 3
+                && fields[1].ends_with(&format!(":{port:04X}"))
+                && fields[3] == "01"
+        })
+        .count()
 }
 
 fn state(device: &Value) -> Option<&str> {
@@ -357,6 +375,16 @@ spec:
         state(d) == Some("online")
     });
 
+    // The Device is deleted: its mapper stops and lets go of the device (no connection to
+    // the Modbus peer remains).
+    assert!(connections_to(modbus_port) > 0, "the mapper holds a connection");
+    kubectl.ok(&["delete", "device", "thermo-1"]);
+    wait_until(
+        "the deleted device's mapper to disconnect",
+        Duration::from_secs(30),
+        || (connections_to(modbus_port) == 0).then_some(()),
+    );
+
     // A misconfigured device is refused with the field named.
     kubectl.apply(&thermostat("thermo-bad", modbus_port, "20", "Input"));
     wait_device(&kubectl, "thermo-bad", "unhealthy", |d| {
@@ -607,4 +635,130 @@ spec:
         },
     );
     drop(up);
+}
+
+fn python(script: &str, args: &[&str], log: &std::path::Path) -> Child {
+    Command::new(root().join(".venv/bin/python"))
+        .arg(root().join(script))
+        .args(args)
+        .stdout(std::fs::File::create(log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("needs .venv with asyncua, grpcio and grpcio-tools (scripts/setup)")
+}
+
+fn read_log(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+#[test]
+fn a_users_mapper_serves_a_protocol_the_agent_lacks_through_the_mapper_interface() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (sensor_log, mapper_log) = (dir.path().join("sensor.log"), dir.path().join("mapper.log"));
+    let mut procs = Procs(vec![python(
+        "examples/devices/opcua_sensor.py",
+        &["--port", &port.to_string()],
+        &sensor_log,
+    )]);
+    let (_up, kubectl) = up_with(&dir.path().join("up"), 1, &["--twin-interval", "1s"]);
+    devices_served(&kubectl);
+    let socket = dir
+        .path()
+        .join("up/nodes/edge-1/mappers.sock")
+        .display()
+        .to_string();
+
+    // The example as shipped, pointed at this test's OPC UA server.
+    let example = std::fs::read_to_string(root().join("examples/devices/boiler.yaml"))
+        .unwrap()
+        .replace("127.0.0.1:4840", &format!("127.0.0.1:{port}"));
+    kubectl.apply(&example);
+    // No mapper serves opcua yet: the device waits, saying so.
+    wait_until("the missing mapper said", Duration::from_secs(30), || {
+        events_about(&kubectl, "boiler-1")
+            .contains("no mapper serves protocol \"opcua\"")
+            .then_some(())
+    });
+    assert_ne!(
+        device(&kubectl, "boiler-1").as_ref().and_then(state),
+        Some("online")
+    );
+
+    // The user's mapper registers: the device is handed to it at once (not at its next
+    // back-off), its values reach the twin and its desired set point reaches the server.
+    let mapper_args = ["--socket", socket.as_str()];
+    procs.0.push(python(
+        "examples/devices/mappers/opcua_mapper.py",
+        &mapper_args,
+        &mapper_log,
+    ));
+    let d = wait_device(&kubectl, "boiler-1", "the boiler's twins", |d| {
+        state(d) == Some("online")
+            && reported(d, "setpoint").as_deref() == Some("70.0")
+            && reported(d, "temperature").is_some()
+            && reported(d, "burner").is_some()
+    });
+    assert!(
+        reported(&d, "temperature").unwrap().parse::<f64>().is_ok(),
+        "{d}"
+    );
+    assert!(read_log(&sensor_log).contains("setpoint 70.0"));
+    kubectl.ok(&[
+        "patch",
+        "device",
+        "boiler-1",
+        "--type=json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"55"}]"#,
+    ]);
+    wait_until("the new set point on the server", Duration::from_secs(30), || {
+        read_log(&sensor_log).contains("setpoint 55.0").then_some(())
+    });
+    wait_device(&kubectl, "boiler-1", "the applied set point", |d| {
+        reported(d, "setpoint").as_deref() == Some("55.0")
+    });
+
+    // A second mapper for the same protocol is refused, naming the one that serves it.
+    let second = Command::new(root().join(".venv/bin/python"))
+        .arg(root().join("examples/devices/mappers/opcua_mapper.py"))
+        .args(mapper_args)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        said.contains("ALREADY_EXISTS") && said.contains("served by mapper \"opcua-mapper\""),
+        "{said}"
+    );
+
+    // The mapper crashes (SIGKILL): the device goes offline with the reason; a restarted
+    // mapper gets it back.
+    let mut mapper = procs.0.pop().unwrap();
+    mapper.kill().unwrap();
+    mapper.wait().unwrap();
+    wait_device(&kubectl, "boiler-1", "offline after the crash", |d| {
+        state(d) == Some("offline")
+    });
+    assert!(
+        events_about(&kubectl, "boiler-1").contains("mapper \"opcua-mapper\" disconnected"),
+        "{}",
+        events_about(&kubectl, "boiler-1")
+    );
+    procs.0.push(python(
+        "examples/devices/mappers/opcua_mapper.py",
+        &mapper_args,
+        &mapper_log,
+    ));
+    wait_device(&kubectl, "boiler-1", "online with the new mapper", |d| {
+        state(d) == Some("online")
+    });
+
+    // The Device is deleted: its mapper is told to let it go, and does.
+    kubectl.ok(&["delete", "device", "boiler-1"]);
+    wait_until("the mapper to let go", Duration::from_secs(30), || {
+        read_log(&mapper_log)
+            .contains("stopped default/boiler-1")
+            .then_some(())
+    });
 }

@@ -652,13 +652,15 @@ impl Manager {
             Ok(()) => "the mapper stopped".to_owned(),
             Err(e) => e.to_string(),
         };
+        let then = match d.spec.as_ref().map(|s| &s.protocol) {
+            // Started again as soon as a mapper registers the protocol (or at the delay).
+            Ok(Protocol::External { name, .. }) => {
+                format!("; waiting for a mapper of protocol {name:?} to register")
+            }
+            _ => format!("; retrying in {:.1}s", delay.as_secs_f64()),
+        };
         self.coalescer.state(uid, "offline", &now());
-        self.warn(
-            uid,
-            "mapper",
-            "DeviceUnreachable",
-            &format!("{why}; retrying in {:.1}s", delay.as_secs_f64()),
-        );
+        self.warn(uid, "mapper", "DeviceUnreachable", &format!("{why}{then}"));
     }
 
     /// A mapper registered or went: devices waiting for a protocol now served start at once.
