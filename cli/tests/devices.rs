@@ -96,9 +96,7 @@ fn connections_to(port: u16) -> usize {
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             // local address "0100007F:PORT" in hex; state 01: ESTABLISHED.
-            fields.len() > 3
-                && fields[1].ends_with(&format!(":{port:04X}"))
-                && fields[3] == "01"
+            fields.len() > 3 && fields[1].ends_with(&format!(":{port:04X}")) && fields[3] == "01"
         })
         .count()
 }
@@ -377,7 +375,10 @@ spec:
 
     // The Device is deleted: its mapper stops and lets go of the device (no connection to
     // the Modbus peer remains).
-    assert!(connections_to(modbus_port) > 0, "the mapper holds a connection");
+    assert!(
+        connections_to(modbus_port) > 0,
+        "the mapper holds a connection"
+    );
     kubectl.ok(&["delete", "device", "thermo-1"]);
     wait_until(
         "the deleted device's mapper to disconnect",
@@ -398,7 +399,7 @@ spec:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn capture_goes_on_while_the_hub_is_down_and_the_latest_twins_follow_it_back() {
+async fn capture_and_live_values_go_on_while_the_hub_is_down_and_the_latest_twins_follow_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (api, kubeconfig) = support::apiserver(&d.join("api"));
@@ -482,6 +483,21 @@ async fn capture_goes_on_while_the_hub_is_down_and_the_latest_twins_follow_it_ba
     // Nothing reaches the cloud meanwhile.
     let seen = device(&kubectl, "thermo-1").unwrap();
     assert!(stamp(&seen) <= down_at, "{} vs {down_at}", stamp(&seen));
+    // Apps on the node read the live values from its local API all along.
+    let local = Kubectl::new(&node.join("metaserver/kubeconfig")).unwrap();
+    let mut live = Vec::new();
+    wait_until(
+        "live values on the node's local API",
+        Duration::from_secs(30),
+        || {
+            let d = device(&local, "thermo-1")?;
+            let t = stamp(&d);
+            if t > down_at && !live.contains(&t) {
+                live.push(t);
+            }
+            (live.len() >= 2).then_some(())
+        },
+    );
 
     // The hub returns: the latest values (read after it went away) arrive.
     procs.0.insert(1, support::hub(d, &kubeconfig, hub_port));
@@ -712,9 +728,15 @@ fn a_users_mapper_serves_a_protocol_the_agent_lacks_through_the_mapper_interface
         "-p",
         r#"[{"op":"replace","path":"/spec/properties/1/desired/value","value":"55"}]"#,
     ]);
-    wait_until("the new set point on the server", Duration::from_secs(30), || {
-        read_log(&sensor_log).contains("setpoint 55.0").then_some(())
-    });
+    wait_until(
+        "the new set point on the server",
+        Duration::from_secs(30),
+        || {
+            read_log(&sensor_log)
+                .contains("setpoint 55.0")
+                .then_some(())
+        },
+    );
     wait_device(&kubectl, "boiler-1", "the applied set point", |d| {
         reported(d, "setpoint").as_deref() == Some("55.0")
     });

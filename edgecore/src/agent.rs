@@ -156,12 +156,15 @@ impl Agent {
             // Workers reach their cloud workers through the hub at this address.
             node_env.insert("SEDNA_CLOUD_PROXY".to_string(), proxy.addr().to_string());
         }
+        // The devices' latest values, shown by the local API between twin reports.
+        let live_twins = crate::devices::twin::LiveTwins::default();
         let metaserver = match config.metaserver {
             Some(meta) => match MetaServer::start(
                 meta.clone(),
                 hub.store().clone(),
                 hub.subscribe(),
                 hub.reporter(),
+                live_twins.clone(),
             )
             .await
             {
@@ -239,6 +242,7 @@ impl Agent {
             hub.reporter(),
             config.devices.clone(),
             mappers,
+            live_twins,
         ));
         Ok(Agent {
             hub,

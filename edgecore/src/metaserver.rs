@@ -8,6 +8,9 @@
 //! through the outbox (the cloud's answer then replaces the local copy). Everything else is
 //! refused with 403 Forbidden: change objects through the cloud API.
 //!
+//! Devices are shown with their live values: the device manager's latest twins (at most one
+//! update per device per second) laid over the status the cloud last sent.
+//!
 //! The node's administrator authenticates with the token in `<data>/metaserver/kubeconfig`
 //! (mode 0600) and reads everything; each pod gets its own token, scoped to what the pod
 //! uses ([`crate::podtoken`]).
@@ -23,6 +26,7 @@ use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::devices::twin::LiveTwins;
 use crate::podtoken::{PodApi, PodTokens};
 use crate::runtime::Reporter;
 use crate::store::{Change, EdgeStore};
@@ -112,6 +116,7 @@ impl std::fmt::Debug for MetaServer {
 
 struct Mirror {
     server: Arc<ApiServer>,
+    live: LiveTwins,
     store: EdgeStore,
     reporter: Arc<dyn Reporter>,
     /// Revisions the mirror wrote itself (not forwarded upstream).
@@ -125,9 +130,12 @@ impl Mirror {
     async fn put(&mut self, api_version: &str, kind: &str, value: &[u8]) {
         self.versions
             .insert(kind.to_owned(), api_version.to_owned());
-        let Ok(object) = serde_json::from_slice::<Value>(value) else {
+        let Ok(mut object) = serde_json::from_slice::<Value>(value) else {
             return;
         };
+        if kind == "Device" {
+            self.live.overlay(&mut object);
+        }
         match self.server.mirror_put(object).await {
             Ok(Some(rev)) => {
                 self.own.insert(rev);
@@ -275,6 +283,7 @@ impl MetaServer {
         store: EdgeStore,
         mut changes: broadcast::Receiver<Change>,
         reporter: Arc<dyn Reporter>,
+        live: LiveTwins,
     ) -> Result<MetaServer, MetaError> {
         let mut api = Config::new(&config.data_dir);
         api.listen = config.listen;
@@ -300,8 +309,10 @@ impl MetaServer {
                 server.mirror_put(v).await?;
             }
         }
+        let mut live_changes = live.subscribe();
         let mut mirror = Mirror {
             server: server.clone(),
+            live,
             store,
             reporter,
             own: HashSet::new(),
@@ -335,6 +346,14 @@ impl MetaServer {
                     changed = head.changed() => {
                         if changed.is_err() {
                             return;
+                        }
+                    }
+                    Ok(()) = live_changes.changed() => {
+                        for (namespace, name) in mirror.live.take_pending() {
+                            let stored = mirror.store.get("Device", &namespace, &name).ok().flatten();
+                            if let Some(s) = stored {
+                                mirror.put(&s.api_version, &s.kind, &s.value).await;
+                            }
                         }
                     }
                 }

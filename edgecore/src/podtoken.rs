@@ -167,7 +167,8 @@ fn stored(store: &Store, group: &str, plural: &str, ns: &str, name: &str) -> Opt
 }
 
 const SCOPE: &str = "a pod's token reaches only its own Pod, the ConfigMaps and Secrets it uses, \
-                     the workload that owns it and the Models and Datasets that workload names";
+                     the workload that owns it, the Models and Datasets that workload names, \
+                     and (to read) the Devices of its namespace on this node";
 
 /// The local API's authorization: the node's administrator (`system:masters`, the token in
 /// `<data>/metaserver/kubeconfig`) reads everything; a pod what its spec and owner name.
@@ -218,7 +219,13 @@ pub fn authorize(user: &User, a: &Attributes<'_>, store: &Store) -> Result<(), S
                 .any(|(g, p, n)| *g == a.group && p == a.resource && n == t)
         })
     };
+    // The devices of its namespace on this node (the local API holds no others), to read
+    // their live values.
+    let device = a.group == "devices.sedna.io"
+        && matches!(a.resource, "devices" | "devicemodels")
+        && matches!(a.subresource, None | Some("status"));
     let allowed = match a.verb {
+        "get" | "list" | "watch" if device => true,
         "get" | "list" | "watch" => {
             matches!(a.subresource, None | Some("status")) && is(&reachable)
         }
@@ -378,6 +385,27 @@ mod tests {
             .is_ok()
         );
         assert!(ok(Attributes::new("create", "", "events").in_namespace(ns)).is_ok());
+        // The node's devices of its namespace, to read their live values; not to change them.
+        assert!(
+            ok(Attributes::new("list", "devices.sedna.io", "devices").in_namespace(ns)).is_ok()
+        );
+        assert!(
+            ok(Attributes::new("get", "devices.sedna.io", "devices")
+                .in_namespace(ns)
+                .named("boiler-1"))
+            .is_ok()
+        );
+        assert!(
+            ok(Attributes::new("patch", "devices.sedna.io", "devices")
+                .in_namespace(ns)
+                .named("boiler-1")
+                .on_subresource("status"))
+            .is_err()
+        );
+        assert!(
+            ok(Attributes::new("list", "devices.sedna.io", "devices").in_namespace("other"))
+                .is_err()
+        );
 
         let refused = ok(Attributes::new("get", "", "secrets")
             .in_namespace(ns)

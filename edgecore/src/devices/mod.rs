@@ -37,7 +37,7 @@ use crate::runtime::Reporter;
 use crate::runtime::supervisor::Backoff;
 use crate::store::{Change, EdgeStore};
 use spec::{MapperSpec, Protocol, SpecError};
-use twin::Coalescer;
+use twin::{Coalescer, LiveTwins};
 
 /// The most devices one node runs mappers for; more are reported `unhealthy`.
 pub const MAX_DEVICES: usize = 1000;
@@ -246,6 +246,7 @@ pub async fn run(
     reporter: Arc<dyn Reporter>,
     config: DevicesConfig,
     mappers: external::Mappers,
+    live: LiveTwins,
 ) {
     let mut registered = mappers.subscribe();
     let mut manager = Manager {
@@ -253,7 +254,11 @@ pub async fn run(
         node,
         store,
         reporter,
-        coalescer: Coalescer::new(config.report_interval),
+        twins: Twins {
+            cloud: Coalescer::new(config.report_interval),
+            local: Coalescer::new(twin::LOCAL_INTERVAL),
+            live,
+        },
         config,
         devices: HashMap::new(),
         readings: mpsc::channel(1024),
@@ -265,7 +270,7 @@ pub async fn run(
     manager.reconcile();
     loop {
         let wake = [
-            manager.coalescer.next_due(),
+            manager.twins.next_due(),
             manager.devices.values().filter_map(|d| d.restart_at).min(),
         ]
         .into_iter()
@@ -304,6 +309,44 @@ pub async fn run(
     }
 }
 
+/// The devices' twins, coalesced for the cloud (at the report interval) and for the node's
+/// local API (at [`twin::LOCAL_INTERVAL`]), which shows them through `live`.
+struct Twins {
+    cloud: Coalescer,
+    local: Coalescer,
+    live: LiveTwins,
+}
+
+impl Twins {
+    fn report(&mut self, uid: &str, property: &str, value: &str, at: &str) {
+        self.cloud.report(uid, property, value, at);
+        self.local.report(uid, property, value, at);
+    }
+
+    fn applied(&mut self, uid: &str, property: &str, value: &str, at: &str) {
+        self.cloud.applied(uid, property, value, at);
+        self.local.applied(uid, property, value, at);
+    }
+
+    fn state(&mut self, uid: &str, state: &str, at: &str) {
+        self.cloud.state(uid, state, at);
+        self.local.state(uid, state, at);
+    }
+
+    fn forget(&mut self, uid: &str) {
+        self.cloud.forget(uid);
+        self.local.forget(uid);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.cloud
+            .next_due()
+            .into_iter()
+            .chain(self.local.next_due())
+            .min()
+    }
+}
+
 /// A mapper's exit: device uid, mapper generation, result.
 type Exit = (String, u64, Result<(), MapperError>);
 /// The kinds whose changes the manager reacts to.
@@ -318,7 +361,7 @@ struct Manager {
     reporter: Arc<dyn Reporter>,
     config: DevicesConfig,
     devices: HashMap<String, Managed>,
-    coalescer: Coalescer,
+    twins: Twins,
     readings: (mpsc::Sender<Message>, mpsc::Receiver<Message>),
     exits: (mpsc::UnboundedSender<Exit>, mpsc::UnboundedReceiver<Exit>),
     next_generation: u64,
@@ -443,8 +486,10 @@ impl Manager {
             .cloned()
             .collect();
         for uid in gone {
-            self.devices.remove(&uid);
-            self.coalescer.forget(&uid);
+            if let Some(d) = self.devices.remove(&uid) {
+                self.twins.live.remove(&d.object.namespace, &d.object.name);
+            }
+            self.twins.forget(&uid);
         }
     }
 
@@ -510,7 +555,7 @@ impl Manager {
             Ok(spec) => spec.clone(),
             Err(e) => {
                 let message = e.message.clone();
-                self.coalescer.state(uid, "unhealthy", &now());
+                self.twins.state(uid, "unhealthy", &now());
                 self.warn(uid, "spec", "InvalidDevice", &message);
                 return;
             }
@@ -543,7 +588,7 @@ impl Manager {
         match reading {
             Reading::State(state) => {
                 d.warned.remove("mapper");
-                self.coalescer.state(uid, state, &at);
+                self.twins.state(uid, state, &at);
             }
             Reading::Reported { property, value } => {
                 if !d.limit.admit(Instant::now()) {
@@ -564,12 +609,12 @@ impl Manager {
                     self.recording.insert(uid.to_owned());
                 }
                 if d.report_to_cloud.contains(&property) {
-                    self.coalescer.report(uid, &property, &value, &at);
+                    self.twins.report(uid, &property, &value, &at);
                 }
             }
             Reading::Applied { property, value } => {
                 if d.report_to_cloud.contains(&property) {
-                    self.coalescer.applied(uid, &property, &value, &at);
+                    self.twins.applied(uid, &property, &value, &at);
                 }
             }
             Reading::Frame(frame) => {
@@ -613,7 +658,7 @@ impl Manager {
                 }
             }
             Reading::Down { state, message } => {
-                self.coalescer.state(uid, state, &at);
+                self.twins.state(uid, state, &at);
                 let message = if message.is_empty() {
                     format!("the mapper says the device is {state}")
                 } else {
@@ -659,7 +704,7 @@ impl Manager {
             }
             _ => format!("; retrying in {:.1}s", delay.as_secs_f64()),
         };
-        self.coalescer.state(uid, "offline", &now());
+        self.twins.state(uid, "offline", &now());
         self.warn(uid, "mapper", "DeviceUnreachable", &format!("{why}{then}"));
     }
 
@@ -724,17 +769,20 @@ impl Manager {
                 self.warn(&uid, "capture", reason, &message);
             }
         }
-        for flush in self.coalescer.due(Instant::now()) {
+        let now = Instant::now();
+        for flush in self.twins.local.due(now) {
+            if let Some(d) = self.devices.get(&flush.uid) {
+                let o = &d.object;
+                self.twins
+                    .live
+                    .publish(&o.namespace, &o.name, flush.status());
+            }
+        }
+        for flush in self.twins.cloud.due(now) {
             let Some(d) = self.devices.get(&flush.uid) else {
                 continue;
             };
-            let mut status = json!({ "twins": flush.twins });
-            if let Some(state) = flush.state {
-                status["state"] = json!(state);
-            }
-            if let Some(at) = flush.last_online_time {
-                status["lastOnlineTime"] = json!(at);
-            }
+            let status = flush.status();
             let upstream = Upstream {
                 kind: UpstreamKind::Status as i32,
                 object: Some(d.object.clone()),

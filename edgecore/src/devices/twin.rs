@@ -14,6 +14,105 @@ use std::time::Duration;
 use sedna_api::devices::{Twin, TwinProperty};
 use tokio::time::Instant;
 
+/// How often the node's local API shows a device's new values (live, while the cloud gets
+/// them at the report interval).
+pub const LOCAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The latest twin snapshot of each device of the node, for the node's local API: the device
+/// manager publishes, the local API overlays them on the Devices it serves. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct LiveTwins {
+    inner: std::sync::Arc<std::sync::Mutex<LiveInner>>,
+    changed: std::sync::Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+#[derive(Debug, Default)]
+struct LiveInner {
+    /// (namespace, name) → the status fields to show.
+    status: HashMap<(String, String), serde_json::Value>,
+    /// Devices published since the local API last looked.
+    pending: std::collections::BTreeSet<(String, String)>,
+}
+
+impl LiveTwins {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LiveInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A device's latest status fields (`twins`, `state`, `lastOnlineTime`).
+    pub fn publish(&self, namespace: &str, name: &str, status: serde_json::Value) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut inner = self.lock();
+        inner.status.insert(key.clone(), status);
+        inner.pending.insert(key);
+        drop(inner);
+        self.changed.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Forgets a device that went.
+    pub fn remove(&self, namespace: &str, name: &str) {
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut inner = self.lock();
+        inner.status.remove(&key);
+        inner.pending.remove(&key);
+    }
+
+    /// The latest status fields of a device, if any were published.
+    pub fn status(&self, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        self.lock()
+            .status
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    /// The devices published since the last call.
+    pub fn take_pending(&self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.lock().pending)
+            .into_iter()
+            .collect()
+    }
+
+    /// Ticks on every publication.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// `device` with its live status fields laid over the stored ones.
+    pub fn overlay(&self, device: &mut serde_json::Value) {
+        let (Some(ns), Some(name)) = (
+            device
+                .pointer("/metadata/namespace")
+                .and_then(|v| v.as_str()),
+            device.pointer("/metadata/name").and_then(|v| v.as_str()),
+        ) else {
+            return;
+        };
+        let Some(serde_json::Value::Object(live)) = self.status(ns, name) else {
+            return;
+        };
+        if !device["status"].is_object() {
+            device["status"] = serde_json::json!({});
+        }
+        if let Some(status) = device["status"].as_object_mut() {
+            status.extend(live);
+        }
+    }
+}
+
+impl Flush {
+    /// The Device status fields this snapshot sets.
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = serde_json::json!({ "twins": self.twins });
+        if let Some(state) = &self.state {
+            status["state"] = serde_json::json!(state);
+        }
+        if let Some(at) = &self.last_online_time {
+            status["lastOnlineTime"] = serde_json::json!(at);
+        }
+        status
+    }
+}
+
 /// The longest property value kept, in bytes; longer readings are refused by the mappers.
 pub const MAX_VALUE_BYTES: usize = 4096;
 
@@ -164,6 +263,40 @@ impl Coalescer {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn live_values_are_laid_over_the_stored_status_and_forgotten_with_the_device() {
+        let live = LiveTwins::default();
+        let mut changes = live.subscribe();
+        live.publish(
+            "default",
+            "d",
+            serde_json::json!({ "state": "online", "twins": [1] }),
+        );
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(
+            live.take_pending(),
+            [("default".to_owned(), "d".to_owned())]
+        );
+        assert!(live.take_pending().is_empty());
+        let mut stored = serde_json::json!({
+            "metadata": { "namespace": "default", "name": "d" },
+            "status": { "state": "offline", "twins": [0], "conditions": ["kept"] }
+        });
+        live.overlay(&mut stored);
+        assert_eq!(
+            stored["status"],
+            serde_json::json!({ "state": "online", "twins": [1], "conditions": ["kept"] })
+        );
+        let mut other = serde_json::json!({ "metadata": { "namespace": "default", "name": "e" } });
+        live.overlay(&mut other);
+        assert!(
+            other.get("status").is_none(),
+            "only the device's own values"
+        );
+        live.remove("default", "d");
+        assert_eq!(live.status("default", "d"), None);
+    }
+
     use super::*;
 
     #[tokio::test(start_paused = true)]
