@@ -784,3 +784,98 @@ fn a_users_mapper_serves_a_protocol_the_agent_lacks_through_the_mapper_interface
             .then_some(())
     });
 }
+
+#[test]
+fn an_edge_worker_takes_a_camera_device_as_its_input_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    // The camera: a lossless recording of 60 held-out MNIST digits.
+    let frames = dir.path().join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    let images = std::fs::read(root().join("models/mnist/test-images.idx3-ubyte")).unwrap();
+    for (i, pixels) in images[16..].chunks_exact(784).take(60).enumerate() {
+        let mut pgm = b"P5\n28 28\n255\n".to_vec();
+        pgm.extend_from_slice(pixels);
+        std::fs::write(frames.join(format!("{i:04}.pgm")), pgm).unwrap();
+    }
+    let video = dir.path().join("digits.mkv");
+    let made = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-framerate", "25", "-i"])
+        .arg(frames.join("%04d.pgm"))
+        .args(["-c:v", "ffv1", "-pix_fmt", "gray"])
+        .arg(&video)
+        .status()
+        .expect("ffmpeg is installed by scripts/setup");
+    assert!(made.success());
+    let (_up, kubectl) = up_with(&dir.path().join("up"), 1, &["--twin-interval", "1s"]);
+    devices_served(&kubectl);
+    let models = root().join("models/mnist").canonicalize().unwrap();
+    kubectl.apply(&format!(
+        r#"
+apiVersion: devices.sedna.io/v1beta1
+kind: DeviceModel
+metadata: {{ name: camera }}
+spec: {{ protocol: camera, properties: [ {{ name: saveFrame, type: STREAM }} ] }}
+---
+apiVersion: devices.sedna.io/v1beta1
+kind: Device
+metadata: {{ name: digits-cam }}
+spec:
+  deviceModelRef: {{ name: camera }}
+  nodeName: edge-1
+  protocol: {{ protocolName: camera, configData: {{ url: "{video}", fps: 2 }} }}
+---
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{ name: mnist-edge }}
+spec: {{ url: "{models}/edge/model.onnx", format: onnx }}
+---
+apiVersion: sedna.io/v1alpha1
+kind: Model
+metadata: {{ name: mnist-cloud }}
+spec: {{ url: "{models}/cloud/model.onnx", format: onnx }}
+---
+apiVersion: sedna.io/v1alpha1
+kind: JointInferenceService
+metadata: {{ name: from-camera }}
+spec:
+  edgeWorker:
+    model: {{ name: mnist-edge }}
+    hardExampleMining: {{ name: EdgeOnly }}
+    template:
+      spec:
+        nodeName: edge-1
+        containers:
+        - name: edge
+          image: sedna-edge-worker
+          env: [ {{ name: SEDNA_INPUT, value: "device:digits-cam" }}, {{ name: SEDNA_REPORT_INTERVAL_MS, value: "300" }} ]
+  cloudWorker:
+    model: {{ name: mnist-cloud }}
+    template:
+      spec:
+        nodeSelector: {{ node-role.sedna.io/cloud: "" }}
+        containers: [ {{ name: cloud, image: sedna-cloud-worker }} ]
+"#,
+        video = video.display(),
+        models = models.display(),
+    ));
+    // The worker finds the camera's stream through the node's local API and answers every
+    // frame of it.
+    wait_until(
+        "every frame of the camera answered",
+        Duration::from_secs(120),
+        || {
+            let n = kubectl.ok(&[
+                "get",
+                "ji",
+                "from-camera",
+                "-o",
+                "jsonpath={.status.inferences}",
+            ]);
+            (n.trim() == "60").then_some(())
+        },
+    );
+    // The device itself is read by its mapper meanwhile.
+    wait_device(&kubectl, "digits-cam", "the camera online", |d| {
+        state(d) == Some("online")
+    });
+}

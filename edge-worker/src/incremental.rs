@@ -279,7 +279,7 @@ fn answer(
 /// Runs the worker until its input ends (with `SEDNA_EXIT_AFTER`) or SIGTERM.
 pub(crate) async fn run(args: InferArgs) -> Result<()> {
     let config = Config::from_env().context("reading the worker configuration")?;
-    let source = Source::parse(&args.input)?;
+    let source = crate::input::resolve(Source::parse(&args.input)?, &config.namespace).await?;
     if let Source::Dir(dir) = &source {
         // The camera (or whoever drops samples) may not have started yet.
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -1,6 +1,7 @@
 //! Where samples come from and how they become model inputs: a directory of image files
-//! (as they arrive), an IDX file (MNIST's format) replayed, video, an HTTP request API; images
-//! are decoded by `sedna::dataset` (PGM, IDX).
+//! (as they arrive), an IDX file (MNIST's format) replayed, video, a camera Device of the node
+//! (its stream, found through the node's local API), an HTTP request API; images are decoded by
+//! `sedna::dataset` (PGM, IDX).
 
 use std::path::PathBuf;
 
@@ -20,23 +21,27 @@ pub(crate) enum Source {
     Video(String),
     /// Images POSTed by apps to `http://<address>/infer`.
     Http(std::net::SocketAddr),
+    /// The stream of a camera Device of the node, by name (resolved into `Video` by
+    /// [`resolve`]).
+    Device(String),
 }
 
 impl Source {
-    /// Parses `dir:/path`, `idx:/path/images.idx3-ubyte`, `video:<file or URL>` or
-    /// `http:<host:port>`.
+    /// Parses `dir:/path`, `idx:/path/images.idx3-ubyte`, `video:<file or URL>`,
+    /// `device:<name>` or `http:<host:port>`.
     pub(crate) fn parse(text: &str) -> Result<Source> {
         match text.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(path.into())),
             Some(("idx", path)) if !path.is_empty() => Ok(Source::Idx(path.into())),
             Some(("video", url)) if !url.is_empty() => Ok(Source::Video(url.into())),
+            Some(("device", name)) if !name.is_empty() => Ok(Source::Device(name.into())),
             Some(("http", address)) => {
                 Ok(Source::Http(address.parse().with_context(|| {
                     format!("input {text:?}: {address:?} is not host:port")
                 })?))
             }
             _ => bail!(
-                "input {text:?}: expected dir:/path, idx:/path/file.idx3-ubyte, video:<file or URL> or http:<host:port>"
+                "input {text:?}: expected dir:/path, idx:/path/file.idx3-ubyte, video:<file or URL>, device:<name> or http:<host:port>"
             ),
         }
     }
@@ -48,6 +53,66 @@ pub(crate) struct Sample {
     pub(crate) id: String,
     pub(crate) image: Result<Image, String>,
     pub(crate) reply: Option<tokio::sync::oneshot::Sender<serde_json::Value>>,
+}
+
+/// The stream a camera Device is read from: its protocol must be `camera` (or `rtsp`) and its
+/// `configData.url` (the DeviceModel's, overridden by the Device's) says where.
+pub(crate) fn camera_url(
+    device: &sedna_api::devices::Device,
+    model: Option<&sedna_api::devices::DeviceModel>,
+) -> std::result::Result<String, String> {
+    let name = device.metadata.name.clone().unwrap_or_default();
+    let protocol = device
+        .spec
+        .protocol
+        .protocol_name
+        .clone()
+        .or_else(|| model.and_then(|m| m.spec.protocol.clone()))
+        .unwrap_or_default();
+    if protocol != "camera" && protocol != "rtsp" {
+        return Err(format!(
+            "device {name} speaks {protocol:?}, not camera: only a camera's stream is an input"
+        ));
+    }
+    let mut config = model
+        .and_then(|m| m.spec.protocol_config_data.clone())
+        .unwrap_or_default();
+    config.extend(device.spec.protocol.config_data.clone().unwrap_or_default());
+    match config.get("url").and_then(serde_json::Value::as_str) {
+        Some(url) if !url.is_empty() => Ok(url.to_owned()),
+        _ => Err(format!("device {name} has no protocol configData.url")),
+    }
+}
+
+/// Turns `device:<name>` into the camera's stream, read from the node's local API (which
+/// answers while the cloud is away); other sources are returned as they are.
+pub(crate) async fn resolve(source: Source, namespace: &str) -> Result<Source> {
+    let Source::Device(name) = source else {
+        return Ok(source);
+    };
+    let client = sedna::report::local_client().await.with_context(|| {
+        format!(
+            "input device:{name}: finding a Device needs the node's local API \
+             (SEDNA_LOCAL_KUBECONFIG, which the edge agent gives its pods)"
+        )
+    })?;
+    let devices: kube::Api<sedna_api::devices::Device> =
+        kube::Api::namespaced(client.clone(), namespace);
+    let device = devices
+        .get(&name)
+        .await
+        .with_context(|| format!("input device:{name}: reading Device {namespace}/{name}"))?;
+    let models: kube::Api<sedna_api::devices::DeviceModel> =
+        kube::Api::namespaced(client, namespace);
+    let model = models
+        .get_opt(&device.spec.device_model_ref.name)
+        .await
+        .ok()
+        .flatten();
+    let url = camera_url(&device, model.as_ref())
+        .map_err(|e| anyhow::anyhow!("input device:{name}: {e}"))?;
+    tracing::info!(device = %name, %url, "reading the camera's stream");
+    Ok(Source::Video(url))
 }
 
 /// The image size the model takes (rows, cols), when its input says: `[N, rows, cols]`,
@@ -134,6 +199,7 @@ pub(crate) fn spawn_source(
                 }
             });
         }
+        Source::Device(name) => bail!("input device:{name} was not resolved to its stream"),
         Source::Video(url) => {
             let (rows, cols) = frame.context(
                 "a video input needs a model whose input has a known image size ([N, k·k], [N, rows, cols] or [N, 1, rows, cols])",
@@ -278,5 +344,53 @@ mod tests {
             Source::parse("dir:/data").unwrap(),
             Source::Dir("/data".into())
         );
+        assert_eq!(
+            Source::parse("device:site-camera").unwrap(),
+            Source::Device("site-camera".into())
+        );
+        assert!(Source::parse("device:").is_err());
+    }
+
+    #[test]
+    fn a_camera_device_gives_its_stream_and_other_devices_say_why_not() {
+        let model: sedna_api::devices::DeviceModel = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "cam" },
+            "spec": { "protocol": "camera", "protocolConfigData": { "url": "rtsp://model/1", "fps": 2 } }
+        }))
+        .unwrap();
+        let device = |protocol: serde_json::Value| -> sedna_api::devices::Device {
+            serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "north" },
+                "spec": { "deviceModelRef": { "name": "cam" }, "protocol": protocol }
+            }))
+            .unwrap()
+        };
+        assert_eq!(
+            camera_url(&device(serde_json::json!({})), Some(&model)).unwrap(),
+            "rtsp://model/1"
+        );
+        assert_eq!(
+            camera_url(
+                &device(serde_json::json!({ "configData": { "url": "http://h/cam.mjpg" } })),
+                Some(&model)
+            )
+            .unwrap(),
+            "http://h/cam.mjpg",
+            "the device's url overrides the model's"
+        );
+        let e = camera_url(
+            &device(
+                serde_json::json!({ "protocolName": "modbus", "configData": { "ip": "1.2.3.4" } }),
+            ),
+            Some(&model),
+        )
+        .unwrap_err();
+        assert!(e.contains("speaks \"modbus\", not camera"), "{e}");
+        let e = camera_url(
+            &device(serde_json::json!({ "protocolName": "camera" })),
+            None,
+        )
+        .unwrap_err();
+        assert!(e.contains("no protocol configData.url"), "{e}");
     }
 }

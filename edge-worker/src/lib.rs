@@ -63,6 +63,7 @@ pub struct Args {
     #[command(subcommand)]
     pub mode: Option<Mode>,
     /// Samples: `dir:/path` (PGM images as they arrive), `idx:/path/images.idx3-ubyte`,
+    /// `device:<name>` (a camera Device of the node: its stream, found through the local API),
     /// `video:<file or URL>` (any video or stream ffmpeg reads: a file, `rtsp://…`, an HTTP
     /// MJPEG stream), or `http:<host:port>` (apps POST PGM images to `/infer` and get the
     /// result as JSON).
@@ -306,7 +307,7 @@ pub async fn run(args: Args) -> Result<()> {
         .input
         .clone()
         .context("SEDNA_INPUT (--input) is not set: where do the samples come from?")?;
-    let source = Source::parse(&input)?;
+    let source = input::resolve(Source::parse(&input)?, &config.namespace).await?;
     let model_url = config.require_model_url()?.to_string();
     let mining = config
         .hard_example_mining()?

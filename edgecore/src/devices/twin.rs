@@ -266,7 +266,7 @@ mod tests {
     #[test]
     fn live_values_are_laid_over_the_stored_status_and_forgotten_with_the_device() {
         let live = LiveTwins::default();
-        let mut changes = live.subscribe();
+        let changes = live.subscribe();
         live.publish(
             "default",
             "d",
