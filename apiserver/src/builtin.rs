@@ -13,7 +13,7 @@ use crate::registry::ResourceType;
 /// Decodes a built-in object through its typed form. Returns the normalized object and the
 /// paths of fields the type does not declare (which the typed form dropped).
 pub fn decode(t: &ResourceType, value: &Value) -> Result<(Value, Vec<String>), ApiError> {
-    use k8s_openapi::api::{coordination, core, events};
+    use k8s_openapi::api::{apps, batch, coordination, core, events};
     use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1 as apiext;
     let typed = match (t.group.as_str(), t.resource.as_str()) {
         ("", "namespaces") => roundtrip::<core::v1::Namespace>(value),
@@ -26,6 +26,10 @@ pub fn decode(t: &ResourceType, value: &Value) -> Result<(Value, Vec<String>), A
         ("", "events") => roundtrip::<core::v1::Event>(value),
         ("events.k8s.io", "events") => roundtrip::<events::v1::Event>(value),
         ("coordination.k8s.io", "leases") => roundtrip::<coordination::v1::Lease>(value),
+        ("apps", "deployments") => roundtrip::<apps::v1::Deployment>(value),
+        ("apps", "replicasets") => roundtrip::<apps::v1::ReplicaSet>(value),
+        ("apps", "daemonsets") => roundtrip::<apps::v1::DaemonSet>(value),
+        ("batch", "jobs") => roundtrip::<batch::v1::Job>(value),
         ("apiextensions.k8s.io", "customresourcedefinitions") => {
             roundtrip::<apiext::CustomResourceDefinition>(value)
         }
@@ -126,8 +130,160 @@ pub fn prepare_create(t: &ResourceType, obj: &mut Value, used_cluster_ips: &[Str
         }
         ("", "services") => prepare_service(obj, used_cluster_ips),
         ("", "serviceaccounts") | ("", "configmaps") => {}
+        ("apps", "deployments") => {
+            default_fields(
+                &mut obj["spec"],
+                &[
+                    ("replicas", json!(1)),
+                    ("revisionHistoryLimit", json!(10)),
+                    ("progressDeadlineSeconds", json!(600)),
+                    (
+                        "strategy",
+                        json!({ "type": "RollingUpdate",
+                                "rollingUpdate": { "maxSurge": "25%", "maxUnavailable": "25%" } }),
+                    ),
+                ],
+            );
+            obj["status"] = json!({});
+        }
+        ("apps", "replicasets") => {
+            default_fields(&mut obj["spec"], &[("replicas", json!(1))]);
+            obj["status"] = json!({ "replicas": 0 });
+        }
+        ("apps", "daemonsets") => {
+            default_fields(
+                &mut obj["spec"],
+                &[
+                    ("revisionHistoryLimit", json!(10)),
+                    (
+                        "updateStrategy",
+                        json!({ "type": "RollingUpdate",
+                                "rollingUpdate": { "maxUnavailable": 1, "maxSurge": 0 } }),
+                    ),
+                ],
+            );
+            obj["status"] = json!({ "currentNumberScheduled": 0, "desiredNumberScheduled": 0,
+                                    "numberMisscheduled": 0, "numberReady": 0 });
+        }
+        ("batch", "jobs") => {
+            default_fields(
+                &mut obj["spec"],
+                &[
+                    ("parallelism", json!(1)),
+                    ("backoffLimit", json!(6)),
+                    ("completionMode", json!("NonIndexed")),
+                ],
+            );
+            if obj.pointer("/spec/completions").is_none() {
+                obj["spec"]["completions"] = json!(1);
+            }
+            // The job's own selector, unless the user chose one (spec.manualSelector).
+            if obj.pointer("/spec/manualSelector") != Some(&json!(true)) {
+                let uid = obj.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
+                let name = obj
+                    .pointer("/metadata/name")
+                    .cloned()
+                    .unwrap_or(Value::Null);
+                obj["spec"]["selector"] =
+                    json!({ "matchLabels": { "batch.kubernetes.io/controller-uid": uid } });
+                let labels = &mut obj["spec"]["template"]["metadata"]["labels"];
+                if !labels.is_object() {
+                    *labels = json!({});
+                }
+                labels["batch.kubernetes.io/controller-uid"] = uid;
+                labels["batch.kubernetes.io/job-name"] = name;
+            }
+            obj["status"] = json!({});
+        }
         _ => {}
     }
+}
+
+/// Sets the fields of `spec` that are absent.
+fn default_fields(spec: &mut Value, defaults: &[(&str, Value)]) {
+    if !spec.is_object() {
+        return;
+    }
+    for (field, value) in defaults {
+        if spec.get(*field).is_none() {
+            spec[*field] = value.clone();
+        }
+    }
+}
+
+/// Checks the rules of the workload kinds a typed decode cannot: the selector selects the pod
+/// template, counts are not negative, a Job's pods do not restart forever. Returns the field
+/// and the reason.
+pub fn validate(t: &ResourceType, obj: &Value) -> Result<(), (String, String)> {
+    let workload = matches!(
+        (t.group.as_str(), t.resource.as_str()),
+        ("apps", "deployments" | "replicasets" | "daemonsets") | ("batch", "jobs")
+    );
+    if !workload {
+        return Ok(());
+    }
+    let spec = &obj["spec"];
+    for field in ["replicas", "parallelism", "completions", "backoffLimit"] {
+        if spec
+            .get(field)
+            .and_then(Value::as_i64)
+            .is_some_and(|n| n < 0)
+        {
+            return Err((
+                format!("spec.{field}"),
+                format!(
+                    "Invalid value: {}: must be greater than or equal to 0",
+                    spec[field]
+                ),
+            ));
+        }
+    }
+    let selector = &spec["selector"];
+    let match_labels = selector.get("matchLabels").and_then(Value::as_object);
+    let expressions = selector
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .is_some_and(|e| !e.is_empty());
+    if match_labels.is_none_or(|m| m.is_empty()) && !expressions {
+        return Err((
+            "spec.selector".into(),
+            "Required value: a non-empty selector is required".into(),
+        ));
+    }
+    let labels = spec
+        .pointer("/template/metadata/labels")
+        .and_then(Value::as_object);
+    if let Some(wanted) = match_labels {
+        let selected = wanted
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        if !selected {
+            return Err((
+                "spec.template.metadata.labels".into(),
+                format!(
+                    "Invalid value: {}: `selector` does not match template `labels`",
+                    spec.pointer("/template/metadata/labels")
+                        .unwrap_or(&Value::Null)
+                ),
+            ));
+        }
+    }
+    let restart = spec
+        .pointer("/template/spec/restartPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("Always");
+    let (allowed, which): (&[&str], &str) = if t.group == "batch" {
+        (&["Never", "OnFailure"], "\"OnFailure\", \"Never\"")
+    } else {
+        (&["Always"], "\"Always\"")
+    };
+    if !allowed.contains(&restart) {
+        return Err((
+            "spec.template.spec.restartPolicy".into(),
+            format!("Unsupported value: {restart:?}: supported values: {which}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Moves a Secret's `stringData` into `data` (base64), as the API server does on every write.
@@ -403,6 +559,70 @@ mod tests {
             .into_iter()
             .find(|t| t.resource == resource && t.group.is_empty())
             .unwrap()
+    }
+
+    fn workload(group: &str, resource: &str) -> ResourceType {
+        builtins()
+            .into_iter()
+            .find(|t| t.resource == resource && t.group == group)
+            .unwrap()
+    }
+
+    #[test]
+    fn workloads_are_defaulted_and_held_to_their_rules() {
+        let deploy = workload("apps", "deployments");
+        let mut d = json!({ "metadata": { "name": "web", "uid": "u" },
+            "spec": { "selector": { "matchLabels": { "app": "web" } },
+                      "template": { "metadata": { "labels": { "app": "web" } },
+                                    "spec": { "containers": [{ "name": "c", "image": "sh" }] } } } });
+        prepare_create(&deploy, &mut d, &[]);
+        assert_eq!(d["spec"]["replicas"], 1);
+        assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        assert_eq!(validate(&deploy, &d), Ok(()));
+        let mut other = d.clone();
+        other["spec"]["template"]["metadata"]["labels"]["app"] = json!("db");
+        let (field, why) = validate(&deploy, &other).unwrap_err();
+        assert_eq!(field, "spec.template.metadata.labels");
+        assert!(
+            why.contains("`selector` does not match template `labels`"),
+            "{why}"
+        );
+        let mut negative = d.clone();
+        negative["spec"]["replicas"] = json!(-1);
+        assert_eq!(validate(&deploy, &negative).unwrap_err().0, "spec.replicas");
+        let mut none = d.clone();
+        none["spec"]["selector"] = json!({});
+        assert_eq!(validate(&deploy, &none).unwrap_err().0, "spec.selector");
+
+        // A Job gets its own selector and label, and its pods may not restart forever.
+        let jobs = workload("batch", "jobs");
+        let mut j = json!({ "metadata": { "name": "count", "uid": "j-1" },
+            "spec": { "template": { "spec": { "restartPolicy": "Never",
+                                              "containers": [{ "name": "c", "image": "sh" }] } } } });
+        prepare_create(&jobs, &mut j, &[]);
+        assert_eq!(
+            j["spec"]["selector"]["matchLabels"]["batch.kubernetes.io/controller-uid"],
+            "j-1"
+        );
+        assert_eq!(
+            j["spec"]["template"]["metadata"]["labels"]["batch.kubernetes.io/job-name"],
+            "count"
+        );
+        assert_eq!(
+            (
+                j["spec"]["completions"].clone(),
+                j["spec"]["backoffLimit"].clone()
+            ),
+            (json!(1), json!(6))
+        );
+        assert_eq!(validate(&jobs, &j), Ok(()));
+        j["spec"]["template"]["spec"]["restartPolicy"] = json!("Always");
+        let (field, why) = validate(&jobs, &j).unwrap_err();
+        assert_eq!(field, "spec.template.spec.restartPolicy");
+        assert!(
+            why.contains("supported values: \"OnFailure\", \"Never\""),
+            "{why}"
+        );
     }
 
     #[test]

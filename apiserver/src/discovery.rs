@@ -120,6 +120,26 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if t.scale.is_some() {
+            resources.push(json!({
+                "name": format!("{}/scale", t.resource),
+                "singularName": "",
+                "namespaced": t.namespaced,
+                "group": "autoscaling",
+                "version": "v1",
+                "kind": "Scale",
+                "verbs": ["get", "patch", "update"],
+            }));
+        }
+        for (sub, kind, verbs) in extra_subresources(t) {
+            resources.push(json!({
+                "name": format!("{}/{sub}", t.resource),
+                "singularName": "",
+                "namespaced": t.namespaced,
+                "kind": kind,
+                "verbs": verbs,
+            }));
+        }
     }
     let group_version = if group.is_empty() {
         version.to_owned()
@@ -132,6 +152,17 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
         "groupVersion": group_version,
         "resources": resources,
     }))
+}
+
+/// Subresources served by handlers of their own: (name, kind, verbs).
+fn extra_subresources(t: &ResourceType) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+    match (t.group.as_str(), t.resource.as_str()) {
+        ("", "pods") => vec![
+            ("binding", "Binding", vec!["create"]),
+            ("eviction", "Eviction", vec!["create"]),
+        ],
+        _ => vec![],
+    }
 }
 
 fn storage_hash(t: &ResourceType) -> String {
@@ -175,12 +206,31 @@ pub fn aggregated(types: &[Arc<ResourceType>], core: bool, version: &str) -> Val
                             if !t.categories.is_empty() {
                                 r["categories"] = json!(t.categories);
                             }
+                            let mut subresources = Vec::new();
                             if t.status_subresource {
-                                r["subresources"] = json!([{
+                                subresources.push(json!({
                                     "subresource": "status",
                                     "responseKind": kind,
                                     "verbs": ["get", "patch", "update"],
-                                }]);
+                                }));
+                            }
+                            if t.scale.is_some() {
+                                subresources.push(json!({
+                                    "subresource": "scale",
+                                    "responseKind": { "group": "autoscaling", "version": "v1",
+                                                      "kind": "Scale" },
+                                    "verbs": ["get", "patch", "update"],
+                                }));
+                            }
+                            for (sub, k, verbs) in extra_subresources(t) {
+                                subresources.push(json!({
+                                    "subresource": sub,
+                                    "responseKind": { "group": "", "version": "v1", "kind": k },
+                                    "verbs": verbs,
+                                }));
+                            }
+                            if !subresources.is_empty() {
+                                r["subresources"] = json!(subresources);
                             }
                             r
                         })

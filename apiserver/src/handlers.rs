@@ -16,6 +16,7 @@ use crate::request::{Query, Representation, ResourcePath};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::server::Api;
 use crate::store::{Mutation, Precondition, StoreError, Stored};
+use crate::subresources;
 use crate::table;
 use sedna_api::schema::UnknownFields;
 
@@ -198,6 +199,9 @@ fn normalize(
     }
     let (normalized, unknown_paths) = builtin::decode(t, obj)?;
     *obj = normalized;
+    builtin::validate(t, obj).map_err(|(field, message)| {
+        ApiError::invalid_field(&t.kind, &t.group, &name, &field, &message)
+    })?;
     if t.group == "apiextensions.k8s.io" {
         check_crd(api, obj)?;
     }
@@ -318,6 +322,9 @@ fn include_object(call: &Call) -> &str {
 
 /// GET of one object.
 pub fn get(api: &Api, call: &Call) -> Result<Reply, ApiError> {
+    if subresources::which(&call.path, &call.t) == Some("scale") {
+        return subresources::get_scale(api, call);
+    }
     call.part()?;
     let stored = api.store.get(&call.key()).ok_or_else(|| call.not_found())?;
     Ok(respond_object(call, &stored.value, 200, vec![]))
@@ -607,6 +614,11 @@ fn after_write(api: &Api, t: &ResourceType, stored: &Value, deleted: bool) {
 
 /// POST to a collection.
 pub async fn create(api: &Api, call: &Call) -> Result<Reply, ApiError> {
+    match subresources::which(&call.path, &call.t) {
+        Some("binding") => return subresources::bind(api, call).await,
+        Some("eviction") => return subresources::evict(api, call).await,
+        _ => {}
+    }
     if call.path.subresource.is_some() {
         return Err(ApiError::method_not_allowed(
             "create is not supported on subresources",
@@ -699,6 +711,9 @@ fn namespace_pending(t: &ResourceType, obj: &Value) -> bool {
 
 /// PUT of one object (or its status).
 pub async fn update(api: &Api, call: &Call) -> Result<Reply, ApiError> {
+    if subresources::which(&call.path, &call.t) == Some("scale") {
+        return subresources::write_scale(api, call).await;
+    }
     let new = decode_body(&call.content_type, &call.body)?;
     check_kind(call, &new)?;
     if let Some(body_name) = meta::meta_str(&new, "name")
@@ -734,6 +749,9 @@ pub async fn update(api: &Api, call: &Call) -> Result<Reply, ApiError> {
 
 /// PATCH of one object (or its status), retried on conflicts with concurrent writers.
 pub async fn patch(api: &Api, call: &Call) -> Result<Reply, ApiError> {
+    if subresources::which(&call.path, &call.t) == Some("scale") {
+        return subresources::write_scale(api, call).await;
+    }
     let patch_type = PatchType::from_content_type(&call.content_type).ok_or_else(|| {
         ApiError::unsupported_media_type(format!(
             "the body of the request was in an unknown format - accepted media types include: \

@@ -26,11 +26,13 @@ pub mod meta;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;
+mod protobuf_workloads;
 pub mod registry;
 pub mod request;
 pub mod selector;
 pub mod server;
 pub mod store;
+pub mod subresources;
 pub mod table;
 mod watch;
 

@@ -35,7 +35,7 @@ struct TypeMeta {
 }
 
 #[derive(Clone, PartialEq, Message)]
-struct OwnerReference {
+pub(crate) struct OwnerReference {
     #[prost(string, optional, tag = "1")]
     kind: Option<String>,
     #[prost(string, optional, tag = "3")]
@@ -51,21 +51,21 @@ struct OwnerReference {
 }
 
 #[derive(Clone, PartialEq, Message)]
-struct ObjectMeta {
+pub(crate) struct ObjectMeta {
     #[prost(string, optional, tag = "1")]
-    name: Option<String>,
+    pub(crate) name: Option<String>,
     #[prost(string, optional, tag = "2")]
-    generate_name: Option<String>,
+    pub(crate) generate_name: Option<String>,
     #[prost(string, optional, tag = "3")]
-    namespace: Option<String>,
+    pub(crate) namespace: Option<String>,
     #[prost(btree_map = "string, string", tag = "11")]
-    labels: BTreeMap<String, String>,
+    pub(crate) labels: BTreeMap<String, String>,
     #[prost(btree_map = "string, string", tag = "12")]
-    annotations: BTreeMap<String, String>,
+    pub(crate) annotations: BTreeMap<String, String>,
     #[prost(message, repeated, tag = "13")]
-    owner_references: Vec<OwnerReference>,
+    pub(crate) owner_references: Vec<OwnerReference>,
     #[prost(string, repeated, tag = "14")]
-    finalizers: Vec<String>,
+    pub(crate) finalizers: Vec<String>,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -216,7 +216,7 @@ fn set(s: Option<String>) -> Option<String> {
     s.filter(|s| !s.is_empty())
 }
 
-fn metadata_json(meta: Option<ObjectMeta>) -> Value {
+pub(crate) fn metadata_json(meta: Option<ObjectMeta>) -> Value {
     let Some(m) = meta else { return json!({}) };
     let mut out = Map::new();
     let mut put = |k: &str, v: Value| {
@@ -396,10 +396,13 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             json!({ "metadata": metadata_json(review.metadata), "spec": out })
         }
+        ("apps/v1", "Deployment") => crate::protobuf_workloads::deployment(&raw)?,
+        ("batch/v1", "Job") => crate::protobuf_workloads::job(&raw)?,
         _ => {
             return Err(format!(
-                "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace and RBAC \
-                 roles and bindings, not {api_version} {kind}: send JSON"
+                "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace, RBAC \
+                 roles and bindings, apps/v1 Deployments and batch/v1 Jobs, not {api_version} \
+                 {kind}: send JSON"
             ));
         }
     };

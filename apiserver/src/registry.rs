@@ -57,6 +57,30 @@ pub struct ResourceType {
     pub selectable_fields: Vec<String>,
     /// Whether the type comes from a CustomResourceDefinition.
     pub custom: bool,
+    /// The `scale` subresource, when served.
+    pub scale: Option<ScalePaths>,
+}
+
+/// Where the `scale` subresource reads and writes (JSON paths such as `.spec.replicas`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScalePaths {
+    /// The desired replicas.
+    pub spec_replicas: String,
+    /// The observed replicas.
+    pub status_replicas: String,
+    /// A string field holding the label selector (custom resources); `None`: the object's
+    /// `spec.selector` (a LabelSelector, as apps/v1 kinds have).
+    pub label_selector: Option<String>,
+}
+
+impl ScalePaths {
+    fn replicas() -> Self {
+        Self {
+            spec_replicas: ".spec.replicas".into(),
+            status_replicas: ".status.replicas".into(),
+            label_selector: None,
+        }
+    }
 }
 
 impl ResourceType {
@@ -146,6 +170,7 @@ fn builtin(
         columns: vec![],
         selectable_fields: vec![],
         custom: false,
+        scale: None,
     }
 }
 
@@ -167,6 +192,36 @@ pub fn builtins() -> Vec<ResourceType> {
         false,
     );
     events_v1.storage_group = String::new();
+    let mut deployments = builtin(
+        "apps",
+        "v1",
+        "deployments",
+        "Deployment",
+        true,
+        &["deploy"],
+        true,
+    );
+    let mut replicasets = builtin(
+        "apps",
+        "v1",
+        "replicasets",
+        "ReplicaSet",
+        true,
+        &["rs"],
+        true,
+    );
+    let mut daemonsets = builtin("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"], true);
+    let mut jobs = builtin("batch", "v1", "jobs", "Job", true, &[], true);
+    for t in [
+        &mut deployments,
+        &mut replicasets,
+        &mut daemonsets,
+        &mut jobs,
+    ] {
+        t.categories = vec!["all".into()];
+    }
+    deployments.scale = Some(ScalePaths::replicas());
+    replicasets.scale = Some(ScalePaths::replicas());
     vec![
         builtin("", "v1", "namespaces", "Namespace", false, &["ns"], true),
         builtin("", "v1", "nodes", "Node", false, &["no"], true),
@@ -194,6 +249,10 @@ pub fn builtins() -> Vec<ResourceType> {
             false,
         ),
         events_v1,
+        deployments,
+        replicasets,
+        daemonsets,
+        jobs,
         builtin(
             "authorization.k8s.io",
             "v1",
@@ -307,6 +366,15 @@ pub fn types_of_crd(crd: &CustomResourceDefinition) -> Result<Vec<ResourceType>,
                 .map(|f| f.json_path.trim_start_matches('.').to_owned())
                 .collect(),
             custom: true,
+            scale: version
+                .subresources
+                .as_ref()
+                .and_then(|s| s.scale.as_ref())
+                .map(|s| ScalePaths {
+                    spec_replicas: s.spec_replicas_path.clone(),
+                    status_replicas: s.status_replicas_path.clone(),
+                    label_selector: s.label_selector_path.clone(),
+                }),
         });
     }
     Ok(out)

@@ -141,9 +141,19 @@ fn set_values(rest: &str) -> Option<Vec<String>> {
     )
 }
 
-/// A parsed field selector.
+/// A parsed field selector: (field, `=` or `!=`, value, the field's value when absent).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct FieldSelector(Vec<(String, bool, String)>);
+pub struct FieldSelector(Vec<(String, bool, String, &'static str)>);
+
+/// What a built-in field reads as when the object lacks it: Kubernetes selects on its typed
+/// objects, where an absent boolean is `false` (`spec.unschedulable==false` matches a node
+/// without the field).
+fn zero_value(t: &ResourceType, field: &str) -> &'static str {
+    match (t.group.as_str(), t.resource.as_str(), field) {
+        ("", "nodes", "spec.unschedulable") | ("", "pods", "spec.hostNetwork") => "false",
+        _ => "",
+    }
+}
 
 /// Field selector paths each built-in kind supports beyond `metadata.name` and
 /// `metadata.namespace`.
@@ -216,7 +226,12 @@ impl FieldSelector {
                     "field label not supported: {field}"
                 )));
             }
-            reqs.push((field.to_owned(), equal, value.trim().to_owned()));
+            reqs.push((
+                field.to_owned(),
+                equal,
+                value.trim().to_owned(),
+                zero_value(t, field),
+            ));
         }
         Ok(Self(reqs))
     }
@@ -224,9 +239,10 @@ impl FieldSelector {
     /// Whether the object satisfies every requirement. Events are matched in their stored
     /// (core/v1) form, so `regarding.*` reads `involvedObject.*`.
     pub fn matches(&self, object: &Value) -> bool {
-        self.0.iter().all(|(field, equal, want)| {
+        self.0.iter().all(|(field, equal, want, zero)| {
             let got = field_value(object, field);
-            (got == *want) == *equal
+            let got = if got.is_empty() { zero } else { got.as_str() };
+            (got == want) == *equal
         })
     }
 
@@ -235,8 +251,8 @@ impl FieldSelector {
     pub fn pinned(&self, field: &str) -> Option<&str> {
         self.0
             .iter()
-            .find(|(f, equal, _)| f == field && *equal)
-            .map(|(_, _, v)| v.as_str())
+            .find(|(f, equal, _, _)| f == field && *equal)
+            .map(|(_, _, v, _)| v.as_str())
     }
 
     /// Whether the selector is empty.
@@ -335,6 +351,37 @@ mod tests {
         assert!(!other.matches(&pod));
         let err = FieldSelector::parse("spec.color=red", &pods()).unwrap_err();
         assert_eq!(err.message, "field label not supported: spec.color");
+    }
+
+    #[test]
+    fn an_absent_boolean_field_reads_as_false() {
+        let nodes = builtins()
+            .into_iter()
+            .find(|t| t.resource == "nodes")
+            .unwrap();
+        let plain = json!({ "metadata": { "name": "edge-1" } });
+        let cordoned =
+            json!({ "metadata": { "name": "edge-2" }, "spec": { "unschedulable": true } });
+        let schedulable = FieldSelector::parse("spec.unschedulable==false", &nodes).unwrap();
+        assert!(
+            schedulable.matches(&plain),
+            "a node without the field is schedulable"
+        );
+        assert!(!schedulable.matches(&cordoned));
+        let not_cordoned = FieldSelector::parse("spec.unschedulable!=true", &nodes).unwrap();
+        assert!(not_cordoned.matches(&plain) && !not_cordoned.matches(&cordoned));
+        let pod = json!({ "metadata": { "name": "p" }, "spec": {} });
+        assert!(
+            FieldSelector::parse("spec.hostNetwork=false", &pods())
+                .unwrap()
+                .matches(&pod)
+        );
+        // Strings stay empty when absent.
+        assert!(
+            FieldSelector::parse("spec.nodeName=", &pods())
+                .unwrap()
+                .matches(&pod)
+        );
     }
 
     #[test]

@@ -103,6 +103,10 @@ enum Command {
         /// Kubeconfig of the cluster (the embedded API server's `D/kubeconfig`, or a real one).
         #[arg(long, value_name = "FILE", env = "KUBECONFIG")]
         kubeconfig: PathBuf,
+        /// Also run a scheduler and the Deployment, ReplicaSet, DaemonSet and Job controllers,
+        /// for an API server without them (`sedna apiserver`); never on a real cluster.
+        #[arg(long)]
+        workloads: bool,
     },
     /// Run a JointInferenceService's edge worker (what a pod with image `sedna-edge-worker`
     /// runs; configured by the environment the controller injects).
@@ -239,12 +243,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             runtime()?.block_on(up::up(args))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Gm { kubeconfig } => {
+        Command::Gm {
+            kubeconfig,
+            workloads,
+        } => {
             init_logging(cli.log_json);
             runtime()?.block_on(async move {
                 let client = up::client_for(&kubeconfig).await?;
                 println!("global manager running against {}", kubeconfig.display());
-                sedna_controllers::run(client, wait_for_signal()).await;
+                sedna_controllers::run_with(client, workloads, wait_for_signal()).await;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

@@ -106,6 +106,50 @@ impl Collector for Figures {
     }
 }
 
+/// The figures of several nodes in one process (`sedna up`): one family per metric, each node a
+/// sample with its `node` label, since the exposition format allows one `# HELP`/`# TYPE` per
+/// metric name (strict parsers such as `promtool check metrics` refuse repeats).
+#[derive(Debug, Default)]
+pub(crate) struct NodeFigures(Vec<(String, Figures)>);
+
+impl NodeFigures {
+    /// Adds a node's figures (every node's must list the same metrics, as `agent_figures`).
+    pub(crate) fn add(&mut self, node: impl Into<String>, figures: Figures) {
+        self.0.push((node.into(), figures));
+    }
+}
+
+impl Collector for NodeFigures {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::metrics::MetricType;
+        let Some((_, first)) = self.0.first() else {
+            return Ok(());
+        };
+        for (i, f) in first.0.iter().enumerate() {
+            let metric_type = match f.kind {
+                Kind::Counter => MetricType::Counter,
+                Kind::Gauge => MetricType::Gauge,
+            };
+            let mut family = encoder.encode_descriptor(f.name, f.help, None, metric_type)?;
+            for (node, figures) in &self.0 {
+                let Some(figure) = figures.0.get(i).filter(|g| g.name == f.name) else {
+                    continue;
+                };
+                let labels = vec![("node".to_owned(), node.clone())];
+                let sample = family.encode_family(&labels)?;
+                let value = (figure.read)();
+                match figure.kind {
+                    Kind::Counter => ConstCounter::new(value).encode(sample)?,
+                    Kind::Gauge => {
+                        ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(sample)?
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Health of the process: `/healthz` answers 200 while it says true.
 pub(crate) type Health = Arc<dyn Fn() -> bool + Send + Sync>;
 
@@ -371,5 +415,96 @@ mod tests {
         healthy.store(false, Ordering::Relaxed);
         assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+
+    /// Checks the text exposition format strictly, as `promtool check metrics` does for what
+    /// matters here: one `# HELP` and one `# TYPE` per metric family, before its samples, and
+    /// each family's samples together. Returns the samples by family.
+    fn parse_strictly(text: &str) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut families: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        let (mut helped, mut typed) = (
+            std::collections::HashSet::new(),
+            std::collections::HashSet::new(),
+        );
+        let mut current: Option<String> = None;
+        for line in text.lines().filter(|l| !l.is_empty() && *l != "# EOF") {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let name = rest.split(' ').next().unwrap().to_owned();
+                assert!(
+                    helped.insert(name.clone()),
+                    "a second HELP for {name}:\n{text}"
+                );
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let name = rest.split(' ').next().unwrap().to_owned();
+                assert!(
+                    typed.insert(name.clone()),
+                    "a second TYPE for {name}:\n{text}"
+                );
+                current = Some(name.clone());
+                families.entry(name).or_default();
+            } else {
+                assert!(!line.starts_with('#'), "unknown comment {line}");
+                let family = current.clone().expect("a sample before any TYPE");
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(
+                    name == family || name == format!("{family}_total"),
+                    "sample {name} outside its family {family}:\n{text}"
+                );
+                families.get_mut(&family).unwrap().push(line.to_owned());
+            }
+        }
+        families
+    }
+
+    #[test]
+    fn many_nodes_make_one_family_per_metric_with_a_node_label() {
+        let mut registry = Registry::default();
+        let mut nodes = NodeFigures::default();
+        for (node, n) in [("edge-1", 1), ("edge-2", 2), ("cloud", 3)] {
+            nodes.add(
+                node,
+                Figures::default()
+                    .gauge("pods", "Pods supervised", move || n)
+                    .counter("resyncs", "Resyncs", move || 10 * n),
+            );
+        }
+        registry
+            .sub_registry_with_prefix("sedna_edge")
+            .register_collector(Box::new(nodes));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let families = parse_strictly(&text);
+        assert_eq!(
+            families["sedna_edge_pods"],
+            [
+                "sedna_edge_pods{node=\"edge-1\"} 1",
+                "sedna_edge_pods{node=\"edge-2\"} 2",
+                "sedna_edge_pods{node=\"cloud\"} 3"
+            ]
+        );
+        assert_eq!(families["sedna_edge_resyncs"].len(), 3, "{text}");
+        assert!(
+            text.contains("sedna_edge_resyncs_total{node=\"cloud\"} 30"),
+            "{text}"
+        );
+
+        // What `sedna up` did before: one collector per node under a label, each repeating
+        // the HELP and TYPE lines, which the strict check refuses.
+        let mut old = Registry::default();
+        for node in ["edge-1", "edge-2"] {
+            old.sub_registry_with_label((
+                std::borrow::Cow::Borrowed("node"),
+                std::borrow::Cow::Owned(node.to_owned()),
+            ))
+            .sub_registry_with_prefix("sedna_edge")
+            .register_collector(Box::new(Figures::default().gauge("pods", "Pods", || 1)));
+        }
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &old).unwrap();
+        let refused = std::panic::catch_unwind(|| parse_strictly(&text));
+        assert!(
+            refused.is_err(),
+            "the check must catch repeated families:\n{text}"
+        );
     }
 }

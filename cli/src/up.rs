@@ -136,9 +136,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
 
     install_crds(&client).await?;
     let (stop_gm, gm_stopped) = tokio::sync::oneshot::channel::<()>();
-    let gm = tokio::spawn(sedna_controllers::run(client.clone(), async move {
-        let _ = gm_stopped.await;
-    }));
+    // The embedded control plane has no kube-scheduler or kube-controller-manager: the global
+    // manager runs the scheduler and the workload controllers too.
+    let gm = tokio::spawn(sedna_controllers::run_with(
+        client.clone(),
+        true,
+        async move {
+            let _ = gm_stopped.await;
+        },
+    ));
 
     let pod_users = match &args.pod_uids {
         Some(range) => Some(std::sync::Arc::new(
@@ -147,6 +153,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         None => None,
     };
     let mut agents = Vec::new();
+    // Every node's figures, one family per metric with a `node` label.
+    let mut node_figures = crate::ops::NodeFigures::default();
     for (i, (name, role)) in node_names(args.edges).into_iter().enumerate() {
         let dir = d.join("nodes").join(&name);
         ensure_joined(&client, &hub_addr, &name, &dir).await?;
@@ -177,15 +185,12 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         let agent = sedna_edgecore::Agent::start(config)
             .await
             .with_context(|| format!("starting node {name}"))?;
-        registry
-            .sub_registry_with_label((
-                std::borrow::Cow::Borrowed("node"),
-                std::borrow::Cow::Owned(name.clone()),
-            ))
-            .sub_registry_with_prefix("sedna_edge")
-            .register_collector(Box::new(crate::ops::agent_figures(&agent)));
+        node_figures.add(name.clone(), crate::ops::agent_figures(&agent));
         agents.push((name, agent));
     }
+    registry
+        .sub_registry_with_prefix("sedna_edge")
+        .register_collector(Box::new(node_figures));
     let connected = {
         let hub_stats = hub.stats();
         let want = agents.len() as u64;

@@ -10,6 +10,9 @@
 //! - [`incremental_learning`]: an IncrementalLearningJob's rounds, Train → Eval → Deploy, with
 //!   an inference worker on the dataset's node that reloads each deployed model in place.
 //! - [`workers`]: building, placing and keeping worker pods, shared by the above.
+//! - [`scheduler`] and [`workloads`] (ReplicaSet, Deployment, DaemonSet, Job): what a cluster
+//!   without kube-scheduler and kube-controller-manager lacks (`sedna up`'s embedded control
+//!   plane); off against a real cluster (see [`run_with`]).
 //!
 //! Reconciles are idempotent; errors requeue with jittered backoff; every transition is an
 //! Event on the resource.
@@ -19,7 +22,9 @@ pub mod federated_learning;
 pub mod incremental_learning;
 pub mod joint_inference;
 pub mod model;
+pub mod scheduler;
 pub mod workers;
+pub mod workloads;
 
 use std::time::Duration;
 
@@ -86,12 +91,29 @@ impl Failures {
     }
 }
 
-/// Runs every controller until `shutdown` completes.
+/// Runs every controller of the AI resources until `shutdown` completes.
 pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output = ()> + Send) {
+    run_with(client, false, shutdown).await;
+}
+
+/// Runs every controller until `shutdown` completes; with `workloads`, also the scheduler and
+/// the ReplicaSet, Deployment, DaemonSet and Job controllers (for a control plane that lacks
+/// them, never next to kube-scheduler and kube-controller-manager).
+pub async fn run_with(
+    client: kube::Client,
+    workloads: bool,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) {
     let (tx, rx) = tokio::sync::watch::channel(false);
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let extra = workloads.then(|| {
+        (
+            tokio::spawn(scheduler::run(client.clone(), wait(rx.clone()))),
+            tokio::spawn(workloads::run(client.clone(), wait(rx.clone()))),
+        )
+    });
     let models = tokio::spawn(model::run(client.clone(), wait(rx.clone())));
     let services = tokio::spawn(joint_inference::run(client.clone(), wait(rx.clone())));
     let jobs = tokio::spawn(federated_learning::run(client.clone(), wait(rx.clone())));
@@ -102,6 +124,10 @@ pub async fn run(client: kube::Client, shutdown: impl std::future::Future<Output
     let _ = services.await;
     let _ = jobs.await;
     let _ = rounds.await;
+    if let Some((scheduler, workloads)) = extra {
+        let _ = scheduler.await;
+        let _ = workloads.await;
+    }
 }
 
 #[cfg(test)]
