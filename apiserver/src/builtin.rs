@@ -464,6 +464,14 @@ pub fn list_type(t: &ResourceType, path: &[&str]) -> ListType {
     // Pod specs, alone or inside templates.
     let pod_spec_tail = match path {
         ["spec", rest @ ..] if t.resource == "pods" => Some(rest),
+        ["spec", "template", "spec", rest @ ..]
+            if matches!(
+                (t.group.as_str(), t.resource.as_str()),
+                ("apps", "deployments" | "replicasets" | "daemonsets") | ("batch", "jobs")
+            ) =>
+        {
+            Some(rest)
+        }
         _ => None,
     };
     if let Some(rest) = pod_spec_tail {
@@ -715,5 +723,18 @@ mod tests {
             ListType::Atomic
         );
         assert_eq!(list_type(&pods, &["metadata", "finalizers"]), ListType::Set);
+        // Inside the pod templates of workloads too (`kubectl set env` patches them so).
+        let deployments = workload("apps", "deployments");
+        assert_eq!(
+            list_type(&deployments, &["spec", "template", "spec", "containers"]),
+            ListType::Map(vec!["name".into()])
+        );
+        assert_eq!(
+            list_type(
+                &workload("batch", "jobs"),
+                &["spec", "template", "spec", "containers", "env"]
+            ),
+            ListType::Map(vec!["name".into()])
+        );
     }
 }

@@ -41,6 +41,11 @@ fn groups(types: &[Arc<ResourceType>]) -> Vec<(String, Vec<String>)> {
             None => out.push((t.group.clone(), vec![t.version.clone()])),
         }
     }
+    for g in RESOURCELESS_GROUPS {
+        if !out.iter().any(|(name, _)| name == g) {
+            out.push((g.to_owned(), vec!["v1".to_owned()]));
+        }
+    }
     out.sort_by(|a, b| (!a.0.is_empty(), &a.0).cmp(&(!b.0.is_empty(), &b.0)));
     out
 }
@@ -92,6 +97,10 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
         .filter(|t| t.group == group && t.version == version)
         .collect();
     if mine.is_empty() {
+        if RESOURCELESS_GROUPS.contains(&group) && version == "v1" {
+            return Some(json!({ "kind": "APIResourceList", "apiVersion": "v1",
+                                "groupVersion": format!("{group}/v1"), "resources": [] }));
+        }
         return None;
     }
     let mut resources = Vec::new();
@@ -131,14 +140,19 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
                 "verbs": ["get", "patch", "update"],
             }));
         }
-        for (sub, kind, verbs) in extra_subresources(t) {
-            resources.push(json!({
+        for (sub, group, kind, verbs) in extra_subresources(t) {
+            let mut r = json!({
                 "name": format!("{}/{sub}", t.resource),
                 "singularName": "",
                 "namespaced": t.namespaced,
                 "kind": kind,
                 "verbs": verbs,
-            }));
+            });
+            if !group.is_empty() {
+                r["group"] = json!(group);
+                r["version"] = json!("v1");
+            }
+            resources.push(r);
         }
     }
     let group_version = if group.is_empty() {
@@ -154,16 +168,22 @@ pub fn resource_list(types: &[Arc<ResourceType>], group: &str, version: &str) ->
     }))
 }
 
-/// Subresources served by handlers of their own: (name, kind, verbs).
-fn extra_subresources(t: &ResourceType) -> Vec<(&'static str, &'static str, Vec<&'static str>)> {
+/// Subresources served by handlers of their own: (name, group, kind, verbs).
+fn extra_subresources(
+    t: &ResourceType,
+) -> Vec<(&'static str, &'static str, &'static str, Vec<&'static str>)> {
     match (t.group.as_str(), t.resource.as_str()) {
         ("", "pods") => vec![
-            ("binding", "Binding", vec!["create"]),
-            ("eviction", "Eviction", vec!["create"]),
+            ("binding", "", "Binding", vec!["create"]),
+            ("eviction", "policy", "Eviction", vec!["create"]),
         ],
         _ => vec![],
     }
 }
+
+/// Groups served without resources of their own: `policy/v1` (its Eviction is a subresource
+/// of pods; `kubectl drain` evicts only when discovery lists the group).
+const RESOURCELESS_GROUPS: [&str; 1] = ["policy"];
 
 fn storage_hash(t: &ResourceType) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -222,10 +242,10 @@ pub fn aggregated(types: &[Arc<ResourceType>], core: bool, version: &str) -> Val
                                     "verbs": ["get", "patch", "update"],
                                 }));
                             }
-                            for (sub, k, verbs) in extra_subresources(t) {
+                            for (sub, group, k, verbs) in extra_subresources(t) {
                                 subresources.push(json!({
                                     "subresource": sub,
-                                    "responseKind": { "group": "", "version": "v1", "kind": k },
+                                    "responseKind": { "group": group, "version": "v1", "kind": k },
                                     "verbs": verbs,
                                 }));
                             }

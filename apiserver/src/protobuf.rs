@@ -398,11 +398,16 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         }
         ("apps/v1", "Deployment") => crate::protobuf_workloads::deployment(&raw)?,
         ("batch/v1", "Job") => crate::protobuf_workloads::job(&raw)?,
+        ("policy/v1" | "policy/v1beta1", "Eviction") => crate::protobuf_workloads::eviction(&raw)?,
+        ("v1" | "meta.k8s.io/v1", "DeleteOptions") => {
+            // Options, not an object: no apiVersion/kind added.
+            return crate::protobuf_workloads::delete_options(&raw);
+        }
         _ => {
             return Err(format!(
                 "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace, RBAC \
-                 roles and bindings, apps/v1 Deployments and batch/v1 Jobs, not {api_version} \
-                 {kind}: send JSON"
+                 roles and bindings, apps/v1 Deployments, batch/v1 Jobs, Evictions and \
+                 DeleteOptions, not {api_version} {kind}: send JSON"
             ));
         }
     };

@@ -529,6 +529,104 @@ fn int_or_string(v: Option<IntOrString>) -> Value {
     }
 }
 
+const PRECONDITIONS: Schema = Schema {
+    name: "preconditions",
+    fields: &[(1, "uid", None), (2, "resourceVersion", None)],
+};
+const DELETE_OPTIONS: Schema = Schema {
+    name: "DeleteOptions",
+    fields: &[
+        (1, "gracePeriodSeconds", None),
+        (2, "preconditions", Some(&PRECONDITIONS)),
+        (3, "orphanDependents", None),
+        (4, "propagationPolicy", None),
+        (5, "dryRun", None),
+    ],
+};
+const EVICTION: Schema = Schema {
+    name: "Eviction",
+    fields: &[
+        (1, "metadata", Some(&META)),
+        (2, "deleteOptions", Some(&DELETE_OPTIONS)),
+    ],
+};
+
+#[derive(Clone, PartialEq, Message)]
+struct Preconditions {
+    #[prost(string, optional, tag = "1")]
+    uid: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    resource_version: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct DeleteOptions {
+    #[prost(int64, optional, tag = "1")]
+    grace_period_seconds: Option<i64>,
+    #[prost(message, optional, tag = "2")]
+    preconditions: Option<Preconditions>,
+    #[prost(bool, optional, tag = "3")]
+    orphan_dependents: Option<bool>,
+    #[prost(string, optional, tag = "4")]
+    propagation_policy: Option<String>,
+    #[prost(string, repeated, tag = "5")]
+    dry_run: Vec<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Eviction {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    delete_options: Option<DeleteOptions>,
+}
+
+fn delete_options_json(d: DeleteOptions) -> Value {
+    let mut out = Map::new();
+    if let Some(g) = d.grace_period_seconds {
+        out.insert("gracePeriodSeconds".into(), json!(g));
+    }
+    if let Some(p) = d.preconditions {
+        let mut o = Map::new();
+        put(&mut o, "uid", json!(p.uid.unwrap_or_default()));
+        put(
+            &mut o,
+            "resourceVersion",
+            json!(p.resource_version.unwrap_or_default()),
+        );
+        put(&mut out, "preconditions", Value::Object(o));
+    }
+    if let Some(o) = d.orphan_dependents {
+        out.insert("orphanDependents".into(), json!(o));
+    }
+    put(
+        &mut out,
+        "propagationPolicy",
+        json!(d.propagation_policy.unwrap_or_default()),
+    );
+    put(&mut out, "dryRun", json!(d.dry_run));
+    Value::Object(out)
+}
+
+/// DeleteOptions (the body of a DELETE from a typed Go client, as `kubectl drain` sends).
+pub(crate) fn delete_options(raw: &[u8]) -> Result<Value, String> {
+    check(raw, &DELETE_OPTIONS, "DeleteOptions", 0)?;
+    let d =
+        DeleteOptions::decode(raw).map_err(|e| format!("invalid protobuf DeleteOptions: {e}"))?;
+    Ok(delete_options_json(d))
+}
+
+/// A policy/v1 Eviction (`kubectl drain`).
+pub(crate) fn eviction(raw: &[u8]) -> Result<Value, String> {
+    check(raw, &EVICTION, "Eviction", 0)?;
+    let e = Eviction::decode(raw).map_err(|e| format!("invalid protobuf Eviction: {e}"))?;
+    let mut v = json!({ "metadata": metadata_json(e.metadata) });
+    if let Some(d) = e.delete_options {
+        v["deleteOptions"] = delete_options_json(d);
+    }
+    Ok(v)
+}
+
 /// A Deployment's JSON form.
 pub(crate) fn deployment(raw: &[u8]) -> Result<Value, String> {
     check(raw, &DEPLOYMENT, "Deployment", 0)?;
@@ -708,5 +806,36 @@ mod tests {
         assert_eq!(v["spec"]["template"]["spec"]["restartPolicy"], "Never");
         assert_eq!(v["metadata"]["name"], "count");
         assert!(job(&[0xff, 0xff]).is_err(), "garbage is refused");
+    }
+
+    #[test]
+    fn evictions_and_delete_options_decode_as_kubectl_drain_sends_them() {
+        let e = Eviction {
+            metadata: Some(ObjectMeta {
+                name: Some("web-1".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            }),
+            delete_options: Some(DeleteOptions {
+                grace_period_seconds: Some(5),
+                preconditions: Some(Preconditions {
+                    uid: Some("u-1".into()),
+                    resource_version: Some(String::new()),
+                }),
+                ..Default::default()
+            }),
+        };
+        let v = eviction(&e.encode_to_vec()).unwrap();
+        assert_eq!(v["metadata"]["name"], "web-1");
+        assert_eq!(v["deleteOptions"]["gracePeriodSeconds"], 5);
+        assert_eq!(v["deleteOptions"]["preconditions"], json!({ "uid": "u-1" }));
+        let d = DeleteOptions {
+            propagation_policy: Some("Foreground".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            delete_options(&d.encode_to_vec()).unwrap(),
+            json!({ "propagationPolicy": "Foreground" })
+        );
     }
 }

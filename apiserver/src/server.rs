@@ -848,6 +848,10 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         }
         (Method::GET, false) => handlers::list(api, &call)?,
         (Method::POST, false) => handlers::create(api, &call).await?,
+        // pods/binding, pods/eviction.
+        (Method::POST, true) if call.path.subresource.is_some() => {
+            handlers::create(api, &call).await?
+        }
         (Method::PUT, true) => handlers::update(api, &call).await?,
         (Method::PATCH, true) => handlers::patch(api, &call).await?,
         (Method::DELETE, true) => handlers::delete(api, &call).await?,

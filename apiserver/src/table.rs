@@ -73,8 +73,125 @@ pub fn columns(t: &ResourceType) -> Vec<Column> {
             col("Age", "date", 0, "creation time"),
         ],
         ("apiextensions.k8s.io", _) => vec![col("Created At", "date", 0, "creation time")],
+        ("apps", "deployments") => vec![
+            col("Ready", "string", 0, "ready replicas / desired"),
+            col(
+                "Up-to-date",
+                "integer",
+                0,
+                "replicas of the newest template",
+            ),
+            col("Available", "integer", 0, "available replicas"),
+            col("Age", "date", 0, "creation time"),
+        ],
+        ("apps", "replicasets") => vec![
+            col("Desired", "integer", 0, "desired replicas"),
+            col("Current", "integer", 0, "replicas created"),
+            col("Ready", "integer", 0, "ready replicas"),
+            col("Age", "date", 0, "creation time"),
+        ],
+        ("apps", "daemonsets") => vec![
+            col("Desired", "integer", 0, "nodes that should run the pod"),
+            col("Current", "integer", 0, "nodes running it"),
+            col("Ready", "integer", 0, "ready pods"),
+            col("Up-to-date", "integer", 0, "pods of the newest template"),
+            col("Available", "integer", 0, "available pods"),
+            col("Node Selector", "string", 0, "the template's nodeSelector"),
+            col("Age", "date", 0, "creation time"),
+        ],
+        ("batch", "jobs") => vec![
+            col("Status", "string", 0, "Running, Complete or Failed"),
+            col("Completions", "string", 0, "succeeded / wanted"),
+            col("Duration", "string", 0, "how long it ran"),
+            col("Age", "date", 0, "creation time"),
+        ],
         _ => vec![col("Age", "date", 0, "creation time")],
     }
+}
+
+/// Cells of the workload kinds (apps/v1, batch/v1), as kubectl prints them.
+fn workload_cells(t: &ResourceType, obj: &Value, age: Value) -> Option<Vec<Value>> {
+    let n = |p: &str| obj.pointer(p).and_then(Value::as_i64).unwrap_or(0);
+    Some(match (t.group.as_str(), t.resource.as_str()) {
+        ("apps", "deployments") => vec![
+            json!(format!(
+                "{}/{}",
+                n("/status/readyReplicas"),
+                n("/spec/replicas")
+            )),
+            json!(n("/status/updatedReplicas")),
+            json!(n("/status/availableReplicas")),
+            age,
+        ],
+        ("apps", "replicasets") => vec![
+            json!(n("/spec/replicas")),
+            json!(n("/status/replicas")),
+            json!(n("/status/readyReplicas")),
+            age,
+        ],
+        ("apps", "daemonsets") => {
+            let selector = obj
+                .pointer("/spec/template/spec/nodeSelector")
+                .and_then(Value::as_object)
+                .filter(|m| !m.is_empty())
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                })
+                .unwrap_or_else(|| "<none>".into());
+            vec![
+                json!(n("/status/desiredNumberScheduled")),
+                json!(n("/status/currentNumberScheduled")),
+                json!(n("/status/numberReady")),
+                json!(n("/status/updatedNumberScheduled")),
+                json!(n("/status/numberAvailable")),
+                json!(selector),
+                age,
+            ]
+        }
+        ("batch", "jobs") => {
+            let conditions = obj
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let holds = |t: &str| {
+                conditions
+                    .iter()
+                    .any(|c| c["type"] == t && c["status"] == "True")
+            };
+            let status = if holds("Complete") {
+                "Complete"
+            } else if holds("Failed") {
+                "Failed"
+            } else {
+                "Running"
+            };
+            let time = |p: &str| {
+                obj.pointer(p)
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse::<k8s_openapi::jiff::Timestamp>().ok())
+            };
+            let now = k8s_openapi::jiff::Timestamp::now();
+            let duration = match (time("/status/startTime"), time("/status/completionTime")) {
+                (Some(a), b) => human_duration(b.unwrap_or(now).as_second() - a.as_second()),
+                _ => String::new(),
+            };
+            vec![
+                json!(status),
+                json!(format!(
+                    "{}/{}",
+                    n("/status/succeeded"),
+                    n("/spec/completions").max(1)
+                )),
+                json!(duration),
+                age,
+            ]
+        }
+        _ => return None,
+    })
 }
 
 /// Evaluates a simple JSONPath (`.status.phase`, `.spec.items[0].name`, `.a.b[*].c`).
@@ -151,6 +268,9 @@ fn builtin_cells(t: &ResourceType, obj: &Value) -> Vec<Value> {
             .unwrap_or_default()
             .to_owned()
     };
+    if let Some(cells) = workload_cells(t, obj, age.clone()) {
+        return cells;
+    }
     match (t.group.as_str(), t.resource.as_str()) {
         ("", "pods") => {
             let containers = obj

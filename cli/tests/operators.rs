@@ -176,7 +176,7 @@ fn deployments_are_scheduled_scaled_rolled_back_and_kept_off_cordoned_nodes() {
                 "custom-columns=MESSAGE:.message",
             ]);
             events
-            .contains("0/3 nodes are available: 2 node(s) didn't match Pod's node affinity/selector, 1 node(s) were unschedulable.")
+            .contains("0/3 nodes are available: 1 node(s) were unschedulable, 2 node(s) didn't match Pod's node affinity/selector.")
             .then_some(())
         },
     );

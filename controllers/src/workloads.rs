@@ -1070,7 +1070,7 @@ mod tests {
     #[test]
     fn a_daemon_set_covers_every_eligible_node_and_replaces_pods_within_its_budget() {
         let nodes: Vec<String> = ["a", "b", "c", "d"].iter().map(|s| s.to_string()).collect();
-        let mut old = |name: &str, node: &str| {
+        let old = |name: &str, node: &str| {
             let mut p = pod(name, Some(node), true, None, 0);
             p.hash = Some("h0".into());
             p
