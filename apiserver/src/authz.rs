@@ -199,6 +199,14 @@ fn subject_matches(binding: &Value, user: &User) -> bool {
             let name = s.get("name").and_then(Value::as_str).unwrap_or_default();
             match s.get("kind").and_then(Value::as_str) {
                 Some("User") => name == user.name,
+                Some("ServiceAccount") => {
+                    let ns = s
+                        .get("namespace")
+                        .or_else(|| binding.pointer("/metadata/namespace"))
+                        .and_then(Value::as_str)
+                        .unwrap_or_default();
+                    user.name == format!("system:serviceaccount:{ns}:{name}")
+                }
                 Some("Group") => {
                     name == "system:authenticated" || user.groups.iter().any(|g| g == name)
                 }

@@ -177,6 +177,12 @@ fn extra_subresources(
             ("binding", "", "Binding", vec!["create"]),
             ("eviction", "policy", "Eviction", vec!["create"]),
         ],
+        ("", "serviceaccounts") => vec![(
+            "token",
+            "authentication.k8s.io",
+            "TokenRequest",
+            vec!["create"],
+        )],
         _ => vec![],
     }
 }

@@ -617,6 +617,7 @@ pub async fn create(api: &Api, call: &Call) -> Result<Reply, ApiError> {
     match subresources::which(&call.path, &call.t) {
         Some("binding") => return subresources::bind(api, call).await,
         Some("eviction") => return subresources::evict(api, call).await,
+        Some("token") => return crate::tokenrequest::create(api, call),
         _ => {}
     }
     if call.path.subresource.is_some() {

@@ -34,6 +34,7 @@ pub mod server;
 pub mod store;
 pub mod subresources;
 pub mod table;
+pub mod tokenrequest;
 mod watch;
 
 pub use server::{ApiServer, Config, MirrorError, StartError, WritePolicy, WriteRequest};

@@ -399,6 +399,9 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         ("apps/v1", "Deployment") => crate::protobuf_workloads::deployment(&raw)?,
         ("batch/v1", "Job") => crate::protobuf_workloads::job(&raw)?,
         ("policy/v1" | "policy/v1beta1", "Eviction") => crate::protobuf_workloads::eviction(&raw)?,
+        ("authentication.k8s.io/v1", "TokenRequest") => {
+            crate::protobuf_workloads::token_request(&raw)?
+        }
         ("v1" | "meta.k8s.io/v1", "DeleteOptions") => {
             // Options, not an object: no apiVersion/kind added.
             return crate::protobuf_workloads::delete_options(&raw);

@@ -627,6 +627,83 @@ pub(crate) fn eviction(raw: &[u8]) -> Result<Value, String> {
     Ok(v)
 }
 
+const BOUND_REF: Schema = Schema {
+    name: "boundObjectRef",
+    fields: &[
+        (1, "kind", None),
+        (2, "apiVersion", None),
+        (3, "name", None),
+        (4, "uid", None),
+    ],
+};
+const TOKEN_SPEC: Schema = Schema {
+    name: "spec",
+    fields: &[
+        (1, "audiences", None),
+        (3, "boundObjectRef", Some(&BOUND_REF)),
+        (4, "expirationSeconds", None),
+    ],
+};
+const TOKEN_REQUEST: Schema = Schema {
+    name: "TokenRequest",
+    fields: &[(1, "metadata", Some(&META)), (2, "spec", Some(&TOKEN_SPEC))],
+};
+
+#[derive(Clone, PartialEq, Message)]
+struct BoundRef {
+    #[prost(string, optional, tag = "1")]
+    kind: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    api_version: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    name: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    uid: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TokenSpec {
+    #[prost(string, repeated, tag = "1")]
+    audiences: Vec<String>,
+    #[prost(message, optional, tag = "3")]
+    bound_object_ref: Option<BoundRef>,
+    #[prost(int64, optional, tag = "4")]
+    expiration_seconds: Option<i64>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct TokenRequest {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, optional, tag = "2")]
+    spec: Option<TokenSpec>,
+}
+
+/// An authentication.k8s.io/v1 TokenRequest (`kubectl create token`).
+pub(crate) fn token_request(raw: &[u8]) -> Result<Value, String> {
+    check(raw, &TOKEN_REQUEST, "TokenRequest", 0)?;
+    let t = TokenRequest::decode(raw).map_err(|e| format!("invalid protobuf TokenRequest: {e}"))?;
+    let spec = t.spec.unwrap_or_default();
+    let mut s = Map::new();
+    put(&mut s, "audiences", json!(spec.audiences));
+    if let Some(e) = spec.expiration_seconds {
+        s.insert("expirationSeconds".into(), json!(e));
+    }
+    if let Some(r) = spec.bound_object_ref {
+        let mut o = Map::new();
+        put(&mut o, "kind", json!(r.kind.unwrap_or_default()));
+        put(
+            &mut o,
+            "apiVersion",
+            json!(r.api_version.unwrap_or_default()),
+        );
+        put(&mut o, "name", json!(r.name.unwrap_or_default()));
+        put(&mut o, "uid", json!(r.uid.unwrap_or_default()));
+        put(&mut s, "boundObjectRef", Value::Object(o));
+    }
+    Ok(json!({ "metadata": metadata_json(t.metadata), "spec": s }))
+}
+
 /// A Deployment's JSON form.
 pub(crate) fn deployment(raw: &[u8]) -> Result<Value, String> {
     check(raw, &DEPLOYMENT, "Deployment", 0)?;

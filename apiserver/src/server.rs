@@ -188,6 +188,8 @@ pub struct Api {
     pub shutdown: watch::Receiver<bool>,
     /// `host:port` clients reach the server at.
     pub address: String,
+    /// ServiceAccount tokens (TokenRequest).
+    pub sa_tokens: crate::tokenrequest::ServiceAccountTokens,
 }
 
 /// A running server.
@@ -251,6 +253,9 @@ impl ApiServer {
             tokens,
             shutdown: shutdown_rx,
             address: address.clone(),
+            sa_tokens: crate::tokenrequest::ServiceAccountTokens::load_or_create(
+                &layout.dir.join("serviceaccount-token.key"),
+            )?,
         });
         for crd in api
             .store
@@ -266,6 +271,10 @@ impl ApiServer {
         if config.authorizer.is_none() {
             for role in crate::authz::default_cluster_roles() {
                 ensure_cluster_role(&api, role).await?;
+            }
+            ensure_kubernetes_service(&api, addr.port()).await?;
+            for ns in DEFAULT_NAMESPACES {
+                ensure_default_service_account(&api, ns).await?;
             }
         }
         let kubeconfig_path = layout.kubeconfig();
@@ -464,6 +473,61 @@ async fn ensure_namespace(api: &Api, name: &str) -> Result<(), StartError> {
     create_if_absent(api, key, ns).await
 }
 
+/// The `default/kubernetes` Service clients look for: ClusterIP 10.96.0.1 (the first address
+/// of the service range, which no other Service gets), port 443 `https` to this server's port
+/// (brought up to date at every start).
+async fn ensure_kubernetes_service(api: &Api, port: u16) -> Result<(), StartError> {
+    let key = "core/services/default/kubernetes".to_owned();
+    let ports = json!([{ "name": "https", "port": 443, "protocol": "TCP", "targetPort": port }]);
+    match api.store.get(&key) {
+        Some(current) if current.value.pointer("/spec/ports") == Some(&ports) => Ok(()),
+        Some(current) => {
+            let mut service = current.value.as_ref().clone();
+            service["spec"]["ports"] = ports;
+            match api
+                .store
+                .write(
+                    key,
+                    Precondition::Revision(current.rev),
+                    Mutation::Put(service),
+                )
+                .await
+            {
+                Ok(_) | Err(StoreError::Conflict) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        None => {
+            let service = json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": "kubernetes", "namespace": "default",
+                              "uid": crate::meta::new_uid(),
+                              "creationTimestamp": crate::meta::now(),
+                              "labels": { "component": "apiserver", "provider": "kubernetes" } },
+                "spec": { "type": "ClusterIP", "clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1"],
+                          "ports": ports, "sessionAffinity": "None",
+                          "ipFamilies": ["IPv4"], "ipFamilyPolicy": "SingleStack" },
+                "status": { "loadBalancer": {} },
+            });
+            create_if_absent(api, key, service).await
+        }
+    }
+}
+
+/// The `default` ServiceAccount of a namespace (what TokenRequests usually name).
+async fn ensure_default_service_account(api: &Api, ns: &str) -> Result<(), StartError> {
+    let key = format!("core/serviceaccounts/{ns}/default");
+    if api.store.get(&key).is_some() {
+        return Ok(());
+    }
+    let account = json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": { "name": "default", "namespace": ns, "uid": crate::meta::new_uid(),
+                      "creationTimestamp": crate::meta::now() },
+    });
+    create_if_absent(api, key, account).await
+}
+
 /// Stores `object` at `key` unless something is there (a racing creator wins).
 async fn create_if_absent(api: &Api, key: String, object: Value) -> Result<(), StartError> {
     match api
@@ -624,6 +688,9 @@ fn authenticate(api: &Api, req: &Request<Incoming>) -> Result<User, ApiError> {
         .ok_or_else(ApiError::unauthorized)?;
     if let Some(user) = api.tokens.authenticate(token) {
         return Ok(user.clone());
+    }
+    if let Some(user) = api.sa_tokens.authenticate(token, &api.store) {
+        return Ok(user);
     }
     api.config
         .authenticator

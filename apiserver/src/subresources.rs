@@ -381,6 +381,7 @@ pub fn which(path: &ResourcePath, t: &ResourceType) -> Option<&'static str> {
     ) {
         ("", "pods", "binding") => Some("binding"),
         ("", "pods", "eviction") => Some("eviction"),
+        ("", "serviceaccounts", "token") => Some("token"),
         (_, _, "scale") if t.scale.is_some() => Some("scale"),
         _ => None,
     }

@@ -595,3 +595,74 @@ async fn token_file_groups_get_only_what_their_role_bindings_grant() {
         "{refused:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubectl_create_token_mints_a_bound_expiring_service_account_token() {
+    let (server, admin) = setup().await;
+    // The default ServiceAccount and the `kubernetes` Service exist from the start.
+    let svc = admin.ok(&[
+        "get",
+        "service",
+        "kubernetes",
+        "-o",
+        "jsonpath={.spec.clusterIP} {.spec.ports[0].port}",
+    ]);
+    assert_eq!(svc.trim(), "10.96.0.1 443");
+    let token = admin.ok(&["create", "token", "default", "--duration=15m"]);
+    let token = token.trim();
+    let as_sa = Kubectl::new(
+        &kubectls().dispatcher,
+        &kubeconfig_for(&server, token, "sa"),
+    );
+    // Authenticated as the ServiceAccount, which nothing is bound to yet.
+    let denied = as_sa.run(&["get", "configmaps"]);
+    assert!(!denied.ok);
+    assert!(
+        denied
+            .stderr
+            .contains("User \"system:serviceaccount:default:default\" cannot list"),
+        "{denied:?}"
+    );
+    admin.ok(&[
+        "create",
+        "rolebinding",
+        "sa-view",
+        "--clusterrole=view",
+        "--serviceaccount=default:default",
+    ]);
+    as_sa.ok(&["get", "configmaps"]);
+    // Too short a lifetime is refused with the field.
+    let short = admin.run(&["create", "token", "default", "--duration=1m"]);
+    assert!(
+        !short.ok && short.stderr.contains("spec.expirationSeconds"),
+        "{short:?}"
+    );
+    // A token bound to a pod dies with the pod.
+    let applied = admin.run_with_stdin(
+        &["apply", "-f", "-"],
+        Some("apiVersion: v1\nkind: Pod\nmetadata: {name: holder}\nspec: {containers: [{name: c, image: sh}]}\n"),
+    );
+    assert!(applied.ok, "{applied:?}");
+    let bound = admin.ok(&[
+        "create",
+        "token",
+        "default",
+        "--bound-object-kind=Pod",
+        "--bound-object-name=holder",
+    ]);
+    let as_pod = Kubectl::new(
+        &kubectls().dispatcher,
+        &kubeconfig_for(&server, bound.trim(), "pod"),
+    );
+    as_pod.ok(&["get", "configmaps"]);
+    admin.ok(&["delete", "pod", "holder", "--grace-period=0", "--force"]);
+    let revoked = as_pod.run(&["get", "configmaps"]);
+    assert!(
+        !revoked.ok && revoked.stderr.contains("Unauthorized"),
+        "{revoked:?}"
+    );
+    // Deleting the ServiceAccount revokes its tokens.
+    admin.ok(&["delete", "serviceaccount", "default"]);
+    let gone = as_sa.run(&["get", "configmaps"]);
+    assert!(!gone.ok && gone.stderr.contains("Unauthorized"), "{gone:?}");
+}
