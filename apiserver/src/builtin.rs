@@ -27,6 +27,9 @@ pub fn decode(t: &ResourceType, value: &Value) -> Result<(Value, Vec<String>), A
         ("events.k8s.io", "events") => roundtrip::<events::v1::Event>(value),
         ("coordination.k8s.io", "leases") => roundtrip::<coordination::v1::Lease>(value),
         ("apps", "deployments") => roundtrip::<apps::v1::Deployment>(value),
+        ("apiregistration.k8s.io", "apiservices") => roundtrip::<
+            k8s_openapi::kube_aggregator::pkg::apis::apiregistration::v1::APIService,
+        >(value),
         ("apps", "replicasets") => roundtrip::<apps::v1::ReplicaSet>(value),
         ("apps", "daemonsets") => roundtrip::<apps::v1::DaemonSet>(value),
         ("batch", "jobs") => roundtrip::<batch::v1::Job>(value),

@@ -276,6 +276,7 @@ impl ApiServer {
             for ns in DEFAULT_NAMESPACES {
                 ensure_default_service_account(&api, ns).await?;
             }
+            ensure_api_services(&api).await?;
         }
         let kubeconfig_path = layout.kubeconfig();
         pki::write_private(
@@ -512,6 +513,36 @@ async fn ensure_kubernetes_service(api: &Api, port: u16) -> Result<(), StartErro
             create_if_absent(api, key, service).await
         }
     }
+}
+
+/// One `Local` APIService per built-in group and version (`v1.`, `v1.apps`, …), as
+/// kube-apiserver registers them: served here, Available.
+async fn ensure_api_services(api: &Api) -> Result<(), StartError> {
+    let mut seen = std::collections::BTreeSet::new();
+    for t in api.registry.all().iter().filter(|t| !t.custom) {
+        if !seen.insert((t.group.clone(), t.version.clone())) {
+            continue;
+        }
+        let name = format!("{}.{}", t.version, t.group);
+        let key = format!("apiregistration.k8s.io/apiservices//{name}");
+        if api.store.get(&key).is_some() {
+            continue;
+        }
+        let service = json!({
+            "apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+            "metadata": { "name": name, "uid": crate::meta::new_uid(),
+                          "creationTimestamp": crate::meta::now(),
+                          "labels": { "kube-aggregator.kubernetes.io/automanaged": "onstart" } },
+            "spec": { "group": t.group, "version": t.version,
+                      "groupPriorityMinimum": if t.group.is_empty() { 18000 } else { 17000 },
+                      "versionPriority": 15 },
+            "status": { "conditions": [{ "type": "Available", "status": "True",
+                                         "reason": "Local", "message": "Local APIServices are always available",
+                                         "lastTransitionTime": crate::meta::now() }] },
+        });
+        create_if_absent(api, key, service).await?;
+    }
+    Ok(())
 }
 
 /// The `default` ServiceAccount of a namespace (what TokenRequests usually name).

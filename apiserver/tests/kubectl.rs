@@ -599,6 +599,33 @@ async fn token_file_groups_get_only_what_their_role_bindings_grant() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_create_token_mints_a_bound_expiring_service_account_token() {
     let (server, admin) = setup().await;
+    // Discovery lists the workload groups, policy (evictions) and apiregistration, whose
+    // APIServices name every built-in group.
+    let versions = admin.ok(&["api-versions"]);
+    for gv in [
+        "apps/v1",
+        "batch/v1",
+        "policy/v1",
+        "apiregistration.k8s.io/v1",
+    ] {
+        assert!(
+            versions.lines().any(|l| l == gv),
+            "{gv} missing: {versions}"
+        );
+    }
+    let resources = admin.ok(&["api-resources", "--api-group=apps", "-o", "name"]);
+    for r in ["deployments.apps", "replicasets.apps", "daemonsets.apps"] {
+        assert!(resources.contains(r), "{resources}");
+    }
+    let services = admin.ok(&["get", "apiservices", "-o", "name"]);
+    assert!(
+        services.contains("apiservice.apiregistration.k8s.io/v1.apps"),
+        "{services}"
+    );
+    assert!(
+        services.contains("apiservice.apiregistration.k8s.io/v1."),
+        "{services}"
+    );
     // The default ServiceAccount and the `kubernetes` Service exist from the start.
     let svc = admin.ok(&[
         "get",
