@@ -89,9 +89,12 @@ async fn main() -> Result<()> {
 
     // The scheduler, started before the pods so its caches are warm (as in `sedna up`).
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let scheduler = tokio::spawn(sedna_controllers::scheduler::run(client.clone(), async move {
-        let _ = stopped.await;
-    }));
+    let scheduler = tokio::spawn(sedna_controllers::scheduler::run(
+        client.clone(),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Watch pods for their binding, then create them all at once.
@@ -153,7 +156,10 @@ async fn main() -> Result<()> {
     }
     creator.await??;
     let elapsed = begin.elapsed();
-    let created = created.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    let created = created
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     let mut latencies: Vec<Duration> = bound
         .iter()
         .filter_map(|(name, (at, _))| created.get(name).map(|c| at.saturating_duration_since(*c)))

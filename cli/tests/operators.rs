@@ -89,6 +89,39 @@ fn deployments_are_scheduled_scaled_rolled_back_and_kept_off_cordoned_nodes() {
     kubectl.ok(&["label", "node", "edge-1", "zone=north"]);
     kubectl.ok(&["label", "node", "edge-2", "zone=south"]);
 
+    // kubectl create deployment (a protobuf body) runs pods wherever they fit.
+    kubectl.ok(&[
+        "create",
+        "deployment",
+        "hello",
+        "--image=sh",
+        "--replicas=2",
+        "--",
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 1; done",
+    ]);
+    wait_running(&kubectl, "app=hello", 2, |_| true);
+    kubectl.ok(&["rollout", "status", "deployment/hello", "--timeout=60s"]);
+    kubectl.ok(&["set", "env", "deployment/hello", "GREETING=hi"]);
+    kubectl.ok(&["rollout", "status", "deployment/hello", "--timeout=60s"]);
+    // No annotations of its own (no kubectl apply): undo patches the revision the controller set.
+    kubectl.ok(&["rollout", "undo", "deployment/hello"]);
+    kubectl.ok(&["rollout", "status", "deployment/hello", "--timeout=60s"]);
+    let annotations = kubectl.ok(&[
+        "get",
+        "deployment",
+        "hello",
+        "-o",
+        "jsonpath={.metadata.annotations.deployment\\.kubernetes\\.io/revision}",
+    ]);
+    assert_eq!(
+        annotations.trim(),
+        "3",
+        "the undone template is the newest revision"
+    );
+    kubectl.ok(&["delete", "deployment", "hello"]);
+
     // The scheduler puts the replicas on the only node of the zone; rollout status says done.
     kubectl.apply(&deployment("web", 2, "south"));
     wait_running(&kubectl, "app=web", 2, |n| n == "edge-2");

@@ -548,6 +548,16 @@ async fn reconcile_deployment(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Actio
             }
         }
     };
+    // The Deployment carries its newest revision, as Kubernetes' controller sets it (and
+    // `kubectl rollout undo` patches it).
+    let revision = revision_of(&new).to_string();
+    if d.annotations().get(REVISION) != Some(&revision) {
+        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({ "metadata": { "annotations": { REVISION: revision } } });
+        deployments
+            .patch(&d.name_any(), &PatchParams::default(), &Patch::Merge(patch))
+            .await?;
+    }
     let state = |r: &ReplicaSet| RsState {
         name: r.name_any(),
         replicas: r.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
