@@ -55,7 +55,14 @@ pub struct NodeView {
     pub autonomy: Option<Result<Duration, String>>,
     /// Pods bound to the node.
     pub pods: usize,
+    /// It carries the [`UNREACHABLE_TAINT`].
+    pub tainted: bool,
 }
+
+/// The taint an unreachable node carries (`NoSchedule`): schedulers keep new pods off it;
+/// removed when the node reports Ready again. (No `NoExecute` taint: its pods are evicted only
+/// after the node's autonomy period, below.)
+pub const UNREACHABLE_TAINT: &str = "node.kubernetes.io/unreachable";
 
 /// The decision for one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,6 +73,8 @@ pub enum Verdict {
     MarkUnknown,
     /// Unreachable for longer than its autonomy period: delete its pods.
     Evict,
+    /// Ready again but still tainted unreachable: remove the taint.
+    Untaint,
 }
 
 /// Decides what to do with a node at `now`.
@@ -77,9 +86,13 @@ pub fn judge(view: &NodeView, now: Timestamp, grace: Duration) -> Verdict {
         .checked_add(view.lease_duration + grace)
         .unwrap_or(Timestamp::MAX);
     if now <= deadline {
-        return Verdict::Fine;
+        return if view.tainted && view.ready.as_deref() == Some("True") {
+            Verdict::Untaint
+        } else {
+            Verdict::Fine
+        };
     }
-    if view.ready.as_deref() != Some("Unknown") {
+    if view.ready.as_deref() != Some("Unknown") || !view.tainted {
         return Verdict::MarkUnknown;
     }
     let Some(Ok(autonomy)) = view.autonomy else {
@@ -168,7 +181,41 @@ pub fn view(node: &Value, lease: Option<&Value>, pods: usize) -> NodeView {
             .and_then(Value::as_str)
             .map(parse_autonomy),
         pods,
+        tainted: node
+            .pointer("/spec/taints")
+            .and_then(Value::as_array)
+            .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNREACHABLE_TAINT)),
     }
+}
+
+/// Adds (or removes) the unreachable taint, keeping the node's other taints.
+async fn set_unreachable_taint(
+    client: &kube::Client,
+    name: &str,
+    present: bool,
+) -> Result<(), kube::Error> {
+    let api: Api<Node> = Api::all(client.clone());
+    let mut node = api.get(name).await?;
+    let spec = node.spec.get_or_insert_with(Default::default);
+    let taints = spec.taints.get_or_insert_with(Vec::new);
+    let has = taints.iter().any(|t| t.key == UNREACHABLE_TAINT);
+    if has == present {
+        return Ok(());
+    }
+    if present {
+        taints.push(k8s_openapi::api::core::v1::Taint {
+            key: UNREACHABLE_TAINT.into(),
+            effect: "NoSchedule".into(),
+            time_added: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Timestamp::now(),
+            )),
+            value: None,
+        });
+    } else {
+        taints.retain(|t| t.key != UNREACHABLE_TAINT);
+    }
+    api.replace(name, &PostParams::default(), &node).await?;
+    Ok(())
 }
 
 /// Marks every condition of the node Unknown (optimistically: a concurrent write wins and
@@ -195,7 +242,7 @@ async fn mark_unknown(client: &kube::Client, name: &str) -> Result<(), kube::Err
     }
     api.replace_status(name, &PostParams::default(), &node)
         .await?;
-    Ok(())
+    set_unreachable_taint(client, name, true).await
 }
 
 async fn evict(client: &kube::Client, pods: &[(String, String, String)]) {
@@ -286,6 +333,12 @@ pub(crate) async fn apply(client: &kube::Client, work: Vec<Work>) {
                 tracing::warn!(%node, pods = pods.len(), "unreachable beyond its autonomy period: evicting its pods");
                 evict(client, &pods).await;
             }
+            Verdict::Untaint => match set_unreachable_taint(client, &node, false).await {
+                Ok(()) => tracing::info!(%node, "reachable again: unreachable taint removed"),
+                Err(e) => {
+                    tracing::debug!(%node, error = %e, "could not untaint the node; trying again")
+                }
+            },
             Verdict::Fine => {}
         }
     }
@@ -308,7 +361,52 @@ mod tests {
             ready_since: Some(t("2025-12-31T00:00:00Z")),
             autonomy: None,
             pods: 3,
+            tainted: false,
         }
+    }
+
+    #[test]
+    fn an_unreachable_node_is_tainted_and_untainted_when_it_reports_again() {
+        let v = base();
+        let lapsed = t("2026-01-01T00:00:41Z");
+        assert_eq!(judge(&v, lapsed, Duration::ZERO), Verdict::MarkUnknown);
+        // Marked Unknown but the taint write was lost: marked (and tainted) again.
+        let unknown = NodeView {
+            ready: Some("Unknown".into()),
+            ready_since: Some(lapsed),
+            ..v.clone()
+        };
+        assert_eq!(
+            judge(&unknown, lapsed, Duration::ZERO),
+            Verdict::MarkUnknown
+        );
+        let tainted = NodeView {
+            tainted: true,
+            ..unknown
+        };
+        assert_eq!(judge(&tainted, lapsed, Duration::ZERO), Verdict::Fine);
+        // Back: Ready and heard from, still tainted → untaint; then fine.
+        let back = NodeView {
+            ready: Some("True".into()),
+            last_seen: Some(t("2026-01-01T00:05:00Z")),
+            tainted: true,
+            ..v.clone()
+        };
+        assert_eq!(
+            judge(&back, t("2026-01-01T00:05:01Z"), Duration::ZERO),
+            Verdict::Untaint
+        );
+        let clean = NodeView {
+            tainted: false,
+            ..back
+        };
+        assert_eq!(
+            judge(&clean, t("2026-01-01T00:05:01Z"), Duration::ZERO),
+            Verdict::Fine
+        );
+        let node = serde_json::json!({ "spec": { "taints": [
+            { "key": UNREACHABLE_TAINT, "effect": "NoSchedule" }] } });
+        assert!(view(&node, None, 0).tainted);
     }
 
     #[test]
@@ -328,6 +426,7 @@ mod tests {
         );
         let unknown = NodeView {
             ready: Some("Unknown".into()),
+            tainted: true,
             ready_since: Some(t("2026-01-01T00:00:41Z")),
             ..v
         };
@@ -341,6 +440,7 @@ mod tests {
     fn pods_are_evicted_only_after_a_configured_autonomy_period() {
         let unknown = NodeView {
             ready: Some("Unknown".into()),
+            tainted: true,
             ready_since: Some(t("2026-01-01T00:00:41Z")),
             autonomy: Some(Ok(Duration::from_secs(600))),
             ..base()
@@ -376,6 +476,7 @@ mod tests {
         let back = NodeView {
             last_seen: Some(t("2026-01-01T01:00:00Z")),
             ready: Some("Unknown".into()),
+            tainted: true,
             autonomy: Some(Ok(Duration::ZERO)),
             ..base()
         };
