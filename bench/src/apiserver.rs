@@ -20,6 +20,9 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
 use sedna_apiserver::store::Durability;
 
+mod common;
+use common::{kube_client, percentile};
+
 #[derive(Parser)]
 struct Args {
     /// Objects to create (and then update).
@@ -42,14 +45,6 @@ struct Args {
     no_fsync: bool,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
@@ -67,12 +62,6 @@ fn config_map(name: &str, value: &str) -> ConfigMap {
         ])),
         ..Default::default()
     }
-}
-
-async fn client(path: &std::path::Path) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
 }
 
 /// Runs `count` operations with `concurrency` workers; returns operations per second.
@@ -103,7 +92,7 @@ async fn main() -> Result<()> {
         config.store.durability = Durability::Process;
     }
     let server = sedna_apiserver::ApiServer::start(config).await?;
-    let client = client(server.kubeconfig_path()).await?;
+    let client = kube_client(server.kubeconfig_path()).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     println!(
         "apiserver-bench: {} objects, {} writers, {} watchers, durability {}",

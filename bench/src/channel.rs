@@ -23,6 +23,9 @@ use sedna_edgecore::store::Change;
 use sedna_edgecore::{EdgeConfig, EdgeHub};
 use serde_json::json;
 
+mod common;
+use common::percentile;
+
 #[derive(Parser)]
 struct Args {
     /// Node-relevant objects for the reconnect measurement (half pods, half config maps).
@@ -40,13 +43,6 @@ struct Args {
     /// Skip a measurement: reconnect, idle, latency.
     #[arg(long)]
     skip: Vec<String>,
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
 }
 
 fn ms(d: Duration) -> String {

@@ -1,5 +1,6 @@
-//! What the benchmark binaries that drive real `sedna` processes share: the repository root,
-//! the release binary, free ports, and a child process stopped with SIGTERM when dropped.
+//! What the benchmark binaries share: the repository root, the release binary, free ports, a
+//! child process stopped with SIGTERM when dropped, a kube-rs client from a kubeconfig, and
+//! percentiles.
 //! Included with `mod common;`; each binary uses a part of it.
 #![allow(dead_code)]
 
@@ -49,4 +50,20 @@ impl Drop for Killed {
         );
         let _ = self.0.wait();
     }
+}
+
+/// The `p` quantile (0 to 1) of sorted durations, nearest rank; zero when there are none.
+pub(crate) fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::Duration {
+    if sorted.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A kube-rs client from a kubeconfig file.
+pub(crate) async fn kube_client(path: &Path) -> Result<kube::Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    Ok(kube::Client::try_from(config)?)
 }

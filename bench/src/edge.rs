@@ -21,6 +21,9 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
+mod common;
+use common::percentile;
+
 #[derive(Parser)]
 struct Args {
     /// The `sedna` binary (default: next to this one).
@@ -109,11 +112,6 @@ fn pod(name: &str) -> Result<Pod> {
                   "containers": [{ "name": "main", "image": "sleep", "args": ["3600"],
                                    "envFrom": [{ "configMapRef": { "name": name } }] }] }
     }))?)
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 #[tokio::main]

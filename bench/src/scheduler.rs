@@ -17,6 +17,9 @@ use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use sedna_apiserver::store::Durability;
 use serde_json::json;
 
+mod common;
+use common::{kube_client, percentile};
+
 #[derive(Parser)]
 struct Args {
     /// Ready nodes in the API.
@@ -30,19 +33,6 @@ struct Args {
     concurrency: usize,
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    sorted[(((sorted.len() - 1) as f64) * p).round() as usize]
-}
-
-async fn client(path: &std::path::Path) -> Result<kube::Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(path)?;
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
-    Ok(kube::Client::try_from(config)?)
-}
-
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -51,7 +41,7 @@ async fn main() -> Result<()> {
     config.listen = "127.0.0.1:0".parse()?;
     config.store.durability = Durability::Process;
     let server = sedna_apiserver::ApiServer::start(config).await?;
-    let client = client(server.kubeconfig_path()).await?;
+    let client = kube_client(server.kubeconfig_path()).await?;
     println!(
         "scheduler-bench: {} nodes, {} pods, embedded API server in process",
         args.nodes, args.pods

@@ -272,39 +272,50 @@ async fn daemon_sets_reach_nodes_that_join_later_and_jobs_complete_or_fail() {
             .any(|l| l.starts_with("shop-1 ") && l.contains(" Ready"))
             .then_some(())
     });
-    kubectl.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: DaemonSet
-metadata: {{ name: agent }}
-spec:
-  selector: {{ matchLabels: {{ app: agent }} }}
-  template:
-    metadata: {{ labels: {{ app: agent }} }}
-    spec:
-      nodeSelector: {{ fleet: shops }}
-      terminationGracePeriodSeconds: 5
-      containers:
-      - name: main
-        image: sh
-        command: {SLEEPER}
-"#
-    ));
-    wait_running(&kubectl, "app=agent", 1, |n| n == "shop-1");
-    // A node that joins later gets its pod.
+    // The shipped example: an agent on every node of zone north.
+    kubectl.ok(&[
+        "label",
+        "node",
+        "shop-1",
+        "topology.kubernetes.io/zone=north",
+    ]);
+    kubectl.ok(&[
+        "apply",
+        "-f",
+        support::root()
+            .join("examples/operators/node-agent.yaml")
+            .to_str()
+            .unwrap(),
+    ]);
+    wait_running(&kubectl, "app=node-agent", 1, |n| n == "shop-1");
+    // A node that joins later gets its pod once it is in the zone.
     procs.0.push(join("shop-2"));
-    let on = wait_running(&kubectl, "app=agent", 2, |n| n.starts_with("shop-"));
+    wait_until("shop-2 Ready", Duration::from_secs(60), || {
+        kubectl
+            .ok(&["get", "nodes", "--no-headers"])
+            .lines()
+            .any(|l| l.starts_with("shop-2 ") && l.contains(" Ready"))
+            .then_some(())
+    });
+    kubectl.ok(&[
+        "label",
+        "node",
+        "shop-2",
+        "topology.kubernetes.io/zone=north",
+    ]);
+    let on = wait_running(&kubectl, "app=node-agent", 2, |n| n.starts_with("shop-"));
     let mut nodes: Vec<&str> = on.iter().map(|(_, n)| n.as_str()).collect();
     nodes.sort();
     assert_eq!(nodes, ["shop-1", "shop-2"]);
-    let ds: Value =
-        serde_json::from_str(&kubectl.ok(&["get", "ds", "agent", "-o", "json"])).unwrap();
     wait_until("the DaemonSet's status", Duration::from_secs(30), || {
         let ds: Value =
-            serde_json::from_str(&kubectl.ok(&["get", "ds", "agent", "-o", "json"])).ok()?;
+            serde_json::from_str(&kubectl.ok(&["get", "ds", "node-agent", "-o", "json"])).ok()?;
         (ds["status"]["numberReady"] == 2 && ds["status"]["desiredNumberScheduled"] == 2)
             .then_some(())
     });
-    assert_eq!(ds["metadata"]["name"], "agent");
+    // A node leaving the zone loses its pod.
+    kubectl.ok(&["label", "node", "shop-1", "topology.kubernetes.io/zone-"]);
+    wait_running(&kubectl, "app=node-agent", 1, |n| n == "shop-2");
 
     // A Job runs its pods to completion, two at a time.
     kubectl.apply(

@@ -40,14 +40,7 @@ pub const BUILT_IN: [&str; 5] = ["modbus", "modbus-tcp", "mqtt", "camera", "rtsp
 
 /// Whether `name` may name a protocol served by a user's mapper: a DNS label, not built in.
 pub fn valid_protocol_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !BUILT_IN.contains(&name)
+    crate::runtime::spec::dns_label(name) && !BUILT_IN.contains(&name)
 }
 
 /// A device's route inside a mapper's session.
@@ -684,6 +677,23 @@ mod tests {
         mappers.register("m", &["opcua".into()], tx()).unwrap();
     }
 
+    /// A gRPC channel to the agent's mapper socket.
+    async fn connect(socket: &std::path::Path) -> tonic::transport::Channel {
+        let path = socket.to_owned();
+        tonic::transport::Endpoint::try_from("http://mapper.invalid")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
+                let path = path.clone();
+                async move {
+                    tokio::net::UnixStream::connect(path)
+                        .await
+                        .map(hyper_util::rt::TokioIo::new)
+                }
+            }))
+            .await
+            .unwrap()
+    }
+
     fn spec() -> MapperSpec {
         use super::super::spec::PropertySpec;
         let property = |name: &str, type_, writable| PropertySpec {
@@ -718,20 +728,7 @@ mod tests {
         let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "only the agent's user connects");
 
-        let path = socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://mapper.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap();
-        let mut client = DeviceMapperClient::new(channel);
+        let mut client = DeviceMapperClient::new(connect(&socket).await);
         let (to_agent, outbound) = mpsc::channel(16);
         let outbound = futures_util::stream::unfold(outbound, |mut rx| async move {
             rx.recv().await.map(|m| (m, rx))
@@ -827,20 +824,7 @@ mod tests {
         );
 
         // A second mapper for the same protocol is refused while the first is connected.
-        let path = socket.clone();
-        let channel = tonic::transport::Endpoint::try_from("http://mapper.invalid")
-            .unwrap()
-            .connect_with_connector(tower::service_fn(move |_: http::Uri| {
-                let path = path.clone();
-                async move {
-                    tokio::net::UnixStream::connect(path)
-                        .await
-                        .map(hyper_util::rt::TokioIo::new)
-                }
-            }))
-            .await
-            .unwrap();
-        let second = DeviceMapperClient::new(channel)
+        let second = DeviceMapperClient::new(connect(&socket).await)
             .attach(futures_util::stream::iter([register("other", &["opcua"])]))
             .await
             .unwrap_err();
