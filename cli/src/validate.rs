@@ -15,6 +15,7 @@ pub(crate) fn validate(paths: &[PathBuf], unknown: UnknownFields) -> Result<Exit
     }
     let mut failed = 0usize;
     let mut total = 0usize;
+    let mut skipped = 0usize;
     for file in &files {
         let text = if file.as_os_str() == "-" {
             let mut text = String::new();
@@ -40,6 +41,16 @@ pub(crate) fn validate(paths: &[PathBuf], unknown: UnknownFields) -> Result<Exit
                 .as_str()
                 .unwrap_or("?")
                 .to_owned();
+            let api_version = document["apiVersion"].as_str().unwrap_or_default();
+            if is_kubernetes_kind(api_version) {
+                skipped += 1;
+                println!(
+                    "{}: {kind}/{name} skipped: a Kubernetes kind ({api_version}), which the \
+                     API server validates on apply",
+                    file.display()
+                );
+                continue;
+            }
             match sedna_api::admit(&mut document, unknown) {
                 Ok(warnings) => {
                     println!("{}: {kind}/{name} valid", file.display());
@@ -54,12 +65,34 @@ pub(crate) fn validate(paths: &[PathBuf], unknown: UnknownFields) -> Result<Exit
             }
         }
     }
-    eprintln!("{total} documents, {failed} invalid");
+    if skipped > 0 {
+        eprintln!("{total} documents, {failed} invalid, {skipped} Kubernetes kinds skipped");
+    } else {
+        eprintln!("{total} documents, {failed} invalid");
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Whether `api_version` belongs to one of Kubernetes' own groups (their kinds have no CRD
+/// schema here; an unknown group stays an error).
+fn is_kubernetes_kind(api_version: &str) -> bool {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    matches!(
+        group,
+        "" | "apps"
+            | "batch"
+            | "policy"
+            | "autoscaling"
+            | "rbac.authorization.k8s.io"
+            | "networking.k8s.io"
+            | "coordination.k8s.io"
+            | "storage.k8s.io"
+            | "scheduling.k8s.io"
+    ) && !api_version.is_empty()
 }
 
 fn collect_yaml(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
@@ -82,4 +115,24 @@ fn collect_yaml(path: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubernetes_kinds_are_told_apart_from_unknown_groups() {
+        for v in ["v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1"] {
+            assert!(is_kubernetes_kind(v), "{v}");
+        }
+        for v in [
+            "sedna.io/v1alpha1",
+            "devices.sedna.io/v1beta1",
+            "example.com/v1",
+            "",
+        ] {
+            assert!(!is_kubernetes_kind(v), "{v}");
+        }
+    }
 }
