@@ -223,6 +223,22 @@ fn deployments_are_scheduled_scaled_rolled_back_and_kept_off_cordoned_nodes() {
         (condition["type"].as_str(), condition["reason"].as_str()),
         (Some("PodScheduled"), Some("Unschedulable"))
     );
+    // A rollout that cannot progress fails once its deadline passes.
+    kubectl.ok(&[
+        "patch",
+        "deployment",
+        "web",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"progressDeadlineSeconds":3}}"#,
+    ]);
+    let stuck = kubectl.run(&["rollout", "status", "deployment/web", "--timeout=60s"]);
+    assert!(
+        !stuck.status.success()
+            && String::from_utf8_lossy(&stuck.stderr).contains("exceeded its progress deadline"),
+        "{}",
+        String::from_utf8_lossy(&stuck.stderr)
+    );
     kubectl.ok(&["uncordon", "edge-2"]);
     wait_running(&kubectl, "app=web", 4, |n| n == "edge-2");
 

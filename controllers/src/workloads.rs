@@ -635,6 +635,29 @@ async fn reconcile_deployment(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Actio
     };
     let now = jiff::Timestamp::now().to_string();
     let complete = updated == replicas && total == replicas && available == replicas;
+    let previous = d.status.as_ref();
+    let progressing = progress_condition(
+        previous
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|c| c.iter().find(|c| c.type_ == "Progressing"))
+            .map(|c| {
+                (
+                    c.reason.clone().unwrap_or_default(),
+                    c.last_update_time.as_ref().map(|t| t.0.as_second()),
+                )
+            }),
+        previous.map(|s| {
+            (
+                s.updated_replicas.unwrap_or(0),
+                s.available_replicas.unwrap_or(0),
+            )
+        }),
+        (updated, available),
+        complete,
+        spec.progress_deadline_seconds.unwrap_or(600),
+        jiff::Timestamp::now().as_second(),
+        &new.name_any(),
+    );
     let status = json!({
         "observedGeneration": d.metadata.generation.unwrap_or(0),
         "replicas": total,
@@ -648,14 +671,7 @@ async fn reconcile_deployment(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Actio
               "reason": if available >= replicas - max_unavailable { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
               "message": if available >= replicas - max_unavailable { "Deployment has minimum availability." } else { "Deployment does not have minimum availability." },
               "lastUpdateTime": now, "lastTransitionTime": now },
-            { "type": "Progressing", "status": "True",
-              "reason": if complete { "NewReplicaSetAvailable" } else { "ReplicaSetUpdated" },
-              "message": if complete {
-                  format!("ReplicaSet {:?} has successfully progressed.", new.name_any())
-              } else {
-                  format!("ReplicaSet {:?} is progressing.", new.name_any())
-              },
-              "lastUpdateTime": now, "lastTransitionTime": now },
+            progressing,
         ],
     });
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -666,6 +682,50 @@ async fn reconcile_deployment(d: Arc<Deployment>, ctx: Arc<Ctx>) -> Result<Actio
     } else {
         Duration::from_secs(2)
     }))
+}
+
+/// A Deployment's `Progressing` condition: progress (more updated or available replicas than
+/// the last status said) renews its time; a rollout without progress for longer than
+/// `progressDeadlineSeconds` is `ProgressDeadlineExceeded` (status False), which `kubectl
+/// rollout status` reports as a failure; a complete rollout is `NewReplicaSetAvailable`.
+/// `previous` is the last condition's reason and update time (seconds), `counts` the
+/// (updated, available) replicas of the last status and of now.
+pub fn progress_condition(
+    previous: Option<(String, Option<i64>)>,
+    before: Option<(i32, i32)>,
+    now_counts: (i32, i32),
+    complete: bool,
+    deadline_seconds: i32,
+    now: i64,
+    new_rs: &str,
+) -> Value {
+    let stamp = |t: i64| {
+        jiff::Timestamp::from_second(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    };
+    if complete {
+        return json!({ "type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable",
+            "message": format!("ReplicaSet {new_rs:?} has successfully progressed."),
+            "lastUpdateTime": stamp(now), "lastTransitionTime": stamp(now) });
+    }
+    let progressed = before.is_none_or(|(u, a)| now_counts.0 > u || now_counts.1 > a);
+    let (reason, since) = previous.unwrap_or_default();
+    let since = match since {
+        Some(t) if !progressed && reason == "ReplicaSetUpdated" => t,
+        Some(t) if reason == "ProgressDeadlineExceeded" && !progressed => t,
+        _ => now,
+    };
+    if reason == "ProgressDeadlineExceeded" && !progressed
+        || now - since > i64::from(deadline_seconds)
+    {
+        return json!({ "type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+            "message": format!("ReplicaSet {new_rs:?} has timed out progressing."),
+            "lastUpdateTime": stamp(since), "lastTransitionTime": stamp(since) });
+    }
+    json!({ "type": "Progressing", "status": "True", "reason": "ReplicaSetUpdated",
+        "message": format!("ReplicaSet {new_rs:?} is progressing."),
+        "lastUpdateTime": stamp(since), "lastTransitionTime": stamp(since) })
 }
 
 // ---- DaemonSet ----
@@ -1051,6 +1111,67 @@ mod tests {
             revision: 2,
         };
         assert_eq!(rollout(3, 1, 0, &fresh, &broken), [("old".to_owned(), 0)]);
+    }
+
+    #[test]
+    fn a_rollout_without_progress_past_its_deadline_is_reported_failed() {
+        let step = |prev: Option<(&str, i64)>, before, now_counts, now| {
+            progress_condition(
+                prev.map(|(r, t)| (r.to_owned(), Some(t))),
+                before,
+                now_counts,
+                false,
+                600,
+                now,
+                "web-1",
+            )
+        };
+        // Progress renews the clock; no progress lets it run.
+        let c = step(
+            Some(("ReplicaSetUpdated", 1_000)),
+            Some((1, 1)),
+            (2, 1),
+            1_500,
+        );
+        assert_eq!(
+            (c["reason"].as_str(), c["lastUpdateTime"].as_str()),
+            (Some("ReplicaSetUpdated"), Some("1970-01-01T00:25:00Z"))
+        );
+        let c = step(
+            Some(("ReplicaSetUpdated", 1_000)),
+            Some((2, 1)),
+            (2, 1),
+            1_500,
+        );
+        assert_eq!(c["status"], "True");
+        let c = step(
+            Some(("ReplicaSetUpdated", 1_000)),
+            Some((2, 1)),
+            (2, 1),
+            1_601,
+        );
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("ProgressDeadlineExceeded"))
+        );
+        // It stays failed until the rollout moves again.
+        let c = step(
+            Some(("ProgressDeadlineExceeded", 1_000)),
+            Some((2, 1)),
+            (2, 1),
+            1_700,
+        );
+        assert_eq!(c["reason"], "ProgressDeadlineExceeded");
+        let c = step(
+            Some(("ProgressDeadlineExceeded", 1_000)),
+            Some((2, 1)),
+            (3, 1),
+            1_700,
+        );
+        assert_eq!(c["reason"], "ReplicaSetUpdated");
+        // Complete wins.
+        let done = progress_condition(None, None, (3, 3), true, 600, 5, "web-1");
+        assert_eq!(done["reason"], "NewReplicaSetAvailable");
     }
 
     #[test]
