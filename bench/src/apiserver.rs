@@ -18,10 +18,9 @@ use clap::Parser;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams, WatchEvent, WatchParams};
-use sedna_apiserver::store::Durability;
 
 mod common;
-use common::{kube_client, percentile};
+use common::{percentile, start_apiserver};
 
 #[derive(Parser)]
 struct Args {
@@ -86,13 +85,7 @@ where
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let mut config = sedna_apiserver::Config::new(dir.path().join("apiserver"));
-    config.listen = "127.0.0.1:0".parse()?;
-    if args.no_fsync {
-        config.store.durability = Durability::Process;
-    }
-    let server = sedna_apiserver::ApiServer::start(config).await?;
-    let client = kube_client(server.kubeconfig_path()).await?;
+    let (server, client) = start_apiserver(dir.path(), !args.no_fsync).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
     println!(
         "apiserver-bench: {} objects, {} writers, {} watchers, durability {}",

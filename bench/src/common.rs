@@ -61,6 +61,22 @@ pub(crate) fn percentile(sorted: &[std::time::Duration], p: f64) -> std::time::D
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// The embedded API server started in `dir` on a free loopback port (writes acknowledged
+/// after fsync when `durable`), and a client of it.
+pub(crate) async fn start_apiserver(
+    dir: &Path,
+    durable: bool,
+) -> Result<(sedna_apiserver::ApiServer, kube::Client)> {
+    let mut config = sedna_apiserver::Config::new(dir.join("apiserver"));
+    config.listen = "127.0.0.1:0".parse()?;
+    if !durable {
+        config.store.durability = sedna_apiserver::store::Durability::Process;
+    }
+    let server = sedna_apiserver::ApiServer::start(config).await?;
+    let client = kube_client(server.kubeconfig_path()).await?;
+    Ok((server, client))
+}
+
 /// A kube-rs client from a kubeconfig file.
 pub(crate) async fn kube_client(path: &Path) -> Result<kube::Client> {
     let kubeconfig = kube::config::Kubeconfig::read_from(path)?;

@@ -14,11 +14,10 @@ use clap::Parser;
 use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
-use sedna_apiserver::store::Durability;
 use serde_json::json;
 
 mod common;
-use common::{kube_client, percentile};
+use common::{percentile, start_apiserver};
 
 #[derive(Parser)]
 struct Args {
@@ -37,11 +36,7 @@ struct Args {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let mut config = sedna_apiserver::Config::new(dir.path().join("apiserver"));
-    config.listen = "127.0.0.1:0".parse()?;
-    config.store.durability = Durability::Process;
-    let server = sedna_apiserver::ApiServer::start(config).await?;
-    let client = kube_client(server.kubeconfig_path()).await?;
+    let (server, client) = start_apiserver(dir.path(), false).await?;
     println!(
         "scheduler-bench: {} nodes, {} pods, embedded API server in process",
         args.nodes, args.pods
