@@ -694,6 +694,51 @@ mod tests {
             .unwrap()
     }
 
+    #[tokio::test]
+    async fn an_oversized_message_ends_only_its_own_session() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("mappers.sock");
+        let mappers = Mappers::default();
+        let server = serve(&socket, Service::new("edge-1", mappers.clone()))
+            .await
+            .unwrap();
+        let open = |protocol: &'static str| {
+            let socket = socket.clone();
+            async move {
+                let (tx, rx) = mpsc::channel(4);
+                tx.send(register("m", &[protocol])).await.unwrap();
+                let rx = futures_util::stream::unfold(rx, |mut rx| async move {
+                    rx.recv().await.map(|m| (m, rx))
+                });
+                let mut from = DeviceMapperClient::new(connect(&socket).await)
+                    .attach(rx)
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(from.message().await.unwrap().is_some(), "registered");
+                (tx, from)
+            }
+        };
+        let (hostile, mut hostile_from) = open("bacnet").await;
+        let (_good, _good_from) = open("opcua").await;
+        hostile
+            .send(report("default/x", "t", &"9".repeat(MAX_MESSAGE_BYTES + 1)))
+            .await
+            .unwrap();
+        let e = hostile_from.message().await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        assert!(e.message().contains("message length too large"), "{e:?}");
+        // The other mapper is still registered and its protocol served.
+        for _ in 0..100 {
+            if mappers.protocols() == ["opcua"] {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(mappers.protocols(), ["opcua"]);
+        server.abort();
+    }
+
     fn spec() -> MapperSpec {
         use super::super::spec::PropertySpec;
         let property = |name: &str, type_, writable| PropertySpec {
