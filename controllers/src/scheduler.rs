@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Node, NodeSelectorRequirement, Pod, Taint, Toleration};
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{reflector, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -601,20 +601,6 @@ async fn publish(
     if let Err(e) = recorder.publish(&event, &pod.object_ref(&())).await {
         tracing::debug!(error = %e, "scheduling event not recorded");
     }
-}
-
-/// Lists nodes once (for tests and tools): the names of Ready, schedulable nodes.
-pub async fn schedulable_nodes(client: &Client) -> Result<Vec<String>, kube::Error> {
-    let nodes: Api<Node> = Api::all(client.clone());
-    Ok(nodes
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .map(NodeView::of)
-        .filter(|n| n.ready && !n.unschedulable)
-        .map(|n| n.name)
-        .collect())
 }
 
 #[cfg(test)]
