@@ -10,6 +10,7 @@
 //! - [`datasets`], [`triggers`]: the local controller: Dataset sample counts and
 //!   incremental-learning train triggers, evaluated on the node and reported upstream.
 //! - [`devices`]: mappers for the node's Devices (Modbus TCP, MQTT) and their twins.
+//! - [`streams`]: `kubectl logs`, `exec`, `attach`, `port-forward` served through the hub.
 //! - [`machine`]: the channel protocol as a pure state machine.
 //! - [`client`]: the tokio shell that runs it.
 pub mod agent;
@@ -23,6 +24,7 @@ pub mod node;
 pub mod podtoken;
 pub mod runtime;
 pub mod store;
+pub mod streams;
 pub mod tls;
 pub mod triggers;
 pub mod tunnel;

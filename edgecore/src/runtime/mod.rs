@@ -254,9 +254,13 @@ async fn run(
     stats.pods.store(pods.len() as u64, Ordering::Relaxed);
     let mut rotation = tokio::time::interval(Duration::from_secs(10));
     rotation.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut indexing = tokio::time::interval(crate::streams::logs::INDEX_INTERVAL);
+    indexing.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut log_sizes = HashMap::new();
     loop {
         tokio::select! {
             _ = rotation.tick() => rotate_logs(&pods_dir(&config), config.log_limits),
+            _ = indexing.tick() => crate::streams::logs::index_logs(&pods_dir(&config), &mut log_sizes, jiff::Timestamp::now()),
             change = changes.recv() => match change {
                 Ok(Change::Upserted(o)) if o.kind == "Pod" => {
                     let stored = store.get("Pod", &o.namespace, &o.name).ok().flatten();
@@ -698,7 +702,21 @@ impl Worker {
                 return;
             }
         };
-        let log = self.dir.join("logs").join(format!("{}.log", launch.name));
+        let log = crate::streams::logs::log_path(&self.dir, &launch.name, false);
+        if std::fs::metadata(&log).is_ok_and(|m| m.len() > 0) {
+            // What `kubectl logs --previous` shows.
+            crate::streams::logs::keep_as_previous(&self.dir, &launch.name);
+        }
+        // What `kubectl exec` runs commands in.
+        match serde_json::to_vec(&launch) {
+            Ok(context) => {
+                let path = crate::streams::exec_context_path(&self.dir, &launch.name);
+                if let Err(e) = sedna_apiserver::pki::write_private(&path, context) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not keep the exec context");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode the exec context"),
+        }
         let pid_file = self.dir.join(format!("{}.pid", launch.name));
         match process::spawn(&launch, &log, &pid_file, self.config.log_limits) {
             Ok(mut child) => {

@@ -51,7 +51,7 @@ impl SpecError {
 }
 
 /// What one container runs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Launch {
     /// Container name.
     pub name: String,
