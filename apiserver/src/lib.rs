@@ -5,6 +5,8 @@
 //! - Storage: one append-only revision log in SQLite ([`store`]).
 //! - API: discovery, OpenAPI, CRDs with schema validation, built-in kinds, every verb with
 //!   watch, patches, server-side apply, status subresources, finalizers, garbage collection.
+//! - Streams: `kubectl logs`, `exec`, `attach`, `port-forward` relayed to the pod's node
+//!   ([`nodestream`]).
 //! - Security: HTTPS with a generated CA, bearer tokens, RBAC ([`authz`]), loopback by
 //!   default.
 //!
@@ -23,6 +25,7 @@ pub mod error;
 mod gc;
 pub mod handlers;
 pub mod meta;
+pub mod nodestream;
 pub mod patch;
 pub mod pki;
 pub mod protobuf;

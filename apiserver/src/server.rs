@@ -60,6 +60,9 @@ pub struct Config {
     pub authorizer: Option<Authorizer>,
     /// Bearer tokens beyond the token file (default: none).
     pub authenticator: Option<Authenticator>,
+    /// Opens streams to nodes for `pods/log`, `exec`, `attach` and `portforward` (default:
+    /// none; those answer 503).
+    pub node_dialer: Option<crate::nodestream::NodeDialer>,
     /// Most client connections open at once (handshaking, idle or busy); a connection beyond
     /// it is closed at once, so the server never runs out of file descriptors.
     pub max_connections: usize,
@@ -116,6 +119,7 @@ impl Config {
             write_policy: None,
             authorizer: None,
             authenticator: None,
+            node_dialer: None,
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
@@ -634,7 +638,7 @@ async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::Serv
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
@@ -899,8 +903,12 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         let review = handlers::decode_body(&content_type, &body)?;
         return Ok(json_response(201, &access_review(api, &user, review)));
     }
+    let stream = crate::nodestream::is_stream(&path.resource, path.subresource.as_deref());
     let attributes = Attributes {
-        verb: verb_of(&method, path.name.is_some(), query.flag("watch")),
+        verb: match path.subresource.as_deref() {
+            Some(sub) if stream => crate::nodestream::verb(sub, &method),
+            _ => verb_of(&method, path.name.is_some(), query.flag("watch")),
+        },
         group: &path.group,
         resource: &path.resource,
         subresource: path.subresource.as_deref(),
@@ -913,6 +921,10 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         None => crate::authz::rbac(&user, &attributes, &api.store),
     }
     .map_err(ApiError::forbidden)?;
+    if stream {
+        let key = t.key(path.namespace.as_deref(), path.name.as_deref().unwrap_or_default());
+        return node_stream(api, &path, &key, req).await;
+    }
     let repr = request::negotiate(accept.as_deref());
     let content_type = header(http::header::CONTENT_TYPE).unwrap_or_default();
     let agent = header(http::header::USER_AGENT)
@@ -961,6 +973,34 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
         }
     };
     Ok(reply_response(&reply, call.repr, has_name))
+}
+
+/// `pods/{log,exec,attach,portforward}`: to the pod's node, through the node dialer.
+async fn node_stream(
+    api: &Arc<Api>,
+    path: &request::ResourcePath,
+    key: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let name = path.name.as_deref().unwrap_or_default();
+    let pod = api
+        .store
+        .get(key)
+        .ok_or_else(|| ApiError::not_found("", "pods", name))?;
+    let subresource = path.subresource.as_deref().unwrap_or_default();
+    let allowed = match subresource {
+        "log" => [Method::GET].as_slice(),
+        _ => [Method::GET, Method::POST].as_slice(),
+    };
+    if !allowed.contains(req.method()) {
+        return Err(ApiError::method_not_allowed(format!(
+            "the server does not allow this method on the requested resource: {}",
+            req.method()
+        )));
+    }
+    let (node, node_path) =
+        crate::nodestream::node_path(&pod.value, subresource, req.uri().query())?;
+    crate::nodestream::proxy(api.config.node_dialer.as_ref(), &node, &node_path, req).await
 }
 
 fn content_type(repr: Representation, single: bool) -> &'static str {

@@ -111,6 +111,18 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     if args.no_fsync {
         api_config.store.durability = sedna_apiserver::store::Durability::Process;
     }
+    // `kubectl logs/exec/attach/port-forward` go to nodes through the hub, started below.
+    let hub_dialer: std::sync::Arc<std::sync::OnceLock<sedna_apiserver::nodestream::NodeDialer>> =
+        std::sync::Arc::default();
+    let dialer = hub_dialer.clone();
+    api_config.node_dialer = Some(sedna_apiserver::nodestream::NodeDialer(std::sync::Arc::new(
+        move |node: &str| match dialer.get() {
+            Some(d) => (d.0)(node),
+            None => Box::pin(std::future::ready(Err(
+                sedna_apiserver::nodestream::DialError::Failed("the hub is starting".into()),
+            ))),
+        },
+    )));
     let server = sedna_apiserver::ApiServer::start(api_config)
         .await
         .context("starting the API server")?;
@@ -125,6 +137,7 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         .await
         .context("starting the hub")?;
     let hub_addr = hub.addr().to_string();
+    let _ = hub_dialer.set(hub.node_dialer());
 
     let mut registry = Registry::default();
     registry

@@ -52,6 +52,8 @@ pub struct HubConfig {
     /// Node lifecycle (NotReady on lease expiry, eviction after an autonomy period); `None`
     /// leaves it to another controller (e.g. kube-controller-manager on a real cluster).
     pub lifecycle: Option<crate::lifecycle::LifecycleConfig>,
+    /// Bounds on streams to nodes (`kubectl logs`, `exec`, `port-forward`).
+    pub streams: crate::streams::StreamLimits,
 }
 
 impl HubConfig {
@@ -69,6 +71,7 @@ impl HubConfig {
             client_hello_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
             lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
+            streams: crate::streams::StreamLimits::default(),
         }
     }
 }
@@ -138,6 +141,8 @@ impl HubError {
 struct Registered {
     generation: u64,
     routed: mpsc::UnboundedSender<Downstream>,
+    /// The session's outbound envelopes (for unsequenced requests such as STREAM_OPEN).
+    control: mpsc::Sender<Result<Envelope, Status>>,
 }
 
 struct Shared {
@@ -151,6 +156,7 @@ struct Shared {
     config: HubConfig,
     revocations: crate::revocation::Revocations,
     stats: Arc<HubStats>,
+    streams: crate::streams::Streams,
 }
 
 impl Shared {
@@ -212,6 +218,7 @@ impl Hub {
         })?;
         let (ready, _) = watch::channel(false);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let config_streams = config.streams;
         let shared = Arc::new(Shared {
             shutdown: shutdown_rx.clone(),
             router: Mutex::new(Router::new()),
@@ -223,6 +230,7 @@ impl Hub {
             config,
             stats: Arc::default(),
             revocations: crate::revocation::Revocations::default(),
+            streams: crate::streams::Streams::new(config_streams),
         });
         shared.revocations.load(&shared.client).await?;
         let mut tasks = Vec::new();
@@ -269,6 +277,30 @@ impl Hub {
         self.shared.stats.clone()
     }
 
+    /// Opens a byte stream to `node`'s stream server over its connection (see
+    /// [`crate::streams`]).
+    pub async fn open_stream(
+        &self,
+        node: &str,
+    ) -> Result<crate::streams::NodeStream, sedna_apiserver::nodestream::DialError> {
+        open_stream(&self.shared, node).await
+    }
+
+    /// A dialer for the API server's `pods/log`, `exec`, `attach` and `portforward`.
+    pub fn node_dialer(&self) -> sedna_apiserver::nodestream::NodeDialer {
+        let shared = Arc::downgrade(&self.shared);
+        sedna_apiserver::nodestream::NodeDialer(Arc::new(move |node: &str| {
+            let (shared, node) = (shared.clone(), node.to_owned());
+            Box::pin(async move {
+                let shared = shared.upgrade().ok_or_else(|| {
+                    sedna_apiserver::nodestream::DialError::Failed("the hub stopped".into())
+                })?;
+                let stream = open_stream(&shared, &node).await?;
+                Ok(Box::new(stream) as Box<dyn sedna_apiserver::nodestream::NodeIo>)
+            })
+        }))
+    }
+
     /// Whether every kind has been listed once (sessions wait for it).
     pub fn is_ready(&self) -> bool {
         *self.shared.ready.borrow()
@@ -281,6 +313,50 @@ impl Hub {
         for t in self.tasks {
             t.abort();
             let _ = t.await;
+        }
+    }
+}
+
+async fn open_stream(
+    shared: &Shared,
+    node: &str,
+) -> Result<crate::streams::NodeStream, sedna_apiserver::nodestream::DialError> {
+    use sedna_apiserver::nodestream::DialError;
+    let control = shared
+        .sessions()
+        .get(node)
+        .map(|s| s.control.clone())
+        .ok_or_else(|| DialError::NotConnected(node.to_owned()))?;
+    let slot = shared.streams.reserve(node)?;
+    let (token, arrived) = shared.streams.expect(node);
+    let ask = Envelope {
+        op: sedna_proto::channel::Op::StreamOpen as i32,
+        payload: token.clone().into_bytes(),
+        ..Default::default()
+    };
+    let timeout = shared.streams.limits().open_timeout;
+    let result = tokio::time::timeout(timeout, async {
+        control
+            .send(Ok(ask))
+            .await
+            .map_err(|_| DialError::NotConnected(node.to_owned()))?;
+        arrived
+            .await
+            .map_err(|_| DialError::Failed(format!("node {node}'s stream was dropped")))
+    })
+    .await;
+    match result {
+        Ok(Ok(io)) => Ok(crate::streams::NodeStream { io, _slot: slot }),
+        Ok(Err(e)) => {
+            shared.streams.forget(&token);
+            Err(e)
+        }
+        Err(_) => {
+            shared.streams.forget(&token);
+            Err(DialError::Failed(format!(
+                "node {node} did not open the stream within {}s",
+                timeout.as_secs()
+            )))
         }
     }
 }
@@ -642,8 +718,17 @@ impl HubService for Service {
         request: Request<tonic::Streaming<TunnelFrame>>,
     ) -> Result<Response<Self::TunnelStream>, Status> {
         let (node, _) = self.node_of(&request)?;
-        let stream =
-            crate::tunnel::serve(self.shared.client.clone(), node, request.into_inner()).await?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("empty tunnel"))?;
+        let stream = match first.target.strip_prefix(crate::streams::TARGET_PREFIX) {
+            Some(token) => self.shared.streams.accept(&node, token, inbound, first.data)?,
+            None => {
+                crate::tunnel::serve(self.shared.client.clone(), node, first, inbound).await?
+            }
+        };
         Ok(Response::new(stream))
     }
 
@@ -758,7 +843,7 @@ async fn run_session(
                         let view = router.attach(&node);
                         let old = shared
                             .sessions()
-                            .insert(node.clone(), Registered { generation, routed });
+                            .insert(node.clone(), Registered { generation, routed, control: out.clone() });
                         drop(old);
                         view
                     };

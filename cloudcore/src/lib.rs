@@ -11,6 +11,7 @@
 //! - [`lifecycle`]: nodes whose lease expired become NotReady; eviction only after an
 //!   autonomy period set on the node.
 //! - [`gate`]: admission of TLS handshakes (per source, in total, fair when full).
+//! - [`streams`]: streams to nodes for `kubectl logs`, `exec`, `attach`, `port-forward`.
 //! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
 pub mod gate;
 pub mod hub;
@@ -19,6 +20,7 @@ pub mod pki;
 pub mod revocation;
 pub mod router;
 pub mod session;
+pub mod streams;
 pub mod tokens;
 pub mod tunnel;
 pub mod upstream;

@@ -109,16 +109,14 @@ fn parse_target(target: &str) -> Result<(&str, &str, &str), Status> {
     }
 }
 
-/// Serves one tunnel: checks the first frame, connects, relays until either side closes.
+/// Serves one tunnel from its first frame: checks it, connects, relays until either side
+/// closes.
 pub(crate) async fn serve(
     client: kube::Client,
     node: String,
+    first: TunnelFrame,
     mut inbound: tonic::Streaming<TunnelFrame>,
 ) -> Result<futures_util::stream::BoxStream<'static, Result<TunnelFrame, Status>>, Status> {
-    let first = inbound
-        .message()
-        .await?
-        .ok_or_else(|| Status::invalid_argument("empty tunnel"))?;
     let address = resolve(&client, &node, &first.target).await?;
     let stream = tokio::time::timeout(
         Duration::from_secs(10),

@@ -105,6 +105,7 @@ pub struct Agent {
     devices_task: tokio::task::JoinHandle<()>,
     mapper_server: Option<tokio::task::JoinHandle<()>>,
     mapper_socket: Option<PathBuf>,
+    streams_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -195,6 +196,19 @@ impl Agent {
             hub.subscribe(),
             hub.reporter(),
         );
+        let streams_task = hub.take_stream_requests().map(|requests| {
+            let context = crate::streams::StreamContext {
+                store: hub.store().clone(),
+                pods_dir: config.edge.data_dir.join("pods"),
+                program_dirs: config.program_dirs.clone(),
+            };
+            tokio::spawn(crate::streams::answer(
+                requests,
+                config.edge.hub.clone(),
+                config.edge.data_dir.clone(),
+                Arc::new(context),
+            ))
+        });
         let node_config = NodeConfig {
             name: hub.node().to_owned(),
             labels: config.labels.clone(),
@@ -257,6 +271,7 @@ impl Agent {
                 .as_ref()
                 .and(config.devices.mapper_socket.clone()),
             mapper_server,
+            streams_task,
         })
     }
 
@@ -301,6 +316,9 @@ impl Agent {
         self.triggers_task.abort();
         self.devices_task.abort();
         if let Some(task) = self.mapper_server {
+            task.abort();
+        }
+        if let Some(task) = self.streams_task {
             task.abort();
         }
         self.runtime.abort();

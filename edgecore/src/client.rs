@@ -106,7 +106,11 @@ pub struct EdgeHub {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     node: String,
+    stream_requests: std::sync::Mutex<Option<mpsc::Receiver<String>>>,
 }
+
+/// Stream requests (tokens) waiting at most for the agent to answer them.
+const STREAM_REQUEST_QUEUE: usize = 64;
 
 impl std::fmt::Debug for EdgeHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -130,7 +134,9 @@ impl EdgeHub {
         let (status_tx, status) = watch::channel(EdgeStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let node = identity.node.clone();
+        let (stream_tx, stream_rx) = mpsc::channel(STREAM_REQUEST_QUEUE);
         let shell = Shell {
+            stream_requests: stream_tx,
             config,
             identity,
             store: store.clone(),
@@ -148,7 +154,17 @@ impl EdgeHub {
             shutdown,
             task,
             node,
+            stream_requests: std::sync::Mutex::new(Some(stream_rx)),
         })
+    }
+
+    /// The hub's requests for streams (one-time tokens to open `Hub.Tunnel` with, see
+    /// [`crate::streams`]); the first caller gets them.
+    pub fn take_stream_requests(&self) -> Option<mpsc::Receiver<String>> {
+        self.stream_requests
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// The node name.
@@ -222,6 +238,7 @@ struct Shell {
     outbox: Arc<Notify>,
     status: watch::Sender<EdgeStatus>,
     renewing: Option<rcgen::KeyPair>,
+    stream_requests: mpsc::Sender<String>,
 }
 
 fn now_unix() -> i64 {
@@ -451,6 +468,13 @@ impl Shell {
                     }
                 }, if live.is_some() => {
                     match message {
+                        Some(Ok(e)) if e.op == Op::StreamOpen as i32 => {
+                            // Not part of the sync protocol: handed to the stream server.
+                            let token = String::from_utf8_lossy(&e.payload).into_owned();
+                            if self.stream_requests.try_send(token).is_err() {
+                                tracing::warn!(%node, "too many stream requests waiting; one dropped");
+                            }
+                        }
                         Some(Ok(e)) => queue.push_back(Input::Received(e)),
                         other => {
                             let reason = match other {

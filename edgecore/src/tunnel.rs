@@ -141,28 +141,39 @@ async fn serve(
         return Err("not a CONNECT request".into());
     };
     let target = target.to_string();
-    let channel = match hub_channel(hub, data_dir, cached).await {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = stream
-                .write_all(
-                    format!("HTTP/1.1 502 Bad Gateway\r\n\r\nhub unreachable: {e}\n").as_bytes(),
-                )
-                .await;
-            return Err(e);
-        }
+    let mut tunnel = match open(hub, data_dir, cached, target).await {
+        Ok(t) => t,
+        Err(status) => return Err(refuse(&mut stream, &status).await),
     };
+    stream
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let _ = tokio::io::copy_bidirectional(&mut stream, &mut tunnel).await;
+    Ok(())
+}
+
+/// Opens `Hub.Tunnel` to `target` and waits for the hub's first (empty) frame, which says
+/// the other end is reached; returns the tunnel as a byte stream.
+pub(crate) async fn open(
+    hub: &str,
+    data_dir: &std::path::Path,
+    cached: &Mutex<Option<tonic::transport::Channel>>,
+    target: String,
+) -> Result<tokio::io::DuplexStream, tonic::Status> {
+    let channel = hub_channel(hub, data_dir, cached)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("hub unreachable: {e}")))?;
     let (tx, rx) = tokio::sync::mpsc::channel::<TunnelFrame>(64);
     let _ = tx
         .send(TunnelFrame {
-            target: target.clone(),
+            target,
             data: Vec::new(),
         })
         .await;
     let outgoing =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
-    let opened = HubClient::new(channel).tunnel(outgoing).await;
-    let mut inbound = match opened {
+    let mut inbound = match HubClient::new(channel).tunnel(outgoing).await {
         Ok(response) => response.into_inner(),
         Err(status) => {
             if matches!(
@@ -172,22 +183,15 @@ async fn serve(
                 // The hub connection may be stale: dial afresh next time.
                 *cached.lock().await = None;
             }
-            return Err(refuse(&mut stream, &status).await);
+            return Err(status);
         }
     };
-    // The hub's first (empty) frame says it reached the cloud worker.
-    match inbound.message().await {
-        Ok(Some(_)) => {}
-        Ok(None) => return Err("the hub closed the tunnel".into()),
-        Err(status) => {
-            return Err(refuse(&mut stream, &status).await);
-        }
+    match inbound.message().await? {
+        Some(_) => {}
+        None => return Err(tonic::Status::unavailable("the hub closed the tunnel")),
     }
-    stream
-        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut read, mut write) = stream.into_split();
+    let (near, far) = tokio::io::duplex(64 * 1024);
+    let (mut read, mut write) = tokio::io::split(far);
     let upstream = tokio::spawn(async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -205,12 +209,16 @@ async fn serve(
             }
         }
     });
-    while let Ok(Some(frame)) = inbound.message().await {
-        if write.write_all(&frame.data).await.is_err() {
-            break;
+    tokio::spawn(async move {
+        while let Ok(Some(frame)) = inbound.message().await {
+            if write.write_all(&frame.data).await.is_err() {
+                break;
+            }
         }
-    }
-    let _ = write.shutdown().await;
-    upstream.abort();
-    Ok(())
+        let _ = write.shutdown().await;
+        // The hub's side ended: nothing more goes up either.
+        upstream.abort();
+    });
+    Ok(near)
 }
+

@@ -77,6 +77,39 @@ pub fn exec_context_path(pod_dir: &Path, container: &str) -> PathBuf {
     pod_dir.join(format!("{container}.exec.json"))
 }
 
+/// The most streams a node serves at once (the hub bounds them per node too).
+pub const MAX_STREAMS: usize = 32;
+
+/// Answers the hub's stream requests (see [`crate::EdgeHub::take_stream_requests`]): each
+/// token becomes a `Hub.Tunnel` back to the hub, served by [`serve_connection`].
+pub async fn answer(
+    mut requests: mpsc::Receiver<String>,
+    hub: String,
+    data_dir: PathBuf,
+    ctx: Arc<StreamContext>,
+) {
+    let channel: Arc<tokio::sync::Mutex<Option<tonic::transport::Channel>>> = Arc::default();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS));
+    while let Some(token) = requests.recv().await {
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("{MAX_STREAMS} streams are open; a stream request is dropped");
+            continue;
+        };
+        let (hub, data_dir, ctx, channel) =
+            (hub.clone(), data_dir.clone(), ctx.clone(), channel.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let target = format!("stream:{token}");
+            match crate::tunnel::open(&hub, &data_dir, &channel, target).await {
+                Ok(io) => serve_connection(io, ctx).await,
+                Err(status) => {
+                    tracing::warn!(error = %status.message(), "could not open a stream to the hub")
+                }
+            }
+        });
+    }
+}
+
 /// Serves kubelet-style stream requests on one byte stream (HTTP/1.1, with upgrades).
 pub async fn serve_connection<IO>(io: IO, ctx: Arc<StreamContext>)
 where
