@@ -321,7 +321,8 @@ pub fn default_cluster_roles() -> Vec<Value> {
             "persistentvolumeclaims",
         ];
         if secrets {
-            core.push("secrets");
+            // Editors also reach into pods, as Kubernetes' `edit` role lets them.
+            core.extend(["secrets", "pods/exec", "pods/attach", "pods/portforward"]);
         }
         json!([
             { "apiGroups": [""], "resources": core, "verbs": verbs },

@@ -84,9 +84,7 @@ pub(crate) fn node_path(
     let node = pod["spec"]["nodeName"]
         .as_str()
         .filter(|n| !n.is_empty())
-        .ok_or_else(|| {
-            ApiError::bad_request(format!("pod {name} does not have a host assigned"))
-        })?
+        .ok_or_else(|| ApiError::bad_request(format!("pod {name} does not have a host assigned")))?
         .to_owned();
     let query = query.unwrap_or_default();
     let containers: Vec<&str> = pod["spec"]["containers"]
@@ -221,8 +219,8 @@ mod tests {
 
     #[test]
     fn requests_map_to_the_kubelet_paths_of_the_pods_node() {
-        let (node, path) = node_path(&pod(&["main"], Some("edge-1")), "log", Some("follow=true"))
-            .unwrap();
+        let (node, path) =
+            node_path(&pod(&["main"], Some("edge-1")), "log", Some("follow=true")).unwrap();
         assert_eq!(node, "edge-1");
         assert_eq!(path, "/containerLogs/shop/web/main?follow=true");
         let (_, path) = node_path(
@@ -238,9 +236,7 @@ mod tests {
 
     #[test]
     fn unbound_pods_and_unknown_or_ambiguous_containers_are_refused_with_kubernetes_words() {
-        let message = |p: Value, q: &str| {
-            node_path(&p, "log", Some(q)).unwrap_err().message
-        };
+        let message = |p: Value, q: &str| node_path(&p, "log", Some(q)).unwrap_err().message;
         assert_eq!(
             message(pod(&["main"], None), ""),
             "pod web does not have a host assigned"

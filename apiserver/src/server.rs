@@ -638,7 +638,10 @@ async fn accept_loop(api: Arc<Api>, listener: TcpListener, tls: Arc<rustls::Serv
                 .http1()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(header_read_timeout);
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(tls), service).await {
+            if let Err(e) = builder
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "connection ended");
             }
         });
@@ -922,7 +925,10 @@ async fn route(api: &Arc<Api>, req: Request<Incoming>) -> Result<Response<Body>,
     }
     .map_err(ApiError::forbidden)?;
     if stream {
-        let key = t.key(path.namespace.as_deref(), path.name.as_deref().unwrap_or_default());
+        let key = t.key(
+            path.namespace.as_deref(),
+            path.name.as_deref().unwrap_or_default(),
+        );
         return node_stream(api, &path, &key, req).await;
     }
     let repr = request::negotiate(accept.as_deref());

@@ -46,6 +46,13 @@ pub(crate) struct UpArgs {
     /// ("0s": one write per change).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::node::parse_duration)]
     twin_interval: std::time::Duration,
+    /// Most `kubectl logs -f` / `exec` / `attach` / `port-forward` streams open at once per
+    /// node.
+    #[arg(long, value_name = "N", default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    streams_per_node: u16,
+    /// Most bytes per second through one node's streams (all together, both ways).
+    #[arg(long, value_name = "BYTES", default_value_t = 8 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    stream_bytes_per_second: u64,
 }
 
 /// The nodes `sedna up` runs: the cloud-role node first.
@@ -115,14 +122,14 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
     let hub_dialer: std::sync::Arc<std::sync::OnceLock<sedna_apiserver::nodestream::NodeDialer>> =
         std::sync::Arc::default();
     let dialer = hub_dialer.clone();
-    api_config.node_dialer = Some(sedna_apiserver::nodestream::NodeDialer(std::sync::Arc::new(
-        move |node: &str| match dialer.get() {
+    api_config.node_dialer = Some(sedna_apiserver::nodestream::NodeDialer(
+        std::sync::Arc::new(move |node: &str| match dialer.get() {
             Some(d) => (d.0)(node),
             None => Box::pin(std::future::ready(Err(
                 sedna_apiserver::nodestream::DialError::Failed("the hub is starting".into()),
             ))),
-        },
-    )));
+        }),
+    ));
     let server = sedna_apiserver::ApiServer::start(api_config)
         .await
         .context("starting the API server")?;
@@ -133,6 +140,8 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
 
     let mut hub_config = sedna_cloudcore::HubConfig::new(d.join("cloudcore"));
     hub_config.listen = args.hub_listen;
+    hub_config.streams.per_node = usize::from(args.streams_per_node);
+    hub_config.streams.bytes_per_second = args.stream_bytes_per_second;
     let hub = sedna_cloudcore::Hub::start(hub_config, client.clone())
         .await
         .context("starting the hub")?;

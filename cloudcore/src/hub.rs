@@ -724,10 +724,11 @@ impl HubService for Service {
             .await?
             .ok_or_else(|| Status::invalid_argument("empty tunnel"))?;
         let stream = match first.target.strip_prefix(crate::streams::TARGET_PREFIX) {
-            Some(token) => self.shared.streams.accept(&node, token, inbound, first.data)?,
-            None => {
-                crate::tunnel::serve(self.shared.client.clone(), node, first, inbound).await?
-            }
+            Some(token) => self
+                .shared
+                .streams
+                .accept(&node, token, inbound, first.data)?,
+            None => crate::tunnel::serve(self.shared.client.clone(), node, first, inbound).await?,
         };
         Ok(Response::new(stream))
     }
@@ -841,9 +842,14 @@ async fn run_session(
                     let view = {
                         let mut router = shared.router();
                         let view = router.attach(&node);
-                        let old = shared
-                            .sessions()
-                            .insert(node.clone(), Registered { generation, routed, control: out.clone() });
+                        let old = shared.sessions().insert(
+                            node.clone(),
+                            Registered {
+                                generation,
+                                routed,
+                                control: out.clone(),
+                            },
+                        );
                         drop(old);
                         view
                     };

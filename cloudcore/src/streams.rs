@@ -275,7 +275,9 @@ pub struct NodeStream {
 
 impl std::fmt::Debug for NodeStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeStream").field("node", &self._slot.node).finish()
+        f.debug_struct("NodeStream")
+            .field("node", &self._slot.node)
+            .finish()
     }
 }
 
@@ -302,10 +304,7 @@ impl AsyncWrite for NodeStream {
         Pin::new(&mut self.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -328,7 +327,10 @@ mod tests {
                 .contains("node edge-1 has 2 streams open, the most the hub allows per node"),
             "{err}"
         );
-        assert!(streams.reserve("edge-2").is_ok(), "another node has its own slots");
+        assert!(
+            streams.reserve("edge-2").is_ok(),
+            "another node has its own slots"
+        );
         drop(a);
         assert!(streams.reserve("edge-1").is_ok());
     }
@@ -338,7 +340,11 @@ mod tests {
         let bucket = Bucket::new(1000);
         let start = tokio::time::Instant::now();
         bucket.take(1000).await;
-        assert_eq!(start.elapsed(), Duration::ZERO, "one second's worth at once");
+        assert_eq!(
+            start.elapsed(),
+            Duration::ZERO,
+            "one second's worth at once"
+        );
         for _ in 0..3 {
             bucket.take(1000).await;
         }
@@ -359,7 +365,10 @@ mod tests {
         let err = streams.claim("edge-2", &token).err().unwrap();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert!(streams.claim("edge-1", "guess").is_err());
-        assert!(streams.claim("edge-1", &token).is_ok(), "still there for its node");
+        assert!(
+            streams.claim("edge-1", &token).is_ok(),
+            "still there for its node"
+        );
         assert!(streams.claim("edge-1", &token).is_err(), "and used once");
     }
 }

@@ -221,4 +221,3 @@ pub(crate) async fn open(
     });
     Ok(near)
 }
-

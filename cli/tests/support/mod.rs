@@ -204,16 +204,22 @@ impl Kubectl {
         })
     }
 
-    /// Runs kubectl, returns its output.
-    pub fn run(&self, args: &[&str]) -> Output {
-        Command::new("kubectl")
+    /// kubectl with these arguments, to add environment or pipes to and run.
+    #[allow(dead_code)]
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("kubectl");
+        command
             .env("HOME", self.home.path())
             .env_remove("KUBECONFIG")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .unwrap()
+            .args(args);
+        command
+    }
+
+    /// Runs kubectl, returns its output.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
     }
 
     /// Runs kubectl, asserts success, returns stdout.

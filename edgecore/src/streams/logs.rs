@@ -355,7 +355,10 @@ where
         let upto = if stopped {
             pending.len()
         } else {
-            pending.iter().rposition(|b| *b == b'\n').map_or(0, |p| p + 1)
+            pending
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map_or(0, |p| p + 1)
         };
         if upto > 0 {
             let mut out = Vec::new();
@@ -403,17 +406,17 @@ mod tests {
         assert_eq!((o.tail_lines, o.limit_bytes), (Some(5), Some(100)));
         let o = LogOptions::parse("sinceSeconds=60&previous=true", now()).unwrap();
         assert!(o.previous);
-        assert_eq!(
-            o.since_nanos,
-            Some(now().as_nanosecond() - 60_000_000_000)
-        );
+        assert_eq!(o.since_nanos, Some(now().as_nanosecond() - 60_000_000_000));
         let o = LogOptions::parse("sinceTime=2026-12-01T09%3A59%3A00Z", now()).unwrap();
         assert_eq!(o.since_nanos, Some(now().as_nanosecond() - 60_000_000_000));
         for (bad, says) in [
             ("tailLines=-1", "tailLines must be a non-negative integer"),
             ("limitBytes=0", "limitBytes must be greater than zero"),
             ("sinceSeconds=x", "sinceSeconds must be"),
-            ("sinceTime=yesterday", "sinceTime \"yesterday\" is not an RFC 3339 time"),
+            (
+                "sinceTime=yesterday",
+                "sinceTime \"yesterday\" is not an RFC 3339 time",
+            ),
         ] {
             let err = LogOptions::parse(bad, now()).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");
@@ -451,7 +454,11 @@ mod tests {
         let dir = pod_with_log("a\nb\nc\nd\n");
         let log = log_path(dir.path(), "c", false);
         let t0 = now().as_nanosecond();
-        for (size, at) in [(4u64, t0), (6, t0 + 10_000_000_000), (8, t0 + 10_250_000_000)] {
+        for (size, at) in [
+            (4u64, t0),
+            (6, t0 + 10_000_000_000),
+            (8, t0 + 10_250_000_000),
+        ] {
             let mut r = size.to_le_bytes().to_vec();
             r.extend_from_slice(&(at as i64).to_le_bytes());
             let mut f = std::fs::OpenOptions::new()

@@ -158,7 +158,12 @@ struct Target {
     container: Option<String>,
 }
 
-fn find(ctx: &StreamContext, ns: &str, name: &str, container: Option<&str>) -> Result<Target, Response<Body>> {
+fn find(
+    ctx: &StreamContext,
+    ns: &str,
+    name: &str,
+    container: Option<&str>,
+) -> Result<Target, Response<Body>> {
     let not_found = || {
         status(
             StatusCode::NOT_FOUND,
@@ -190,7 +195,11 @@ fn find(ctx: &StreamContext, ns: &str, name: &str, container: Option<&str>) -> R
             Some(c.to_owned())
         }
     };
-    Ok(Target { pod, dir, container })
+    Ok(Target {
+        pod,
+        dir,
+        container,
+    })
 }
 
 /// Whether the container's process (from its pid file) is alive.
@@ -213,12 +222,10 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let query = req.uri().query().unwrap_or_default().to_owned();
     match parts.as_slice() {
-        ["containerLogs", ns, pod, container] => {
-            match find(&ctx, ns, pod, Some(container)) {
-                Ok(t) => container_logs(t, &query).await,
-                Err(r) => r,
-            }
-        }
+        ["containerLogs", ns, pod, container] => match find(&ctx, ns, pod, Some(container)) {
+            Ok(t) => container_logs(t, &query).await,
+            Err(r) => r,
+        },
         [verb @ ("exec" | "attach"), ns, pod, container] => {
             let t = match find(&ctx, ns, pod, Some(container)) {
                 Ok(t) => t,
@@ -226,9 +233,7 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
             };
             let c = t.container.clone().unwrap_or_default();
             if !running(&t.dir, &c) {
-                return bad_request(&format!(
-                    "container {c} in pod {pod} is not running"
-                ));
+                return bad_request(&format!("container {c} in pod {pod} is not running"));
             }
             let options = match StreamOptions::parse(&query, *verb == "exec") {
                 Ok(o) => o,
@@ -442,10 +447,16 @@ fn switching(transport: &Transport) -> Response<Body> {
     let mut r = Response::new(full(Bytes::new()));
     *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = r.headers_mut();
-    h.insert(http::header::CONNECTION, http::HeaderValue::from_static("Upgrade"));
+    h.insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("Upgrade"),
+    );
     match transport {
         Transport::WebSocket { protocol, accept } => {
-            h.insert(http::header::UPGRADE, http::HeaderValue::from_static("websocket"));
+            h.insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("websocket"),
+            );
             if let Ok(v) = http::HeaderValue::from_str(accept) {
                 h.insert("sec-websocket-accept", v);
             }
@@ -454,7 +465,10 @@ fn switching(transport: &Transport) -> Response<Body> {
             }
         }
         Transport::Spdy { protocol } => {
-            h.insert(http::header::UPGRADE, http::HeaderValue::from_static("SPDY/3.1"));
+            h.insert(
+                http::header::UPGRADE,
+                http::HeaderValue::from_static("SPDY/3.1"),
+            );
             if let Ok(v) = http::HeaderValue::from_str(protocol) {
                 h.insert("x-stream-protocol-version", v);
             }
@@ -527,10 +541,7 @@ struct ChannelIo {
 
 /// The websocket channel protocol: each binary message starts with its channel byte; v5
 /// lets the client close stdin with `[255, 0]`.
-fn ws_channels(
-    ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
-    v5: bool,
-) -> ChannelIo {
+fn ws_channels(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>, v5: bool) -> ChannelIo {
     let (mut sink, mut source) = ws.split();
     let (stdin_tx, stdin) = mpsc::channel::<Bytes>(16);
     let (out, mut out_rx) = mpsc::channel::<(u8, Bytes)>(16);
@@ -564,6 +575,8 @@ fn ws_channels(
                 break;
             }
         }
+        // kubectl reads the end of the error channel from a normal closure (1000).
+        let _ = sink.send(normal_close()).await;
         let _ = sink.close().await;
         reader.abort();
         let _ = done_tx.send(());
@@ -573,6 +586,13 @@ fn ws_channels(
         out,
         done,
     }
+}
+
+fn normal_close() -> Message {
+    Message::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+        reason: "".into(),
+    }))
 }
 
 /// The SPDY form: one stream per channel, told apart by their `streamtype` header; waits
@@ -728,7 +748,9 @@ async fn run_exec(
     let pump = |reader: Option<Box<dyn tokio::io::AsyncRead + Send + Unpin>>, channel: u8| {
         let out = out.clone();
         tokio::spawn(async move {
-            let Some(mut reader) = reader else { return true };
+            let Some(mut reader) = reader else {
+                return true;
+            };
             let mut buf = vec![0u8; 32 * 1024];
             loop {
                 match reader.read(&mut buf).await {
@@ -894,6 +916,7 @@ fn ws_bytes(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> tokio::io
                 }
             }
         }
+        let _ = sink.send(normal_close()).await;
         let _ = sink.close().await;
     });
     near
@@ -939,7 +962,11 @@ async fn forward(data: spdy::Stream, error: spdy::Stream, ports: Vec<u16>) {
             "port {} is not a port the pod declares (declared: {}); pods share the node's \
              network, so only declared container ports can be forwarded",
             data.header("port").unwrap_or("?"),
-            if declared.is_empty() { "none".into() } else { declared.join(", ") }
+            if declared.is_empty() {
+                "none".into()
+            } else {
+                declared.join(", ")
+            }
         ))
         .await;
         return;
@@ -951,8 +978,18 @@ async fn forward(data: spdy::Stream, error: spdy::Stream, ports: Vec<u16>) {
     .await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return fail(format!("failed to connect to localhost:{port} inside the pod: {e}")).await,
-        Err(_) => return fail(format!("connecting to localhost:{port} inside the pod timed out")).await,
+        Ok(Err(e)) => {
+            return fail(format!(
+                "failed to connect to localhost:{port} inside the pod: {e}"
+            ))
+            .await;
+        }
+        Err(_) => {
+            return fail(format!(
+                "connecting to localhost:{port} inside the pod timed out"
+            ))
+            .await;
+        }
     };
     let (mut read, mut write) = tcp.into_split();
     let mut incoming = data.data;
@@ -986,13 +1023,22 @@ mod tests {
 
     #[test]
     fn remote_command_options_need_a_stream_and_a_command() {
-        let p = StreamOptions::parse("command=sh&command=-c&command=echo%20hi&stdout=1&stderr=1", true)
-            .unwrap();
+        let p = StreamOptions::parse(
+            "command=sh&command=-c&command=echo%20hi&stdout=1&stderr=1",
+            true,
+        )
+        .unwrap();
         assert_eq!(p.command, ["sh", "-c", "echo hi"]);
         assert!(p.streams.stdout && p.streams.stderr && !p.streams.stdin);
-        let tty = StreamOptions::parse("command=sh&stdin=true&stdout=true&stderr=true&tty=true", true)
-            .unwrap();
-        assert!(tty.streams.tty && !tty.streams.stderr, "a terminal merges stderr");
+        let tty = StreamOptions::parse(
+            "command=sh&stdin=true&stdout=true&stderr=true&tty=true",
+            true,
+        )
+        .unwrap();
+        assert!(
+            tty.streams.tty && !tty.streams.stderr,
+            "a terminal merges stderr"
+        );
         assert!(
             StreamOptions::parse("command=sh", true)
                 .unwrap_err()
@@ -1003,8 +1049,15 @@ mod tests {
                 .unwrap_err()
                 .contains("must specify a command")
         );
-        assert!(StreamOptions::parse("stdout=1", false).is_ok(), "attach has no command");
+        assert!(
+            StreamOptions::parse("stdout=1", false).is_ok(),
+            "attach has no command"
+        );
         let long = vec!["command=x"; 257].join("&") + "&stdout=1";
-        assert!(StreamOptions::parse(&long, true).unwrap_err().contains("256"));
+        assert!(
+            StreamOptions::parse(&long, true)
+                .unwrap_err()
+                .contains("256")
+        );
     }
 }

@@ -341,7 +341,9 @@ impl Decoder {
             {
                 Ok(_) => {}
                 Err(e) if e.needs_dictionary().is_some() => {
-                    self.inflate.set_dictionary(&dictionary()).map_err(|e| bad(&e))?;
+                    self.inflate
+                        .set_dictionary(&dictionary())
+                        .map_err(|e| bad(&e))?;
                 }
                 Err(e) => return Err(bad(&e)),
             }
@@ -857,7 +859,10 @@ mod tests {
         cw.write_all(&wire).await.unwrap();
         let mut stream = session.streams.recv().await.unwrap();
         assert_eq!(stream.header("streamtype"), Some("stdin"));
-        assert_eq!(stream.data.recv().await.unwrap(), Bytes::from_static(b"abc"));
+        assert_eq!(
+            stream.data.recv().await.unwrap(),
+            Bytes::from_static(b"abc")
+        );
         assert!(stream.data.recv().await.is_none(), "FIN ends the data");
         stream.sender().write(b"out").await.unwrap();
         stream.sender().finish().await;
