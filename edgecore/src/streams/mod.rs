@@ -132,23 +132,41 @@ fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).boxed()
 }
 
-/// A Kubernetes Status answer, as the API server would give it.
-fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {},
-        "status": "Failure", "message": message, "reason": reason, "code": code.as_u16(),
-    });
-    let mut r = Response::new(full(body.to_string()));
-    *r.status_mut() = code;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    r
+/// Why a stream request is refused; answered as a Kubernetes Status, as the API server would.
+#[derive(Debug)]
+struct Refusal {
+    code: StatusCode,
+    reason: &'static str,
+    message: String,
 }
 
-fn bad_request(message: &str) -> Response<Body> {
-    status(StatusCode::BAD_REQUEST, "BadRequest", message)
+impl Refusal {
+    fn new(code: StatusCode, reason: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            reason,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BadRequest", message)
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let body = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": self.message, "reason": self.reason,
+            "code": self.code.as_u16(),
+        });
+        let mut r = Response::new(full(body.to_string()));
+        *r.status_mut() = self.code;
+        r.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        r
+    }
 }
 
 /// A pod of this node, found by namespace and name.
@@ -163,12 +181,12 @@ fn find(
     ns: &str,
     name: &str,
     container: Option<&str>,
-) -> Result<Target, Response<Body>> {
+) -> Result<Target, Refusal> {
     let not_found = || {
-        status(
+        Refusal::new(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!("pod {ns}/{name} is not on this node"),
+            format!("pod {ns}/{name} is not on this node"),
         )
     };
     let stored = ctx
@@ -188,7 +206,7 @@ fn find(
                 .as_ref()
                 .is_some_and(|s| s.containers.iter().any(|x| x.name == c));
             if !declared {
-                return Err(bad_request(&format!(
+                return Err(Refusal::bad_request(format!(
                     "container {c} is not valid for pod {name}"
                 )));
             }
@@ -218,39 +236,36 @@ fn running(pod_dir: &Path, container: &str) -> bool {
 }
 
 async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Body> {
+    route(ctx, req).await.unwrap_or_else(Refusal::into_response)
+}
+
+async fn route(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Result<Response<Body>, Refusal> {
     let path = req.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     let query = req.uri().query().unwrap_or_default().to_owned();
     match parts.as_slice() {
-        ["containerLogs", ns, pod, container] => match find(&ctx, ns, pod, Some(container)) {
-            Ok(t) => container_logs(t, &query).await,
-            Err(r) => r,
-        },
+        ["containerLogs", ns, pod, container] => {
+            container_logs(find(&ctx, ns, pod, Some(container))?, &query)
+        }
         [verb @ ("exec" | "attach"), ns, pod, container] => {
-            let t = match find(&ctx, ns, pod, Some(container)) {
-                Ok(t) => t,
-                Err(r) => return r,
-            };
+            let t = find(&ctx, ns, pod, Some(container))?;
             let c = t.container.clone().unwrap_or_default();
             if !running(&t.dir, &c) {
-                return bad_request(&format!("container {c} in pod {pod} is not running"));
+                return Err(Refusal::bad_request(format!(
+                    "container {c} in pod {pod} is not running"
+                )));
             }
-            let options = match StreamOptions::parse(&query, *verb == "exec") {
-                Ok(o) => o,
-                Err(m) => return bad_request(&m),
-            };
+            let options =
+                StreamOptions::parse(&query, *verb == "exec").map_err(Refusal::bad_request)?;
             let job = if *verb == "exec" {
-                let launch: Launch = match std::fs::read(exec_context_path(&t.dir, &c))
+                let launch: Launch = std::fs::read(exec_context_path(&t.dir, &c))
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok())
-                {
-                    Some(l) => l,
-                    None => {
-                        return bad_request(&format!(
+                    .ok_or_else(|| {
+                        Refusal::bad_request(format!(
                             "container {c} in pod {pod} has no exec context yet"
-                        ));
-                    }
-                };
+                        ))
+                    })?;
                 Job::Exec {
                     launch,
                     program_dirs: ctx.program_dirs.clone(),
@@ -260,32 +275,29 @@ async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Bod
             };
             upgrade_remote_command(req, c, options, job)
         }
-        ["portForward", ns, pod] => match find(&ctx, ns, pod, None) {
-            Ok(t) => upgrade_port_forward(req, declared_ports(&t.pod)),
-            Err(r) => r,
-        },
-        _ => status(
+        ["portForward", ns, pod] => {
+            let t = find(&ctx, ns, pod, None)?;
+            upgrade_port_forward(req, declared_ports(&t.pod))
+        }
+        _ => Err(Refusal::new(
             StatusCode::NOT_FOUND,
             "NotFound",
-            &format!("no stream handler for {path}"),
-        ),
+            format!("no stream handler for {path}"),
+        )),
     }
 }
 
-async fn container_logs(t: Target, query: &str) -> Response<Body> {
-    let options = match logs::LogOptions::parse(query, jiff::Timestamp::now()) {
-        Ok(o) => o,
-        Err(m) => return bad_request(&m),
-    };
+fn container_logs(t: Target, query: &str) -> Result<Response<Body>, Refusal> {
+    let options =
+        logs::LogOptions::parse(query, jiff::Timestamp::now()).map_err(Refusal::bad_request)?;
     let container = t.container.unwrap_or_default();
     let name = t.pod.metadata.name.clone().unwrap_or_default();
     if !logs::log_path(&t.dir, &container, options.previous).exists() {
-        let message = if options.previous {
+        return Err(Refusal::bad_request(if options.previous {
             format!("previous terminated container \"{container}\" in pod \"{name}\" not found")
         } else {
             format!("container \"{container}\" in pod \"{name}\" is waiting to start")
-        };
-        return bad_request(&message);
+        }));
     }
     let (tx, rx) = mpsc::channel::<Bytes>(8);
     tokio::spawn(async move {
@@ -316,7 +328,7 @@ async fn container_logs(t: Target, query: &str) -> Response<Body> {
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain"),
     );
-    r
+    Ok(r)
 }
 
 /// Which standard streams a remote command uses.
@@ -400,7 +412,7 @@ enum Transport {
 }
 
 /// Picks the transport and protocol for an upgrade, or the answer refusing it.
-fn negotiate(req: &Request<Incoming>, protocols: &[&str]) -> Result<Transport, Response<Body>> {
+fn negotiate(req: &Request<Incoming>, protocols: &[&str]) -> Result<Transport, Refusal> {
     let pick = |offers: Vec<String>| {
         protocols
             .iter()
@@ -412,9 +424,9 @@ fn negotiate(req: &Request<Incoming>, protocols: &[&str]) -> Result<Transport, R
             .headers()
             .get("sec-websocket-key")
             .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()))
-            .ok_or_else(|| bad_request("a websocket upgrade without Sec-WebSocket-Key"))?;
+            .ok_or_else(|| Refusal::bad_request("a websocket upgrade without Sec-WebSocket-Key"))?;
         let protocol = pick(offered(req, "sec-websocket-protocol")).ok_or_else(|| {
-            bad_request(&format!(
+            Refusal::bad_request(format!(
                 "none of the websocket subprotocols offered is supported (supported: {})",
                 protocols.join(", ")
             ))
@@ -426,10 +438,10 @@ fn negotiate(req: &Request<Incoming>, protocols: &[&str]) -> Result<Transport, R
     }
     if is_upgrade(req, "SPDY/3.1") {
         let protocol = pick(offered(req, "x-stream-protocol-version")).ok_or_else(|| {
-            status(
+            Refusal::new(
                 StatusCode::FORBIDDEN,
                 "Forbidden",
-                &format!(
+                format!(
                     "unable to upgrade: unable to negotiate protocol: client supports none of \
                      the server's protocols ({})",
                     protocols.join(", ")
@@ -438,7 +450,7 @@ fn negotiate(req: &Request<Incoming>, protocols: &[&str]) -> Result<Transport, R
         })?;
         return Ok(Transport::Spdy { protocol });
     }
-    Err(bad_request(
+    Err(Refusal::bad_request(
         "upgrade request required (websocket or SPDY/3.1)",
     ))
 }
@@ -491,11 +503,8 @@ fn upgrade_remote_command(
     container: String,
     options: Parsed,
     job: Job,
-) -> Response<Body> {
-    let transport = match negotiate(&req, &EXEC_PROTOCOLS) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+) -> Result<Response<Body>, Refusal> {
+    let transport = negotiate(&req, &EXEC_PROTOCOLS)?;
     let answer = switching(&transport);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -528,7 +537,7 @@ fn upgrade_remote_command(
         drop(io.out);
         let _ = io.done.await;
     });
-    answer
+    Ok(answer)
 }
 
 /// A remote command's connection to its client: stdin in, `(channel, bytes)` out (1 stdout,
@@ -856,16 +865,16 @@ fn declared_ports(pod: &Pod) -> Vec<u16> {
         .collect()
 }
 
-fn upgrade_port_forward(mut req: Request<Incoming>, ports: Vec<u16>) -> Response<Body> {
+fn upgrade_port_forward(
+    mut req: Request<Incoming>,
+    ports: Vec<u16>,
+) -> Result<Response<Body>, Refusal> {
     let protocols: &[&str] = if is_upgrade(&req, "websocket") {
         &[TUNNELED_PORT_FORWARD]
     } else {
         &[PORT_FORWARD_PROTOCOL]
     };
-    let transport = match negotiate(&req, protocols) {
-        Ok(t) => t,
-        Err(r) => return r,
-    };
+    let transport = negotiate(&req, protocols)?;
     let answer = switching(&transport);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
@@ -878,7 +887,7 @@ fn upgrade_port_forward(mut req: Request<Incoming>, ports: Vec<u16>) -> Response
         };
         port_forward(session, ports).await;
     });
-    answer
+    Ok(answer)
 }
 
 /// A websocket as a byte stream: binary messages in, each write a binary message out.
@@ -889,11 +898,7 @@ fn ws_bytes(ws: WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>) -> tokio::io
     tokio::spawn(async move {
         while let Some(Ok(m)) = source.next().await {
             match m {
-                Message::Binary(data) => {
-                    if far_write.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
+                Message::Binary(data) if far_write.write_all(&data).await.is_err() => break,
                 Message::Close(_) => break,
                 _ => {}
             }
