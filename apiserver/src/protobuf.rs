@@ -396,6 +396,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             }
             json!({ "metadata": metadata_json(review.metadata), "spec": out })
         }
+        ("v1", "ServiceAccount") => crate::protobuf_workloads::service_account(&raw)?,
         ("apps/v1", "Deployment") => crate::protobuf_workloads::deployment(&raw)?,
         ("batch/v1", "Job") => crate::protobuf_workloads::job(&raw)?,
         ("policy/v1" | "policy/v1beta1", "Eviction") => crate::protobuf_workloads::eviction(&raw)?,
@@ -408,9 +409,9 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
         }
         _ => {
             return Err(format!(
-                "protobuf bodies are accepted for v1 ConfigMap, Secret and Namespace, RBAC \
-                 roles and bindings, apps/v1 Deployments, batch/v1 Jobs, Evictions and \
-                 DeleteOptions, not {api_version} {kind}: send JSON"
+                "protobuf bodies are accepted for v1 ConfigMap, Secret, Namespace and \
+                 ServiceAccount, RBAC roles and bindings, apps/v1 Deployments, batch/v1 \
+                 Jobs, Evictions and DeleteOptions, not {api_version} {kind}: send JSON"
             ));
         }
     };

@@ -704,6 +704,31 @@ pub(crate) fn token_request(raw: &[u8]) -> Result<Value, String> {
     Ok(json!({ "metadata": metadata_json(t.metadata), "spec": s }))
 }
 
+const SERVICE_ACCOUNT: Schema = Schema {
+    name: "ServiceAccount",
+    fields: &[(1, "metadata", Some(&META)), (4, "automountServiceAccountToken", None)],
+};
+
+#[derive(Clone, PartialEq, Message)]
+struct ServiceAccount {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(bool, optional, tag = "4")]
+    automount_service_account_token: Option<bool>,
+}
+
+/// A v1 ServiceAccount (`kubectl create serviceaccount`).
+pub(crate) fn service_account(raw: &[u8]) -> Result<Value, String> {
+    check(raw, &SERVICE_ACCOUNT, "ServiceAccount", 0)?;
+    let sa = ServiceAccount::decode(raw)
+        .map_err(|e| format!("invalid protobuf ServiceAccount: {e}"))?;
+    let mut out = json!({ "metadata": metadata_json(sa.metadata) });
+    if let Some(automount) = sa.automount_service_account_token {
+        out["automountServiceAccountToken"] = json!(automount);
+    }
+    Ok(out)
+}
+
 /// A Deployment's JSON form.
 pub(crate) fn deployment(raw: &[u8]) -> Result<Value, String> {
     check(raw, &DEPLOYMENT, "Deployment", 0)?;
@@ -858,6 +883,26 @@ mod tests {
         pod_spec_raw.extend([0x58, 0x01]); // hostNetwork = true (field 11)
         let e = check(&pod_spec_raw, &POD_SPEC, "Deployment.spec.template.spec", 0).unwrap_err();
         assert!(e.contains("field number 11 of spec is set"), "{e}");
+    }
+
+    #[test]
+    fn what_kubectl_create_serviceaccount_sends_decodes_and_more_is_refused() {
+        let sa = ServiceAccount {
+            metadata: Some(ObjectMeta {
+                name: Some("viewer".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            }),
+            automount_service_account_token: Some(false),
+        };
+        let v = service_account(&sa.encode_to_vec()).unwrap();
+        assert_eq!(v["metadata"]["name"], "viewer");
+        assert_eq!(v["automountServiceAccountToken"], false);
+        // Field 2 (secrets) is not decoded: refused, naming it.
+        let mut raw = sa.encode_to_vec();
+        raw.extend_from_slice(&[0x12, 0x02, 0x0a, 0x00]);
+        let err = service_account(&raw).unwrap_err();
+        assert!(err.contains("ServiceAccount") && err.contains("2"), "{err}");
     }
 
     #[test]

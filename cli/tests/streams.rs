@@ -311,11 +311,12 @@ fn logs_exec_attach_and_port_forward_reach_an_edge_pod_through_the_hub() {
     // Rights: a viewer may read logs but not exec or forward; a user without rights nothing.
     kubectl.apply(
         "apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: viewer}\n---\n\
-         apiVersion: v1\nkind: ServiceAccount\nmetadata: {name: nobody}\n---\n\
          apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: viewer}\n\
          roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}\n\
          subjects: [{kind: ServiceAccount, name: viewer, namespace: default}]\n",
     );
+    // A protobuf body, as kubectl sends it.
+    kubectl.ok(&["create", "serviceaccount", "nobody"]);
     let viewer = kubectl.ok(&["create", "token", "viewer"]);
     let nobody = kubectl.ok(&["create", "token", "nobody"]);
     let as_user = |token: &str, args: &[&str]| {
