@@ -706,7 +706,10 @@ pub(crate) fn token_request(raw: &[u8]) -> Result<Value, String> {
 
 const SERVICE_ACCOUNT: Schema = Schema {
     name: "ServiceAccount",
-    fields: &[(1, "metadata", Some(&META)), (4, "automountServiceAccountToken", None)],
+    fields: &[
+        (1, "metadata", Some(&META)),
+        (4, "automountServiceAccountToken", None),
+    ],
 };
 
 #[derive(Clone, PartialEq, Message)]
@@ -720,8 +723,8 @@ struct ServiceAccount {
 /// A v1 ServiceAccount (`kubectl create serviceaccount`).
 pub(crate) fn service_account(raw: &[u8]) -> Result<Value, String> {
     check(raw, &SERVICE_ACCOUNT, "ServiceAccount", 0)?;
-    let sa = ServiceAccount::decode(raw)
-        .map_err(|e| format!("invalid protobuf ServiceAccount: {e}"))?;
+    let sa =
+        ServiceAccount::decode(raw).map_err(|e| format!("invalid protobuf ServiceAccount: {e}"))?;
     let mut out = json!({ "metadata": metadata_json(sa.metadata) });
     if let Some(automount) = sa.automount_service_account_token {
         out["automountServiceAccountToken"] = json!(automount);
@@ -900,9 +903,12 @@ mod tests {
         assert_eq!(v["automountServiceAccountToken"], false);
         // Field 2 (secrets) is not decoded: refused, naming it.
         let mut raw = sa.encode_to_vec();
-        raw.extend_from_slice(&[0x12, 0x02, 0x0a, 0x00]);
+        raw.extend_from_slice(&[0x12, 0x03, 0x0a, 0x01, b'x']);
         let err = service_account(&raw).unwrap_err();
-        assert!(err.contains("ServiceAccount") && err.contains("2"), "{err}");
+        assert!(
+            err.contains("field number 2 of ServiceAccount is set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,10 +44,7 @@ fn kubectl(kubeconfig: &Path, args: &[&str]) -> Result<std::process::Output> {
 fn ok(kubeconfig: &Path, args: &[&str]) -> Result<Vec<u8>> {
     let out = kubectl(kubeconfig, args)?;
     if !out.status.success() {
-        bail!(
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(out.stdout)
 }
@@ -114,7 +111,9 @@ fn measure(args: &Args, rate: u64) -> Result<()> {
             .context("starting sedna up")?,
     );
     let kubeconfig = data.join("kubeconfig");
-    wait_for("the kubeconfig", Duration::from_secs(60), || kubeconfig.exists())?;
+    wait_for("the kubeconfig", Duration::from_secs(60), || {
+        kubeconfig.exists()
+    })?;
     wait_for("edge-1 Ready", Duration::from_secs(60), || {
         kubectl(&kubeconfig, &["get", "node", "edge-1", "--no-headers"])
             .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(" Ready"))
