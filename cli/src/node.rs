@@ -40,6 +40,29 @@ pub(crate) struct CloudcoreArgs {
     /// Leave node lifecycle to another controller (kube-controller-manager on a real cluster).
     #[arg(long)]
     no_node_lifecycle: bool,
+    /// Join a tier of hubs sharing the nodes in this many partitions (every hub of the tier
+    /// gives the same number); ownership is negotiated through Leases in kube-system.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096), requires = "hub_id")]
+    partitions: Option<u32>,
+    /// This hub's id in the tier (a DNS label, unique).
+    #[arg(long, value_name = "ID")]
+    hub_id: Option<String>,
+    /// Where edges reach this hub, told to nodes redirected here (default: --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Every hub active: partitions follow the live hubs (otherwise static, with
+    /// --primary-for and --standby-for).
+    #[arg(long)]
+    multi_primary: bool,
+    /// Static tier: partitions this hub serves while it is live, e.g. `0-7`.
+    #[arg(long, value_name = "LIST", default_value = "")]
+    primary_for: String,
+    /// Static tier: partitions this hub takes over while their primary is not live.
+    #[arg(long, value_name = "LIST", default_value = "")]
+    standby_for: String,
+    /// Duration of the tier's Leases (a dead hub's partitions move after about this long).
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    tier_lease: Duration,
 }
 
 /// `sedna token ...`.
@@ -263,6 +286,41 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
             period: args.node_monitor_period.max(Duration::from_millis(100)),
             ..Default::default()
         });
+    if let Some(partitions) = args.partitions {
+        let id = args.hub_id.clone().unwrap_or_default();
+        anyhow::ensure!(
+            !id.is_empty()
+                && id.len() <= 63
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "--hub-id {id:?} must be a DNS label (lowercase letters, digits, '-')"
+        );
+        let list = |s: &str, flag: &str| {
+            sedna_cloudcore::partitions::parse_partitions(s, partitions)
+                .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        };
+        anyhow::ensure!(
+            args.tier_lease >= Duration::from_secs(1),
+            "--tier-lease must be at least 1s"
+        );
+        config.tier = Some(sedna_cloudcore::tier::TierConfig {
+            id,
+            address: args
+                .advertise
+                .clone()
+                .unwrap_or_else(|| args.listen.to_string()),
+            partitions,
+            mode: if args.multi_primary {
+                sedna_cloudcore::partitions::Mode::MultiPrimary
+            } else {
+                sedna_cloudcore::partitions::Mode::Static
+            },
+            primary: list(&args.primary_for, "--primary-for")?,
+            standby: list(&args.standby_for, "--standby-for")?,
+            lease: args.tier_lease,
+        });
+    }
     let hub = sedna_cloudcore::Hub::start(config, client)
         .await
         .context("starting the hub")?;

@@ -254,6 +254,20 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
         .counter_of("sessions", "Node sessions started", s.clone(), |s: &S| {
             &s.sessions
         })
+        .gauge(
+            "partitions_served",
+            "Partitions of the hub tier this hub serves now",
+            {
+                let s = s.clone();
+                move || s.partitions_served.load(Ordering::Relaxed)
+            },
+        )
+        .counter_of(
+            "redirects",
+            "Nodes sent to the hub of the tier that serves them",
+            s.clone(),
+            |s: &S| &s.redirects,
+        )
         .counter_of(
             "resync_manifest_buckets",
             "Buckets sent as manifests during resyncs",

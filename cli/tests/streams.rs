@@ -11,7 +11,12 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 mod support;
-use support::{Kubectl, free_port, up_with, wait_until};
+use support::{Kubectl, container_pid, free_port, up_with, wait_until};
+
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
 
 fn pod(http_port: u16) -> String {
     format!(
@@ -136,7 +141,15 @@ fn forward_and_get(kubectl: &Kubectl, env: &[(&str, &str)], remote: u16) -> (Str
 #[test]
 fn logs_exec_attach_and_port_forward_reach_an_edge_pod_through_the_hub() {
     let dir = tempfile::tempdir().unwrap();
-    let (_up, kubectl) = up_with(&dir.path().join("up"), 1, &["--streams-per-node", "3"]);
+    // As root, pods (and what is exec'd in them) run under their own uids.
+    let root = running_as_root();
+    let mut extra = vec!["--streams-per-node", "3"];
+    if root {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        extra.extend(["--pod-uids", "310000-310099"]);
+    }
+    let (_up, kubectl) = up_with(&dir.path().join("up"), 1, &extra);
     let http_port = free_port();
     kubectl.apply(&pod(http_port));
     wait_until(
@@ -255,6 +268,30 @@ fn logs_exec_attach_and_port_forward_reach_an_edge_pod_through_the_hub() {
         );
         assert_ne!(code, 0);
         assert!(err.contains("no-such-program"), "{env:?}: {err}");
+    }
+
+    // The exec'd command runs under the container's own uid.
+    let (code, out, err) = kubectl_with_input(
+        &kubectl,
+        &[],
+        &["exec", "web", "-c", "main", "--", "id", "-u"],
+        "",
+    );
+    assert_eq!(code, 0, "{err}");
+    let exec_uid: u32 = out.trim().parse().unwrap();
+    let pid = container_pid(&dir.path().join("up/nodes/edge-1"), "web", "main").unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let container_uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert_eq!(exec_uid, container_uid);
+    if root {
+        assert!((310_000..=310_099).contains(&exec_uid), "{exec_uid}");
+    } else {
+        eprintln!("not root: pods and exec run as the agent's user");
     }
 
     // kubectl port-forward, websocket-tunnelled (default) and SPDY, to a declared port only.

@@ -54,6 +54,8 @@ pub struct HubConfig {
     pub lifecycle: Option<crate::lifecycle::LifecycleConfig>,
     /// Bounds on streams to nodes (`kubectl logs`, `exec`, `port-forward`).
     pub streams: crate::streams::StreamLimits,
+    /// This hub's place in a tier of hubs sharing the nodes (`None`: it serves every node).
+    pub tier: Option<crate::tier::TierConfig>,
 }
 
 impl HubConfig {
@@ -72,6 +74,7 @@ impl HubConfig {
             handshake_timeout: Duration::from_secs(10),
             lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
             streams: crate::streams::StreamLimits::default(),
+            tier: None,
         }
     }
 }
@@ -106,6 +109,10 @@ pub struct HubStats {
     /// Connections closed before their TLS handshake: over the handshake bounds, evicted for
     /// another source, silent past the ClientHello deadline, or failed.
     pub handshakes_dropped: AtomicU64,
+    /// In a tier: partitions this hub serves now.
+    pub partitions_served: AtomicU64,
+    /// In a tier: nodes sent to the hub that serves them.
+    pub redirects: AtomicU64,
 }
 
 /// Why the hub could not start.
@@ -157,6 +164,7 @@ struct Shared {
     revocations: crate::revocation::Revocations,
     stats: Arc<HubStats>,
     streams: crate::streams::Streams,
+    tier: Option<Arc<crate::tier::Tier>>,
 }
 
 impl Shared {
@@ -219,6 +227,10 @@ impl Hub {
         let (ready, _) = watch::channel(false);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let config_streams = config.streams;
+        let tier = config
+            .tier
+            .clone()
+            .map(|t| Arc::new(crate::tier::Tier::new(t)));
         let shared = Arc::new(Shared {
             shutdown: shutdown_rx.clone(),
             router: Mutex::new(Router::new()),
@@ -231,6 +243,7 @@ impl Hub {
             stats: Arc::default(),
             revocations: crate::revocation::Revocations::default(),
             streams: crate::streams::Streams::new(config_streams),
+            tier,
         });
         shared.revocations.load(&shared.client).await?;
         let mut tasks = Vec::new();
@@ -244,6 +257,19 @@ impl Hub {
         }
         tasks.push(tokio::spawn(track_readiness(shared.clone(), init_rx)));
         tasks.push(tokio::spawn(follow_revocations(shared.clone())));
+        if let Some(tier) = shared.tier.clone() {
+            let weak = Arc::downgrade(&shared);
+            tasks.push(tokio::spawn(crate::tier::run(
+                tier,
+                shared.client.clone(),
+                shared.stats.clone(),
+                move |lost| {
+                    if let Some(shared) = weak.upgrade() {
+                        end_sessions_in(&shared, lost);
+                    }
+                },
+            )));
+        }
         if let Some(lifecycle) = shared.config.lifecycle {
             tasks.push(tokio::spawn(node_lifecycle(shared.clone(), lifecycle)));
         }
@@ -299,6 +325,24 @@ impl Hub {
                 Ok(Box::new(stream) as Box<dyn sedna_apiserver::nodestream::NodeIo>)
             })
         }))
+    }
+
+    /// The partitions this hub serves now (`None` outside a tier).
+    pub fn served_partitions(&self) -> Option<Vec<u32>> {
+        self.shared.tier.as_ref().map(|t| t.served())
+    }
+
+    /// Which hub of the tier serves each partition, as this hub last read it (`None` outside
+    /// a tier).
+    pub fn partition_owners(&self) -> Option<std::collections::BTreeMap<u32, String>> {
+        self.shared.tier.as_ref().map(|t| t.owners())
+    }
+
+    /// Nodes connected to this hub now.
+    pub fn connected_nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.shared.sessions().keys().cloned().collect();
+        nodes.sort();
+        nodes
     }
 
     /// Whether every kind has been listed once (sessions wait for it).
@@ -361,6 +405,39 @@ async fn open_stream(
     }
 }
 
+/// The labels of a node, from the hub's cache.
+fn node_labels(shared: &Shared, node: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    let labels = shared
+        .router()
+        .get(&ObjKey::new(Kind::Node, "", node))?
+        .value
+        .pointer("/metadata/labels")?
+        .clone();
+    serde_json::from_value(labels).ok()
+}
+
+/// Whether this hub serves `node` (always, outside a tier).
+fn serves(shared: &Shared, node: &str) -> bool {
+    shared.tier.as_ref().is_none_or(|t| {
+        t.place(node, node_labels(shared, node).as_ref()) == crate::tier::Placement::Here
+    })
+}
+
+/// Ends the sessions of nodes in partitions this hub no longer serves; they dial again and
+/// are sent to the new owner.
+fn end_sessions_in(shared: &Shared, lost: &[u32]) {
+    let Some(tier) = &shared.tier else { return };
+    let nodes: Vec<String> = shared.sessions().keys().cloned().collect();
+    for node in nodes {
+        let labels = node_labels(shared, &node);
+        if lost.contains(&tier.partition_of(&node, labels.as_ref())) {
+            tracing::info!(%node, "partition lost: ending the node's session");
+            drop(shared.sessions().remove(&node));
+            shared.router().detach(&node);
+        }
+    }
+}
+
 /// Marks nodes with expired leases NotReady; evicts after an autonomy period.
 async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::LifecycleConfig) {
     let mut ready = shared.ready.subscribe();
@@ -370,12 +447,14 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
     let mut warned = HashSet::new();
     loop {
         tick.tick().await;
-        let work = crate::lifecycle::plan(
+        let mut work = crate::lifecycle::plan(
             &shared.router(),
             jiff::Timestamp::now(),
             config.grace,
             &mut warned,
         );
+        // In a tier, each hub looks after the nodes of its partitions.
+        work.retain(|(node, _, _)| serves(&shared, node));
         crate::lifecycle::apply(&shared.client, work).await;
     }
 }
@@ -623,6 +702,9 @@ struct Service {
     shared: Arc<Shared>,
 }
 
+/// gRPC metadata of an `Attach` refusal naming the hub that serves the node (`host:port`).
+pub const REDIRECT_METADATA: &str = "sedna-redirect";
+
 /// The node a request's client certificate names, and when that certificate was issued.
 fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -738,6 +820,31 @@ impl HubService for Service {
         request: Request<tonic::Streaming<Envelope>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let (node, issued) = self.node_of(&request)?;
+        if let Some(tier) = &self.shared.tier {
+            let labels = node_labels(&self.shared, &node);
+            match tier.place(&node, labels.as_ref()) {
+                crate::tier::Placement::Here => {}
+                crate::tier::Placement::Elsewhere {
+                    partition,
+                    hub,
+                    address,
+                } => {
+                    let mut status = Status::failed_precondition(format!(
+                        "node {node} is in partition {partition}, served by hub {hub} at {address}"
+                    ));
+                    if let Ok(value) = address.parse() {
+                        status.metadata_mut().insert(REDIRECT_METADATA, value);
+                    }
+                    self.shared.stats.redirects.fetch_add(1, Ordering::Relaxed);
+                    return Err(status);
+                }
+                crate::tier::Placement::Nobody { partition } => {
+                    return Err(Status::unavailable(format!(
+                        "partition {partition} of node {node} has no hub yet; try again"
+                    )));
+                }
+            }
+        }
         let inbound = request.into_inner();
         let (out_tx, out_rx) = mpsc::channel::<Result<Envelope, Status>>(1024);
         tokio::spawn(run_session(

@@ -12,15 +12,19 @@
 //!   autonomy period set on the node.
 //! - [`gate`]: admission of TLS handshakes (per source, in total, fair when full).
 //! - [`streams`]: streams to nodes for `kubectl logs`, `exec`, `attach`, `port-forward`.
+//! - [`partitions`], [`tier`]: several hubs sharing the nodes, partitions negotiated through
+//!   Leases, nodes redirected to the hub that serves them.
 //! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
 pub mod gate;
 pub mod hub;
 pub mod lifecycle;
+pub mod partitions;
 pub mod pki;
 pub mod revocation;
 pub mod router;
 pub mod session;
 pub mod streams;
+pub mod tier;
 pub mod tokens;
 pub mod tunnel;
 pub mod upstream;

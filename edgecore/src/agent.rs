@@ -139,7 +139,7 @@ impl Agent {
         let cloud_proxy = match config.cloud_proxy {
             Some(listen) => match crate::tunnel::CloudProxy::start(
                 listen,
-                config.edge.hub.clone(),
+                hub.hub_address(),
                 config.edge.data_dir.clone(),
             )
             .await
@@ -204,7 +204,7 @@ impl Agent {
             };
             tokio::spawn(crate::streams::answer(
                 requests,
-                config.edge.hub.clone(),
+                hub.hub_address(),
                 config.edge.data_dir.clone(),
                 Arc::new(context),
             ))

@@ -22,7 +22,8 @@ use crate::tls;
 /// Edge settings.
 #[derive(Clone, Debug)]
 pub struct EdgeConfig {
-    /// The hub, `host:port`.
+    /// The hub, `host:port`; in a tier of hubs, several, comma-separated (dialed in turn;
+    /// a hub that does not serve this node redirects it to the one that does).
     pub hub: String,
     /// Where the identity and the store live.
     pub data_dir: PathBuf,
@@ -107,7 +108,13 @@ pub struct EdgeHub {
     task: tokio::task::JoinHandle<()>,
     node: String,
     stream_requests: std::sync::Mutex<Option<mpsc::Receiver<String>>>,
+    hub_address: watch::Receiver<String>,
 }
+
+/// gRPC metadata of a hub's refusal naming the hub that serves this node (as the hub sets it).
+const REDIRECT_METADATA: &str = "sedna-redirect";
+/// Redirects followed in a row before dialing the configured hubs again.
+const MAX_REDIRECTS: u32 = 3;
 
 /// Stream requests (tokens) waiting at most for the agent to answer them.
 const STREAM_REQUEST_QUEUE: usize = 64;
@@ -135,8 +142,22 @@ impl EdgeHub {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let node = identity.node.clone();
         let (stream_tx, stream_rx) = mpsc::channel(STREAM_REQUEST_QUEUE);
+        let seeds: Vec<String> = config
+            .hub
+            .split(',')
+            .map(str::trim)
+            .filter(|h| !h.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let target = seeds.first().cloned().unwrap_or_default();
+        let (hub_address_tx, hub_address) = watch::channel(target.clone());
         let shell = Shell {
             stream_requests: stream_tx,
+            seeds,
+            seed: 0,
+            target,
+            redirects: 0,
+            hub_address: hub_address_tx,
             config,
             identity,
             store: store.clone(),
@@ -155,7 +176,14 @@ impl EdgeHub {
             task,
             node,
             stream_requests: std::sync::Mutex::new(Some(stream_rx)),
+            hub_address,
         })
+    }
+
+    /// The hub this node is (or was last) connected to: in a tier of hubs, the one serving
+    /// it, which streams back to the hub must reach.
+    pub fn hub_address(&self) -> watch::Receiver<String> {
+        self.hub_address.clone()
     }
 
     /// The hub's requests for streams (one-time tokens to open `Hub.Tunnel` with, see
@@ -239,6 +267,22 @@ struct Shell {
     status: watch::Sender<EdgeStatus>,
     renewing: Option<rcgen::KeyPair>,
     stream_requests: mpsc::Sender<String>,
+    /// The hubs to dial (the configured list, comma-separated in `EdgeConfig::hub`).
+    seeds: Vec<String>,
+    seed: usize,
+    /// The hub dialed next: a seed, or where the last redirect pointed.
+    target: String,
+    redirects: u32,
+    hub_address: watch::Sender<String>,
+}
+
+impl Shell {
+    /// After a failure: the next configured hub, redirects forgotten.
+    fn next_seed(&mut self) {
+        self.redirects = 0;
+        self.seed = (self.seed + 1) % self.seeds.len().max(1);
+        self.target = self.seeds.get(self.seed).cloned().unwrap_or_default();
+    }
 }
 
 fn now_unix() -> i64 {
@@ -290,6 +334,13 @@ impl Shell {
             .attach(outgoing)
             .await
             .map_err(|s| {
+                if let Some(to) = s
+                    .metadata()
+                    .get(REDIRECT_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    return ConnectError::Redirect(to.to_owned());
+                }
                 let reason = format!("{:?}: {}", s.code(), s.message());
                 match s.code() {
                     // Decided by the hub about this certificate: dialing again cannot help.
@@ -350,7 +401,7 @@ impl Shell {
                 for output in outputs {
                     match output {
                         Output::Dial => {
-                            let hub = self.config.hub.clone();
+                            let hub = self.target.clone();
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
                             dialing = Some(tokio::spawn(Self::dial(hub, identity, max)));
@@ -442,8 +493,26 @@ impl Shell {
                 }, if dialing.is_some() => {
                     dialing = None;
                     match dialed {
+                        Ok(Err(ConnectError::Redirect(to))) if self.redirects < MAX_REDIRECTS => {
+                            // The machine still waits for this dial's outcome: dial the hub
+                            // that serves the node instead.
+                            tracing::info!(%node, hub = %to, "redirected to the hub serving this node");
+                            self.redirects += 1;
+                            self.target = to;
+                            let identity = self.identity.clone();
+                            let max = self.config.max_message_bytes;
+                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max)));
+                        }
+                        Ok(Err(ConnectError::Redirect(to))) => {
+                            self.next_seed();
+                            queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(format!(
+                                "redirected more than {MAX_REDIRECTS} times in a row (last to {to})"
+                            ))));
+                        }
                         Ok(Ok(l)) => match self.hello() {
                             Ok(hello) => {
+                                self.redirects = 0;
+                                self.hub_address.send_replace(self.target.clone());
                                 buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
                                 live = Some(l);
                                 self.status.send_modify(|s| {
@@ -456,6 +525,7 @@ impl Shell {
                         },
                         Ok(Err(reason)) => {
                             tracing::debug!(%node, %reason, "connecting to the hub failed");
+                            self.next_seed();
                             queue.push_back(Input::ConnectFailed(reason));
                         }
                         Err(join) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(join.to_string()))),

@@ -61,12 +61,18 @@ pub enum ConnectError {
     /// again cannot help; the node must join again.
     #[error("the hub refused this node's certificate: {0}")]
     Refused(String),
+    /// Another hub of the tier serves this node: dial it (`host:port`; retryable).
+    #[error("the node is served by the hub at {0}")]
+    Redirect(String),
 }
 
 impl ConnectError {
     /// Whether dialing again could succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, ConnectError::Unreachable(_))
+        matches!(
+            self,
+            ConnectError::Unreachable(_) | ConnectError::Redirect(_)
+        )
     }
 }
 

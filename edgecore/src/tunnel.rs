@@ -29,11 +29,11 @@ pub struct CloudProxy {
 }
 
 impl CloudProxy {
-    /// Listens on `listen` and tunnels through the hub at `hub`, with the node identity kept
+    /// Listens on `listen` and tunnels through the hub `hub` names now, with the node identity kept
     /// in `data_dir` (read at each new hub connection, so renewed certificates are used).
     pub async fn start(
         listen: SocketAddr,
-        hub: String,
+        hub: tokio::sync::watch::Receiver<String>,
         data_dir: PathBuf,
     ) -> std::io::Result<CloudProxy> {
         let listener = TcpListener::bind(listen).await?;
@@ -41,12 +41,19 @@ impl CloudProxy {
         let channel: std::sync::Arc<Mutex<Option<tonic::transport::Channel>>> =
             std::sync::Arc::default();
         let task = tokio::spawn(async move {
+            let mut dialed = String::new();
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     continue;
                 };
-                let (hub, data_dir, channel) = (hub.clone(), data_dir.clone(), channel.clone());
+                // Any hub of a tier serves tunnels: the one the node is connected to.
+                let hub = hub.borrow().clone();
+                if hub != dialed {
+                    *channel.lock().await = None;
+                    dialed = hub.clone();
+                }
+                let (data_dir, channel) = (data_dir.clone(), channel.clone());
                 tokio::spawn(async move {
                     if let Err(e) = serve(stream, &hub, &data_dir, &channel).await {
                         tracing::debug!(error = %e, "cloud proxy connection ended");

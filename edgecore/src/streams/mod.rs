@@ -84,10 +84,12 @@ pub const MAX_STREAMS: usize = 32;
 /// token becomes a `Hub.Tunnel` back to the hub, served by [`serve_connection`].
 pub async fn answer(
     mut requests: mpsc::Receiver<String>,
-    hub: String,
+    hub: tokio::sync::watch::Receiver<String>,
     data_dir: PathBuf,
     ctx: Arc<StreamContext>,
 ) {
+    // One cached channel per hub address (the node may move between hubs of a tier).
+    let mut dialed = String::new();
     let channel: Arc<tokio::sync::Mutex<Option<tonic::transport::Channel>>> = Arc::default();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_STREAMS));
     while let Some(token) = requests.recv().await {
@@ -95,8 +97,12 @@ pub async fn answer(
             tracing::warn!("{MAX_STREAMS} streams are open; a stream request is dropped");
             continue;
         };
-        let (hub, data_dir, ctx, channel) =
-            (hub.clone(), data_dir.clone(), ctx.clone(), channel.clone());
+        let hub = hub.borrow().clone();
+        if hub != dialed {
+            *channel.lock().await = None;
+            dialed = hub.clone();
+        }
+        let (data_dir, ctx, channel) = (data_dir.clone(), ctx.clone(), channel.clone());
         tokio::spawn(async move {
             let _slot = slot;
             let target = format!("stream:{token}");

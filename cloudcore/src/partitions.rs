@@ -1,0 +1,469 @@
+//! The hub tier: several hubs share the nodes, each node belonging to one partition (a stable
+//! hash of its name, or the `sedna.io/hub-partition` label of its Node), each partition served
+//! by one hub at a time. Ownership is negotiated through Leases in the API; there is no other
+//! coordinator.
+//!
+//! - Membership: each hub renews `kube-system/sedna-hub-<id>`, saying where edges reach it and
+//!   which partitions it is primary and standby for.
+//! - Ownership: `kube-system/sedna-partition-<p>` names the hub serving `p`. Every hub computes
+//!   the same desired owner from the live members ([`desired_owner`]): with static
+//!   partitions, the live primary, else the live standby (so a standby takes over when its
+//!   primary's lease expires, and hands back once the primary is live again); with every hub
+//!   active, rendezvous hashing over the live hubs (so partitions rebalance when hubs join or
+//!   leave, moving only the partitions they must). [`plan`] turns that into writes: claim a
+//!   free or expired lease it should own, renew the leases it holds and should keep, release
+//!   the ones it should give up. A lease held by another hub is never taken before it
+//!   expires, and writes carry the lease's resourceVersion, so two hubs never both succeed.
+//! - Serving: a hub serves a partition only while its own last successful claim or renewal is
+//!   younger than the lease duration minus a safety margin ([`Held`]); a hub that cannot
+//!   renew stops serving before anyone else may claim. A node that dials a hub that does not
+//!   serve its partition is told where to go (see [`crate::hub`]).
+//!
+//! Everything here is pure: the hub's tier loop reads the Leases, calls [`plan`], writes.
+
+use std::collections::{BTreeMap, HashMap};
+
+use sha2::{Digest, Sha256};
+
+/// A Node label that places the node in a partition explicitly.
+pub const PARTITION_LABEL: &str = "sedna.io/hub-partition";
+/// Label of the membership Leases.
+pub const MEMBER_LABEL: &str = "sedna.io/hub-member";
+/// Label of the partition Leases.
+pub const PARTITION_LEASE_LABEL: &str = "sedna.io/hub-partition-lease";
+/// Annotation of a membership Lease: where edges reach the hub.
+pub const ADDRESS_ANNOTATION: &str = "sedna.io/hub-address";
+/// Annotation of a membership Lease: the partitions the hub is primary for.
+pub const PRIMARY_ANNOTATION: &str = "sedna.io/primary-partitions";
+/// Annotation of a membership Lease: the partitions the hub is standby for.
+pub const STANDBY_ANNOTATION: &str = "sedna.io/standby-partitions";
+
+/// Name of a hub's membership Lease.
+pub fn member_lease_name(id: &str) -> String {
+    format!("sedna-hub-{id}")
+}
+
+/// Name of a partition's Lease.
+pub fn partition_lease_name(p: u32) -> String {
+    format!("sedna-partition-{p}")
+}
+
+/// The partition of a node: its label if it names one in range, else a stable hash of its
+/// name (the first 8 bytes of its SHA-256).
+pub fn partition_of(node: &str, labels: Option<&BTreeMap<String, String>>, partitions: u32) -> u32 {
+    let partitions = partitions.max(1);
+    if let Some(p) = labels
+        .and_then(|l| l.get(PARTITION_LABEL))
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|p| *p < partitions)
+    {
+        return p;
+    }
+    let digest = Sha256::digest(node.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) % u64::from(partitions)) as u32
+}
+
+/// How partitions are assigned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Each partition has a primary and a standby hub, given by configuration.
+    Static,
+    /// Every hub is active; ownership follows the live hubs (rendezvous hashing).
+    MultiPrimary,
+}
+
+/// A hub of the tier, as its membership Lease says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The hub's id.
+    pub id: String,
+    /// Where edges reach it (`host:port`).
+    pub address: String,
+    /// Partitions it is primary for (static mode).
+    pub primary: Vec<u32>,
+    /// Partitions it is standby for (static mode).
+    pub standby: Vec<u32>,
+    /// When its membership expires (unix ms).
+    pub expires_ms: i64,
+}
+
+impl Member {
+    /// Whether the hub is live at `now_ms`.
+    pub fn live(&self, now_ms: i64) -> bool {
+        self.expires_ms > now_ms
+    }
+}
+
+/// A partition's Lease, as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLease {
+    /// The partition.
+    pub partition: u32,
+    /// The hub holding it (empty: released).
+    pub holder: String,
+    /// When the holding expires (unix ms).
+    pub expires_ms: i64,
+    /// The Lease's resourceVersion, for the conditional write.
+    pub version: String,
+}
+
+impl PartitionLease {
+    /// The hub holding it at `now_ms`, if any.
+    pub fn holder_at(&self, now_ms: i64) -> Option<&str> {
+        (!self.holder.is_empty() && self.expires_ms > now_ms).then_some(self.holder.as_str())
+    }
+}
+
+/// Which live hub should serve partition `p`.
+pub fn desired_owner(p: u32, members: &[Member], mode: Mode, now_ms: i64) -> Option<&Member> {
+    let mut live: Vec<&Member> = members.iter().filter(|m| m.live(now_ms)).collect();
+    live.sort_by(|a, b| a.id.cmp(&b.id));
+    match mode {
+        Mode::Static => live
+            .iter()
+            .find(|m| m.primary.contains(&p))
+            .or_else(|| live.iter().find(|m| m.standby.contains(&p)))
+            .copied(),
+        Mode::MultiPrimary => live.into_iter().max_by_key(|m| {
+            let digest = Sha256::digest(format!("{p}/{}", m.id).as_bytes());
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&digest[..8]);
+            (u64::from_be_bytes(first), m.id.clone())
+        }),
+    }
+}
+
+/// A write this hub should make to a partition Lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Take a free or expired lease (`version`: the Lease to replace; `None`: create it).
+    Claim {
+        /// The partition.
+        partition: u32,
+        /// The Lease's resourceVersion, if it exists.
+        version: Option<String>,
+    },
+    /// Renew a lease this hub holds.
+    Renew {
+        /// The partition.
+        partition: u32,
+        /// The Lease's resourceVersion.
+        version: String,
+    },
+    /// Give a lease up (another live hub should own it).
+    Release {
+        /// The partition.
+        partition: u32,
+        /// The Lease's resourceVersion.
+        version: String,
+    },
+}
+
+/// What hub `me` should write, given the members and the partition Leases read at `now_ms`.
+pub fn plan(
+    me: &str,
+    partitions: u32,
+    mode: Mode,
+    members: &[Member],
+    leases: &[PartitionLease],
+    now_ms: i64,
+) -> Vec<Action> {
+    let by_partition: HashMap<u32, &PartitionLease> =
+        leases.iter().map(|l| (l.partition, l)).collect();
+    let mut actions = Vec::new();
+    for p in 0..partitions {
+        let desired = desired_owner(p, members, mode, now_ms).map(|m| m.id.as_str());
+        let lease = by_partition.get(&p);
+        let holder = lease.and_then(|l| l.holder_at(now_ms));
+        match (holder, lease) {
+            (Some(h), Some(l)) if h == me => {
+                if desired.is_none_or(|d| d == me) {
+                    actions.push(Action::Renew {
+                        partition: p,
+                        version: l.version.clone(),
+                    });
+                } else {
+                    actions.push(Action::Release {
+                        partition: p,
+                        version: l.version.clone(),
+                    });
+                }
+            }
+            (None, _) if desired == Some(me) => actions.push(Action::Claim {
+                partition: p,
+                version: lease.map(|l| l.version.clone()),
+            }),
+            _ => {}
+        }
+    }
+    actions
+}
+
+/// The partitions this hub may serve: each until its last successful claim or renewal (taken
+/// at the time the write was sent) plus the lease duration minus a safety margin.
+#[derive(Clone, Debug, Default)]
+pub struct Held {
+    until_ms: HashMap<u32, i64>,
+}
+
+impl Held {
+    /// A claim or renewal sent at `sent_ms` succeeded.
+    pub fn confirm(&mut self, partition: u32, sent_ms: i64, lease_ms: i64) {
+        // A third of the lease is kept for clock skew and slow writes.
+        self.until_ms.insert(partition, sent_ms + lease_ms * 2 / 3);
+    }
+
+    /// The lease was released or lost.
+    pub fn drop_partition(&mut self, partition: u32) {
+        self.until_ms.remove(&partition);
+    }
+
+    /// Whether the hub may serve `partition` at `now_ms`.
+    pub fn serves(&self, partition: u32, now_ms: i64) -> bool {
+        self.until_ms.get(&partition).is_some_and(|u| *u > now_ms)
+    }
+
+    /// Partitions held at `now_ms`.
+    pub fn partitions(&self, now_ms: i64) -> Vec<u32> {
+        let mut p: Vec<u32> = self
+            .until_ms
+            .iter()
+            .filter(|(_, u)| **u > now_ms)
+            .map(|(p, _)| *p)
+            .collect();
+        p.sort_unstable();
+        p
+    }
+}
+
+/// Parses a partition list: `0,2,5-7`; each below `partitions`.
+pub fn parse_partitions(s: &str, partitions: u32) -> Result<Vec<u32>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a, b),
+            None => (part, part),
+        };
+        let parse = |x: &str| {
+            x.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("{part:?} is not a partition number or range"))
+        };
+        let (a, b) = (parse(a)?, parse(b)?);
+        if a > b || b >= partitions {
+            return Err(format!(
+                "partitions {part:?} are not within 0-{}",
+                partitions.saturating_sub(1)
+            ));
+        }
+        out.extend(a..=b);
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(out)
+}
+
+/// Formats a partition list for an annotation.
+pub fn format_partitions(p: &[u32]) -> String {
+    p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: &str, primary: &[u32], standby: &[u32], expires_ms: i64) -> Member {
+        Member {
+            id: id.into(),
+            address: format!("{id}:1"),
+            primary: primary.to_vec(),
+            standby: standby.to_vec(),
+            expires_ms,
+        }
+    }
+
+    #[test]
+    fn partitions_are_a_stable_hash_or_the_nodes_label() {
+        let p = partition_of("edge-1", None, 16);
+        assert_eq!(p, partition_of("edge-1", None, 16), "stable");
+        let spread: std::collections::HashSet<u32> = (0..200)
+            .map(|i| partition_of(&format!("edge-{i}"), None, 16))
+            .collect();
+        assert_eq!(spread.len(), 16, "200 names cover 16 partitions");
+        let labels: BTreeMap<String, String> =
+            [(PARTITION_LABEL.to_string(), "3".to_string())].into();
+        assert_eq!(partition_of("edge-1", Some(&labels), 16), 3);
+        let out_of_range: BTreeMap<String, String> =
+            [(PARTITION_LABEL.to_string(), "99".to_string())].into();
+        assert_eq!(partition_of("edge-1", Some(&out_of_range), 16), p);
+    }
+
+    #[test]
+    fn static_partitions_go_to_the_live_primary_else_the_standby() {
+        let members = vec![
+            member("a", &[0, 1], &[2, 3], 100),
+            member("b", &[2, 3], &[0, 1], 100),
+        ];
+        assert_eq!(
+            desired_owner(0, &members, Mode::Static, 50).unwrap().id,
+            "a"
+        );
+        assert_eq!(
+            desired_owner(2, &members, Mode::Static, 50).unwrap().id,
+            "b"
+        );
+        let a_dead = vec![member("a", &[0, 1], &[2, 3], 10), members[1].clone()];
+        assert_eq!(desired_owner(0, &a_dead, Mode::Static, 50).unwrap().id, "b");
+        assert!(
+            desired_owner(5, &members, Mode::Static, 50).is_none(),
+            "nobody's partition"
+        );
+    }
+
+    #[test]
+    fn rendezvous_moves_only_the_partitions_of_a_hub_that_leaves() {
+        let three = vec![
+            member("a", &[], &[], 100),
+            member("b", &[], &[], 100),
+            member("c", &[], &[], 100),
+        ];
+        let owners = |ms: &[Member]| -> Vec<String> {
+            (0..64)
+                .map(|p| {
+                    desired_owner(p, ms, Mode::MultiPrimary, 50)
+                        .unwrap()
+                        .id
+                        .clone()
+                })
+                .collect()
+        };
+        let before = owners(&three);
+        for id in ["a", "b", "c"] {
+            let n = before.iter().filter(|o| *o == id).count();
+            assert!((10..=35).contains(&n), "{id} owns {n} of 64");
+        }
+        let without_c: Vec<Member> = three[..2].to_vec();
+        let after = owners(&without_c);
+        for (b, a) in before.iter().zip(&after) {
+            if b != "c" {
+                assert_eq!(a, b, "a partition of a live hub stays");
+            }
+        }
+    }
+
+    fn lease(p: u32, holder: &str, expires_ms: i64) -> PartitionLease {
+        PartitionLease {
+            partition: p,
+            holder: holder.into(),
+            expires_ms,
+            version: format!("v{p}"),
+        }
+    }
+
+    #[test]
+    fn a_hub_claims_free_or_expired_leases_renews_its_own_and_never_takes_a_live_one() {
+        let members = vec![member("a", &[0], &[1], 1000), member("b", &[1], &[0], 1000)];
+        let leases = vec![lease(0, "b", 1000)];
+        // a is primary for 0 but b holds it unexpired: a waits; 1 is b's.
+        assert_eq!(plan("a", 2, Mode::Static, &members, &leases, 500), vec![]);
+        // b sees it should give 0 back, and claims its own 1 (no lease yet).
+        assert_eq!(
+            plan("b", 2, Mode::Static, &members, &leases, 500),
+            vec![
+                Action::Release {
+                    partition: 0,
+                    version: "v0".into()
+                },
+                Action::Claim {
+                    partition: 1,
+                    version: None
+                },
+            ]
+        );
+        // Once released (or expired), a claims it.
+        let released = vec![lease(0, "", 0)];
+        assert_eq!(
+            plan("a", 2, Mode::Static, &members, &released, 500),
+            vec![Action::Claim {
+                partition: 0,
+                version: Some("v0".into())
+            }]
+        );
+        let expired = vec![lease(0, "b", 400)];
+        assert_eq!(
+            plan("a", 2, Mode::Static, &members, &expired, 500),
+            vec![Action::Claim {
+                partition: 0,
+                version: Some("v0".into())
+            }]
+        );
+        // The holder renews what it should keep.
+        let mine = vec![lease(0, "a", 900)];
+        assert_eq!(
+            plan("a", 2, Mode::Static, &members, &mine, 500),
+            vec![Action::Renew {
+                partition: 0,
+                version: "v0".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn a_standby_takes_over_when_the_primary_expires_and_hands_back_when_it_returns() {
+        let lease_ms = 300;
+        let primary_dead = vec![member("a", &[0], &[], 100), member("b", &[], &[0], 10_000)];
+        let held_by_a = vec![lease(0, "a", 400)];
+        // Primary's membership expired, but its partition lease not yet: the standby waits.
+        assert_eq!(
+            plan("b", 1, Mode::Static, &primary_dead, &held_by_a, 200),
+            vec![]
+        );
+        assert_eq!(
+            plan("b", 1, Mode::Static, &primary_dead, &held_by_a, 401),
+            vec![Action::Claim {
+                partition: 0,
+                version: Some("v0".into())
+            }]
+        );
+        let mut held = Held::default();
+        held.confirm(0, 401, lease_ms);
+        assert!(held.serves(0, 500));
+        assert!(
+            !held.serves(0, 401 + lease_ms * 2 / 3),
+            "stops before the lease could pass on"
+        );
+        // The primary is back: the standby releases, the primary claims.
+        let back = vec![
+            member("a", &[0], &[], 10_000),
+            member("b", &[], &[0], 10_000),
+        ];
+        let held_by_b = vec![lease(0, "b", 700)];
+        assert_eq!(
+            plan("b", 1, Mode::Static, &back, &held_by_b, 500),
+            vec![Action::Release {
+                partition: 0,
+                version: "v0".into()
+            }]
+        );
+        assert_eq!(plan("a", 1, Mode::Static, &back, &held_by_b, 500), vec![]);
+    }
+
+    #[test]
+    fn partition_lists_parse_with_ranges_and_bounds() {
+        assert_eq!(parse_partitions("0,2,5-7", 8).unwrap(), vec![0, 2, 5, 6, 7]);
+        assert_eq!(parse_partitions("", 8).unwrap(), Vec::<u32>::new());
+        assert!(
+            parse_partitions("7-9", 8)
+                .unwrap_err()
+                .contains("within 0-7")
+        );
+        assert!(
+            parse_partitions("x", 8)
+                .unwrap_err()
+                .contains("not a partition")
+        );
+        assert_eq!(format_partitions(&[1, 2]), "1,2");
+    }
+}

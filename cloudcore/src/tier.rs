@@ -1,0 +1,347 @@
+//! The tokio shell of the hub tier (see [`crate::partitions`]): renews this hub's membership
+//! Lease, reads the tier's Leases, writes what [`crate::partitions::plan`] says, and keeps what
+//! the hub serves and where every partition is served.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+
+use crate::partitions::{
+    self, ADDRESS_ANNOTATION, Action, Held, MEMBER_LABEL, Member, Mode, PARTITION_LEASE_LABEL,
+    PRIMARY_ANNOTATION, PartitionLease, STANDBY_ANNOTATION,
+};
+
+/// Where the tier's Leases live.
+pub const NAMESPACE: &str = "kube-system";
+
+/// This hub's place in a tier of hubs.
+#[derive(Clone, Debug)]
+pub struct TierConfig {
+    /// This hub's id (a DNS label, unique in the tier).
+    pub id: String,
+    /// Where edges reach this hub (`host:port`), told to edges redirected here.
+    pub address: String,
+    /// Partitions of the tier (every hub must agree).
+    pub partitions: u32,
+    /// Static partitions or every hub active.
+    pub mode: Mode,
+    /// Static mode: the partitions this hub is primary for.
+    pub primary: Vec<u32>,
+    /// Static mode: the partitions this hub is standby for.
+    pub standby: Vec<u32>,
+    /// Duration of the membership and partition Leases; renewed three times per duration.
+    pub lease: Duration,
+}
+
+/// Where a node's session belongs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// This hub serves the node's partition.
+    Here,
+    /// Another hub does.
+    Elsewhere {
+        /// The partition.
+        partition: u32,
+        /// The hub's id.
+        hub: String,
+        /// Where edges reach it.
+        address: String,
+    },
+    /// Nobody does yet (a takeover is under way).
+    Nobody {
+        /// The partition.
+        partition: u32,
+    },
+}
+
+#[derive(Default)]
+struct State {
+    held: Held,
+    /// Partition → (hub id, address), from the last read.
+    owners: HashMap<u32, (String, String)>,
+}
+
+/// The tier as this hub knows it.
+pub struct Tier {
+    config: TierConfig,
+    state: Mutex<State>,
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl Tier {
+    pub(crate) fn new(config: TierConfig) -> Self {
+        Self {
+            config,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The partition of a node with these labels.
+    pub fn partition_of(&self, node: &str, labels: Option<&BTreeMap<String, String>>) -> u32 {
+        partitions::partition_of(node, labels, self.config.partitions)
+    }
+
+    /// Where the node's session belongs now.
+    pub fn place(&self, node: &str, labels: Option<&BTreeMap<String, String>>) -> Placement {
+        let partition = self.partition_of(node, labels);
+        let state = self.state();
+        if state.held.serves(partition, now_ms()) {
+            return Placement::Here;
+        }
+        match state.owners.get(&partition) {
+            Some((hub, address)) if *hub != self.config.id => Placement::Elsewhere {
+                partition,
+                hub: hub.clone(),
+                address: address.clone(),
+            },
+            _ => Placement::Nobody { partition },
+        }
+    }
+
+    /// Which hub serves each partition, as last read (this hub's own from its renewals).
+    pub fn owners(&self) -> BTreeMap<u32, String> {
+        let state = self.state();
+        let mut owners: BTreeMap<u32, String> = state
+            .owners
+            .iter()
+            .map(|(p, (hub, _))| (*p, hub.clone()))
+            .collect();
+        for p in state.held.partitions(now_ms()) {
+            owners.insert(p, self.config.id.clone());
+        }
+        owners
+    }
+
+    /// The partitions this hub serves now.
+    pub fn served(&self) -> Vec<u32> {
+        self.state().held.partitions(now_ms())
+    }
+}
+
+fn lease_ms(l: &Lease) -> Option<i64> {
+    let spec = l.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0.as_millisecond();
+    Some(renewed + i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000)
+}
+
+fn member_of(l: &Lease) -> Option<Member> {
+    let a = l.metadata.annotations.as_ref()?;
+    let list = |key: &str| {
+        a.get(key)
+            .map(|v| partitions::parse_partitions(v, u32::MAX).unwrap_or_default())
+            .unwrap_or_default()
+    };
+    Some(Member {
+        id: l.spec.as_ref()?.holder_identity.clone()?,
+        address: a.get(ADDRESS_ANNOTATION)?.clone(),
+        primary: list(PRIMARY_ANNOTATION),
+        standby: list(STANDBY_ANNOTATION),
+        expires_ms: lease_ms(l)?,
+    })
+}
+
+fn partition_lease_of(l: &Lease) -> Option<PartitionLease> {
+    let name = l.metadata.name.as_deref()?;
+    let partition = name.strip_prefix("sedna-partition-")?.parse().ok()?;
+    Some(PartitionLease {
+        partition,
+        holder: l
+            .spec
+            .as_ref()
+            .and_then(|s| s.holder_identity.clone())
+            .unwrap_or_default(),
+        expires_ms: lease_ms(l).unwrap_or(0),
+        version: l.metadata.resource_version.clone().unwrap_or_default(),
+    })
+}
+
+fn micro(ms: i64) -> Option<MicroTime> {
+    jiff::Timestamp::from_millisecond(ms).ok().map(MicroTime)
+}
+
+fn lease(
+    name: String,
+    label: &str,
+    holder: &str,
+    sent_ms: i64,
+    duration: Duration,
+    version: Option<String>,
+    annotations: Option<BTreeMap<String, String>>,
+) -> Lease {
+    Lease {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(NAMESPACE.into()),
+            labels: Some([(label.to_string(), "true".to_string())].into()),
+            annotations,
+            resource_version: version,
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(duration.as_secs().max(1) as i32),
+            renew_time: micro(sent_ms),
+            acquire_time: micro(sent_ms),
+            ..Default::default()
+        }),
+    }
+}
+
+async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
+    let name = l.metadata.name.clone().unwrap_or_default();
+    if l.metadata.resource_version.is_some() {
+        api.replace(&name, &PostParams::default(), l).await?;
+    } else {
+        api.create(&PostParams::default(), l).await?;
+    }
+    Ok(())
+}
+
+/// Runs the tier: every third of the lease duration, renew membership, read, plan, write.
+/// `lost` is called with the partitions this hub stopped serving (their sessions must end).
+pub(crate) async fn run(
+    tier: std::sync::Arc<Tier>,
+    client: kube::Client,
+    stats: std::sync::Arc<crate::HubStats>,
+    lost: impl Fn(&[u32]),
+) {
+    let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
+    let c = tier.config.clone();
+    let lease_ms = c.lease.as_millis() as i64;
+    let mut tick = tokio::time::interval(c.lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut serving: Vec<u32> = Vec::new();
+    loop {
+        tick.tick().await;
+        let sent = now_ms();
+        // Membership: create, or replace whatever version is there.
+        let name = partitions::member_lease_name(&c.id);
+        let annotations: BTreeMap<String, String> = [
+            (ADDRESS_ANNOTATION.to_string(), c.address.clone()),
+            (
+                PRIMARY_ANNOTATION.to_string(),
+                partitions::format_partitions(&c.primary),
+            ),
+            (
+                STANDBY_ANNOTATION.to_string(),
+                partitions::format_partitions(&c.standby),
+            ),
+        ]
+        .into();
+        let version = match api.get_opt(&name).await {
+            Ok(found) => found.and_then(|l| l.metadata.resource_version),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading this hub's membership lease");
+                continue;
+            }
+        };
+        let membership = lease(
+            name,
+            MEMBER_LABEL,
+            &c.id,
+            sent,
+            c.lease,
+            version,
+            Some(annotations),
+        );
+        if let Err(e) = write(&api, &membership).await {
+            tracing::warn!(error = %e, "renewing this hub's membership lease");
+        }
+        let (members, leases) = match (
+            api.list(&ListParams::default().labels(MEMBER_LABEL)).await,
+            api.list(&ListParams::default().labels(PARTITION_LEASE_LABEL))
+                .await,
+        ) {
+            (Ok(m), Ok(p)) => (
+                m.items.iter().filter_map(member_of).collect::<Vec<_>>(),
+                p.items
+                    .iter()
+                    .filter_map(partition_lease_of)
+                    .collect::<Vec<_>>(),
+            ),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "reading the tier's leases");
+                continue;
+            }
+        };
+        let actions = partitions::plan(&c.id, c.partitions, c.mode, &members, &leases, sent);
+        for action in actions {
+            let (p, version, holder) = match &action {
+                Action::Claim { partition, version } => {
+                    (*partition, version.clone(), c.id.as_str())
+                }
+                Action::Renew { partition, version } => {
+                    (*partition, Some(version.clone()), c.id.as_str())
+                }
+                Action::Release { partition, version } => (*partition, Some(version.clone()), ""),
+            };
+            // Releasing: stop serving before the write lets another hub claim.
+            if holder.is_empty() {
+                tier.state().held.drop_partition(p);
+            }
+            let l = lease(
+                partitions::partition_lease_name(p),
+                PARTITION_LEASE_LABEL,
+                holder,
+                sent,
+                c.lease,
+                version,
+                None,
+            );
+            match write(&api, &l).await {
+                Ok(()) if !holder.is_empty() => {
+                    if matches!(action, Action::Claim { .. }) {
+                        tracing::info!(hub = %c.id, partition = p, "partition claimed");
+                    }
+                    tier.state().held.confirm(p, sent, lease_ms);
+                }
+                Ok(()) => tracing::info!(hub = %c.id, partition = p, "partition released"),
+                Err(e) => tracing::debug!(partition = p, error = %e, "partition lease write lost"),
+            }
+        }
+        // Where each partition is served, for redirects.
+        let addresses: HashMap<&str, &str> = members
+            .iter()
+            .filter(|m| m.live(sent))
+            .map(|m| (m.id.as_str(), m.address.as_str()))
+            .collect();
+        let owners: HashMap<u32, (String, String)> = leases
+            .iter()
+            .filter_map(|l| {
+                let holder = l.holder_at(sent)?;
+                let address = addresses.get(holder)?;
+                Some((l.partition, (holder.to_string(), address.to_string())))
+            })
+            .collect();
+        let now_serving = {
+            let mut state = tier.state();
+            state.owners = owners;
+            state.held.partitions(now_ms())
+        };
+        let gone: Vec<u32> = serving
+            .iter()
+            .filter(|p| !now_serving.contains(p))
+            .copied()
+            .collect();
+        stats.partitions_served.store(
+            now_serving.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if !gone.is_empty() {
+            lost(&gone);
+        }
+        serving = now_serving;
+    }
+}

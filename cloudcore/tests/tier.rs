@@ -1,0 +1,389 @@
+//! A tier of hubs in one process, with the embedded API server and real edge clients on
+//! 127.0.0.1: partitions negotiated through Leases, nodes redirected to the hub that serves
+//! them, a stopped hub's nodes taken over, a new hub given its share, and a standby handing
+//! its partitions back to the primary — with a sampler asserting all along that no partition
+//! and no node is ever served by two hubs at once.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, PostParams};
+use sedna_cloudcore::partitions::Mode;
+use sedna_cloudcore::tier::TierConfig;
+use sedna_cloudcore::{Hub, HubConfig};
+use sedna_edgecore::{EdgeConfig, EdgeHub};
+
+const PARTITIONS: u32 = 8;
+const LEASE: Duration = Duration::from_secs(3);
+
+type Hubs = Arc<Mutex<BTreeMap<String, Hub>>>;
+
+struct Tier {
+    _api: sedna_apiserver::ApiServer,
+    client: kube::Client,
+    dir: tempfile::TempDir,
+    hubs: Hubs,
+    addrs: BTreeMap<String, std::net::SocketAddr>,
+    mode: Mode,
+}
+
+impl Tier {
+    async fn start(mode: Mode) -> Tier {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = sedna_apiserver::Config::new(dir.path().join("api"));
+        config.listen = "127.0.0.1:0".parse().unwrap();
+        config.store.durability = sedna_apiserver::store::Durability::Process;
+        let api = sedna_apiserver::ApiServer::start(config).await.unwrap();
+        let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
+        let client = kube::Client::try_from(
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        Tier {
+            _api: api,
+            client,
+            dir,
+            hubs: Arc::default(),
+            addrs: BTreeMap::new(),
+            mode,
+        }
+    }
+
+    /// Starts hub `id` (on its earlier address when it ran before); every hub shares one CA.
+    async fn hub(&mut self, id: &str, primary: &[u32], standby: &[u32]) {
+        let listen = self
+            .addrs
+            .get(id)
+            .copied()
+            .unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+        let mut c = HubConfig::new(self.dir.path().join("hub"));
+        c.listen = listen;
+        c.session.heartbeat = Duration::from_millis(200);
+        c.session.read_deadline = Duration::from_millis(1500);
+        c.lifecycle = None;
+        // The address is known once bound: start, read it, and it is the advertised one
+        // (the listener binds before the tier loop first writes).
+        let probe = std::net::TcpListener::bind(listen).unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        c.listen = addr;
+        c.tier = Some(TierConfig {
+            id: id.into(),
+            address: addr.to_string(),
+            partitions: PARTITIONS,
+            mode: self.mode,
+            primary: primary.to_vec(),
+            standby: standby.to_vec(),
+            lease: LEASE,
+        });
+        let hub = Hub::start(c, self.client.clone()).await.unwrap();
+        self.addrs.insert(id.into(), hub.addr());
+        self.hubs.lock().unwrap().insert(id.into(), hub);
+    }
+
+    async fn stop(&self, id: &str) {
+        let hub = self.hubs.lock().unwrap().remove(id).unwrap();
+        hub.shutdown().await;
+    }
+
+    fn seeds(&self, first: &str) -> String {
+        let mut list = vec![self.addrs[first].to_string()];
+        list.extend(
+            self.addrs
+                .iter()
+                .filter(|(id, _)| *id != first)
+                .map(|(_, a)| a.to_string()),
+        );
+        list.join(",")
+    }
+
+    async fn edge(&self, node: &str, seeds: &str) -> EdgeHub {
+        let token =
+            sedna_cloudcore::tokens::create(&self.client, Some(node), Duration::from_secs(600))
+                .await
+                .unwrap()
+                .to_string();
+        let dir = self.dir.path().join("edges").join(node);
+        let first = seeds.split(',').next().unwrap();
+        sedna_edgecore::join::join(first, &token, node, &dir)
+            .await
+            .unwrap();
+        let mut config = EdgeConfig::new(seeds, &dir);
+        config.in_memory = true;
+        config.machine.heartbeat = Duration::from_millis(200);
+        config.machine.read_deadline = Duration::from_millis(1500);
+        config.machine.backoff_base = Duration::from_millis(20);
+        config.machine.backoff_max = Duration::from_millis(300);
+        config.seed = node.len() as u64;
+        EdgeHub::start(config).await.unwrap()
+    }
+}
+
+/// Samples every hub every 20 ms; records any partition or node served by two at once.
+fn sampler(hubs: Hubs) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    let violations: Arc<Mutex<Vec<String>>> = Arc::default();
+    let v = violations.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            {
+                let hubs = hubs.lock().unwrap();
+                let mut partitions: BTreeMap<u32, Vec<&str>> = BTreeMap::new();
+                let mut nodes: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+                for (id, hub) in hubs.iter() {
+                    for p in hub.served_partitions().unwrap_or_default() {
+                        partitions.entry(p).or_default().push(id);
+                    }
+                    for n in hub.connected_nodes() {
+                        nodes.entry(n).or_default().push(id);
+                    }
+                }
+                for (p, by) in partitions.iter().filter(|(_, by)| by.len() > 1) {
+                    v.lock()
+                        .unwrap()
+                        .push(format!("partition {p} served by {by:?}"));
+                }
+                for (n, by) in nodes.iter().filter(|(_, by)| by.len() > 1) {
+                    v.lock()
+                        .unwrap()
+                        .push(format!("node {n} connected to {by:?}"));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (violations, task)
+}
+
+/// Waits until every partition is served by one hub and every node is connected and synced
+/// to the hub serving its partition; returns node → hub.
+async fn settled(
+    tier: &Tier,
+    edges: &BTreeMap<String, EdgeHub>,
+    limit: Duration,
+) -> BTreeMap<String, String> {
+    let start = Instant::now();
+    loop {
+        let placement = {
+            let hubs = tier.hubs.lock().unwrap();
+            let served: usize = hubs
+                .values()
+                .map(|h| h.served_partitions().unwrap_or_default().len())
+                .sum();
+            let mut at: BTreeMap<String, String> = BTreeMap::new();
+            for (id, hub) in hubs.iter() {
+                for n in hub.connected_nodes() {
+                    at.insert(n, id.clone());
+                }
+            }
+            let synced = edges.values().all(|e| {
+                let s = e.status().borrow().clone();
+                s.connected && s.synced
+            });
+            (served == PARTITIONS as usize && at.len() == edges.len() && synced).then_some(at)
+        };
+        if let Some(at) = placement {
+            return at;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "the tier did not settle within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_serving_twice() {
+    let mut tier = Tier::start(Mode::MultiPrimary).await;
+    for id in ["h1", "h2", "h3"] {
+        tier.hub(id, &[], &[]).await;
+    }
+    let (violations, sampling) = sampler(tier.hubs.clone());
+    // Once h1 knows who serves every partition, every node dials h1 first: most are
+    // redirected.
+    let start = Instant::now();
+    while tier.hubs.lock().unwrap()["h1"]
+        .partition_owners()
+        .unwrap()
+        .len()
+        < PARTITIONS as usize
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "partitions never all served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seeds = tier.seeds("h1");
+    let mut edges = BTreeMap::new();
+    for i in 0..12 {
+        let node = format!("edge-{i}");
+        edges.insert(node.clone(), tier.edge(&node, &seeds).await);
+    }
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    let owners: BTreeSet<&String> = at.values().collect();
+    assert!(owners.len() >= 2, "nodes spread over hubs: {at:?}");
+    let redirected = edges
+        .iter()
+        .filter(|(n, e)| {
+            at[*n] != "h1" && *e.hub_address().borrow() != tier.addrs["h1"].to_string()
+        })
+        .count();
+    assert_eq!(
+        redirected,
+        at.values().filter(|h| *h != "h1").count(),
+        "every node not served by h1 followed its redirect: {at:?}"
+    );
+    let stats = tier.hubs.lock().unwrap()["h1"].stats();
+    assert!(stats.redirects.load(std::sync::atomic::Ordering::Relaxed) >= redirected as u64);
+
+    // h2 stops: its partitions move once their leases expire; its nodes follow.
+    let on_h2: Vec<String> = at
+        .iter()
+        .filter(|(_, h)| *h == "h2")
+        .map(|(n, _)| n.clone())
+        .collect();
+    tier.stop("h2").await;
+    let stopped = Instant::now();
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    let took = stopped.elapsed();
+    assert!(at.values().all(|h| h != "h2"));
+    assert!(took < LEASE * 4, "takeover took {took:?}");
+    eprintln!(
+        "{} nodes of a stopped hub served again after {took:?}",
+        on_h2.len()
+    );
+
+    // h4 joins: it gets a share; partitions of live hubs that stay do not move.
+    tier.hub("h4", &[], &[]).await;
+    let before = at.clone();
+    let wait_share = Instant::now();
+    loop {
+        let n = tier.hubs.lock().unwrap()["h4"]
+            .served_partitions()
+            .unwrap()
+            .len();
+        if n > 0 {
+            break;
+        }
+        assert!(
+            wait_share.elapsed() < Duration::from_secs(20),
+            "h4 got no partition"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    for (node, hub) in &at {
+        if hub != "h4" {
+            assert_eq!(&before[node], hub, "{node} moved between hubs that stayed");
+        }
+    }
+    sampling.abort();
+    let v = violations.lock().unwrap();
+    assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns() {
+    let mut tier = Tier::start(Mode::Static).await;
+    tier.hub("a", &[0, 1, 2, 3], &[4, 5, 6, 7]).await;
+    tier.hub("b", &[4, 5, 6, 7], &[0, 1, 2, 3]).await;
+    let (violations, sampling) = sampler(tier.hubs.clone());
+    let seeds = tier.seeds("b");
+    let mut edges = BTreeMap::new();
+    for i in 0..10 {
+        let node = format!("edge-{i}");
+        edges.insert(node.clone(), tier.edge(&node, &seeds).await);
+    }
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    let on_a: BTreeSet<String> = at
+        .iter()
+        .filter(|(_, h)| *h == "a")
+        .map(|(n, _)| n.clone())
+        .collect();
+    assert!(!on_a.is_empty() && on_a.len() < edges.len(), "{at:?}");
+
+    // A pod for every node before the takeover, another while b serves them all.
+    let pods: Api<Pod> = Api::namespaced(tier.client.clone(), "default");
+    let pod_for = |node: &str, n: u32| -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": format!("p-{node}-{n}")},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "sh"}]},
+        }))
+        .unwrap()
+    };
+    for node in edges.keys() {
+        pods.create(&PostParams::default(), &pod_for(node, 1))
+            .await
+            .unwrap();
+    }
+
+    tier.stop("a").await;
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    assert!(at.values().all(|h| h == "b"), "{at:?}");
+    for node in edges.keys() {
+        pods.create(&PostParams::default(), &pod_for(node, 2))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        tier.hubs.lock().unwrap()["b"].served_partitions().unwrap(),
+        (0..PARTITIONS).collect::<Vec<_>>()
+    );
+
+    // The primary returns: b hands 0-3 back, their nodes go home.
+    tier.hub("a", &[0, 1, 2, 3], &[4, 5, 6, 7]).await;
+    let start = Instant::now();
+    let at = loop {
+        let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+        let home: BTreeSet<String> = at
+            .iter()
+            .filter(|(_, h)| *h == "a")
+            .map(|(n, _)| n.clone())
+            .collect();
+        if home == on_a {
+            break at;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "not handed back: {at:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        tier.hubs.lock().unwrap()["a"].served_partitions().unwrap(),
+        vec![0, 1, 2, 3],
+        "{at:?}"
+    );
+    // Every node holds exactly its own two pods: none lost, none of another node's.
+    let start = Instant::now();
+    for (node, edge) in &edges {
+        loop {
+            let held: BTreeSet<String> = edge
+                .store()
+                .list("Pod")
+                .unwrap()
+                .into_iter()
+                .map(|o| o.name)
+                .collect();
+            let want: BTreeSet<String> = [format!("p-{node}-1"), format!("p-{node}-2")].into();
+            if held == want {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{node} holds {held:?}, wants {want:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    sampling.abort();
+    let v = violations.lock().unwrap();
+    assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
+}
