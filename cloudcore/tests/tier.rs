@@ -160,6 +160,36 @@ fn sampler(hubs: Hubs) -> (Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>)
     (violations, task)
 }
 
+/// Waits until the partitions are spread over `ids` as every hub's view agrees.
+async fn partitions_settled(tier: &Tier, ids: &[&str]) {
+    let start = Instant::now();
+    loop {
+        let done = {
+            let hubs = tier.hubs.lock().unwrap();
+            let mut served: BTreeMap<u32, String> = BTreeMap::new();
+            for (id, hub) in hubs.iter() {
+                for p in hub.served_partitions().unwrap_or_default() {
+                    served.insert(p, id.clone());
+                }
+            }
+            let used: BTreeSet<&str> = served.values().map(String::as_str).collect();
+            served.len() == PARTITIONS as usize
+                && used == ids.iter().copied().collect()
+                && hubs
+                    .values()
+                    .all(|h| h.partition_owners().unwrap() == served)
+        };
+        if done {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "partitions never spread over {ids:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until every partition is served by one hub and every node is connected and synced
 /// to the hub serving its partition; returns node → hub.
 async fn settled(
@@ -205,21 +235,9 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
         tier.hub(id, &[], &[]).await;
     }
     let (violations, sampling) = sampler(tier.hubs.clone());
-    // Once h1 knows who serves every partition, every node dials h1 first: most are
-    // redirected.
-    let start = Instant::now();
-    while tier.hubs.lock().unwrap()["h1"]
-        .partition_owners()
-        .unwrap()
-        .len()
-        < PARTITIONS as usize
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "partitions never all served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Once the partitions are spread (every hub serving its share, h1 knowing it), every
+    // node dials h1 first: those h1 does not serve are redirected.
+    partitions_settled(&tier, &["h1", "h2", "h3"]).await;
     let seeds = tier.seeds("h1");
     let mut edges = BTreeMap::new();
     for i in 0..12 {
@@ -227,21 +245,24 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
         edges.insert(node.clone(), tier.edge(&node, &seeds).await);
     }
     let at = settled(&tier, &edges, Duration::from_secs(30)).await;
-    let owners: BTreeSet<&String> = at.values().collect();
-    assert!(owners.len() >= 2, "nodes spread over hubs: {at:?}");
-    let redirected = edges
-        .iter()
-        .filter(|(n, e)| {
-            at[*n] != "h1" && *e.hub_address().borrow() != tier.addrs["h1"].to_string()
-        })
-        .count();
-    assert_eq!(
-        redirected,
-        at.values().filter(|h| *h != "h1").count(),
-        "every node not served by h1 followed its redirect: {at:?}"
+    let owners = tier.hubs.lock().unwrap()["h1"].partition_owners().unwrap();
+    for (node, hub) in &at {
+        let p = sedna_cloudcore::partitions::partition_of(node, None, PARTITIONS);
+        assert_eq!(
+            &owners[&p], hub,
+            "{node} (partition {p}) is on the hub serving it"
+        );
+    }
+    let elsewhere = at.values().filter(|h| *h != "h1").count();
+    assert!(elsewhere > 0, "nodes spread over hubs: {at:?}");
+    let redirects = tier.hubs.lock().unwrap()["h1"]
+        .stats()
+        .redirects
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        redirects >= elsewhere as u64,
+        "{redirects} redirects for {elsewhere} nodes served elsewhere"
     );
-    let stats = tier.hubs.lock().unwrap()["h1"].stats();
-    assert!(stats.redirects.load(std::sync::atomic::Ordering::Relaxed) >= redirected as u64);
 
     // h2 stops: its partitions move once their leases expire; its nodes follow.
     let on_h2: Vec<String> = at
@@ -295,6 +316,8 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
     tier.hub("a", &[0, 1, 2, 3], &[4, 5, 6, 7]).await;
     tier.hub("b", &[4, 5, 6, 7], &[0, 1, 2, 3]).await;
     let (violations, sampling) = sampler(tier.hubs.clone());
+    // a, alone at first, also took b's partitions as their standby: wait for the hand-back.
+    partitions_settled(&tier, &["a", "b"]).await;
     let seeds = tier.seeds("b");
     let mut edges = BTreeMap::new();
     for i in 0..10 {
@@ -308,6 +331,12 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
         .map(|(n, _)| n.clone())
         .collect();
     assert!(!on_a.is_empty() && on_a.len() < edges.len(), "{at:?}");
+    let primary_a: BTreeSet<String> = edges
+        .keys()
+        .filter(|n| sedna_cloudcore::partitions::partition_of(n, None, PARTITIONS) < 4)
+        .cloned()
+        .collect();
+    assert_eq!(on_a, primary_a, "a serves the nodes of its partitions 0-3");
 
     // A pod for every node before the takeover, another while b serves them all.
     let pods: Api<Pod> = Api::namespaced(tier.client.clone(), "default");
@@ -350,10 +379,23 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
         if home == on_a {
             break at;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "not handed back: {at:?}"
-        );
+        if start.elapsed() > Duration::from_secs(30) {
+            let views: Vec<String> = tier
+                .hubs
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, h)| {
+                    format!(
+                        "{id} serves {:?}, sees {:?}, has {:?}",
+                        h.served_partitions(),
+                        h.partition_owners(),
+                        h.connected_nodes()
+                    )
+                })
+                .collect();
+            panic!("not handed back: {at:?}; wanted {on_a:?} on a; {views:?}");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(
