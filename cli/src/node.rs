@@ -60,6 +60,10 @@ pub(crate) struct CloudcoreArgs {
     /// Static tier: partitions this hub takes over while their primary is not live.
     #[arg(long, value_name = "LIST", default_value = "")]
     standby_for: String,
+    /// Most node TLS handshakes started per second (a reconnection storm is admitted at this
+    /// pace).
+    #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    max_handshakes_per_second: u32,
     /// Duration of the tier's Leases (a dead hub's partitions move after about this long).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     tier_lease: Duration,
@@ -144,7 +148,8 @@ pub(crate) struct JoinArgs {
 /// `sedna edgecore`.
 #[derive(Args)]
 pub(crate) struct EdgecoreArgs {
-    /// The hub, `host:port`.
+    /// The hub, `host:port`; in a tier of hubs, several, comma-separated (any of them sends
+    /// the node to the hub serving it).
     #[arg(long, value_name = "ADDR")]
     cloud: String,
     /// Directory of the joined node.
@@ -281,6 +286,7 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     config.session.heartbeat = args.heartbeat;
     config.session.read_deadline = args.read_deadline;
     config.node_cert_validity = args.node_cert_validity;
+    config.max_handshakes_per_second = args.max_handshakes_per_second;
     config.lifecycle =
         (!args.no_node_lifecycle).then_some(sedna_cloudcore::lifecycle::LifecycleConfig {
             period: args.node_monitor_period.max(Duration::from_millis(100)),

@@ -174,6 +174,15 @@ pub(crate) async fn up(args: UpArgs) -> Result<()> {
         )),
         None => None,
     };
+    if pod_users.is_some() {
+        // Pods with their own uids walk down to their nodes' directories (each node's agent
+        // makes its own traversable, not listable).
+        use std::os::unix::fs::PermissionsExt;
+        let nodes = d.join("nodes");
+        std::fs::create_dir_all(&nodes)
+            .and_then(|()| std::fs::set_permissions(&nodes, std::fs::Permissions::from_mode(0o711)))
+            .with_context(|| format!("making {} traversable", nodes.display()))?;
+    }
     let mut agents = Vec::new();
     // Every node's figures, one family per metric with a `node` label.
     let mut node_figures = crate::ops::NodeFigures::default();

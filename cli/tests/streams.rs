@@ -19,6 +19,11 @@ fn running_as_root() -> bool {
 }
 
 fn pod(http_port: u16) -> String {
+    // A system Python: pods with their own uids cannot run one under root's home (pyenv).
+    let python = ["/usr/bin/python3", "/bin/python3"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("python3");
     format!(
         r#"apiVersion: v1
 kind: Pod
@@ -33,7 +38,7 @@ spec:
     env: [{{ name: GREETING, value: hello-from-the-pod-spec }}]
   - name: http
     image: python3
-    command: ["python3", "-m", "http.server", "{http_port}", "--bind", "127.0.0.1"]
+    command: ["{python}", "-m", "http.server", "{http_port}", "--bind", "127.0.0.1"]
     ports: [{{ containerPort: {http_port} }}]
   - name: once
     image: sh

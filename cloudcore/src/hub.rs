@@ -45,6 +45,10 @@ pub struct HubConfig {
     pub max_concurrent_handshakes: usize,
     /// Most TLS handshakes in progress from one source address.
     pub max_handshakes_per_source: usize,
+    /// Most TLS handshakes started per second (with bursts of one second's worth): after a hub
+    /// dies, its nodes' reconnection storm is admitted at this pace, which also bounds the
+    /// API writes their reconnections cause.
+    pub max_handshakes_per_second: u32,
     /// How long a new connection has to send its TLS ClientHello.
     pub client_hello_timeout: Duration,
     /// How long a whole TLS handshake may take.
@@ -70,6 +74,7 @@ impl HubConfig {
             max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_handshakes: 256,
             max_handshakes_per_source: 32,
+            max_handshakes_per_second: 1000,
             client_hello_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
             lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
@@ -599,6 +604,9 @@ async fn serve(
         per_source: shared.config.max_handshakes_per_source,
         total: shared.config.max_concurrent_handshakes,
     });
+    let pace = Arc::new(crate::rate::Bucket::new(u64::from(
+        shared.config.max_handshakes_per_second,
+    )));
     let (conn_tx, conn_rx) = mpsc::channel(1024);
     let accept = {
         let mut shutdown = shutdown.clone();
@@ -630,6 +638,7 @@ async fn serve(
                     tls.clone(),
                     ticket,
                     conn_tx.clone(),
+                    pace.clone(),
                 ));
             }
         })
@@ -664,9 +673,12 @@ async fn handshake(
     tls: Arc<rustls::ServerConfig>,
     mut ticket: crate::gate::Ticket,
     conn_tx: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+    pace: Arc<crate::rate::Bucket>,
 ) {
     let config = &shared.config;
     let work = async {
+        // Its turn at the handshake rate (holding its admission slot meanwhile).
+        pace.take(1).await;
         let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
         let start = tokio::time::timeout(config.client_hello_timeout, hello)
             .await

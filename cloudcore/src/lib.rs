@@ -20,6 +20,7 @@ pub mod hub;
 pub mod lifecycle;
 pub mod partitions;
 pub mod pki;
+mod rate;
 pub mod revocation;
 pub mod router;
 pub mod session;

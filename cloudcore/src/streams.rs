@@ -23,6 +23,8 @@ use sedna_apiserver::nodestream::DialError;
 use sedna_proto::channel::TunnelFrame;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadBuf};
 use tokio::sync::oneshot;
+
+use crate::rate::Bucket;
 use tonic::Status;
 
 /// The prefix of a tunnel target that answers a `STREAM_OPEN`.
@@ -45,42 +47,6 @@ impl Default for StreamLimits {
             per_node: 16,
             bytes_per_second: 8 * 1024 * 1024,
             open_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// A token bucket: `rate` bytes per second, bursts up to one second's worth.
-#[derive(Debug)]
-pub(crate) struct Bucket {
-    rate: f64,
-    state: Mutex<(f64, tokio::time::Instant)>,
-}
-
-impl Bucket {
-    pub(crate) fn new(rate: u64) -> Self {
-        let rate = rate.max(1) as f64;
-        Self {
-            rate,
-            state: Mutex::new((rate, tokio::time::Instant::now())),
-        }
-    }
-
-    /// Takes `n` bytes' worth; waits while the bucket is in debt.
-    pub(crate) async fn take(&self, n: usize) {
-        let wait = {
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            let now = tokio::time::Instant::now();
-            let refill = now.duration_since(s.1).as_secs_f64() * self.rate;
-            s.0 = (s.0 + refill).min(self.rate) - n as f64;
-            s.1 = now;
-            if s.0 < 0.0 {
-                Duration::from_secs_f64(-s.0 / self.rate)
-            } else {
-                Duration::ZERO
-            }
-        };
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
         }
     }
 }
@@ -333,26 +299,6 @@ mod tests {
         );
         drop(a);
         assert!(streams.reserve("edge-1").is_ok());
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn the_bucket_holds_a_node_to_its_rate() {
-        let bucket = Bucket::new(1000);
-        let start = tokio::time::Instant::now();
-        bucket.take(1000).await;
-        assert_eq!(
-            start.elapsed(),
-            Duration::ZERO,
-            "one second's worth at once"
-        );
-        for _ in 0..3 {
-            bucket.take(1000).await;
-        }
-        let took = start.elapsed();
-        assert!(
-            took >= Duration::from_millis(2990) && took <= Duration::from_millis(3010),
-            "{took:?}"
-        );
     }
 
     #[test]

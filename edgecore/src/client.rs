@@ -37,6 +37,8 @@ pub struct EdgeConfig {
     pub outbox_limit: usize,
     /// Seed of the reconnect jitter (different per node; fixed in tests).
     pub seed: u64,
+    /// Local address to connect from (`None`: the system's choice).
+    pub source_address: Option<std::net::IpAddr>,
 }
 
 impl EdgeConfig {
@@ -50,6 +52,7 @@ impl EdgeConfig {
             max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
             outbox_limit: 100_000,
             seed: rand::rng().random(),
+            source_address: None,
         }
     }
 }
@@ -315,10 +318,15 @@ impl Shell {
         })
     }
 
-    async fn dial(hub: String, identity: Identity, max: usize) -> Dialed {
+    async fn dial(
+        hub: String,
+        identity: Identity,
+        max: usize,
+        source: Option<std::net::IpAddr>,
+    ) -> Dialed {
         let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
             .map_err(|e| ConnectError::Refused(format!("the node's credentials: {e}")))?;
-        let channel = tls::connect(&hub, config)
+        let channel = tls::connect_from(&hub, config, source)
             .await
             .map_err(ConnectError::Unreachable)?;
         let (tx, rx) = mpsc::channel::<Envelope>(1024);
@@ -404,7 +412,8 @@ impl Shell {
                             let hub = self.target.clone();
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
-                            dialing = Some(tokio::spawn(Self::dial(hub, identity, max)));
+                            let source = self.config.source_address;
+                            dialing = Some(tokio::spawn(Self::dial(hub, identity, max, source)));
                         }
                         Output::Send(e) => {
                             if let Some(l) = &live
@@ -501,7 +510,8 @@ impl Shell {
                             self.target = to;
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
-                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max)));
+                            let source = self.config.source_address;
+                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max, source)));
                         }
                         Ok(Err(ConnectError::Redirect(to))) => {
                             self.next_seed();

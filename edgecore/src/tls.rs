@@ -154,6 +154,16 @@ pub async fn connect(
     hub: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tonic::transport::Channel, String> {
+    connect_from(hub, config, None).await
+}
+
+/// [`connect`] from a given local address (simulated fleets spread their connections over
+/// several loopback addresses, each with its own ephemeral ports).
+pub async fn connect_from(
+    hub: &str,
+    config: Arc<rustls::ClientConfig>,
+    source: Option<std::net::IpAddr>,
+) -> Result<tonic::transport::Channel, String> {
     let addr = hub.to_owned();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{hub}"))
         .map_err(|e| e.to_string())?
@@ -163,7 +173,24 @@ pub async fn connect(
         let addr = addr.clone();
         let config = config.clone();
         async move {
-            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+            let tcp = match source {
+                None => tokio::net::TcpStream::connect(&addr).await?,
+                Some(ip) => {
+                    let target = tokio::net::lookup_host(&addr)
+                        .await?
+                        .next()
+                        .ok_or_else(|| {
+                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
+                        })?;
+                    let socket = if target.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
+                    socket.connect(target).await?
+                }
+            };
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(HUB_SERVER_NAME)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;

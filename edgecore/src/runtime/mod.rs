@@ -1099,7 +1099,9 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 fn write_file(path: &Path, content: &[u8], private: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
+    // A directory that exists keeps its mode: the pod directory is made traversable for pods
+    // with their own uids, and saving the pod's state must not close it again.
+    if let Some(dir) = path.parent().filter(|d| !d.exists()) {
         create_private_dir(dir)?;
     }
     let mut f = std::fs::OpenOptions::new()
@@ -1116,6 +1118,26 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn saving_state_keeps_a_traversable_pod_directory_traversable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("default_p_u1");
+        std::fs::create_dir_all(&pod).unwrap();
+        std::fs::set_permissions(&pod, std::fs::Permissions::from_mode(0o711)).unwrap();
+        write_file(&pod.join("state.json"), b"{}", true).unwrap();
+        let mode = std::fs::metadata(&pod).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o711);
+        // A directory that does not exist yet is created private.
+        write_file(&pod.join("volumes/v/f"), b"x", true).unwrap();
+        let mode = std::fs::metadata(pod.join("volumes/v"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o700);
+    }
 
     #[derive(Default)]
     struct Collect(Mutex<Vec<Upstream>>);

@@ -1,0 +1,582 @@
+//! `hub-bench`: a hub tier under a simulated fleet, everything on this machine as separate
+//! processes — `sedna apiserver`, one or more `sedna cloudcore` hubs, and simulator processes
+//! (this binary's `sim` mode) each running many nodes with the real edge code: join with a
+//! CSR, mutual TLS, attach, resync, heartbeats, the outbox, redirects, and the agent's own
+//! Node and Lease reporting (`sedna_edgecore::node::run`); stores in memory; each simulator
+//! process connects from its own loopback address.
+//!
+//! Measures: time to connect and sync the fleet; hub RSS and CPU per connected idle node;
+//! one change every node needs (a ConfigMap used by a pod on every node) → persisted on every
+//! node (p50 / p99 / max); the API server's write rate while idle (node liveness) and, with
+//! several hubs, during the storm after `kill -9` of one hub, with the time until every node is
+//! connected and synced again. A timeline (seconds, connected, synced, hubs' RSS) goes to a
+//! CSV file for plotting.
+//!
+//! ```text
+//! cargo build --release -p sedna-cli -p sedna-bench --bin sedna --bin hub-bench
+//! target/release/hub-bench --nodes 10000 --hubs 1 --sims 1
+//! target/release/hub-bench --nodes 10000 --hubs 3 --sims 2 --kill
+//! ```
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use common::{Killed, free_port, kube_client, sedna_binary};
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    sim: Option<Mode>,
+    /// Simulated nodes in all.
+    #[arg(long, default_value_t = 10_000)]
+    nodes: usize,
+    /// Hubs (more than one: a multi-primary tier).
+    #[arg(long, default_value_t = 1)]
+    hubs: usize,
+    /// Simulator processes (each from its own loopback address).
+    #[arg(long, default_value_t = 1)]
+    sims: usize,
+    /// Seconds of idle fleet to measure CPU and the API write rate over.
+    #[arg(long, default_value_t = 60)]
+    idle_seconds: u64,
+    /// Partitions of a tier.
+    #[arg(long, default_value_t = 32)]
+    partitions: u32,
+    /// Kill -9 one hub at the end and time the takeover (with --hubs > 1).
+    #[arg(long)]
+    kill: bool,
+    /// Where the timeline CSV goes.
+    #[arg(long, default_value = "hub-bench-timeline.csv")]
+    timeline: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Internal: one simulator process.
+    Sim {
+        #[arg(long)]
+        hubs: String,
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        first: usize,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        source: std::net::IpAddr,
+    },
+}
+
+fn node_name(i: usize) -> String {
+    format!("sim-{i:06}")
+}
+
+// ---- the simulator ----
+
+async fn simulate(
+    hubs: String,
+    token: String,
+    dir: PathBuf,
+    first: usize,
+    count: usize,
+    source: std::net::IpAddr,
+) -> Result<()> {
+    let join_hub = hubs.split(',').next().unwrap_or_default().to_owned();
+    let joined: Vec<usize> = futures_util::stream::iter(first..first + count)
+        .map(|i| {
+            let (hub, token, dir) = (join_hub.clone(), token.clone(), dir.join(i.to_string()));
+            async move {
+                if sedna_edgecore::join::Identity::load(&dir)?.is_none() {
+                    sedna_edgecore::join::join(&hub, &token, &node_name(i), &dir).await?;
+                }
+                anyhow::Ok(i)
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<_>>()?;
+    println!("joined {}", joined.len());
+    let mut edges = Vec::with_capacity(count);
+    for i in first..first + count {
+        let mut config = sedna_edgecore::EdgeConfig::new(hubs.clone(), dir.join(i.to_string()));
+        config.in_memory = true;
+        config.seed = i as u64;
+        config.source_address = Some(source);
+        let edge = sedna_edgecore::EdgeHub::start(config).await?;
+        let node = sedna_edgecore::node::NodeConfig {
+            name: node_name(i),
+            labels: BTreeMap::new(),
+            role: "edge".into(),
+            host_ip: source.to_string(),
+            data_dir: dir.clone(),
+            lease_interval: Duration::from_secs(10),
+            lease_duration: Duration::from_secs(40),
+            status_interval: Duration::from_secs(60),
+        };
+        tokio::spawn(sedna_edgecore::node::run(
+            node,
+            edge.reporter(),
+            edge.status(),
+        ));
+        // Each arrival of the fan-out ConfigMap: its value and when (unix ns).
+        let mut changes = edge.subscribe();
+        let store = edge.store().clone();
+        tokio::spawn(async move {
+            while let Ok(change) = changes.recv().await {
+                if let sedna_edgecore::store::Change::Upserted(o) = change
+                    && o.kind == "ConfigMap"
+                    && o.name == "fanout"
+                    && let Ok(Some(stored)) = store.get("ConfigMap", "default", "fanout")
+                    && let Ok(v) = serde_json::from_slice::<serde_json::Value>(&stored.value)
+                {
+                    let at = jiff::Timestamp::now().as_nanosecond();
+                    println!("fanout {} {i} {at}", v["data"]["v"].as_str().unwrap_or("?"));
+                }
+            }
+        });
+        edges.push(edge);
+    }
+    loop {
+        let (mut connected, mut synced) = (0, 0);
+        for e in &edges {
+            let s = e.status().borrow().clone();
+            connected += usize::from(s.connected);
+            synced += usize::from(s.connected && s.synced);
+        }
+        println!("status {connected} {synced}");
+        std::io::stdout().flush()?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+// ---- the orchestrator ----
+
+#[derive(Default)]
+struct Fleet {
+    /// Per simulator: (connected, synced).
+    status: BTreeMap<usize, (usize, usize)>,
+    /// Fan-out arrivals: value → unix ns per node.
+    arrivals: BTreeMap<String, Vec<i128>>,
+}
+
+impl Fleet {
+    fn totals(&self) -> (usize, usize) {
+        self.status
+            .values()
+            .fold((0, 0), |(c, s), (a, b)| (c + a, s + b))
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) a process used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+/// The API server's newest resource version (every write raises it by one), from its
+/// `/metrics` at `addr`.
+fn revision(addr: &str) -> Result<u64> {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    text.lines()
+        .find(|l| l.starts_with("sedna_apiserver_revision "))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .context("no sedna_apiserver_revision in the API server's metrics")
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > limit {
+            bail!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn percentile_ns(sorted: &[i128], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)] as f64 / 1e6
+}
+
+struct Hub {
+    id: String,
+    addr: String,
+    process: Option<Killed>,
+}
+
+async fn orchestrate(args: Args) -> Result<()> {
+    let sedna = sedna_binary()?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (api_port, metrics_port) = (free_port()?, free_port()?);
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let _api = Killed(
+        Command::new(&sedna)
+            .args(["apiserver", "--no-fsync", "--listen"])
+            .arg(format!("127.0.0.1:{api_port}"))
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{metrics_port}"))
+            .arg("--data-dir")
+            .arg(d.join("api"))
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let kubeconfig = d.join("api/kubeconfig");
+    wait_for("the API server", Duration::from_secs(60), || {
+        kubeconfig.exists().then_some(())
+    })
+    .await?;
+    let client = kube_client(&kubeconfig).await?;
+    let mut hubs: Vec<Hub> = Vec::new();
+    for h in 0..args.hubs {
+        let port = free_port()?;
+        let id = format!("h{}", h + 1);
+        let mut c = Command::new(&sedna);
+        c.arg("cloudcore")
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--data-dir")
+            .arg(d.join("hub"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .args(["--metrics-addr", "off"]);
+        if args.hubs > 1 {
+            c.args([
+                "--partitions",
+                &args.partitions.to_string(),
+                "--hub-id",
+                &id,
+                "--multi-primary",
+            ]);
+        }
+        let child = c.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let mut hub = Killed(child);
+        // The first line says it listens (and the shared CA exists for the next hub).
+        let mut line = String::new();
+        BufReader::new(hub.0.stdout.take().context("hub stdout")?).read_line(&mut line)?;
+        anyhow::ensure!(line.contains("hub listening"), "hub {id}: {line}");
+        hubs.push(Hub {
+            id,
+            addr: format!("127.0.0.1:{port}"),
+            process: Some(hub),
+        });
+    }
+    if args.hubs > 1 {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), "kube-system");
+        let start = Instant::now();
+        loop {
+            let held = leases
+                .list(&kube::api::ListParams::default().labels("sedna.io/hub-partition-lease"))
+                .await?
+                .items
+                .iter()
+                .filter(|l| {
+                    l.spec
+                        .as_ref()
+                        .and_then(|s| s.holder_identity.as_deref())
+                        .is_some_and(|h| !h.is_empty())
+                })
+                .count();
+            if held == args.partitions as usize {
+                break;
+            }
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(120),
+                "partitions never all held"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        // Let the tier spread (hubs joined one after another).
+        tokio::time::sleep(Duration::from_secs(20)).await;
+    }
+    let hub_pids: Vec<u32> = hubs
+        .iter()
+        .filter_map(|h| h.process.as_ref().map(|p| p.0.id()))
+        .collect();
+    let rss_before: u64 = hub_pids.iter().map(|p| rss_kib(*p)).sum();
+    let token = sedna_cloudcore::tokens::create(&client, None, Duration::from_secs(6 * 3600))
+        .await?
+        .to_string();
+
+    let fleet: Arc<Mutex<Fleet>> = Arc::default();
+    let me = std::env::current_exe()?;
+    let per = args.nodes.div_ceil(args.sims);
+    let mut sims = Vec::new();
+    let started = Instant::now();
+    for k in 0..args.sims {
+        let first = k * per;
+        let count = per.min(args.nodes.saturating_sub(first));
+        let seeds: Vec<String> = (0..hubs.len())
+            .map(|j| hubs[(j + k) % hubs.len()].addr.clone())
+            .collect();
+        let mut child = Command::new(&me)
+            .args(["sim", "--hubs", &seeds.join(","), "--token", &token])
+            .arg("--dir")
+            .arg(d.join(format!("sim-{k}")))
+            .args(["--first", &first.to_string(), "--count", &count.to_string()])
+            .args(["--source", &format!("127.0.0.{}", 2 + k)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let out = BufReader::new(child.stdout.take().context("sim stdout")?);
+        let fleet = fleet.clone();
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                let mut f = fleet.lock().unwrap_or_else(|e| e.into_inner());
+                match w.as_slice() {
+                    ["status", c, s] => {
+                        f.status
+                            .insert(k, (c.parse().unwrap_or(0), s.parse().unwrap_or(0)));
+                    }
+                    ["fanout", v, _node, at] => {
+                        f.arrivals
+                            .entry(v.to_string())
+                            .or_default()
+                            .push(at.parse().unwrap_or(0));
+                    }
+                    _ => {}
+                }
+            }
+        });
+        sims.push(Killed(child));
+    }
+    let mut timeline = std::fs::File::create(&args.timeline)?;
+    writeln!(timeline, "seconds,connected,synced,hub_rss_kib")?;
+    let sample = |timeline: &mut std::fs::File, fleet: &Mutex<Fleet>| -> Result<(usize, usize)> {
+        let (c, s) = fleet.lock().unwrap_or_else(|e| e.into_inner()).totals();
+        let rss: u64 = hub_pids.iter().map(|p| rss_kib(*p)).sum();
+        writeln!(
+            timeline,
+            "{:.1},{c},{s},{rss}",
+            started.elapsed().as_secs_f64()
+        )?;
+        Ok((c, s))
+    };
+    loop {
+        let (c, s) = sample(&mut timeline, &fleet)?;
+        if s == args.nodes {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "only {c} connected, {s} synced after 30 min"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let connect_time = started.elapsed();
+    println!(
+        "{} nodes joined, connected and synced in {:.1} s",
+        args.nodes,
+        connect_time.as_secs_f64()
+    );
+
+    // One change every node needs: a ConfigMap each node's pod uses.
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    cms.create(
+        &PostParams::default(),
+        &serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "fanout"}, "data": {"v": "1"}}),
+        )?,
+    )
+    .await?;
+    futures_util::stream::iter(0..args.nodes)
+        .map(|i| {
+            let pods = pods.clone();
+            async move {
+                let pod: Pod = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": format!("p-{}", node_name(i))},
+                    "spec": {"nodeName": node_name(i), "containers": [{"name": "c", "image": "sh",
+                        "env": [{"name": "V", "valueFrom": {"configMapKeyRef": {"name": "fanout", "key": "v"}}}]}]},
+                }))?;
+                pods.create(&PostParams::default(), &pod).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+    wait_for("v1 on every node", Duration::from_secs(300), || {
+        (fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .arrivals
+            .get("1")
+            .map_or(0, Vec::len)
+            >= args.nodes)
+            .then_some(())
+    })
+    .await?;
+    let t0 = jiff::Timestamp::now().as_nanosecond();
+    cms.patch(
+        "fanout",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"data": {"v": "2"}})),
+    )
+    .await?;
+    wait_for("v2 on every node", Duration::from_secs(300), || {
+        (fleet
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .arrivals
+            .get("2")
+            .map_or(0, Vec::len)
+            >= args.nodes)
+            .then_some(())
+    })
+    .await?;
+    let mut delays: Vec<i128> = fleet.lock().unwrap_or_else(|e| e.into_inner()).arrivals["2"]
+        .iter()
+        .map(|at| at - t0)
+        .collect();
+    delays.sort_unstable();
+    println!(
+        "fan-out of one ConfigMap change to {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        delays.len(),
+        percentile_ns(&delays, 0.5),
+        percentile_ns(&delays, 0.99),
+        percentile_ns(&delays, 1.0)
+    );
+
+    // Idle: hub memory and CPU per node, API writes from node liveness.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (rev0, cpu0, at0) = (
+        revision(&metrics)?,
+        hub_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+        Instant::now(),
+    );
+    for _ in 0..args.idle_seconds {
+        sample(&mut timeline, &fleet)?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let secs = at0.elapsed().as_secs_f64();
+    let writes = (revision(&metrics)? - rev0) as f64 / secs;
+    let cpu = (hub_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0) / secs;
+    let rss_after: u64 = hub_pids.iter().map(|p| rss_kib(*p)).sum();
+    println!(
+        "hubs: RSS {} MiB idle with the fleet ({} MiB before it), {:.1} KiB per node; CPU {:.1}% of a core, {:.2} µs/s per node",
+        rss_after / 1024,
+        rss_before / 1024,
+        (rss_after.saturating_sub(rss_before)) as f64 / args.nodes as f64,
+        cpu * 100.0,
+        cpu * 1e6 / args.nodes as f64
+    );
+    println!(
+        "API server writes while idle: {writes:.0}/s ({:.1} per node per minute)",
+        writes * 60.0 / args.nodes as f64
+    );
+
+    if args.kill && hubs.len() > 1 {
+        let victim = &mut hubs[1];
+        let pid = victim
+            .process
+            .as_ref()
+            .map(|p| p.0.id())
+            .unwrap_or_default();
+        let rev_kill = revision(&metrics)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        let killed_at = Instant::now();
+        if let Some(mut p) = victim.process.take() {
+            let _ = p.0.wait();
+            std::mem::forget(p);
+        }
+        println!("killed hub {} (kill -9)", victim.id);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut low = args.nodes;
+        loop {
+            let (c, s) = sample(&mut timeline, &fleet)?;
+            low = low.min(c);
+            if s == args.nodes && killed_at.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+            anyhow::ensure!(
+                killed_at.elapsed() < Duration::from_secs(900),
+                "no recovery after 15 min"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let took = killed_at.elapsed();
+        let storm_writes = (revision(&metrics)? - rev_kill) as f64 / took.as_secs_f64();
+        println!(
+            "kill -9 of one hub: {} nodes dropped, all {} connected and synced again after {:.1} s; API writes {:.0}/s meanwhile",
+            args.nodes - low,
+            args.nodes,
+            took.as_secs_f64(),
+            storm_writes
+        );
+    }
+    drop(sims);
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match args.sim {
+        Some(Mode::Sim {
+            hubs,
+            token,
+            dir,
+            first,
+            count,
+            source,
+        }) => runtime.block_on(simulate(hubs, token, dir, first, count, source)),
+        None => runtime.block_on(orchestrate(args)),
+    }
+}
