@@ -170,8 +170,9 @@ async fn simulate(
 struct Fleet {
     /// Per simulator: (connected, synced).
     status: BTreeMap<usize, (usize, usize)>,
-    /// Fan-out arrivals: value → unix ns per node.
-    arrivals: BTreeMap<String, Vec<i128>>,
+    /// Fan-out arrivals: value → node → first arrival (unix ns); a node may get the same
+    /// version twice (a retransmission), the first counts.
+    arrivals: BTreeMap<String, BTreeMap<String, i128>>,
 }
 
 impl Fleet {
@@ -377,11 +378,12 @@ async fn orchestrate(args: Args) -> Result<()> {
                         f.status
                             .insert(k, (c.parse().unwrap_or(0), s.parse().unwrap_or(0)));
                     }
-                    ["fanout", v, _node, at] => {
+                    ["fanout", v, node, at] => {
                         f.arrivals
                             .entry(v.to_string())
                             .or_default()
-                            .push(at.parse().unwrap_or(0));
+                            .entry(node.to_string())
+                            .or_insert(at.parse().unwrap_or(0));
                     }
                     _ => {}
                 }
@@ -453,7 +455,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             .unwrap_or_else(|e| e.into_inner())
             .arrivals
             .get("1")
-            .map_or(0, Vec::len)
+            .map_or(0, BTreeMap::len)
             >= args.nodes)
             .then_some(())
     })
@@ -471,13 +473,13 @@ async fn orchestrate(args: Args) -> Result<()> {
             .unwrap_or_else(|e| e.into_inner())
             .arrivals
             .get("2")
-            .map_or(0, Vec::len)
+            .map_or(0, BTreeMap::len)
             >= args.nodes)
             .then_some(())
     })
     .await?;
     let mut delays: Vec<i128> = fleet.lock().unwrap_or_else(|e| e.into_inner()).arrivals["2"]
-        .iter()
+        .values()
         .map(|at| at - t0)
         .collect();
     delays.sort_unstable();

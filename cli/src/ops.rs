@@ -269,6 +269,12 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
             |s: &S| &s.redirects,
         )
         .counter_of(
+            "lease_writes_skipped",
+            "Node Lease renewals acknowledged without an API write (the stored one was recent)",
+            s.clone(),
+            |s: &S| &s.lease_writes_skipped,
+        )
+        .counter_of(
             "resync_manifest_buckets",
             "Buckets sent as manifests during resyncs",
             s.clone(),

@@ -118,6 +118,8 @@ pub struct HubStats {
     pub partitions_served: AtomicU64,
     /// In a tier: nodes sent to the hub that serves them.
     pub redirects: AtomicU64,
+    /// Node Lease renewals acknowledged without an API write (the stored one was recent).
+    pub lease_writes_skipped: AtomicU64,
 }
 
 /// Why the hub could not start.
@@ -989,6 +991,26 @@ async fn run_session(
                             pending.push_back(Input::Applied {
                                 id,
                                 outcome: crate::session::UpstreamOutcome::Rejected(reason),
+                            });
+                        }
+                        Decision::Allow
+                            if upstream.kind
+                                == sedna_proto::channel::upstream::Kind::Lease as i32
+                                && !upstream::lease_due(
+                                    shared
+                                        .router()
+                                        .get(&ObjKey::new(Kind::Lease, "kube-node-lease", &node))
+                                        .map(|o| o.value.clone())
+                                        .as_deref(),
+                                    &upstream.payload,
+                                    jiff::Timestamp::now(),
+                                ) =>
+                        {
+                            // The API's Lease is recent enough: acknowledged, not written.
+                            stats.lease_writes_skipped.fetch_add(1, Ordering::Relaxed);
+                            pending.push_back(Input::Applied {
+                                id,
+                                outcome: crate::session::UpstreamOutcome::Applied,
                             });
                         }
                         Decision::Allow => {
