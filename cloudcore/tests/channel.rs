@@ -18,6 +18,8 @@ use sedna_edgecore::{EdgeConfig, EdgeHub};
 use sedna_proto::channel::{ObjectRef, Upstream, upstream::Kind as UpstreamKind};
 use serde_json::json;
 
+mod support;
+
 struct Cluster {
     _api: sedna_apiserver::ApiServer,
     client: kube::Client,
@@ -39,16 +41,7 @@ fn fast_hub(dir: &std::path::Path, listen: std::net::SocketAddr) -> HubConfig {
 impl Cluster {
     async fn start() -> Cluster {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = sedna_apiserver::Config::new(dir.path().join("api"));
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        let api = sedna_apiserver::ApiServer::start(config).await.unwrap();
-        let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let (api, client) = support::embedded_api(dir.path(), true).await;
         let hub = Hub::start(
             fast_hub(dir.path(), "127.0.0.1:0".parse().unwrap()),
             client.clone(),

@@ -17,6 +17,8 @@ use sedna_cloudcore::tier::TierConfig;
 use sedna_cloudcore::{Hub, HubConfig};
 use sedna_edgecore::{EdgeConfig, EdgeHub};
 
+mod support;
+
 const PARTITIONS: u32 = 8;
 const LEASE: Duration = Duration::from_secs(3);
 
@@ -34,17 +36,7 @@ struct Tier {
 impl Tier {
     async fn start(mode: Mode) -> Tier {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = sedna_apiserver::Config::new(dir.path().join("api"));
-        config.listen = "127.0.0.1:0".parse().unwrap();
-        config.store.durability = sedna_apiserver::store::Durability::Process;
-        let api = sedna_apiserver::ApiServer::start(config).await.unwrap();
-        let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
-        let client = kube::Client::try_from(
-            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-                .await
-                .unwrap(),
-        )
-        .unwrap();
+        let (api, client) = support::embedded_api(dir.path(), false).await;
         Tier {
             _api: api,
             client,

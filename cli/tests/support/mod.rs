@@ -205,7 +205,6 @@ impl Kubectl {
     }
 
     /// kubectl with these arguments, to add environment or pipes to and run.
-    #[allow(dead_code)]
     pub fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new("kubectl");
         command
@@ -233,15 +232,12 @@ impl Kubectl {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// `kubectl apply -f -` with a manifest.
-    pub fn apply(&self, manifest: &str) -> String {
+    /// Runs kubectl with extra environment and `input` on its stdin; returns its output.
+    pub fn run_with_input(&self, env: &[(&str, &str)], args: &[&str], input: &str) -> Output {
         use std::io::Write;
-        let mut child = Command::new("kubectl")
-            .env("HOME", self.home.path())
-            .env_remove("KUBECONFIG")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(["apply", "-f", "-"])
+        let mut child = self
+            .command(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -251,9 +247,14 @@ impl Kubectl {
             .stdin
             .take()
             .unwrap()
-            .write_all(manifest.as_bytes())
+            .write_all(input.as_bytes())
             .unwrap();
-        let out = child.wait_with_output().unwrap();
+        child.wait_with_output().unwrap()
+    }
+
+    /// `kubectl apply -f -` with a manifest.
+    pub fn apply(&self, manifest: &str) -> String {
+        let out = self.run_with_input(&[], &["apply", "-f", "-"], manifest);
         assert!(
             out.status.success(),
             "kubectl apply failed: {}",

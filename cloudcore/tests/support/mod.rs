@@ -1,0 +1,26 @@
+//! What the hub's integration tests share: the embedded API server on a free loopback port
+//! and a kube-rs client of it.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+/// The embedded API server in `dir` (writes acknowledged once in the page cache unless
+/// `durable`), and a client of it.
+pub async fn embedded_api(
+    dir: &std::path::Path,
+    durable: bool,
+) -> (sedna_apiserver::ApiServer, kube::Client) {
+    let mut config = sedna_apiserver::Config::new(dir.join("api"));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    if !durable {
+        config.store.durability = sedna_apiserver::store::Durability::Process;
+    }
+    let api = sedna_apiserver::ApiServer::start(config).await.unwrap();
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
+    let client = kube::Client::try_from(
+        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    (api, client)
+}
