@@ -102,13 +102,9 @@ impl Cluster {
     }
 
     async fn edge_at(&self, node: &str, hub: &str) -> EdgeHub {
-        let mut config = EdgeConfig::new(hub, self.edge_dir(node));
-        config.machine.heartbeat = Duration::from_millis(200);
-        config.machine.read_deadline = Duration::from_millis(1500);
-        config.machine.backoff_base = Duration::from_millis(20);
-        config.machine.backoff_max = Duration::from_millis(300);
-        config.seed = node.len() as u64;
-        EdgeHub::start(config).await.unwrap()
+        EdgeHub::start(support::fast_edge(hub, &self.edge_dir(node), node))
+            .await
+            .unwrap()
     }
 
     async fn edge(&self, node: &str) -> EdgeHub {
@@ -636,16 +632,7 @@ async fn after_a_hub_restart_only_changes_cross_and_offline_status_arrives_in_or
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_are_renewed_over_the_channel_before_they_expire() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = sedna_apiserver::Config::new(dir.path().join("api"));
-    config.listen = "127.0.0.1:0".parse().unwrap();
-    let api = sedna_apiserver::ApiServer::start(config).await.unwrap();
-    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
-    let client = kube::Client::try_from(
-        kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let (api, client) = support::embedded_api(dir.path(), true).await;
     let mut hub_config = fast_hub(dir.path(), "127.0.0.1:0".parse().unwrap());
     hub_config.node_cert_validity = Duration::from_secs(9);
     let hub = Hub::start(hub_config, client.clone()).await.unwrap();

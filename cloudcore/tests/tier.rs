@@ -15,7 +15,7 @@ use kube::api::{Api, PostParams};
 use sedna_cloudcore::partitions::Mode;
 use sedna_cloudcore::tier::TierConfig;
 use sedna_cloudcore::{Hub, HubConfig};
-use sedna_edgecore::{EdgeConfig, EdgeHub};
+use sedna_edgecore::EdgeHub;
 
 mod support;
 
@@ -106,13 +106,8 @@ impl Tier {
         sedna_edgecore::join::join(first, &token, node, &dir)
             .await
             .unwrap();
-        let mut config = EdgeConfig::new(seeds, &dir);
+        let mut config = support::fast_edge(seeds, &dir, node);
         config.in_memory = true;
-        config.machine.heartbeat = Duration::from_millis(200);
-        config.machine.read_deadline = Duration::from_millis(1500);
-        config.machine.backoff_base = Duration::from_millis(20);
-        config.machine.backoff_max = Duration::from_millis(300);
-        config.seed = node.len() as u64;
         EdgeHub::start(config).await.unwrap()
     }
 }

@@ -24,3 +24,16 @@ pub async fn embedded_api(
     .unwrap();
     (api, client)
 }
+
+/// An edge client's settings for tests: fast heartbeats, a short read deadline and back-off,
+/// a jitter seed fixed by the node name.
+pub fn fast_edge(hub: &str, dir: &std::path::Path, node: &str) -> sedna_edgecore::EdgeConfig {
+    use std::time::Duration;
+    let mut config = sedna_edgecore::EdgeConfig::new(hub, dir);
+    config.machine.heartbeat = Duration::from_millis(200);
+    config.machine.read_deadline = Duration::from_millis(1500);
+    config.machine.backoff_base = Duration::from_millis(20);
+    config.machine.backoff_max = Duration::from_millis(300);
+    config.seed = node.len() as u64;
+    config
+}
