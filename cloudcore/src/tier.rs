@@ -136,11 +136,13 @@ fn lease_ms(l: &Lease) -> Option<i64> {
     Some(renewed + i64::from(spec.lease_duration_seconds.unwrap_or(0)) * 1000)
 }
 
-fn member_of(l: &Lease) -> Option<Member> {
+/// A membership Lease as a member; its partition lists count only within `partitions` (a
+/// list naming others, or a range past them, is ignored rather than expanded).
+fn member_of(l: &Lease, partitions: u32) -> Option<Member> {
     let a = l.metadata.annotations.as_ref()?;
     let list = |key: &str| {
         a.get(key)
-            .map(|v| partitions::parse_partitions(v, u32::MAX).unwrap_or_default())
+            .map(|v| partitions::parse_partitions(v, partitions).unwrap_or_default())
             .unwrap_or_default()
     };
     Some(Member {
@@ -265,7 +267,10 @@ pub(crate) async fn run(
                 .await,
         ) {
             (Ok(m), Ok(p)) => (
-                m.items.iter().filter_map(member_of).collect::<Vec<_>>(),
+                m.items
+                    .iter()
+                    .filter_map(|l| member_of(l, c.partitions))
+                    .collect::<Vec<_>>(),
                 p.items
                     .iter()
                     .filter_map(partition_lease_of)
@@ -343,5 +348,36 @@ pub(crate) async fn run(
             lost(&gone);
         }
         serving = now_serving;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_membership_lease_naming_partitions_out_of_range_is_not_expanded() {
+        let annotations: BTreeMap<String, String> = [
+            (ADDRESS_ANNOTATION.to_string(), "127.0.0.1:1".to_string()),
+            (PRIMARY_ANNOTATION.to_string(), "0-4294967294".to_string()),
+            (STANDBY_ANNOTATION.to_string(), "1,3".to_string()),
+        ]
+        .into();
+        let l = lease(
+            partitions::member_lease_name("h1"),
+            MEMBER_LABEL,
+            "h1",
+            1_000,
+            Duration::from_secs(15),
+            None,
+            Some(annotations),
+        );
+        let m = member_of(&l, 16).unwrap();
+        assert!(
+            m.primary.is_empty(),
+            "a range past the tier's 16 is ignored"
+        );
+        assert_eq!(m.standby, vec![1, 3]);
+        assert_eq!(m.expires_ms, 16_000);
     }
 }
