@@ -295,11 +295,7 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     if let Some(partitions) = args.partitions {
         let id = args.hub_id.clone().unwrap_or_default();
         anyhow::ensure!(
-            !id.is_empty()
-                && id.len() <= 63
-                && id
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            sedna_edgecore::runtime::spec::dns_label(&id),
             "--hub-id {id:?} must be a DNS label (lowercase letters, digits, '-')"
         );
         let list = |s: &str, flag: &str| {

@@ -110,6 +110,16 @@ pub fn spawn(
     Ok(child)
 }
 
+/// The process a pid file (`<pid> <start ticks>`) records, if it still runs (the same
+/// process, not a later one given the same pid).
+pub fn live_pid(pid_file: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(pid_file).ok()?;
+    let mut parts = text.split_whitespace();
+    let pid = parts.next()?.parse::<u32>().ok()?;
+    let ticks = parts.next()?.parse::<u64>().ok()?;
+    (start_ticks(pid) == Some(ticks)).then_some(pid)
+}
+
 /// Sends a signal to a container's process group; whether it was delivered.
 pub fn signal(pid: u32, signal: Signal) -> bool {
     i32::try_from(pid)
@@ -133,15 +143,9 @@ pub fn kill_leftovers(dir: &Path) -> usize {
             if path.extension().is_none_or(|e| e != "pid") {
                 continue;
             }
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
-            let mut parts = text.split_whitespace();
-            let (Some(pid), Some(ticks)) = (
-                parts.next().and_then(|p| p.parse::<u32>().ok()),
-                parts.next().and_then(|t| t.parse::<u64>().ok()),
-            ) else {
-                continue;
-            };
-            if start_ticks(pid) == Some(ticks) && signal(pid, Signal::SIGKILL) {
+            if let Some(pid) = live_pid(&path)
+                && signal(pid, Signal::SIGKILL)
+            {
                 killed += 1;
             }
             let _ = std::fs::remove_file(&path);

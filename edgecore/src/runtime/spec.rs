@@ -380,7 +380,7 @@ pub fn launch(
 
 /// A DNS-1123 label: lowercase letters, digits and `-`, starting and ending with a letter or
 /// digit, at most 63 characters (what Kubernetes requires of container and volume names).
-pub(crate) fn dns_label(name: &str) -> bool {
+pub fn dns_label(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name

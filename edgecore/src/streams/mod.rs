@@ -228,17 +228,7 @@ fn find(
 
 /// Whether the container's process (from its pid file) is alive.
 fn running(pod_dir: &Path, container: &str) -> bool {
-    let Ok(text) = std::fs::read_to_string(pod_dir.join(format!("{container}.pid"))) else {
-        return false;
-    };
-    let mut parts = text.split_whitespace();
-    let (Some(pid), Some(ticks)) = (
-        parts.next().and_then(|p| p.parse::<u32>().ok()),
-        parts.next().and_then(|t| t.parse::<u64>().ok()),
-    ) else {
-        return false;
-    };
-    crate::runtime::process::start_ticks(pid) == Some(ticks)
+    crate::runtime::process::live_pid(&pod_dir.join(format!("{container}.pid"))).is_some()
 }
 
 async fn handle(ctx: Arc<StreamContext>, req: Request<Incoming>) -> Response<Body> {
