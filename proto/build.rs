@@ -13,6 +13,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        .codec_path("crate::codec::LeanCodec")
         .compile_fds(fds)?;
     // The ONNX model format (the part the trainer reads): plain messages, no services.
     let onnx = protox::compile(["proto/onnx.proto"], ["proto"])?;

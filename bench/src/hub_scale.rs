@@ -59,6 +59,9 @@ struct Args {
     /// Where the timeline CSV goes.
     #[arg(long, default_value = "hub-bench-timeline.csv")]
     timeline: PathBuf,
+    /// A program that runs each hub (a profiler: `--hub-wrapper heaptrack`), split on spaces.
+    #[arg(long)]
+    hub_wrapper: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -279,7 +282,15 @@ async fn orchestrate(args: Args) -> Result<()> {
     for h in 0..args.hubs {
         let port = free_port()?;
         let id = format!("h{}", h + 1);
-        let mut c = Command::new(&sedna);
+        let mut c = match &args.hub_wrapper {
+            Some(w) => {
+                let mut words = w.split_whitespace();
+                let mut c = Command::new(words.next().context("empty --hub-wrapper")?);
+                c.args(words).arg(&sedna);
+                c
+            }
+            None => Command::new(&sedna),
+        };
         c.arg("cloudcore")
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -299,10 +310,19 @@ async fn orchestrate(args: Args) -> Result<()> {
         }
         let child = c.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
         let mut hub = Killed(child);
-        // The first line says it listens (and the shared CA exists for the next hub).
+        // A line says it listens (and the shared CA exists for the next hub); a wrapper may
+        // print first.
+        let mut out = BufReader::new(hub.0.stdout.take().context("hub stdout")?);
         let mut line = String::new();
-        BufReader::new(hub.0.stdout.take().context("hub stdout")?).read_line(&mut line)?;
+        for _ in 0..20 {
+            line.clear();
+            if out.read_line(&mut line)? == 0 || line.contains("hub listening") {
+                break;
+            }
+        }
         anyhow::ensure!(line.contains("hub listening"), "hub {id}: {line}");
+        // Keep draining its output so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
         hubs.push(Hub {
             id,
             addr: format!("127.0.0.1:{port}"),

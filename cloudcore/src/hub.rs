@@ -154,9 +154,11 @@ impl HubError {
 
 struct Registered {
     generation: u64,
-    routed: mpsc::UnboundedSender<Downstream>,
+    /// Boxed, as the session's other channels: a channel allocates its first block of slots
+    /// when created, and an idle node should cost little.
+    routed: mpsc::UnboundedSender<Box<Downstream>>,
     /// The session's outbound envelopes (for unsequenced requests such as STREAM_OPEN).
-    control: mpsc::Sender<Result<Envelope, Status>>,
+    control: mpsc::Sender<Box<Envelope>>,
 }
 
 struct Shared {
@@ -194,7 +196,7 @@ impl Shared {
         let sessions = self.sessions();
         for (node, d) in routed {
             if let Some(s) = sessions.get(&node) {
-                let _ = s.routed.send(d);
+                let _ = s.routed.send(Box::new(d));
             }
         }
     }
@@ -388,7 +390,7 @@ async fn open_stream(
     let timeout = shared.streams.limits().open_timeout;
     let result = tokio::time::timeout(timeout, async {
         control
-            .send(Ok(ask))
+            .send(Box::new(ask))
             .await
             .map_err(|_| DialError::NotConnected(node.to_owned()))?;
         arrived
@@ -860,7 +862,8 @@ impl HubService for Service {
             }
         }
         let inbound = request.into_inner();
-        let (out_tx, out_rx) = mpsc::channel::<Result<Envelope, Status>>(1024);
+        // Boxed: the channel's first block of slots is allocated with it, for every node.
+        let (out_tx, out_rx) = mpsc::channel::<Box<Envelope>>(1024);
         tokio::spawn(run_session(
             self.shared.clone(),
             node,
@@ -869,7 +872,7 @@ impl HubService for Service {
             out_tx,
         ));
         let stream = futures_util::stream::unfold(out_rx, |mut rx| async move {
-            rx.recv().await.map(|m| (m, rx))
+            rx.recv().await.map(|m| (Ok(*m), rx))
         });
         Ok(Response::new(stream.boxed()))
     }
@@ -884,13 +887,13 @@ async fn run_session(
     node: String,
     issued: Option<u64>,
     mut inbound: tonic::Streaming<Envelope>,
-    out: mpsc::Sender<Result<Envelope, Status>>,
+    out: mpsc::Sender<Box<Envelope>>,
 ) {
     let stats = shared.stats.clone();
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected.fetch_add(1, Ordering::Relaxed);
     let generation = shared.generation.fetch_add(1, Ordering::Relaxed);
-    let (routed_tx, mut routed_rx) = mpsc::unbounded_channel();
+    let (routed_tx, mut routed_rx) = mpsc::unbounded_channel::<Box<Downstream>>();
     // The only sender goes into the registry: when a newer connection of the node replaces
     // it, or the hub stops, the channel closes and this session ends.
     let mut routed_tx = Some(routed_tx);
@@ -919,7 +922,7 @@ async fn run_session(
                     None => break 'session,
                 },
                 d = routed_rx.recv(), if registered => match d {
-                    Some(d) => Some(Input::Routed(d)),
+                    Some(d) => Some(Input::Routed(*d)),
                     None => {
                         tracing::info!(%node, "superseded by a newer connection");
                         break 'session;
@@ -946,7 +949,7 @@ async fn run_session(
                         }
                         _ => {}
                     }
-                    if out.send(Ok(e)).await.is_err() {
+                    if out.send(Box::new(e)).await.is_err() {
                         break 'session;
                     }
                 }

@@ -158,7 +158,8 @@ impl ObjKey {
     }
 }
 
-/// An object as the hub caches it.
+/// An object as the hub caches it: what nodes are sent (its JSON, encoded once) and the few
+/// fields the hub itself reads (see [`Object::value`]).
 #[derive(Debug)]
 pub struct Object {
     /// Its key.
@@ -167,9 +168,12 @@ pub struct Object {
     pub uid: String,
     /// `metadata.resourceVersion`, as a number (0 when not numeric).
     pub rv: u64,
-    /// The object.
+    /// The fields the hub reads to route, authorize and judge liveness — metadata's names,
+    /// labels and creation time, `spec`, a Node's Ready condition and annotations — not the
+    /// whole object: a parsed JSON tree costs several times its text, and the hub holds every
+    /// object of the fleet. The whole object is [`Object::json`].
     pub value: Arc<Value>,
-    encoded: std::sync::OnceLock<Arc<[u8]>>,
+    json: Arc<[u8]>,
 }
 
 impl PartialEq for Object {
@@ -177,14 +181,59 @@ impl PartialEq for Object {
         self.key == other.key
             && self.uid == other.uid
             && self.rv == other.rv
-            && self.value == other.value
+            && self.json == other.json
     }
+}
+
+/// The part of `value` (of `kind`) the hub reads; see [`Object::value`].
+fn slim(kind: Kind, value: &Value) -> Value {
+    let mut out = serde_json::Map::new();
+    if let Some(meta) = value.get("metadata").and_then(Value::as_object) {
+        let mut m = serde_json::Map::new();
+        let mut keep = vec![
+            "name",
+            "namespace",
+            "uid",
+            "resourceVersion",
+            "creationTimestamp",
+            "labels",
+        ];
+        if kind == Kind::Node {
+            keep.push("annotations");
+        }
+        for k in keep {
+            if let Some(v) = meta.get(k) {
+                m.insert(k.to_owned(), v.clone());
+            }
+        }
+        out.insert("metadata".into(), Value::Object(m));
+    }
+    if !matches!(kind, Kind::ConfigMap | Kind::Secret)
+        && let Some(spec) = value.get("spec")
+    {
+        out.insert("spec".into(), spec.clone());
+    }
+    if kind == Kind::Node {
+        let ready: Vec<Value> = value
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.get("type").and_then(Value::as_str) == Some("Ready"))
+            .cloned()
+            .collect();
+        out.insert("status".into(), serde_json::json!({ "conditions": ready }));
+    }
+    Value::Object(out)
 }
 
 impl Object {
     /// Builds the cached form of an API object of `kind`; `None` without a name or uid.
-    pub fn from_value(kind: Kind, value: Value) -> Option<Object> {
-        let meta = value.get("metadata")?;
+    /// `metadata.managedFields` (server-side apply's bookkeeping) is left out: nodes never
+    /// read it, and it is often the largest part of a small object.
+    pub fn from_value(kind: Kind, mut value: Value) -> Option<Object> {
+        let meta = value.get_mut("metadata")?.as_object_mut()?;
+        meta.remove("managedFields");
         let name = meta.get("name")?.as_str()?.to_owned();
         let namespace = meta
             .get("namespace")
@@ -201,20 +250,15 @@ impl Object {
             key: ObjKey::new(kind, &namespace, &name),
             uid,
             rv,
-            value: Arc::new(value),
-            encoded: std::sync::OnceLock::new(),
+            json: serde_json::to_vec(&value).ok()?.into(),
+            value: Arc::new(slim(kind, &value)),
         })
     }
 
-    /// The object as JSON bytes, encoded once however many nodes receive it.
+    /// The whole object as JSON bytes (without `managedFields`), shared by every node it is
+    /// sent to.
     pub fn json(&self) -> Arc<[u8]> {
-        self.encoded
-            .get_or_init(|| {
-                serde_json::to_vec(self.value.as_ref())
-                    .unwrap_or_default()
-                    .into()
-            })
-            .clone()
+        self.json.clone()
     }
 }
 
@@ -656,6 +700,44 @@ mod tests {
                 Downstream::Delete { key, .. } => format!("-{}", key.name),
             })
             .collect()
+    }
+
+    #[test]
+    fn the_cache_keeps_the_whole_object_as_json_and_parses_only_what_the_hub_reads() {
+        let node = obj(
+            Kind::Node,
+            "",
+            "a",
+            3,
+            json!({ "metadata": { "labels": { "zone": "z1" }, "annotations": { "x": "y" },
+                    "managedFields": [{ "manager": "kubectl", "fieldsV1": { "f:metadata": {} } }] },
+                "spec": { "taints": [] },
+                "status": { "conditions": [{ "type": "MemoryPressure", "status": "False" },
+                    { "type": "Ready", "status": "True" }], "images": [{ "names": ["x"] }] } }),
+        );
+        let sent: Value = serde_json::from_slice(&node.json()).unwrap();
+        assert!(sent.pointer("/metadata/managedFields").is_none());
+        assert_eq!(sent["status"]["images"][0]["names"][0], "x");
+        assert_eq!(sent["status"]["conditions"].as_array().unwrap().len(), 2);
+        assert_eq!(node.value["metadata"]["labels"]["zone"], "z1");
+        assert_eq!(node.value["metadata"]["annotations"]["x"], "y");
+        assert_eq!(
+            node.value["status"]["conditions"],
+            json!([{ "type": "Ready", "status": "True" }])
+        );
+        assert!(node.value.pointer("/status/images").is_none());
+        let cm = obj(
+            Kind::ConfigMap,
+            "default",
+            "c",
+            1,
+            json!({ "data": { "k": "v" } }),
+        );
+        assert!(cm.value.get("data").is_none());
+        let sent: Value = serde_json::from_slice(&cm.json()).unwrap();
+        assert_eq!(sent["data"]["k"], "v");
+        let p = pod("p", "a", 2, "cfg");
+        assert_eq!(p.value["spec"]["nodeName"], "a");
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub mod onnx {
 /// Default cap on one envelope, encoded: larger messages are refused by both sides.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
+pub mod codec;
 pub mod identity;
 pub mod sync;
 
