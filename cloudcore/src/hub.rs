@@ -721,6 +721,10 @@ struct Service {
 /// gRPC metadata of an `Attach` refusal naming the hub that serves the node (`host:port`).
 pub const REDIRECT_METADATA: &str = "sedna-redirect";
 
+/// gRPC metadata of an `Attach` refusal while no hub serves the node's partition: when to dial
+/// again, in milliseconds (the edge adds jitter).
+pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
+
 /// The node a request's client certificate names, and when that certificate was issued.
 fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -854,10 +858,18 @@ impl HubService for Service {
                     self.shared.stats.redirects.fetch_add(1, Ordering::Relaxed);
                     return Err(status);
                 }
-                crate::tier::Placement::Nobody { partition } => {
-                    return Err(Status::unavailable(format!(
-                        "partition {partition} of node {node} has no hub yet; try again"
-                    )));
+                crate::tier::Placement::Nobody {
+                    partition,
+                    retry_after,
+                } => {
+                    let mut status = Status::unavailable(format!(
+                        "partition {partition} of node {node} has no hub yet; try again in {} ms",
+                        retry_after.as_millis()
+                    ));
+                    if let Ok(value) = retry_after.as_millis().to_string().parse() {
+                        status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
+                    }
+                    return Err(status);
                 }
             }
         }

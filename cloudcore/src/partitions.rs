@@ -22,6 +22,7 @@
 //! Everything here is pure: the hub's tier loop reads the Leases, calls [`plan`], writes.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
@@ -270,9 +271,49 @@ pub fn format_partitions(p: &[u32]) -> String {
     p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// How long a node whose partition no live hub serves should wait before dialing again: until
+/// the partition's Lease (held by a hub that is gone) expires, when another hub may claim it,
+/// plus half a renewal period (a third of `lease`) for the claim to be made; at least one
+/// second, at most a lease plus a period. `expires_ms` is `None` when the partition has no
+/// Lease yet.
+pub fn retry_after(expires_ms: Option<i64>, now_ms: i64, lease: Duration) -> Duration {
+    let period = lease / 3;
+    let remaining = expires_ms
+        .map(|e| Duration::from_millis(e.saturating_sub(now_ms).max(0) as u64))
+        .unwrap_or_default()
+        .min(lease);
+    (remaining + period / 2).max(Duration::from_secs(1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nodes_of_an_unserved_partition_wait_until_its_lease_can_be_claimed() {
+        let lease = Duration::from_secs(15);
+        // 10 s left on the dead hub's lease: wait those, then half of the 5 s period.
+        assert_eq!(
+            retry_after(Some(20_000), 10_000, lease),
+            Duration::from_millis(12_500)
+        );
+        // Expired, not claimed yet: half a period.
+        assert_eq!(
+            retry_after(Some(5_000), 10_000, lease),
+            Duration::from_millis(2_500)
+        );
+        // A lease far in the future (a clock skew, a hostile writer) is bounded by one lease.
+        assert_eq!(
+            retry_after(Some(i64::MAX), 0, lease),
+            Duration::from_millis(17_500)
+        );
+        // No lease yet; short leases still wait a second.
+        assert_eq!(retry_after(None, 0, lease), Duration::from_millis(2_500));
+        assert_eq!(
+            retry_after(None, 0, Duration::from_secs(3)),
+            Duration::from_secs(1)
+        );
+    }
 
     fn member(id: &str, primary: &[u32], standby: &[u32], expires_ms: i64) -> Member {
         Member {

@@ -56,6 +56,8 @@ pub enum Placement {
     Nobody {
         /// The partition.
         partition: u32,
+        /// When to try again (see [`partitions::retry_after`]).
+        retry_after: Duration,
     },
 }
 
@@ -64,6 +66,8 @@ struct State {
     held: Held,
     /// Partition → (hub id, address), from the last read.
     owners: HashMap<u32, (String, String)>,
+    /// Partition → when its Lease expires (unix ms), from the last read.
+    expires: HashMap<u32, i64>,
 }
 
 /// The tier as this hub knows it.
@@ -106,7 +110,14 @@ impl Tier {
                 hub: hub.clone(),
                 address: address.clone(),
             },
-            _ => Placement::Nobody { partition },
+            _ => Placement::Nobody {
+                partition,
+                retry_after: partitions::retry_after(
+                    state.expires.get(&partition).copied(),
+                    now_ms(),
+                    self.config.lease,
+                ),
+            },
         }
     }
 
@@ -333,6 +344,7 @@ pub(crate) async fn run(
         let now_serving = {
             let mut state = tier.state();
             state.owners = owners;
+            state.expires = leases.iter().map(|l| (l.partition, l.expires_ms)).collect();
             state.held.partitions(now_ms())
         };
         let gone: Vec<u32> = serving

@@ -116,6 +116,8 @@ pub struct EdgeHub {
 
 /// gRPC metadata of a hub's refusal naming the hub that serves this node (as the hub sets it).
 const REDIRECT_METADATA: &str = "sedna-redirect";
+/// gRPC metadata of a hub's refusal while no hub serves the node: when to dial again (ms).
+const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
 /// Redirects followed in a row before dialing the configured hubs again.
 const MAX_REDIRECTS: u32 = 3;
 
@@ -348,6 +350,13 @@ impl Shell {
                     .and_then(|v| v.to_str().ok())
                 {
                     return ConnectError::Redirect(to.to_owned());
+                }
+                if let Some(ms) = s
+                    .metadata()
+                    .get(RETRY_AFTER_METADATA)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                {
+                    return ConnectError::Later(Duration::from_millis(ms));
                 }
                 let reason = format!("{:?}: {}", s.code(), s.message());
                 match s.code() {

@@ -31,6 +31,9 @@ pub struct MachineConfig {
     pub backoff_base: Duration,
     /// Largest reconnect delay cap.
     pub backoff_max: Duration,
+    /// Jitter added to the delay a hub asks for ([`ConnectError::Later`]), so the nodes of a
+    /// partition taken over do not all dial its new hub at the same instant.
+    pub later_spread: Duration,
     /// Send a heartbeat when nothing else was sent for this long.
     pub heartbeat: Duration,
     /// Drop the connection when nothing was received for this long.
@@ -44,6 +47,7 @@ impl Default for MachineConfig {
         Self {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
+            later_spread: Duration::from_secs(5),
             heartbeat: Duration::from_secs(10),
             read_deadline: Duration::from_secs(25),
             upstream_window: 64,
@@ -64,6 +68,10 @@ pub enum ConnectError {
     /// Another hub of the tier serves this node: dial it (`host:port`; retryable).
     #[error("the node is served by the hub at {0}")]
     Redirect(String),
+    /// No hub of the tier serves this node's partition yet (a takeover is under way): dial
+    /// again after this long (retryable; the hub knows when the partition can be claimed).
+    #[error("no hub serves this node yet; dial again in {0:?}")]
+    Later(Duration),
 }
 
 impl ConnectError {
@@ -71,7 +79,7 @@ impl ConnectError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ConnectError::Unreachable(_) | ConnectError::Redirect(_)
+            ConnectError::Unreachable(_) | ConnectError::Redirect(_) | ConnectError::Later(_)
         )
     }
 }
@@ -280,7 +288,18 @@ impl EdgeMachine {
             }
             Input::ConnectFailed(error) => {
                 if self.phase == Phase::Dialing {
-                    if error.is_retryable() {
+                    if let ConnectError::Later(after) = error {
+                        // The hub said when: wait that long (bounded) plus jitter; the
+                        // back-off does not grow, the tier is converging.
+                        self.lost(&mut out, now);
+                        let jitter = self
+                            .rng
+                            .random_range(0..=self.config.later_spread.as_nanos() as u64);
+                        let delay =
+                            after.min(self.config.backoff_max) + Duration::from_nanos(jitter);
+                        self.attempt = self.attempt.saturating_sub(1);
+                        self.phase = Phase::Waiting { until: now + delay };
+                    } else if error.is_retryable() {
                         self.lost(&mut out, now);
                     } else {
                         self.phase = Phase::Refused;
@@ -477,6 +496,46 @@ mod tests {
             first <= config.backoff_base,
             "attempts reset after a successful sync"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hub_asking_to_dial_later_is_obeyed_with_jitter_and_the_backoff_does_not_grow() {
+        let now = Instant::now();
+        let config = MachineConfig::default();
+        let mut seen = BTreeSet::new();
+        for seed in 0..20 {
+            let mut m = EdgeMachine::new(config.clone(), seed, now);
+            m.step(Input::Start, now);
+            // Several refusals in a row while the takeover is under way.
+            let mut t = now;
+            for _ in 0..6 {
+                m.step(
+                    Input::ConnectFailed(ConnectError::Later(Duration::from_secs(12))),
+                    t,
+                );
+                let d = m.next_deadline().unwrap() - t;
+                assert!(d >= Duration::from_secs(12), "{d:?} sooner than asked");
+                assert!(d <= Duration::from_secs(12) + config.later_spread, "{d:?}");
+                seen.insert(d);
+                assert_eq!(m.step(Input::Tick, t + d), [Output::Dial]);
+                t += d;
+            }
+            // The next plain failure still starts from the first back-off step.
+            m.step(
+                Input::ConnectFailed(ConnectError::Unreachable("x".into())),
+                t,
+            );
+            assert!(m.next_deadline().unwrap() - t <= config.backoff_base);
+            // A hostile or confused hub cannot park the node for longer than the back-off cap.
+            let t = m.next_deadline().unwrap();
+            assert_eq!(m.step(Input::Tick, t), [Output::Dial]);
+            m.step(
+                Input::ConnectFailed(ConnectError::Later(Duration::from_secs(86_400))),
+                t,
+            );
+            assert!(m.next_deadline().unwrap() - t <= config.backoff_max + config.later_spread);
+        }
+        assert!(seen.len() > 50, "jittered: {} distinct delays", seen.len());
     }
 
     #[tokio::test(start_paused = true)]
