@@ -428,7 +428,7 @@ fn node_labels(shared: &Shared, node: &str) -> Option<std::collections::BTreeMap
 /// Whether this hub serves `node` (always, outside a tier).
 fn serves(shared: &Shared, node: &str) -> bool {
     shared.tier.as_ref().is_none_or(|t| {
-        t.place(node, node_labels(shared, node).as_ref()) == crate::tier::Placement::Here
+        t.place(node, node_labels(shared, node).as_ref(), None) == crate::tier::Placement::Here
     })
 }
 
@@ -725,6 +725,10 @@ pub const REDIRECT_METADATA: &str = "sedna-redirect";
 /// again, in milliseconds (the edge adds jitter).
 pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
 
+/// gRPC metadata of an `Attach`: the hub address the node was redirected to and could not
+/// reach (so it is not redirected there again before that hub's Leases expire).
+pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
+
 /// The node a request's client certificate names, and when that certificate was issued.
 fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
     use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
@@ -842,7 +846,11 @@ impl HubService for Service {
         let (node, issued) = self.node_of(&request)?;
         if let Some(tier) = &self.shared.tier {
             let labels = node_labels(&self.shared, &node);
-            match tier.place(&node, labels.as_ref()) {
+            let unreachable = request
+                .metadata()
+                .get(UNREACHABLE_METADATA)
+                .and_then(|v| v.to_str().ok());
+            match tier.place(&node, labels.as_ref(), unreachable) {
                 crate::tier::Placement::Here => {}
                 crate::tier::Placement::Elsewhere {
                     partition,

@@ -97,19 +97,30 @@ impl Tier {
         partitions::partition_of(node, labels, self.config.partitions)
     }
 
-    /// Where the node's session belongs now.
-    pub fn place(&self, node: &str, labels: Option<&BTreeMap<String, String>>) -> Placement {
+    /// Where the node's session belongs now. `unreachable` is a hub address the node says it
+    /// was sent to and could not reach: a node of a partition held there is told to come back
+    /// when the partition can be claimed instead (a node can only delay itself with it).
+    pub fn place(
+        &self,
+        node: &str,
+        labels: Option<&BTreeMap<String, String>>,
+        unreachable: Option<&str>,
+    ) -> Placement {
         let partition = self.partition_of(node, labels);
         let state = self.state();
         if state.held.serves(partition, now_ms()) {
             return Placement::Here;
         }
         match state.owners.get(&partition) {
-            Some((hub, address)) if *hub != self.config.id => Placement::Elsewhere {
-                partition,
-                hub: hub.clone(),
-                address: address.clone(),
-            },
+            Some((hub, address))
+                if *hub != self.config.id && Some(address.as_str()) != unreachable =>
+            {
+                Placement::Elsewhere {
+                    partition,
+                    hub: hub.clone(),
+                    address: address.clone(),
+                }
+            }
             _ => Placement::Nobody {
                 partition,
                 retry_after: partitions::retry_after(
@@ -366,6 +377,51 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_node_that_could_not_reach_the_owner_is_told_when_to_come_back_not_sent_there_again() {
+        let tier = Tier::new(TierConfig {
+            id: "h1".into(),
+            address: "127.0.0.1:1".into(),
+            partitions: 4,
+            mode: Mode::MultiPrimary,
+            primary: vec![],
+            standby: vec![],
+            lease: Duration::from_secs(15),
+        });
+        let node = (0..)
+            .map(|i| format!("n{i}"))
+            .find(|n| tier.partition_of(n, None) == 2)
+            .unwrap();
+        {
+            let mut state = tier.state();
+            state.owners.insert(2, ("h2".into(), "127.0.0.1:2".into()));
+            state.expires.insert(2, now_ms() + 10_000);
+        }
+        assert_eq!(
+            tier.place(&node, None, None),
+            Placement::Elsewhere {
+                partition: 2,
+                hub: "h2".into(),
+                address: "127.0.0.1:2".into()
+            }
+        );
+        assert_eq!(
+            tier.place(&node, None, Some("127.0.0.1:3")),
+            tier.place(&node, None, None),
+            "another unreachable address changes nothing"
+        );
+        match tier.place(&node, None, Some("127.0.0.1:2")) {
+            Placement::Nobody {
+                partition: 2,
+                retry_after,
+            } => assert!(
+                (Duration::from_secs(11)..=Duration::from_millis(12_500)).contains(&retry_after),
+                "{retry_after:?}"
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn a_membership_lease_naming_partitions_out_of_range_is_not_expanded() {

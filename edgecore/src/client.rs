@@ -118,6 +118,8 @@ pub struct EdgeHub {
 const REDIRECT_METADATA: &str = "sedna-redirect";
 /// gRPC metadata of a hub's refusal while no hub serves the node: when to dial again (ms).
 const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
+/// gRPC metadata of an `Attach`: a hub this node was redirected to and could not reach.
+const UNREACHABLE_METADATA: &str = "sedna-unreachable";
 /// Redirects followed in a row before dialing the configured hubs again.
 const MAX_REDIRECTS: u32 = 3;
 
@@ -162,6 +164,7 @@ impl EdgeHub {
             seed: 0,
             target,
             redirects: 0,
+            unreachable: None,
             hub_address: hub_address_tx,
             config,
             identity,
@@ -278,6 +281,9 @@ struct Shell {
     /// The hub dialed next: a seed, or where the last redirect pointed.
     target: String,
     redirects: u32,
+    /// A hub this node was redirected to and could not reach, told to the next hub dialed
+    /// (which then says when to come back rather than redirecting there again).
+    unreachable: Option<String>,
     hub_address: watch::Sender<String>,
 }
 
@@ -325,6 +331,7 @@ impl Shell {
         identity: Identity,
         max: usize,
         source: Option<std::net::IpAddr>,
+        unreachable: Option<String>,
     ) -> Dialed {
         let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
             .map_err(|e| ConnectError::Refused(format!("the node's credentials: {e}")))?;
@@ -340,8 +347,12 @@ impl Shell {
         let mut client = HubClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
+        let mut request = tonic::Request::new(outgoing);
+        if let Some(value) = unreachable.and_then(|u| u.parse().ok()) {
+            request.metadata_mut().insert(UNREACHABLE_METADATA, value);
+        }
         let inbound = client
-            .attach(outgoing)
+            .attach(request)
             .await
             .map_err(|s| {
                 if let Some(to) = s
@@ -422,7 +433,14 @@ impl Shell {
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
                             let source = self.config.source_address;
-                            dialing = Some(tokio::spawn(Self::dial(hub, identity, max, source)));
+                            let unreachable = self.unreachable.clone();
+                            dialing = Some(tokio::spawn(Self::dial(
+                                hub,
+                                identity,
+                                max,
+                                source,
+                                unreachable,
+                            )));
                         }
                         Output::Send(e) => {
                             if let Some(l) = &live
@@ -520,7 +538,7 @@ impl Shell {
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
                             let source = self.config.source_address;
-                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max, source)));
+                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max, source, None)));
                         }
                         Ok(Err(ConnectError::Redirect(to))) => {
                             self.next_seed();
@@ -531,6 +549,7 @@ impl Shell {
                         Ok(Ok(l)) => match self.hello() {
                             Ok(hello) => {
                                 self.redirects = 0;
+                                self.unreachable = None;
                                 self.hub_address.send_replace(self.target.clone());
                                 buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
                                 live = Some(l);
@@ -544,6 +563,11 @@ impl Shell {
                         },
                         Ok(Err(reason)) => {
                             tracing::debug!(%node, %reason, "connecting to the hub failed");
+                            if self.redirects > 0 && matches!(reason, ConnectError::Unreachable(_)) {
+                                // The hub the tier pointed at is gone (its Leases have not
+                                // expired yet): say so to the next one.
+                                self.unreachable = Some(self.target.clone());
+                            }
                             self.next_seed();
                             queue.push_back(Input::ConnectFailed(reason));
                         }
