@@ -216,6 +216,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// The API server's newest resource version (every write raises it by one), from its
 /// `/metrics` at `addr`.
 fn revision(addr: &str) -> Result<u64> {
+    metric(addr, "sedna_apiserver_revision")
+}
+
+/// A metric's value from the Prometheus text at `addr`'s `/metrics`.
+fn metric(addr: &str, name: &str) -> Result<u64> {
     use std::io::Read;
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -223,9 +228,9 @@ fn revision(addr: &str) -> Result<u64> {
     let mut text = String::new();
     s.read_to_string(&mut text)?;
     text.lines()
-        .find(|l| l.starts_with("sedna_apiserver_revision "))
+        .find(|l| l.split_whitespace().next() == Some(name))
         .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .context("no sedna_apiserver_revision in the API server's metrics")
+        .with_context(|| format!("no {name} in the metrics of {addr}"))
 }
 
 async fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> Result<T> {
@@ -252,6 +257,7 @@ fn percentile_ns(sorted: &[i128], p: f64) -> f64 {
 struct Hub {
     id: String,
     addr: String,
+    metrics: String,
     process: Option<Killed>,
 }
 
@@ -281,6 +287,7 @@ async fn orchestrate(args: Args) -> Result<()> {
     let mut hubs: Vec<Hub> = Vec::new();
     for h in 0..args.hubs {
         let port = free_port()?;
+        let hub_metrics = format!("127.0.0.1:{}", free_port()?);
         let id = format!("h{}", h + 1);
         let mut c = match &args.hub_wrapper {
             Some(w) => {
@@ -298,7 +305,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             .arg(d.join("hub"))
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
-            .args(["--metrics-addr", "off"]);
+            .args(["--metrics-addr", &hub_metrics]);
         if args.hubs > 1 {
             c.args([
                 "--partitions",
@@ -326,6 +333,7 @@ async fn orchestrate(args: Args) -> Result<()> {
         hubs.push(Hub {
             id,
             addr: format!("127.0.0.1:{port}"),
+            metrics: hub_metrics,
             process: Some(hub),
         });
     }
@@ -513,6 +521,18 @@ async fn orchestrate(args: Args) -> Result<()> {
 
     // Idle: hub memory and CPU per node, API writes from node liveness.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // What the hubs did meanwhile, summed over hubs.
+    let hub_sum = |name: &str| -> u64 {
+        hubs.iter()
+            .filter_map(|h| metric(&h.metrics, name).ok())
+            .sum()
+    };
+    let counters = [
+        "sedna_hub_upstream_applied_total",
+        "sedna_hub_lease_writes_skipped_total",
+        "sedna_hub_upserts_sent_total",
+    ];
+    let before: Vec<u64> = counters.iter().map(|c| hub_sum(c)).collect();
     let (rev0, cpu0, at0) = (
         revision(&metrics)?,
         hub_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
@@ -537,6 +557,15 @@ async fn orchestrate(args: Args) -> Result<()> {
     println!(
         "API server writes while idle: {writes:.0}/s ({:.1} per node per minute)",
         writes * 60.0 / args.nodes as f64
+    );
+    let per_node_min = |i: usize| {
+        (hub_sum(counters[i]).saturating_sub(before[i])) as f64 * 60.0 / secs / args.nodes as f64
+    };
+    println!(
+        "hubs while idle, per node per minute: edge writes applied {:.2}, Lease renewals acknowledged without a write {:.2}, objects sent to edges {:.2}",
+        per_node_min(0),
+        per_node_min(1),
+        per_node_min(2)
     );
 
     if args.kill && hubs.len() > 1 {
