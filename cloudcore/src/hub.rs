@@ -925,6 +925,9 @@ async fn run_session(
         .min(shared.config.max_message_bytes.saturating_sub(64 * 1024));
     let mut session = Session::new(session_config, tokio::time::Instant::now());
     let mut registered = false;
+    // The renewTime (unix ms) of the last Lease renewal this session wrote; see
+    // `upstream::lease_due`.
+    let lease_written = Arc::new(std::sync::atomic::AtomicI64::new(0));
     let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
     tracing::info!(%node, "node connected");
     'session: loop {
@@ -1025,6 +1028,11 @@ async fn run_session(
                                         .get(&ObjKey::new(Kind::Lease, "kube-node-lease", &node))
                                         .map(|o| o.value.clone())
                                         .as_deref(),
+                                    jiff::Timestamp::from_millisecond(
+                                        lease_written.load(Ordering::Relaxed),
+                                    )
+                                    .ok()
+                                    .filter(|t| t.as_millisecond() > 0),
                                     &upstream.payload,
                                     jiff::Timestamp::now(),
                                 ) =>
@@ -1057,11 +1065,19 @@ async fn run_session(
                             let node = node.clone();
                             let done_tx = done_tx.clone();
                             let stats = stats.clone();
+                            let lease_written = lease_written.clone();
                             tokio::spawn(async move {
                                 let outcome = upstream::apply(&client, &node, &upstream).await;
                                 match &outcome {
                                     crate::session::UpstreamOutcome::Applied => {
                                         stats.upstream_applied.fetch_add(1, Ordering::Relaxed);
+                                        if upstream.kind
+                                            == sedna_proto::channel::upstream::Kind::Lease as i32
+                                            && let Some(t) = upstream::renew_time(&upstream.payload)
+                                        {
+                                            lease_written
+                                                .fetch_max(t.as_millisecond(), Ordering::Relaxed);
+                                        }
                                     }
                                     crate::session::UpstreamOutcome::Rejected(_) => {
                                         stats.upstream_rejected.fetch_add(1, Ordering::Relaxed);

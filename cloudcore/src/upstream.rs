@@ -264,12 +264,20 @@ fn outcome(e: kube::Error) -> UpstreamOutcome {
     }
 }
 
-/// Whether a node's Lease renewal must reach the API, given the Lease the API holds now
-/// (`cached`) and the time: only when the stored one is at least half its duration old (or
-/// missing, or held or sized differently). The edge renews every 10 s; the API then sees one
-/// write per node every ~20 s instead of every 10 s, and a Lease never older than half its
-/// duration plus one renewal interval — within the 40 s after which a node is NotReady.
-pub fn lease_due(cached: Option<&Value>, incoming: &[u8], now: jiff::Timestamp) -> bool {
+/// Whether a node's Lease renewal must reach the API, given the Lease the API holds now as the
+/// hub's cache has it (`cached`), the renewal time this session last wrote (`written`, which
+/// the cache may not show yet: under load the watch lags, and a lagging cache must not turn
+/// every renewal into a write), and the time: only when the stored one is at least half its
+/// duration old (or missing, or held or sized differently). The edge renews every 10 s; the
+/// API then sees one write per node every 20–30 s instead of every 10 s, and a Lease never
+/// older than half its duration plus one renewal interval — within the 40 s after which a node
+/// is NotReady.
+pub fn lease_due(
+    cached: Option<&Value>,
+    written: Option<jiff::Timestamp>,
+    incoming: &[u8],
+    now: jiff::Timestamp,
+) -> bool {
     let Some(cached) = cached else { return true };
     let Ok(incoming) = serde_json::from_slice::<Value>(incoming) else {
         return true;
@@ -284,11 +292,22 @@ pub fn lease_due(cached: Option<&Value>, incoming: &[u8], now: jiff::Timestamp) 
         .and_then(|d| d.as_i64())
         .unwrap_or(0);
     let renewed = spec(cached, "renewTime")
-        .and_then(|t| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()));
+        .and_then(|t| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()))
+        .max(written);
     match renewed {
         Some(renewed) => now.as_millisecond() - renewed.as_millisecond() >= duration * 1000 / 2,
         None => true,
     }
+}
+
+/// The `spec.renewTime` of a Lease payload.
+pub fn renew_time(payload: &[u8]) -> Option<jiff::Timestamp> {
+    serde_json::from_slice::<Value>(payload)
+        .ok()?
+        .pointer("/spec/renewTime")?
+        .as_str()?
+        .parse()
+        .ok()
 }
 
 /// Carries out an authorized write.
@@ -405,20 +424,38 @@ mod tests {
         let fresh = lease("edge-1", "2026-12-01T10:00:15.000000Z");
         let old = lease("edge-1", "2026-12-01T10:00:10.000000Z");
         assert!(
-            !lease_due(Some(&fresh), incoming.as_bytes(), now),
+            !lease_due(Some(&fresh), None, incoming.as_bytes(), now),
             "15 s old: skipped"
         );
         assert!(
-            lease_due(Some(&old), incoming.as_bytes(), now),
+            lease_due(Some(&old), None, incoming.as_bytes(), now),
             "20 s old: written"
         );
-        assert!(lease_due(None, incoming.as_bytes(), now), "no lease yet");
+        assert!(
+            lease_due(None, None, incoming.as_bytes(), now),
+            "no lease yet"
+        );
         let other = lease("edge-2", "2026-12-01T10:00:29.000000Z");
         assert!(
-            lease_due(Some(&other), incoming.as_bytes(), now),
+            lease_due(Some(&other), None, incoming.as_bytes(), now),
             "another holder"
         );
-        assert!(lease_due(Some(&fresh), b"not json", now));
+        assert!(lease_due(Some(&fresh), None, b"not json", now));
+        // The cache lags behind this session's own last write: that write counts.
+        let written = renew_time(
+            lease("edge-1", "2026-12-01T10:00:20.000000Z")
+                .to_string()
+                .as_bytes(),
+        );
+        assert!(written.is_some());
+        assert!(
+            !lease_due(Some(&old), written, incoming.as_bytes(), now),
+            "the cache shows 20 s, this session wrote 10 s ago: skipped"
+        );
+        assert!(
+            lease_due(Some(&other), written, incoming.as_bytes(), now),
+            "another holder in the API is still written over"
+        );
     }
     use crate::router::Object;
     use serde_json::json;
