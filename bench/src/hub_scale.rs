@@ -10,7 +10,9 @@
 //! node (p50 / p99 / max); the API server's write rate while idle (node liveness) and, with
 //! several hubs, during the storm after `kill -9` of one hub, with the time until every node is
 //! connected and synced again. A timeline (seconds, connected, synced, hubs' RSS) goes to a
-//! CSV file for plotting.
+//! CSV file, the fan-out delays beside it, and both are plotted to an SVG
+//! (`hub-bench plot --out x.svg a.csv b.csv` draws several runs together). Each hub's log
+//! goes to `$TMPDIR/hub-bench-<id>.log`.
 //!
 //! ```text
 //! cargo build --release -p sedna-cli -p sedna-bench --bin sedna --bin hub-bench
@@ -66,6 +68,14 @@ struct Args {
 
 #[derive(Subcommand)]
 enum Mode {
+    /// Plots timeline CSVs (and their `.fanout.csv`, when present) to one SVG.
+    Plot {
+        /// Where the SVG goes.
+        #[arg(long)]
+        out: PathBuf,
+        /// Timeline CSVs written by earlier runs.
+        timelines: Vec<PathBuf>,
+    },
     /// Internal: one simulator process.
     Sim {
         #[arg(long)]
@@ -85,6 +95,17 @@ enum Mode {
 
 fn node_name(i: usize) -> String {
     format!("sim-{i:06}")
+}
+
+/// Node `i`'s loopback address: spread over 127.0.0.2–127.0.0.255 (`base` for other than
+/// IPv4 loopback).
+fn node_address(base: std::net::IpAddr, i: usize) -> std::net::IpAddr {
+    match base {
+        std::net::IpAddr::V4(v4) if v4.is_loopback() => {
+            std::net::Ipv4Addr::new(127, 0, 0, 2 + (i % 254) as u8).into()
+        }
+        other => other,
+    }
 }
 
 // ---- the simulator ----
@@ -119,6 +140,9 @@ async fn simulate(
         let mut config = sedna_edgecore::EdgeConfig::new(hubs.clone(), dir.join(i.to_string()));
         config.in_memory = true;
         config.seed = i as u64;
+        // Each node from its own loopback address, as a real fleet (the hub's per-source
+        // handshake bound would otherwise throttle a whole simulator).
+        let source = node_address(source, i);
         config.source_address = Some(source);
         let edge = sedna_edgecore::EdgeHub::start(config).await?;
         let node = sedna_edgecore::node::NodeConfig {
@@ -315,7 +339,8 @@ async fn orchestrate(args: Args) -> Result<()> {
                 "--multi-primary",
             ]);
         }
-        let child = c.stdout(Stdio::piped()).stderr(Stdio::null()).spawn()?;
+        let log = std::fs::File::create(std::env::temp_dir().join(format!("hub-bench-{id}.log")))?;
+        let child = c.stdout(Stdio::piped()).stderr(log).spawn()?;
         let mut hub = Killed(child);
         // A line says it listens (and the shared CA exists for the next hub); a wrapper may
         // print first.
@@ -511,6 +536,13 @@ async fn orchestrate(args: Args) -> Result<()> {
         .map(|at| at - t0)
         .collect();
     delays.sort_unstable();
+    std::fs::write(
+        fanout_path(&args.timeline),
+        std::iter::once("ms".to_string())
+            .chain(delays.iter().map(|d| format!("{:.1}", *d as f64 / 1e6)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )?;
     println!(
         "fan-out of one ConfigMap change to {} nodes: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
         delays.len(),
@@ -611,6 +643,137 @@ async fn orchestrate(args: Args) -> Result<()> {
         );
     }
     drop(sims);
+    drop(timeline);
+    let svg = args.timeline.with_extension("svg");
+    plot(&svg, &[args.timeline.clone()])?;
+    println!("plots: {}", svg.display());
+    Ok(())
+}
+
+fn fanout_path(timeline: &std::path::Path) -> PathBuf {
+    timeline.with_extension("fanout.csv")
+}
+
+/// Rows of a CSV file of numbers (the header skipped).
+fn read_csv(path: &std::path::Path) -> Result<Vec<Vec<f64>>> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    Ok(text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').filter_map(|v| v.parse().ok()).collect())
+        .collect())
+}
+
+/// Three panels: connected nodes and the hubs' RSS over time, and the fan-out CDF.
+fn plot(out: &std::path::Path, timelines: &[PathBuf]) -> Result<()> {
+    use plotters::prelude::*;
+    let area = SVGBackend::new(out, (900, 1000)).into_drawing_area();
+    area.fill(&WHITE)?;
+    let panels = area.split_evenly((3, 1));
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let name = |p: &PathBuf| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let series: Vec<(String, Vec<Vec<f64>>)> = timelines
+        .iter()
+        .map(|t| Ok((name(t), read_csv(t)?)))
+        .collect::<Result<_>>()?;
+    let t_max = series
+        .iter()
+        .flat_map(|(_, rows)| rows.iter().filter_map(|r| r.first().copied()))
+        .fold(1.0, f64::max);
+    for (panel, (column, label, scale)) in panels
+        .iter()
+        .zip([(1, "connected nodes", 1.0), (3, "hubs' RSS (MiB)", 1024.0)])
+    {
+        let y_max = series
+            .iter()
+            .flat_map(|(_, rows)| rows.iter().filter_map(|r| r.get(column).copied()))
+            .fold(1.0, f64::max)
+            / scale;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(format!("{label} over time"), ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(35)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..t_max, 0f64..y_max * 1.05)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds since the simulators started")
+            .y_desc(label)
+            .draw()?;
+        for ((name, rows), color) in series.iter().zip(colors.iter().cycle()) {
+            let color = *color;
+            chart
+                .draw_series(LineSeries::new(
+                    rows.iter()
+                        .filter_map(|r| Some((*r.first()?, *r.get(column)? / scale))),
+                    color.stroke_width(2),
+                ))?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()?;
+    }
+    let fanouts: Vec<(String, Vec<f64>)> = timelines
+        .iter()
+        .filter(|t| fanout_path(t).exists())
+        .map(|t| {
+            let mut ms: Vec<f64> = read_csv(&fanout_path(t))?
+                .into_iter()
+                .filter_map(|r| r.first().copied())
+                .collect();
+            ms.sort_by(f64::total_cmp);
+            Ok((name(t), ms))
+        })
+        .collect::<Result<_>>()?;
+    let ms_max = fanouts
+        .iter()
+        .filter_map(|(_, ms)| ms.last().copied())
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&panels[2])
+        .caption(
+            "one ConfigMap change → stored on every node: CDF",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(35)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..ms_max * 1.05, 0f64..1.0)?;
+    chart
+        .configure_mesh()
+        .x_desc("ms after the change")
+        .y_desc("fraction of nodes")
+        .draw()?;
+    for ((name, ms), color) in fanouts.iter().zip(colors.iter().cycle()) {
+        let color = *color;
+        let n = ms.len().max(1) as f64;
+        chart
+            .draw_series(LineSeries::new(
+                ms.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)),
+                color.stroke_width(2),
+            ))?
+            .label(name.clone())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+    area.present()?;
     Ok(())
 }
 
@@ -620,6 +783,7 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?;
     match args.sim {
+        Some(Mode::Plot { out, timelines }) => plot(&out, &timelines),
         Some(Mode::Sim {
             hubs,
             token,

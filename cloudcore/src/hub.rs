@@ -58,6 +58,11 @@ pub struct HubConfig {
     pub lifecycle: Option<crate::lifecycle::LifecycleConfig>,
     /// Bounds on streams to nodes (`kubectl logs`, `exec`, `port-forward`).
     pub streams: crate::streams::StreamLimits,
+    /// Most edge writes (Node status, Leases, pod status…) in flight to the API server at
+    /// once, over all nodes. Beyond it writes wait their turn (in order): after a storm of
+    /// reconnections the API server sees a bounded number of requests and connections from
+    /// this hub, and the hub's own Lease renewals are not queued behind thousands of them.
+    pub max_upstream_in_flight: usize,
     /// This hub's place in a tier of hubs sharing the nodes (`None`: it serves every node).
     pub tier: Option<crate::tier::TierConfig>,
 }
@@ -79,6 +84,7 @@ impl HubConfig {
             handshake_timeout: Duration::from_secs(10),
             lifecycle: Some(crate::lifecycle::LifecycleConfig::default()),
             streams: crate::streams::StreamLimits::default(),
+            max_upstream_in_flight: 64,
             tier: None,
         }
     }
@@ -174,6 +180,8 @@ struct Shared {
     stats: Arc<HubStats>,
     streams: crate::streams::Streams,
     tier: Option<Arc<crate::tier::Tier>>,
+    /// Permits for edge writes to the API (see [`HubConfig::max_upstream_in_flight`]).
+    upstream_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -236,6 +244,7 @@ impl Hub {
         let (ready, _) = watch::channel(false);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let config_streams = config.streams;
+        let upstream_in_flight = config.max_upstream_in_flight;
         let tier = config
             .tier
             .clone()
@@ -253,6 +262,7 @@ impl Hub {
             revocations: crate::revocation::Revocations::default(),
             streams: crate::streams::Streams::new(config_streams),
             tier,
+            upstream_permits: Arc::new(tokio::sync::Semaphore::new(upstream_in_flight.max(1))),
         });
         shared.revocations.load(&shared.client).await?;
         let mut tasks = Vec::new();
@@ -1066,7 +1076,11 @@ async fn run_session(
                             let done_tx = done_tx.clone();
                             let stats = stats.clone();
                             let lease_written = lease_written.clone();
+                            let permits = shared.upstream_permits.clone();
                             tokio::spawn(async move {
+                                let Ok(_permit) = permits.acquire_owned().await else {
+                                    return;
+                                };
                                 let outcome = upstream::apply(&client, &node, &upstream).await;
                                 match &outcome {
                                     crate::session::UpstreamOutcome::Applied => {

@@ -304,40 +304,51 @@ pub(crate) async fn run(
             }
         };
         let actions = partitions::plan(&c.id, c.partitions, c.mode, &members, &leases, sent);
-        for action in actions {
+        // Every partition write at once, each timed from just before it is sent (a slow read
+        // above must not eat into the serving margin) and bounded by a renewal period, so a
+        // loaded API server delays one round, not the next.
+        let writes = actions.into_iter().map(|action| {
             let (p, version, holder) = match &action {
-                Action::Claim { partition, version } => {
-                    (*partition, version.clone(), c.id.as_str())
-                }
+                Action::Claim { partition, version } => (*partition, version.clone(), c.id.clone()),
                 Action::Renew { partition, version } => {
-                    (*partition, Some(version.clone()), c.id.as_str())
+                    (*partition, Some(version.clone()), c.id.clone())
                 }
-                Action::Release { partition, version } => (*partition, Some(version.clone()), ""),
+                Action::Release { partition, version } => {
+                    (*partition, Some(version.clone()), String::new())
+                }
             };
             // Releasing: stop serving before the write lets another hub claim.
             if holder.is_empty() {
                 tier.state().held.drop_partition(p);
             }
-            let l = lease(
-                partitions::partition_lease_name(p),
-                PARTITION_LEASE_LABEL,
-                holder,
-                sent,
-                c.lease,
-                version,
-                None,
-            );
-            match write(&api, &l).await {
-                Ok(()) if !holder.is_empty() => {
-                    if matches!(action, Action::Claim { .. }) {
-                        tracing::info!(hub = %c.id, partition = p, "partition claimed");
+            let (api, tier, c) = (&api, &tier, &c);
+            async move {
+                let at = now_ms();
+                let l = lease(
+                    partitions::partition_lease_name(p),
+                    PARTITION_LEASE_LABEL,
+                    &holder,
+                    at,
+                    c.lease,
+                    version,
+                    None,
+                );
+                match tokio::time::timeout(c.lease / 3, write(api, &l)).await {
+                    Ok(Ok(())) if !holder.is_empty() => {
+                        if matches!(action, Action::Claim { .. }) {
+                            tracing::info!(hub = %c.id, partition = p, "partition claimed");
+                        }
+                        tier.state().held.confirm(p, at, lease_ms);
                     }
-                    tier.state().held.confirm(p, sent, lease_ms);
+                    Ok(Ok(())) => tracing::info!(hub = %c.id, partition = p, "partition released"),
+                    Ok(Err(e)) => {
+                        tracing::debug!(partition = p, error = %e, "partition lease write lost")
+                    }
+                    Err(_) => tracing::warn!(partition = p, "partition lease write timed out"),
                 }
-                Ok(()) => tracing::info!(hub = %c.id, partition = p, "partition released"),
-                Err(e) => tracing::debug!(partition = p, error = %e, "partition lease write lost"),
             }
-        }
+        });
+        futures_util::future::join_all(writes).await;
         // Where each partition is served, for redirects.
         let addresses: HashMap<&str, &str> = members
             .iter()
