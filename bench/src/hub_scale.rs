@@ -12,7 +12,7 @@
 //! connected and synced again. A timeline (seconds, connected, synced, hubs' RSS) goes to a
 //! CSV file, the fan-out delays beside it, and both are plotted to an SVG
 //! (`hub-bench plot --out x.svg a.csv b.csv` draws several runs together). Each hub's log
-//! goes to `$TMPDIR/hub-bench-<id>.log`.
+//! goes to `$TMPDIR/hub-bench-<id>.log`, each simulator's to `$TMPDIR/hub-bench-sim-<k>.log`.
 //!
 //! ```text
 //! cargo build --release -p sedna-cli -p sedna-bench --bin sedna --bin hub-bench
@@ -123,8 +123,20 @@ async fn simulate(
         .map(|i| {
             let (hub, token, dir) = (join_hub.clone(), token.clone(), dir.join(i.to_string()));
             async move {
-                if sedna_edgecore::join::Identity::load(&dir)?.is_none() {
-                    sedna_edgecore::join::join(&hub, &token, &node_name(i), &dir).await?;
+                // A hub under a join storm drops handshakes past its bounds: try again, as an
+                // operator's script would.
+                let mut attempt = 0u32;
+                while sedna_edgecore::join::Identity::load(&dir)?.is_none() {
+                    match sedna_edgecore::join::join(&hub, &token, &node_name(i), &dir).await {
+                        Ok(_) => break,
+                        Err(e) if attempt < 30 => {
+                            attempt += 1;
+                            let ms = 200 * u64::from(attempt.min(10)) + (i as u64 * 7919) % 500;
+                            tokio::time::sleep(Duration::from_millis(ms)).await;
+                            let _ = e;
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 anyhow::Ok(i)
             }
@@ -418,7 +430,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--source", &format!("127.0.0.{}", 2 + k)])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(sim_log(k))?)
             .spawn()?;
         let out = BufReader::new(child.stdout.take().context("sim stdout")?);
         let fleet = fleet.clone();
@@ -460,6 +472,14 @@ async fn orchestrate(args: Args) -> Result<()> {
         let (c, s) = sample(&mut timeline, &fleet)?;
         if s == args.nodes {
             break;
+        }
+        for (k, sim) in sims.iter_mut().enumerate() {
+            if let Some(status) = sim.0.try_wait()? {
+                bail!(
+                    "simulator {k} exited ({status}); its log: {}",
+                    sim_log(k).display()
+                );
+            }
         }
         anyhow::ensure!(
             started.elapsed() < Duration::from_secs(1800),
@@ -648,6 +668,10 @@ async fn orchestrate(args: Args) -> Result<()> {
     plot(&svg, &[args.timeline.clone()])?;
     println!("plots: {}", svg.display());
     Ok(())
+}
+
+fn sim_log(k: usize) -> PathBuf {
+    std::env::temp_dir().join(format!("hub-bench-sim-{k}.log"))
 }
 
 fn fanout_path(timeline: &std::path::Path) -> PathBuf {
