@@ -2,7 +2,8 @@
 //! 127.0.0.1: partitions negotiated through Leases, nodes redirected to the hub that serves
 //! them, a stopped hub's nodes taken over, a new hub given its share, and a standby handing
 //! its partitions back to the primary — with a sampler asserting all along that no partition
-//! and no node is ever served by two hubs at once.
+//! and no node is ever served by two hubs at once — and a storm: a stopped hub's nodes all
+//! back within a stated time, at the surviving hub's bounded handshake rate.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -49,6 +50,17 @@ impl Tier {
 
     /// Starts hub `id` (on its earlier address when it ran before); every hub shares one CA.
     async fn hub(&mut self, id: &str, primary: &[u32], standby: &[u32]) {
+        self.hub_with(id, primary, standby, |_| {}).await;
+    }
+
+    /// [`Tier::hub`], with its configuration adjusted by `adjust`.
+    async fn hub_with(
+        &mut self,
+        id: &str,
+        primary: &[u32],
+        standby: &[u32],
+        adjust: impl FnOnce(&mut HubConfig),
+    ) {
         let listen = self
             .addrs
             .get(id)
@@ -74,6 +86,7 @@ impl Tier {
             standby: standby.to_vec(),
             lease: LEASE,
         });
+        adjust(&mut c);
         let hub = Hub::start(c, self.client.clone()).await.unwrap();
         self.addrs.insert(id.into(), hub.addr());
         self.hubs.lock().unwrap().insert(id.into(), hub);
@@ -96,6 +109,16 @@ impl Tier {
     }
 
     async fn edge(&self, node: &str, seeds: &str) -> EdgeHub {
+        self.edge_from(node, seeds, None).await
+    }
+
+    /// [`Tier::edge`], connecting from `source`.
+    async fn edge_from(
+        &self,
+        node: &str,
+        seeds: &str,
+        source: Option<std::net::IpAddr>,
+    ) -> EdgeHub {
         let token =
             sedna_cloudcore::tokens::create(&self.client, Some(node), Duration::from_secs(600))
                 .await
@@ -108,6 +131,7 @@ impl Tier {
             .unwrap();
         let mut config = support::fast_edge(seeds, &dir, node);
         config.in_memory = true;
+        config.source_address = source;
         EdgeHub::start(config).await.unwrap()
     }
 }
@@ -415,4 +439,92 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
     sampling.abort();
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_hubs_nodes_all_reconnect_in_time_at_the_bounded_handshake_rate() {
+    const RATE: u32 = 10;
+    const NODES: usize = 100;
+    let mut tier = Tier::start(Mode::MultiPrimary).await;
+    tier.hub_with("h1", &[], &[], |c| c.max_handshakes_per_second = RATE)
+        .await;
+    tier.hub("h2", &[], &[]).await;
+    partitions_settled(&tier, &["h1", "h2"]).await;
+    // Every node dials h2 first, each from its own loopback address (as a fleet does).
+    let seeds = tier.seeds("h2");
+    let mut edges = BTreeMap::new();
+    for i in 0..NODES {
+        let node = format!("storm-{i:03}");
+        let source: std::net::IpAddr = format!("127.0.0.{}", 2 + i % 200).parse().unwrap();
+        edges.insert(
+            node.clone(),
+            tier.edge_from(&node, &seeds, Some(source)).await,
+        );
+    }
+    let at = settled(&tier, &edges, Duration::from_secs(60)).await;
+    let moving = at.values().filter(|h| *h == "h2").count();
+    assert!(
+        moving >= 20,
+        "h2 serves {moving} of {NODES}: too few for a storm"
+    );
+    let h1 = tier.hubs.lock().unwrap()["h1"].stats();
+    let sessions = || h1.sessions.load(std::sync::atomic::Ordering::Relaxed);
+    let before = sessions();
+    tier.stop("h2").await;
+    let stopped = Instant::now();
+    // h1's sessions started, every 100 ms, until every node is back.
+    let mut samples: Vec<(Duration, u64)> = vec![(Duration::ZERO, before)];
+    let limit = LEASE * 4 + Duration::from_secs(moving as u64 / u64::from(RATE)) * 2;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples.push((stopped.elapsed(), sessions()));
+        let back = {
+            let hubs = tier.hubs.lock().unwrap();
+            hubs["h1"].connected_nodes().len() == NODES
+        } && edges.values().all(|e| {
+            let s = e.status().borrow().clone();
+            s.connected && s.synced
+        });
+        if back {
+            break;
+        }
+        assert!(
+            stopped.elapsed() < limit,
+            "only {} of {NODES} nodes back on h1 after {limit:?}",
+            tier.hubs.lock().unwrap()["h1"].connected_nodes().len()
+        );
+    }
+    let took = stopped.elapsed();
+    let arrived = sessions() - before;
+    assert!(
+        arrived >= moving as u64,
+        "{arrived} sessions for {moving} nodes"
+    );
+    // No second saw more new sessions than the bucket allows: its burst (one second's worth)
+    // plus one second of its rate.
+    let most = samples
+        .iter()
+        .map(|(t, n)| {
+            let later = samples
+                .iter()
+                .filter(|(u, _)| *u <= *t + Duration::from_secs(1))
+                .map(|(_, m)| *m)
+                .max()
+                .unwrap_or(*n);
+            later - n
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most <= u64::from(RATE) * 2,
+        "{most} sessions started within one second at a bound of {RATE}/s"
+    );
+    // Paced: the nodes could not all have come back at once.
+    assert!(
+        took >= Duration::from_secs(moving as u64 / u64::from(RATE) / 2),
+        "{moving} nodes back after {took:?} at {RATE} handshakes/s"
+    );
+    eprintln!(
+        "{moving} nodes of a stopped hub back after {took:?}; at most {most} sessions per second"
+    );
 }

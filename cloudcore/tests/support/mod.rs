@@ -34,6 +34,10 @@ pub fn fast_edge(hub: &str, dir: &std::path::Path, node: &str) -> sedna_edgecore
     config.machine.read_deadline = Duration::from_millis(1500);
     config.machine.backoff_base = Duration::from_millis(20);
     config.machine.backoff_max = Duration::from_millis(300);
-    config.seed = node.len() as u64;
+    config.machine.later_spread = Duration::from_millis(300);
+    // Each node its own jitter.
+    config.seed = node
+        .bytes()
+        .fold(17u64, |h, b| h.wrapping_mul(31).wrapping_add(u64::from(b)));
     config
 }
