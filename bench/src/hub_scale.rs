@@ -665,7 +665,7 @@ async fn orchestrate(args: Args) -> Result<()> {
     drop(sims);
     drop(timeline);
     let svg = args.timeline.with_extension("svg");
-    plot(&svg, &[args.timeline.clone()])?;
+    plot(&svg, std::slice::from_ref(&args.timeline))?;
     println!("plots: {}", svg.display());
     Ok(())
 }
