@@ -694,61 +694,42 @@ fn plot(out: &std::path::Path, timelines: &[PathBuf]) -> Result<()> {
     let area = SVGBackend::new(out, (900, 1000)).into_drawing_area();
     area.fill(&WHITE)?;
     let panels = area.split_evenly((3, 1));
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
     let name = |p: &PathBuf| {
         p.file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default()
     };
-    let series: Vec<(String, Vec<Vec<f64>>)> = timelines
+    let rows: Vec<(String, Vec<Vec<f64>>)> = timelines
         .iter()
         .map(|t| Ok((name(t), read_csv(t)?)))
         .collect::<Result<_>>()?;
-    let t_max = series
-        .iter()
-        .flat_map(|(_, rows)| rows.iter().filter_map(|r| r.first().copied()))
-        .fold(1.0, f64::max);
-    for (panel, (column, label, scale)) in panels
-        .iter()
-        .zip([(1, "connected nodes", 1.0), (3, "hubs' RSS (MiB)", 1024.0)])
-    {
-        let y_max = series
-            .iter()
-            .flat_map(|(_, rows)| rows.iter().filter_map(|r| r.get(column).copied()))
-            .fold(1.0, f64::max)
-            / scale;
-        let mut chart = ChartBuilder::on(panel)
-            .caption(format!("{label} over time"), ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(35)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..t_max, 0f64..y_max * 1.05)?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds since the simulators started")
-            .y_desc(label)
-            .draw()?;
-        for ((name, rows), color) in series.iter().zip(colors.iter().cycle()) {
-            let color = *color;
-            chart
-                .draw_series(LineSeries::new(
-                    rows.iter()
-                        .filter_map(|r| Some((*r.first()?, *r.get(column)? / scale))),
-                    color.stroke_width(2),
-                ))?
-                .label(name.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
-        }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()?;
-    }
-    let fanouts: Vec<(String, Vec<f64>)> = timelines
+    let column = |c: usize, scale: f64| -> Vec<(String, Vec<(f64, f64)>)> {
+        rows.iter()
+            .map(|(n, rows)| {
+                let points = rows
+                    .iter()
+                    .filter_map(|r| Some((*r.first()?, *r.get(c)? / scale)))
+                    .collect();
+                (n.clone(), points)
+            })
+            .collect()
+    };
+    let x = "seconds since the simulators started";
+    lines(
+        &panels[0],
+        "connected nodes over time",
+        x,
+        "connected nodes",
+        &column(1, 1.0),
+    )?;
+    lines(
+        &panels[1],
+        "hubs' RSS over time",
+        x,
+        "hubs' RSS (MiB)",
+        &column(3, 1024.0),
+    )?;
+    let cdfs: Vec<(String, Vec<(f64, f64)>)> = timelines
         .iter()
         .filter(|t| fanout_path(t).exists())
         .map(|t| {
@@ -757,33 +738,58 @@ fn plot(out: &std::path::Path, timelines: &[PathBuf]) -> Result<()> {
                 .filter_map(|r| r.first().copied())
                 .collect();
             ms.sort_by(f64::total_cmp);
-            Ok((name(t), ms))
+            let n = ms.len().max(1) as f64;
+            let points = ms
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (*v, (i + 1) as f64 / n))
+                .collect();
+            Ok((name(t), points))
         })
         .collect::<Result<_>>()?;
-    let ms_max = fanouts
-        .iter()
-        .filter_map(|(_, ms)| ms.last().copied())
-        .fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(&panels[2])
-        .caption(
-            "one ConfigMap change → stored on every node: CDF",
-            ("sans-serif", 18),
-        )
+    lines(
+        &panels[2],
+        "one ConfigMap change → stored on every node: CDF",
+        "ms after the change",
+        "fraction of nodes",
+        &cdfs,
+    )?;
+    area.present()?;
+    Ok(())
+}
+
+/// One panel of named line series, axes from zero to the largest values.
+fn lines(
+    panel: &plotters::drawing::DrawingArea<plotters::prelude::SVGBackend, plotters::coord::Shift>,
+    caption: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(f64, f64)>)],
+) -> Result<()> {
+    use plotters::prelude::*;
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let max = |f: fn(&(f64, f64)) -> f64| {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().map(f))
+            .fold(1.0, f64::max)
+    };
+    let mut chart = ChartBuilder::on(panel)
+        .caption(caption, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(35)
         .y_label_area_size(60)
-        .build_cartesian_2d(0f64..ms_max * 1.05, 0f64..1.0)?;
+        .build_cartesian_2d(0f64..max(|p| p.0) * 1.02, 0f64..max(|p| p.1) * 1.05)?;
     chart
         .configure_mesh()
-        .x_desc("ms after the change")
-        .y_desc("fraction of nodes")
+        .x_desc(x_desc)
+        .y_desc(y_desc)
         .draw()?;
-    for ((name, ms), color) in fanouts.iter().zip(colors.iter().cycle()) {
+    for ((name, points), color) in series.iter().zip(colors.iter().cycle()) {
         let color = *color;
-        let n = ms.len().max(1) as f64;
         chart
             .draw_series(LineSeries::new(
-                ms.iter().enumerate().map(|(i, v)| (*v, (i + 1) as f64 / n)),
+                points.iter().copied(),
                 color.stroke_width(2),
             ))?
             .label(name.clone())
@@ -797,7 +803,6 @@ fn plot(out: &std::path::Path, timelines: &[PathBuf]) -> Result<()> {
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-    area.present()?;
     Ok(())
 }
 
