@@ -7,7 +7,9 @@
 //!
 //! Measures: time to connect and sync the fleet; hub RSS and CPU per connected idle node;
 //! one change every node needs (a ConfigMap used by a pod on every node) → persisted on every
-//! node (p50 / p99 / max); the API server's write rate while idle (node liveness) and, with
+//! node (p50 / p99 / max); a pod created for one node → Running in the API (p50 / p99 / max,
+//! the node reporting it Running as it arrives); the API server's write rate while idle (node
+//! liveness) and, with
 //! several hubs, during the storm after `kill -9` of one hub, with the time until every node is
 //! connected and synced again. A timeline (seconds, connected, synced, hubs' RSS) goes to a
 //! CSV file, the fan-out delays beside it, and both are plotted to an SVG
@@ -55,6 +57,9 @@ struct Args {
     /// Partitions of a tier.
     #[arg(long, default_value_t = 32)]
     partitions: u32,
+    /// Pods created one by one (10 a second, each for another node) to time pod → Running.
+    #[arg(long, default_value_t = 200)]
+    pod_runs: usize,
     /// Kill -9 one hub at the end and time the takeover (with --hubs > 1).
     #[arg(long)]
     kill: bool,
@@ -92,6 +97,9 @@ enum Mode {
         source: std::net::IpAddr,
     },
 }
+
+/// Names of the pods of the pod-to-running test.
+const RUN_POD_PREFIX: &str = "run-";
 
 fn node_name(i: usize) -> String {
     format!("sim-{i:06}")
@@ -172,11 +180,34 @@ async fn simulate(
             edge.reporter(),
             edge.status(),
         ));
-        // Each arrival of the fan-out ConfigMap: its value and when (unix ns).
+        // Each arrival of the fan-out ConfigMap: its value and when (unix ns). A pod of the
+        // pod-to-running test "runs" as soon as it arrives: the node reports it Running.
         let mut changes = edge.subscribe();
         let store = edge.store().clone();
+        let reporter = edge.reporter();
         tokio::spawn(async move {
             while let Ok(change) = changes.recv().await {
+                if let sedna_edgecore::store::Change::Upserted(o) = &change
+                    && o.kind == "Pod"
+                    && o.name.starts_with(RUN_POD_PREFIX)
+                {
+                    let upstream = sedna_proto::channel::Upstream {
+                        kind: sedna_proto::channel::upstream::Kind::Status as i32,
+                        object: Some(sedna_proto::channel::ObjectRef {
+                            api_version: "v1".into(),
+                            kind: "Pod".into(),
+                            namespace: o.namespace.clone(),
+                            name: o.name.clone(),
+                            uid: o.uid.clone(),
+                        }),
+                        payload: serde_json::json!({ "status": { "phase": "Running",
+                            "conditions": [{ "type": "Ready", "status": "True" }] } })
+                        .to_string()
+                        .into_bytes(),
+                    };
+                    let _ = reporter.report(&upstream);
+                    continue;
+                }
                 if let sedna_edgecore::store::Change::Upserted(o) = change
                     && o.kind == "ConfigMap"
                     && o.name == "fanout"
@@ -620,6 +651,8 @@ async fn orchestrate(args: Args) -> Result<()> {
         per_node_min(2)
     );
 
+    pod_to_running(&client, args.nodes, args.pod_runs).await?;
+
     if args.kill && hubs.len() > 1 {
         let victim = &mut hubs[1];
         let pid = victim
@@ -667,6 +700,76 @@ async fn orchestrate(args: Args) -> Result<()> {
     let svg = args.timeline.with_extension("svg");
     plot(&svg, std::slice::from_ref(&args.timeline))?;
     println!("plots: {}", svg.display());
+    Ok(())
+}
+
+/// Creates `runs` pods, 10 a second, each bound to another node, and times each from its
+/// create call to the API showing it Running (the simulated node reports it Running when
+/// the pod reaches it): the API write, the hub's watch and routing, the channel down, the
+/// status up, the hub's write, the API's watch.
+async fn pod_to_running(client: &kube::Client, nodes: usize, runs: usize) -> Result<()> {
+    use kube::api::{WatchEvent, WatchParams};
+    if runs == 0 {
+        return Ok(());
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    let running: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let watch = {
+        let (pods, running) = (pods.clone(), running.clone());
+        let mut stream = pods
+            .watch(
+                &WatchParams::default().labels("bench=run").timeout(290),
+                "0",
+            )
+            .await?
+            .boxed();
+        tokio::spawn(async move {
+            while let Some(Ok(event)) = stream.next().await {
+                if let WatchEvent::Modified(p) | WatchEvent::Added(p) = event
+                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    && let Some(name) = p.metadata.name
+                {
+                    running
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .entry(name)
+                        .or_insert_with(Instant::now);
+                }
+            }
+        })
+    };
+    let mut created: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for k in 0..runs {
+        tick.tick().await;
+        // Spread over the fleet: a stride coprime with most fleet sizes.
+        let node = node_name((k * 7919) % nodes);
+        let name = format!("{RUN_POD_PREFIX}{k:05}");
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "labels": { "bench": "run" } },
+            "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "sh" }] },
+        }))?;
+        created.insert(name, Instant::now());
+        pods.create(&PostParams::default(), &pod).await?;
+    }
+    wait_for("every timed pod Running", Duration::from_secs(120), || {
+        (running.lock().unwrap_or_else(|e| e.into_inner()).len() >= runs).then_some(())
+    })
+    .await?;
+    watch.abort();
+    let running = running.lock().unwrap_or_else(|e| e.into_inner());
+    let mut delays: Vec<Duration> = created
+        .iter()
+        .filter_map(|(name, at)| Some(running.get(name)?.saturating_duration_since(*at)))
+        .collect();
+    delays.sort_unstable();
+    println!(
+        "pod created for one node → Running in the API ({} pods, 10/s): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        delays.len(),
+        common::percentile(&delays, 0.5).as_secs_f64() * 1e3,
+        common::percentile(&delays, 0.99).as_secs_f64() * 1e3,
+        common::percentile(&delays, 1.0).as_secs_f64() * 1e3,
+    );
     Ok(())
 }
 

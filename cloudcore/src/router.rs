@@ -197,6 +197,8 @@ fn slim(kind: Kind, value: &Value) -> Value {
             "resourceVersion",
             "creationTimestamp",
             "labels",
+            // A pod's owning workload is in its node's view (`pod_references`).
+            "ownerReferences",
         ];
         if kind == Kind::Node {
             keep.push("annotations");
@@ -738,6 +740,32 @@ mod tests {
         assert_eq!(sent["data"]["k"], "v");
         let p = pod("p", "a", 2, "cfg");
         assert_eq!(p.value["spec"]["nodeName"], "a");
+    }
+
+    #[test]
+    fn a_node_sees_the_workload_owning_its_pod() {
+        let mut r = Router::new();
+        r.upsert(obj(
+            Kind::FederatedLearningJob,
+            "default",
+            "fl",
+            1,
+            json!({ "spec": {} }),
+        ));
+        r.upsert(obj(
+            Kind::Pod,
+            "default",
+            "fl-agg",
+            2,
+            json!({ "metadata": { "ownerReferences": [{ "apiVersion": "sedna.io/v1alpha1",
+                        "kind": "FederatedLearningJob", "name": "fl", "uid": "u" }] },
+                    "spec": { "nodeName": "cloud", "containers": [{ "name": "c" }] } }),
+        ));
+        r.attach("cloud");
+        assert!(r.in_view(
+            "cloud",
+            &ObjKey::new(Kind::FederatedLearningJob, "default", "fl")
+        ));
     }
 
     #[test]
