@@ -528,3 +528,106 @@ async fn a_stopped_hubs_nodes_all_reconnect_in_time_at_the_bounded_handshake_rat
         "{moving} nodes of a stopped hub back after {took:?}; at most {most} sessions per second"
     );
 }
+
+/// `Attach` by a node's own certificate, with `metadata` added; the refusal, if refused.
+async fn attach_with(
+    hub: &str,
+    identity: &sedna_edgecore::join::Identity,
+    metadata: &[(&'static str, String)],
+) -> Option<tonic::Status> {
+    let config = sedna_edgecore::tls::channel_config(
+        &identity.ca_pem,
+        &identity.cert_pem,
+        &identity.key_pem,
+    )
+    .unwrap();
+    let channel = match sedna_edgecore::tls::connect(hub, config).await {
+        Ok(c) => c,
+        Err(e) => return Some(tonic::Status::unavailable(e)),
+    };
+    let mut request =
+        tonic::Request::new(futures_util::stream::empty::<sedna_proto::channel::Envelope>());
+    for (key, value) in metadata {
+        request.metadata_mut().insert(*key, value.parse().unwrap());
+    }
+    let answer = sedna_proto::channel::hub_client::HubClient::new(channel)
+        .attach(request)
+        .await;
+    answer.err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_claiming_its_owner_unreachable_only_delays_itself_and_an_oversized_claim_is_refused()
+ {
+    let mut tier = Tier::start(Mode::MultiPrimary).await;
+    tier.hub("h1", &[], &[]).await;
+    tier.hub("h2", &[], &[]).await;
+    partitions_settled(&tier, &["h1", "h2"]).await;
+    // A node whose partition h1 serves, dialling h2.
+    let owners = tier.hubs.lock().unwrap()["h1"].partition_owners().unwrap();
+    let node = (0..)
+        .map(|i| format!("claim-{i}"))
+        .find(|n| owners[&sedna_cloudcore::partitions::partition_of(n, None, PARTITIONS)] == "h1")
+        .unwrap();
+    let token =
+        sedna_cloudcore::tokens::create(&tier.client, Some(&node), Duration::from_secs(600))
+            .await
+            .unwrap()
+            .to_string();
+    let dir = tier.dir.path().join("edges").join(&node);
+    let (h1, h2) = (tier.addrs["h1"].to_string(), tier.addrs["h2"].to_string());
+    sedna_edgecore::join::join(&h1, &token, &node, &dir)
+        .await
+        .unwrap();
+    let identity = sedna_edgecore::join::Identity::load(&dir).unwrap().unwrap();
+
+    // Plain: redirected to h1.
+    let plain = attach_with(&h2, &identity, &[]).await.unwrap();
+    assert_eq!(
+        plain
+            .metadata()
+            .get("sedna-redirect")
+            .unwrap()
+            .to_str()
+            .unwrap(),
+        h1
+    );
+    // Claiming h1 unreachable: told when to come back, not redirected (it delays only itself).
+    let claim = attach_with(&h2, &identity, &[("sedna-unreachable", h1.clone())])
+        .await
+        .unwrap();
+    assert_eq!(claim.code(), tonic::Code::Unavailable, "{claim:?}");
+    assert!(claim.metadata().get("sedna-redirect").is_none());
+    let after: u64 = claim
+        .metadata()
+        .get("sedna-retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        after <= (LEASE + LEASE / 3).as_millis() as u64,
+        "{after} ms"
+    );
+    // An oversized claim (64 KiB, past HTTP/2's header list bound) is refused outright.
+    let huge = attach_with(
+        &h2,
+        &identity,
+        &[("sedna-unreachable", "x".repeat(64 * 1024))],
+    )
+    .await
+    .unwrap();
+    assert!(huge.metadata().get("sedna-redirect").is_none(), "{huge:?}");
+    // Meanwhile real nodes keep connecting.
+    let mut edges = BTreeMap::new();
+    edges.insert(
+        "legit".to_string(),
+        tier.edge("legit", &tier.seeds("h2")).await,
+    );
+    settled(&tier, &edges, Duration::from_secs(30)).await;
+    assert!(
+        attach_with(&h1, &identity, &[]).await.is_none(),
+        "its owner serves it"
+    );
+}
