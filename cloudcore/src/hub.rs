@@ -728,16 +728,7 @@ struct Service {
     shared: Arc<Shared>,
 }
 
-/// gRPC metadata of an `Attach` refusal naming the hub that serves the node (`host:port`).
-pub const REDIRECT_METADATA: &str = "sedna-redirect";
-
-/// gRPC metadata of an `Attach` refusal while no hub serves the node's partition: when to dial
-/// again, in milliseconds (the edge adds jitter).
-pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
-
-/// gRPC metadata of an `Attach`: the hub address the node was redirected to and could not
-/// reach (so it is not redirected there again before that hub's Leases expire).
-pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
+pub use sedna_proto::{REDIRECT_METADATA, RETRY_AFTER_METADATA, UNREACHABLE_METADATA};
 
 /// The node a request's client certificate names, and when that certificate was issued.
 fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {

@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use rand::RngExt;
 use sedna_proto::channel::hub_client::HubClient;
 use sedna_proto::channel::{Digest, Envelope, Manifest, Op, Upstream};
-use sedna_proto::{Message, sync};
+use sedna_proto::{Message, REDIRECT_METADATA, RETRY_AFTER_METADATA, UNREACHABLE_METADATA, sync};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
@@ -114,12 +114,6 @@ pub struct EdgeHub {
     hub_address: watch::Receiver<String>,
 }
 
-/// gRPC metadata of a hub's refusal naming the hub that serves this node (as the hub sets it).
-const REDIRECT_METADATA: &str = "sedna-redirect";
-/// gRPC metadata of a hub's refusal while no hub serves the node: when to dial again (ms).
-const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
-/// gRPC metadata of an `Attach`: a hub this node was redirected to and could not reach.
-const UNREACHABLE_METADATA: &str = "sedna-unreachable";
 /// Redirects followed in a row before dialing the configured hubs again.
 const MAX_REDIRECTS: u32 = 3;
 

@@ -260,12 +260,17 @@ impl EdgeMachine {
     }
 
     fn lost(&mut self, out: &mut Vec<Output>, now: Instant) {
+        self.forget_connection();
+        self.schedule_retry(now);
+        let _ = out;
+    }
+
+    /// Drops what only the lost connection had in flight.
+    fn forget_connection(&mut self) {
         self.upstream_in_flight.clear();
         self.upstream_sent = 0;
         self.fetching = false;
         self.wanted.clear();
-        self.schedule_retry(now);
-        let _ = out;
     }
 
     /// Advances the machine.
@@ -291,13 +296,12 @@ impl EdgeMachine {
                     if let ConnectError::Later(after) = error {
                         // The hub said when: wait that long (bounded) plus jitter; the
                         // back-off does not grow, the tier is converging.
-                        self.lost(&mut out, now);
+                        self.forget_connection();
                         let jitter = self
                             .rng
                             .random_range(0..=self.config.later_spread.as_nanos() as u64);
                         let delay =
                             after.min(self.config.backoff_max) + Duration::from_nanos(jitter);
-                        self.attempt = self.attempt.saturating_sub(1);
                         self.phase = Phase::Waiting { until: now + delay };
                     } else if error.is_retryable() {
                         self.lost(&mut out, now);

@@ -29,6 +29,18 @@ pub mod onnx {
     tonic::include_proto!("onnx");
 }
 
+/// gRPC metadata of an `Attach` refusal naming the hub of a tier that serves the node
+/// (`host:port`).
+pub const REDIRECT_METADATA: &str = "sedna-redirect";
+
+/// gRPC metadata of an `Attach` refusal while no hub serves the node's partition: when to dial
+/// again, in milliseconds (the edge adds jitter).
+pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
+
+/// gRPC metadata of an `Attach`: the hub address the node was redirected to and could not
+/// reach (so it is not redirected there again before that hub's Leases expire).
+pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
+
 /// Default cap on one envelope, encoded: larger messages are refused by both sides.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
