@@ -173,7 +173,7 @@ async fn simulate(
             data_dir: dir.clone(),
             lease_interval: Duration::from_secs(10),
             lease_duration: Duration::from_secs(40),
-            status_interval: Duration::from_secs(60),
+            status_interval: Duration::from_secs(300),
         };
         tokio::spawn(sedna_edgecore::node::run(
             node,
@@ -186,11 +186,20 @@ async fn simulate(
         let store = edge.store().clone();
         let reporter = edge.reporter();
         tokio::spawn(async move {
-            while let Ok(change) = changes.recv().await {
+            loop {
+                // A node's few objects never fill the change buffer; were it to lag, the
+                // missed arrivals would show as a run that never completes, not a wrong figure.
+                let change = match changes.recv().await {
+                    Ok(change) => change,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
                 if let sedna_edgecore::store::Change::Upserted(o) = &change
                     && o.kind == "Pod"
                     && o.name.starts_with(RUN_POD_PREFIX)
                 {
+                    let at = jiff::Timestamp::now().as_nanosecond();
+                    println!("podrun {} {at}", o.name);
                     let upstream = sedna_proto::channel::Upstream {
                         kind: sedna_proto::channel::upstream::Kind::Status as i32,
                         object: Some(sedna_proto::channel::ObjectRef {
@@ -243,6 +252,8 @@ struct Fleet {
     /// Fan-out arrivals: value → node → first arrival (unix ns); a node may get the same
     /// version twice (a retransmission), the first counts.
     arrivals: BTreeMap<String, BTreeMap<String, i128>>,
+    /// Pods of the pod-to-running test: first arrival on their node (unix ns).
+    pod_arrivals: BTreeMap<String, i128>,
 }
 
 impl Fleet {
@@ -481,6 +492,11 @@ async fn orchestrate(args: Args) -> Result<()> {
                             .entry(node.to_string())
                             .or_insert(at.parse().unwrap_or(0));
                     }
+                    ["podrun", name, at] => {
+                        f.pod_arrivals
+                            .entry(name.to_string())
+                            .or_insert(at.parse().unwrap_or(0));
+                    }
                     _ => {}
                 }
             }
@@ -637,6 +653,12 @@ async fn orchestrate(args: Args) -> Result<()> {
         cpu * 100.0,
         cpu * 1e6 / args.nodes as f64
     );
+    let sim_rss: u64 = sims.iter().map(|s| rss_kib(s.0.id())).sum();
+    println!(
+        "simulators: RSS {} MiB, {:.1} KiB per simulated node (its client connection, store and agent tasks)",
+        sim_rss / 1024,
+        sim_rss as f64 / args.nodes as f64
+    );
     println!(
         "API server writes while idle: {writes:.0}/s ({:.1} per node per minute)",
         writes * 60.0 / args.nodes as f64
@@ -651,7 +673,7 @@ async fn orchestrate(args: Args) -> Result<()> {
         per_node_min(2)
     );
 
-    pod_to_running(&client, args.nodes, args.pod_runs).await?;
+    pod_to_running(&client, &fleet, args.nodes, args.pod_runs).await?;
 
     if args.kill && hubs.len() > 1 {
         let victim = &mut hubs[1];
@@ -706,14 +728,22 @@ async fn orchestrate(args: Args) -> Result<()> {
 /// Creates `runs` pods, 10 a second, each bound to another node, and times each from its
 /// create call to the API showing it Running (the simulated node reports it Running when
 /// the pod reaches it): the API write, the hub's watch and routing, the channel down, the
-/// status up, the hub's write, the API's watch.
-async fn pod_to_running(client: &kube::Client, nodes: usize, runs: usize) -> Result<()> {
+/// status up, the hub's write, the API's watch. The time is split at the pod's arrival on
+/// its node (the simulator's clock is this machine's): down (API → hub → node) and up
+/// (node → hub → API → watch).
+async fn pod_to_running(
+    client: &kube::Client,
+    fleet: &Mutex<Fleet>,
+    nodes: usize,
+    runs: usize,
+) -> Result<()> {
     use kube::api::{WatchEvent, WatchParams};
     if runs == 0 {
         return Ok(());
     }
+    let now_ns = || jiff::Timestamp::now().as_nanosecond();
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
-    let running: Arc<Mutex<BTreeMap<String, Instant>>> = Arc::default();
+    let running: Arc<Mutex<BTreeMap<String, i128>>> = Arc::default();
     let watch = {
         let (pods, running) = (pods.clone(), running.clone());
         let mut stream = pods
@@ -733,12 +763,12 @@ async fn pod_to_running(client: &kube::Client, nodes: usize, runs: usize) -> Res
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .entry(name)
-                        .or_insert_with(Instant::now);
+                        .or_insert_with(now_ns);
                 }
             }
         })
     };
-    let mut created: BTreeMap<String, Instant> = BTreeMap::new();
+    let mut created: BTreeMap<String, (i128, String)> = BTreeMap::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     for k in 0..runs {
         tick.tick().await;
@@ -749,7 +779,7 @@ async fn pod_to_running(client: &kube::Client, nodes: usize, runs: usize) -> Res
             "metadata": { "name": name, "labels": { "bench": "run" } },
             "spec": { "nodeName": node, "containers": [{ "name": "c", "image": "sh" }] },
         }))?;
-        created.insert(name, Instant::now());
+        created.insert(name, (now_ns(), node));
         pods.create(&PostParams::default(), &pod).await?;
     }
     wait_for("every timed pod Running", Duration::from_secs(120), || {
@@ -757,19 +787,53 @@ async fn pod_to_running(client: &kube::Client, nodes: usize, runs: usize) -> Res
     })
     .await?;
     watch.abort();
-    let running = running.lock().unwrap_or_else(|e| e.into_inner());
-    let mut delays: Vec<Duration> = created
+    let running = running.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let arrived = fleet
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .pod_arrivals
+        .clone();
+    // (total, down, up) per pod, in ns; down and up only where the arrival was seen.
+    let mut timed: Vec<(i128, Option<(i128, i128)>, &str, &str)> = created
         .iter()
-        .filter_map(|(name, at)| Some(running.get(name)?.saturating_duration_since(*at)))
+        .filter_map(|(name, (at, node))| {
+            let done = *running.get(name)?;
+            let split = arrived.get(name).map(|a| (a - at, done - a));
+            Some((done - at, split, name.as_str(), node.as_str()))
+        })
         .collect();
-    delays.sort_unstable();
+    timed.sort_unstable();
+    let summary = |mut v: Vec<i128>| {
+        v.sort_unstable();
+        format!(
+            "p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            percentile_ns(&v, 0.5),
+            percentile_ns(&v, 0.99),
+            percentile_ns(&v, 1.0)
+        )
+    };
     println!(
-        "pod created for one node → Running in the API ({} pods, 10/s): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-        delays.len(),
-        common::percentile(&delays, 0.5).as_secs_f64() * 1e3,
-        common::percentile(&delays, 0.99).as_secs_f64() * 1e3,
-        common::percentile(&delays, 1.0).as_secs_f64() * 1e3,
+        "pod created for one node → Running in the API ({} pods, 10/s): {}",
+        timed.len(),
+        summary(timed.iter().map(|t| t.0).collect())
     );
+    println!(
+        "  down (create → on its node): {}; up (node reports Running → API watch): {}",
+        summary(timed.iter().filter_map(|t| Some(t.1?.0)).collect()),
+        summary(timed.iter().filter_map(|t| Some(t.1?.1)).collect()),
+    );
+    for (total, split, name, node) in timed.iter().rev().take(5) {
+        let (down, up) = split.map_or(("?".into(), "?".into()), |(d, u)| {
+            (
+                format!("{:.0}", d as f64 / 1e6),
+                format!("{:.0}", u as f64 / 1e6),
+            )
+        });
+        println!(
+            "  slowest: {name} on {node}: {:.0} ms (down {down} ms, up {up} ms)",
+            *total as f64 / 1e6
+        );
+    }
     Ok(())
 }
 

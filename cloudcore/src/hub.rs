@@ -25,6 +25,10 @@ use crate::router::{Downstream, Kind, ObjKey, Object, Router};
 use crate::session::{Input, Output, Session, SessionConfig};
 use crate::upstream::{self, Decision};
 
+/// An edge write that took at least this long (queued for a permit plus the API call) is
+/// logged with both parts, to find where slow status reports lose their time.
+const SLOW_UPSTREAM: Duration = Duration::from_secs(1);
+
 /// Hub settings.
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -62,6 +66,9 @@ pub struct HubConfig {
     /// once, over all nodes. Beyond it writes wait their turn (in order): after a storm of
     /// reconnections the API server sees a bounded number of requests and connections from
     /// this hub, and the hub's own Lease renewals are not queued behind thousands of them.
+    /// A quarter of it is kept for workload writes (pod and job status, events, pod
+    /// deletions), so a backlog of node liveness writes never delays a pod's Running
+    /// ([`upstream::permit_split`]).
     pub max_upstream_in_flight: usize,
     /// This hub's place in a tier of hubs sharing the nodes (`None`: it serves every node).
     pub tier: Option<crate::tier::TierConfig>,
@@ -180,8 +187,10 @@ struct Shared {
     stats: Arc<HubStats>,
     streams: crate::streams::Streams,
     tier: Option<Arc<crate::tier::Tier>>,
-    /// Permits for edge writes to the API (see [`HubConfig::max_upstream_in_flight`]).
-    upstream_permits: Arc<tokio::sync::Semaphore>,
+    /// Permits for edge writes to the API (see [`HubConfig::max_upstream_in_flight`]): node
+    /// liveness writes (Lease, Node) and the others.
+    liveness_permits: Arc<tokio::sync::Semaphore>,
+    workload_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -244,7 +253,8 @@ impl Hub {
         let (ready, _) = watch::channel(false);
         let (shutdown, shutdown_rx) = watch::channel(false);
         let config_streams = config.streams;
-        let upstream_in_flight = config.max_upstream_in_flight;
+        let (liveness_in_flight, workload_in_flight) =
+            upstream::permit_split(config.max_upstream_in_flight);
         let tier = config
             .tier
             .clone()
@@ -262,7 +272,8 @@ impl Hub {
             revocations: crate::revocation::Revocations::default(),
             streams: crate::streams::Streams::new(config_streams),
             tier,
-            upstream_permits: Arc::new(tokio::sync::Semaphore::new(upstream_in_flight.max(1))),
+            liveness_permits: Arc::new(tokio::sync::Semaphore::new(liveness_in_flight)),
+            workload_permits: Arc::new(tokio::sync::Semaphore::new(workload_in_flight)),
         });
         shared.revocations.load(&shared.client).await?;
         let mut tasks = Vec::new();
@@ -1035,7 +1046,6 @@ async fn run_session(
                                     .ok()
                                     .filter(|t| t.as_millisecond() > 0),
                                     &upstream.payload,
-                                    jiff::Timestamp::now(),
                                 ) =>
                         {
                             // The API's Lease is recent enough: acknowledged, not written.
@@ -1067,12 +1077,27 @@ async fn run_session(
                             let done_tx = done_tx.clone();
                             let stats = stats.clone();
                             let lease_written = lease_written.clone();
-                            let permits = shared.upstream_permits.clone();
+                            let permits = if upstream::is_liveness(&upstream) {
+                                shared.liveness_permits.clone()
+                            } else {
+                                shared.workload_permits.clone()
+                            };
                             tokio::spawn(async move {
+                                let queued = tokio::time::Instant::now();
                                 let Ok(_permit) = permits.acquire_owned().await else {
                                     return;
                                 };
+                                let sent = tokio::time::Instant::now();
                                 let outcome = upstream::apply(&client, &node, &upstream).await;
+                                if queued.elapsed() >= SLOW_UPSTREAM {
+                                    tracing::info!(
+                                        %node,
+                                        kind = upstream.kind,
+                                        waited_ms = (sent - queued).as_millis() as u64,
+                                        api_ms = sent.elapsed().as_millis() as u64,
+                                        "slow edge write"
+                                    );
+                                }
                                 match &outcome {
                                     crate::session::UpstreamOutcome::Applied => {
                                         stats.upstream_applied.fetch_add(1, Ordering::Relaxed);
@@ -1080,8 +1105,11 @@ async fn run_session(
                                             == sedna_proto::channel::upstream::Kind::Lease as i32
                                             && let Some(t) = upstream::renew_time(&upstream.payload)
                                         {
+                                            // The last write, not the latest time: a
+                                            // renewal from the future must not make the
+                                            // node's later ones look stale forever.
                                             lease_written
-                                                .fetch_max(t.as_millisecond(), Ordering::Relaxed);
+                                                .store(t.as_millisecond(), Ordering::Relaxed);
                                         }
                                     }
                                     crate::session::UpstreamOutcome::Rejected(_) => {

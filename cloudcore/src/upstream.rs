@@ -264,19 +264,42 @@ fn outcome(e: kube::Error) -> UpstreamOutcome {
     }
 }
 
+/// Whether a write is node liveness (its Lease, its Node): the writes every node makes all
+/// the time, which must not queue ahead of a pod's status.
+pub fn is_liveness(u: &Upstream) -> bool {
+    matches!(
+        UpstreamKind::try_from(u.kind),
+        Ok(UpstreamKind::Lease | UpstreamKind::Node)
+    )
+}
+
+/// Splits the hub's bound on edge writes in flight between liveness writes and the others
+/// (pod and workload status, events, pod deletions): a quarter, at least one, for the
+/// others; each gets at least one.
+pub fn permit_split(max_in_flight: usize) -> (usize, usize) {
+    let workload = (max_in_flight / 4).max(1);
+    (max_in_flight.saturating_sub(workload).max(1), workload)
+}
+
 /// Whether a node's Lease renewal must reach the API, given the Lease the API holds now as the
-/// hub's cache has it (`cached`), the renewal time this session last wrote (`written`, which
+/// hub's cache has it (`cached`) and the renewal time this session last wrote (`written`, which
 /// the cache may not show yet: under load the watch lags, and a lagging cache must not turn
-/// every renewal into a write), and the time: only when the stored one is at least half its
-/// duration old (or missing, or held or sized differently). The edge renews every 10 s; the
-/// API then sees one write per node every 20–30 s instead of every 10 s, and a Lease never
-/// older than half its duration plus one renewal interval — within the 40 s after which a node
-/// is NotReady.
+/// every renewal into a write): only when the renewal in hand is at least half the lease's
+/// duration newer than the one stored (or nothing is stored, or it is held or sized
+/// differently, or the renewal is older than the stored one: the node's clock stepped back).
+///
+/// Both times are the node's own clock, and the renewal is judged by when the node made it,
+/// not by when the hub gets to it: renewals queued behind a slow API server (the hub applies
+/// a node's writes one at a time) are skipped as they would have been without the queue.
+/// Judged against the hub's clock instead, a backlog turned every renewal into a write and
+/// grew itself (10,000 nodes on 3 hubs: 0.02 of 6 renewals a minute skipped, writes waiting
+/// 25 s for the API). The edge renews every 10 s; the API sees one write per node every
+/// 20–30 s instead of every 10 s, and a Lease never older than half its duration plus one
+/// renewal interval — within the 40 s after which a node is NotReady — while the API keeps up.
 pub fn lease_due(
     cached: Option<&Value>,
     written: Option<jiff::Timestamp>,
     incoming: &[u8],
-    now: jiff::Timestamp,
 ) -> bool {
     let Some(cached) = cached else { return true };
     let Ok(incoming) = serde_json::from_slice::<Value>(incoming) else {
@@ -291,13 +314,15 @@ pub fn lease_due(
     let duration = spec(cached, "leaseDurationSeconds")
         .and_then(|d| d.as_i64())
         .unwrap_or(0);
-    let renewed = spec(cached, "renewTime")
-        .and_then(|t| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()))
-        .max(written);
-    match renewed {
-        Some(renewed) => now.as_millisecond() - renewed.as_millisecond() >= duration * 1000 / 2,
-        None => true,
-    }
+    let time = |v: &Value| {
+        spec(v, "renewTime")
+            .and_then(|t| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()))
+    };
+    let (Some(renewed), Some(renewal)) = (time(cached).max(written), time(&incoming)) else {
+        return true;
+    };
+    let newer_by = renewal.as_millisecond() - renewed.as_millisecond();
+    newer_by < 0 || newer_by >= duration * 1000 / 2
 }
 
 /// The `spec.renewTime` of a Lease payload.
@@ -414,33 +439,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn workload_writes_keep_a_quarter_of_the_permits_and_each_class_at_least_one() {
+        assert_eq!(permit_split(64), (48, 16));
+        assert_eq!(permit_split(1), (1, 1));
+        assert_eq!(permit_split(0), (1, 1));
+        let of = |kind: UpstreamKind| Upstream {
+            kind: kind as i32,
+            ..Default::default()
+        };
+        assert!(is_liveness(&of(UpstreamKind::Lease)));
+        assert!(is_liveness(&of(UpstreamKind::Node)));
+        assert!(!is_liveness(&of(UpstreamKind::Status)));
+        assert!(!is_liveness(&of(UpstreamKind::PodStopped)));
+        assert!(!is_liveness(&of(UpstreamKind::Event)));
+    }
+
+    #[test]
     fn lease_renewals_reach_the_api_once_the_stored_one_is_half_its_duration_old() {
         let lease = |holder: &str, renewed: &str| {
             serde_json::json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": 40,
                                         "renewTime": renewed}})
         };
-        let now: jiff::Timestamp = "2026-12-01T10:00:30Z".parse().unwrap();
         let incoming = lease("edge-1", "2026-12-01T10:00:30.000000Z").to_string();
         let fresh = lease("edge-1", "2026-12-01T10:00:15.000000Z");
         let old = lease("edge-1", "2026-12-01T10:00:10.000000Z");
         assert!(
-            !lease_due(Some(&fresh), None, incoming.as_bytes(), now),
+            !lease_due(Some(&fresh), None, incoming.as_bytes()),
             "15 s old: skipped"
         );
         assert!(
-            lease_due(Some(&old), None, incoming.as_bytes(), now),
+            lease_due(Some(&old), None, incoming.as_bytes()),
             "20 s old: written"
         );
-        assert!(
-            lease_due(None, None, incoming.as_bytes(), now),
-            "no lease yet"
-        );
+        assert!(lease_due(None, None, incoming.as_bytes()), "no lease yet");
         let other = lease("edge-2", "2026-12-01T10:00:29.000000Z");
         assert!(
-            lease_due(Some(&other), None, incoming.as_bytes(), now),
+            lease_due(Some(&other), None, incoming.as_bytes()),
             "another holder"
         );
-        assert!(lease_due(Some(&fresh), None, b"not json", now));
+        assert!(lease_due(Some(&fresh), None, b"not json"));
         // The cache lags behind this session's own last write: that write counts.
         let written = renew_time(
             lease("edge-1", "2026-12-01T10:00:20.000000Z")
@@ -449,13 +486,27 @@ mod tests {
         );
         assert!(written.is_some());
         assert!(
-            !lease_due(Some(&old), written, incoming.as_bytes(), now),
+            !lease_due(Some(&old), written, incoming.as_bytes()),
             "the cache shows 20 s, this session wrote 10 s ago: skipped"
         );
         assert!(
-            lease_due(Some(&other), written, incoming.as_bytes(), now),
+            lease_due(Some(&other), written, incoming.as_bytes()),
             "another holder in the API is still written over"
         );
+        // Judged by the renewal's own time, however late the hub gets to it: a renewal made
+        // 15 s after the stored one is skipped even if it waited a minute in a queue.
+        let queued = lease("edge-1", "2026-12-01T10:00:25.000000Z").to_string();
+        assert!(!lease_due(Some(&old), None, queued.as_bytes()));
+        // The node's clock stepped back: its renewal is written so the API follows it.
+        let earlier = lease("edge-1", "2026-12-01T10:00:05.000000Z").to_string();
+        assert!(lease_due(Some(&fresh), None, earlier.as_bytes()));
+        let undated = serde_json::json!({"spec": {"holderIdentity": "edge-1",
+                                                 "leaseDurationSeconds": 40}});
+        assert!(lease_due(
+            Some(&fresh),
+            None,
+            undated.to_string().as_bytes()
+        ));
     }
     use crate::router::Object;
     use serde_json::json;

@@ -34,7 +34,9 @@ pub struct AgentConfig {
     pub lease_interval: Duration,
     /// Announced lease duration.
     pub lease_duration: Duration,
-    /// Full node status interval.
+    /// How often the full node status is sent when nothing in it changed (5 minutes, as the
+    /// kubelet's `nodeStatusReportFrequency`: the Lease is the heartbeat, and a change of a
+    /// condition or of capacity is sent within the 10 s sampling period).
     pub status_interval: Duration,
     /// The local API (`None`: not served).
     pub metaserver: Option<MetaConfig>,
@@ -69,7 +71,7 @@ impl AgentConfig {
             program_dirs,
             lease_interval: Duration::from_secs(10),
             lease_duration: Duration::from_secs(40),
-            status_interval: Duration::from_secs(60),
+            status_interval: Duration::from_secs(300),
             metaserver,
             cloud_proxy: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))),
             dataset_interval: Duration::from_secs(10),

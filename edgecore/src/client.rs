@@ -120,6 +120,14 @@ const MAX_REDIRECTS: u32 = 3;
 /// Stream requests (tokens) waiting at most for the agent to answer them.
 const STREAM_REQUEST_QUEUE: usize = 64;
 
+/// Store changes kept for subscribers that have not read them yet. A broadcast channel
+/// allocates all its slots up front (≈ 150 bytes each), so this is memory every node pays:
+/// 4,096 slots were ≈ 600 KiB per node. A subscriber further behind gets
+/// `RecvError::Lagged` and reads the store again (the runtime, the local API and the devices
+/// all do), so a burst larger than this (a first sync of many objects) costs a re-read, not
+/// a lost change.
+const CHANGE_BUFFER: usize = 256;
+
 impl std::fmt::Debug for EdgeHub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EdgeHub").field("node", &self.node).finish()
@@ -137,7 +145,7 @@ impl EdgeHub {
             config.data_dir.join("edge.db")
         };
         let store = EdgeStore::open(&path, config.outbox_limit, config.max_message_bytes)?;
-        let (changes, _) = broadcast::channel(4096);
+        let (changes, _) = broadcast::channel(CHANGE_BUFFER);
         let outbox = Arc::new(Notify::new());
         let (status_tx, status) = watch::channel(EdgeStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);

@@ -250,6 +250,15 @@ pub fn lease_object(config: &NodeConfig) -> Value {
     })
 }
 
+/// What a node status report is re-sent for before its interval: the conditions' states and
+/// the capacity (not the free memory or disk figures of the conditions' messages, which
+/// change all the time and would turn every sample into an API write).
+#[derive(PartialEq)]
+struct Reported {
+    conditions: Vec<(String, bool)>,
+    capacity: (u64, u64, u64, Option<u32>),
+}
+
 /// Reports the node status and renews the lease until aborted; reports the full status again
 /// on every reconnection (the cloud may have marked the node NotReady meanwhile).
 pub async fn run(
@@ -259,7 +268,7 @@ pub async fn run(
 ) {
     let mut was_connected = hub.borrow().connected;
     let mut transitions: BTreeMap<String, (bool, String)> = BTreeMap::new();
-    let mut last_conditions: Option<Vec<(String, bool)>> = None;
+    let mut last_conditions: Option<Reported> = None;
     let mut lease = tokio::time::interval(config.lease_interval);
     let mut status = tokio::time::interval(config.status_interval);
     let mut sample = tokio::time::interval(Duration::from_secs(10).min(config.status_interval));
@@ -299,14 +308,17 @@ pub async fn run(
             _ = sample.tick() => {}
         }
         let c = capacity(&config.data_dir);
-        let current: Vec<(String, bool)> = conditions(&c)
-            .into_iter()
-            .map(|(t, s, _, _)| (t.to_owned(), s))
-            .collect();
+        let current = Reported {
+            conditions: conditions(&c)
+                .into_iter()
+                .map(|(t, s, _, _)| (t.to_owned(), s))
+                .collect(),
+            capacity: (c.cpus, c.memory, c.storage, c.gpus),
+        };
         if !force && last_conditions.as_ref() == Some(&current) {
             continue;
         }
-        for (t, s) in &current {
+        for (t, s) in &current.conditions {
             if transitions.get(t).is_none_or(|(old, _)| old != s) {
                 transitions.insert(t.clone(), (*s, now()));
             }

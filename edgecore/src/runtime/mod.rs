@@ -1311,6 +1311,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_pod_whose_change_was_overrun_in_the_change_buffer_still_runs() {
+        let f = fixture();
+        let runtime = f.start();
+        // Let the runtime read the (empty) store and wait for changes.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A burst larger than the buffer before the runtime reads again (this test's runtime
+        // is single-threaded: nothing runs until the test awaits): the pod's own change is
+        // overwritten and the runtime learns only that it lagged.
+        f.put(&pod("burst", "u9", "exec sleep 60"), 1);
+        for i in 0..100u64 {
+            let object = ObjectRef {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: "default".into(),
+                name: format!("cm-{i}"),
+                uid: format!("cm-uid-{i}"),
+            };
+            let value = json!({ "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": { "name": object.name, "namespace": "default", "uid": object.uid } });
+            if let Some(c) = f
+                .store
+                .upsert(&object, 10 + i, value.to_string().as_bytes())
+                .unwrap()
+            {
+                let _ = f.changes.send(c);
+            }
+        }
+        until(
+            "the pod Running after the runtime re-read the store",
+            || {
+                f.reporter
+                    .statuses()
+                    .into_iter()
+                    .find(|s| s["status"]["phase"] == "Running")
+            },
+        )
+        .await;
+        assert!(f.pid("burst", "u9", "main").is_some_and(alive));
+        runtime.abort();
+    }
+
+    #[tokio::test]
     async fn a_crashing_container_backs_off_and_says_why() {
         let f = fixture();
         let runtime = f.start();
