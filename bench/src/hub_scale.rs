@@ -60,6 +60,10 @@ struct Args {
     /// Pods created one by one (10 a second, each for another node) to time pod → Running.
     #[arg(long, default_value_t = 200)]
     pod_runs: usize,
+    /// Nodes each simulator brings up per second after they joined (0: all at once). A
+    /// fleet larger than the machine can handshake at once (30,000 nodes) needs a ramp.
+    #[arg(long, default_value_t = 0)]
+    ramp: usize,
     /// Kill -9 one hub at the end and time the takeover (with --hubs > 1).
     #[arg(long)]
     kill: bool,
@@ -95,6 +99,8 @@ enum Mode {
         count: usize,
         #[arg(long)]
         source: std::net::IpAddr,
+        #[arg(long, default_value_t = 0)]
+        ramp: usize,
     },
 }
 
@@ -125,6 +131,7 @@ async fn simulate(
     first: usize,
     count: usize,
     source: std::net::IpAddr,
+    ramp: usize,
 ) -> Result<()> {
     let join_hub = hubs.split(',').next().unwrap_or_default().to_owned();
     let joined: Vec<usize> = futures_util::stream::iter(first..first + count)
@@ -156,7 +163,11 @@ async fn simulate(
         .collect::<Result<_>>()?;
     println!("joined {}", joined.len());
     let mut edges = Vec::with_capacity(count);
+    let mut pace = tokio::time::interval(Duration::from_secs(1));
     for i in first..first + count {
+        if ramp > 0 && (i - first).is_multiple_of(ramp) {
+            pace.tick().await;
+        }
         let mut config = sedna_edgecore::EdgeConfig::new(hubs.clone(), dir.join(i.to_string()));
         config.in_memory = true;
         config.seed = i as u64;
@@ -471,6 +482,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             .arg(d.join(format!("sim-{k}")))
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--source", &format!("127.0.0.{}", 2 + k)])
+            .args(["--ramp", &args.ramp.to_string()])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(sim_log(k))?)
             .spawn()?;
@@ -725,6 +737,10 @@ async fn orchestrate(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// One timed pod: (create → Running, Some((create → on its node, node Running → API
+/// watch)) where the node's arrival was seen, pod name, node name); times in ns.
+type TimedPod<'a> = (i128, Option<(i128, i128)>, &'a str, &'a str);
+
 /// Creates `runs` pods, 10 a second, each bound to another node, and times each from its
 /// create call to the API showing it Running (the simulated node reports it Running when
 /// the pod reaches it): the API write, the hub's watch and routing, the channel down, the
@@ -793,8 +809,7 @@ async fn pod_to_running(
         .unwrap_or_else(|e| e.into_inner())
         .pod_arrivals
         .clone();
-    // (total, down, up) per pod, in ns; down and up only where the arrival was seen.
-    let mut timed: Vec<(i128, Option<(i128, i128)>, &str, &str)> = created
+    let mut timed: Vec<TimedPod<'_>> = created
         .iter()
         .filter_map(|(name, (at, node))| {
             let done = *running.get(name)?;
@@ -987,7 +1002,8 @@ fn main() -> Result<()> {
             first,
             count,
             source,
-        }) => runtime.block_on(simulate(hubs, token, dir, first, count, source)),
+            ramp,
+        }) => runtime.block_on(simulate(hubs, token, dir, first, count, source, ramp)),
         None => runtime.block_on(orchestrate(args)),
     }
 }
