@@ -15,8 +15,10 @@
 //!
 //! - A client that reconnects (joins again under its worker name) takes over its old place:
 //!   the old connection is closed and, if it owes the current round, it gets the round again.
-//! - An update for another round is refused with a retryable rejection (the client joins
-//!   again and gets the current round); an update whose tensors do not match the global
+//! - A straggler's late update for a closed round, from a worker the current round was
+//!   already sent to, is dropped and the connection kept: the worker answers the current
+//!   round next. Any other update for another round is refused with a retryable rejection
+//!   (the client joins again and gets the current round); an update whose tensors do not match the global
 //!   weights is refused for good, with the mismatch named. Neither disturbs the round.
 //! - A client that joins mid-round is given the round too.
 //!
@@ -535,6 +537,13 @@ impl Server {
             let reason = format!("update for round {round} while no round is running");
             return Self::reject(out, conn, reason, true);
         };
+        if round < *current && selected.contains(worker) && !self.answers.contains_key(worker) {
+            // A straggler's late answer crossed the next round on the wire: that round is
+            // already on its connection and it will answer it. Dropping the stale update
+            // (not the connection) keeps a slow worker in the job.
+            tracing::debug!(%worker, round, current = *current, "a late update for a closed round dropped");
+            return;
+        }
         if round != *current {
             let reason = format!("update for round {round}; the current round is {current}");
             return Self::reject(out, conn, reason, true);
@@ -881,8 +890,8 @@ mod tests {
     }
 
     #[test]
-    fn a_straggler_is_left_behind_at_the_timeout_when_enough_answered() {
-        let mut s = server(1, 3, 2, Some(10));
+    fn a_straggler_is_left_behind_at_the_timeout_and_answers_the_next_round() {
+        let mut s = server(2, 3, 2, Some(10));
         for (conn, name) in [(1, "edge-1"), (2, "edge-2"), (3, "edge-3")] {
             join(&mut s, conn, name, 0);
         }
@@ -895,10 +904,21 @@ mod tests {
         assert_eq!(summary.participants, ["edge-1", "edge-2"]);
         assert_eq!(summary.stragglers, ["edge-3"]);
         assert_eq!(s.global(), &w(2.0));
-        // The straggler's late answer is for a finished round: refused, retryable.
+        // The straggler's late answer crossed round 2 on the wire: dropped, its connection
+        // kept, and its answer to round 2 counts.
         let out = update(&mut s, 3, 1, 10, 100.0, 11);
-        assert!(rejection(&out, 3).is_some_and(|(_, retryable)| retryable));
+        assert!(out.is_empty(), "{out:?}");
         assert_eq!(s.global(), &w(2.0));
+        update(&mut s, 1, 2, 10, 2.0, 12);
+        update(&mut s, 2, 2, 10, 2.0, 12);
+        let out = update(&mut s, 3, 2, 10, 5.0, 13);
+        let summary = closed(&out).unwrap();
+        assert_eq!(summary.participants, ["edge-1", "edge-2", "edge-3"]);
+        assert!(summary.stragglers.is_empty());
+        assert_eq!(s.global(), &w(3.0));
+        // A second stale answer for the round it already answered is refused as before.
+        let out = update(&mut s, 3, 2, 10, 100.0, 14);
+        assert!(rejection(&out, 3).is_some_and(|(_, retryable)| retryable));
     }
 
     #[test]
