@@ -309,8 +309,9 @@ fn a_killed_trainer_is_left_behind_at_the_round_timeout_and_the_job_finishes() {
         3,
         &[
             ("SEDNA_FL_MIN_CLIENTS", "2"),
-            // Long enough for a round of two trainers on a loaded 2-core CI machine.
-            ("SEDNA_FL_ROUND_TIMEOUT_SECONDS", "8"),
+            // A round of three trainers took 7.4 s on a 2-core CI machine running other tests:
+            // the timeout leaves them room, the killed one is still left behind at it.
+            ("SEDNA_FL_ROUND_TIMEOUT_SECONDS", "20"),
         ],
     );
     wait_for("round 1", Duration::from_secs(120), || {
@@ -328,7 +329,7 @@ fn a_killed_trainer_is_left_behind_at_the_round_timeout_and_the_job_finishes() {
         serde_json::json!(["client-0", "client-2"])
     );
     assert_eq!(rounds[1]["stragglers"], serde_json::json!(["client-1"]));
-    assert!(rounds[1]["seconds"].as_f64().unwrap() >= 8.0);
+    assert!(rounds[1]["seconds"].as_f64().unwrap() >= 20.0);
     assert_eq!(
         rounds[2]["participants"],
         serde_json::json!(["client-0", "client-2"])
