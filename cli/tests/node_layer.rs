@@ -168,7 +168,7 @@ async fn hub_api_server_and_two_edges_as_processes() {
     for _ in 0..40 {
         tokio::time::sleep(Duration::from_millis(1500)).await;
         let now = proxy.bytes_to_client();
-        // Heartbeats and lease echoes go on; statuses echo in bulk.
+        // Heartbeats and Lease acknowledgements go on; statuses echo in bulk.
         if now - last < 4096 {
             break;
         }

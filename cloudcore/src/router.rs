@@ -1,10 +1,15 @@
 //! Which objects each node needs, and what to send when something changes.
 //!
-//! The hub watches each kind once and feeds every change here. A node's *view* is: its Node
-//! and Lease, the Pods bound to it, the ConfigMaps and Secrets those pods use, the sedna.io
+//! The hub watches each kind once and feeds every change here. A node's *view* is: its Node,
+//! the Pods bound to it, the ConfigMaps and Secrets those pods use, the sedna.io
 //! workloads that own its pods or whose templates name it, the Models and Datasets those
 //! workloads name, the Datasets placed on it (`nodeName` or a matching `nodeSelector`), the
 //! Devices attached to it and their DeviceModels. Nothing else ever reaches the node.
+//!
+//! Not its own Lease: the node writes it (a renewal every 10 s, one API write every 20–30 s)
+//! and needs nothing back; sent down, each write came back to the node as a message and an
+//! acknowledgement, a third of a connected idle node's traffic. The hub still caches Leases
+//! (the renewal throttle and the node lifecycle read them).
 //!
 //! Views exist only for connected nodes; a change recomputes the views of the nodes it can
 //! affect (those whose view refers to the object, and those the object names) and yields the
@@ -398,7 +403,6 @@ fn named_nodes(obj: &Object) -> BTreeSet<String> {
         Kind::Pod => one(str_at(v, &["spec", "nodeName"])),
         Kind::Device | Kind::Dataset => one(str_at(v, &["spec", "nodeName"])),
         Kind::Node => one(Some(&obj.key.name)),
-        Kind::Lease if obj.key.namespace == "kube-node-lease" => one(Some(&obj.key.name)),
         k if k.workload() => workload_nodes(k, v),
         _ => BTreeSet::new(),
     }
@@ -497,7 +501,6 @@ impl Router {
         let mut wanted: BTreeSet<ObjKey> = BTreeSet::new();
         let node_key = ObjKey::new(Kind::Node, "", node);
         wanted.insert(node_key.clone());
-        wanted.insert(ObjKey::new(Kind::Lease, "kube-node-lease", node));
         let empty = BTreeSet::new();
         let pods = self.pods_by_node.get(node).unwrap_or(&empty);
         for key in pods {
@@ -782,6 +785,21 @@ mod tests {
         assert_eq!(view, ["a", "cfg-a", "creds", "p-a"]);
         let b: Vec<String> = r.attach("b").iter().map(|o| o.key.name.clone()).collect();
         assert!(!b.contains(&"cfg-a".to_owned()) && !b.contains(&"p-a".to_owned()));
+    }
+
+    #[test]
+    fn a_nodes_own_lease_is_cached_but_never_sent_back_to_it() {
+        let mut r = Router::new();
+        r.upsert(obj(Kind::Node, "", "a", 1, json!({})));
+        let lease = |rv| obj(Kind::Lease, "kube-node-lease", "a", rv, json!({}));
+        r.upsert(lease(2));
+        let view: Vec<Kind> = r.attach("a").iter().map(|o| o.key.kind).collect();
+        assert_eq!(view, [Kind::Node]);
+        let renewed = r.upsert(lease(3));
+        assert!(names(&renewed, "a").is_empty(), "{renewed:?}");
+        let key = ObjKey::new(Kind::Lease, "kube-node-lease", "a");
+        assert_eq!(r.get(&key).map(|l| l.rv), Some(3));
+        assert!(!r.in_view("a", &key));
     }
 
     #[test]
