@@ -19,8 +19,25 @@ use serde_json::json;
 mod support;
 use support::{Procs, client, edge, eventually, free_port, hub, join, sedna, token};
 
+/// Opens the store of an edge that may be writing it: SQLite can answer "database is
+/// locked" to a second process opening it mid-write (without waiting), so this tries again.
+fn open_store(path: &Path) -> EdgeStore {
+    let mut tries = 0;
+    loop {
+        match EdgeStore::open(path, 1000, 1 << 20) {
+            Ok(store) => return store,
+            Err(e) if tries < 100 => {
+                tries += 1;
+                eprintln!("opening {}: {e}; again", path.display());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("opening {}: {e}", path.display()),
+        }
+    }
+}
+
 fn held(dir: &Path, kind: &str) -> BTreeSet<String> {
-    let store = EdgeStore::open(&dir.join("edge.db"), 1000, 1 << 20).unwrap();
+    let store = open_store(&dir.join("edge.db"));
     store
         .list(kind)
         .unwrap()
@@ -191,7 +208,7 @@ async fn hub_api_server_and_two_edges_as_processes() {
         .unwrap();
     }
     {
-        let outbox = EdgeStore::open(&a.join("edge.db"), 1000, 1 << 20).unwrap();
+        let outbox = open_store(&a.join("edge.db"));
         for phase in ["Pending", "Running", "Succeeded"] {
             outbox
                 .push(&Upstream {
@@ -224,7 +241,7 @@ async fn hub_api_server_and_two_edges_as_processes() {
     };
     let before_restart = proxy.bytes_to_client();
     procs.0.insert(1, hub(d, &kubeconfig, hub_port));
-    let store = EdgeStore::open(&a.join("edge.db"), 1000, 1 << 20).unwrap();
+    let store = open_store(&a.join("edge.db"));
     eventually("the changes reach edge A", || {
         [7, 42, 99].iter().all(|i| {
             store

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
@@ -943,7 +943,6 @@ async fn run_session(
     let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
     tracing::info!(%node, "node connected");
     'session: loop {
-        let now = tokio::time::Instant::now();
         let input = if let Some(i) = pending.pop_front() {
             Some(i)
         } else {
@@ -965,10 +964,29 @@ async fn run_session(
                 },
                 d = done_rx.recv() => d.map(|Done::Applied(id, outcome)| Input::Applied { id, outcome }),
                 _ = shutdown.changed() => break 'session,
-                _ = tokio::time::sleep_until(session.next_deadline()) => Some(Input::Tick),
+                _ = tokio::time::sleep_until(session.next_deadline()) => {
+                    // `select!` picks among ready branches at random: a message that has
+                    // already arrived is read before the edge is judged silent (the tick
+                    // follows it).
+                    match inbound.next().now_or_never() {
+                        Some(Some(Ok(e))) => {
+                            pending.push_back(Input::Tick);
+                            Some(Input::Received(e))
+                        }
+                        Some(Some(Err(status))) => {
+                            tracing::info!(%node, error = %status.message(), "stream failed");
+                            break 'session;
+                        }
+                        Some(None) => break 'session,
+                        None => Some(Input::Tick),
+                    }
+                }
             }
         };
         let Some(input) = input else { continue };
+        // The time the input arrived, not when the wait began (a message received after a
+        // long wait would otherwise count as received that much earlier).
+        let now = tokio::time::Instant::now();
         for output in session.step(input, now) {
             match output {
                 Output::Send(e) => {

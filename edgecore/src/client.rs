@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use rand::RngExt;
 use sedna_proto::channel::hub_client::HubClient;
 use sedna_proto::channel::{Digest, Envelope, Manifest, Op, Upstream};
@@ -16,7 +16,7 @@ use tokio::time::Instant;
 
 use crate::join::{self, Identity};
 use crate::machine::{ConnectError, EdgeMachine, Input, MachineConfig, Output};
-use crate::store::{Change, EdgeStore, StoreError};
+use crate::store::{Change, EdgeStore, StoreError, Write};
 use crate::tls;
 
 /// Edge settings.
@@ -116,6 +116,10 @@ pub struct EdgeHub {
 
 /// Redirects followed in a row before dialing the configured hubs again.
 const MAX_REDIRECTS: u32 = 3;
+
+/// Most downstream envelopes already received that are persisted in one transaction (the
+/// hub's window of unacknowledged envelopes is 256 by default).
+const PERSIST_BATCH: usize = 256;
 
 /// Stream requests (tokens) waiting at most for the agent to answer them.
 const STREAM_REQUEST_QUEUE: usize = 64;
@@ -384,19 +388,46 @@ impl Shell {
         Ok(Live { tx, inbound })
     }
 
-    fn persist(&self, e: &Envelope) -> Result<(), StoreError> {
-        let Some(object) = &e.object else {
-            return Ok(());
-        };
-        let change = if e.op == Op::Upsert as i32 {
-            self.store.upsert(object, e.resource_version, &e.payload)?
-        } else {
-            self.store.delete(&object.uid, e.resource_version)?
-        };
-        if let Some(c) = change {
-            let _ = self.changes.send(c);
+    /// Persists downstream envelopes in one transaction and returns the ids to acknowledge.
+    /// If the batch fails, each is tried alone: one bad write does not hold back the others.
+    fn persist(&self, batch: &[Envelope]) -> Vec<u64> {
+        fn write(e: &Envelope) -> Option<Write<'_>> {
+            let object = e.object.as_ref()?;
+            Some(if e.op == Op::Upsert as i32 {
+                Write::Upsert {
+                    object,
+                    rv: e.resource_version,
+                    value: &e.payload,
+                }
+            } else {
+                Write::Delete {
+                    uid: &object.uid,
+                    rv: e.resource_version,
+                }
+            })
         }
-        Ok(())
+        let writes: Vec<Write<'_>> = batch.iter().filter_map(write).collect();
+        if let Ok(changes) = self.store.write_all(&writes) {
+            for c in changes {
+                let _ = self.changes.send(c);
+            }
+            return batch.iter().map(|e| e.id).collect();
+        }
+        let mut persisted = Vec::with_capacity(batch.len());
+        for e in batch {
+            match self.store.write_all(write(e).as_slice()) {
+                Ok(changes) => {
+                    for c in changes {
+                        let _ = self.changes.send(c);
+                    }
+                    persisted.push(e.id);
+                }
+                Err(err) => {
+                    tracing::error!(node = %self.identity.node, id = e.id, error = %err, "could not persist; not acknowledged")
+                }
+            }
+        }
+        persisted
     }
 
     fn reconcile(&self, e: &Envelope, buckets: u32) -> Result<Vec<String>, StoreError> {
@@ -425,10 +456,20 @@ impl Shell {
         let mut renew_at = self.renew_at();
         let mut queue: std::collections::VecDeque<Input> =
             std::collections::VecDeque::from([Input::Start]);
+        // What the outputs of a step lead to comes before anything queued after that step
+        // (a manifest's reconciliation before the next message that was already read).
+        let mut next: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
+        // Downstream envelopes received together, persisted together.
+        let mut batch: Vec<Envelope> = Vec::new();
         loop {
-            while let Some(input) = queue.pop_front() {
+            while let Some(input) = next.pop_front().or_else(|| queue.pop_front()) {
                 let outputs = machine.step(input, Instant::now());
                 for output in outputs {
+                    if !batch.is_empty() && !matches!(output, Output::Persist(_)) {
+                        // What follows may read the store: the batch goes first.
+                        next.push_back(Input::Persisted(self.persist(&batch)));
+                        batch.clear();
+                    }
                     match output {
                         Output::Dial => {
                             let hub = self.target.clone();
@@ -448,27 +489,22 @@ impl Shell {
                             if let Some(l) = &live
                                 && l.tx.send(e).await.is_err()
                             {
-                                queue.push_back(Input::Closed("the stream closed".into()));
+                                next.push_back(Input::Closed("the stream closed".into()));
                             }
                         }
-                        Output::Persist(e) => match self.persist(&e) {
-                            Ok(()) => queue.push_back(Input::Persisted(vec![e.id])),
-                            Err(err) => {
-                                tracing::error!(%node, error = %err, "could not persist; not acknowledged")
-                            }
-                        },
+                        Output::Persist(e) => batch.push(e),
                         Output::Reconcile(e) => match self.reconcile(&e, buckets) {
-                            Ok(want) => queue.push_back(Input::Reconciled(want)),
+                            Ok(want) => next.push_back(Input::Reconciled(want)),
                             Err(err) => {
                                 tracing::error!(%node, error = %err, "could not reconcile a manifest")
                             }
                         },
                         Output::FetchUpstream { after, max } => {
                             match self.store.pending(after, max) {
-                                Ok(entries) => queue.push_back(Input::Outbox(entries)),
+                                Ok(entries) => next.push_back(Input::Outbox(entries)),
                                 Err(err) => {
                                     tracing::error!(%node, error = %err, "could not read the outbox");
-                                    queue.push_back(Input::Outbox(vec![]));
+                                    next.push_back(Input::Outbox(vec![]));
                                 }
                             }
                         }
@@ -488,7 +524,7 @@ impl Shell {
                                     s.connected = false;
                                     s.synced = false;
                                 });
-                                queue.push_back(Input::Closed(
+                                next.push_back(Input::Closed(
                                     "reconnecting with the renewed certificate".into(),
                                 ));
                             }
@@ -519,6 +555,11 @@ impl Shell {
                         }
                     }
                 }
+            }
+            if !batch.is_empty() {
+                queue.push_back(Input::Persisted(self.persist(&batch)));
+                batch.clear();
+                continue;
             }
             let deadline = machine.next_deadline();
             let renew_due = renew_at.filter(|_| machine.connected() && self.renewing.is_none());
@@ -582,28 +623,13 @@ impl Shell {
                         None => std::future::pending().await,
                     }
                 }, if live.is_some() => {
-                    match message {
-                        Some(Ok(e)) if e.op == Op::StreamOpen as i32 => {
-                            // Not part of the sync protocol: handed to the stream server.
-                            let token = String::from_utf8_lossy(&e.payload).into_owned();
-                            if self.stream_requests.try_send(token).is_err() {
-                                tracing::warn!(%node, "too many stream requests waiting; one dropped");
-                            }
-                        }
-                        Some(Ok(e)) => queue.push_back(Input::Received(e)),
-                        other => {
-                            let reason = match other {
-                                Some(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
-                                _ => "the hub closed the stream".into(),
-                            };
-                            tracing::info!(%node, %reason, "disconnected from the hub");
-                            live = None;
-                            self.status.send_modify(|s| {
-                                s.connected = false;
-                                s.synced = false;
-                            });
-                            queue.push_back(Input::Closed(reason));
-                        }
+                    self.received(message, &mut live, &mut queue);
+                    // What else has arrived is read now, to be persisted in one transaction.
+                    for _ in 1..PERSIST_BATCH {
+                        let Some(message) = live.as_mut().and_then(|l| l.inbound.next().now_or_never()) else {
+                            break;
+                        };
+                        self.received(message, &mut live, &mut queue);
                     }
                 }
                 _ = self.outbox.notified() => queue.push_back(Input::OutboxChanged),
@@ -612,7 +638,15 @@ impl Shell {
                         Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
-                } => queue.push_back(Input::Tick),
+                } => {
+                    // `select!` picks among ready branches at random: a message that has
+                    // already arrived is read before the hub is judged silent (the tick
+                    // follows it).
+                    if let Some(message) = live.as_mut().and_then(|l| l.inbound.next().now_or_never()) {
+                        self.received(message, &mut live, &mut queue);
+                    }
+                    queue.push_back(Input::Tick);
+                }
                 _ = async {
                     match renew_due {
                         Some(at) => tokio::time::sleep(Duration::from_secs(at.saturating_sub(now_unix()).max(0) as u64)).await,
@@ -632,6 +666,39 @@ impl Shell {
         }
         if let Some(d) = dialing {
             d.abort();
+        }
+    }
+
+    /// Handles what the hub's stream yielded: a message, or its end.
+    fn received(
+        &self,
+        message: Option<Result<Envelope, tonic::Status>>,
+        live: &mut Option<Live>,
+        queue: &mut std::collections::VecDeque<Input>,
+    ) {
+        let node = &self.identity.node;
+        match message {
+            Some(Ok(e)) if e.op == Op::StreamOpen as i32 => {
+                // Not part of the sync protocol: handed to the stream server.
+                let token = String::from_utf8_lossy(&e.payload).into_owned();
+                if self.stream_requests.try_send(token).is_err() {
+                    tracing::warn!(%node, "too many stream requests waiting; one dropped");
+                }
+            }
+            Some(Ok(e)) => queue.push_back(Input::Received(e)),
+            other => {
+                let reason = match other {
+                    Some(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+                    _ => "the hub closed the stream".into(),
+                };
+                tracing::info!(%node, %reason, "disconnected from the hub");
+                *live = None;
+                self.status.send_modify(|s| {
+                    s.connected = false;
+                    s.synced = false;
+                });
+                queue.push_back(Input::Closed(reason));
+            }
         }
     }
 

@@ -114,6 +114,42 @@ enum Command {
 
 struct Entry {
     tx: mpsc::UnboundedSender<Command>,
+    /// What the pod reads: a change to anything else does not concern it.
+    uses: Uses,
+}
+
+/// The ConfigMaps and Secrets a pod reads (volumes, env, envFrom), in its namespace. A
+/// change to one of them makes the pod retry a configuration that was missing; a change to
+/// anything else leaves it alone (a first sync of N pods and N ConfigMaps must not retry
+/// every waiting pod N times).
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Uses {
+    namespace: String,
+    objects: std::collections::BTreeSet<(&'static str, String)>,
+}
+
+impl Uses {
+    fn of(pod: &Pod) -> Uses {
+        let objects = serde_json::to_value(pod)
+            .map(|v| sedna_api::references::pod_references(&v))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|r| matches!(r.kind, "ConfigMap" | "Secret"))
+            .map(|r| (r.kind, r.name))
+            .collect();
+        Uses {
+            namespace: pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            objects,
+        }
+    }
+
+    fn contains(&self, kind: &str, namespace: &str, name: &str) -> bool {
+        self.namespace == namespace && self.objects.iter().any(|(k, n)| *k == kind && n == name)
+    }
 }
 
 impl Runtime {
@@ -205,6 +241,7 @@ async fn run(
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
     let start = |pod: Pod, pods: &mut HashMap<String, Entry>| {
         let uid = pod.metadata.uid.clone().unwrap_or_default();
+        let uses = Uses::of(&pod);
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Worker::new(
             config.clone(),
@@ -219,7 +256,7 @@ async fn run(
             worker.run(rx).await;
             let _ = done.send(uid);
         });
-        pods.insert(uid, Entry { tx });
+        pods.insert(uid, Entry { tx, uses });
     };
     let resync = |pods: &mut HashMap<String, Entry>,
                   start: &dyn Fn(Pod, &mut HashMap<String, Entry>)| {
@@ -241,9 +278,12 @@ async fn run(
         }
         for pod in stored {
             let uid = pod.metadata.uid.clone().unwrap_or_default();
-            match pods.get(&uid) {
+            match pods.get_mut(&uid) {
                 Some(entry) => {
+                    entry.uses = Uses::of(&pod);
                     let _ = entry.tx.send(Command::Update(Box::new(pod)));
+                    // Changes were missed: any ConfigMap or Secret may have arrived.
+                    let _ = entry.tx.send(Command::Refresh);
                 }
                 None => start(pod, pods),
             }
@@ -271,15 +311,16 @@ async fn run(
                         }
                         continue;
                     }
-                    match pods.get(&o.uid) {
+                    match pods.get_mut(&o.uid) {
                         Some(e) => {
+                            e.uses = Uses::of(&pod);
                             let _ = e.tx.send(Command::Update(Box::new(pod)));
                         }
                         None => start(pod, &mut pods),
                     }
                 }
                 Ok(Change::Upserted(o)) if o.kind == "ConfigMap" || o.kind == "Secret" => {
-                    for e in pods.values() {
+                    for e in pods.values().filter(|e| e.uses.contains(&o.kind, &o.namespace, &o.name)) {
                         let _ = e.tx.send(Command::Refresh);
                     }
                 }
@@ -1118,6 +1159,33 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_config_change_concerns_only_the_pods_that_read_it() {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": "p", "namespace": "shop", "uid": "u" },
+            "spec": {
+                "containers": [{ "name": "c", "image": "sh",
+                    "env": [{ "name": "A", "valueFrom": { "configMapKeyRef": { "name": "cfg", "key": "a" } } }],
+                    "envFrom": [{ "secretRef": { "name": "creds" } }] }],
+                "volumes": [{ "name": "v", "configMap": { "name": "files" } }]
+            }
+        }))
+        .unwrap();
+        let uses = Uses::of(&pod);
+        assert!(uses.contains("ConfigMap", "shop", "cfg"));
+        assert!(uses.contains("ConfigMap", "shop", "files"));
+        assert!(uses.contains("Secret", "shop", "creds"));
+        assert!(!uses.contains("ConfigMap", "shop", "other"), "another name");
+        assert!(!uses.contains("Secret", "shop", "cfg"), "another kind");
+        assert!(
+            !uses.contains("ConfigMap", "default", "cfg"),
+            "another namespace"
+        );
+        let bare: Pod = serde_json::from_value(json!({ "metadata": { "name": "b" } })).unwrap();
+        assert_eq!(Uses::of(&bare).namespace, "default");
+        assert!(Uses::of(&bare).objects.is_empty());
+    }
 
     #[test]
     fn saving_state_keeps_a_traversable_pod_directory_traversable() {
