@@ -41,6 +41,10 @@ struct Args {
     /// Offline restarts timed.
     #[arg(long, default_value_t = 5)]
     restarts: usize,
+    /// Pods (each with its own ConfigMap, created after it) applied while the node is down,
+    /// timed from the agent's start until all run.
+    #[arg(long, default_value_t = 150)]
+    while_down: usize,
 }
 
 struct Procs(Vec<Child>);
@@ -341,6 +345,42 @@ async fn main() -> Result<()> {
         times[times.len() - 1],
         times.len()
     );
+
+    // A first sync of many pods whose ConfigMaps arrive after them: the node is down while
+    // they are applied (each Pod before its ConfigMap), then its agent starts.
+    let mut hub = start_hub()?;
+    edge.kill()?;
+    edge.wait()?;
+    for i in 0..args.while_down {
+        let name = format!("q-{i:03}");
+        pods.create(&PostParams::default(), &pod(&name)?).await?;
+        let cm: ConfigMap = serde_json::from_value(
+            json!({ "metadata": { "name": name }, "data": { "MODEL": "yolo", "THRESHOLD": "0.5" } }),
+        )?;
+        cms.create(&PostParams::default(), &cm).await?;
+    }
+    let t0 = Instant::now();
+    edge = start_edge("127.0.0.1:0")?;
+    loop {
+        let running = pids(&edge_dir)
+            .keys()
+            .filter(|k| k.starts_with("q-"))
+            .count();
+        if running == args.while_down {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(300) {
+            bail!("{running} of the pods applied while the node was down run");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    println!(
+        "{} pods applied while the node was down (each before its ConfigMap), agent started: all running after {:.2?}",
+        args.while_down,
+        t0.elapsed()
+    );
+    hub.kill()?;
+    hub.wait()?;
     edge.kill()?;
     edge.wait()?;
     // Stop the workloads the killed agent left behind.
