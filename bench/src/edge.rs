@@ -6,7 +6,9 @@
 //! - idle RSS of edgecore supervising 100 running pods (each with a ConfigMap), with and
 //!   without the local API;
 //! - offline restart: hub stopped, edgecore killed with SIGKILL and started again, until
-//!   every pod runs again.
+//!   every pod runs again;
+//! - a first sync of pods applied while the node was down, each Pod before its ConfigMap,
+//!   from the agent's start until every one of them runs.
 //!
 //! Build the `sedna` binary first: `cargo build --release -p sedna-cli`, then
 //! `cargo run --release -p sedna-bench --bin edge-bench`.
