@@ -914,6 +914,18 @@ enum Done {
     Applied(u64, crate::session::UpstreamOutcome),
 }
 
+/// What the edge's stream yielded, as the session's input; `None` when it ended or failed.
+fn from_edge(node: &str, m: Option<Result<Envelope, Status>>) -> Option<Input> {
+    match m {
+        Some(Ok(e)) => Some(Input::Received(e)),
+        Some(Err(status)) => {
+            tracing::info!(%node, error = %status.message(), "stream failed");
+            None
+        }
+        None => None,
+    }
+}
+
 async fn run_session(
     shared: Arc<Shared>,
     node: String,
@@ -947,12 +959,8 @@ async fn run_session(
             Some(i)
         } else {
             tokio::select! {
-                m = inbound.next() => match m {
-                    Some(Ok(e)) => Some(Input::Received(e)),
-                    Some(Err(status)) => {
-                        tracing::info!(%node, error = %status.message(), "stream failed");
-                        break 'session;
-                    }
+                m = inbound.next() => match from_edge(&node, m) {
+                    Some(input) => Some(input),
                     None => break 'session,
                 },
                 d = routed_rx.recv(), if registered => match d {
@@ -969,15 +977,11 @@ async fn run_session(
                     // already arrived is read before the edge is judged silent (the tick
                     // follows it).
                     match inbound.next().now_or_never() {
-                        Some(Some(Ok(e))) => {
+                        Some(m) => {
+                            let Some(input) = from_edge(&node, m) else { break 'session };
                             pending.push_back(Input::Tick);
-                            Some(Input::Received(e))
+                            Some(input)
                         }
-                        Some(Some(Err(status))) => {
-                            tracing::info!(%node, error = %status.message(), "stream failed");
-                            break 'session;
-                        }
-                        Some(None) => break 'session,
                         None => Some(Input::Tick),
                     }
                 }
