@@ -73,7 +73,21 @@ pub fn gpu_count() -> Option<u32> {
     })
 }
 
-/// Reads the machine's resources.
+/// The machine's CPUs and memory, read once per process, as the kubelet reads its machine
+/// information at start: an agent samples every few seconds, and a simulator runs thousands of
+/// agents in one process.
+fn machine() -> (u64, u64) {
+    static MACHINE: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    *MACHINE.get_or_init(|| {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        (cpus, meminfo("MemTotal:").unwrap_or(0))
+    })
+}
+
+/// Reads the machine's resources: CPUs and memory as read at start, free memory and the data
+/// directory's filesystem now.
 pub fn capacity(data_dir: &Path) -> Capacity {
     let (storage, storage_free) = nix::sys::statvfs::statvfs(data_dir)
         .map(|s| {
@@ -81,11 +95,10 @@ pub fn capacity(data_dir: &Path) -> Capacity {
             (s.blocks() * block, s.blocks_available() * block)
         })
         .unwrap_or((0, 0));
+    let (cpus, memory) = machine();
     Capacity {
-        cpus: std::thread::available_parallelism()
-            .map(|n| n.get() as u64)
-            .unwrap_or(1),
-        memory: meminfo("MemTotal:").unwrap_or(0),
+        cpus,
+        memory,
         memory_available: meminfo("MemAvailable:").unwrap_or(0),
         storage,
         storage_free,

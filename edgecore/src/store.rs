@@ -190,6 +190,8 @@ impl EdgeStore {
         // Small nodes: a 256 KiB page cache (SQLite's default is 2 MB).
         conn.pragma_update(None, "cache_size", -256)?;
         conn.execute_batch(SCHEMA)?;
+        // Every statement of the hot paths stays prepared (rusqlite keeps 16 by default).
+        conn.set_prepared_statement_cache_capacity(32);
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
             outbox_limit,
@@ -353,33 +355,28 @@ impl EdgeStore {
             });
         let target = if device_twins {
             let target = target_of(upstream);
-            tx.execute(
-                "DELETE FROM outbox WHERE kind = ?1 AND target = ?2",
-                params![upstream.kind, target],
-            )?;
+            tx.prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND target = ?2")?
+                .execute(params![upstream.kind, target])?;
             target
         } else if snapshot.contains(&upstream.kind) {
             let name = serde_json::from_slice::<serde_json::Value>(&upstream.payload)
                 .ok()
                 .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_owned))
                 .unwrap_or_default();
-            tx.execute(
-                "DELETE FROM outbox WHERE kind = ?1 AND target = ?2",
-                params![upstream.kind, name],
-            )?;
+            tx.prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND target = ?2")?
+                .execute(params![upstream.kind, name])?;
             name
         } else {
             target_of(upstream)
         };
-        let count =
-            tx.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize;
+        let count = tx
+            .prepare_cached("SELECT COUNT(*) FROM outbox")?
+            .query_row([], |r| r.get::<_, i64>(0))? as usize;
         if count >= self.outbox_limit {
             make_room(&tx, &self.stats, upstream)?;
         }
-        tx.execute(
-            "INSERT INTO outbox (kind, target, message) VALUES (?1, ?2, ?3)",
-            params![upstream.kind, target, message],
-        )?;
+        tx.prepare_cached("INSERT INTO outbox (kind, target, message) VALUES (?1, ?2, ?3)")?
+            .execute(params![upstream.kind, target, message])?;
         let seq = tx.last_insert_rowid() as u64;
         tx.commit()?;
         Ok(seq)
@@ -388,20 +385,22 @@ impl EdgeStore {
     /// Up to `max` queued writes after `after`, in order.
     pub fn pending(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT seq, message FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![after as i64, max as i64], |r| {
+        // No `LIMIT ?`: SQLite re-prepares a statement whose LIMIT is a bound parameter on
+        // every new binding; the rows come in key order, so stopping after `max` is the same.
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, message FROM outbox WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![after as i64], |r| {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?))
         })?;
         let mut out = Vec::new();
-        for row in rows {
+        for row in rows.take(max) {
             let (seq, bytes) = row?;
             match Upstream::decode(bytes.as_slice()) {
                 Ok(upstream) => out.push(OutboxEntry { seq, upstream }),
                 Err(e) => {
                     tracing::error!(seq, error = %e, "dropping an undecodable outbox entry");
-                    conn.execute("DELETE FROM outbox WHERE seq = ?1", params![seq as i64])?;
+                    conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                        .execute(params![seq as i64])?;
                 }
             }
         }
@@ -413,7 +412,8 @@ impl EdgeStore {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for seq in seqs {
-            tx.execute("DELETE FROM outbox WHERE seq = ?1", params![*seq as i64])?;
+            tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute(params![*seq as i64])?;
         }
         tx.commit()?;
         Ok(())
@@ -521,11 +521,8 @@ fn upsert_in(
     value: &[u8],
 ) -> Result<Option<Change>, StoreError> {
     let current: Option<u64> = tx
-        .query_row(
-            "SELECT rv FROM objects WHERE uid = ?1",
-            params![object.uid],
-            |r| r.get::<_, i64>(0),
-        )
+        .prepare_cached("SELECT rv FROM objects WHERE uid = ?1")?
+        .query_row(params![object.uid], |r| r.get::<_, i64>(0))
         .optional()?
         .map(|v| v as u64);
     if current.is_some_and(|c| c > rv && rv != 0) {
@@ -533,26 +530,24 @@ fn upsert_in(
     }
     let key = key_of(&object.kind, &object.namespace, &object.name);
     // Another object under the same name (recreated with a new uid) gives way.
-    tx.execute(
-        "DELETE FROM objects WHERE key = ?1 AND uid != ?2",
-        params![key, object.uid],
-    )?;
-    tx.execute(
+    tx.prepare_cached("DELETE FROM objects WHERE key = ?1 AND uid != ?2")?
+        .execute(params![key, object.uid])?;
+    tx.prepare_cached(
         "INSERT INTO objects (uid, key, api_version, kind, namespace, name, rv, value)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (uid) DO UPDATE SET key = excluded.key, rv = excluded.rv,
              value = excluded.value",
-        params![
-            object.uid,
-            key,
-            object.api_version,
-            object.kind,
-            object.namespace,
-            object.name,
-            rv as i64,
-            value
-        ],
-    )?;
+    )?
+    .execute(params![
+        object.uid,
+        key,
+        object.api_version,
+        object.kind,
+        object.namespace,
+        object.name,
+        rv as i64,
+        value
+    ])?;
     Ok(Some(Change::Upserted(ObjectId {
         api_version: object.api_version.clone(),
         kind: object.kind.clone(),
@@ -565,11 +560,10 @@ fn upsert_in(
 
 fn delete_in(tx: &Connection, uid: &str, rv: u64) -> Result<Option<Change>, StoreError> {
     let row: Option<(String, String, String, i64)> = tx
-        .query_row(
-            "SELECT kind, namespace, name, rv FROM objects WHERE uid = ?1",
-            params![uid],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )
+        .prepare_cached("SELECT kind, namespace, name, rv FROM objects WHERE uid = ?1")?
+        .query_row(params![uid], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+        })
         .optional()?;
     let Some((kind, namespace, name, current)) = row else {
         return Ok(None);
@@ -577,7 +571,8 @@ fn delete_in(tx: &Connection, uid: &str, rv: u64) -> Result<Option<Change>, Stor
     if current as u64 > rv && rv != 0 {
         return Ok(None);
     }
-    tx.execute("DELETE FROM objects WHERE uid = ?1", params![uid])?;
+    tx.prepare_cached("DELETE FROM objects WHERE uid = ?1")?
+        .execute(params![uid])?;
     Ok(Some(Change::Deleted {
         kind,
         namespace,
@@ -634,6 +629,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EdgeStore::open(&dir.path().join("edge.db"), 4, 1024).unwrap();
         (dir, store)
+    }
+
+    /// A statement's run and re-prepare counts, through the connection's statement cache.
+    fn runs(store: &EdgeStore, sql: &str) -> (i32, i32) {
+        let conn = store.conn();
+        let stmt = conn.prepare_cached(sql).unwrap();
+        (
+            stmt.get_status(rusqlite::StatementStatus::Run),
+            stmt.get_status(rusqlite::StatementStatus::RePrepare),
+        )
+    }
+
+    #[test]
+    fn the_outbox_paths_prepare_their_statements_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = EdgeStore::open(&dir.path().join("edge.db"), 1000, 1024).unwrap();
+        for n in 0..20u32 {
+            let seq = s.push(&event(n)).unwrap();
+            // A new `after` and a new `max` each time: neither may cost a new plan.
+            let got = s.pending(seq - 1, 1 + n as usize).unwrap();
+            assert_eq!(got.len(), 1);
+            s.remove(&[seq]).unwrap();
+        }
+        let insert = runs(
+            &s,
+            "INSERT INTO outbox (kind, target, message) VALUES (?1, ?2, ?3)",
+        );
+        assert_eq!(insert, (20, 0), "push: (runs, re-prepares)");
+        let read = runs(
+            &s,
+            "SELECT seq, message FROM outbox WHERE seq > ?1 ORDER BY seq",
+        );
+        assert_eq!(read, (20, 0), "pending: (runs, re-prepares)");
+        // `max` still bounds what one read returns.
+        for n in 0..5 {
+            s.push(&event(n)).unwrap();
+        }
+        assert_eq!(s.pending(0, 3).unwrap().len(), 3);
     }
 
     #[test]
