@@ -356,7 +356,7 @@ async fn orchestrate(args: Args) -> Result<()> {
     let d = dir.path();
     let (api_port, metrics_port) = (free_port()?, free_port()?);
     let metrics = format!("127.0.0.1:{metrics_port}");
-    let _api = Killed(
+    let api = Killed(
         Command::new(&sedna)
             .args(["apiserver", "--no-fsync", "--listen"])
             .arg(format!("127.0.0.1:{api_port}"))
@@ -644,9 +644,13 @@ async fn orchestrate(args: Args) -> Result<()> {
         "sedna_hub_upserts_sent_total",
     ];
     let before: Vec<u64> = counters.iter().map(|c| hub_sum(c)).collect();
-    let (rev0, cpu0, at0) = (
+    let sim_cpu = || sims.iter().map(|s| cpu_seconds(s.0.id())).sum::<f64>();
+    let api_pid = api.0.id();
+    let (rev0, cpu0, sim_cpu0, api_cpu0, at0) = (
         revision(&metrics)?,
         hub_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>(),
+        sim_cpu(),
+        cpu_seconds(api_pid),
         Instant::now(),
     );
     for _ in 0..args.idle_seconds {
@@ -656,6 +660,10 @@ async fn orchestrate(args: Args) -> Result<()> {
     let secs = at0.elapsed().as_secs_f64();
     let writes = (revision(&metrics)? - rev0) as f64 / secs;
     let cpu = (hub_pids.iter().map(|p| cpu_seconds(*p)).sum::<f64>() - cpu0) / secs;
+    let (sims_cpu, api_cpu) = (
+        (sim_cpu() - sim_cpu0) / secs,
+        (cpu_seconds(api_pid) - api_cpu0) / secs,
+    );
     let rss_after: u64 = hub_pids.iter().map(|p| rss_kib(*p)).sum();
     println!(
         "hubs: RSS {} MiB idle with the fleet ({} MiB before it), {:.1} KiB per node; CPU {:.1}% of a core, {:.2} µs/s per node",
@@ -667,13 +675,16 @@ async fn orchestrate(args: Args) -> Result<()> {
     );
     let sim_rss: u64 = sims.iter().map(|s| rss_kib(s.0.id())).sum();
     println!(
-        "simulators: RSS {} MiB, {:.1} KiB per simulated node (its client connection, store and agent tasks)",
+        "simulators: RSS {} MiB, {:.1} KiB per simulated node (its client connection, store and agent tasks); CPU idle {:.1}% of a core, {:.2} µs/s per node",
         sim_rss / 1024,
-        sim_rss as f64 / args.nodes as f64
+        sim_rss as f64 / args.nodes as f64,
+        sims_cpu * 100.0,
+        sims_cpu * 1e6 / args.nodes as f64
     );
     println!(
-        "API server writes while idle: {writes:.0}/s ({:.1} per node per minute)",
-        writes * 60.0 / args.nodes as f64
+        "API server writes while idle: {writes:.0}/s ({:.1} per node per minute); its CPU {:.1}% of a core",
+        writes * 60.0 / args.nodes as f64,
+        api_cpu * 100.0
     );
     let per_node_min = |i: usize| {
         (hub_sum(counters[i]).saturating_sub(before[i])) as f64 * 60.0 / secs / args.nodes as f64

@@ -446,13 +446,6 @@ fn node_labels(shared: &Shared, node: &str) -> Option<std::collections::BTreeMap
     serde_json::from_value(labels).ok()
 }
 
-/// Whether this hub serves `node` (always, outside a tier).
-fn serves(shared: &Shared, node: &str) -> bool {
-    shared.tier.as_ref().is_none_or(|t| {
-        t.place(node, node_labels(shared, node).as_ref(), None) == crate::tier::Placement::Here
-    })
-}
-
 /// Ends the sessions of nodes in partitions this hub no longer serves; they dial again and
 /// are sent to the new owner.
 fn end_sessions_in(shared: &Shared, lost: &[u32]) {
@@ -477,14 +470,19 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
     let mut warned = HashSet::new();
     loop {
         tick.tick().await;
-        let mut work = crate::lifecycle::plan(
+        // In a tier, each hub looks after the nodes of its partitions.
+        let work = crate::lifecycle::plan(
             &shared.router(),
             jiff::Timestamp::now(),
             config.grace,
             &mut warned,
+            |node, label| {
+                shared
+                    .tier
+                    .as_ref()
+                    .is_none_or(|t| t.serves_node(node, label))
+            },
         );
-        // In a tier, each hub looks after the nodes of its partitions.
-        work.retain(|(node, _, _)| serves(&shared, node));
         crate::lifecycle::apply(&shared.client, work).await;
     }
 }

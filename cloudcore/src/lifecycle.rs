@@ -266,53 +266,48 @@ async fn evict(client: &kube::Client, pods: &[(String, String, String)]) {
     }
 }
 
-/// Pods bound to each node, from the cache.
-fn pods_by_node(
-    router: &Router,
-) -> std::collections::HashMap<String, Vec<(String, String, String)>> {
-    let mut out: std::collections::HashMap<String, Vec<_>> = Default::default();
-    for key in router.keys_of(Kind::Pod) {
-        let Some(pod) = router.get(&key) else {
-            continue;
-        };
-        if let Some(node) = pod.value.pointer("/spec/nodeName").and_then(Value::as_str) {
-            out.entry(node.to_owned()).or_default().push((
-                key.namespace.clone(),
-                key.name.clone(),
-                pod.uid.clone(),
-            ));
-        }
-    }
-    out
-}
-
 /// Work for one node: its name, the verdict, and its pods `(namespace, name, uid)`.
 pub(crate) type Work = (String, Verdict, Vec<(String, String, String)>);
 
-/// Judges every cached node at `now`; `warned` remembers nodes whose annotation was reported
+/// Judges the cached nodes this hub looks after at `now`: `serves` is asked with the node's
+/// name and its partition label (`sedna.io/hub-partition`), before anything else is read. A
+/// node's pods are listed only when they could be evicted, so a healthy fleet costs one
+/// pass over its Nodes and Leases. `warned` remembers nodes whose annotation was reported
 /// invalid.
 pub(crate) fn plan(
     router: &Router,
     now: Timestamp,
     grace: Duration,
     warned: &mut std::collections::HashSet<String>,
+    serves: impl Fn(&str, Option<&str>) -> bool,
 ) -> Vec<Work> {
-    let mut pods = pods_by_node(router);
     router
-        .keys_of(Kind::Node)
-        .into_iter()
-        .filter_map(|key| {
-            let node = router.get(&key)?;
-            let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", &key.name));
-            let bound = pods.remove(&key.name).unwrap_or_default();
-            let v = view(&node.value, lease.map(|l| l.value.as_ref()), bound.len());
+        .objects_of(Kind::Node)
+        .filter(|node| {
+            let label = node
+                .value
+                .pointer("/metadata/labels")
+                .and_then(|l| l.get(crate::partitions::PARTITION_LABEL))
+                .and_then(Value::as_str);
+            serves(&node.key.name, label)
+        })
+        .filter_map(|node| {
+            let name = &node.key.name;
+            let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", name));
+            // Any pods at all, until the verdict could depend on them.
+            let mut v = view(&node.value, lease.map(|l| l.value.as_ref()), usize::MAX);
             if let Some(Err(e)) = &v.autonomy
-                && warned.insert(key.name.clone())
+                && warned.insert(name.clone())
             {
-                tracing::warn!(node = %key.name, error = %e, "ignoring {AUTONOMY_ANNOTATION}: pods are never evicted");
+                tracing::warn!(node = %name, error = %e, "ignoring {AUTONOMY_ANNOTATION}: pods are never evicted");
             }
+            if judge(&v, now, grace) == Verdict::Fine {
+                return None;
+            }
+            let bound = router.pods_on(name);
+            v.pods = bound.len();
             let verdict = judge(&v, now, grace);
-            (verdict != Verdict::Fine).then(|| (key.name.clone(), verdict, bound))
+            (verdict != Verdict::Fine).then(|| (name.clone(), verdict, bound))
         })
         .collect()
 }
@@ -363,6 +358,132 @@ mod tests {
             pods: 3,
             tainted: false,
         }
+    }
+
+    fn cached(kind: Kind, ns: &str, name: &str, body: Value) -> crate::router::Object {
+        let mut v = serde_json::json!({ "apiVersion": kind.api_version(), "kind": kind.name(),
+            "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{name}"),
+                          "resourceVersion": "1", "creationTimestamp": "2025-12-31T00:00:00Z" } });
+        for (k, x) in body.as_object().into_iter().flatten() {
+            if k == "metadata" {
+                for (mk, mv) in x.as_object().into_iter().flatten() {
+                    v["metadata"][mk] = mv.clone();
+                }
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        crate::router::Object::from_value(kind, v).unwrap()
+    }
+
+    /// A node last heard from at `seen`, Ready `ready`, with an optional autonomy period and
+    /// partition label; its Lease says the same time.
+    fn fleet_node(router: &mut Router, name: &str, seen: &str, ready: &str, extra: Value) {
+        let mut body = serde_json::json!({
+            "status": { "conditions": [{ "type": "Ready", "status": ready,
+                "lastHeartbeatTime": seen, "lastTransitionTime": seen }] } });
+        for (k, x) in extra.as_object().into_iter().flatten() {
+            body[k] = x.clone();
+        }
+        router.upsert(cached(Kind::Node, "", name, body));
+        router.upsert(cached(
+            Kind::Lease,
+            "kube-node-lease",
+            name,
+            serde_json::json!({ "spec": { "renewTime": seen, "leaseDurationSeconds": 40 } }),
+        ));
+    }
+
+    #[test]
+    fn the_plan_judges_only_served_nodes_and_lists_pods_only_for_an_eviction() {
+        let mut router = Router::new();
+        let gone = serde_json::json!({
+            "metadata": { "annotations": { AUTONOMY_ANNOTATION: "10m" } },
+            "spec": { "taints": [{ "key": UNREACHABLE_TAINT, "effect": "NoSchedule" }] } });
+        fleet_node(
+            &mut router,
+            "fresh",
+            "2026-01-01T00:59:50Z",
+            "True",
+            Value::Null,
+        );
+        fleet_node(
+            &mut router,
+            "silent",
+            "2026-01-01T00:00:00Z",
+            "True",
+            Value::Null,
+        );
+        fleet_node(
+            &mut router,
+            "other-hubs",
+            "2026-01-01T00:00:00Z",
+            "True",
+            Value::Null,
+        );
+        let labelled = serde_json::json!({
+            "metadata": { "labels": { crate::partitions::PARTITION_LABEL: "7" } } });
+        fleet_node(
+            &mut router,
+            "labelled",
+            "2026-01-01T00:00:00Z",
+            "True",
+            labelled,
+        );
+        fleet_node(
+            &mut router,
+            "gone",
+            "2026-01-01T00:00:00Z",
+            "Unknown",
+            gone.clone(),
+        );
+        fleet_node(
+            &mut router,
+            "gone-empty",
+            "2026-01-01T00:00:00Z",
+            "Unknown",
+            gone,
+        );
+        for (pod, node) in [("p1", "gone"), ("p2", "gone"), ("p3", "fresh")] {
+            let spec = serde_json::json!({ "spec": { "nodeName": node, "containers": [] } });
+            router.upsert(cached(Kind::Pod, "default", pod, spec));
+        }
+        let asked = std::cell::RefCell::new(Vec::new());
+        let mut warned = std::collections::HashSet::new();
+        let mut work = plan(
+            &router,
+            t("2026-01-01T01:00:00Z"),
+            Duration::ZERO,
+            &mut warned,
+            |node, label| {
+                asked
+                    .borrow_mut()
+                    .push((node.to_owned(), label.map(str::to_owned)));
+                node != "other-hubs"
+            },
+        );
+        work.sort_by(|a, b| a.0.cmp(&b.0));
+        let verdicts: Vec<(&str, Verdict, usize)> = work
+            .iter()
+            .map(|(n, v, pods)| (n.as_str(), v.clone(), pods.len()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("gone", Verdict::Evict, 2),
+                ("labelled", Verdict::MarkUnknown, 0),
+                ("silent", Verdict::MarkUnknown, 0),
+            ],
+            "not the other hub's node, not the fresh one, not an empty node's pods"
+        );
+        let mut pods = work[0].2.clone();
+        pods.sort();
+        assert_eq!(pods[0], ("default".into(), "p1".into(), "uid-p1".into()));
+        let mut asked = asked.into_inner();
+        asked.sort();
+        assert_eq!(asked.len(), 6, "each node asked about once: {asked:?}");
+        assert!(asked.contains(&("labelled".into(), Some("7".into()))));
+        assert!(asked.contains(&("silent".into(), None)));
     }
 
     #[test]

@@ -52,9 +52,14 @@ pub fn partition_lease_name(p: u32) -> String {
 /// The partition of a node: its label if it names one in range, else a stable hash of its
 /// name (the first 8 bytes of its SHA-256).
 pub fn partition_of(node: &str, labels: Option<&BTreeMap<String, String>>, partitions: u32) -> u32 {
+    let label = labels.and_then(|l| l.get(PARTITION_LABEL));
+    partition_of_labelled(node, label.map(String::as_str), partitions)
+}
+
+/// [`partition_of`], given the value of the node's [`PARTITION_LABEL`] alone.
+pub fn partition_of_labelled(node: &str, label: Option<&str>, partitions: u32) -> u32 {
     let partitions = partitions.max(1);
-    if let Some(p) = labels
-        .and_then(|l| l.get(PARTITION_LABEL))
+    if let Some(p) = label
         .and_then(|v| v.parse::<u32>().ok())
         .filter(|p| *p < partitions)
     {

@@ -447,6 +447,28 @@ impl Router {
             .unwrap_or_default()
     }
 
+    /// The cached objects of `kind`, in no order, without copying them.
+    pub fn objects_of(&self, kind: Kind) -> impl Iterator<Item = &Arc<Object>> {
+        self.objects.values().filter(move |o| o.key.kind == kind)
+    }
+
+    /// The pods bound to `node` (from the index the routing keeps): `(namespace, name, uid)`.
+    pub fn pods_on(&self, node: &str) -> Vec<(String, String, String)> {
+        self.pods_by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter_map(|key| self.objects.get(key))
+            .map(|pod| {
+                (
+                    pod.key.namespace.clone(),
+                    pod.key.name.clone(),
+                    pod.uid.clone(),
+                )
+            })
+            .collect()
+    }
+
     /// Every cached key of a kind (for relists).
     pub fn keys_of(&self, kind: Kind) -> Vec<ObjKey> {
         self.objects

@@ -97,6 +97,13 @@ impl Tier {
         partitions::partition_of(node, labels, self.config.partitions)
     }
 
+    /// Whether this hub serves the partition of `node` now, given its partition label's
+    /// value (as [`Tier::place`] answering [`Placement::Here`]).
+    pub fn serves_node(&self, node: &str, label: Option<&str>) -> bool {
+        let partition = partitions::partition_of_labelled(node, label, self.config.partitions);
+        self.state().held.serves(partition, now_ms())
+    }
+
     /// Where the node's session belongs now. `unreachable` is a hub address the node says it
     /// was sent to and could not reach: a node of a partition held there is told to come back
     /// when the partition can be claimed instead (a node can only delay itself with it).

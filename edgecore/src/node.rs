@@ -86,6 +86,25 @@ fn machine() -> (u64, u64) {
     })
 }
 
+/// Free memory, read from the kernel at most once a second per process: every agent samples
+/// it, and a simulator runs thousands of agents in one process.
+fn memory_available() -> u64 {
+    static LAST: std::sync::Mutex<Option<(tokio::time::Instant, u64)>> =
+        std::sync::Mutex::new(None);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let now = tokio::time::Instant::now();
+    match *last {
+        Some((at, bytes)) if now.duration_since(at) < Duration::from_secs(1) => bytes,
+        _ => {
+            let bytes = meminfo("MemAvailable:").unwrap_or(0);
+            *last = Some((now, bytes));
+            bytes
+        }
+    }
+}
+
 /// Reads the machine's resources: CPUs and memory as read at start, free memory and the data
 /// directory's filesystem now.
 pub fn capacity(data_dir: &Path) -> Capacity {
@@ -99,7 +118,7 @@ pub fn capacity(data_dir: &Path) -> Capacity {
     Capacity {
         cpus,
         memory,
-        memory_available: meminfo("MemAvailable:").unwrap_or(0),
+        memory_available: memory_available(),
         storage,
         storage_free,
         gpus: gpu_count(),

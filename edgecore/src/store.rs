@@ -410,6 +410,12 @@ impl EdgeStore {
     /// Removes acknowledged (or rejected) writes.
     pub fn remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
         let mut conn = self.conn();
+        if let [seq] = seqs {
+            // One statement is atomic by itself.
+            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                .execute(params![*seq as i64])?;
+            return Ok(());
+        }
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for seq in seqs {
             tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
