@@ -773,24 +773,33 @@ async fn pod_to_running(
     let running: Arc<Mutex<BTreeMap<String, i128>>> = Arc::default();
     let watch = {
         let (pods, running) = (pods.clone(), running.clone());
-        let mut stream = pods
-            .watch(
-                &WatchParams::default().labels("bench=run").timeout(290),
-                "0",
-            )
-            .await?
-            .boxed();
+        let params = WatchParams::default().labels("bench=run").timeout(290);
+        let mut stream = pods.watch(&params, "0").await?.boxed();
         tokio::spawn(async move {
-            while let Some(Ok(event)) = stream.next().await {
-                if let WatchEvent::Modified(p) | WatchEvent::Added(p) = event
-                    && p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
-                    && let Some(name) = p.metadata.name
-                {
-                    running
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .entry(name)
-                        .or_insert_with(now_ns);
+            loop {
+                match stream.next().await {
+                    Some(Ok(WatchEvent::Modified(p) | WatchEvent::Added(p)))
+                        if p.status.as_ref().and_then(|s| s.phase.as_deref())
+                            == Some("Running") =>
+                    {
+                        if let Some(name) = p.metadata.name {
+                            running
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .entry(name)
+                                .or_insert_with(now_ns);
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    // A watch cut off under load: watch again (pods already Running keep the
+                    // time they were first seen at).
+                    Some(Err(_)) | None => loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if let Ok(s) = pods.watch(&params, "0").await {
+                            stream = s.boxed();
+                            break;
+                        }
+                    },
                 }
             }
         })
@@ -809,11 +818,25 @@ async fn pod_to_running(
         created.insert(name, (now_ns(), node));
         pods.create(&PostParams::default(), &pod).await?;
     }
-    wait_for("every timed pod Running", Duration::from_secs(120), || {
+    let all = wait_for("every timed pod Running", Duration::from_secs(120), || {
         (running.lock().unwrap_or_else(|e| e.into_inner()).len() >= runs).then_some(())
     })
-    .await?;
+    .await;
     watch.abort();
+    if let Err(e) = all {
+        // Say how far it got (and go on to the kill) rather than lose the run.
+        let (on_node, running_now) = (
+            fleet
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pod_arrivals
+                .len(),
+            running.lock().unwrap_or_else(|e| e.into_inner()).len(),
+        );
+        println!(
+            "pod → Running: {e}: {on_node} of {runs} pods on their node, {running_now} Running"
+        );
+    }
     let running = running.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let arrived = fleet
         .lock()

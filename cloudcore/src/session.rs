@@ -152,6 +152,18 @@ struct InFlight {
     sent_at: Instant,
 }
 
+/// Lanes of a node's writes: see [`lane_of`].
+const LANES: usize = 2;
+
+/// A node's writes go in two lanes, each applied one at a time and in the order sent: its
+/// liveness (its Node and Lease) and everything else (pod and workload status, events, pod
+/// deletions). Order matters within a lane (a pod's statuses) but not across them, and a
+/// pod's status must not wait behind a Lease renewal queued for the API server (at 30,000
+/// nodes such a renewal waited up to 30 s, and the statuses behind it two minutes).
+fn lane_of(u: &Upstream) -> usize {
+    usize::from(!crate::upstream::is_liveness(u))
+}
+
 /// One node's session.
 pub struct Session {
     config: SessionConfig,
@@ -163,8 +175,10 @@ pub struct Session {
     next_order: u64,
     in_flight: BTreeMap<u64, InFlight>,
     upstream: VecDeque<(u64, Upstream)>,
-    applying: Option<u64>,
-    retry_at: Option<Instant>,
+    /// Per lane (see [`lane_of`]): the write being applied, and when to try a refused
+    /// one again.
+    applying: [Option<u64>; LANES],
+    retry_at: [Option<Instant>; LANES],
     pending_acks: Vec<u64>,
     last_rx: Instant,
     last_tx: Instant,
@@ -211,8 +225,8 @@ impl Session {
             next_order: 0,
             in_flight: BTreeMap::new(),
             upstream: VecDeque::new(),
-            applying: None,
-            retry_at: None,
+            applying: [None; LANES],
+            retry_at: [None; LANES],
             pending_acks: Vec::new(),
             last_rx: now,
             last_tx: now,
@@ -242,7 +256,7 @@ impl Session {
         if let Some((_, f)) = self.in_flight.iter().next() {
             at = at.min(f.sent_at + self.config.retransmit_after);
         }
-        if let Some(r) = self.retry_at {
+        for r in self.retry_at.into_iter().flatten() {
             at = at.min(r);
         }
         at
@@ -349,12 +363,17 @@ impl Session {
     }
 
     fn next_upstream(&mut self, out: &mut Vec<Output>) {
-        if self.applying.is_some() || self.retry_at.is_some() {
-            return;
-        }
-        if let Some((id, upstream)) = self.upstream.front().cloned() {
-            self.applying = Some(id);
-            out.push(Output::Apply { id, upstream });
+        for lane in 0..LANES {
+            if self.applying[lane].is_some() || self.retry_at[lane].is_some() {
+                continue;
+            }
+            if let Some((id, upstream)) = self.upstream.iter().find(|(_, u)| lane_of(u) == lane) {
+                self.applying[lane] = Some(*id);
+                out.push(Output::Apply {
+                    id: *id,
+                    upstream: upstream.clone(),
+                });
+            }
         }
     }
 
@@ -381,22 +400,27 @@ impl Session {
             }
             Input::Routed(d) => self.enqueue(d),
             Input::Applied { id, outcome } => {
-                if self.applying == Some(id) {
-                    self.applying = None;
+                if let Some(lane) = self.applying.iter().position(|a| *a == Some(id)) {
+                    self.applying[lane] = None;
+                    let mut remove = || {
+                        if let Some(at) = self.upstream.iter().position(|(i, _)| *i == id) {
+                            self.upstream.remove(at);
+                        }
+                    };
                     match outcome {
                         UpstreamOutcome::Applied => {
-                            self.upstream.pop_front();
+                            remove();
                             self.pending_acks.push(id);
                         }
                         UpstreamOutcome::Rejected(reason) => {
-                            self.upstream.pop_front();
+                            remove();
                             let mut r = envelope(Op::Reject);
                             r.ack_of = vec![id];
                             r.payload = reason.into_bytes();
                             self.send(&mut out, r, now, false);
                         }
                         UpstreamOutcome::Retry => {
-                            self.retry_at = Some(now + self.config.upstream_retry);
+                            self.retry_at[lane] = Some(now + self.config.upstream_retry);
                         }
                     }
                 }
@@ -426,8 +450,10 @@ impl Session {
                     );
                     return out;
                 }
-                if self.retry_at.is_some_and(|r| now >= r) {
-                    self.retry_at = None;
+                for r in &mut self.retry_at {
+                    if r.is_some_and(|r| now >= r) {
+                        *r = None;
+                    }
                 }
                 let due: Vec<u64> = self
                     .in_flight
@@ -544,6 +570,7 @@ impl Session {
 mod tests {
     use super::*;
     use crate::router::Kind;
+    use sedna_proto::channel::upstream::Kind as UpstreamKind;
     use serde_json::json;
 
     fn object(name: &str, rv: u64) -> Arc<Object> {
@@ -705,6 +732,74 @@ mod tests {
             .encode_to_vec(),
             ..Default::default()
         }
+    }
+
+    fn up_kind(id: u64, kind: UpstreamKind) -> Envelope {
+        Envelope {
+            id,
+            op: Op::Upstream as i32,
+            payload: Upstream {
+                kind: kind as i32,
+                object: None,
+                payload: vec![],
+            }
+            .encode_to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn applies(out: &[Output]) -> Vec<u64> {
+        out.iter()
+            .filter_map(|o| match o {
+                Output::Apply { id, .. } => Some(*id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pod_status_does_not_wait_behind_the_nodes_lease_write() {
+        let now = Instant::now();
+        let config = SessionConfig::default();
+        let mut s = Session::new(config.clone(), now);
+        assert_eq!(
+            applies(&s.step(Input::Received(up_kind(1, UpstreamKind::Lease)), now)),
+            [1]
+        );
+        assert_eq!(
+            applies(&s.step(Input::Received(up_kind(2, UpstreamKind::Status)), now)),
+            [2],
+            "the status goes while the Lease waits"
+        );
+        let out = s.step(Input::Received(up_kind(3, UpstreamKind::Node)), now);
+        assert!(applies(&out).is_empty(), "liveness: one at a time");
+        let out = s.step(Input::Received(up_kind(4, UpstreamKind::Status)), now);
+        assert!(applies(&out).is_empty(), "statuses: one at a time");
+        // The Lease write is refused for now: the statuses go on.
+        let retry = Input::Applied {
+            id: 1,
+            outcome: UpstreamOutcome::Retry,
+        };
+        assert!(applies(&s.step(retry, now)).is_empty());
+        let done = |id| Input::Applied {
+            id,
+            outcome: UpstreamOutcome::Applied,
+        };
+        let out = s.step(done(2), now);
+        assert_eq!(applies(&out), [4]);
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Send(e) if e.ack_of == [2])),
+            "acknowledged out of the order sent"
+        );
+        // Retried, the Lease goes first in its lane, before the Node.
+        assert_eq!(
+            applies(&s.step(Input::Tick, now + config.upstream_retry)),
+            [1]
+        );
+        assert_eq!(applies(&s.step(done(1), now)), [3]);
+        let ids: Vec<u64> = s.upstream.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, [3, 4], "both still being applied");
     }
 
     #[tokio::test(start_paused = true)]
