@@ -360,20 +360,10 @@ mod tests {
         }
     }
 
-    fn cached(kind: Kind, ns: &str, name: &str, body: Value) -> crate::router::Object {
-        let mut v = serde_json::json!({ "apiVersion": kind.api_version(), "kind": kind.name(),
-            "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{name}"),
-                          "resourceVersion": "1", "creationTimestamp": "2025-12-31T00:00:00Z" } });
-        for (k, x) in body.as_object().into_iter().flatten() {
-            if k == "metadata" {
-                for (mk, mv) in x.as_object().into_iter().flatten() {
-                    v["metadata"][mk] = mv.clone();
-                }
-            } else {
-                v[k] = x.clone();
-            }
-        }
-        crate::router::Object::from_value(kind, v).unwrap()
+    fn cached(kind: Kind, ns: &str, name: &str, mut body: Value) -> crate::router::Object {
+        body["metadata"]["uid"] = format!("uid-{name}").into();
+        body["metadata"]["creationTimestamp"] = "2025-12-31T00:00:00Z".into();
+        crate::router::tests::obj(kind, ns, name, 1, body)
     }
 
     /// A node last heard from at `seen`, Ready `ready`, with an optional autonomy period and

@@ -685,11 +685,12 @@ impl Router {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(kind: Kind, ns: &str, name: &str, rv: u64, extra: Value) -> Object {
+    /// A cached object of `kind`: `extra`'s fields are added, its `metadata` merged.
+    pub(crate) fn obj(kind: Kind, ns: &str, name: &str, rv: u64, extra: Value) -> Object {
         let mut v = json!({ "apiVersion": kind.api_version(), "kind": kind.name(),
             "metadata": { "name": name, "namespace": ns, "uid": format!("uid-{name}-{ns}"),
                           "resourceVersion": rv.to_string() } });

@@ -132,6 +132,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_target ON outbox (target, seq);
 ";
 
+/// Removes one outbox entry by its sequence number.
+const DELETE_OUTBOX_ENTRY: &str = "DELETE FROM outbox WHERE seq = ?1";
+
 /// Counters of the outbox's drop policy.
 #[derive(Debug, Default)]
 pub struct OutboxStats {
@@ -399,7 +402,7 @@ impl EdgeStore {
                 Ok(upstream) => out.push(OutboxEntry { seq, upstream }),
                 Err(e) => {
                     tracing::error!(seq, error = %e, "dropping an undecodable outbox entry");
-                    conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+                    conn.prepare_cached(DELETE_OUTBOX_ENTRY)?
                         .execute(params![seq as i64])?;
                 }
             }
@@ -412,13 +415,13 @@ impl EdgeStore {
         let mut conn = self.conn();
         if let [seq] = seqs {
             // One statement is atomic by itself.
-            conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+            conn.prepare_cached(DELETE_OUTBOX_ENTRY)?
                 .execute(params![*seq as i64])?;
             return Ok(());
         }
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         for seq in seqs {
-            tx.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?
+            tx.prepare_cached(DELETE_OUTBOX_ENTRY)?
                 .execute(params![*seq as i64])?;
         }
         tx.commit()?;
@@ -473,7 +476,7 @@ fn make_room(
         None
     };
     if let Some(seq) = superseded.or(replaced) {
-        tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
+        tx.execute(DELETE_OUTBOX_ENTRY, params![seq])?;
         stats.statuses_coalesced.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(
             seq,
@@ -490,7 +493,7 @@ fn make_room(
         )
         .optional()?;
     if let Some(seq) = event {
-        tx.execute("DELETE FROM outbox WHERE seq = ?1", params![seq])?;
+        tx.execute(DELETE_OUTBOX_ENTRY, params![seq])?;
         let total = stats.events_dropped.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(seq, total, "outbox full: dropped the oldest event");
         return Ok(());
