@@ -642,6 +642,7 @@ async fn orchestrate(args: Args) -> Result<()> {
         "sedna_hub_upstream_applied_total",
         "sedna_hub_lease_writes_skipped_total",
         "sedna_hub_upserts_sent_total",
+        "sedna_hub_nodes_marked_not_ready_total",
     ];
     let before: Vec<u64> = counters.iter().map(|c| hub_sum(c)).collect();
     let sim_cpu = || sims.iter().map(|s| cpu_seconds(s.0.id())).sum::<f64>();
@@ -694,6 +695,26 @@ async fn orchestrate(args: Args) -> Result<()> {
         per_node_min(0),
         per_node_min(1),
         per_node_min(2)
+    );
+
+    // The API's view of liveness: every node of an idle, connected fleet should be Ready.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let not_ready = nodes
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .iter()
+        .filter(|n| {
+            !n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .count();
+    println!(
+        "liveness while idle: {} nodes marked NotReady by the hubs; {not_ready} of {} nodes not Ready in the API at the end",
+        hub_sum(counters[3]).saturating_sub(before[3]),
+        args.nodes
     );
 
     pod_to_running(&client, &fleet, args.nodes, args.pod_runs).await?;

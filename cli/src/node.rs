@@ -40,6 +40,12 @@ pub(crate) struct CloudcoreArgs {
     /// Leave node lifecycle to another controller (kube-controller-manager on a real cluster).
     #[arg(long)]
     no_node_lifecycle: bool,
+    /// How old the API's copy of a connected node's Lease may grow ("0s": written as the node
+    /// renews it, once the stored one is half its duration old). The hub judges the nodes it
+    /// holds sessions with by their sessions; the Lease it writes is stretched by this much.
+    /// With --no-node-lifecycle Leases are always written as the node renews them.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = parse_duration)]
+    node_lease_refresh: Duration,
     /// Join a tier of hubs sharing the nodes in this many partitions (every hub of the tier
     /// gives the same number); ownership is negotiated through Leases in kube-system.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096), requires = "hub_id")]
@@ -249,12 +255,16 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: expected e.g. 90s, 5m, 24h, 7d"))?;
+    let scale = |unit: u64| {
+        n.checked_mul(unit)
+            .ok_or_else(|| format!("duration {s:?} is too long"))
+    };
     let seconds = match unit {
         "" | "s" => n,
         "ms" => return Ok(Duration::from_millis(n)),
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86400,
+        "m" => scale(60)?,
+        "h" => scale(3600)?,
+        "d" => scale(86400)?,
         other => {
             return Err(format!(
                 "invalid duration unit {other:?} in {s:?}: use ms, s, m, h or d"
@@ -287,9 +297,14 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     config.session.read_deadline = args.read_deadline;
     config.node_cert_validity = args.node_cert_validity;
     config.max_handshakes_per_second = args.max_handshakes_per_second;
+    anyhow::ensure!(
+        args.node_lease_refresh <= Duration::from_secs(3600),
+        "--node-lease-refresh must be at most 1h (a node whose hub dies is NotReady only after it)"
+    );
     config.lifecycle =
         (!args.no_node_lifecycle).then_some(sedna_cloudcore::lifecycle::LifecycleConfig {
             period: args.node_monitor_period.max(Duration::from_millis(100)),
+            lease_refresh: args.node_lease_refresh,
             ..Default::default()
         });
     if let Some(partitions) = args.partitions {
@@ -448,6 +463,11 @@ mod tests {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").unwrap_err().contains("unit"));
+        assert!(
+            parse_duration("999999999999999999d")
+                .unwrap_err()
+                .contains("too long")
+        );
     }
 
     #[test]

@@ -275,6 +275,12 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
             |s: &S| &s.lease_writes_skipped,
         )
         .counter_of(
+            "nodes_marked_not_ready",
+            "Nodes this hub's lifecycle marked NotReady (their lease ran out)",
+            s.clone(),
+            |s: &S| &s.nodes_marked_not_ready,
+        )
+        .counter_of(
             "resync_manifest_buckets",
             "Buckets sent as manifests during resyncs",
             s.clone(),

@@ -13,7 +13,7 @@ use futures_util::{FutureExt, StreamExt};
 use kube::api::{Api, DynamicObject};
 use kube::runtime::{WatchStreamExt, watcher};
 use sedna_proto::channel::hub_server::{Hub as HubService, HubServer};
-use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse, TunnelFrame};
+use sedna_proto::channel::{Envelope, JoinRequest, JoinResponse, TunnelFrame, Upstream};
 use sedna_proto::identity::{self, JoinToken};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
@@ -133,6 +133,8 @@ pub struct HubStats {
     pub redirects: AtomicU64,
     /// Node Lease renewals acknowledged without an API write (the stored one was recent).
     pub lease_writes_skipped: AtomicU64,
+    /// Nodes this hub's lifecycle marked NotReady.
+    pub nodes_marked_not_ready: AtomicU64,
 }
 
 /// Why the hub could not start.
@@ -178,6 +180,9 @@ struct Shared {
     shutdown: watch::Receiver<bool>,
     router: Mutex<Router>,
     sessions: Mutex<HashMap<String, Registered>>,
+    /// Nodes whose last session here ended: when they were last heard, and the lease
+    /// duration they announced (see [`crate::liveness::Contact`]).
+    lost: Mutex<HashMap<String, (jiff::Timestamp, Duration)>>,
     ready: watch::Sender<bool>,
     generation: AtomicU64,
     pki: HubPki,
@@ -204,6 +209,29 @@ impl Shared {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn lost(&self) -> std::sync::MutexGuard<'_, HashMap<String, (jiff::Timestamp, Duration)>> {
+        self.lost
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What this hub knows first-hand of a node's liveness.
+    fn contact(&self, node: &str) -> Option<crate::liveness::Contact> {
+        if self.sessions().contains_key(node) {
+            return Some(crate::liveness::Contact::Connected);
+        }
+        self.lost()
+            .get(node)
+            .map(|&(at, lease)| crate::liveness::Contact::Lost { at, lease })
+    }
+
+    /// How node Lease renewals reach the API.
+    fn lease_policy(&self) -> crate::liveness::LeasePolicy {
+        self.config
+            .lifecycle
+            .map_or(crate::liveness::LeasePolicy::Follow, |l| l.lease_policy())
     }
 
     fn dispatch(&self, routed: Vec<(String, Downstream)>) {
@@ -263,6 +291,7 @@ impl Hub {
             shutdown: shutdown_rx.clone(),
             router: Mutex::new(Router::new()),
             sessions: Mutex::new(HashMap::new()),
+            lost: Mutex::new(HashMap::new()),
             ready,
             generation: AtomicU64::new(0),
             pki,
@@ -461,6 +490,55 @@ fn end_sessions_in(shared: &Shared, lost: &[u32]) {
     }
 }
 
+/// Applies an authorized edge write in its own task, once a permit of its class is free;
+/// `on_applied` runs if the API took it. The outcome goes back to the session.
+fn spawn_apply(
+    shared: &Shared,
+    node: &str,
+    id: u64,
+    upstream: Upstream,
+    done_tx: &mpsc::UnboundedSender<Done>,
+    on_applied: impl FnOnce() + Send + 'static,
+) {
+    let client = shared.client.clone();
+    let node = node.to_owned();
+    let done_tx = done_tx.clone();
+    let stats = shared.stats.clone();
+    let permits = if upstream::is_liveness(&upstream) {
+        shared.liveness_permits.clone()
+    } else {
+        shared.workload_permits.clone()
+    };
+    tokio::spawn(async move {
+        let queued = tokio::time::Instant::now();
+        let Ok(_permit) = permits.acquire_owned().await else {
+            return;
+        };
+        let sent = tokio::time::Instant::now();
+        let outcome = upstream::apply(&client, &node, &upstream).await;
+        if queued.elapsed() >= SLOW_UPSTREAM {
+            tracing::info!(
+                %node,
+                kind = upstream.kind,
+                waited_ms = (sent - queued).as_millis() as u64,
+                api_ms = sent.elapsed().as_millis() as u64,
+                "slow edge write"
+            );
+        }
+        match &outcome {
+            crate::session::UpstreamOutcome::Applied => {
+                stats.upstream_applied.fetch_add(1, Ordering::Relaxed);
+                on_applied();
+            }
+            crate::session::UpstreamOutcome::Rejected(_) => {
+                stats.upstream_rejected.fetch_add(1, Ordering::Relaxed);
+            }
+            crate::session::UpstreamOutcome::Retry => {}
+        }
+        let _ = done_tx.send(Done::Applied(id, outcome));
+    });
+}
+
 /// Marks nodes with expired leases NotReady; evicts after an autonomy period.
 async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::LifecycleConfig) {
     let mut ready = shared.ready.subscribe();
@@ -471,19 +549,42 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
     loop {
         tick.tick().await;
         // In a tier, each hub looks after the nodes of its partitions.
-        let work = crate::lifecycle::plan(
-            &shared.router(),
-            jiff::Timestamp::now(),
-            config.grace,
-            &mut warned,
-            |node, label| {
-                shared
-                    .tier
-                    .as_ref()
-                    .is_none_or(|t| t.serves_node(node, label))
-            },
-        );
-        crate::lifecycle::apply(&shared.client, work).await;
+        let serves = |node: &str, label: Option<&str>| {
+            shared
+                .tier
+                .as_ref()
+                .is_none_or(|t| t.serves_node(node, label))
+        };
+        let work = {
+            let router = shared.router();
+            // First-hand knowledge of nodes that are gone or served elsewhere now is dropped.
+            shared.lost().retain(|node, _| {
+                router
+                    .get(&ObjKey::new(Kind::Node, "", node))
+                    .is_some_and(|n| {
+                        serves(
+                            node,
+                            n.value
+                                .pointer("/metadata/labels")
+                                .and_then(|l| l.get(crate::partitions::PARTITION_LABEL))
+                                .and_then(serde_json::Value::as_str),
+                        )
+                    })
+            });
+            crate::lifecycle::plan(
+                &router,
+                jiff::Timestamp::now(),
+                config.grace,
+                &mut warned,
+                serves,
+                |node| shared.contact(node),
+            )
+        };
+        let marked = crate::lifecycle::apply(&shared.client, work).await;
+        shared
+            .stats
+            .nodes_marked_not_ready
+            .fetch_add(marked, Ordering::Relaxed);
     }
 }
 
@@ -948,8 +1049,11 @@ async fn run_session(
     let mut session = Session::new(session_config, tokio::time::Instant::now());
     let mut registered = false;
     // The renewTime (unix ms) of the last Lease renewal this session wrote; see
-    // `upstream::lease_due`.
+    // `liveness::lease_due`.
     let lease_written = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    // The lease duration the node announced in its last renewal.
+    let mut announced = Duration::from_secs(40);
+    let lease_policy = shared.lease_policy();
     let mut pending: std::collections::VecDeque<Input> = std::collections::VecDeque::new();
     tracing::info!(%node, "node connected");
     'session: loop {
@@ -1032,6 +1136,7 @@ async fn run_session(
                         drop(old);
                         view
                     };
+                    shared.lost().remove(&node);
                     registered = true;
                     pending.push_back(Input::View(view));
                 }
@@ -1053,27 +1158,51 @@ async fn run_session(
                         }
                         Decision::Allow
                             if upstream.kind
-                                == sedna_proto::channel::upstream::Kind::Lease as i32
-                                && !upstream::lease_due(
-                                    shared
-                                        .router()
-                                        .get(&ObjKey::new(Kind::Lease, "kube-node-lease", &node))
-                                        .map(|o| o.value.clone())
-                                        .as_deref(),
-                                    jiff::Timestamp::from_millisecond(
-                                        lease_written.load(Ordering::Relaxed),
-                                    )
-                                    .ok()
-                                    .filter(|t| t.as_millisecond() > 0),
-                                    &upstream.payload,
-                                ) =>
+                                == sedna_proto::channel::upstream::Kind::Lease as i32 =>
                         {
-                            // The API's Lease is recent enough: acknowledged, not written.
-                            stats.lease_writes_skipped.fetch_add(1, Ordering::Relaxed);
-                            pending.push_back(Input::Applied {
-                                id,
-                                outcome: crate::session::UpstreamOutcome::Applied,
-                            });
+                            let renewal = crate::liveness::Renewal::parse(&upstream.payload);
+                            if let Some(r) = &renewal {
+                                announced = r.announced();
+                            }
+                            let cached = shared
+                                .router()
+                                .get(&ObjKey::new(Kind::Lease, "kube-node-lease", &node))
+                                .map(|o| o.value.clone());
+                            let written = jiff::Timestamp::from_millisecond(
+                                lease_written.load(Ordering::Relaxed),
+                            )
+                            .ok()
+                            .filter(|t| t.as_millisecond() > 0);
+                            if crate::liveness::lease_due(
+                                cached.as_deref(),
+                                written,
+                                renewal.as_ref(),
+                                lease_policy,
+                            ) {
+                                let mut upstream = upstream;
+                                if let Some(stored) =
+                                    crate::liveness::stored_payload(&upstream.payload, lease_policy)
+                                {
+                                    upstream.payload = stored;
+                                }
+                                let written_at = renewal.as_ref().and_then(|r| r.renewed());
+                                let lease_written = lease_written.clone();
+                                spawn_apply(&shared, &node, id, upstream, &done_tx, move || {
+                                    if let Some(t) = written_at {
+                                        // The last write, not the latest time: a renewal
+                                        // from the future must not make the node's later
+                                        // ones look stale forever.
+                                        lease_written.store(t.as_millisecond(), Ordering::Relaxed);
+                                    }
+                                });
+                            } else {
+                                // The API's Lease is recent enough: acknowledged, not written.
+                                stats.lease_writes_skipped.fetch_add(1, Ordering::Relaxed);
+                                pending.push_back(Input::Applied {
+                                    id,
+                                    outcome: crate::session::UpstreamOutcome::Applied,
+                                });
+                            }
                         }
                         Decision::Allow => {
                             let mut upstream = upstream;
@@ -1092,53 +1221,7 @@ async fn run_session(
                                     upstream.payload = payload;
                                 }
                             }
-                            let client = shared.client.clone();
-                            let node = node.clone();
-                            let done_tx = done_tx.clone();
-                            let stats = stats.clone();
-                            let lease_written = lease_written.clone();
-                            let permits = if upstream::is_liveness(&upstream) {
-                                shared.liveness_permits.clone()
-                            } else {
-                                shared.workload_permits.clone()
-                            };
-                            tokio::spawn(async move {
-                                let queued = tokio::time::Instant::now();
-                                let Ok(_permit) = permits.acquire_owned().await else {
-                                    return;
-                                };
-                                let sent = tokio::time::Instant::now();
-                                let outcome = upstream::apply(&client, &node, &upstream).await;
-                                if queued.elapsed() >= SLOW_UPSTREAM {
-                                    tracing::info!(
-                                        %node,
-                                        kind = upstream.kind,
-                                        waited_ms = (sent - queued).as_millis() as u64,
-                                        api_ms = sent.elapsed().as_millis() as u64,
-                                        "slow edge write"
-                                    );
-                                }
-                                match &outcome {
-                                    crate::session::UpstreamOutcome::Applied => {
-                                        stats.upstream_applied.fetch_add(1, Ordering::Relaxed);
-                                        if upstream.kind
-                                            == sedna_proto::channel::upstream::Kind::Lease as i32
-                                            && let Some(t) = upstream::renew_time(&upstream.payload)
-                                        {
-                                            // The last write, not the latest time: a
-                                            // renewal from the future must not make the
-                                            // node's later ones look stale forever.
-                                            lease_written
-                                                .store(t.as_millisecond(), Ordering::Relaxed);
-                                        }
-                                    }
-                                    crate::session::UpstreamOutcome::Rejected(_) => {
-                                        stats.upstream_rejected.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                    crate::session::UpstreamOutcome::Retry => {}
-                                }
-                                let _ = done_tx.send(Done::Applied(id, outcome));
-                            });
+                            spawn_apply(&shared, &node, id, upstream, &done_tx, || {});
                         }
                     }
                 }
@@ -1178,6 +1261,13 @@ async fn run_session(
             sessions.remove(&node);
             drop(sessions);
             shared.router().detach(&node);
+            // What the lifecycle judges the node by until it returns.
+            let silent =
+                tokio::time::Instant::now().saturating_duration_since(session.last_heard());
+            let heard = jiff::Timestamp::now()
+                .checked_sub(silent)
+                .unwrap_or(jiff::Timestamp::MIN);
+            shared.lost().insert(node.clone(), (heard, announced));
         }
     }
     stats.connected.fetch_sub(1, Ordering::Relaxed);

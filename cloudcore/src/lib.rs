@@ -8,6 +8,7 @@
 //! - [`router`]: which objects each node needs (pure).
 //! - [`session`]: one node's protocol state machine (pure).
 //! - [`upstream`]: authorization and application of nodes' writes.
+//! - [`liveness`]: which node Lease renewals reach the API; what the hub knows first-hand.
 //! - [`lifecycle`]: nodes whose lease expired become NotReady; eviction only after an
 //!   autonomy period set on the node.
 //! - [`gate`]: admission of TLS handshakes (per source, in total, fair when full).
@@ -18,6 +19,7 @@
 pub mod gate;
 pub mod hub;
 pub mod lifecycle;
+pub mod liveness;
 pub mod partitions;
 pub mod pki;
 mod rate;

@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, DeleteParams, PostParams, Preconditions};
 use serde_json::Value;
 
+use crate::liveness::{Contact, LeasePolicy};
 use crate::router::{Kind, ObjKey, Router};
 
 /// The annotation that allows evicting the pods of a node unreachable for this long.
@@ -22,6 +23,10 @@ pub const AUTONOMY_ANNOTATION: &str = "node.sedna.io/autonomy-duration";
 /// Reason of the conditions of an unreachable node.
 pub const UNKNOWN_REASON: &str = "NodeStatusUnknown";
 
+/// How old the API's copy of a connected node's Lease may grow by default: a node whose hub
+/// dies while it dies too is NotReady at most this much later than otherwise.
+pub const DEFAULT_LEASE_REFRESH: Duration = Duration::from_secs(120);
+
 /// Lifecycle settings.
 #[derive(Clone, Copy, Debug)]
 pub struct LifecycleConfig {
@@ -29,6 +34,22 @@ pub struct LifecycleConfig {
     pub period: Duration,
     /// Extra time beyond the lease's own duration before a node is marked unreachable.
     pub grace: Duration,
+    /// How old the API's copy of a connected node's Lease may grow ([`LeasePolicy::Refresh`]):
+    /// the hub judges the nodes it holds sessions with by their sessions, and writes their
+    /// Leases this often instead of every 20–30 s. Zero writes them as the node renews them
+    /// ([`LeasePolicy::Follow`]).
+    pub lease_refresh: Duration,
+}
+
+impl LifecycleConfig {
+    /// How node Lease renewals reach the API while this lifecycle runs.
+    pub fn lease_policy(&self) -> LeasePolicy {
+        if self.lease_refresh.is_zero() {
+            LeasePolicy::Follow
+        } else {
+            LeasePolicy::Refresh(self.lease_refresh)
+        }
+    }
 }
 
 impl Default for LifecycleConfig {
@@ -36,6 +57,7 @@ impl Default for LifecycleConfig {
         Self {
             period: Duration::from_secs(5),
             grace: Duration::from_secs(0),
+            lease_refresh: DEFAULT_LEASE_REFRESH,
         }
     }
 }
@@ -75,6 +97,24 @@ pub enum Verdict {
     Evict,
     /// Ready again but still tainted unreachable: remove the taint.
     Untaint,
+}
+
+impl NodeView {
+    /// Adds what this hub knows first-hand: a connected node was heard just now; a node
+    /// whose session here ended is judged from its last message and its own lease duration
+    /// (the API's Lease, written less often and stretched by [`LeasePolicy::Refresh`], would
+    /// give it longer), unless the API shows a later sign of life.
+    pub fn with_contact(mut self, contact: Option<Contact>, now: Timestamp) -> NodeView {
+        match contact {
+            Some(Contact::Connected) => self.last_seen = Some(now),
+            Some(Contact::Lost { at, lease }) if self.last_seen.is_none_or(|seen| seen <= at) => {
+                self.last_seen = Some(at);
+                self.lease_duration = lease;
+            }
+            None | Some(Contact::Lost { .. }) => {}
+        }
+        self
+    }
 }
 
 /// Decides what to do with a node at `now`.
@@ -272,7 +312,8 @@ pub(crate) type Work = (String, Verdict, Vec<(String, String, String)>);
 /// Judges the cached nodes this hub looks after at `now`: `serves` is asked with the node's
 /// name and its partition label (`sedna.io/hub-partition`), before anything else is read. A
 /// node's pods are listed only when they could be evicted, so a healthy fleet costs one
-/// pass over its Nodes and Leases. `warned` remembers nodes whose annotation was reported
+/// pass over its Nodes and Leases. `contact` tells what the hub knows first-hand of a node
+/// ([`NodeView::with_contact`]). `warned` remembers nodes whose annotation was reported
 /// invalid.
 pub(crate) fn plan(
     router: &Router,
@@ -280,6 +321,7 @@ pub(crate) fn plan(
     grace: Duration,
     warned: &mut std::collections::HashSet<String>,
     serves: impl Fn(&str, Option<&str>) -> bool,
+    contact: impl Fn(&str) -> Option<Contact>,
 ) -> Vec<Work> {
     router
         .objects_of(Kind::Node)
@@ -295,7 +337,8 @@ pub(crate) fn plan(
             let name = &node.key.name;
             let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", name));
             // Any pods at all, until the verdict could depend on them.
-            let mut v = view(&node.value, lease.map(|l| l.value.as_ref()), usize::MAX);
+            let mut v = view(&node.value, lease.map(|l| l.value.as_ref()), usize::MAX)
+                .with_contact(contact(name), now);
             if let Some(Err(e)) = &v.autonomy
                 && warned.insert(name.clone())
             {
@@ -312,12 +355,14 @@ pub(crate) fn plan(
         .collect()
 }
 
-/// Applies the verdicts through the API.
-pub(crate) async fn apply(client: &kube::Client, work: Vec<Work>) {
+/// Applies the verdicts through the API; returns how many nodes it marked NotReady.
+pub(crate) async fn apply(client: &kube::Client, work: Vec<Work>) -> u64 {
+    let mut marked = 0;
     for (node, verdict, pods) in work {
         match verdict {
             Verdict::MarkUnknown => match mark_unknown(client, &node).await {
                 Ok(()) => {
+                    marked += 1;
                     tracing::warn!(%node, "lease expired: node marked NotReady (pods keep running)")
                 }
                 Err(e) => {
@@ -337,6 +382,7 @@ pub(crate) async fn apply(client: &kube::Client, work: Vec<Work>) {
             Verdict::Fine => {}
         }
     }
+    marked
 }
 
 #[cfg(test)]
@@ -451,6 +497,7 @@ mod tests {
                     .push((node.to_owned(), label.map(str::to_owned)));
                 node != "other-hubs"
             },
+            |_| None,
         );
         work.sort_by(|a, b| a.0.cmp(&b.0));
         let verdicts: Vec<(&str, Verdict, usize)> = work
@@ -474,6 +521,84 @@ mod tests {
         assert_eq!(asked.len(), 6, "each node asked about once: {asked:?}");
         assert!(asked.contains(&("labelled".into(), Some("7".into()))));
         assert!(asked.contains(&("silent".into(), None)));
+    }
+
+    #[test]
+    fn a_hub_judges_the_nodes_it_holds_sessions_with_by_their_sessions_not_the_apis_lease() {
+        let mut router = Router::new();
+        // All four last wrote their Lease at 00:00:00 (stored for 40 s); it is now 00:02:00.
+        for name in ["connected", "lost-late", "lost-early", "elsewhere"] {
+            fleet_node(
+                &mut router,
+                name,
+                "2026-01-01T00:00:00Z",
+                "True",
+                Value::Null,
+            );
+        }
+        // A node whose Lease another hub wrote after its session here ended.
+        router.upsert(cached(
+            Kind::Lease,
+            "kube-node-lease",
+            "elsewhere",
+            serde_json::json!({ "spec": { "renewTime": "2026-01-01T00:01:50Z",
+                                          "leaseDurationSeconds": 160 } }),
+        ));
+        let contact = |node: &str| match node {
+            "connected" => Some(Contact::Connected),
+            "lost-late" => Some(Contact::Lost {
+                at: t("2026-01-01T00:01:30Z"),
+                lease: Duration::from_secs(40),
+            }),
+            "lost-early" | "elsewhere" => Some(Contact::Lost {
+                at: t("2026-01-01T00:01:00Z"),
+                lease: Duration::from_secs(40),
+            }),
+            _ => None,
+        };
+        let mut work = plan(
+            &router,
+            t("2026-01-01T00:02:00Z"),
+            Duration::ZERO,
+            &mut std::collections::HashSet::new(),
+            |_, _| true,
+            contact,
+        );
+        work.sort_by(|a, b| a.0.cmp(&b.0));
+        let verdicts: Vec<(&str, Verdict)> = work
+            .iter()
+            .map(|(n, v, _)| (n.as_str(), v.clone()))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [("lost-early", Verdict::MarkUnknown)],
+            "connected: fine whatever the API's Lease says; lost 30 s ago: within its 40 s; \
+             lost 60 s ago: expired; heard by another hub since: the API's Lease counts"
+        );
+
+        // A stretched Lease in the API does not keep a node this hub lost alive longer.
+        let stretched = NodeView {
+            lease_duration: Duration::from_secs(160),
+            ..base()
+        };
+        let lost = stretched.clone().with_contact(
+            Some(Contact::Lost {
+                at: t("2026-01-01T00:00:05Z"),
+                lease: Duration::from_secs(40),
+            }),
+            t("2026-01-01T00:01:00Z"),
+        );
+        assert_eq!(lost.lease_duration, Duration::from_secs(40));
+        assert_eq!(
+            judge(&lost, t("2026-01-01T00:01:00Z"), Duration::ZERO),
+            Verdict::MarkUnknown
+        );
+        // Without first-hand knowledge (after a takeover) the stretched Lease counts.
+        let unknown_here = stretched.with_contact(None, t("2026-01-01T00:01:00Z"));
+        assert_eq!(
+            judge(&unknown_here, t("2026-01-01T00:01:00Z"), Duration::ZERO),
+            Verdict::Fine
+        );
     }
 
     #[test]

@@ -249,6 +249,11 @@ impl Session {
         self.queue.len()
     }
 
+    /// When the edge was last heard (its last message of any kind).
+    pub fn last_heard(&self) -> Instant {
+        self.last_rx
+    }
+
     /// When the shell should call [`Input::Tick`] next.
     pub fn next_deadline(&self) -> Instant {
         let mut at =

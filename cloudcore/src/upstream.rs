@@ -48,16 +48,21 @@ fn key_of(r: &ObjectRef) -> Option<ObjKey> {
 
 /// Decides whether `node` may make this write.
 pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
+    // Only the names are read: a Node status or a Lease is not built as a whole document to
+    // be authorized (every node renews its Lease every 10 s).
+    #[derive(serde::Deserialize)]
+    struct Named {
+        metadata: Meta,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        #[serde(default)]
+        namespace: Option<String>,
+        name: String,
+    }
     let name_of = |payload: &[u8]| -> Option<(String, String)> {
-        let v: Value = serde_json::from_slice(payload).ok()?;
-        let meta = v.get("metadata")?;
-        Some((
-            meta.get("namespace")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned(),
-            meta.get("name")?.as_str()?.to_owned(),
-        ))
+        let m = serde_json::from_slice::<Named>(payload).ok()?.metadata;
+        Some((m.namespace.unwrap_or_default(), m.name))
     };
     match UpstreamKind::try_from(u.kind).unwrap_or(UpstreamKind::Unspecified) {
         UpstreamKind::Node => match name_of(&u.payload) {
@@ -281,60 +286,6 @@ pub fn permit_split(max_in_flight: usize) -> (usize, usize) {
     (max_in_flight.saturating_sub(workload).max(1), workload)
 }
 
-/// Whether a node's Lease renewal must reach the API, given the Lease the API holds now as the
-/// hub's cache has it (`cached`) and the renewal time this session last wrote (`written`, which
-/// the cache may not show yet: under load the watch lags, and a lagging cache must not turn
-/// every renewal into a write): only when the renewal in hand is at least half the lease's
-/// duration newer than the one stored (or nothing is stored, or it is held or sized
-/// differently, or the renewal is older than the stored one: the node's clock stepped back).
-///
-/// Both times are the node's own clock, and the renewal is judged by when the node made it,
-/// not by when the hub gets to it: renewals queued behind a slow API server (the hub applies
-/// a node's writes one at a time) are skipped as they would have been without the queue.
-/// Judged against the hub's clock instead, a backlog turned every renewal into a write and
-/// grew itself (10,000 nodes on 3 hubs: 0.02 of 6 renewals a minute skipped, writes waiting
-/// 25 s for the API). The edge renews every 10 s; the API sees one write per node every
-/// 20–30 s instead of every 10 s, and a Lease never older than half its duration plus one
-/// renewal interval — within the 40 s after which a node is NotReady — while the API keeps up.
-pub fn lease_due(
-    cached: Option<&Value>,
-    written: Option<jiff::Timestamp>,
-    incoming: &[u8],
-) -> bool {
-    let Some(cached) = cached else { return true };
-    let Ok(incoming) = serde_json::from_slice::<Value>(incoming) else {
-        return true;
-    };
-    let spec = |v: &Value, field: &str| v.pointer(&format!("/spec/{field}")).cloned();
-    if spec(cached, "holderIdentity") != spec(&incoming, "holderIdentity")
-        || spec(cached, "leaseDurationSeconds") != spec(&incoming, "leaseDurationSeconds")
-    {
-        return true;
-    }
-    let duration = spec(cached, "leaseDurationSeconds")
-        .and_then(|d| d.as_i64())
-        .unwrap_or(0);
-    let time = |v: &Value| {
-        spec(v, "renewTime")
-            .and_then(|t| t.as_str().and_then(|t| t.parse::<jiff::Timestamp>().ok()))
-    };
-    let (Some(renewed), Some(renewal)) = (time(cached).max(written), time(&incoming)) else {
-        return true;
-    };
-    let newer_by = renewal.as_millisecond() - renewed.as_millisecond();
-    newer_by < 0 || newer_by >= duration * 1000 / 2
-}
-
-/// The `spec.renewTime` of a Lease payload.
-pub fn renew_time(payload: &[u8]) -> Option<jiff::Timestamp> {
-    serde_json::from_slice::<Value>(payload)
-        .ok()?
-        .pointer("/spec/renewTime")?
-        .as_str()?
-        .parse()
-        .ok()
-}
-
 /// Carries out an authorized write.
 pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamOutcome {
     let parsed = || serde_json::from_slice::<Value>(&u.payload);
@@ -454,60 +405,6 @@ mod tests {
         assert!(!is_liveness(&of(UpstreamKind::Event)));
     }
 
-    #[test]
-    fn lease_renewals_reach_the_api_once_the_stored_one_is_half_its_duration_old() {
-        let lease = |holder: &str, renewed: &str| {
-            serde_json::json!({"spec": {"holderIdentity": holder, "leaseDurationSeconds": 40,
-                                        "renewTime": renewed}})
-        };
-        let incoming = lease("edge-1", "2026-12-01T10:00:30.000000Z").to_string();
-        let fresh = lease("edge-1", "2026-12-01T10:00:15.000000Z");
-        let old = lease("edge-1", "2026-12-01T10:00:10.000000Z");
-        assert!(
-            !lease_due(Some(&fresh), None, incoming.as_bytes()),
-            "15 s old: skipped"
-        );
-        assert!(
-            lease_due(Some(&old), None, incoming.as_bytes()),
-            "20 s old: written"
-        );
-        assert!(lease_due(None, None, incoming.as_bytes()), "no lease yet");
-        let other = lease("edge-2", "2026-12-01T10:00:29.000000Z");
-        assert!(
-            lease_due(Some(&other), None, incoming.as_bytes()),
-            "another holder"
-        );
-        assert!(lease_due(Some(&fresh), None, b"not json"));
-        // The cache lags behind this session's own last write: that write counts.
-        let written = renew_time(
-            lease("edge-1", "2026-12-01T10:00:20.000000Z")
-                .to_string()
-                .as_bytes(),
-        );
-        assert!(written.is_some());
-        assert!(
-            !lease_due(Some(&old), written, incoming.as_bytes()),
-            "the cache shows 20 s, this session wrote 10 s ago: skipped"
-        );
-        assert!(
-            lease_due(Some(&other), written, incoming.as_bytes()),
-            "another holder in the API is still written over"
-        );
-        // Judged by the renewal's own time, however late the hub gets to it: a renewal made
-        // 15 s after the stored one is skipped even if it waited a minute in a queue.
-        let queued = lease("edge-1", "2026-12-01T10:00:25.000000Z").to_string();
-        assert!(!lease_due(Some(&old), None, queued.as_bytes()));
-        // The node's clock stepped back: its renewal is written so the API follows it.
-        let earlier = lease("edge-1", "2026-12-01T10:00:05.000000Z").to_string();
-        assert!(lease_due(Some(&fresh), None, earlier.as_bytes()));
-        let undated = serde_json::json!({"spec": {"holderIdentity": "edge-1",
-                                                 "leaseDurationSeconds": 40}});
-        assert!(lease_due(
-            Some(&fresh),
-            None,
-            undated.to_string().as_bytes()
-        ));
-    }
     use crate::router::Object;
     use serde_json::json;
 

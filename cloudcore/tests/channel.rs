@@ -40,14 +40,15 @@ fn fast_hub(dir: &std::path::Path, listen: std::net::SocketAddr) -> HubConfig {
 
 impl Cluster {
     async fn start() -> Cluster {
+        Cluster::start_with(|_| {}).await
+    }
+
+    async fn start_with(tune: impl FnOnce(&mut HubConfig)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let (api, client) = support::embedded_api(dir.path(), true).await;
-        let hub = Hub::start(
-            fast_hub(dir.path(), "127.0.0.1:0".parse().unwrap()),
-            client.clone(),
-        )
-        .await
-        .unwrap();
+        let mut config = fast_hub(dir.path(), "127.0.0.1:0".parse().unwrap());
+        tune(&mut config);
+        let hub = Hub::start(config, client.clone()).await.unwrap();
         let hub_addr = hub.addr();
         Cluster {
             _api: api,
@@ -524,6 +525,98 @@ async fn upstream_writes_are_authorized_per_node() {
     assert!(nodes.get_opt("edge-b").await.unwrap().is_none());
     assert_eq!(c.hub().stats().upstream_rejected.load(Ordering::Relaxed), 2);
     a.shutdown().await;
+}
+
+fn lease_renewal(node: &str, duration_s: u32) -> Upstream {
+    let renewed = jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%S%.6fZ");
+    Upstream {
+        kind: UpstreamKind::Lease as i32,
+        object: None,
+        payload: json!({ "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "name": node, "namespace": "kube-node-lease" },
+            "spec": { "holderIdentity": node, "leaseDurationSeconds": duration_s,
+                      "renewTime": renewed.to_string() } })
+        .to_string()
+        .into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_connected_node_stays_ready_on_a_rarely_written_lease_and_turns_not_ready_once_its_session_ends()
+ {
+    let c = Cluster::start_with(|h| {
+        h.lifecycle = Some(sedna_cloudcore::lifecycle::LifecycleConfig {
+            period: Duration::from_millis(100),
+            lease_refresh: Duration::from_secs(60),
+            ..Default::default()
+        });
+    })
+    .await;
+    let a = c.edge("edge-l").await;
+    let mut status = a.status();
+    while !status.borrow().synced {
+        status.changed().await.unwrap();
+    }
+    let now = jiff::Timestamp::now().to_string();
+    a.report(&Upstream {
+        kind: UpstreamKind::Node as i32,
+        object: None,
+        payload: json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "edge-l" },
+            "status": { "conditions": [{ "type": "Ready", "status": "True",
+                "lastHeartbeatTime": now, "lastTransitionTime": now }] } })
+        .to_string()
+        .into_bytes(),
+    })
+    .unwrap();
+    // A 1 s lease renewed every 200 ms, for 3 s.
+    for _ in 0..15 {
+        a.report(&lease_renewal("edge-l", 1)).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eventually("the outbox drains", || a.store().outbox_len().unwrap() == 0).await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.client.clone(), "kube-node-lease");
+    let lease = leases.get("edge-l").await.unwrap().spec.unwrap();
+    assert_eq!(
+        lease.lease_duration_seconds,
+        Some(61),
+        "stored for the node's 1 s and the 60 s until the next write"
+    );
+    let stats = c.hub().stats();
+    assert_eq!(
+        stats.lease_writes_skipped.load(Ordering::Relaxed),
+        14,
+        "one renewal written, the others acknowledged"
+    );
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+    let ready = || async {
+        nodes
+            .get_status("edge-l")
+            .await
+            .unwrap()
+            .status
+            .and_then(|s| s.conditions)
+            .and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status)
+    };
+    assert_eq!(
+        ready().await.as_deref(),
+        Some("True"),
+        "connected: Ready, though the API's Lease shows a renewal 3 s old"
+    );
+    assert_eq!(stats.nodes_marked_not_ready.load(Ordering::Relaxed), 0);
+
+    // The session ends: NotReady once the node's own 1 s lease runs out, not the stored 61 s.
+    let lost_at = std::time::Instant::now();
+    a.shutdown().await;
+    while ready().await.as_deref() != Some("Unknown") {
+        assert!(
+            lost_at.elapsed() < Duration::from_secs(20),
+            "never marked NotReady"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stats.nodes_marked_not_ready.load(Ordering::Relaxed), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
