@@ -73,6 +73,9 @@ struct Args {
     /// A program that runs each hub (a profiler: `--hub-wrapper heaptrack`), split on spaces.
     #[arg(long)]
     hub_wrapper: Option<String>,
+    /// A program that runs each simulator (`--sim-wrapper heaptrack`), split on spaces.
+    #[arg(long)]
+    sim_wrapper: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -378,15 +381,7 @@ async fn orchestrate(args: Args) -> Result<()> {
         let port = free_port()?;
         let hub_metrics = format!("127.0.0.1:{}", free_port()?);
         let id = format!("h{}", h + 1);
-        let mut c = match &args.hub_wrapper {
-            Some(w) => {
-                let mut words = w.split_whitespace();
-                let mut c = Command::new(words.next().context("empty --hub-wrapper")?);
-                c.args(words).arg(&sedna);
-                c
-            }
-            None => Command::new(&sedna),
-        };
+        let mut c = wrapped(args.hub_wrapper.as_deref(), &sedna)?;
         c.arg("cloudcore")
             .arg("--kubeconfig")
             .arg(&kubeconfig)
@@ -476,7 +471,8 @@ async fn orchestrate(args: Args) -> Result<()> {
         let seeds: Vec<String> = (0..hubs.len())
             .map(|j| hubs[(j + k) % hubs.len()].addr.clone())
             .collect();
-        let mut child = Command::new(&me)
+        let mut command = wrapped(args.sim_wrapper.as_deref(), &me)?;
+        let mut child = command
             .args(["sim", "--hubs", &seeds.join(","), "--token", &token])
             .arg("--dir")
             .arg(d.join(format!("sim-{k}")))
@@ -905,6 +901,19 @@ async fn pod_to_running(
         );
     }
     Ok(())
+}
+
+/// A command running `program`, under `wrapper` (a profiler and its arguments) if given.
+fn wrapped(wrapper: Option<&str>, program: &std::path::Path) -> Result<Command> {
+    Ok(match wrapper {
+        Some(w) => {
+            let mut words = w.split_whitespace();
+            let mut c = Command::new(words.next().context("empty wrapper")?);
+            c.args(words).arg(program);
+            c
+        }
+        None => Command::new(program),
+    })
 }
 
 fn sim_log(k: usize) -> PathBuf {
