@@ -693,7 +693,10 @@ async fn orchestrate(args: Args) -> Result<()> {
         per_node_min(2)
     );
 
-    // The API's view of liveness: every node of an idle, connected fleet should be Ready.
+    let marked_idle = hub_sum(counters[3]).saturating_sub(before[3]);
+    pod_to_running(&client, &fleet, args.nodes, args.pod_runs).await?;
+    // The API's view of liveness: every node of the connected fleet should be Ready (listed
+    // after the pod phase: a list of the whole fleet is a burst of work it must not time).
     let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
     let not_ready = nodes
         .list(&kube::api::ListParams::default())
@@ -708,14 +711,26 @@ async fn orchestrate(args: Args) -> Result<()> {
         })
         .count();
     println!(
-        "liveness while idle: {} nodes marked NotReady by the hubs; {not_ready} of {} nodes not Ready in the API at the end",
-        hub_sum(counters[3]).saturating_sub(before[3]),
+        "liveness: {marked_idle} nodes marked NotReady by the hubs while idle; {not_ready} of {} nodes not Ready in the API after the pod phase",
         args.nodes
     );
 
-    pod_to_running(&client, &fleet, args.nodes, args.pod_runs).await?;
-
     if args.kill && hubs.len() > 1 {
+        // Churn of the storm, summed over the hubs that stay.
+        let storm_counters = [
+            "sedna_hub_sessions_total",
+            "sedna_hub_handshakes_dropped_total",
+            "sedna_hub_redirects_total",
+            "sedna_hub_handshakes_refused_total",
+        ];
+        let survivors = |hubs: &[Hub], name: &str| -> u64 {
+            hubs.iter()
+                .enumerate()
+                .filter(|(j, _)| *j != 1)
+                .filter_map(|(_, h)| metric(&h.metrics, name).ok())
+                .sum()
+        };
+        let storm_before: Vec<u64> = storm_counters.iter().map(|c| survivors(&hubs, c)).collect();
         let victim = &mut hubs[1];
         let pid = victim
             .process
@@ -749,12 +764,21 @@ async fn orchestrate(args: Args) -> Result<()> {
         }
         let took = killed_at.elapsed();
         let storm_writes = (revision(&metrics)? - rev_kill) as f64 / took.as_secs_f64();
+        let storm: Vec<u64> = storm_counters
+            .iter()
+            .zip(&storm_before)
+            .map(|(c, b)| survivors(&hubs, c).saturating_sub(*b))
+            .collect();
         println!(
             "kill -9 of one hub: {} nodes dropped, all {} connected and synced again after {:.1} s; API writes {:.0}/s meanwhile",
             args.nodes - low,
             args.nodes,
             took.as_secs_f64(),
             storm_writes
+        );
+        println!(
+            "  the other hubs meanwhile: {} sessions started, {} connections closed before their TLS handshake ({} refused on arrival, every slot taken), {} redirects",
+            storm[0], storm[1], storm[3], storm[2]
         );
     }
     drop(sims);

@@ -336,8 +336,15 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
             "handshakes_dropped",
             "Connections closed before their TLS handshake completed (over the bounds, \
              evicted, silent or failed)",
-            s,
+            s.clone(),
             |s: &S| &s.handshakes_dropped,
+        )
+        .counter_of(
+            "handshakes_refused",
+            "Of the connections closed before their handshake, those refused on arrival \
+             because every handshake slot was taken",
+            s,
+            |s: &S| &s.handshakes_refused,
         )
 }
 

@@ -127,6 +127,8 @@ pub struct HubStats {
     /// Connections closed before their TLS handshake: over the handshake bounds, evicted for
     /// another source, silent past the ClientHello deadline, or failed.
     pub handshakes_dropped: AtomicU64,
+    /// Of those, connections the handshake bounds refused on arrival (every slot taken).
+    pub handshakes_refused: AtomicU64,
     /// In a tier: partitions this hub serves now.
     pub partitions_served: AtomicU64,
     /// In a tier: nodes sent to the hub that serves them.
@@ -751,6 +753,10 @@ async fn serve(
                             .stats
                             .handshakes_dropped
                             .fetch_add(1, Ordering::Relaxed);
+                        shared
+                            .stats
+                            .handshakes_refused
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(%peer, %why, "connection closed before its handshake");
                         continue;
                     }
@@ -838,7 +844,9 @@ struct Service {
     shared: Arc<Shared>,
 }
 
-pub use sedna_proto::{REDIRECT_METADATA, RETRY_AFTER_METADATA, UNREACHABLE_METADATA};
+pub use sedna_proto::{
+    REDIRECT_METADATA, RETRY_AFTER_METADATA, SUCCESSOR_METADATA, UNREACHABLE_METADATA,
+};
 
 /// The node a request's client certificate names, and when that certificate was issued.
 fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
@@ -980,6 +988,7 @@ impl HubService for Service {
                 crate::tier::Placement::Nobody {
                     partition,
                     retry_after,
+                    successor,
                 } => {
                     let mut status = Status::unavailable(format!(
                         "partition {partition} of node {node} has no hub yet; try again in {} ms",
@@ -987,6 +996,9 @@ impl HubService for Service {
                     ));
                     if let Ok(value) = retry_after.as_millis().to_string().parse() {
                         status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
+                    }
+                    if let Some(value) = successor.and_then(|s| s.parse().ok()) {
+                        status.metadata_mut().insert(SUCCESSOR_METADATA, value);
                     }
                     return Err(status);
                 }

@@ -58,6 +58,10 @@ pub enum Placement {
         partition: u32,
         /// When to try again (see [`partitions::retry_after`]).
         retry_after: Duration,
+        /// Where the partition should be served by then (the hub the tier's rules choose
+        /// among the members live now, leaving out the one the node could not reach), if
+        /// known.
+        successor: Option<String>,
     },
 }
 
@@ -68,6 +72,8 @@ struct State {
     owners: HashMap<u32, (String, String)>,
     /// Partition → when its Lease expires (unix ms), from the last read.
     expires: HashMap<u32, i64>,
+    /// The tier's members, from the last read.
+    members: Vec<partitions::Member>,
 }
 
 /// The tier as this hub knows it.
@@ -128,14 +134,30 @@ impl Tier {
                     address: address.clone(),
                 }
             }
-            _ => Placement::Nobody {
-                partition,
-                retry_after: partitions::retry_after(
+            _ => {
+                let now = now_ms();
+                let retry_after = partitions::retry_after(
                     state.expires.get(&partition).copied(),
-                    now_ms(),
+                    now,
                     self.config.lease,
-                ),
-            },
+                );
+                // Among the hubs live now, leaving out the one the node could not reach (its
+                // membership still reads as live until its Lease runs out).
+                let candidates: Vec<partitions::Member> = state
+                    .members
+                    .iter()
+                    .filter(|m| Some(m.address.as_str()) != unreachable)
+                    .cloned()
+                    .collect();
+                let successor =
+                    partitions::desired_owner(partition, &candidates, self.config.mode, now)
+                        .map(|m| m.address.clone());
+                Placement::Nobody {
+                    partition,
+                    retry_after,
+                    successor,
+                }
+            }
         }
     }
 
@@ -374,6 +396,7 @@ pub(crate) async fn run(
             let mut state = tier.state();
             state.owners = owners;
             state.expires = leases.iter().map(|l| (l.partition, l.expires_ms)).collect();
+            state.members = members.clone();
             state.held.partitions(now_ms())
         };
         let gone: Vec<u32> = serving
@@ -433,12 +456,76 @@ mod tests {
             Placement::Nobody {
                 partition: 2,
                 retry_after,
+                successor: None,
             } => assert!(
                 (Duration::from_secs(11)..=Duration::from_millis(12_500)).contains(&retry_after),
                 "{retry_after:?}"
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_node_told_to_wait_is_told_which_hub_serves_it_by_then() {
+        let tier = Tier::new(TierConfig {
+            id: "h1".into(),
+            address: "127.0.0.1:1".into(),
+            partitions: 8,
+            mode: Mode::MultiPrimary,
+            primary: vec![],
+            standby: vec![],
+            lease: Duration::from_secs(15),
+        });
+        let member = |id: &str, address: &str, expires_ms: i64| partitions::Member {
+            id: id.into(),
+            address: address.into(),
+            primary: vec![],
+            standby: vec![],
+            expires_ms,
+        };
+        let now = now_ms();
+        // h2 died (its membership runs out in 10 s); h1 and h3 live on.
+        let members = vec![
+            member("h1", "127.0.0.1:1", now + 15_000),
+            member("h2", "127.0.0.1:2", now + 10_000),
+            member("h3", "127.0.0.1:3", now + 15_000),
+        ];
+        // A partition of the dead hub whose desired owner after it is h3, one whose is h1.
+        let live = [members[0].clone(), members[2].clone()];
+        let after = |p: u32| {
+            partitions::desired_owner(p, &live, Mode::MultiPrimary, now).map(|m| m.address.clone())
+        };
+        let node_in = |p: u32| {
+            (0..)
+                .map(|i| format!("n{i}"))
+                .find(|n| tier.partition_of(n, None) == p)
+                .unwrap()
+        };
+        {
+            let mut state = tier.state();
+            state.members = members.clone();
+            for p in 0..8 {
+                state.owners.insert(p, ("h2".into(), "127.0.0.1:2".into()));
+                state.expires.insert(p, now + 10_000);
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for p in 0..8 {
+            match tier.place(&node_in(p), None, Some("127.0.0.1:2")) {
+                Placement::Nobody {
+                    partition,
+                    successor,
+                    ..
+                } => {
+                    assert_eq!(partition, p);
+                    assert_eq!(successor, after(p), "partition {p}");
+                    assert_ne!(successor.as_deref(), Some("127.0.0.1:2"));
+                    seen.extend(successor);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(seen.len(), 2, "both live hubs take some: {seen:?}");
     }
 
     #[test]

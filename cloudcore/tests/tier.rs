@@ -610,6 +610,14 @@ async fn a_node_claiming_its_owner_unreachable_only_delays_itself_and_an_oversiz
         after <= (LEASE + LEASE / 3).as_millis() as u64,
         "{after} ms"
     );
+    // And where to come back: the hub the tier would choose without the one it cannot reach.
+    assert_eq!(
+        claim
+            .metadata()
+            .get("sedna-successor")
+            .map(|v| v.to_str().unwrap()),
+        Some(h2.as_str())
+    );
     // An oversized claim (64 KiB, past HTTP/2's header list bound) is refused outright.
     let huge = attach_with(
         &h2,

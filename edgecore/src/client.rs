@@ -10,7 +10,10 @@ use futures_util::{FutureExt, StreamExt};
 use rand::RngExt;
 use sedna_proto::channel::hub_client::HubClient;
 use sedna_proto::channel::{Digest, Envelope, Manifest, Op, Upstream};
-use sedna_proto::{Message, REDIRECT_METADATA, RETRY_AFTER_METADATA, UNREACHABLE_METADATA, sync};
+use sedna_proto::{
+    Message, REDIRECT_METADATA, RETRY_AFTER_METADATA, SUCCESSOR_METADATA, UNREACHABLE_METADATA,
+    sync,
+};
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
 
@@ -302,6 +305,19 @@ impl Shell {
     }
 }
 
+/// Whether a hub named an address the node may dial: `host:port`, at most 255 bytes, a port,
+/// a host without spaces or slashes.
+fn valid_hub_address(address: &str) -> bool {
+    address.len() <= 255
+        && address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+                && !host
+                    .chars()
+                    .any(|c| c.is_whitespace() || c == '/' || c.is_control())
+        })
+}
+
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -366,6 +382,12 @@ impl Shell {
                     .get(REDIRECT_METADATA)
                     .and_then(|v| v.to_str().ok())
                 {
+                    if !valid_hub_address(to) {
+                        return ConnectError::Unreachable(format!(
+                            "the hub redirected to an invalid address {:?}",
+                            to.chars().take(64).collect::<String>()
+                        ));
+                    }
                     return ConnectError::Redirect(to.to_owned());
                 }
                 if let Some(ms) = s
@@ -373,7 +395,16 @@ impl Shell {
                     .get(RETRY_AFTER_METADATA)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
                 {
-                    return ConnectError::Later(Duration::from_millis(ms));
+                    let successor = s
+                        .metadata()
+                        .get(SUCCESSOR_METADATA)
+                        .and_then(|v| v.to_str().ok())
+                        .filter(|a| valid_hub_address(a))
+                        .map(str::to_owned);
+                    return ConnectError::Later {
+                        after: Duration::from_millis(ms),
+                        successor,
+                    };
                 }
                 let reason = format!("{:?}: {}", s.code(), s.message());
                 match s.code() {
@@ -611,7 +642,16 @@ impl Shell {
                                 // expired yet): say so to the next one.
                                 self.unreachable = Some(self.target.clone());
                             }
-                            self.next_seed();
+                            match &reason {
+                                // Told to wait and where to go then: dial that hub after the
+                                // wait, not the next configured one (which may be the hub
+                                // that is gone, or one that would only redirect).
+                                ConnectError::Later { successor: Some(to), .. } => {
+                                    self.redirects = 0;
+                                    self.target = to.clone();
+                                }
+                                _ => self.next_seed(),
+                            }
                             queue.push_back(Input::ConnectFailed(reason));
                         }
                         Err(join) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(join.to_string()))),
@@ -732,5 +772,24 @@ impl Shell {
                 false
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hub_address_from_a_redirect_or_successor_must_be_host_and_port() {
+        assert!(valid_hub_address("10.0.0.2:10000"));
+        assert!(valid_hub_address("hub-2.example.com:443"));
+        assert!(valid_hub_address("[::1]:10000"));
+        assert!(!valid_hub_address("10.0.0.2"), "no port");
+        assert!(!valid_hub_address(":10000"), "no host");
+        assert!(!valid_hub_address("hub:0"));
+        assert!(!valid_hub_address("hub:99999"));
+        assert!(!valid_hub_address("http://hub:1"));
+        assert!(!valid_hub_address("hub x:1"));
+        assert!(!valid_hub_address(&format!("{}:1", "h".repeat(300))));
     }
 }

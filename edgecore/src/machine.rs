@@ -69,9 +69,15 @@ pub enum ConnectError {
     #[error("the node is served by the hub at {0}")]
     Redirect(String),
     /// No hub of the tier serves this node's partition yet (a takeover is under way): dial
-    /// again after this long (retryable; the hub knows when the partition can be claimed).
-    #[error("no hub serves this node yet; dial again in {0:?}")]
-    Later(Duration),
+    /// again after this long (retryable; the hub knows when the partition can be claimed),
+    /// the `successor` hub if the tier named one.
+    #[error("no hub serves this node yet; dial again in {after:?}")]
+    Later {
+        /// How long to wait.
+        after: Duration,
+        /// The hub expected to serve the node by then (`host:port`).
+        successor: Option<String>,
+    },
 }
 
 impl ConnectError {
@@ -79,7 +85,7 @@ impl ConnectError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ConnectError::Unreachable(_) | ConnectError::Redirect(_) | ConnectError::Later(_)
+            ConnectError::Unreachable(_) | ConnectError::Redirect(_) | ConnectError::Later { .. }
         )
     }
 }
@@ -293,7 +299,7 @@ impl EdgeMachine {
             }
             Input::ConnectFailed(error) => {
                 if self.phase == Phase::Dialing {
-                    if let ConnectError::Later(after) = error {
+                    if let ConnectError::Later { after, .. } = error {
                         // The hub said when: wait that long (bounded) plus jitter; the
                         // back-off does not grow, the tier is converging.
                         self.forget_connection();
@@ -514,7 +520,10 @@ mod tests {
             let mut t = now;
             for _ in 0..6 {
                 m.step(
-                    Input::ConnectFailed(ConnectError::Later(Duration::from_secs(12))),
+                    Input::ConnectFailed(ConnectError::Later {
+                        after: Duration::from_secs(12),
+                        successor: None,
+                    }),
                     t,
                 );
                 let d = m.next_deadline().unwrap() - t;
@@ -534,7 +543,10 @@ mod tests {
             let t = m.next_deadline().unwrap();
             assert_eq!(m.step(Input::Tick, t), [Output::Dial]);
             m.step(
-                Input::ConnectFailed(ConnectError::Later(Duration::from_secs(86_400))),
+                Input::ConnectFailed(ConnectError::Later {
+                    after: Duration::from_secs(86_400),
+                    successor: None,
+                }),
                 t,
             );
             assert!(m.next_deadline().unwrap() - t <= config.backoff_max + config.later_spread);

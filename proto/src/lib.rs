@@ -37,6 +37,11 @@ pub const REDIRECT_METADATA: &str = "sedna-redirect";
 /// again, in milliseconds (the edge adds jitter).
 pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
 
+/// gRPC metadata that may accompany [`RETRY_AFTER_METADATA`]: the hub expected to serve the
+/// node's partition by then (`host:port`), so the node dials it directly instead of being
+/// redirected there after the wait.
+pub const SUCCESSOR_METADATA: &str = "sedna-successor";
+
 /// gRPC metadata of an `Attach`: the hub address the node was redirected to and could not
 /// reach (so it is not redirected there again before that hub's Leases expire).
 pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
