@@ -563,15 +563,7 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
             shared.lost().retain(|node, _| {
                 router
                     .get(&ObjKey::new(Kind::Node, "", node))
-                    .is_some_and(|n| {
-                        serves(
-                            node,
-                            n.value
-                                .pointer("/metadata/labels")
-                                .and_then(|l| l.get(crate::partitions::PARTITION_LABEL))
-                                .and_then(serde_json::Value::as_str),
-                        )
-                    })
+                    .is_some_and(|n| serves(node, crate::partitions::label_of(&n.value)))
             });
             crate::lifecycle::plan(
                 &router,

@@ -325,14 +325,7 @@ pub(crate) fn plan(
 ) -> Vec<Work> {
     router
         .objects_of(Kind::Node)
-        .filter(|node| {
-            let label = node
-                .value
-                .pointer("/metadata/labels")
-                .and_then(|l| l.get(crate::partitions::PARTITION_LABEL))
-                .and_then(Value::as_str);
-            serves(&node.key.name, label)
-        })
+        .filter(|node| serves(&node.key.name, crate::partitions::label_of(&node.value)))
         .filter_map(|node| {
             let name = &node.key.name;
             let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", name));

@@ -268,6 +268,8 @@ mod tests {
             None
         );
         assert_eq!(stored_payload(b"[1]", refresh), None);
+        // A node announcing an absurd duration gets the API's int32 bound, not an overflow.
+        assert_eq!(refresh.stored_duration(i64::MAX), i64::from(i32::MAX));
         // What the stretched Lease is judged by once written: the node's own duration.
         let back = Renewal::parse(payload.as_bytes()).unwrap();
         assert_eq!(back.announced(), Duration::from_secs(40));

@@ -56,6 +56,14 @@ pub fn partition_of(node: &str, labels: Option<&BTreeMap<String, String>>, parti
     partition_of_labelled(node, label.map(String::as_str), partitions)
 }
 
+/// The value of a cached Node's [`PARTITION_LABEL`], if it has one.
+pub fn label_of(node: &serde_json::Value) -> Option<&str> {
+    node.get("metadata")?
+        .get("labels")?
+        .get(PARTITION_LABEL)?
+        .as_str()
+}
+
 /// [`partition_of`], given the value of the node's [`PARTITION_LABEL`] alone.
 pub fn partition_of_labelled(node: &str, label: Option<&str>, partitions: u32) -> u32 {
     let partitions = partitions.max(1);
