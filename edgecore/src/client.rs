@@ -42,6 +42,9 @@ pub struct EdgeConfig {
     pub seed: u64,
     /// Local address to connect from (`None`: the system's choice).
     pub source_address: Option<std::net::IpAddr>,
+    /// Store changes buffered for subscribers (see [`EdgeHub::subscribe`]); every slot is
+    /// allocated up front (≈ 150 bytes). A subscriber further behind reads the store again.
+    pub change_buffer: usize,
 }
 
 impl EdgeConfig {
@@ -56,6 +59,7 @@ impl EdgeConfig {
             outbox_limit: 100_000,
             seed: rand::rng().random(),
             source_address: None,
+            change_buffer: CHANGE_BUFFER,
         }
     }
 }
@@ -127,7 +131,7 @@ const PERSIST_BATCH: usize = 256;
 /// Stream requests (tokens) waiting at most for the agent to answer them.
 const STREAM_REQUEST_QUEUE: usize = 64;
 
-/// Store changes kept for subscribers that have not read them yet. A broadcast channel
+/// Store changes kept by default for subscribers that have not read them yet. A broadcast channel
 /// allocates all its slots up front (≈ 150 bytes each), so this is memory every node pays:
 /// 4,096 slots were ≈ 600 KiB per node. A subscriber further behind gets
 /// `RecvError::Lagged` and reads the store again (the runtime, the local API and the devices
@@ -144,6 +148,11 @@ impl std::fmt::Debug for EdgeHub {
 impl EdgeHub {
     /// Opens the store and starts the connection loop; the node must have joined.
     pub async fn start(config: EdgeConfig) -> Result<EdgeHub, EdgeError> {
+        if config.change_buffer == 0 {
+            return Err(EdgeError::Config(
+                "the change buffer must hold at least one change".into(),
+            ));
+        }
         let identity = Identity::load(&config.data_dir)?
             .ok_or_else(|| EdgeError::NotJoined(config.data_dir.display().to_string()))?;
         let path = if config.in_memory {
@@ -152,7 +161,7 @@ impl EdgeHub {
             config.data_dir.join("edge.db")
         };
         let store = EdgeStore::open(&path, config.outbox_limit, config.max_message_bytes)?;
-        let (changes, _) = broadcast::channel(CHANGE_BUFFER);
+        let (changes, _) = broadcast::channel(config.change_buffer);
         let outbox = Arc::new(Notify::new());
         let (status_tx, status) = watch::channel(EdgeStatus::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -778,6 +787,16 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_empty_change_buffer_is_refused_as_a_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EdgeConfig::new("127.0.0.1:1", dir.path());
+        config.change_buffer = 0;
+        let err = EdgeHub::start(config).await.unwrap_err();
+        assert!(matches!(err, EdgeError::Config(_)), "{err}");
+        assert!(!err.is_retryable());
+    }
 
     #[test]
     fn a_hub_address_from_a_redirect_or_successor_must_be_host_and_port() {
