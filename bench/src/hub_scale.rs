@@ -1115,6 +1115,16 @@ fn main() -> Result<()> {
             source,
             ramp,
         }) => {
+            // The simulated agents' own logs go to the simulator's log (warnings unless
+            // RUST_LOG says otherwise: thousands of agents log every reconnection).
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                )
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .init();
             sqlite_lookaside_off()?;
             runtime.block_on(simulate(hubs, token, dir, first, count, source, ramp))
         }

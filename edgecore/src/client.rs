@@ -174,15 +174,12 @@ impl EdgeHub {
             .filter(|h| !h.is_empty())
             .map(str::to_owned)
             .collect();
-        let target = seeds.first().cloned().unwrap_or_default();
+        let route = Route::new(seeds);
+        let target = route.target.clone();
         let (hub_address_tx, hub_address) = watch::channel(target.clone());
         let shell = Shell {
             stream_requests: stream_tx,
-            seeds,
-            seed: 0,
-            target,
-            redirects: 0,
-            unreachable: None,
+            route,
             hub_address: hub_address_tx,
             config,
             identity,
@@ -293,24 +290,90 @@ struct Shell {
     status: watch::Sender<EdgeStatus>,
     renewing: Option<rcgen::KeyPair>,
     stream_requests: mpsc::Sender<String>,
+    route: Route,
+    hub_address: watch::Sender<String>,
+}
+
+/// Which hub the node dials next, and what it tells that hub: pure, so the tier's answers
+/// (redirects, "later", dead hubs) are tested without sockets.
+#[derive(Debug)]
+struct Route {
     /// The hubs to dial (the configured list, comma-separated in `EdgeConfig::hub`).
     seeds: Vec<String>,
     seed: usize,
     /// The hub dialed next: a seed, or where the last redirect pointed.
     target: String,
     redirects: u32,
-    /// A hub this node was redirected to and could not reach, told to the next hub dialed
-    /// (which then says when to come back rather than redirecting there again).
+    /// A hub this node was redirected to and found no process at, told to the next hub
+    /// dialed (which then says when to come back rather than redirecting there again).
     unreachable: Option<String>,
-    hub_address: watch::Sender<String>,
 }
 
-impl Shell {
+impl Route {
+    fn new(seeds: Vec<String>) -> Self {
+        let target = seeds.first().cloned().unwrap_or_default();
+        Route {
+            seeds,
+            seed: 0,
+            target,
+            redirects: 0,
+            unreachable: None,
+        }
+    }
+
     /// After a failure: the next configured hub, redirects forgotten.
     fn next_seed(&mut self) {
         self.redirects = 0;
         self.seed = (self.seed + 1) % self.seeds.len().max(1);
         self.target = self.seeds.get(self.seed).cloned().unwrap_or_default();
+    }
+
+    /// A hub redirected the node to `to`: whether to follow (at most [`MAX_REDIRECTS`] in a
+    /// row; past that the next configured hub is dialed after a back-off).
+    fn redirected(&mut self, to: &str) -> bool {
+        if self.redirects < MAX_REDIRECTS {
+            self.redirects += 1;
+            self.target = to.to_owned();
+            true
+        } else {
+            self.next_seed();
+            false
+        }
+    }
+
+    /// The node is connected to the target.
+    fn connected(&mut self) {
+        self.redirects = 0;
+        self.unreachable = None;
+    }
+
+    /// A dial of the target failed for `reason`.
+    fn failed(&mut self, reason: &ConnectError) {
+        if self.redirects > 0 && matches!(reason, ConnectError::Unreachable(_)) {
+            // The hub the tier pointed at is gone (its Leases have not expired yet): say so
+            // to the next one. Not when the hub took the connection and dropped it
+            // (`Busy`): that hub is alive, and the claim would hold its nodes back.
+            self.unreachable = Some(self.target.clone());
+        }
+        match reason {
+            ConnectError::Later { successor, .. } => {
+                // The claim was heard and answered: the next dial makes none. Kept, it would
+                // be repeated after every wait, and were the hub alive after all, the tier
+                // would answer "later" to this node for ever.
+                self.unreachable = None;
+                match successor {
+                    // Dial the hub named to serve the node after the wait, not the next
+                    // configured one (which may be the hub that is gone, or one that would
+                    // only redirect).
+                    Some(to) => {
+                        self.redirects = 0;
+                        self.target = to.clone();
+                    }
+                    None => self.next_seed(),
+                }
+            }
+            _ => self.next_seed(),
+        }
     }
 }
 
@@ -366,9 +429,13 @@ impl Shell {
     ) -> Dialed {
         let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
             .map_err(|e| ConnectError::Refused(format!("the node's credentials: {e}")))?;
-        let channel = tls::connect_from(&hub, config, source)
-            .await
-            .map_err(ConnectError::Unreachable)?;
+        let channel = tls::connect_from(&hub, config, source).await.map_err(|f| {
+            if f.reached {
+                ConnectError::Busy(f.message)
+            } else {
+                ConnectError::Unreachable(f.message)
+            }
+        })?;
         let (tx, rx) = mpsc::channel::<Envelope>(1024);
         let outgoing =
             futures_util::stream::unfold(
@@ -512,11 +579,11 @@ impl Shell {
                     }
                     match output {
                         Output::Dial => {
-                            let hub = self.target.clone();
+                            let hub = self.route.target.clone();
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
                             let source = self.config.source_address;
-                            let unreachable = self.unreachable.clone();
+                            let unreachable = self.route.unreachable.clone();
                             dialing = Some(tokio::spawn(Self::dial(
                                 hub,
                                 identity,
@@ -612,28 +679,25 @@ impl Shell {
                 }, if dialing.is_some() => {
                     dialing = None;
                     match dialed {
-                        Ok(Err(ConnectError::Redirect(to))) if self.redirects < MAX_REDIRECTS => {
-                            // The machine still waits for this dial's outcome: dial the hub
-                            // that serves the node instead.
-                            tracing::info!(%node, hub = %to, "redirected to the hub serving this node");
-                            self.redirects += 1;
-                            self.target = to;
-                            let identity = self.identity.clone();
-                            let max = self.config.max_message_bytes;
-                            let source = self.config.source_address;
-                            dialing = Some(tokio::spawn(Self::dial(self.target.clone(), identity, max, source, None)));
-                        }
                         Ok(Err(ConnectError::Redirect(to))) => {
-                            self.next_seed();
-                            queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(format!(
-                                "redirected more than {MAX_REDIRECTS} times in a row (last to {to})"
-                            ))));
+                            if self.route.redirected(&to) {
+                                // The machine still waits for this dial's outcome: dial the
+                                // hub that serves the node instead.
+                                tracing::info!(%node, hub = %to, "redirected to the hub serving this node");
+                                let identity = self.identity.clone();
+                                let max = self.config.max_message_bytes;
+                                let source = self.config.source_address;
+                                dialing = Some(tokio::spawn(Self::dial(self.route.target.clone(), identity, max, source, None)));
+                            } else {
+                                queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(format!(
+                                    "redirected more than {MAX_REDIRECTS} times in a row (last to {to})"
+                                ))));
+                            }
                         }
                         Ok(Ok(l)) => match self.hello() {
                             Ok(hello) => {
-                                self.redirects = 0;
-                                self.unreachable = None;
-                                self.hub_address.send_replace(self.target.clone());
+                                self.route.connected();
+                                self.hub_address.send_replace(self.route.target.clone());
                                 buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
                                 live = Some(l);
                                 self.status.send_modify(|s| {
@@ -646,21 +710,7 @@ impl Shell {
                         },
                         Ok(Err(reason)) => {
                             tracing::debug!(%node, %reason, "connecting to the hub failed");
-                            if self.redirects > 0 && matches!(reason, ConnectError::Unreachable(_)) {
-                                // The hub the tier pointed at is gone (its Leases have not
-                                // expired yet): say so to the next one.
-                                self.unreachable = Some(self.target.clone());
-                            }
-                            match &reason {
-                                // Told to wait and where to go then: dial that hub after the
-                                // wait, not the next configured one (which may be the hub
-                                // that is gone, or one that would only redirect).
-                                ConnectError::Later { successor: Some(to), .. } => {
-                                    self.redirects = 0;
-                                    self.target = to.clone();
-                                }
-                                _ => self.next_seed(),
-                            }
+                            self.route.failed(&reason);
                             queue.push_back(Input::ConnectFailed(reason));
                         }
                         Err(join) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(join.to_string()))),
@@ -787,6 +837,63 @@ impl Shell {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn route() -> Route {
+        Route::new(vec!["a:1".into(), "b:1".into()])
+    }
+
+    #[test]
+    fn a_hub_found_gone_after_a_redirect_is_reported_to_the_next_hub_once() {
+        let mut r = route();
+        assert!(r.redirected("c:1"));
+        r.failed(&ConnectError::Unreachable("connection refused".into()));
+        assert_eq!(r.unreachable.as_deref(), Some("c:1"));
+        assert_eq!((r.target.as_str(), r.redirects), ("b:1", 0));
+        // The next hub heard the claim and said when to come back, and who serves then.
+        r.failed(&ConnectError::Later {
+            after: Duration::from_secs(12),
+            successor: Some("d:1".into()),
+        });
+        assert_eq!(
+            r.unreachable, None,
+            "the claim is not repeated after the wait"
+        );
+        assert_eq!(r.target, "d:1");
+        // Without a successor: the next configured hub, again without the claim.
+        r.unreachable = Some("c:1".into());
+        r.failed(&ConnectError::Later {
+            after: Duration::from_secs(12),
+            successor: None,
+        });
+        assert_eq!((r.unreachable.as_deref(), r.target.as_str()), (None, "a:1"));
+    }
+
+    #[test]
+    fn a_hub_that_drops_the_handshake_is_alive_and_not_reported_gone() {
+        let mut r = route();
+        assert!(r.redirected("c:1"));
+        r.failed(&ConnectError::Busy("tls handshake eof".into()));
+        assert_eq!(r.unreachable, None);
+        assert_eq!(r.target, "b:1");
+        // Nor is a configured hub that cannot be reached (no redirect pointed there).
+        r.failed(&ConnectError::Unreachable("connection refused".into()));
+        assert_eq!((r.unreachable.as_deref(), r.target.as_str()), (None, "a:1"));
+    }
+
+    #[test]
+    fn redirects_in_a_row_are_bounded_then_the_next_configured_hub_is_dialed() {
+        let mut r = route();
+        for k in 0..MAX_REDIRECTS {
+            assert!(r.redirected(&format!("h{k}:1")));
+        }
+        assert!(!r.redirected("loop:1"));
+        assert_eq!((r.target.as_str(), r.redirects), ("b:1", 0));
+        // A connection forgets the redirects and any claim.
+        assert!(r.redirected("c:1"));
+        r.unreachable = Some("x:1".into());
+        r.connected();
+        assert_eq!((r.redirects, r.unreachable.as_deref()), (0, None));
+    }
 
     #[tokio::test]
     async fn an_empty_change_buffer_is_refused_as_a_setting() {

@@ -61,6 +61,10 @@ pub enum ConnectError {
     /// The hub could not be reached, or failed (retryable).
     #[error("cannot reach the hub: {0}")]
     Unreachable(String),
+    /// The hub took the connection but closed it before the TLS handshake finished: it is
+    /// alive and bounding its handshakes (retryable; not a sign that the hub is gone).
+    #[error("the hub dropped the connection during the handshake: {0}")]
+    Busy(String),
     /// The hub refused this node's certificate (revoked, or not a node certificate): trying
     /// again cannot help; the node must join again.
     #[error("the hub refused this node's certificate: {0}")]
@@ -85,7 +89,10 @@ impl ConnectError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            ConnectError::Unreachable(_) | ConnectError::Redirect(_) | ConnectError::Later { .. }
+            ConnectError::Unreachable(_)
+                | ConnectError::Busy(_)
+                | ConnectError::Redirect(_)
+                | ConnectError::Later { .. }
         )
     }
 }

@@ -153,12 +153,23 @@ pub fn channel_config(
     Ok(with_h2(config))
 }
 
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct DialFailure {
+    /// The TCP connection was made (the hub's process is there), the failure came later:
+    /// in the TLS handshake, or the HTTP/2 one.
+    pub reached: bool,
+    /// What failed.
+    pub message: String,
+}
+
 /// Opens a gRPC channel to `hub` (`host:port`) over TLS with `config`.
 pub async fn connect(
     hub: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<tonic::transport::Channel, String> {
-    connect_from(hub, config, None).await
+    connect_from(hub, config, None).await.map_err(|f| f.message)
 }
 
 /// [`connect`] from a given local address (simulated fleets spread their connections over
@@ -167,15 +178,22 @@ pub async fn connect_from(
     hub: &str,
     config: Arc<rustls::ClientConfig>,
     source: Option<std::net::IpAddr>,
-) -> Result<tonic::transport::Channel, String> {
+) -> Result<tonic::transport::Channel, DialFailure> {
     let addr = hub.to_owned();
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{hub}"))
-        .map_err(|e| e.to_string())?
+        .map_err(|e| DialFailure {
+            reached: false,
+            message: e.to_string(),
+        })?
         .connect_timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(3600));
+    // Set once the TCP connection is made: what failed after it did, failed at a live hub.
+    let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reached_in = reached.clone();
     let connector = tower::service_fn(move |_uri: http::Uri| {
         let addr = addr.clone();
         let config = config.clone();
+        let reached = reached_in.clone();
         async move {
             let tcp = match source {
                 None => tokio::net::TcpStream::connect(&addr).await?,
@@ -195,6 +213,7 @@ pub async fn connect_from(
                     socket.connect(target).await?
                 }
             };
+            reached.store(true, std::sync::atomic::Ordering::Relaxed);
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(HUB_SERVER_NAME)
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -214,6 +233,9 @@ pub async fn connect_from(
                 text = format!("{text}: {s}");
                 source = s.source();
             }
-            text
+            DialFailure {
+                reached: reached.load(std::sync::atomic::Ordering::Relaxed),
+                message: text,
+            }
         })
 }
