@@ -175,8 +175,7 @@ impl EdgeHub {
             .map(str::to_owned)
             .collect();
         let route = Route::new(seeds);
-        let target = route.target.clone();
-        let (hub_address_tx, hub_address) = watch::channel(target.clone());
+        let (hub_address_tx, hub_address) = watch::channel(route.target.clone());
         let shell = Shell {
             stream_requests: stream_tx,
             route,

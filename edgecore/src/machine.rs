@@ -61,9 +61,10 @@ pub enum ConnectError {
     /// The hub could not be reached, or failed (retryable).
     #[error("cannot reach the hub: {0}")]
     Unreachable(String),
-    /// The hub took the connection but closed it before the TLS handshake finished: it is
-    /// alive and bounding its handshakes (retryable; not a sign that the hub is gone).
-    #[error("the hub dropped the connection during the handshake: {0}")]
+    /// The hub took the TCP connection, then the TLS or HTTP/2 handshake failed (a hub
+    /// bounding its handshakes closes it early): a process is there, so this is not a sign
+    /// that the hub is gone (retryable).
+    #[error("the hub took the connection but the handshake failed: {0}")]
     Busy(String),
     /// The hub refused this node's certificate (revoked, or not a node certificate): trying
     /// again cannot help; the node must join again.
