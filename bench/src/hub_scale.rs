@@ -745,6 +745,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             "sedna_hub_handshakes_dropped_total",
             "sedna_hub_redirects_total",
             "sedna_hub_handshakes_refused_total",
+            "sedna_hub_handshakes_queued_total",
         ];
         let survivors = |hubs: &[Hub], name: &str| -> u64 {
             hubs.iter()
@@ -800,8 +801,8 @@ async fn orchestrate(args: Args) -> Result<()> {
             storm_writes
         );
         println!(
-            "  the other hubs meanwhile: {} sessions started, {} connections closed before their TLS handshake ({} refused on arrival, every slot taken), {} redirects",
-            storm[0], storm[1], storm[3], storm[2]
+            "  the other hubs meanwhile: {} sessions started, {} connections waited for a handshake slot, {} closed before their TLS handshake ({} refused on arrival, every slot and waiting place taken), {} redirects",
+            storm[0], storm[4], storm[1], storm[3], storm[2]
         );
     }
     drop(sims);

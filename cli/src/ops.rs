@@ -342,9 +342,15 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
         .counter_of(
             "handshakes_refused",
             "Of the connections closed before their handshake, those refused on arrival \
-             because every handshake slot was taken",
-            s,
+             because every handshake slot and waiting place was taken",
+            s.clone(),
             |s: &S| &s.handshakes_refused,
+        )
+        .counter_of(
+            "handshakes_queued",
+            "Connections that waited for a handshake slot (whether they got one or not)",
+            s,
+            |s: &S| &s.handshakes_queued,
         )
 }
 

@@ -47,8 +47,17 @@ pub struct HubConfig {
     /// Most TLS handshakes in progress at once; beyond it a newcomer takes a slot from the
     /// source holding the most (see [`crate::gate`]).
     pub max_concurrent_handshakes: usize,
-    /// Most TLS handshakes in progress from one source address.
+    /// Most TLS handshakes in progress from one source address (and, separately, most
+    /// connections from one address waiting for a handshake slot).
     pub max_handshakes_per_source: usize,
+    /// Most connections waiting for a handshake slot (first come, first served): a
+    /// reconnection storm beyond the slots waits instead of being refused, since a refused
+    /// edge backs off for longer after each refusal. Each holds a file descriptor: with the
+    /// slots and the connected nodes it must fit the process's limit. 0: none wait.
+    pub max_waiting_handshakes: usize,
+    /// How long a connection may wait for a handshake slot before it is closed (an edge gives
+    /// up a dial after 10 s, handshake included).
+    pub handshake_wait: Duration,
     /// Most TLS handshakes started per second (with bursts of one second's worth): after a hub
     /// dies, its nodes' reconnection storm is admitted at this pace, which also bounds the
     /// API writes their reconnections cause.
@@ -86,6 +95,8 @@ impl HubConfig {
             max_message_bytes: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES,
             max_concurrent_handshakes: 256,
             max_handshakes_per_source: 32,
+            max_waiting_handshakes: 1024,
+            handshake_wait: Duration::from_secs(5),
             max_handshakes_per_second: 1000,
             client_hello_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
@@ -127,8 +138,11 @@ pub struct HubStats {
     /// Connections closed before their TLS handshake: over the handshake bounds, evicted for
     /// another source, silent past the ClientHello deadline, or failed.
     pub handshakes_dropped: AtomicU64,
-    /// Of those, connections the handshake bounds refused on arrival (every slot taken).
+    /// Of those, connections the handshake bounds refused on arrival (every slot and every
+    /// waiting place taken).
     pub handshakes_refused: AtomicU64,
+    /// Connections that waited for a handshake slot (whether they got one or not).
+    pub handshakes_queued: AtomicU64,
     /// In a tier: partitions this hub serves now.
     pub partitions_served: AtomicU64,
     /// In a tier: nodes sent to the hub that serves them.
@@ -721,6 +735,7 @@ async fn serve(
     let gate = HandshakeGate::new(GateLimits {
         per_source: shared.config.max_handshakes_per_source,
         total: shared.config.max_concurrent_handshakes,
+        waiting: shared.config.max_waiting_handshakes,
     });
     let pace = Arc::new(crate::rate::Bucket::new(u64::from(
         shared.config.max_handshakes_per_second,
@@ -738,8 +753,8 @@ async fn serve(
                     _ = shutdown.changed() => return,
                 };
                 let Ok((tcp, peer)) = accepted else { continue };
-                let ticket = match gate.admit(peer.ip()) {
-                    Ok(ticket) => ticket,
+                let admission = match gate.admit(peer.ip()) {
+                    Ok(admission) => admission,
                     Err(why) => {
                         shared
                             .stats
@@ -758,7 +773,7 @@ async fn serve(
                     shared.clone(),
                     tcp,
                     tls.clone(),
-                    ticket,
+                    admission,
                     conn_tx.clone(),
                     pace.clone(),
                 ));
@@ -787,16 +802,37 @@ async fn serve(
     accept.abort();
 }
 
-/// One TLS handshake under the ClientHello and handshake deadlines, abandoned if its slot is
-/// given to another source; a finished one goes to the gRPC server.
+/// One TLS handshake, once it has a slot (waiting for one at most `handshake_wait`), under the
+/// ClientHello and handshake deadlines, abandoned if its slot is given to another source; a
+/// finished one goes to the gRPC server.
 async fn handshake(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     tls: Arc<rustls::ServerConfig>,
-    mut ticket: crate::gate::Ticket,
+    admission: crate::gate::Admission,
     conn_tx: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
     pace: Arc<crate::rate::Bucket>,
 ) {
+    let ticket = match admission {
+        crate::gate::Admission::Now(ticket) => Some(ticket),
+        crate::gate::Admission::Queued(queued) => {
+            shared
+                .stats
+                .handshakes_queued
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::time::timeout(shared.config.handshake_wait, queued.turn())
+                .await
+                .ok()
+                .flatten()
+        }
+    };
+    let Some(mut ticket) = ticket else {
+        shared
+            .stats
+            .handshakes_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    };
     let config = &shared.config;
     let work = async {
         // Its turn at the handshake rate (holding its admission slot meanwhile).

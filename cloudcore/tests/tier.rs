@@ -3,7 +3,8 @@
 //! them, a stopped hub's nodes taken over, a new hub given its share, and a standby handing
 //! its partitions back to the primary — with a sampler asserting all along that no partition
 //! and no node is ever served by two hubs at once — and a storm: a stopped hub's nodes all
-//! back within a stated time, at the surviving hub's bounded handshake rate.
+//! back within a stated time, at the surviving hub's bounded handshake rate, waiting for a
+//! handshake slot rather than refused.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -446,8 +447,12 @@ async fn a_stopped_hubs_nodes_all_reconnect_in_time_at_the_bounded_handshake_rat
     const RATE: u32 = 10;
     const NODES: usize = 100;
     let mut tier = Tier::start(Mode::MultiPrimary).await;
-    tier.hub_with("h1", &[], &[], |c| c.max_handshakes_per_second = RATE)
-        .await;
+    // One handshake slot: beyond it the storm waits its turn (it is not refused).
+    tier.hub_with("h1", &[], &[], |c| {
+        c.max_handshakes_per_second = RATE;
+        c.max_concurrent_handshakes = 1;
+    })
+    .await;
     tier.hub("h2", &[], &[]).await;
     partitions_settled(&tier, &["h1", "h2"]).await;
     // Every node dials h2 first, each from its own loopback address (as a fleet does).
@@ -470,6 +475,12 @@ async fn a_stopped_hubs_nodes_all_reconnect_in_time_at_the_bounded_handshake_rat
     let h1 = tier.hubs.lock().unwrap()["h1"].stats();
     let sessions = || h1.sessions.load(std::sync::atomic::Ordering::Relaxed);
     let before = sessions();
+    let refused_before = h1
+        .handshakes_refused
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let queued_before = h1
+        .handshakes_queued
+        .load(std::sync::atomic::Ordering::Relaxed);
     tier.stop("h2").await;
     let stopped = Instant::now();
     // h1's sessions started, every 100 ms, until every node is back.
@@ -519,13 +530,28 @@ async fn a_stopped_hubs_nodes_all_reconnect_in_time_at_the_bounded_handshake_rat
         most <= u64::from(RATE) * 2,
         "{most} sessions started within one second at a bound of {RATE}/s"
     );
+    // Beyond the one slot the storm waited in the hub's waiting room: none was refused (a
+    // refusal would have sent the node into a longer back-off).
+    let refused = h1
+        .handshakes_refused
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - refused_before;
+    let queued = h1
+        .handshakes_queued
+        .load(std::sync::atomic::Ordering::Relaxed)
+        - queued_before;
+    assert_eq!(refused, 0, "connections refused during the storm");
+    assert!(
+        queued > 0,
+        "no connection waited for the one handshake slot"
+    );
     // Paced: the nodes could not all have come back at once.
     assert!(
         took >= Duration::from_secs(moving as u64 / u64::from(RATE) / 2),
         "{moving} nodes back after {took:?} at {RATE} handshakes/s"
     );
     eprintln!(
-        "{moving} nodes of a stopped hub back after {took:?}; at most {most} sessions per second"
+        "{moving} nodes of a stopped hub back after {took:?}; at most {most} sessions per second; {queued} waited for a slot"
     );
 }
 

@@ -303,10 +303,15 @@ struct Route {
     /// The hub dialed next: a seed, or where the last redirect pointed.
     target: String,
     redirects: u32,
+    /// Dials of the target in a row that found it busy.
+    busy: u32,
     /// A hub this node was redirected to and found no process at, told to the next hub
     /// dialed (which then says when to come back rather than redirecting there again).
     unreachable: Option<String>,
 }
+
+/// How many times in a row a busy hub is dialed again before the next configured one.
+const MAX_BUSY_IN_A_ROW: u32 = 3;
 
 impl Route {
     fn new(seeds: Vec<String>) -> Self {
@@ -316,6 +321,7 @@ impl Route {
             seed: 0,
             target,
             redirects: 0,
+            busy: 0,
             unreachable: None,
         }
     }
@@ -323,6 +329,7 @@ impl Route {
     /// After a failure: the next configured hub, redirects forgotten.
     fn next_seed(&mut self) {
         self.redirects = 0;
+        self.busy = 0;
         self.seed = (self.seed + 1) % self.seeds.len().max(1);
         self.target = self.seeds.get(self.seed).cloned().unwrap_or_default();
     }
@@ -343,6 +350,7 @@ impl Route {
     /// The node is connected to the target.
     fn connected(&mut self) {
         self.redirects = 0;
+        self.busy = 0;
         self.unreachable = None;
     }
 
@@ -355,6 +363,12 @@ impl Route {
             self.unreachable = Some(self.target.clone());
         }
         match reason {
+            // A hub that took the connection and dropped the handshake is alive, and it is
+            // the one the tier pointed at (or a configured one): dialed again after the
+            // back-off, a few times, rather than the next configured hub, which may be the
+            // hub that is gone or one that would only redirect back here. Past that (a peer
+            // that is not a hub of this tier, say) the next configured hub.
+            ConnectError::Busy(_) if self.busy + 1 < MAX_BUSY_IN_A_ROW => self.busy += 1,
             ConnectError::Later { successor, .. } => {
                 // The claim was heard and answered: the next dial makes none. Kept, it would
                 // be repeated after every wait, and were the hub alive after all, the tier
@@ -868,12 +882,23 @@ mod tests {
     }
 
     #[test]
-    fn a_hub_that_drops_the_handshake_is_alive_and_not_reported_gone() {
+    fn a_busy_hub_is_dialed_again_a_few_times_and_never_reported_gone() {
         let mut r = route();
         assert!(r.redirected("c:1"));
-        r.failed(&ConnectError::Busy("tls handshake eof".into()));
+        let busy = || ConnectError::Busy("tls handshake eof".into());
+        // Dialed again, a few times in a row, and never reported…
+        for _ in 1..MAX_BUSY_IN_A_ROW {
+            r.failed(&busy());
+            assert_eq!((r.target.as_str(), r.unreachable.as_deref()), ("c:1", None));
+        }
+        // …then the next configured hub.
+        r.failed(&busy());
         assert_eq!(r.unreachable, None);
         assert_eq!(r.target, "b:1");
+        // A connection forgets the count.
+        r.failed(&busy());
+        r.connected();
+        assert_eq!(r.busy, 0);
         // Nor is a configured hub that cannot be reached (no redirect pointed there).
         r.failed(&ConnectError::Unreachable("connection refused".into()));
         assert_eq!((r.unreachable.as_deref(), r.target.as_str()), (None, "a:1"));

@@ -309,7 +309,12 @@ impl EdgeMachine {
                 if self.phase == Phase::Dialing {
                     if let ConnectError::Later { after, .. } = error {
                         // The hub said when: wait that long (bounded) plus jitter; the
-                        // back-off does not grow, the tier is converging.
+                        // back-off does not grow, the tier is converging. The failures before
+                        // it (a dead hub, redirects to it) are answered: were they kept, the
+                        // first busy moment at the new hub after the wait would send this
+                        // node into a long back-off, and it would come back long after the
+                        // rest of its partition.
+                        self.attempt = 0;
                         self.forget_connection();
                         let jitter = self
                             .rng
@@ -524,8 +529,17 @@ mod tests {
         for seed in 0..20 {
             let mut m = EdgeMachine::new(config.clone(), seed, now);
             m.step(Input::Start, now);
-            // Several refusals in a row while the takeover is under way.
+            // The hub went away: a few failed dials first, the back-off growing…
             let mut t = now;
+            for _ in 0..4 {
+                m.step(
+                    Input::ConnectFailed(ConnectError::Unreachable("refused".into())),
+                    t,
+                );
+                t = m.next_deadline().unwrap();
+                assert_eq!(m.step(Input::Tick, t), [Output::Dial]);
+            }
+            // …then several answers to wait while the takeover is under way.
             for _ in 0..6 {
                 m.step(
                     Input::ConnectFailed(ConnectError::Later {
@@ -541,7 +555,8 @@ mod tests {
                 assert_eq!(m.step(Input::Tick, t + d), [Output::Dial]);
                 t += d;
             }
-            // The next plain failure still starts from the first back-off step.
+            // The next plain failure (the new hub busy) starts from the first back-off step:
+            // the failures before the first answer do not count against the node.
             m.step(
                 Input::ConnectFailed(ConnectError::Unreachable("x".into())),
                 t,
