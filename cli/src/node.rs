@@ -70,6 +70,11 @@ pub(crate) struct CloudcoreArgs {
     /// pace).
     #[arg(long, value_name = "N", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
     max_handshakes_per_second: u32,
+    /// Most connections waiting for a TLS handshake slot (0: none wait, a connection without a
+    /// slot is closed at once). Each holds a file descriptor: connected nodes, the 256 slots and
+    /// these must fit the process's open-file limit.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(0..=65_536))]
+    max_waiting_handshakes: u32,
     /// Duration of the tier's Leases (a dead hub's partitions move after about this long).
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     tier_lease: Duration,
@@ -297,6 +302,7 @@ pub(crate) async fn cloudcore(args: CloudcoreArgs) -> Result<()> {
     config.session.read_deadline = args.read_deadline;
     config.node_cert_validity = args.node_cert_validity;
     config.max_handshakes_per_second = args.max_handshakes_per_second;
+    config.max_waiting_handshakes = args.max_waiting_handshakes as usize;
     anyhow::ensure!(
         args.node_lease_refresh <= Duration::from_secs(3600),
         "--node-lease-refresh must be at most 1h (a node whose hub dies is NotReady only after it)"

@@ -284,18 +284,49 @@ pub fn format_partitions(p: &[u32]) -> String {
     p.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// How long after another hub's Lease expires a hub re-reads the tier (clock granularity; a
+/// Lease renewed meanwhile is simply seen renewed).
+pub const EXPIRY_MARGIN: Duration = Duration::from_millis(200);
+
+/// How long a claim takes once a Lease has expired, as told to waiting nodes: the re-read at
+/// [`EXPIRY_MARGIN`], two lists and the writes.
+const CLAIM_TIME: Duration = Duration::from_secs(1);
+
+/// When hub `me` should re-read the tier before its next renewal: just after the earliest
+/// expiry (after `now_ms`) of another hub's membership or partition Lease. A live hub renews
+/// long before (its Leases run for three renewal periods), so this only comes first when a
+/// hub stopped renewing: its partitions are then claimed at once, not up to a renewal period
+/// later. `None` when no other hub holds anything.
+pub fn next_expiry(
+    me: &str,
+    members: &[Member],
+    leases: &[PartitionLease],
+    now_ms: i64,
+) -> Option<i64> {
+    let memberships = members.iter().filter(|m| m.id != me).map(|m| m.expires_ms);
+    let holdings = leases
+        .iter()
+        .filter(|l| l.holder_at(now_ms).is_some_and(|h| h != me))
+        .map(|l| l.expires_ms);
+    memberships
+        .chain(holdings)
+        .filter(|e| *e > now_ms)
+        .min()
+        .map(|e| e.saturating_add(EXPIRY_MARGIN.as_millis() as i64))
+}
+
 /// How long a node whose partition no live hub serves should wait before dialing again: until
-/// the partition's Lease (held by a hub that is gone) expires, when another hub may claim it,
-/// plus half a renewal period (a third of `lease`) for the claim to be made; at least one
-/// second, at most a lease plus a period. `expires_ms` is `None` when the partition has no
-/// Lease yet.
+/// the partition's Lease (held by a hub that is gone) expires, when another hub may claim it
+/// (the tier re-reads just after, see [`next_expiry`]), plus the time a claim takes (at most
+/// half a renewal period, a third of `lease`); at least one second, at most a lease plus a
+/// second. `expires_ms` is `None` when the partition has no Lease yet.
 pub fn retry_after(expires_ms: Option<i64>, now_ms: i64, lease: Duration) -> Duration {
     let period = lease / 3;
     let remaining = expires_ms
         .map(|e| Duration::from_millis(e.saturating_sub(now_ms).max(0) as u64))
         .unwrap_or_default()
         .min(lease);
-    (remaining + period / 2).max(Duration::from_secs(1))
+    (remaining + (period / 2).min(CLAIM_TIME)).max(Duration::from_secs(1))
 }
 
 #[cfg(test)]
@@ -303,25 +334,62 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_hub_rereads_the_tier_just_after_another_hubs_lease_runs_out() {
+        let members = [
+            member("a", &[], &[], 40_000),
+            member("b", &[], &[], 31_000),
+            member("gone", &[], &[], 9_000),
+        ];
+        let leases = [
+            lease(0, "a", 12_000),
+            lease(1, "b", 30_000),
+            lease(2, "", 11_000),
+            lease(3, "gone", 9_500),
+        ];
+        let margin = EXPIRY_MARGIN.as_millis() as i64;
+        // Its own Leases never count; of the others', the earliest still running.
+        assert_eq!(
+            next_expiry("a", &members, &leases, 10_000),
+            Some(30_000 + margin)
+        );
+        // b's view: a's partition 0 runs out first.
+        assert_eq!(
+            next_expiry("b", &members, &leases, 10_000),
+            Some(12_000 + margin)
+        );
+        // Before the dead hub's last Lease ran out: that one.
+        assert_eq!(
+            next_expiry("a", &members, &leases, 9_000),
+            Some(9_500 + margin)
+        );
+        // Nothing held by another hub: no early re-read.
+        assert_eq!(next_expiry("a", &members[..1], &leases[..1], 10_000), None);
+    }
+
+    #[test]
     fn nodes_of_an_unserved_partition_wait_until_its_lease_can_be_claimed() {
         let lease = Duration::from_secs(15);
-        // 10 s left on the dead hub's lease: wait those, then half of the 5 s period.
+        // 10 s left on the dead hub's lease: wait those, then a second for the claim.
         assert_eq!(
             retry_after(Some(20_000), 10_000, lease),
-            Duration::from_millis(12_500)
+            Duration::from_millis(11_000)
         );
-        // Expired, not claimed yet: half a period.
+        // Expired, not claimed yet: the time a claim takes.
         assert_eq!(
             retry_after(Some(5_000), 10_000, lease),
-            Duration::from_millis(2_500)
+            Duration::from_millis(1_000)
         );
         // A lease far in the future (a clock skew, a hostile writer) is bounded by one lease.
         assert_eq!(
             retry_after(Some(i64::MAX), 0, lease),
-            Duration::from_millis(17_500)
+            Duration::from_millis(16_000)
         );
-        // No lease yet; short leases still wait a second.
-        assert_eq!(retry_after(None, 0, lease), Duration::from_millis(2_500));
+        // No lease yet; short leases (half a period under a second) still wait a second.
+        assert_eq!(retry_after(None, 0, lease), Duration::from_millis(1_000));
+        assert_eq!(
+            retry_after(Some(1_000), 0, Duration::from_millis(1_500)),
+            Duration::from_millis(1_250)
+        );
         assert_eq!(
             retry_after(None, 0, Duration::from_secs(3)),
             Duration::from_secs(1)

@@ -262,7 +262,8 @@ async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
     Ok(())
 }
 
-/// Runs the tier: every third of the lease duration, renew membership, read, plan, write.
+/// Runs the tier: every third of the lease duration, and just after another hub's Lease
+/// runs out ([`partitions::next_expiry`]), renew membership, read, plan, write.
 /// `lost` is called with the partitions this hub stopped serving (their sessions must end).
 pub(crate) async fn run(
     tier: std::sync::Arc<Tier>,
@@ -276,8 +277,19 @@ pub(crate) async fn run(
     let mut tick = tokio::time::interval(c.lease / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving: Vec<u32> = Vec::new();
+    let mut wake_at: Option<i64> = None;
     loop {
-        tick.tick().await;
+        let early =
+            wake_at.map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64));
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = async {
+                match early {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
+        }
         let sent = now_ms();
         // Membership: create, or replace whatever version is there.
         let name = partitions::member_lease_name(&c.id);
@@ -332,6 +344,7 @@ pub(crate) async fn run(
                 continue;
             }
         };
+        wake_at = partitions::next_expiry(&c.id, &members, &leases, sent);
         let actions = partitions::plan(&c.id, c.partitions, c.mode, &members, &leases, sent);
         // Every partition write at once, each timed from just before it is sent (a slow read
         // above must not eat into the serving margin) and bounded by a renewal period, so a
@@ -458,7 +471,7 @@ mod tests {
                 retry_after,
                 successor: None,
             } => assert!(
-                (Duration::from_secs(11)..=Duration::from_millis(12_500)).contains(&retry_after),
+                (Duration::from_secs(10)..=Duration::from_secs(11)).contains(&retry_after),
                 "{retry_after:?}"
             ),
             other => panic!("{other:?}"),

@@ -709,6 +709,7 @@ impl Shell {
                         }
                         Ok(Ok(l)) => match self.hello() {
                             Ok(hello) => {
+                                tracing::debug!(%node, hub = %self.route.target, "connected to the hub");
                                 self.route.connected();
                                 self.hub_address.send_replace(self.route.target.clone());
                                 buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
