@@ -283,13 +283,10 @@ impl Hub {
         let pki = HubPki::load_or_create(&config.data_dir.join("pki"), &config.extra_sans)?;
         crate::tokens::publish_ca(&client, pki.ca_pem()).await?;
         let tls = pki.server_config()?;
-        let listener =
-            TcpListener::bind(config.listen)
-                .await
-                .map_err(|source| HubError::Listen {
-                    addr: config.listen,
-                    source,
-                })?;
+        let listener = listen(config.listen).map_err(|source| HubError::Listen {
+            addr: config.listen,
+            source,
+        })?;
         let addr = listener.local_addr().map_err(|source| HubError::Listen {
             addr: config.listen,
             source,
@@ -724,6 +721,24 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
             }
         }
     }
+}
+
+/// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`).
+/// Tokio's default is 1,024: when a hub dies, thousands of its nodes dial the others within a
+/// second or two, and beyond the backlog the kernel drops their SYNs, which makes each of them
+/// wait for a retransmission (1 s, then 3 s, 7 s: most edges give up the dial at 10 s).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// The hub's listening socket (address reuse as `TcpListener::bind`, a deep backlog).
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn serve(

@@ -305,6 +305,10 @@ struct Route {
     redirects: u32,
     /// Dials of the target in a row that found it busy.
     busy: u32,
+    /// Configured hubs still to be tried at once, without a back-off, in this round of dials
+    /// (one round per dial the machine asks for): a hub that is gone costs one refused
+    /// connection, not a back-off step.
+    untried: usize,
     /// A hub this node was redirected to and found no process at, told to the next hub
     /// dialed (which then says when to come back rather than redirecting there again).
     unreachable: Option<String>,
@@ -322,7 +326,26 @@ impl Route {
             target,
             redirects: 0,
             busy: 0,
+            untried: 0,
             unreachable: None,
+        }
+    }
+
+    /// A round of dials begins (the machine's back-off has passed): every other configured
+    /// hub may be tried at once if the target cannot be reached.
+    fn begin(&mut self) {
+        self.untried = self.seeds.len().saturating_sub(1);
+    }
+
+    /// After [`Route::failed`]: whether to dial the (new) target at once rather than report
+    /// the failure and back off — when the hub could not be reached at all and configured
+    /// hubs remain untried in this round.
+    fn dial_next_at_once(&mut self, reason: &ConnectError) -> bool {
+        if matches!(reason, ConnectError::Unreachable(_)) && self.untried > 0 {
+            self.untried -= 1;
+            true
+        } else {
+            false
         }
     }
 
@@ -592,6 +615,7 @@ impl Shell {
                     }
                     match output {
                         Output::Dial => {
+                            self.route.begin();
                             let hub = self.route.target.clone();
                             let identity = self.identity.clone();
                             let max = self.config.max_message_bytes;
@@ -725,7 +749,16 @@ impl Shell {
                         Ok(Err(reason)) => {
                             tracing::debug!(%node, %reason, "connecting to the hub failed");
                             self.route.failed(&reason);
-                            queue.push_back(Input::ConnectFailed(reason));
+                            if self.route.dial_next_at_once(&reason) {
+                                // The machine still waits for this round's outcome.
+                                let identity = self.identity.clone();
+                                let max = self.config.max_message_bytes;
+                                let source = self.config.source_address;
+                                let unreachable = self.route.unreachable.clone();
+                                dialing = Some(tokio::spawn(Self::dial(self.route.target.clone(), identity, max, source, unreachable)));
+                            } else {
+                                queue.push_back(Input::ConnectFailed(reason));
+                            }
                         }
                         Err(join) => queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(join.to_string()))),
                     }
@@ -903,6 +936,41 @@ mod tests {
         // Nor is a configured hub that cannot be reached (no redirect pointed there).
         r.failed(&ConnectError::Unreachable("connection refused".into()));
         assert_eq!((r.unreachable.as_deref(), r.target.as_str()), (None, "a:1"));
+    }
+
+    #[test]
+    fn hubs_that_cannot_be_reached_are_passed_over_at_once_each_once_per_round() {
+        let mut r = Route::new(vec!["a:1".into(), "b:1".into(), "c:1".into()]);
+        let refused = || ConnectError::Unreachable("connection refused".into());
+        r.begin();
+        r.failed(&refused());
+        assert!(r.dial_next_at_once(&refused()));
+        assert_eq!(r.target, "b:1");
+        r.failed(&refused());
+        assert!(r.dial_next_at_once(&refused()));
+        assert_eq!(r.target, "c:1");
+        // Every configured hub tried: the failure goes to the machine (a back-off).
+        r.failed(&refused());
+        assert!(!r.dial_next_at_once(&refused()));
+        assert_eq!(r.target, "a:1");
+        // A busy hub or an answer is not passed over at once.
+        r.begin();
+        let busy = ConnectError::Busy("tls handshake eof".into());
+        r.failed(&busy);
+        assert!(!r.dial_next_at_once(&busy));
+        let later = ConnectError::Later {
+            after: Duration::from_secs(3),
+            successor: None,
+        };
+        r.failed(&later);
+        assert!(!r.dial_next_at_once(&later));
+        // A dead hub found after a redirect: the claim goes at once to the next hub.
+        r.begin();
+        r.target = "a:1".into();
+        assert!(r.redirected("dead:1"));
+        r.failed(&refused());
+        assert!(r.dial_next_at_once(&refused()));
+        assert_eq!(r.unreachable.as_deref(), Some("dead:1"));
     }
 
     #[test]

@@ -2,7 +2,6 @@
 //! 127.0.0.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 
 use sedna::config::Credentials;
@@ -76,11 +75,12 @@ async fn s3_objects_are_fetched_with_mounted_credentials_and_cached_by_content()
 
 #[tokio::test]
 async fn an_unreachable_store_is_a_retryable_error_naming_the_url() {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // A port bound and never listened on, held for the whole test: connections to it are
+    // refused, and no other test's server can take it meanwhile (a port merely found free
+    // and released can be).
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = closed.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let mut options = StorageOptions::new(dir.path());
     options.s3_endpoint = Some(format!("http://127.0.0.1:{port}"));
@@ -89,4 +89,5 @@ async fn an_unreachable_store_is_a_retryable_error_naming_the_url() {
     let err = storage.fetch("s3://models/x.onnx").await.unwrap_err();
     assert!(err.is_retryable(), "{err:?}");
     assert!(err.to_string().contains("s3://models/x.onnx"), "{err}");
+    drop(closed);
 }
