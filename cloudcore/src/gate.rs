@@ -297,10 +297,10 @@ impl Drop for Queued {
         // at once rather than when its turn would have come.
         if self.turn.is_some() {
             let mut inner = self.gate.lock();
-            if let Some(at) = inner.queue.iter().position(|w| w.id == self.id) {
-                if let Some(w) = inner.queue.remove(at) {
-                    leave_room(&mut inner, w.source);
-                }
+            if let Some(at) = inner.queue.iter().position(|w| w.id == self.id)
+                && let Some(w) = inner.queue.remove(at)
+            {
+                leave_room(&mut inner, w.source);
             }
         }
     }
