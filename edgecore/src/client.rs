@@ -456,6 +456,17 @@ impl Shell {
         })
     }
 
+    /// Dials the route's target in a task, telling it `unreachable` (a hub found gone).
+    fn dial_target(&self, unreachable: Option<String>) -> tokio::task::JoinHandle<Dialed> {
+        tokio::spawn(Self::dial(
+            self.route.target.clone(),
+            self.identity.clone(),
+            self.config.max_message_bytes,
+            self.config.source_address,
+            unreachable,
+        ))
+    }
+
     async fn dial(
         hub: String,
         identity: Identity,
@@ -616,18 +627,7 @@ impl Shell {
                     match output {
                         Output::Dial => {
                             self.route.begin();
-                            let hub = self.route.target.clone();
-                            let identity = self.identity.clone();
-                            let max = self.config.max_message_bytes;
-                            let source = self.config.source_address;
-                            let unreachable = self.route.unreachable.clone();
-                            dialing = Some(tokio::spawn(Self::dial(
-                                hub,
-                                identity,
-                                max,
-                                source,
-                                unreachable,
-                            )));
+                            dialing = Some(self.dial_target(self.route.unreachable.clone()));
                         }
                         Output::Send(e) => {
                             if let Some(l) = &live
@@ -721,10 +721,7 @@ impl Shell {
                                 // The machine still waits for this dial's outcome: dial the
                                 // hub that serves the node instead.
                                 tracing::info!(%node, hub = %to, "redirected to the hub serving this node");
-                                let identity = self.identity.clone();
-                                let max = self.config.max_message_bytes;
-                                let source = self.config.source_address;
-                                dialing = Some(tokio::spawn(Self::dial(self.route.target.clone(), identity, max, source, None)));
+                                dialing = Some(self.dial_target(None));
                             } else {
                                 queue.push_back(Input::ConnectFailed(ConnectError::Unreachable(format!(
                                     "redirected more than {MAX_REDIRECTS} times in a row (last to {to})"
@@ -751,11 +748,7 @@ impl Shell {
                             self.route.failed(&reason);
                             if self.route.dial_next_at_once(&reason) {
                                 // The machine still waits for this round's outcome.
-                                let identity = self.identity.clone();
-                                let max = self.config.max_message_bytes;
-                                let source = self.config.source_address;
-                                let unreachable = self.route.unreachable.clone();
-                                dialing = Some(tokio::spawn(Self::dial(self.route.target.clone(), identity, max, source, unreachable)));
+                                dialing = Some(self.dial_target(self.route.unreachable.clone()));
                             } else {
                                 queue.push_back(Input::ConnectFailed(reason));
                             }
