@@ -723,6 +723,14 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
     }
 }
 
+/// How long the accept loop pauses after `failures` failed accepts in a row: 10 ms, doubling,
+/// at most 1 s (connections wait in the backlog meanwhile).
+fn accept_pause(failures: u32) -> Duration {
+    Duration::from_millis(10)
+        .saturating_mul(1 << failures.saturating_sub(1).min(7))
+        .min(Duration::from_secs(1))
+}
+
 /// Connections the kernel may hold for the accept loop (capped by `net.core.somaxconn`).
 /// Tokio's default is 1,024: when a hub dies, thousands of its nodes dial the others within a
 /// second or two, and beyond the backlog the kernel drops their SYNs, which makes each of them
@@ -760,6 +768,7 @@ async fn serve(
         let mut shutdown = shutdown.clone();
         let shared = shared.clone();
         tokio::spawn(async move {
+            let mut failures = 0u32;
             loop {
                 // Accept first, always: admission is decided per connection, never by
                 // leaving connections in the kernel's backlog.
@@ -767,7 +776,22 @@ async fn serve(
                     a = listener.accept() => a,
                     _ = shutdown.changed() => return,
                 };
-                let Ok((tcp, peer)) = accepted else { continue };
+                let (tcp, peer) = match accepted {
+                    Ok(a) => {
+                        failures = 0;
+                        a
+                    }
+                    Err(e) => {
+                        // Out of file descriptors, typically: accepting again at once would
+                        // fail at once, a loop burning a core. Pause, longer while it lasts.
+                        if failures == 0 {
+                            tracing::warn!(error = %e, "accepting connections failed; pausing");
+                        }
+                        failures = failures.saturating_add(1);
+                        tokio::time::sleep(accept_pause(failures)).await;
+                        continue;
+                    }
+                };
                 let admission = match gate.admit(peer.ip()) {
                     Ok(admission) => admission,
                     Err(why) => {
@@ -1327,4 +1351,19 @@ async fn run_session(
     }
     stats.connected.fetch_sub(1, Ordering::Relaxed);
     tracing::info!(%node, "node disconnected");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_accepts_pause_the_loop_longer_while_they_last_up_to_a_second() {
+        assert_eq!(accept_pause(1), Duration::from_millis(10));
+        assert_eq!(accept_pause(2), Duration::from_millis(20));
+        let pauses: Vec<Duration> = (1..40).map(accept_pause).collect();
+        assert!(pauses.windows(2).all(|w| w[0] <= w[1]), "{pauses:?}");
+        assert_eq!(accept_pause(8), Duration::from_secs(1));
+        assert_eq!(accept_pause(u32::MAX), Duration::from_secs(1));
+    }
 }
