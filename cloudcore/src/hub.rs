@@ -58,6 +58,11 @@ pub struct HubConfig {
     /// How long a connection may wait for a handshake slot before it is closed (an edge gives
     /// up a dial after 10 s, handshake included).
     pub handshake_wait: Duration,
+    /// Most node connections (connected, handshaking and waiting together); beyond it a new
+    /// connection is closed at once. By default the process's open-file limit less 512 kept
+    /// for the hub's own connections to the API server and its files: a hub that ran out of
+    /// file descriptors could not renew its Leases either.
+    pub max_connections: usize,
     /// Most TLS handshakes started per second (with bursts of one second's worth): after a hub
     /// dies, its nodes' reconnection storm is admitted at this pace, which also bounds the
     /// API writes their reconnections cause.
@@ -97,6 +102,7 @@ impl HubConfig {
             max_handshakes_per_source: 32,
             max_waiting_handshakes: 1024,
             handshake_wait: Duration::from_secs(5),
+            max_connections: default_max_connections(),
             max_handshakes_per_second: 1000,
             client_hello_timeout: Duration::from_secs(3),
             handshake_timeout: Duration::from_secs(10),
@@ -138,8 +144,8 @@ pub struct HubStats {
     /// Connections closed before their TLS handshake: over the handshake bounds, evicted for
     /// another source, silent past the ClientHello deadline, or failed.
     pub handshakes_dropped: AtomicU64,
-    /// Of those, connections the handshake bounds refused on arrival (every slot and every
-    /// waiting place taken).
+    /// Of those, connections refused on arrival (every handshake slot and waiting place
+    /// taken, or the hub at `max_connections`).
     pub handshakes_refused: AtomicU64,
     /// Connections that waited for a handshake slot (whether they got one or not).
     pub handshakes_queued: AtomicU64,
@@ -723,6 +729,16 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
     }
 }
 
+/// Open files kept for the hub's own use (API connections, files) out of the process's limit.
+const RESERVED_FILES: u64 = 512;
+
+/// The process's open-file limit less [`RESERVED_FILES`] (at least 64).
+fn default_max_connections() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft.saturating_sub(RESERVED_FILES).max(64)).unwrap_or(usize::MAX)
+}
+
 /// How long the accept loop pauses after `failures` failed accepts in a row: 10 ms, doubling,
 /// at most 1 s (connections wait in the backlog meanwhile).
 fn accept_pause(failures: u32) -> Duration {
@@ -792,7 +808,16 @@ async fn serve(
                         continue;
                     }
                 };
-                let admission = match gate.admit(peer.ip()) {
+                let open = usize::try_from(shared.stats.connected.load(Ordering::Relaxed))
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(gate.in_progress())
+                    .saturating_add(gate.waiting());
+                let admitted = if open >= shared.config.max_connections {
+                    Err(crate::gate::Refused::Full)
+                } else {
+                    gate.admit(peer.ip())
+                };
+                let admission = match admitted {
                     Ok(admission) => admission,
                     Err(why) => {
                         shared

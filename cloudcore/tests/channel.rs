@@ -405,6 +405,27 @@ async fn a_stream_without_a_valid_client_certificate_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_at_its_connection_limit_refuses_newcomers_until_a_node_leaves() {
+    let c = Cluster::start_with(|h| h.max_connections = 1).await;
+    c.join("edge-b").await;
+    let a = c.edge("edge-a").await;
+    eventually("a connects", || a.status().borrow().connected).await;
+    let b = c.edge_at("edge-b", &c.hub_addr.to_string()).await;
+    let stats = c.hub().stats();
+    eventually("b's dials are refused on arrival", || {
+        stats
+            .handshakes_refused
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    })
+    .await;
+    assert!(!b.status().borrow().connected, "over the limit");
+    assert_eq!(c.hub().connected_nodes(), vec!["edge-a".to_string()]);
+    a.shutdown().await;
+    eventually("b connects once a left", || b.status().borrow().connected).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn objects_for_node_a_never_reach_node_b() {
     let c = Cluster::start().await;
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
