@@ -42,6 +42,9 @@ pub enum Refused {
     /// would.
     #[error("too many handshakes in progress and waiting")]
     Full,
+    /// The hub holds as many connections as it may (sessions, handshakes and waiting).
+    #[error("the hub is at its connection limit")]
+    AtCapacity,
 }
 
 /// The gate (shared by the accept loop and the handshake tasks).
@@ -116,7 +119,25 @@ impl HandshakeGate {
 
     /// Admits a handshake from `source` now or into the waiting room, or says why not.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Admission, Refused> {
+        self.admit_below(source, 0, usize::MAX)
+    }
+
+    /// [`HandshakeGate::admit`], unless `sessions` (connections past their handshake) and the
+    /// gate's own (in progress and waiting) already make `max` connections.
+    pub fn admit_below(
+        self: &Arc<Self>,
+        source: IpAddr,
+        sessions: usize,
+        max: usize,
+    ) -> Result<Admission, Refused> {
         let mut inner = self.lock();
+        if sessions
+            .saturating_add(inner.total)
+            .saturating_add(inner.queue.len())
+            >= max
+        {
+            return Err(Refused::AtCapacity);
+        }
         let mine = inner.by_source.get(&source).map_or(0, VecDeque::len);
         if mine < self.limits.per_source {
             // Nobody overtakes the waiting room for a free slot…
@@ -162,12 +183,7 @@ impl HandshakeGate {
     /// a fleet spread over many addresses, a slot or two each, are not cut short for one
     /// another: those wait their turn).
     fn evict_busiest_slot(&self, inner: &mut Inner, mine: usize) -> bool {
-        let busiest = inner
-            .by_source
-            .iter()
-            .max_by_key(|(_, slots)| slots.len())
-            .map(|(ip, slots)| (*ip, slots.len()));
-        let Some((ip, held)) = busiest else {
+        let Some((ip, held)) = busiest(inner.by_source.iter().map(|(ip, s)| (*ip, s.len()))) else {
             return false;
         };
         if held <= mine + 1 || held < (self.limits.per_source / 4).max(2) {
@@ -248,12 +264,7 @@ impl HandshakeGate {
 /// Makes room by dropping the latest arrival of the source waiting with the most, if it waits
 /// with more than one more than a source waiting with `mine`; its connection is then closed.
 fn evict_busiest_waiter(inner: &mut Inner, mine: usize) -> bool {
-    let busiest = inner
-        .queued_by_source
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(ip, n)| (*ip, *n));
-    let Some((ip, held)) = busiest else {
+    let Some((ip, held)) = busiest(inner.queued_by_source.iter().map(|(ip, n)| (*ip, *n))) else {
         return false;
     };
     if held <= mine + 1 {
@@ -266,6 +277,11 @@ fn evict_busiest_waiter(inner: &mut Inner, mine: usize) -> bool {
     inner.queue.remove(at);
     leave_room(inner, ip);
     true
+}
+
+/// The source holding the most, and how many.
+fn busiest(held: impl Iterator<Item = (IpAddr, usize)>) -> Option<(IpAddr, usize)> {
+    held.max_by_key(|(_, n)| *n)
 }
 
 fn leave_room(inner: &mut Inner, source: IpAddr) {
@@ -335,6 +351,14 @@ mod tests {
         IpAddr::from([127, 0, 0, last])
     }
 
+    fn gate(per_source: usize, total: usize, waiting: usize) -> Arc<HandshakeGate> {
+        HandshakeGate::new(GateLimits {
+            per_source,
+            total,
+            waiting,
+        })
+    }
+
     /// A slot at once, or a panic.
     fn now(gate: &Arc<HandshakeGate>, source: IpAddr) -> Ticket {
         match gate.admit(source) {
@@ -358,11 +382,7 @@ mod tests {
 
     #[test]
     fn one_source_cannot_hold_more_than_its_share() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 3,
-            total: 100,
-            waiting: 0,
-        });
+        let gate = gate(3, 100, 0);
         let held: Vec<Ticket> = (0..3).map(|_| now(&gate, ip(2))).collect();
         assert_eq!(gate.admit(ip(2)).unwrap_err(), Refused::SourceFull);
         assert!(gate.admit(ip(1)).is_ok(), "another address still gets in");
@@ -373,11 +393,7 @@ mod tests {
 
     #[test]
     fn when_full_a_newcomer_takes_the_oldest_slot_of_the_busiest_source() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 10,
-            total: 4,
-            waiting: 0,
-        });
+        let gate = gate(10, 4, 0);
         let mut flood: Vec<Ticket> = (0..4).map(|_| now(&gate, ip(2))).collect();
         let edge = now(&gate, ip(1));
         assert_eq!(gate.in_progress(), 4);
@@ -410,11 +426,7 @@ mod tests {
 
     #[test]
     fn without_a_slot_a_connection_waits_and_slots_go_to_the_waiting_in_order_of_arrival() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 4,
-            total: 2,
-            waiting: 10,
-        });
+        let gate = gate(4, 2, 10);
         let a = now(&gate, ip(1));
         let b = now(&gate, ip(2));
         let mut c = queued(&gate, ip(3));
@@ -437,11 +449,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiter_is_woken_with_its_slot() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 4,
-            total: 1,
-            waiting: 10,
-        });
+        let gate = gate(4, 1, 10);
         let first = now(&gate, ip(1));
         let waiter = tokio::spawn(queued(&gate, ip(2)).turn());
         tokio::task::yield_now().await;
@@ -453,11 +461,7 @@ mod tests {
 
     #[test]
     fn a_waiter_past_its_deadline_leaves_the_room_at_once_and_its_turn_passes_on() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 4,
-            total: 1,
-            waiting: 2,
-        });
+        let gate = gate(4, 1, 2);
         let held = now(&gate, ip(1));
         let gone = queued(&gate, ip(2));
         let mut next = queued(&gate, ip(3));
@@ -472,11 +476,7 @@ mod tests {
 
     #[test]
     fn a_slot_handed_to_a_waiter_that_left_meanwhile_goes_to_the_next() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 4,
-            total: 1,
-            waiting: 4,
-        });
+        let gate = gate(4, 1, 4);
         let held = now(&gate, ip(1));
         let mut gone = queued(&gate, ip(2));
         let mut next = queued(&gate, ip(3));
@@ -492,11 +492,7 @@ mod tests {
 
     #[test]
     fn the_waiting_room_is_bounded_per_source_and_a_full_room_sheds_the_busiest_source() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 3,
-            total: 1,
-            waiting: 4,
-        });
+        let gate = gate(3, 1, 4);
         let _held = now(&gate, ip(1));
         let mut flood: Vec<Queued> = (0..3).map(|_| queued(&gate, ip(2))).collect();
         assert_eq!(gate.admit(ip(2)).unwrap_err(), Refused::SourceFull);
@@ -520,11 +516,7 @@ mod tests {
 
     #[test]
     fn a_waiter_whose_source_holds_its_share_of_slots_lets_the_next_pass() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 1,
-            total: 2,
-            waiting: 4,
-        });
+        let gate = gate(1, 2, 4);
         let a = now(&gate, ip(1));
         let _b = now(&gate, ip(2));
         let mut again = queued(&gate, ip(1));
@@ -539,11 +531,7 @@ mod tests {
 
     #[test]
     fn a_fleet_spread_over_many_addresses_waits_instead_of_cutting_handshakes_short() {
-        let gate = HandshakeGate::new(GateLimits {
-            per_source: 32,
-            total: 4,
-            waiting: 100,
-        });
+        let gate = gate(32, 4, 100);
         // Two handshakes from one address (a couple of nodes behind one NAT), two from others.
         let mut slots: Vec<Ticket> = vec![now(&gate, ip(2)), now(&gate, ip(2))];
         slots.push(now(&gate, ip(3)));
@@ -556,5 +544,20 @@ mod tests {
                 "no handshake cut short"
             );
         }
+    }
+
+    #[test]
+    fn a_hub_at_its_connection_limit_admits_nobody_counting_its_sessions_and_its_own() {
+        let gate = gate(4, 4, 4);
+        let _held = now(&gate, ip(1));
+        // One session elsewhere and one handshake here make two of at most two.
+        assert!(matches!(
+            gate.admit_below(ip(2), 1, 2),
+            Err(Refused::AtCapacity)
+        ));
+        assert!(matches!(
+            gate.admit_below(ip(2), 0, 2),
+            Ok(Admission::Now(_))
+        ));
     }
 }

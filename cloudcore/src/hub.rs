@@ -808,15 +808,9 @@ async fn serve(
                         continue;
                     }
                 };
-                let open = usize::try_from(shared.stats.connected.load(Ordering::Relaxed))
-                    .unwrap_or(usize::MAX)
-                    .saturating_add(gate.in_progress())
-                    .saturating_add(gate.waiting());
-                let admitted = if open >= shared.config.max_connections {
-                    Err(crate::gate::Refused::Full)
-                } else {
-                    gate.admit(peer.ip())
-                };
+                let sessions = usize::try_from(shared.stats.connected.load(Ordering::Relaxed))
+                    .unwrap_or(usize::MAX);
+                let admitted = gate.admit_below(peer.ip(), sessions, shared.config.max_connections);
                 let admission = match admitted {
                     Ok(admission) => admission,
                     Err(why) => {
