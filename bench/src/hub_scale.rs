@@ -64,6 +64,9 @@ struct Args {
     /// fleet larger than the machine can handshake at once (30,000 nodes) needs a ramp.
     #[arg(long, default_value_t = 0)]
     ramp: usize,
+    /// The simulated nodes attach over gRPC instead of the framed channel (to compare).
+    #[arg(long)]
+    grpc_channel: bool,
     /// Kill -9 one hub at the end and time the takeover (with --hubs > 1).
     #[arg(long)]
     kill: bool,
@@ -104,7 +107,18 @@ enum Mode {
         source: std::net::IpAddr,
         #[arg(long, default_value_t = 0)]
         ramp: usize,
+        #[arg(long)]
+        grpc_channel: bool,
     },
+}
+
+/// How a simulator brings its nodes up.
+#[derive(Clone, Copy, Debug)]
+struct SimOptions {
+    /// Nodes per second (0: all at once).
+    ramp: usize,
+    /// Attach over gRPC instead of the framed channel.
+    grpc_channel: bool,
 }
 
 /// Names of the pods of the pod-to-running test.
@@ -155,8 +169,9 @@ async fn simulate(
     first: usize,
     count: usize,
     source: std::net::IpAddr,
-    ramp: usize,
+    options: SimOptions,
 ) -> Result<()> {
+    let SimOptions { ramp, grpc_channel } = options;
     let join_hub = hubs.split(',').next().unwrap_or_default().to_owned();
     let joined: Vec<usize> = futures_util::stream::iter(first..first + count)
         .map(|i| {
@@ -197,6 +212,7 @@ async fn simulate(
         // A simulated node's few objects (a ConfigMap, a pod or two) never need more.
         config.change_buffer = 16;
         config.seed = i as u64;
+        config.grpc_channel = grpc_channel;
         // Each node from its own loopback address, as a real fleet (the hub's per-source
         // handshake bound would otherwise throttle a whole simulator).
         let source = node_address(source, i);
@@ -502,6 +518,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             .args(["--first", &first.to_string(), "--count", &count.to_string()])
             .args(["--source", &format!("127.0.0.{}", 2 + k)])
             .args(["--ramp", &args.ramp.to_string()])
+            .args(args.grpc_channel.then_some("--grpc-channel"))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(sim_log(k))?)
             .spawn()?;
@@ -1115,6 +1132,7 @@ fn main() -> Result<()> {
             count,
             source,
             ramp,
+            grpc_channel,
         }) => {
             // The simulated agents' own logs go to the simulator's log (warnings unless
             // RUST_LOG says otherwise: thousands of agents log every reconnection).
@@ -1127,7 +1145,8 @@ fn main() -> Result<()> {
                 .with_ansi(false)
                 .init();
             sqlite_lookaside_off()?;
-            runtime.block_on(simulate(hubs, token, dir, first, count, source, ramp))
+            let options = SimOptions { ramp, grpc_channel };
+            runtime.block_on(simulate(hubs, token, dir, first, count, source, options))
         }
         None => runtime.block_on(orchestrate(args)),
     }

@@ -121,6 +121,8 @@ pub struct HubStats {
     pub connected: AtomicU64,
     /// Sessions started.
     pub sessions: AtomicU64,
+    /// Of those, sessions over the framed channel (the rest over gRPC `Attach`).
+    pub framed_sessions: AtomicU64,
     /// Buckets sent as manifests during resyncs.
     pub manifest_buckets: AtomicU64,
     /// Objects edges asked for during resyncs.
@@ -862,7 +864,7 @@ async fn serve(
 
 /// One TLS handshake, once it has a slot (waiting for one at most `handshake_wait`), under the
 /// ClientHello and handshake deadlines, abandoned if its slot is given to another source; a
-/// finished one goes to the gRPC server.
+/// finished one is a framed channel ([`attach_framed`]) or goes to the gRPC server.
 async fn handshake(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
@@ -914,6 +916,9 @@ async fn handshake(
     };
     drop(ticket);
     match stream {
+        Some(stream) if stream.get_ref().1.alpn_protocol() == Some(sedna_proto::frame::ALPN) => {
+            attach_framed(shared, stream).await;
+        }
         Some(stream) => {
             let _ = conn_tx.send(Ok(stream)).await;
         }
@@ -934,43 +939,161 @@ pub use sedna_proto::{
     REDIRECT_METADATA, RETRY_AFTER_METADATA, SUCCESSOR_METADATA, UNREACHABLE_METADATA,
 };
 
-/// The node a request's client certificate names, and when that certificate was issued.
-fn peer_node<T>(req: &Request<T>) -> Option<(String, Option<u64>)> {
-    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
-    let certs = req
-        .extensions()
-        .get::<TlsConnectInfo<TcpConnectInfo>>()?
-        .peer_certs()?;
-    let leaf = certs.first()?;
+/// The node a client certificate names, and when that certificate was issued.
+fn cert_node(leaf: &[u8]) -> Option<(String, Option<u64>)> {
     let info = identity::certificate_info(leaf).ok()?;
     let issued = crate::revocation::issued_ms(&info.serial);
     info.node_name().map(|n| (n.to_owned(), issued))
 }
 
+/// The node a connection's client certificate (`leaf`) names, unless it is missing or revoked.
+fn authenticate(shared: &Shared, leaf: Option<&[u8]>) -> Result<(String, Option<u64>), Status> {
+    let Some((node, issued)) = leaf.and_then(cert_node) else {
+        shared.stats.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        return Err(Status::unauthenticated(
+            "the channel requires a node certificate (join first)",
+        ));
+    };
+    if shared.revocations.is_revoked(&node, issued) {
+        shared.stats.unauthenticated.fetch_add(1, Ordering::Relaxed);
+        return Err(Status::permission_denied(format!(
+            "the certificate of node {node:?} was revoked (its Node was deleted): join again"
+        )));
+    }
+    Ok((node, issued))
+}
+
+/// Whether this hub serves `node` now; the refusal otherwise names the hub that does
+/// (`sedna-redirect`) or when to try again (`sedna-retry-after-ms`, `sedna-successor`).
+/// `unreachable` is the hub the node says it could not reach.
+fn place(shared: &Shared, node: &str, unreachable: Option<&str>) -> Result<(), Status> {
+    let Some(tier) = &shared.tier else {
+        return Ok(());
+    };
+    let labels = node_labels(shared, node);
+    match tier.place(node, labels.as_ref(), unreachable) {
+        crate::tier::Placement::Here => Ok(()),
+        crate::tier::Placement::Elsewhere {
+            partition,
+            hub,
+            address,
+        } => {
+            let mut status = Status::failed_precondition(format!(
+                "node {node} is in partition {partition}, served by hub {hub} at {address}"
+            ));
+            if let Ok(value) = address.parse() {
+                status.metadata_mut().insert(REDIRECT_METADATA, value);
+            }
+            shared.stats.redirects.fetch_add(1, Ordering::Relaxed);
+            Err(status)
+        }
+        crate::tier::Placement::Nobody {
+            partition,
+            retry_after,
+            successor,
+        } => {
+            let mut status = Status::unavailable(format!(
+                "partition {partition} of node {node} has no hub yet; try again in {} ms",
+                retry_after.as_millis()
+            ));
+            if let Ok(value) = retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
+            }
+            if let Some(value) = successor.and_then(|s| s.parse().ok()) {
+                status.metadata_mut().insert(SUCCESSOR_METADATA, value);
+            }
+            Err(status)
+        }
+    }
+}
+
 impl Service {
     /// The request's node, unless its certificate is missing or revoked.
     fn node_of<T>(&self, req: &Request<T>) -> Result<(String, Option<u64>), Status> {
-        let Some((node, issued)) = peer_node(req) else {
-            self.shared
-                .stats
-                .unauthenticated
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::unauthenticated(
-                "the channel requires a node certificate (join first)",
-            ));
-        };
-        if self.shared.revocations.is_revoked(&node, issued) {
-            self.shared
-                .stats
-                .unauthenticated
-                .fetch_add(1, Ordering::Relaxed);
-            return Err(Status::permission_denied(format!(
-                "the certificate of node {node:?} was revoked (its Node was deleted): join again"
-            )));
-        }
-        Ok((node, issued))
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+        let certs = req
+            .extensions()
+            .get::<TlsConnectInfo<TcpConnectInfo>>()
+            .and_then(|info| info.peer_certs());
+        let leaf = certs.as_ref().and_then(|c| c.first()).map(|c| c.as_ref());
+        authenticate(&self.shared, leaf)
     }
 }
+
+/// A framed channel ([`sedna_proto::frame`]) after its TLS handshake: the node's
+/// [`AttachRequest`](sedna_proto::frame::AttachRequest) (within the handshake deadline), the
+/// answer, then the node's session as for `Attach`. The writer is given a few seconds after
+/// the session ends to send what is queued, then stopped (a peer that stopped reading cannot
+/// hold the connection).
+async fn attach_framed(
+    shared: Arc<Shared>,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    use sedna_proto::frame::{self, AttachRequest, FrameReader};
+    use tokio::io::AsyncWriteExt;
+    let leaf = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec());
+    let (read, mut write) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(read, frame::MAX_REQUEST_BYTES);
+    let deadline = shared.config.handshake_timeout;
+    let request = match tokio::time::timeout(deadline, reader.read::<AttachRequest>()).await {
+        Ok(Ok(Some(request))) => request,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "a framed channel's first frame was refused");
+            return;
+        }
+        _ => return,
+    };
+    let unreachable = Some(request.unreachable.as_str()).filter(|u| !u.is_empty());
+    let admitted = authenticate(&shared, leaf.as_deref()).and_then(|(node, issued)| {
+        place(&shared, &node, unreachable)?;
+        Ok((node, issued))
+    });
+    let answer = frame::answer_of(admitted.as_ref().map(|_| ()));
+    let answered = tokio::time::timeout(deadline, frame::write_frame(&mut write, &answer)).await;
+    let Ok((node, issued)) = admitted else {
+        // Closed from this side first, then the node's end awaited (briefly): closing with
+        // its bytes unread would reset the connection and could lose the answer.
+        let _ = tokio::time::timeout(deadline, write.shutdown()).await;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            while let Ok(Some(_)) = reader.read::<AttachRequest>().await {}
+        })
+        .await;
+        return;
+    };
+    if !matches!(answered, Ok(Ok(()))) {
+        return;
+    }
+    reader.set_max(shared.config.max_message_bytes);
+    shared.stats.framed_sessions.fetch_add(1, Ordering::Relaxed);
+    // Boxed: the channel's first block of slots is allocated with it, for every node.
+    let (out_tx, out_rx) = mpsc::channel::<Box<Envelope>>(1024);
+    let mut writer = tokio::spawn(frame::write_frames(write, out_rx));
+    run_session(
+        shared,
+        node,
+        issued,
+        reader.into_stream::<Envelope>(),
+        out_tx,
+    )
+    .await;
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// How long a refused framed channel waits for the node to close its end.
+const REFUSAL_LINGER: Duration = Duration::from_secs(2);
+
+/// How long a framed channel's writer may take to send what was queued when its session ended.
+const WRITER_GRACE: Duration = Duration::from_secs(5);
 
 #[tonic::async_trait]
 impl HubService for Service {
@@ -1049,47 +1172,11 @@ impl HubService for Service {
         request: Request<tonic::Streaming<Envelope>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         let (node, issued) = self.node_of(&request)?;
-        if let Some(tier) = &self.shared.tier {
-            let labels = node_labels(&self.shared, &node);
-            let unreachable = request
-                .metadata()
-                .get(UNREACHABLE_METADATA)
-                .and_then(|v| v.to_str().ok());
-            match tier.place(&node, labels.as_ref(), unreachable) {
-                crate::tier::Placement::Here => {}
-                crate::tier::Placement::Elsewhere {
-                    partition,
-                    hub,
-                    address,
-                } => {
-                    let mut status = Status::failed_precondition(format!(
-                        "node {node} is in partition {partition}, served by hub {hub} at {address}"
-                    ));
-                    if let Ok(value) = address.parse() {
-                        status.metadata_mut().insert(REDIRECT_METADATA, value);
-                    }
-                    self.shared.stats.redirects.fetch_add(1, Ordering::Relaxed);
-                    return Err(status);
-                }
-                crate::tier::Placement::Nobody {
-                    partition,
-                    retry_after,
-                    successor,
-                } => {
-                    let mut status = Status::unavailable(format!(
-                        "partition {partition} of node {node} has no hub yet; try again in {} ms",
-                        retry_after.as_millis()
-                    ));
-                    if let Ok(value) = retry_after.as_millis().to_string().parse() {
-                        status.metadata_mut().insert(RETRY_AFTER_METADATA, value);
-                    }
-                    if let Some(value) = successor.and_then(|s| s.parse().ok()) {
-                        status.metadata_mut().insert(SUCCESSOR_METADATA, value);
-                    }
-                    return Err(status);
-                }
-            }
-        }
+        let unreachable = request
+            .metadata()
+            .get(UNREACHABLE_METADATA)
+            .and_then(|v| v.to_str().ok());
+        place(&self.shared, &node, unreachable)?;
         let inbound = request.into_inner();
         // Boxed: the channel's first block of slots is allocated with it, for every node.
         let (out_tx, out_rx) = mpsc::channel::<Box<Envelope>>(1024);
@@ -1112,24 +1199,29 @@ enum Done {
 }
 
 /// What the edge's stream yielded, as the session's input; `None` when it ended or failed.
-fn from_edge(node: &str, m: Option<Result<Envelope, Status>>) -> Option<Input> {
+fn from_edge<E: std::fmt::Display>(node: &str, m: Option<Result<Envelope, E>>) -> Option<Input> {
     match m {
         Some(Ok(e)) => Some(Input::Received(e)),
-        Some(Err(status)) => {
-            tracing::info!(%node, error = %status.message(), "stream failed");
+        Some(Err(error)) => {
+            tracing::info!(%node, %error, "stream failed");
             None
         }
         None => None,
     }
 }
 
-async fn run_session(
+/// A node's session: what the edge sends (`inbound`: a gRPC stream or a framed channel) and
+/// what the hub routes to it, through the session machine, until either side ends it.
+async fn run_session<S, E>(
     shared: Arc<Shared>,
     node: String,
     issued: Option<u64>,
-    mut inbound: tonic::Streaming<Envelope>,
+    mut inbound: S,
     out: mpsc::Sender<Box<Envelope>>,
-) {
+) where
+    S: futures_util::Stream<Item = Result<Envelope, E>> + Unpin,
+    E: std::fmt::Display,
+{
     let stats = shared.stats.clone();
     stats.sessions.fetch_add(1, Ordering::Relaxed);
     stats.connected.fetch_add(1, Ordering::Relaxed);

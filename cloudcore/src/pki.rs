@@ -243,7 +243,9 @@ impl HubPki {
             .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .map_err(|e| tls(&e))?;
-        config.alpn_protocols = vec![b"h2".to_vec()];
+        // The framed channel (edges that offer it) and HTTP/2 for gRPC (joins, tunnels, and
+        // edges that only speak gRPC).
+        config.alpn_protocols = vec![sedna_proto::frame::ALPN.to_vec(), b"h2".to_vec()];
         Ok(Arc::new(config))
     }
 }

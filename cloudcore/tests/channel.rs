@@ -404,6 +404,165 @@ async fn a_stream_without_a_valid_client_certificate_is_refused() {
     );
 }
 
+/// A TLS connection offering only the framed channel, with the node's certificate if
+/// `identity` is given (otherwise none, the hub checked against `ca_pin`).
+async fn framed_tls(
+    hub: &str,
+    ca_pin: &str,
+    identity: Option<&sedna_edgecore::join::Identity>,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = match identity {
+        Some(id) => {
+            sedna_edgecore::tls::framed_config(&id.ca_pem, &id.cert_pem, &id.key_pem).unwrap()
+        }
+        None => {
+            let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(sedna_edgecore::tls::PinVerifier::new(ca_pin))
+            .with_no_client_auth();
+            config.alpn_protocols = vec![sedna_proto::frame::ALPN.to_vec()];
+            std::sync::Arc::new(config)
+        }
+    };
+    let tls = sedna_edgecore::tls::connect_framed(hub, config, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(sedna_proto::frame::ALPN),
+        "the hub chose the framed channel"
+    );
+    tls
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nodes_attach_over_the_framed_channel_by_default_and_over_grpc_when_asked() {
+    let c = Cluster::start().await;
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), "default");
+    let cms: Api<ConfigMap> = Api::namespaced(c.client.clone(), "default");
+    cms.create(&PostParams::default(), &config_map("shared", "1"))
+        .await
+        .unwrap();
+    for node in ["framed", "grpc"] {
+        pods.create(
+            &PostParams::default(),
+            &pod(&format!("pod-{node}"), node, "shared"),
+        )
+        .await
+        .unwrap();
+    }
+    let framed = c.edge("framed").await;
+    c.join("grpc").await;
+    let mut config = support::fast_edge(&c.hub_addr.to_string(), &c.edge_dir("grpc"), "grpc");
+    config.grpc_channel = true;
+    let grpc = EdgeHub::start(config).await.unwrap();
+    for (edge, node) in [(&framed, "framed"), (&grpc, "grpc")] {
+        eventually(&format!("{node} has its pod and config map"), || {
+            names(edge, "Pod") == set(&[&format!("pod-{node}")])
+                && names(edge, "ConfigMap") == set(&["shared"])
+        })
+        .await;
+    }
+    let stats = c.hub().stats();
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.framed_sessions.load(Ordering::Relaxed), 1);
+    // A change reaches both, and both report upstream (the pod's status).
+    cms.patch(
+        "shared",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "data": { "v": "2" } })),
+    )
+    .await
+    .unwrap();
+    for edge in [&framed, &grpc] {
+        eventually("the new version arrives", || {
+            edge.store()
+                .get("ConfigMap", "default", "shared")
+                .unwrap()
+                .is_some_and(|o| String::from_utf8_lossy(&o.value).contains("\"v\":\"2\""))
+        })
+        .await;
+    }
+    framed.report(&pod_status("pod-framed", "Running")).unwrap();
+    eventually("the framed node's outbox drains", || {
+        framed.store().outbox_len().unwrap() == 0
+    })
+    .await;
+    let written = pods.get_status("pod-framed").await.unwrap();
+    assert_eq!(written.status.unwrap().phase.as_deref(), Some("Running"));
+    framed.shutdown().await;
+    grpc.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_framed_channel_without_a_certificate_a_request_or_within_its_limit_is_closed() {
+    use sedna_proto::frame::{self, AttachAnswer, AttachRequest, FrameReader};
+    use tokio::io::AsyncWriteExt;
+    let c = Cluster::start_with(|h| {
+        h.client_hello_timeout = Duration::from_millis(500);
+        h.handshake_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let hub = c.hub_addr.to_string();
+    let token: sedna_proto::identity::JoinToken = c
+        .token(None, Duration::from_secs(60))
+        .await
+        .parse()
+        .unwrap();
+    let stats = c.hub().stats();
+
+    // No client certificate: refused with the code gRPC would use.
+    let (read, mut write) = tokio::io::split(framed_tls(&hub, &token.ca_pin, None).await);
+    frame::write_frame(&mut write, &AttachRequest::default())
+        .await
+        .unwrap();
+    let answer = FrameReader::new(read, 4096)
+        .read::<AttachAnswer>()
+        .await
+        .unwrap()
+        .expect("an answer");
+    let status = frame::status_of(&answer).expect("a refusal");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert_eq!(stats.unauthenticated.load(Ordering::Relaxed), 1);
+
+    c.join("quiet").await;
+    let identity = sedna_edgecore::join::Identity::load(&c.edge_dir("quiet"))
+        .unwrap()
+        .unwrap();
+    // Silent after the handshake: closed at the handshake deadline, without an answer.
+    let (read, _write) = tokio::io::split(framed_tls(&hub, &token.ca_pin, Some(&identity)).await);
+    let mut reader = FrameReader::new(read, 4096);
+    let ended = tokio::time::timeout(Duration::from_secs(5), reader.read::<AttachAnswer>())
+        .await
+        .expect("closed by the hub");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+
+    // A first frame over the request limit: closed without reading it.
+    let (read, mut write) =
+        tokio::io::split(framed_tls(&hub, &token.ca_pin, Some(&identity)).await);
+    let over = u32::try_from(frame::MAX_REQUEST_BYTES + 1).unwrap();
+    write.write_all(&over.to_be_bytes()).await.unwrap();
+    write.flush().await.unwrap();
+    let ended = tokio::time::timeout(
+        Duration::from_secs(5),
+        FrameReader::new(read, 4096).read::<AttachAnswer>(),
+    )
+    .await
+    .expect("closed by the hub");
+    assert!(!matches!(ended, Ok(Some(_))), "{ended:?}");
+    assert_eq!(stats.sessions.load(Ordering::Relaxed), 0);
+
+    // The node itself still attaches.
+    let edge = c.edge_at("quiet", &hub).await;
+    eventually("the node connects", || edge.status().borrow().connected).await;
+    assert_eq!(stats.framed_sessions.load(Ordering::Relaxed), 1);
+    edge.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_hub_at_its_connection_limit_refuses_newcomers_until_a_node_leaves() {
     let c = Cluster::start_with(|h| h.max_connections = 1).await;

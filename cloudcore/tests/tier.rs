@@ -582,6 +582,35 @@ async fn attach_with(
     answer.err()
 }
 
+/// The same over the framed channel: the hub's answer, as a status, if it refuses; `Err` when
+/// it closed the connection without answering.
+async fn attach_framed_with(
+    hub: &str,
+    identity: &sedna_edgecore::join::Identity,
+    unreachable: &str,
+) -> Result<Option<tonic::Status>, String> {
+    use sedna_proto::frame::{self, AttachAnswer, AttachRequest, FrameReader};
+    let config =
+        sedna_edgecore::tls::framed_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .unwrap();
+    let tls = sedna_edgecore::tls::connect_framed(hub, config, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (read, mut write) = tokio::io::split(tls);
+    let request = AttachRequest {
+        unreachable: unreachable.to_owned(),
+    };
+    // A hub that refuses the request may close before it is all written.
+    let _ = frame::write_frame(&mut write, &request).await;
+    match FrameReader::new(read, 64 * 1024)
+        .read::<AttachAnswer>()
+        .await
+    {
+        Ok(Some(answer)) => Ok(frame::status_of(&answer)),
+        other => Err(format!("no answer: {other:?}")),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_claiming_its_owner_unreachable_only_delays_itself_and_an_oversized_claim_is_refused()
  {
@@ -644,6 +673,37 @@ async fn a_node_claiming_its_owner_unreachable_only_delays_itself_and_an_oversiz
             .map(|v| v.to_str().unwrap()),
         Some(h2.as_str())
     );
+    // The framed channel answers the same: a redirect, then "later" for the claim.
+    let framed = attach_framed_with(&h2, &identity, "")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        framed
+            .metadata()
+            .get("sedna-redirect")
+            .map(|v| v.to_str().unwrap()),
+        Some(h1.as_str())
+    );
+    let framed_claim = attach_framed_with(&h2, &identity, &h1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        framed_claim.code(),
+        tonic::Code::Unavailable,
+        "{framed_claim:?}"
+    );
+    assert_eq!(
+        framed_claim
+            .metadata()
+            .get("sedna-successor")
+            .map(|v| v.to_str().unwrap()),
+        Some(h2.as_str())
+    );
+    // An oversized framed claim is not read: the connection closes without an answer.
+    let huge_framed = attach_framed_with(&h2, &identity, &"x".repeat(64 * 1024)).await;
+    assert!(huge_framed.is_err(), "{huge_framed:?}");
     // An oversized claim (64 KiB, past HTTP/2's header list bound) is refused outright.
     let huge = attach_with(
         &h2,
@@ -663,5 +723,12 @@ async fn a_node_claiming_its_owner_unreachable_only_delays_itself_and_an_oversiz
     assert!(
         attach_with(&h1, &identity, &[]).await.is_none(),
         "its owner serves it"
+    );
+    assert!(
+        attach_framed_with(&h1, &identity, "")
+            .await
+            .unwrap()
+            .is_none(),
+        "its owner serves it (framed)"
     );
 }

@@ -45,6 +45,9 @@ pub struct EdgeConfig {
     /// Store changes buffered for subscribers (see [`EdgeHub::subscribe`]); every slot is
     /// allocated up front (≈ 150 bytes). A subscriber further behind reads the store again.
     pub change_buffer: usize,
+    /// Attach over gRPC even where the hub speaks the framed channel
+    /// ([`sedna_proto::frame`], the default: it costs both sides less memory per connection).
+    pub grpc_channel: bool,
 }
 
 impl EdgeConfig {
@@ -60,6 +63,7 @@ impl EdgeConfig {
             seed: rand::rng().random(),
             source_address: None,
             change_buffer: CHANGE_BUFFER,
+            grpc_channel: false,
         }
     }
 }
@@ -273,9 +277,132 @@ impl crate::runtime::Reporter for OutboxReporter {
     }
 }
 
+/// What the hub sends on a live connection, whichever channel carries it.
+type Inbound =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Envelope, tonic::Status>> + Send>>;
+
 struct Live {
     tx: mpsc::Sender<Envelope>,
-    inbound: tonic::Streaming<Envelope>,
+    inbound: Inbound,
+    /// The framed channel's writer: stopped with the connection, so a hub that stopped
+    /// reading cannot keep it open.
+    _writer: Option<AbortOnDrop>,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<std::io::Result<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Largest [`AttachAnswer`](sedna_proto::frame::AttachAnswer) the edge reads: a message and
+/// a few addresses.
+const MAX_ANSWER_BYTES: usize = 16 * 1024;
+
+/// How long the hub has to answer an attach on the framed channel.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a refused `Attach` (or framed attach) means for the node.
+fn refusal(s: &tonic::Status) -> ConnectError {
+    if let Some(to) = s
+        .metadata()
+        .get(REDIRECT_METADATA)
+        .and_then(|v| v.to_str().ok())
+    {
+        if !valid_hub_address(to) {
+            return ConnectError::Unreachable(format!(
+                "the hub redirected to an invalid address {:?}",
+                to.chars().take(64).collect::<String>()
+            ));
+        }
+        return ConnectError::Redirect(to.to_owned());
+    }
+    if let Some(ms) = s
+        .metadata()
+        .get(RETRY_AFTER_METADATA)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+    {
+        let successor = s
+            .metadata()
+            .get(SUCCESSOR_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .filter(|a| valid_hub_address(a))
+            .map(str::to_owned);
+        return ConnectError::Later {
+            after: Duration::from_millis(ms),
+            successor,
+        };
+    }
+    let reason = format!("{:?}: {}", s.code(), s.message());
+    match s.code() {
+        // Decided by the hub about this certificate: dialing again cannot help.
+        tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
+            ConnectError::Refused(reason)
+        }
+        _ => ConnectError::Unreachable(reason),
+    }
+}
+
+fn dial_failure(f: tls::DialFailure) -> ConnectError {
+    if f.reached {
+        ConnectError::Busy(f.message)
+    } else {
+        ConnectError::Unreachable(f.message)
+    }
+}
+
+/// Attaches over a framed channel ([`sedna_proto::frame`]) the hub accepted in its TLS
+/// handshake: the request, the hub's answer (a refusal means what a refused `Attach` means),
+/// then envelopes both ways.
+async fn attach_framed(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    max: usize,
+    unreachable: Option<String>,
+) -> Dialed {
+    use sedna_proto::frame::{self, AttachAnswer, AttachRequest, FrameReader};
+    let (read, mut write) = tokio::io::split(tls);
+    let mut reader = FrameReader::new(read, MAX_ANSWER_BYTES);
+    let request = AttachRequest {
+        unreachable: unreachable.unwrap_or_default(),
+    };
+    let exchange = async {
+        frame::write_frame(&mut write, &request).await?;
+        reader.read::<AttachAnswer>().await
+    };
+    // The hub took the connection and finished the handshake: whatever fails now, it is
+    // there (busy, or ending), not gone.
+    let answer = match tokio::time::timeout(ANSWER_TIMEOUT, exchange).await {
+        Ok(Ok(Some(answer))) => answer,
+        Ok(Ok(None)) => {
+            return Err(ConnectError::Busy(
+                "the hub closed the channel before answering".into(),
+            ));
+        }
+        Ok(Err(e)) => return Err(ConnectError::Busy(format!("the hub's answer: {e}"))),
+        Err(_) => {
+            return Err(ConnectError::Busy(format!(
+                "the hub did not answer within {} s",
+                ANSWER_TIMEOUT.as_secs()
+            )));
+        }
+    };
+    if let Some(status) = frame::status_of(&answer) {
+        return Err(refusal(&status));
+    }
+    reader.set_max(max);
+    let (tx, rx) = mpsc::channel::<Envelope>(1024);
+    let writer = tokio::spawn(frame::write_frames(write, rx));
+    let inbound = reader
+        .into_stream::<Envelope>()
+        .map(|r| r.map_err(|e| tonic::Status::unavailable(e.to_string())));
+    Ok(Live {
+        tx,
+        inbound: Box::pin(inbound),
+        _writer: Some(AbortOnDrop(writer)),
+    })
 }
 
 type Dialed = Result<Live, ConnectError>;
@@ -464,25 +591,40 @@ impl Shell {
             self.config.max_message_bytes,
             self.config.source_address,
             unreachable,
+            self.config.grpc_channel,
         ))
     }
 
+    /// Dials `hub` and attaches: over the framed channel where the hub speaks it (unless
+    /// `grpc` asks for gRPC), otherwise over gRPC.
     async fn dial(
         hub: String,
         identity: Identity,
         max: usize,
         source: Option<std::net::IpAddr>,
         unreachable: Option<String>,
+        grpc: bool,
     ) -> Dialed {
-        let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
-            .map_err(|e| ConnectError::Refused(format!("the node's credentials: {e}")))?;
-        let channel = tls::connect_from(&hub, config, source).await.map_err(|f| {
-            if f.reached {
-                ConnectError::Busy(f.message)
-            } else {
-                ConnectError::Unreachable(f.message)
+        let credentials =
+            |e: rustls::Error| ConnectError::Refused(format!("the node's credentials: {e}"));
+        if !grpc {
+            let config =
+                tls::framed_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+                    .map_err(credentials)?;
+            let tls = tls::connect_framed(&hub, config, source)
+                .await
+                .map_err(dial_failure)?;
+            if tls.get_ref().1.alpn_protocol() == Some(sedna_proto::frame::ALPN) {
+                return attach_framed(tls, max, unreachable).await;
             }
-        })?;
+            // A hub that only speaks gRPC.
+            tracing::debug!(%hub, "the hub does not speak the framed channel; using gRPC");
+        }
+        let config = tls::channel_config(&identity.ca_pem, &identity.cert_pem, &identity.key_pem)
+            .map_err(credentials)?;
+        let channel = tls::connect_from(&hub, config, source)
+            .await
+            .map_err(dial_failure)?;
         let (tx, rx) = mpsc::channel::<Envelope>(1024);
         let outgoing =
             futures_util::stream::unfold(
@@ -499,47 +641,13 @@ impl Shell {
         let inbound = client
             .attach(request)
             .await
-            .map_err(|s| {
-                if let Some(to) = s
-                    .metadata()
-                    .get(REDIRECT_METADATA)
-                    .and_then(|v| v.to_str().ok())
-                {
-                    if !valid_hub_address(to) {
-                        return ConnectError::Unreachable(format!(
-                            "the hub redirected to an invalid address {:?}",
-                            to.chars().take(64).collect::<String>()
-                        ));
-                    }
-                    return ConnectError::Redirect(to.to_owned());
-                }
-                if let Some(ms) = s
-                    .metadata()
-                    .get(RETRY_AFTER_METADATA)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-                {
-                    let successor = s
-                        .metadata()
-                        .get(SUCCESSOR_METADATA)
-                        .and_then(|v| v.to_str().ok())
-                        .filter(|a| valid_hub_address(a))
-                        .map(str::to_owned);
-                    return ConnectError::Later {
-                        after: Duration::from_millis(ms),
-                        successor,
-                    };
-                }
-                let reason = format!("{:?}: {}", s.code(), s.message());
-                match s.code() {
-                    // Decided by the hub about this certificate: dialing again cannot help.
-                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated => {
-                        ConnectError::Refused(reason)
-                    }
-                    _ => ConnectError::Unreachable(reason),
-                }
-            })?
+            .map_err(|s| refusal(&s))?
             .into_inner();
-        Ok(Live { tx, inbound })
+        Ok(Live {
+            tx,
+            inbound: Box::pin(inbound),
+            _writer: None,
+        })
     }
 
     /// Persists downstream envelopes in one transaction and returns the ids to acknowledge.

@@ -111,8 +111,12 @@ impl ServerCertVerifier for PinVerifier {
     }
 }
 
-fn with_h2(mut config: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
-    config.alpn_protocols = vec![b"h2".to_vec()];
+fn with_h2(config: rustls::ClientConfig) -> Arc<rustls::ClientConfig> {
+    with_alpn(config, b"h2")
+}
+
+fn with_alpn(mut config: rustls::ClientConfig, protocol: &[u8]) -> Arc<rustls::ClientConfig> {
+    config.alpn_protocols = vec![protocol.to_vec()];
     // A configuration serves one connection (it is built from the identity on disk at each
     // dial), so a session cache could never be reused; rustls's default one is sized for 256
     // sessions and held by every connection (≈ 14 KiB, heaptrack of a simulator).
@@ -130,13 +134,34 @@ pub fn join_config(verifier: Arc<PinVerifier>) -> Result<Arc<rustls::ClientConfi
     Ok(with_h2(config))
 }
 
-/// Client configuration for the channel: the hub checked against its CA, the node
+/// Client configuration for the channel over gRPC: the hub checked against its CA, the node
 /// authenticated by its certificate.
 pub fn channel_config(
     ca_pem: &str,
     cert_pem: &str,
     key_pem: &str,
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
+    Ok(with_h2(mutual_config(ca_pem, cert_pem, key_pem)?))
+}
+
+/// Client configuration for the framed channel ([`sedna_proto::frame`]): as
+/// [`channel_config`], offering only the framed protocol.
+pub fn framed_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<Arc<rustls::ClientConfig>, Error> {
+    Ok(with_alpn(
+        mutual_config(ca_pem, cert_pem, key_pem)?,
+        sedna_proto::frame::ALPN,
+    ))
+}
+
+fn mutual_config(
+    ca_pem: &str,
+    cert_pem: &str,
+    key_pem: &str,
+) -> Result<rustls::ClientConfig, Error> {
     let pem_err = |e: rustls::pki_types::pem::Error| Error::General(e.to_string());
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
@@ -150,7 +175,7 @@ pub fn channel_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(certs, key)?;
-    Ok(with_h2(config))
+    Ok(config)
 }
 
 /// Why a channel could not be opened.
@@ -195,31 +220,7 @@ pub async fn connect_from(
         let config = config.clone();
         let reached = reached_in.clone();
         async move {
-            let tcp = match source {
-                None => tokio::net::TcpStream::connect(&addr).await?,
-                Some(ip) => {
-                    let target = tokio::net::lookup_host(&addr)
-                        .await?
-                        .next()
-                        .ok_or_else(|| {
-                            std::io::Error::new(std::io::ErrorKind::NotFound, "no address")
-                        })?;
-                    let socket = if target.is_ipv4() {
-                        tokio::net::TcpSocket::new_v4()?
-                    } else {
-                        tokio::net::TcpSocket::new_v6()?
-                    };
-                    socket.bind(std::net::SocketAddr::new(ip, 0))?;
-                    socket.connect(target).await?
-                }
-            };
-            reached.store(true, std::sync::atomic::Ordering::Relaxed);
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(HUB_SERVER_NAME)
-                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
+            let tls = tls_connect(&addr, config, source, &reached).await?;
             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
         }
     });
@@ -238,4 +239,62 @@ pub async fn connect_from(
                 message: text,
             }
         })
+}
+
+/// TCP (from `source`, if given) then TLS to `addr`; `reached` is set once the TCP connection
+/// is made.
+async fn tls_connect(
+    addr: &str,
+    config: Arc<rustls::ClientConfig>,
+    source: Option<std::net::IpAddr>,
+    reached: &std::sync::atomic::AtomicBool,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = match source {
+        None => tokio::net::TcpStream::connect(addr).await?,
+        Some(ip) => {
+            let target = tokio::net::lookup_host(addr)
+                .await?
+                .next()
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+            let socket = if target.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(std::net::SocketAddr::new(ip, 0))?;
+            socket.connect(target).await?
+        }
+    };
+    reached.store(true, std::sync::atomic::Ordering::Relaxed);
+    tcp.set_nodelay(true)?;
+    let name = ServerName::try_from(HUB_SERVER_NAME)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+}
+
+/// A TLS connection to `hub` (`host:port`) with `config` (from [`framed_config`]), from
+/// `source` if given, within 10 s; for the framed channel ([`sedna_proto::frame`]). Whether
+/// the hub chose that protocol is the connection's ALPN protocol (a hub that only speaks gRPC
+/// chooses none).
+pub async fn connect_framed(
+    hub: &str,
+    config: Arc<rustls::ClientConfig>,
+    source: Option<std::net::IpAddr>,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, DialFailure> {
+    let reached = std::sync::atomic::AtomicBool::new(false);
+    let connect = tls_connect(hub, config, source, &reached);
+    let result = tokio::time::timeout(std::time::Duration::from_secs(10), connect).await;
+    let failure = |message: String| DialFailure {
+        reached: reached.load(std::sync::atomic::Ordering::Relaxed),
+        message,
+    };
+    match result {
+        Ok(Ok(tls)) => Ok(tls),
+        Ok(Err(e)) => Err(failure(format!("connecting to {hub}: {e}"))),
+        Err(_) => Err(failure(format!(
+            "connecting to {hub}: timed out after 10 s"
+        ))),
+    }
 }

@@ -50,6 +50,7 @@ pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 
 pub mod codec;
+pub mod frame;
 pub mod identity;
 pub mod sync;
 
