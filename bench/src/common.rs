@@ -39,15 +39,17 @@ pub(crate) fn free_port() -> Result<u16> {
         .port())
 }
 
-/// A child process, sent SIGTERM and reaped when dropped.
+/// A child process, sent SIGTERM and reaped when dropped; the signal goes to its process
+/// group when it leads one (a profiler wrapping the program), otherwise to it alone.
 pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
+        let pid = self.0.id() as i32;
+        let term = nix::sys::signal::Signal::SIGTERM;
+        if nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), term).is_err() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), term);
+        }
         let _ = self.0.wait();
     }
 }

@@ -968,13 +968,17 @@ async fn pod_to_running(
     Ok(())
 }
 
-/// A command running `program`, under `wrapper` (a profiler and its arguments) if given.
+/// A command running `program`, under `wrapper` (a profiler and its arguments) if given. A
+/// wrapped program runs in its own process group, so stopping the wrapper stops it too
+/// ([`Killed`] signals the group): heaptrack's script does not pass SIGTERM on, and a hub
+/// left behind keeps retrying its vanished API server.
 fn wrapped(wrapper: Option<&str>, program: &std::path::Path) -> Result<Command> {
+    use std::os::unix::process::CommandExt;
     Ok(match wrapper {
         Some(w) => {
             let mut words = w.split_whitespace();
             let mut c = Command::new(words.next().context("empty wrapper")?);
-            c.args(words).arg(program);
+            c.args(words).arg(program).process_group(0);
             c
         }
         None => Command::new(program),
