@@ -40,6 +40,9 @@ const HEADER: usize = 4;
 /// Bytes read at a time while no frame's length asks for more.
 const READ_CHUNK: usize = 4096;
 
+/// Most bytes read at a time.
+const MAX_READ: usize = 64 * 1024;
+
 /// Encoded bytes [`write_frames`] gathers from its queue into one write.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -175,9 +178,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     })
                 });
             }
-            // Room for the rest of this frame (its length is checked), or for a chunk.
+            // Room for more of this frame (its length is checked), or for a chunk; a large
+            // frame's buffer grows with what arrives, not with what its header announces (a
+            // peer must send the bytes it makes the reader hold).
             let want = match len {
-                Some(len) => HEADER + len - pending,
+                Some(len) => (HEADER + len - pending).min(MAX_READ),
                 None => READ_CHUNK,
             };
             if self.start > 0 {
@@ -414,6 +419,32 @@ mod tests {
         let mut reader = FrameReader::new(b, 1024);
         assert!(reader.read::<Envelope>().await.unwrap().is_some());
         assert!(reader.read::<Envelope>().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_large_frame_is_held_only_as_far_as_its_bytes_arrived() {
+        let (mut a, b) = tokio::io::duplex(1 << 20);
+        let mut whole = Vec::new();
+        encode_frame(&envelope(1, 4 << 20), &mut whole);
+        // The header announces 4 MiB; only 100 bytes follow for now.
+        a.write_all(&whole[..HEADER + 100]).await.unwrap();
+        let mut reader = FrameReader::new(b, 8 << 20);
+        let waiting = tokio::time::timeout(
+            std::time::Duration::from_millis(20),
+            reader.read::<Envelope>(),
+        )
+        .await;
+        assert!(waiting.is_err(), "the frame is not complete");
+        assert!(
+            reader.buffered_capacity() <= 2 * MAX_READ,
+            "{} bytes held for 104 received",
+            reader.buffered_capacity()
+        );
+        let rest = whole[HEADER + 100..].to_vec();
+        let writer = tokio::spawn(async move { a.write_all(&rest).await });
+        let got = reader.read::<Envelope>().await.unwrap().unwrap();
+        writer.await.unwrap().unwrap();
+        assert_eq!(got.payload.len(), 4 << 20);
     }
 
     #[tokio::test]
