@@ -6,11 +6,12 @@
 //! - Membership: each hub renews `kube-system/sedna-hub-<id>`, saying where edges reach it and
 //!   which partitions it is primary and standby for.
 //! - Ownership: `kube-system/sedna-partition-<p>` names the hub serving `p`. Every hub computes
-//!   the same desired owner from the live members ([`desired_owner`]): with static
-//!   partitions, the live primary, else the live standby (so a standby takes over when its
-//!   primary's lease expires, and hands back once the primary is live again); with every hub
-//!   active, rendezvous hashing over the live hubs (so partitions rebalance when hubs join or
-//!   leave, moving only the partitions they must). [`plan`] turns that into writes: claim a
+//!   the same desired owners from the live members and the current holders
+//!   ([`desired_owners`]): with static partitions, the live primary, else the live standby
+//!   (so a standby takes over when its primary's lease expires, and hands back once the
+//!   primary is live again); with every hub active, an exact share per live hub, each keeping
+//!   what it holds up to its share and the rest placed by rendezvous hashing (so partitions
+//!   rebalance when hubs join or leave, moving only the partitions they must). [`plan`] turns that into writes: claim a
 //!   free or expired lease it should own, renew the leases it holds and should keep, release
 //!   the ones it should give up. A lease held by another hub is never taken before it
 //!   expires, and writes carry the lease's resourceVersion, so two hubs never both succeed.
@@ -130,23 +131,104 @@ impl PartitionLease {
     }
 }
 
-/// Which live hub should serve partition `p`.
-pub fn desired_owner(p: u32, members: &[Member], mode: Mode, now_ms: i64) -> Option<&Member> {
+/// Which live hub should serve each partition (indexed by partition), given who holds each
+/// now (`holders`: partition → hub id; a holder that is not a live member counts as none).
+///
+/// With static partitions: the live primary, else the live standby. With every hub active the
+/// tier is balanced exactly: with `n` live hubs each serves `P / n` partitions, and the
+/// `P % n` hubs holding the most (then by id) one more. A hub keeps the partitions it holds up
+/// to its share, preferring those it ranks highest by rendezvous hashing; a partition no hub
+/// keeps goes to the hub ranking it highest among those under their share. So a hub that
+/// leaves moves only its own partitions, a hub that joins takes partitions only from hubs
+/// over their new share, and every hub computes the same answer from the same Leases.
+/// (Plain rendezvous hashing, per partition, gave one of four hubs 11 of 32 partitions, and
+/// 13 once a fourth hub died: 40% of a 50,000-node fleet on one hub.)
+pub fn desired_owners<'a>(
+    partitions: u32,
+    members: &'a [Member],
+    mode: Mode,
+    holders: &HashMap<u32, &str>,
+    now_ms: i64,
+) -> Vec<Option<&'a Member>> {
     let mut live: Vec<&Member> = members.iter().filter(|m| m.live(now_ms)).collect();
     live.sort_by(|a, b| a.id.cmp(&b.id));
+    live.dedup_by(|a, b| a.id == b.id);
     match mode {
-        Mode::Static => live
-            .iter()
-            .find(|m| m.primary.contains(&p))
-            .or_else(|| live.iter().find(|m| m.standby.contains(&p)))
-            .copied(),
-        Mode::MultiPrimary => live.into_iter().max_by_key(|m| {
-            let digest = Sha256::digest(format!("{p}/{}", m.id).as_bytes());
-            let mut first = [0u8; 8];
-            first.copy_from_slice(&digest[..8]);
-            (u64::from_be_bytes(first), m.id.clone())
-        }),
+        Mode::Static => (0..partitions)
+            .map(|p| {
+                live.iter()
+                    .find(|m| m.primary.contains(&p))
+                    .or_else(|| live.iter().find(|m| m.standby.contains(&p)))
+                    .copied()
+            })
+            .collect(),
+        Mode::MultiPrimary => balanced(partitions, &live, holders),
     }
+}
+
+/// A hub's rendezvous rank of partition `p` (higher first).
+fn rank(p: u32, hub: &str) -> u64 {
+    let digest = Sha256::digest(format!("{p}/{hub}").as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// [`desired_owners`] with every hub active; `live` sorted by id, without duplicates.
+fn balanced<'a>(
+    partitions: u32,
+    live: &[&'a Member],
+    holders: &HashMap<u32, &str>,
+) -> Vec<Option<&'a Member>> {
+    let mut out: Vec<Option<&'a Member>> = vec![None; partitions as usize];
+    if live.is_empty() {
+        return out;
+    }
+    let index: HashMap<&str, usize> = live
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id.as_str(), i))
+        .collect();
+    let mut held: Vec<Vec<u32>> = vec![Vec::new(); live.len()];
+    for (p, hub) in holders {
+        if let (true, Some(i)) = (*p < partitions, index.get(hub)) {
+            held[*i].push(*p);
+        }
+    }
+    // Shares: P / n each, one more for the P % n hubs holding the most (then by id).
+    let n = live.len();
+    let (base, extra) = (partitions as usize / n, partitions as usize % n);
+    let mut by_holding: Vec<usize> = (0..n).collect();
+    by_holding.sort_by_key(|i| (std::cmp::Reverse(held[*i].len()), *i));
+    let mut share = vec![base; n];
+    for i in by_holding.into_iter().take(extra) {
+        share[i] += 1;
+    }
+    // Each hub keeps what it holds up to its share, its highest ranked first.
+    let mut load = vec![0usize; n];
+    for (i, mine) in held.iter_mut().enumerate() {
+        let id = live[i].id.as_str();
+        mine.sort_by_key(|p| (std::cmp::Reverse(rank(*p, id)), *p));
+        for p in mine.iter().take(share[i]) {
+            out[*p as usize] = Some(live[i]);
+            load[i] += 1;
+        }
+    }
+    // The rest go to the hub ranking them highest among those under their share (the shares
+    // add up to P, so there is always one).
+    for p in 0..partitions {
+        if out[p as usize].is_some() {
+            continue;
+        }
+        let best = (0..n)
+            .filter(|i| load[*i] < share[*i])
+            .max_by_key(|i| (rank(p, &live[*i].id), std::cmp::Reverse(*i)));
+        if let Some(i) = best {
+            out[p as usize] = Some(live[i]);
+            load[i] += 1;
+        }
+    }
+    out
 }
 
 /// A write this hub should make to a partition Lease.
@@ -186,9 +268,14 @@ pub fn plan(
 ) -> Vec<Action> {
     let by_partition: HashMap<u32, &PartitionLease> =
         leases.iter().map(|l| (l.partition, l)).collect();
+    let holders: HashMap<u32, &str> = leases
+        .iter()
+        .filter_map(|l| Some((l.partition, l.holder_at(now_ms)?)))
+        .collect();
+    let owners = desired_owners(partitions, members, mode, &holders, now_ms);
     let mut actions = Vec::new();
     for p in 0..partitions {
-        let desired = desired_owner(p, members, mode, now_ms).map(|m| m.id.as_str());
+        let desired = owners[p as usize].map(|m| m.id.as_str());
         let lease = by_partition.get(&p);
         let holder = lease.and_then(|l| l.holder_at(now_ms));
         match (holder, lease) {
@@ -428,51 +515,129 @@ mod tests {
             member("a", &[0, 1], &[2, 3], 100),
             member("b", &[2, 3], &[0, 1], 100),
         ];
+        let none = HashMap::new();
+        let owners = |ms: &[Member]| -> Vec<Option<String>> {
+            desired_owners(6, ms, Mode::Static, &none, 50)
+                .into_iter()
+                .map(|m| m.map(|m| m.id.clone()))
+                .collect()
+        };
+        let a = Some("a".to_string());
+        let b = Some("b".to_string());
         assert_eq!(
-            desired_owner(0, &members, Mode::Static, 50).unwrap().id,
-            "a"
-        );
-        assert_eq!(
-            desired_owner(2, &members, Mode::Static, 50).unwrap().id,
-            "b"
+            owners(&members),
+            [a.clone(), a, b.clone(), b.clone(), None, None]
         );
         let a_dead = vec![member("a", &[0, 1], &[2, 3], 10), members[1].clone()];
-        assert_eq!(desired_owner(0, &a_dead, Mode::Static, 50).unwrap().id, "b");
+        assert_eq!(owners(&a_dead)[..4], [b.clone(), b.clone(), b.clone(), b]);
+    }
+
+    /// Owner ids of each partition, every hub active.
+    fn balanced_owners(partitions: u32, hubs: &[Member], held: &[String]) -> Vec<String> {
+        let holders: HashMap<u32, &str> = held
+            .iter()
+            .enumerate()
+            .map(|(p, h)| (p as u32, h.as_str()))
+            .collect();
+        desired_owners(partitions, hubs, Mode::MultiPrimary, &holders, 50)
+            .into_iter()
+            .map(|m| m.expect("every partition has an owner").id.clone())
+            .collect()
+    }
+
+    fn hubs(ids: &[String]) -> Vec<Member> {
+        ids.iter().map(|id| member(id, &[], &[], 100)).collect()
+    }
+
+    fn loads(owners: &[String]) -> BTreeMap<&str, usize> {
+        let mut loads = BTreeMap::new();
+        for o in owners {
+            *loads.entry(o.as_str()).or_default() += 1;
+        }
+        loads
+    }
+
+    #[test]
+    fn every_active_hub_serves_its_exact_share_whatever_the_hashes() {
+        for (partitions, n) in [(32, 4), (32, 3), (8, 3), (10, 4), (100, 7), (3, 5), (1, 1)] {
+            for set in 0..20 {
+                let ids: Vec<String> = (0..n).map(|i| format!("hub-{set}-{i}")).collect();
+                let owners = balanced_owners(partitions, &hubs(&ids), &[]);
+                let loads = loads(&owners);
+                let (low, high) = (
+                    partitions as usize / n,
+                    partitions.div_ceil(n as u32) as usize,
+                );
+                for id in &ids {
+                    let load = loads.get(id.as_str()).copied().unwrap_or(0);
+                    assert!(
+                        (low..=high).contains(&load),
+                        "{id} serves {load} of {partitions} partitions among {n} hubs"
+                    );
+                }
+            }
+        }
+        // The 50,000-node bench's four hubs, of which plain rendezvous hashing gave h1 11 of
+        // 32 partitions.
+        let ids: Vec<String> = (1..=4).map(|i| format!("h{i}")).collect();
+        let owners = balanced_owners(32, &hubs(&ids), &[]);
+        assert!(loads(&owners).values().all(|l| *l == 8), "{owners:?}");
         assert!(
-            desired_owner(5, &members, Mode::Static, 50).is_none(),
-            "nobody's partition"
+            desired_owners(4, &[], Mode::MultiPrimary, &HashMap::new(), 50)
+                .iter()
+                .all(Option::is_none)
         );
     }
 
     #[test]
-    fn rendezvous_moves_only_the_partitions_of_a_hub_that_leaves() {
-        let three = vec![
-            member("a", &[], &[], 100),
-            member("b", &[], &[], 100),
-            member("c", &[], &[], 100),
-        ];
-        let owners = |ms: &[Member]| -> Vec<String> {
-            (0..64)
-                .map(|p| {
-                    desired_owner(p, ms, Mode::MultiPrimary, 50)
-                        .unwrap()
-                        .id
-                        .clone()
-                })
-                .collect()
-        };
-        let before = owners(&three);
-        for id in ["a", "b", "c"] {
-            let n = before.iter().filter(|o| *o == id).count();
-            assert!((10..=35).contains(&n), "{id} owns {n} of 64");
-        }
-        let without_c: Vec<Member> = three[..2].to_vec();
-        let after = owners(&without_c);
-        for (b, a) in before.iter().zip(&after) {
-            if b != "c" {
-                assert_eq!(a, b, "a partition of a live hub stays");
+    fn a_hub_that_leaves_moves_only_its_own_partitions_and_one_that_joins_takes_only_excess() {
+        for set in 0..50 {
+            let ids: Vec<String> = (0..4).map(|i| format!("hub-{set}-{i}")).collect();
+            let four = balanced_owners(32, &hubs(&ids), &[]);
+            // Settled: the same answer with the holders it gave.
+            assert_eq!(balanced_owners(32, &hubs(&ids), &four), four);
+
+            let gone = &ids[1];
+            let three = balanced_owners(32, &hubs(&[&ids[..1], &ids[2..]].concat()), &four);
+            for (before, after) in four.iter().zip(&three) {
+                if before != gone {
+                    assert_eq!(after, before, "a partition of a hub that stayed moved");
+                }
             }
+            assert!(loads(&three).values().all(|l| (10..=11).contains(l)));
+
+            let newcomer = format!("hub-{set}-new");
+            let mut five_ids = ids.clone();
+            five_ids.push(newcomer.clone());
+            let five = balanced_owners(32, &hubs(&five_ids), &four);
+            for (before, after) in four.iter().zip(&five) {
+                assert!(
+                    after == before || *after == newcomer,
+                    "a partition moved from {before} to {after}, not to the newcomer"
+                );
+            }
+            assert!(
+                loads(&five).values().all(|l| (6..=7).contains(l)),
+                "{five:?}"
+            );
         }
+    }
+
+    #[test]
+    fn holders_that_are_not_live_or_partitions_out_of_range_count_as_free() {
+        let ids = ["a".to_string(), "b".to_string()];
+        let held: Vec<String> = (0..4).map(|_| "gone".to_string()).collect();
+        let owners = balanced_owners(4, &hubs(&ids), &held);
+        assert_eq!(loads(&owners).values().copied().collect::<Vec<_>>(), [2, 2]);
+        // A hub holding more than its share keeps its share and nothing else.
+        let all_a: Vec<String> = (0..4).map(|_| "a".to_string()).collect();
+        let owners = balanced_owners(4, &hubs(&ids), &all_a);
+        assert_eq!(loads(&owners).values().copied().collect::<Vec<_>>(), [2, 2]);
+        let holders: HashMap<u32, &str> = [(9, "a")].into();
+        assert_eq!(
+            desired_owners(2, &hubs(&ids), Mode::MultiPrimary, &holders, 50).len(),
+            2
+        );
     }
 
     fn lease(p: u32, holder: &str, expires_ms: i64) -> PartitionLease {

@@ -149,9 +149,22 @@ impl Tier {
                     .filter(|m| Some(m.address.as_str()) != unreachable)
                     .cloned()
                     .collect();
-                let successor =
-                    partitions::desired_owner(partition, &candidates, self.config.mode, now)
-                        .map(|m| m.address.clone());
+                let holders: HashMap<u32, &str> = state
+                    .owners
+                    .iter()
+                    .map(|(p, (hub, _))| (*p, hub.as_str()))
+                    .collect();
+                let successor = partitions::desired_owners(
+                    self.config.partitions,
+                    &candidates,
+                    self.config.mode,
+                    &holders,
+                    now,
+                )
+                .get(partition as usize)
+                .copied()
+                .flatten()
+                .map(|m| m.address.clone());
                 Placement::Nobody {
                     partition,
                     retry_after,
@@ -506,7 +519,9 @@ mod tests {
         // A partition of the dead hub whose desired owner after it is h3, one whose is h1.
         let live = [members[0].clone(), members[2].clone()];
         let after = |p: u32| {
-            partitions::desired_owner(p, &live, Mode::MultiPrimary, now).map(|m| m.address.clone())
+            partitions::desired_owners(8, &live, Mode::MultiPrimary, &HashMap::new(), now)
+                [p as usize]
+                .map(|m| m.address.clone())
         };
         let node_in = |p: u32| {
             (0..)

@@ -202,6 +202,36 @@ async fn partitions_settled(tier: &Tier, ids: &[&str]) {
     }
 }
 
+/// Waits until every running hub serves its exact share of the partitions (multi-primary).
+async fn shares_settled(tier: &Tier) {
+    let start = Instant::now();
+    loop {
+        let loads: BTreeMap<String, u32> = {
+            let hubs = tier.hubs.lock().unwrap();
+            hubs.iter()
+                .map(|(id, h)| {
+                    (
+                        id.clone(),
+                        h.served_partitions().unwrap_or_default().len() as u32,
+                    )
+                })
+                .collect()
+        };
+        let n = loads.len() as u32;
+        if loads
+            .values()
+            .all(|l| (PARTITIONS / n..=PARTITIONS.div_ceil(n)).contains(l))
+        {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "hubs never served their shares of {PARTITIONS} partitions: {loads:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until every partition is served by one hub and every node is connected and synced
 /// to the hub serving its partition; returns node → hub.
 async fn settled(
@@ -250,6 +280,7 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
     // Once the partitions are spread (every hub serving its share, h1 knowing it), every
     // node dials h1 first: those h1 does not serve are redirected.
     partitions_settled(&tier, &["h1", "h2", "h3"]).await;
+    shares_settled(&tier).await;
     let seeds = tier.seeds("h1");
     let mut edges = BTreeMap::new();
     for i in 0..12 {
@@ -311,6 +342,7 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    shares_settled(&tier).await;
     let at = settled(&tier, &edges, Duration::from_secs(30)).await;
     for (node, hub) in &at {
         if hub != "h4" {
