@@ -864,7 +864,7 @@ async fn serve(
 
 /// One TLS handshake, once it has a slot (waiting for one at most `handshake_wait`), under the
 /// ClientHello and handshake deadlines, abandoned if its slot is given to another source; a
-/// finished one is a framed channel ([`attach_framed`]) or goes to the gRPC server.
+/// finished one is a framed channel ([`admit_framed`], [`serve_framed`]) or goes to the gRPC server.
 async fn handshake(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
@@ -873,6 +873,37 @@ async fn handshake(
     conn_tx: mpsc::Sender<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
     pace: Arc<crate::rate::Bucket>,
 ) {
+    let stream = tls_handshake(&shared, tcp, tls, admission, &pace).await;
+    match stream {
+        Some(stream) if stream.get_ref().1.alpn_protocol() == Some(sedna_proto::frame::ALPN) => {
+            // The session in a task of its own: this one's futures (handshake, admission) are
+            // several KiB, and a task keeps its largest state's size for its whole life.
+            if let Some(admitted) = admit_framed(&shared, stream).await {
+                let session = serve_framed(shared, admitted);
+                tokio::spawn(session);
+            }
+        }
+        Some(stream) => {
+            let _ = conn_tx.send(Ok(stream)).await;
+        }
+        None => {
+            shared
+                .stats
+                .handshakes_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The TLS handshake of [`handshake`], once it has a slot; `None` if it failed or its slot
+/// went to another source.
+async fn tls_handshake(
+    shared: &Shared,
+    tcp: tokio::net::TcpStream,
+    tls: Arc<rustls::ServerConfig>,
+    admission: crate::gate::Admission,
+    pace: &crate::rate::Bucket,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
     let ticket = match admission {
         crate::gate::Admission::Now(ticket) => Some(ticket),
         crate::gate::Admission::Queued(queued) => {
@@ -886,13 +917,7 @@ async fn handshake(
                 .flatten()
         }
     };
-    let Some(mut ticket) = ticket else {
-        shared
-            .stats
-            .handshakes_dropped
-            .fetch_add(1, Ordering::Relaxed);
-        return;
-    };
+    let mut ticket = ticket?;
     let config = &shared.config;
     let work = async {
         // Its turn at the handshake rate (holding its admission slot meanwhile).
@@ -910,24 +935,9 @@ async fn handshake(
             .ok()?
             .ok()
     };
-    let stream = tokio::select! {
+    tokio::select! {
         stream = work => stream,
         _ = &mut ticket.evicted => None,
-    };
-    drop(ticket);
-    match stream {
-        Some(stream) if stream.get_ref().1.alpn_protocol() == Some(sedna_proto::frame::ALPN) => {
-            attach_framed(shared, stream).await;
-        }
-        Some(stream) => {
-            let _ = conn_tx.send(Ok(stream)).await;
-        }
-        None => {
-            shared
-                .stats
-                .handshakes_dropped
-                .fetch_add(1, Ordering::Relaxed);
-        }
     }
 }
 
@@ -1020,15 +1030,24 @@ impl Service {
     }
 }
 
+/// A framed channel ([`sedna_proto::frame`]) the hub admitted: the node, its certificate's
+/// issue time, and the channel's two halves.
+struct FramedAdmission {
+    node: String,
+    issued: Option<u64>,
+    reader: sedna_proto::frame::FrameReader<
+        tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    >,
+    write: tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+}
+
 /// A framed channel ([`sedna_proto::frame`]) after its TLS handshake: the node's
-/// [`AttachRequest`](sedna_proto::frame::AttachRequest) (within the handshake deadline), the
-/// answer, then the node's session as for `Attach`. The writer is given a few seconds after
-/// the session ends to send what is queued, then stopped (a peer that stopped reading cannot
-/// hold the connection).
-async fn attach_framed(
-    shared: Arc<Shared>,
+/// [`AttachRequest`](sedna_proto::frame::AttachRequest) (within the handshake deadline) and
+/// the answer; `Some` if the node was admitted (its session follows, [`serve_framed`]).
+async fn admit_framed(
+    shared: &Shared,
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-) {
+) -> Option<FramedAdmission> {
     use sedna_proto::frame::{self, AttachRequest, FrameReader};
     use tokio::io::AsyncWriteExt;
     let leaf = tls
@@ -1044,13 +1063,13 @@ async fn attach_framed(
         Ok(Ok(Some(request))) => request,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "a framed channel's first frame was refused");
-            return;
+            return None;
         }
-        _ => return,
+        _ => return None,
     };
     let unreachable = Some(request.unreachable.as_str()).filter(|u| !u.is_empty());
-    let admitted = authenticate(&shared, leaf.as_deref()).and_then(|(node, issued)| {
-        place(&shared, &node, unreachable)?;
+    let admitted = authenticate(shared, leaf.as_deref()).and_then(|(node, issued)| {
+        place(shared, &node, unreachable)?;
         Ok((node, issued))
     });
     let answer = frame::answer_of(admitted.as_ref().map(|_| ()));
@@ -1063,16 +1082,31 @@ async fn attach_framed(
             while let Ok(Some(_)) = reader.read::<AttachRequest>().await {}
         })
         .await;
-        return;
+        return None;
     };
-    if !matches!(answered, Ok(Ok(()))) {
-        return;
-    }
+    matches!(answered, Ok(Ok(()))).then_some(FramedAdmission {
+        node,
+        issued,
+        reader,
+        write,
+    })
+}
+
+/// An admitted framed channel's session, as for `Attach`. The writer is given a few seconds
+/// after the session ends to send what is queued, then stopped (a peer that stopped reading
+/// cannot hold the connection).
+async fn serve_framed(shared: Arc<Shared>, admitted: FramedAdmission) {
+    let FramedAdmission {
+        node,
+        issued,
+        mut reader,
+        write,
+    } = admitted;
     reader.set_max(shared.config.max_message_bytes);
     shared.stats.framed_sessions.fetch_add(1, Ordering::Relaxed);
     // Boxed: the channel's first block of slots is allocated with it, for every node.
     let (out_tx, out_rx) = mpsc::channel::<Box<Envelope>>(1024);
-    let mut writer = tokio::spawn(frame::write_frames(write, out_rx));
+    let mut writer = tokio::spawn(sedna_proto::frame::write_frames(write, out_rx));
     run_session(
         shared,
         node,
