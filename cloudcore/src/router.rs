@@ -173,11 +173,13 @@ pub struct Object {
     pub uid: String,
     /// `metadata.resourceVersion`, as a number (0 when not numeric).
     pub rv: u64,
-    /// The fields the hub reads to route, authorize and judge liveness — metadata's names,
-    /// labels and creation time, `spec`, a Node's Ready condition and annotations — not the
+    /// The fields the hub reads to route, authorize and judge liveness (see `slim`), not the
     /// whole object: a parsed JSON tree costs several times its text, and the hub holds every
     /// object of the fleet. The whole object is [`Object::json`].
     pub value: Arc<Value>,
+    /// What the object names among the routed kinds, read once when it is cached: a pod's
+    /// ConfigMaps, Secrets and owning workload; a workload's Models and Datasets.
+    pub refs: Box<[ObjKey]>,
     json: Arc<[u8]>,
 }
 
@@ -190,35 +192,36 @@ impl PartialEq for Object {
     }
 }
 
-/// The part of `value` (of `kind`) the hub reads; see [`Object::value`].
+/// The part of `value` (of `kind`) the hub reads; see [`Object::value`]. Every fleet-sized
+/// kind keeps only its few fields: a Pod its `spec.nodeName` (its references are
+/// [`Object::refs`]), a Node its labels, annotations, creation time, taints and Ready
+/// condition, a Lease its `spec`. A parsed JSON map costs hundreds of bytes even when
+/// nearly empty, and the hub holds three of these objects for every node.
 fn slim(kind: Kind, value: &Value) -> Value {
     let mut out = serde_json::Map::new();
     if let Some(meta) = value.get("metadata").and_then(Value::as_object) {
-        let mut m = serde_json::Map::new();
-        let mut keep = vec![
-            "name",
-            "namespace",
-            "uid",
-            "resourceVersion",
-            "creationTimestamp",
-            "labels",
-            // A pod's owning workload is in its node's view (`pod_references`).
-            "ownerReferences",
-        ];
-        if kind == Kind::Node {
-            keep.push("annotations");
+        let keep: &[&str] = match kind {
+            Kind::Node => &["labels", "annotations", "creationTimestamp"],
+            Kind::Pod | Kind::Lease => &[],
+            _ => &["labels"],
+        };
+        let m: serde_json::Map<String, Value> = keep
+            .iter()
+            .filter_map(|k| Some(((*k).to_owned(), meta.get(*k)?.clone())))
+            .collect();
+        if !m.is_empty() {
+            out.insert("metadata".into(), Value::Object(m));
         }
-        for k in keep {
-            if let Some(v) = meta.get(k) {
-                m.insert(k.to_owned(), v.clone());
-            }
-        }
-        out.insert("metadata".into(), Value::Object(m));
     }
-    if !matches!(kind, Kind::ConfigMap | Kind::Secret)
-        && let Some(spec) = value.get("spec")
-    {
-        out.insert("spec".into(), spec.clone());
+    let spec = value.get("spec");
+    let spec = match kind {
+        Kind::ConfigMap | Kind::Secret => None,
+        Kind::Pod => spec.map(|s| pick(s, &["nodeName"])),
+        Kind::Node => spec.map(|s| pick(s, &["taints"])),
+        _ => spec.cloned(),
+    };
+    if let Some(spec) = spec {
+        out.insert("spec".into(), spec);
     }
     if kind == Kind::Node {
         let ready: Vec<Value> = value
@@ -232,6 +235,28 @@ fn slim(kind: Kind, value: &Value) -> Value {
         out.insert("status".into(), serde_json::json!({ "conditions": ready }));
     }
     Value::Object(out)
+}
+
+/// The `fields` of an object that it has.
+fn pick(v: &Value, fields: &[&str]) -> Value {
+    Value::Object(
+        fields
+            .iter()
+            .filter_map(|f| Some(((*f).to_owned(), v.get(*f)?.clone())))
+            .collect(),
+    )
+}
+
+/// What an object of `kind` (in namespace `ns`) names among the routed kinds.
+fn references_of(kind: Kind, ns: &str, value: &Value) -> Box<[ObjKey]> {
+    let references = match kind {
+        Kind::Pod => pod_references(value),
+        k if k.workload() => workload_references(k.name(), value),
+        _ => return Box::new([]),
+    };
+    let mut keys = BTreeSet::new();
+    add_references(references, ns, &mut keys);
+    keys.into_iter().collect()
 }
 
 impl Object {
@@ -258,6 +283,7 @@ impl Object {
             uid,
             rv,
             json: serde_json::to_vec(&value).ok()?.into(),
+            refs: references_of(kind, &namespace, &value),
             value: Arc::new(slim(kind, &value)),
         })
     }
@@ -528,7 +554,7 @@ impl Router {
         for key in pods {
             wanted.insert(key.clone());
             if let Some(pod) = self.objects.get(key) {
-                add_references(pod_references(&pod.value), &key.namespace, &mut wanted);
+                wanted.extend(pod.refs.iter().cloned());
             }
         }
         for key in &self.workloads {
@@ -569,11 +595,7 @@ impl Router {
             .collect();
         for key in workloads {
             if let Some(w) = self.objects.get(&key) {
-                add_references(
-                    workload_references(key.kind.name(), &w.value),
-                    &key.namespace,
-                    &mut wanted,
-                );
+                wanted.extend(w.refs.iter().cloned());
             }
         }
         let present = wanted
@@ -765,7 +787,34 @@ pub(crate) mod tests {
         let sent: Value = serde_json::from_slice(&cm.json()).unwrap();
         assert_eq!(sent["data"]["k"], "v");
         let p = pod("p", "a", 2, "cfg");
-        assert_eq!(p.value["spec"]["nodeName"], "a");
+        assert_eq!(
+            *p.value,
+            json!({ "spec": { "nodeName": "a" } }),
+            "no containers, no names"
+        );
+        let sent: Value = serde_json::from_slice(&p.json()).unwrap();
+        assert_eq!(sent["spec"]["containers"][0]["name"], "c");
+        // What it names is read once, as keys.
+        assert_eq!(
+            p.refs.to_vec(),
+            [
+                ObjKey::new(Kind::ConfigMap, "default", "cfg"),
+                ObjKey::new(Kind::Secret, "default", "creds"),
+            ]
+        );
+        assert_eq!(node.value["spec"], json!({ "taints": [] }));
+        assert!(node.refs.is_empty());
+        let lease = obj(
+            Kind::Lease,
+            "kube-node-lease",
+            "a",
+            4,
+            json!({ "spec": { "holderIdentity": "a", "leaseDurationSeconds": 40 } }),
+        );
+        assert_eq!(
+            *lease.value,
+            json!({ "spec": { "holderIdentity": "a", "leaseDurationSeconds": 40 } })
+        );
     }
 
     #[test]
