@@ -481,7 +481,29 @@ impl Session {
         }
         self.next_upstream(&mut out);
         self.flush(&mut out, now);
+        self.release_idle_buffers();
         out
+    }
+
+    /// Lets go of the allocations of queues that are empty again: a map or queue keeps its
+    /// first block after its last entry leaves (a B-tree its leaf of eleven slots, ≈ 2 KiB for
+    /// envelopes), and an idle node's session would hold them for its whole life.
+    fn release_idle_buffers(&mut self) {
+        if self.queue.is_empty() {
+            self.queue = BTreeMap::new();
+        }
+        if self.in_flight.is_empty() {
+            self.in_flight = BTreeMap::new();
+        }
+        if self.queued_uids.is_empty() && self.queued_uids.capacity() > 0 {
+            self.queued_uids = HashMap::new();
+        }
+        if self.upstream.is_empty() && self.upstream.capacity() > 0 {
+            self.upstream = VecDeque::new();
+        }
+        if self.pending_acks.is_empty() && self.pending_acks.capacity() > 0 {
+            self.pending_acks = Vec::new();
+        }
     }
 
     fn received(&mut self, e: Envelope, now: Instant, out: &mut Vec<Output>) {
@@ -670,7 +692,8 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn unacknowledged_envelopes_are_sent_again_and_the_window_is_respected() {
+    async fn unacknowledged_envelopes_are_sent_again_the_window_is_respected_and_an_idle_session_lets_its_buffers_go()
+     {
         let now = Instant::now();
         let config = SessionConfig {
             window: 2,
@@ -704,6 +727,17 @@ mod tests {
         };
         let out = s.step(Input::Received(ack), later);
         assert_eq!(sent(&out), [(Op::Upsert, "c".into())]);
+        // Acknowledged and idle again: the queues' buffers are let go.
+        let ack = Envelope {
+            op: Op::Ack as i32,
+            ack_of: vec![3],
+            ..Default::default()
+        };
+        s.step(Input::Received(ack), later);
+        assert!(s.in_flight.is_empty() && s.queue.is_empty());
+        assert_eq!(s.queued_uids.capacity(), 0);
+        assert_eq!(s.upstream.capacity(), 0);
+        assert_eq!(s.pending_acks.capacity(), 0);
     }
 
     #[tokio::test(start_paused = true)]
