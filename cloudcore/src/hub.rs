@@ -490,9 +490,9 @@ fn node_labels(shared: &Shared, node: &str) -> Option<std::collections::BTreeMap
     let labels = shared
         .router()
         .get(&ObjKey::new(Kind::Node, "", node))?
-        .value
-        .pointer("/metadata/labels")?
-        .clone();
+        .value()
+        .pointer_mut("/metadata/labels")?
+        .take();
     serde_json::from_value(labels).ok()
 }
 
@@ -582,7 +582,7 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
             shared.lost().retain(|node, _| {
                 router
                     .get(&ObjKey::new(Kind::Node, "", node))
-                    .is_some_and(|n| serves(node, crate::partitions::label_of(&n.value)))
+                    .is_some_and(|n| serves(node, n.partition_label.as_deref()))
             });
             crate::lifecycle::plan(
                 &router,
@@ -1391,14 +1391,14 @@ async fn run_session<S, E>(
                             let cached = shared
                                 .router()
                                 .get(&ObjKey::new(Kind::Lease, "kube-node-lease", &node))
-                                .map(|o| o.value.clone());
+                                .map(|o| o.value());
                             let written = jiff::Timestamp::from_millisecond(
                                 lease_written.load(Ordering::Relaxed),
                             )
                             .ok()
                             .filter(|t| t.as_millisecond() > 0);
                             if crate::liveness::lease_due(
-                                cached.as_deref(),
+                                cached.as_ref(),
                                 written,
                                 renewal.as_ref(),
                                 lease_policy,
@@ -1434,9 +1434,9 @@ async fn run_session<S, E>(
                                 let current = shared
                                     .router()
                                     .get(&ObjKey::new(Kind::Node, "", &node))
-                                    .map(|o| o.value.clone());
+                                    .map(|o| o.value());
                                 if let Some((payload, removed)) = upstream::restrict_node_labels(
-                                    current.as_deref(),
+                                    current.as_ref(),
                                     &upstream.payload,
                                 ) {
                                     if !removed.is_empty() {

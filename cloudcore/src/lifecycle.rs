@@ -325,12 +325,12 @@ pub(crate) fn plan(
 ) -> Vec<Work> {
     router
         .objects_of(Kind::Node)
-        .filter(|node| serves(&node.key.name, crate::partitions::label_of(&node.value)))
+        .filter(|node| serves(&node.key.name, node.partition_label.as_deref()))
         .filter_map(|node| {
             let name = &node.key.name;
             let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", name));
             // Any pods at all, until the verdict could depend on them.
-            let mut v = view(&node.value, lease.map(|l| l.value.as_ref()), usize::MAX)
+            let mut v = view(&node.value(), lease.map(|l| l.value()).as_ref(), usize::MAX)
                 .with_contact(contact(name), now);
             if let Some(Err(e)) = &v.autonomy
                 && warned.insert(name.clone())

@@ -173,13 +173,20 @@ pub struct Object {
     pub uid: String,
     /// `metadata.resourceVersion`, as a number (0 when not numeric).
     pub rv: u64,
-    /// The fields the hub reads to route, authorize and judge liveness (see `slim`), not the
-    /// whole object: a parsed JSON tree costs several times its text, and the hub holds every
-    /// object of the fleet. The whole object is [`Object::json`].
-    pub value: Arc<Value>,
     /// What the object names among the routed kinds, read once when it is cached: a pod's
-    /// ConfigMaps, Secrets and owning workload; a workload's Models and Datasets.
+    /// ConfigMaps, Secrets and owning workload; a workload's Models and Datasets; a device's
+    /// DeviceModel.
     pub refs: Box<[ObjKey]>,
+    /// The nodes it names directly: a pod's, device's or dataset's `spec.nodeName`, a Node
+    /// itself, the nodes a workload's templates name.
+    pub named: Box<[Box<str>]>,
+    /// A Node's [`crate::partitions::PARTITION_LABEL`].
+    pub partition_label: Option<Box<str>>,
+    /// The fields the hub reads to authorize and judge liveness (see `slim`), as JSON text,
+    /// parsed when read ([`Object::value`]): a parsed JSON map costs hundreds of bytes even
+    /// nearly empty (a B-tree leaf), so a Node's few fields cost ≈ 4 KiB parsed and a few
+    /// hundred bytes as text, and the hub holds three objects for every node.
+    slim: Box<str>,
     json: Arc<[u8]>,
 }
 
@@ -247,11 +254,18 @@ fn pick(v: &Value, fields: &[&str]) -> Value {
     )
 }
 
-/// What an object of `kind` (in namespace `ns`) names among the routed kinds.
+/// What an object of `kind` (in namespace `ns`) names among the routed kinds (see
+/// [`Object::refs`]).
 fn references_of(kind: Kind, ns: &str, value: &Value) -> Box<[ObjKey]> {
     let references = match kind {
         Kind::Pod => pod_references(value),
         k if k.workload() => workload_references(k.name(), value),
+        Kind::Device => {
+            return str_at(value, &["spec", "deviceModelRef", "name"])
+                .map(|model| ObjKey::new(Kind::DeviceModel, ns, model))
+                .into_iter()
+                .collect();
+        }
         _ => return Box::new([]),
     };
     let mut keys = BTreeSet::new();
@@ -284,8 +298,30 @@ impl Object {
             rv,
             json: serde_json::to_vec(&value).ok()?.into(),
             refs: references_of(kind, &namespace, &value),
-            value: Arc::new(slim(kind, &value)),
+            named: named_nodes(kind, &name, &value)
+                .into_iter()
+                .map(String::into_boxed_str)
+                .collect(),
+            partition_label: (kind == Kind::Node)
+                .then(|| crate::partitions::label_of(&value).map(Into::into))
+                .flatten(),
+            slim: serde_json::to_string(&slim(kind, &value)).ok()?.into(),
         })
+    }
+
+    /// The fields the hub reads (see `slim`): metadata's labels (a Node's annotations and
+    /// creation time too), `spec` (a Pod's `nodeName` only, a Node's `taints` only; none for
+    /// ConfigMaps and Secrets) and a Node's Ready condition. Parsed on each call.
+    pub fn value(&self) -> Value {
+        serde_json::from_str(&self.slim).unwrap_or_default()
+    }
+
+    /// The node a pod, device or dataset is placed on (`spec.nodeName`), if any.
+    pub fn node_name(&self) -> Option<&str> {
+        match self.key.kind {
+            Kind::Pod | Kind::Device | Kind::Dataset => self.named.first().map(|n| &**n),
+            _ => None,
+        }
     }
 
     /// The whole object as JSON bytes (without `managedFields`), shared by every node it is
@@ -383,9 +419,9 @@ fn workload_nodes(kind: Kind, w: &Value) -> BTreeSet<String> {
         .collect()
 }
 
-fn labels_match(selector: &serde_json::Map<String, Value>, node: Option<&Object>) -> bool {
+fn labels_match(selector: &serde_json::Map<String, Value>, node: Option<&Value>) -> bool {
     let labels = node
-        .and_then(|n| n.value.pointer("/metadata/labels"))
+        .and_then(|n| n.pointer("/metadata/labels"))
         .and_then(Value::as_object);
     !selector.is_empty()
         && selector
@@ -416,19 +452,17 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Nodes an object names directly.
-fn named_nodes(obj: &Object) -> BTreeSet<String> {
-    let v = &obj.value;
+/// Nodes an object of `kind` named `name` names directly (see [`Object::named`]).
+fn named_nodes(kind: Kind, name: &str, v: &Value) -> BTreeSet<String> {
     let one = |s: Option<&str>| {
         s.filter(|n| !n.is_empty())
             .map(str::to_owned)
             .into_iter()
             .collect()
     };
-    match obj.key.kind {
-        Kind::Pod => one(str_at(v, &["spec", "nodeName"])),
-        Kind::Device | Kind::Dataset => one(str_at(v, &["spec", "nodeName"])),
-        Kind::Node => one(Some(&obj.key.name)),
+    match kind {
+        Kind::Pod | Kind::Device | Kind::Dataset => one(str_at(v, &["spec", "nodeName"])),
+        Kind::Node => one(Some(name)),
         k if k.workload() => workload_nodes(k, v),
         _ => BTreeSet::new(),
     }
@@ -506,9 +540,7 @@ impl Router {
 
     fn index(&mut self, obj: &Arc<Object>, insert: bool) {
         let key = obj.key.clone();
-        let node = str_at(&obj.value, &["spec", "nodeName"])
-            .unwrap_or_default()
-            .to_owned();
+        let node = obj.node_name().unwrap_or_default().to_owned();
         let index = match key.kind {
             Kind::Pod => Some(&mut self.pods_by_node),
             Kind::Device => Some(&mut self.devices_by_node),
@@ -528,7 +560,7 @@ impl Router {
                 }
             }
         }
-        if key.kind == Kind::Dataset && obj.value.pointer("/spec/nodeSelector").is_some() {
+        if key.kind == Kind::Dataset && obj.value().pointer("/spec/nodeSelector").is_some() {
             if insert {
                 self.selector_datasets.insert(key.clone());
             } else {
@@ -559,7 +591,7 @@ impl Router {
         }
         for key in &self.workloads {
             if let Some(w) = self.objects.get(key)
-                && workload_nodes(key.kind, &w.value).contains(node)
+                && w.named.iter().any(|n| &**n == node)
             {
                 wanted.insert(key.clone());
             }
@@ -567,25 +599,25 @@ impl Router {
         for key in self.datasets_by_node.get(node).unwrap_or(&empty) {
             wanted.insert(key.clone());
         }
-        let node_obj = self.objects.get(&node_key).map(Arc::as_ref);
-        for key in &self.selector_datasets {
-            let selector = self
-                .objects
-                .get(key)
-                .and_then(|d| d.value.pointer("/spec/nodeSelector"))
-                .and_then(Value::as_object);
-            if let Some(sel) = selector
-                && labels_match(sel, node_obj)
-            {
-                wanted.insert(key.clone());
+        if !self.selector_datasets.is_empty() {
+            let node_value = self.objects.get(&node_key).map(|n| n.value());
+            for key in &self.selector_datasets {
+                let dataset = self.objects.get(key).map(|d| d.value());
+                let selector = dataset
+                    .as_ref()
+                    .and_then(|d| d.pointer("/spec/nodeSelector"))
+                    .and_then(Value::as_object);
+                if let Some(sel) = selector
+                    && labels_match(sel, node_value.as_ref())
+                {
+                    wanted.insert(key.clone());
+                }
             }
         }
         for key in self.devices_by_node.get(node).unwrap_or(&empty) {
             wanted.insert(key.clone());
-            if let Some(d) = self.objects.get(key)
-                && let Some(model) = str_at(&d.value, &["spec", "deviceModelRef", "name"])
-            {
-                wanted.insert(ObjKey::new(Kind::DeviceModel, &key.namespace, model));
+            if let Some(d) = self.objects.get(key) {
+                wanted.extend(d.refs.iter().cloned());
             }
         }
         let workloads: Vec<ObjKey> = wanted
@@ -649,9 +681,9 @@ impl Router {
             self.index(o, false);
         }
         self.index(&obj, true);
-        let mut candidates = named_nodes(&obj);
+        let mut candidates: BTreeSet<String> = obj.named.iter().map(|n| n.to_string()).collect();
         if let Some(o) = &old {
-            candidates.extend(named_nodes(o));
+            candidates.extend(o.named.iter().map(|n| n.to_string()));
         }
         self.refresh(&obj.key, candidates)
     }
@@ -662,7 +694,7 @@ impl Router {
             return Vec::new();
         };
         self.index(&old, false);
-        self.refresh(key, named_nodes(&old))
+        self.refresh(key, old.named.iter().map(|n| n.to_string()).collect())
     }
 
     fn refresh(&mut self, key: &ObjKey, named: BTreeSet<String>) -> Vec<(String, Downstream)> {
@@ -769,13 +801,13 @@ pub(crate) mod tests {
         assert!(sent.pointer("/metadata/managedFields").is_none());
         assert_eq!(sent["status"]["images"][0]["names"][0], "x");
         assert_eq!(sent["status"]["conditions"].as_array().unwrap().len(), 2);
-        assert_eq!(node.value["metadata"]["labels"]["zone"], "z1");
-        assert_eq!(node.value["metadata"]["annotations"]["x"], "y");
+        assert_eq!(node.value()["metadata"]["labels"]["zone"], "z1");
+        assert_eq!(node.value()["metadata"]["annotations"]["x"], "y");
         assert_eq!(
-            node.value["status"]["conditions"],
+            node.value()["status"]["conditions"],
             json!([{ "type": "Ready", "status": "True" }])
         );
-        assert!(node.value.pointer("/status/images").is_none());
+        assert!(node.value().pointer("/status/images").is_none());
         let cm = obj(
             Kind::ConfigMap,
             "default",
@@ -783,12 +815,12 @@ pub(crate) mod tests {
             1,
             json!({ "data": { "k": "v" } }),
         );
-        assert!(cm.value.get("data").is_none());
+        assert!(cm.value().get("data").is_none());
         let sent: Value = serde_json::from_slice(&cm.json()).unwrap();
         assert_eq!(sent["data"]["k"], "v");
         let p = pod("p", "a", 2, "cfg");
         assert_eq!(
-            *p.value,
+            p.value(),
             json!({ "spec": { "nodeName": "a" } }),
             "no containers, no names"
         );
@@ -802,7 +834,7 @@ pub(crate) mod tests {
                 ObjKey::new(Kind::Secret, "default", "creds"),
             ]
         );
-        assert_eq!(node.value["spec"], json!({ "taints": [] }));
+        assert_eq!(node.value()["spec"], json!({ "taints": [] }));
         assert!(node.refs.is_empty());
         let lease = obj(
             Kind::Lease,
@@ -812,7 +844,7 @@ pub(crate) mod tests {
             json!({ "spec": { "holderIdentity": "a", "leaseDurationSeconds": 40 } }),
         );
         assert_eq!(
-            *lease.value,
+            lease.value(),
             json!({ "spec": { "holderIdentity": "a", "leaseDurationSeconds": 40 } })
         );
     }

@@ -84,12 +84,7 @@ pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
             };
             let bound = router
                 .get(&key)
-                .and_then(|p| {
-                    p.value
-                        .pointer("/spec/nodeName")
-                        .and_then(Value::as_str)
-                        .map(str::to_owned)
-                })
+                .and_then(|p| p.node_name())
                 .is_some_and(|n| n == node);
             if bound {
                 Decision::Allow
@@ -104,12 +99,7 @@ pub fn authorize(router: &Router, node: &str, u: &Upstream) -> Decision {
             let allowed = match key.kind {
                 Kind::Pod => router
                     .get(&key)
-                    .and_then(|p| {
-                        p.value
-                            .pointer("/spec/nodeName")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned)
-                    })
+                    .and_then(|p| p.node_name())
                     .is_some_and(|n| n == node),
                 Kind::Dataset
                 | Kind::Model
