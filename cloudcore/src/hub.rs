@@ -518,7 +518,7 @@ fn spawn_apply(
     node: &str,
     id: u64,
     upstream: Upstream,
-    done_tx: &mpsc::UnboundedSender<Done>,
+    done_tx: &mpsc::UnboundedSender<Box<Done>>,
     on_applied: impl FnOnce() + Send + 'static,
 ) {
     let client = shared.client.clone();
@@ -556,7 +556,7 @@ fn spawn_apply(
             }
             crate::session::UpstreamOutcome::Retry => {}
         }
-        let _ = done_tx.send(Done::Applied(id, outcome));
+        let _ = done_tx.send(Box::new(Done::Applied(id, outcome)));
     });
 }
 
@@ -1265,7 +1265,9 @@ async fn run_session<S, E>(
     // it, or the hub stops, the channel closes and this session ends.
     let mut routed_tx = Some(routed_tx);
     let mut shutdown = shared.shutdown.clone();
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    // Boxed, as the routed changes: a channel allocates its first block of 32 slots with it,
+    // for every node.
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Box<Done>>();
     let mut session_config = shared.config.session.clone();
     session_config.max_payload = session_config
         .max_payload
@@ -1284,6 +1286,10 @@ async fn run_session<S, E>(
         let input = if let Some(i) = pending.pop_front() {
             Some(i)
         } else {
+            if pending.capacity() > 0 {
+                // Idle again: its buffer is let go (an input is large, four of them ≈ 1 KiB).
+                pending = std::collections::VecDeque::new();
+            }
             tokio::select! {
                 m = inbound.next() => match from_edge(&node, m) {
                     Some(input) => Some(input),
@@ -1296,7 +1302,10 @@ async fn run_session<S, E>(
                         break 'session;
                     }
                 },
-                d = done_rx.recv() => d.map(|Done::Applied(id, outcome)| Input::Applied { id, outcome }),
+                d = done_rx.recv() => d.map(|d| {
+                    let Done::Applied(id, outcome) = *d;
+                    Input::Applied { id, outcome }
+                }),
                 _ = shutdown.changed() => break 'session,
                 _ = tokio::time::sleep_until(session.next_deadline()) => {
                     // `select!` picks among ready branches at random: a message that has

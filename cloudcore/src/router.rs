@@ -438,9 +438,11 @@ pub struct Router {
     datasets_by_node: HashMap<String, BTreeSet<ObjKey>>,
     selector_datasets: BTreeSet<ObjKey>,
     workloads: BTreeSet<ObjKey>,
-    views: HashMap<String, BTreeMap<ObjKey, Arc<Object>>>,
+    /// Each connected node's view, sorted by key (a slice, not a map: a B-tree's first leaf
+    /// alone is ≈ 700 bytes, for the three or four objects of a typical node).
+    views: HashMap<String, Box<[Arc<Object>]>>,
     refs: HashMap<ObjKey, HashSet<String>>,
-    node_refs: HashMap<String, BTreeSet<ObjKey>>,
+    node_refs: HashMap<String, Box<[ObjKey]>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -491,7 +493,9 @@ impl Router {
 
     /// Whether `key` is in `node`'s view (for connected nodes).
     pub fn in_view(&self, node: &str, key: &ObjKey) -> bool {
-        self.views.get(node).is_some_and(|v| v.contains_key(key))
+        self.views
+            .get(node)
+            .is_some_and(|v| v.binary_search_by(|o| o.key.cmp(key)).is_ok())
     }
 
     /// The objects with these uids in a connected node's view.
@@ -499,7 +503,7 @@ impl Router {
         self.views
             .get(node)
             .map(|v| {
-                v.values()
+                v.iter()
                     .filter(|o| uids.contains(&o.uid))
                     .cloned()
                     .collect()
@@ -654,7 +658,8 @@ impl Router {
                 .or_default()
                 .insert(node.to_owned());
         }
-        self.node_refs.insert(node.to_owned(), refs);
+        self.node_refs
+            .insert(node.to_owned(), refs.into_iter().collect());
     }
 
     /// Starts tracking a connected node; returns its view.
@@ -662,7 +667,8 @@ impl Router {
         let (present, refs) = self.compute_view(node);
         self.set_refs(node, refs);
         let objects = present.values().cloned().collect();
-        self.views.insert(node.to_owned(), present);
+        self.views
+            .insert(node.to_owned(), present.into_values().collect());
         objects
     }
 
@@ -707,18 +713,18 @@ impl Router {
         }
         let mut out = Vec::new();
         for node in nodes {
-            let Some(old_view) = self.views.get(&node) else {
+            // The view is computed from the objects and indexes alone, never from views.
+            let Some(old_view) = self.views.remove(&node) else {
                 continue;
             };
-            let old_view = old_view.clone();
             let (new_view, refs) = self.compute_view(&node);
-            for (k, old_obj) in &old_view {
-                match new_view.get(k) {
+            for old_obj in &old_view {
+                match new_view.get(&old_obj.key) {
                     Some(new_obj) if new_obj.uid == old_obj.uid => {}
                     _ => out.push((
                         node.clone(),
                         Downstream::Delete {
-                            key: k.clone(),
+                            key: old_obj.key.clone(),
                             uid: old_obj.uid.clone(),
                             rv: old_obj.rv,
                         },
@@ -726,13 +732,16 @@ impl Router {
                 }
             }
             for (k, new_obj) in &new_view {
-                let changed = old_view.get(k).is_none_or(|o| !Arc::ptr_eq(o, new_obj));
+                let changed = match old_view.binary_search_by(|o| o.key.cmp(k)) {
+                    Ok(i) => !Arc::ptr_eq(&old_view[i], new_obj),
+                    Err(_) => true,
+                };
                 if changed {
                     out.push((node.clone(), Downstream::Upsert(new_obj.clone())));
                 }
             }
             self.set_refs(&node, refs);
-            self.views.insert(node, new_view);
+            self.views.insert(node, new_view.into_values().collect());
         }
         out
     }
