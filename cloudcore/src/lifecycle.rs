@@ -328,10 +328,16 @@ pub(crate) fn plan(
         .filter(|node| serves(&node.key.name, node.partition_label.as_deref()))
         .filter_map(|node| {
             let name = &node.key.name;
+            let contact = contact(name);
+            // A connected node is seen now: fine, unless it still carries the unreachable
+            // taint (see `judge`). The common case is decided without parsing its fields.
+            if matches!(contact, Some(Contact::Connected)) && !node.unreachable_taint {
+                return None;
+            }
             let lease = router.get(&ObjKey::new(Kind::Lease, "kube-node-lease", name));
             // Any pods at all, until the verdict could depend on them.
             let mut v = view(&node.value(), lease.map(|l| l.value()).as_ref(), usize::MAX)
-                .with_contact(contact(name), now);
+                .with_contact(contact, now);
             if let Some(Err(e)) = &v.autonomy
                 && warned.insert(name.clone())
             {
@@ -529,6 +535,15 @@ mod tests {
                 Value::Null,
             );
         }
+        // A connected node still carrying the unreachable taint from an earlier outage.
+        fleet_node(
+            &mut router,
+            "connected-tainted",
+            "2026-01-01T00:00:00Z",
+            "True",
+            serde_json::json!({
+                "spec": { "taints": [{ "key": UNREACHABLE_TAINT, "effect": "NoSchedule" }] } }),
+        );
         // A node whose Lease another hub wrote after its session here ended.
         router.upsert(cached(
             Kind::Lease,
@@ -538,7 +553,7 @@ mod tests {
                                           "leaseDurationSeconds": 160 } }),
         ));
         let contact = |node: &str| match node {
-            "connected" => Some(Contact::Connected),
+            "connected" | "connected-tainted" => Some(Contact::Connected),
             "lost-late" => Some(Contact::Lost {
                 at: t("2026-01-01T00:01:30Z"),
                 lease: Duration::from_secs(40),
@@ -564,9 +579,13 @@ mod tests {
             .collect();
         assert_eq!(
             verdicts,
-            [("lost-early", Verdict::MarkUnknown)],
-            "connected: fine whatever the API's Lease says; lost 30 s ago: within its 40 s; \
-             lost 60 s ago: expired; heard by another hub since: the API's Lease counts"
+            [
+                ("connected-tainted", Verdict::Untaint),
+                ("lost-early", Verdict::MarkUnknown)
+            ],
+            "connected: fine whatever the API's Lease says, untainted if tainted; lost 30 s \
+             ago: within its 40 s; lost 60 s ago: expired; heard by another hub since: the \
+             API's Lease counts"
         );
 
         // A stretched Lease in the API does not keep a node this hub lost alive longer.

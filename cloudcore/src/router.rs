@@ -182,6 +182,9 @@ pub struct Object {
     pub named: Box<[Box<str>]>,
     /// A Node's [`crate::partitions::PARTITION_LABEL`].
     pub partition_label: Option<Box<str>>,
+    /// A Node carries the [`crate::lifecycle::UNREACHABLE_TAINT`]: the lifecycle judges a
+    /// connected node without it as fine without reading its other fields.
+    pub unreachable_taint: bool,
     /// The fields the hub reads to authorize and judge liveness (see `slim`), as JSON text,
     /// parsed when read ([`Object::value`]): a parsed JSON map costs hundreds of bytes even
     /// nearly empty (a B-tree leaf), so a Node's few fields cost ≈ 4 KiB parsed and a few
@@ -305,6 +308,14 @@ impl Object {
             partition_label: (kind == Kind::Node)
                 .then(|| crate::partitions::label_of(&value).map(Into::into))
                 .flatten(),
+            unreachable_taint: kind == Kind::Node
+                && value
+                    .pointer("/spec/taints")
+                    .and_then(Value::as_array)
+                    .is_some_and(|ts| {
+                        ts.iter()
+                            .any(|t| t["key"] == crate::lifecycle::UNREACHABLE_TAINT)
+                    }),
             slim: serde_json::to_string(&slim(kind, &value)).ok()?.into(),
         })
     }
@@ -845,6 +856,16 @@ pub(crate) mod tests {
         );
         assert_eq!(node.value()["spec"], json!({ "taints": [] }));
         assert!(node.refs.is_empty());
+        assert!(!node.unreachable_taint);
+        let tainted = obj(
+            Kind::Node,
+            "",
+            "b",
+            1,
+            json!({ "spec": { "taints": [{ "key": crate::lifecycle::UNREACHABLE_TAINT,
+                                            "effect": "NoSchedule" }] } }),
+        );
+        assert!(tainted.unreachable_taint);
         let lease = obj(
             Kind::Lease,
             "kube-node-lease",
