@@ -221,11 +221,15 @@ pub fn view(node: &Value, lease: Option<&Value>, pods: usize) -> NodeView {
             .and_then(Value::as_str)
             .map(parse_autonomy),
         pods,
-        tainted: node
-            .pointer("/spec/taints")
-            .and_then(Value::as_array)
-            .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNREACHABLE_TAINT)),
+        tainted: has_unreachable_taint(node),
     }
+}
+
+/// Whether a Node (as JSON) carries the [`UNREACHABLE_TAINT`].
+pub fn has_unreachable_taint(node: &Value) -> bool {
+    node.pointer("/spec/taints")
+        .and_then(Value::as_array)
+        .is_some_and(|ts| ts.iter().any(|t| t["key"] == UNREACHABLE_TAINT))
 }
 
 /// Adds (or removes) the unreachable taint, keeping the node's other taints.

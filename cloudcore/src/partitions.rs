@@ -11,8 +11,8 @@
 //!   (so a standby takes over when its primary's lease expires, and hands back once the
 //!   primary is live again); with every hub active, an exact share per live hub, each keeping
 //!   what it holds up to its share and the rest placed by rendezvous hashing (so partitions
-//!   rebalance when hubs join or leave, moving only the partitions they must). [`plan`] turns that into writes: claim a
-//!   free or expired lease it should own, renew the leases it holds and should keep, release
+//!   rebalance when hubs join or leave, moving only the partitions they must). [`plan`]
+//!   turns that into writes: claim a free or expired lease it should own, renew the leases it holds and should keep, release
 //!   the ones it should give up. A lease held by another hub is never taken before it
 //!   expires, and writes carry the lease's resourceVersion, so two hubs never both succeed.
 //! - Serving: a hub serves a partition only while its own last successful claim or renewal is
@@ -74,10 +74,16 @@ pub fn partition_of_labelled(node: &str, label: Option<&str>, partitions: u32) -
     {
         return p;
     }
-    let digest = Sha256::digest(node.as_bytes());
+    (hash64(node.as_bytes()) % u64::from(partitions)) as u32
+}
+
+/// The first 8 bytes of the SHA-256 of `bytes`, as a number: stable across hubs, builds and
+/// platforms.
+fn hash64(bytes: &[u8]) -> u64 {
+    let digest = Sha256::digest(bytes);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
-    (u64::from_be_bytes(first) % u64::from(partitions)) as u32
+    u64::from_be_bytes(first)
 }
 
 /// How partitions are assigned.
@@ -168,10 +174,7 @@ pub fn desired_owners<'a>(
 
 /// A hub's rendezvous rank of partition `p` (higher first).
 fn rank(p: u32, hub: &str) -> u64 {
-    let digest = Sha256::digest(format!("{p}/{hub}").as_bytes());
-    let mut first = [0u8; 8];
-    first.copy_from_slice(&digest[..8]);
-    u64::from_be_bytes(first)
+    hash64(format!("{p}/{hub}").as_bytes())
 }
 
 /// [`desired_owners`] with every hub active; `live` sorted by id, without duplicates.

@@ -309,13 +309,7 @@ impl Object {
                 .then(|| crate::partitions::label_of(&value).map(Into::into))
                 .flatten(),
             unreachable_taint: kind == Kind::Node
-                && value
-                    .pointer("/spec/taints")
-                    .and_then(Value::as_array)
-                    .is_some_and(|ts| {
-                        ts.iter()
-                            .any(|t| t["key"] == crate::lifecycle::UNREACHABLE_TAINT)
-                    }),
+                && crate::lifecycle::has_unreachable_taint(&value),
             slim: serde_json::to_string(&slim(kind, &value)).ok()?.into(),
         })
     }
@@ -479,6 +473,11 @@ fn named_nodes(kind: Kind, name: &str, v: &Value) -> BTreeSet<String> {
         k if k.workload() => workload_nodes(k, v),
         _ => BTreeSet::new(),
     }
+}
+
+/// [`Object::named`], as the set [`Router::refresh`] takes.
+fn named_set(obj: &Object) -> BTreeSet<String> {
+    obj.named.iter().map(|n| n.to_string()).collect()
 }
 
 impl Router {
@@ -698,9 +697,9 @@ impl Router {
             self.index(o, false);
         }
         self.index(&obj, true);
-        let mut candidates: BTreeSet<String> = obj.named.iter().map(|n| n.to_string()).collect();
+        let mut candidates = named_set(&obj);
         if let Some(o) = &old {
-            candidates.extend(o.named.iter().map(|n| n.to_string()));
+            candidates.extend(named_set(o));
         }
         self.refresh(&obj.key, candidates)
     }
@@ -711,7 +710,7 @@ impl Router {
             return Vec::new();
         };
         self.index(&old, false);
-        self.refresh(key, old.named.iter().map(|n| n.to_string()).collect())
+        self.refresh(key, named_set(&old))
     }
 
     fn refresh(&mut self, key: &ObjKey, named: BTreeSet<String>) -> Vec<(String, Downstream)> {
