@@ -241,16 +241,24 @@ pub fn prepare_create(
     Ok(name)
 }
 
-/// Everything of an object but `metadata` and `status`: a change to it bumps `generation`.
-fn spec_part(obj: &Value) -> Value {
-    let mut copy = obj.clone();
-    if let Some(o) = copy.as_object_mut() {
-        o.remove("metadata");
-        o.remove("status");
-        o.remove("apiVersion");
-        o.remove("kind");
-    }
-    copy
+/// Whether anything of an object but `metadata`, `status`, `apiVersion` and `kind` differs: a
+/// change to it bumps `generation`.
+fn spec_differs(old: &Value, new: &Value) -> bool {
+    !equal_except(old, new, &["metadata", "status", "apiVersion", "kind"])
+}
+
+/// Whether two values are equal once the top-level fields `ignored` are left out of both (two
+/// values that are not both objects are compared whole). Compares in place, without copies:
+/// it runs on every update.
+pub(crate) fn equal_except(a: &Value, b: &Value, ignored: &[&str]) -> bool {
+    let (Some(a), Some(b)) = (a.as_object(), b.as_object()) else {
+        return a == b;
+    };
+    let kept = |k: &&String| !ignored.contains(&k.as_str());
+    a.keys().filter(kept).count() == b.keys().filter(kept).count()
+        && a.iter()
+            .filter(|(k, _)| kept(k))
+            .all(|(k, v)| b.get(k) == Some(v))
 }
 
 /// Which part of an object a write targets.
@@ -324,7 +332,7 @@ pub fn prepare_update(
             t.resource
         )));
     }
-    let spec_changed = spec_part(old) != spec_part(new);
+    let spec_changed = spec_differs(old, new);
     let meta = metadata_mut(new);
     for field in [
         "name",
@@ -448,6 +456,27 @@ mod tests {
                               "spec": { "url": "/a" } });
         prepare_update(&t, &old, &mut new, Part::Main).unwrap();
         assert_eq!(new["metadata"]["generation"], 2);
+    }
+
+    #[test]
+    fn equality_leaves_out_only_the_named_top_level_fields() {
+        let a = json!({ "metadata": { "name": "a" }, "spec": { "x": 1 }, "status": { "p": 1 } });
+        let b = json!({ "metadata": { "name": "b" }, "spec": { "x": 1 } });
+        assert!(equal_except(&a, &b, &["metadata", "status"]));
+        assert!(!equal_except(&a, &b, &["metadata"]), "status differs");
+        let c = json!({ "metadata": { "name": "a" }, "spec": { "x": 2 }, "status": { "p": 1 } });
+        assert!(
+            !equal_except(&a, &c, &["metadata", "status"]),
+            "spec differs"
+        );
+        let extra = json!({ "metadata": {}, "spec": { "x": 1 }, "more": true });
+        assert!(
+            !equal_except(&b, &extra, &["metadata"]),
+            "a field only one side has"
+        );
+        assert!(!equal_except(&json!(1), &json!({}), &["metadata"]));
+        assert!(equal_except(&json!([1]), &json!([1]), &["metadata"]));
+        assert!(spec_differs(&a, &c) && !spec_differs(&a, &b));
     }
 
     #[test]

@@ -14,9 +14,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, mpsc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 use tokio::sync::{oneshot, watch};
@@ -162,6 +163,9 @@ pub struct Event {
     /// The object before the change, when known (absent for creations and for changes read
     /// back from a compacted log).
     pub prev: Option<Arc<Value>>,
+    /// `object` as JSON, made by the first watcher that sends it and shared by the others
+    /// (every hub watches every change: encoding once per event, not once per watcher).
+    pub(crate) json: OnceLock<Bytes>,
 }
 
 /// A condition a write must meet.
@@ -576,6 +580,7 @@ impl Store {
                     kind,
                     object: Arc::new(with_rev(value, rev)),
                     prev,
+                    json: OnceLock::new(),
                 }));
             }
             Ok(out)
@@ -890,6 +895,7 @@ fn apply_one(
         kind,
         object: value,
         prev: current.map(|c| c.value.clone()),
+        json: OnceLock::new(),
     });
     Ok((stored, event))
 }

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use crate::error::ApiError;
-use crate::handlers::{Call, Filter, list_prefix, served};
+use crate::handlers::{Call, Filter, list_prefix, served, served_as_stored};
 use crate::registry::ResourceType;
 use crate::request::Representation;
 use crate::server::Api;
@@ -38,6 +38,26 @@ struct Encoder {
 }
 
 impl Encoder {
+    /// A change as a watch line. The object is serialized once per change and shared with the
+    /// change's other watchers whenever they send it as stored (plain JSON objects of a
+    /// resource served as it is stored).
+    fn change(&mut self, kind: &str, event: &Event) -> Bytes {
+        if self.repr != Representation::Object || !served_as_stored(&self.t) {
+            return self.event(kind, &event.object);
+        }
+        let object = event
+            .json
+            .get_or_init(|| Bytes::from(serde_json::to_vec(&*event.object).unwrap_or_default()));
+        // What `line` makes of {"type", "object"}: serde_json writes keys in order.
+        let mut out = Vec::with_capacity(object.len() + kind.len() + 24);
+        out.extend_from_slice(b"{\"object\":");
+        out.extend_from_slice(object);
+        out.extend_from_slice(b",\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\"}\n");
+        Bytes::from(out)
+    }
+
     fn event(&mut self, kind: &str, obj: &Value) -> Bytes {
         let obj = served(&self.t, obj);
         let object = match self.repr {
@@ -238,7 +258,7 @@ async fn run(
                     for event in &events {
                         cursor = event.rev;
                         if let Some(kind) = visible(filter, event) {
-                            send(encoder.event(kind, &event.object)).await?;
+                            send(encoder.change(kind, event)).await?;
                         }
                     }
                 }
@@ -284,6 +304,7 @@ mod tests {
             kind,
             object: obj(now),
             prev: prev.map(obj),
+            json: Default::default(),
         }
     }
 
@@ -315,5 +336,73 @@ mod tests {
             visible(&f, &event(EventKind::Deleted, None, "web")),
             Some("DELETED")
         );
+    }
+
+    #[test]
+    fn a_change_is_encoded_once_and_every_watcher_sends_the_same_line() {
+        let pods = crate::registry::builtins()
+            .into_iter()
+            .find(|t| t.resource == "pods")
+            .map(Arc::new)
+            .unwrap();
+        let encoder = || Encoder {
+            t: pods.clone(),
+            repr: Representation::Object,
+            headers_sent: false,
+            include_object: "Metadata".into(),
+        };
+        let change = Event {
+            rev: 7,
+            key: "core/pods/default/p".into(),
+            kind: EventKind::Modified,
+            object: Arc::new(json!({ "apiVersion": "v1", "kind": "Pod",
+                "metadata": { "name": "p", "namespace": "default", "resourceVersion": "7" },
+                "spec": { "nodeName": "n\u{e9}\"quoted\"" } })),
+            prev: None,
+            json: Default::default(),
+        };
+        let first = encoder().change("MODIFIED", &change);
+        assert!(
+            change.json.get().is_some(),
+            "the first watcher leaves the encoding"
+        );
+        let second = encoder().change("ADDED", &change);
+        // Byte for byte what encoding the event alone makes.
+        assert_eq!(first, encoder().event("MODIFIED", &change.object));
+        assert_eq!(second, encoder().event("ADDED", &change.object));
+        let line: Value = serde_json::from_slice(&second).unwrap();
+        assert_eq!(line["type"], "ADDED");
+        assert_eq!(line["object"], *change.object);
+    }
+
+    #[test]
+    fn a_watcher_of_another_representation_encodes_its_own() {
+        let events = crate::registry::builtins()
+            .into_iter()
+            .find(|t| t.group == "events.k8s.io")
+            .map(Arc::new)
+            .unwrap();
+        let mut encoder = Encoder {
+            t: events,
+            repr: Representation::Object,
+            headers_sent: false,
+            include_object: "Metadata".into(),
+        };
+        let change = Event {
+            rev: 3,
+            key: "core/events/default/e".into(),
+            kind: EventKind::Added,
+            object: Arc::new(json!({ "apiVersion": "v1", "kind": "Event",
+                "metadata": { "name": "e", "namespace": "default" }, "message": "m" })),
+            prev: None,
+            json: Default::default(),
+        };
+        let line = encoder.change("ADDED", &change);
+        assert!(
+            change.json.get().is_none(),
+            "not the stored form: nothing shared"
+        );
+        let line: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(line["object"]["apiVersion"], "events.k8s.io/v1");
     }
 }
