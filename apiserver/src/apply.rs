@@ -104,8 +104,8 @@ impl FieldSet {
     }
 
     fn union(&mut self, other: &FieldSet) {
-        for leaf in other.leaves() {
-            self.insert(&leaf);
+        for (k, child) in &other.0 {
+            self.0.entry(k.clone()).or_default().union(child);
         }
     }
 }
@@ -281,19 +281,14 @@ fn remove_at(root: &mut Value, path: &[String]) {
     }
 }
 
-/// Merges an applied configuration into a live value.
-fn merge_applied(
-    t: &ResourceType,
-    live: &Value,
-    applied: &Value,
-    names: &mut Vec<String>,
-) -> Value {
+/// Merges an applied configuration into a live value (taken, so that what the configuration
+/// leaves alone moves into the result instead of being copied at every level).
+fn merge_applied(t: &ResourceType, live: Value, applied: &Value, names: &mut Vec<String>) -> Value {
     match (live, applied) {
-        (Value::Object(l), Value::Object(a)) => {
-            let mut out = l.clone();
+        (Value::Object(mut out), Value::Object(a)) => {
             for (k, av) in a {
                 names.push(k.clone());
-                let merged = match out.get(k) {
+                let merged = match out.remove(k) {
                     Some(lv) => merge_applied(t, lv, av, names),
                     None => av.clone(),
                 };
@@ -302,12 +297,11 @@ fn merge_applied(
             }
             Value::Object(out)
         }
-        (Value::Array(l), Value::Array(a)) => {
+        (Value::Array(mut out), Value::Array(a)) => {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             match list_type_of(t, &refs) {
                 ListType::Atomic => applied.clone(),
                 ListType::Set => {
-                    let mut out = l.clone();
                     for v in a {
                         if !out.contains(v) {
                             out.push(v.clone());
@@ -316,11 +310,13 @@ fn merge_applied(
                     Value::Array(out)
                 }
                 ListType::Map(keys) => {
-                    let mut out = l.clone();
                     for item in a {
                         let same = |o: &Value| keys.iter().all(|k| o.get(k) == item.get(k));
                         match out.iter().position(same) {
-                            Some(i) => out[i] = merge_applied(t, &out[i], item, names),
+                            Some(i) => {
+                                let live = std::mem::take(&mut out[i]);
+                                out[i] = merge_applied(t, live, item, names);
+                            }
                             None => out.push(item.clone()),
                         }
                     }
@@ -505,21 +501,26 @@ pub fn apply(
     let live_value = live.unwrap_or(&empty);
     let mut entries = entries_of(live_value);
     let applied_set = fields_of(t, applied, subresource);
+    // The applied fields whose value the apply changes: another manager's claim on one of
+    // them is a conflict (or, forced, is taken from it).
+    let changed: Vec<Path> = applied_set
+        .leaves()
+        .into_iter()
+        .filter(|leaf| value_at(live_value, leaf) != value_at(applied, leaf))
+        .collect();
     let mut conflicts = Vec::new();
     for e in &entries {
         if same_identity(e, manager, "Apply", subresource) {
             continue;
         }
-        for leaf in applied_set.leaves() {
-            if leaf.last().is_some_and(|l| l == ".") || !e.fields.contains(&leaf) {
+        for leaf in &changed {
+            if leaf.last().is_some_and(|l| l == ".") || !e.fields.contains(leaf) {
                 continue;
             }
-            if value_at(live_value, &leaf) != value_at(applied, &leaf) {
-                conflicts.push(Conflict {
-                    manager: e.manager.clone(),
-                    field: display_path(&leaf),
-                });
-            }
+            conflicts.push(Conflict {
+                manager: e.manager.clone(),
+                field: display_path(leaf),
+            });
         }
     }
     if !conflicts.is_empty() && !force {
@@ -532,10 +533,8 @@ pub fn apply(
             if same_identity(e, manager, "Apply", subresource) {
                 continue;
             }
-            for leaf in applied_set.leaves() {
-                if value_at(live_value, &leaf) != value_at(applied, &leaf) {
-                    e.fields.remove(&leaf);
-                }
+            for leaf in &changed {
+                e.fields.remove(leaf);
             }
         }
     }
@@ -548,7 +547,7 @@ pub fn apply(
             m.remove("resourceVersion");
         }
     }
-    let mut merged = merge_applied(t, live_value, &applied_body, &mut Vec::new());
+    let mut merged = merge_applied(t, live_value.clone(), &applied_body, &mut Vec::new());
     let previous = entries
         .iter()
         .find(|e| same_identity(e, manager, "Apply", subresource))

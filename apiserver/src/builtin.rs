@@ -45,7 +45,7 @@ pub fn decode(t: &ResourceType, value: &Value) -> Result<(Value, Vec<String>), A
         ))
     })?;
     let mut unknown = Vec::new();
-    dropped_paths(value, &normalized, "", &mut unknown);
+    dropped_paths(value, &normalized, &mut Vec::new(), &mut unknown);
     Ok((normalized, unknown))
 }
 
@@ -61,30 +61,57 @@ fn roundtrip<T: DeserializeOwned + Serialize>(value: &Value) -> Result<Value, St
     serde_json::to_value(&typed).map_err(|e| e.to_string())
 }
 
-/// Paths present (and non-null) in `before` but missing from `after`.
-fn dropped_paths(before: &Value, after: &Value, path: &str, out: &mut Vec<String>) {
+/// One step of a path into a JSON value.
+enum Step<'a> {
+    Field(&'a str),
+    Item(usize),
+}
+
+/// Paths present (and non-null) in `before` but missing from `after`, written as
+/// `spec.containers[0].x`. The path is spelled out only for what is missing: this walks every
+/// field of every write.
+fn dropped_paths<'a>(
+    before: &'a Value,
+    after: &Value,
+    path: &mut Vec<Step<'a>>,
+    out: &mut Vec<String>,
+) {
     match (before, after) {
         (Value::Object(b), Value::Object(a)) => {
             for (k, v) in b {
-                let child = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
+                path.push(Step::Field(k));
                 match a.get(k) {
-                    Some(av) => dropped_paths(v, av, &child, out),
+                    Some(av) => dropped_paths(v, av, path, out),
                     None if v.is_null() => {}
-                    None => out.push(child),
+                    None => out.push(spell(path)),
                 }
+                path.pop();
             }
         }
         (Value::Array(b), Value::Array(a)) => {
             for (i, (bv, av)) in b.iter().zip(a).enumerate() {
-                dropped_paths(bv, av, &format!("{path}[{i}]"), out);
+                path.push(Step::Item(i));
+                dropped_paths(bv, av, path, out);
+                path.pop();
             }
         }
         _ => {}
     }
+}
+
+fn spell(path: &[Step<'_>]) -> String {
+    let mut s = String::new();
+    for step in path {
+        match step {
+            Step::Field(k) if s.is_empty() => s.push_str(k),
+            Step::Field(k) => {
+                s.push('.');
+                s.push_str(k);
+            }
+            Step::Item(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
 }
 
 /// What the server does to a new built-in object before storing it (after metadata is set).
