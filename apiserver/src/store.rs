@@ -736,23 +736,29 @@ fn commit_group(conn: &mut Connection, inner: &Inner, writes: Vec<WriteRequest>)
                 Some(c) => c.clone(),
                 None => state.objects.get(&w.key).cloned(),
             };
-            let result = apply_one(&tx, &w, current.as_ref(), ts);
+            let WriteRequest {
+                key,
+                precondition,
+                mutation,
+                reply,
+            } = w;
+            let result = apply_one(&tx, &key, precondition, mutation, current.as_ref(), ts);
             let (result, event) = match result {
                 Ok((stored, event)) => {
                     let after = match event.kind {
                         EventKind::Deleted => None,
                         _ => Some(stored.clone()),
                     };
-                    overlay.insert(w.key.clone(), after);
+                    overlay.insert(key.clone(), after);
                     (Ok(stored), Some(event))
                 }
                 Err(e) => (Err(e), None),
             };
             pending.push(Pending {
-                key: w.key,
+                key,
                 result,
                 event,
-                reply: w.reply,
+                reply,
             });
         }
     }
@@ -802,13 +808,18 @@ fn commit_group(conn: &mut Connection, inner: &Inner, writes: Vec<WriteRequest>)
     }
 }
 
+/// Writes one change in the group's transaction. The mutation is taken: the stored object is
+/// the written one, not a copy (a write whose transaction fails is answered with the failure,
+/// never retried).
 fn apply_one(
     tx: &rusqlite::Transaction<'_>,
-    w: &WriteRequest,
+    key: &str,
+    precondition: Precondition,
+    mutation: Mutation,
     current: Option<&Arc<Stored>>,
     ts: i64,
 ) -> Result<(Arc<Stored>, Arc<Event>), StoreError> {
-    match (w.precondition, current) {
+    match (precondition, current) {
         (Precondition::Absent, Some(_)) => return Err(StoreError::AlreadyExists),
         (Precondition::Exists | Precondition::Revision(_), None) => {
             return Err(StoreError::NotFound);
@@ -816,7 +827,7 @@ fn apply_one(
         (Precondition::Revision(r), Some(c)) if c.rev != r => return Err(StoreError::Conflict),
         _ => {}
     }
-    if matches!(w.mutation, Mutation::Delete) && current.is_none() {
+    if matches!(mutation, Mutation::Delete) && current.is_none() {
         return Err(StoreError::NotFound);
     }
     // A create after a delete replaces the tombstone: each row names the row it follows, so
@@ -825,10 +836,10 @@ fn apply_one(
         Some(c) => c.rev,
         None => tx
             .prepare_cached("SELECT MAX(id) FROM log WHERE name = ?1")?
-            .query_row(params![w.key], |r| r.get::<_, Option<i64>>(0))?
+            .query_row(params![key], |r| r.get::<_, Option<i64>>(0))?
             .unwrap_or(0) as u64,
     };
-    let (deleted, created, bytes) = match &w.mutation {
+    let (deleted, created, bytes) = match &mutation {
         Mutation::Put(value) => (
             false,
             current.is_none(),
@@ -852,7 +863,7 @@ fn apply_one(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         )?
         .execute(params![
-            w.key,
+            key,
             created as i64,
             deleted as i64,
             prev_rev as i64,
@@ -869,8 +880,8 @@ fn apply_one(
         Err(e) => return Err(e.into()),
     }
     let rev = tx.last_insert_rowid() as u64;
-    let value = match &w.mutation {
-        Mutation::Put(v) => Arc::new(with_rev(v.clone(), rev)),
+    let value = match mutation {
+        Mutation::Put(v) => Arc::new(with_rev(v, rev)),
         Mutation::Delete => Arc::new(with_rev(
             current
                 .map(|c| c.value.as_ref().clone())
@@ -891,7 +902,7 @@ fn apply_one(
     });
     let event = Arc::new(Event {
         rev,
-        key: w.key.clone(),
+        key: key.to_owned(),
         kind,
         object: value,
         prev: current.map(|c| c.value.clone()),
