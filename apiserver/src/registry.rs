@@ -93,6 +93,18 @@ impl ResourceType {
         }
     }
 
+    /// Whether `api_version` is this type's [`api_version`](Self::api_version), compared
+    /// without building it.
+    pub fn has_api_version(&self, api_version: &str) -> bool {
+        if self.group.is_empty() {
+            return api_version == self.version;
+        }
+        api_version
+            .strip_prefix(self.group.as_str())
+            .and_then(|rest| rest.strip_prefix('/'))
+            == Some(self.version.as_str())
+    }
+
     /// Key prefix of this resource's objects in `namespace` (all namespaces when `None`).
     pub fn key_prefix(&self, namespace: Option<&str>) -> String {
         let group = if self.storage_group.is_empty() {
@@ -429,18 +441,27 @@ impl Registry {
             .collect()
     }
 
+    /// The first type (built-ins first) that `matches`, found without copying the list: it
+    /// runs on every request and, in the garbage collector, for every object.
+    fn find(&self, matches: impl Fn(&ResourceType) -> bool) -> Option<Arc<ResourceType>> {
+        if let Some(t) = self.builtin.iter().find(|t| matches(t)) {
+            return Some(t.clone());
+        }
+        let custom = self
+            .custom
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        custom.values().flatten().find(|t| matches(t)).cloned()
+    }
+
     /// The type serving `group/version/resource`.
     pub fn lookup(&self, group: &str, version: &str, resource: &str) -> Option<Arc<ResourceType>> {
-        self.all()
-            .into_iter()
-            .find(|t| t.group == group && t.version == version && t.resource == resource)
+        self.find(|t| t.group == group && t.version == version && t.resource == resource)
     }
 
     /// The type serving `apiVersion` and `kind`.
     pub fn by_kind(&self, api_version: &str, kind: &str) -> Option<Arc<ResourceType>> {
-        self.all()
-            .into_iter()
-            .find(|t| t.api_version() == api_version && t.kind == kind)
+        self.find(|t| t.kind == kind && t.has_api_version(api_version))
     }
 
     /// Serves (or re-serves) the types of a CRD.
@@ -516,6 +537,42 @@ mod tests {
         let new = registry.lookup("events.k8s.io", "v1", "events").unwrap();
         assert_eq!(core.key(Some("ns"), "e"), new.key(Some("ns"), "e"));
         assert_eq!(core.key_prefix(Some("ns")), "core/events/ns/");
+    }
+
+    #[test]
+    fn kinds_are_found_by_their_exact_api_version_built_in_or_custom() {
+        let registry = Registry::new();
+        let by = |v: &str, k: &str| registry.by_kind(v, k).map(|t| t.resource.clone());
+        assert_eq!(by("v1", "Pod").as_deref(), Some("pods"));
+        assert_eq!(by("apps/v1", "Deployment").as_deref(), Some("deployments"));
+        assert_eq!(
+            by("coordination.k8s.io/v1", "Lease").as_deref(),
+            Some("leases")
+        );
+        for wrong in [
+            "apps/v1",
+            "v1beta1",
+            "/v1",
+            "coordination.k8s.io",
+            "coordination.k8s.iov1",
+        ] {
+            assert_eq!(by(wrong, "Pod"), None, "{wrong}");
+        }
+        assert_eq!(by("coordination.k8s.io/v1beta1", "Lease"), None);
+        assert_eq!(by("sedna.io/v1alpha1", "Model"), None, "not served yet");
+        let crd = sedna_api::model::Model::crd();
+        registry.put_crd(
+            crd.metadata.name.as_deref().unwrap(),
+            types_of_crd(&crd).unwrap(),
+        );
+        assert_eq!(by("sedna.io/v1alpha1", "Model").as_deref(), Some("models"));
+        assert_eq!(
+            registry
+                .lookup("sedna.io", "v1alpha1", "models")
+                .map(|t| t.kind.clone())
+                .as_deref(),
+            Some("Model")
+        );
     }
 
     #[test]

@@ -491,6 +491,55 @@ fn owned(name: &str, owner: &ConfigMap) -> ConfigMap {
 }
 
 #[tokio::test]
+async fn the_sweep_removes_dependents_of_owners_that_never_existed_and_prunes_mixed_owners() {
+    let server = TestServer::start_with(|c| c.gc_interval = Duration::from_millis(200)).await;
+    let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
+    let owner = cms
+        .create(&PostParams::default(), &cm("alive", &[]))
+        .await
+        .unwrap();
+    let mut ghost = cm("ghost", &[]);
+    ghost.metadata.uid = Some("00000000-0000-0000-0000-000000000000".into());
+    // No deletion event ever names these owners: only the sweep can find them gone.
+    let orphan = owned("orphan", &ghost);
+    let mut mixed = owned("mixed", &owner);
+    mixed
+        .metadata
+        .owner_references
+        .as_mut()
+        .unwrap()
+        .extend(owned("x", &ghost).metadata.owner_references.unwrap());
+    let kept = owned("kept", &owner);
+    for c in [&orphan, &mixed, &kept] {
+        cms.create(&PostParams::default(), c).await.unwrap();
+    }
+    let mut swept = false;
+    for _ in 0..100 {
+        let owners = |c: Option<ConfigMap>| c.map(|c| c.owner_references().len());
+        if cms.get_opt("orphan").await.unwrap().is_none()
+            && owners(cms.get_opt("mixed").await.unwrap()) == Some(1)
+        {
+            swept = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        swept,
+        "the orphan is deleted and mixed keeps only its live owner"
+    );
+    let mixed = cms.get("mixed").await.unwrap();
+    assert_eq!(mixed.owner_references()[0].uid, owner.uid().unwrap());
+    let kept = cms.get("kept").await.unwrap();
+    assert_eq!(
+        kept.owner_references().len(),
+        1,
+        "live owners are left alone"
+    );
+    assert!(cms.get_opt("alive").await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn owner_references_are_garbage_collected_by_every_propagation_policy() {
     let server = TestServer::start().await;
     let cms: Api<ConfigMap> = Api::namespaced(server.client().await, "default");
