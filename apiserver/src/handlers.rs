@@ -1235,6 +1235,16 @@ mod tests {
     }
 
     #[test]
+    fn a_deeply_nested_yaml_body_is_refused_by_both_parsers_without_crashing() {
+        let deep = format!("{}{}", "{\"a\":".repeat(2_000), "}".repeat(2_000));
+        let e = decode_body("application/apply-patch+yaml", deep.as_bytes()).unwrap_err();
+        assert_eq!(e.code, 400);
+        assert!(e.message.contains("invalid YAML body"), "{}", e.message);
+        let fine = format!("{}1{}", "{\"a\":".repeat(50), "}".repeat(50));
+        assert!(decode_body("application/apply-patch+yaml", fine.as_bytes()).is_ok());
+    }
+
+    #[test]
     fn a_yaml_body_that_only_looks_like_json_still_parses_as_yaml() {
         let flow = b"{metadata: {name: c}, data: {a: b}}";
         let v = decode_body("application/yaml", flow).unwrap();

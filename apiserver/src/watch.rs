@@ -338,6 +338,16 @@ mod tests {
         );
     }
 
+    /// A watcher's encoder for plain JSON objects of `t`.
+    fn object_encoder(t: Arc<ResourceType>) -> Encoder {
+        Encoder {
+            t,
+            repr: Representation::Object,
+            headers_sent: false,
+            include_object: "Metadata".into(),
+        }
+    }
+
     #[test]
     fn a_change_is_encoded_once_and_every_watcher_sends_the_same_line() {
         let pods = crate::registry::builtins()
@@ -345,12 +355,7 @@ mod tests {
             .find(|t| t.resource == "pods")
             .map(Arc::new)
             .unwrap();
-        let encoder = || Encoder {
-            t: pods.clone(),
-            repr: Representation::Object,
-            headers_sent: false,
-            include_object: "Metadata".into(),
-        };
+        let encoder = || object_encoder(pods.clone());
         let change = Event {
             rev: 7,
             key: "core/pods/default/p".into(),
@@ -382,12 +387,7 @@ mod tests {
             .find(|t| t.group == "events.k8s.io")
             .map(Arc::new)
             .unwrap();
-        let mut encoder = Encoder {
-            t: events,
-            repr: Representation::Object,
-            headers_sent: false,
-            include_object: "Metadata".into(),
-        };
+        let mut encoder = object_encoder(events);
         let change = Event {
             rev: 3,
             key: "core/events/default/e".into(),
