@@ -162,12 +162,41 @@ pub fn decode_body(content_type: &str, body: &[u8]) -> Result<Value, ApiError> {
             if let Some(value) = json_in_yaml(body) {
                 return Ok(value);
             }
+            yaml_flow_work_allowed(body)?;
             serde_norway::from_slice(body)
                 .map_err(|e| ApiError::bad_request(format!("invalid YAML body: {e}")))
         }
         _ => serde_json::from_slice(body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}"))),
     }
+}
+
+/// The most work a YAML body may ask of the YAML parser, in bytes times `[` and `{` characters.
+///
+/// libyaml (under serde_norway) scans a flow collection (`[..]`, `{..}`) in time that grows
+/// with the body's length times its flow nesting: a 400 KB body of `{a: ` nested 100,000 deep
+/// took 60 s of CPU before the parser refused it for depth (bench/RESULTS.md, "Hostile YAML
+/// bodies"; the worst body the bound lets through costs 1.5 times a flat one of its size). The nesting is at most the number of `[` and `{` characters, which needs no
+/// parsing to count, so their product with the length bounds the work from above whatever the
+/// body hides in quotes, comments or block scalars. At this bound a 3 MiB body may have 42 of
+/// them, 1 MiB 128, 64 KiB 2,048 (sedna's largest CRD manifest, 55 KB, has 114); JSON bodies
+/// (what kubectl, client-go and kube-rs send, also under the YAML content types) never count.
+pub const MAX_YAML_FLOW_WORK: usize = 1 << 27;
+
+/// Refuses a YAML body whose `[` and `{` characters, times its length, exceed
+/// [`MAX_YAML_FLOW_WORK`].
+fn yaml_flow_work_allowed(body: &[u8]) -> Result<(), ApiError> {
+    let openers = body.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    if openers.saturating_mul(body.len()) <= MAX_YAML_FLOW_WORK {
+        return Ok(());
+    }
+    Err(ApiError::bad_request(format!(
+        "the YAML body has {openers} '[' and '{{' characters in {} bytes; a YAML body this \
+         size may have at most {} (the YAML parser's work grows with both; send the object \
+         as JSON, which has no such limit)",
+        body.len(),
+        MAX_YAML_FLOW_WORK / body.len().max(1)
+    )))
 }
 
 /// A YAML body that is a JSON object, parsed as JSON; `None` when it is not one.
@@ -1232,6 +1261,78 @@ mod tests {
         let yaml: Value = serde_norway::from_slice(json).unwrap();
         assert_eq!(fast, yaml);
         assert_eq!(fast["data"]["b"], "yes", "a JSON string stays a string");
+    }
+
+    #[test]
+    fn a_yaml_body_nested_100000_deep_is_refused_before_the_yaml_parser_sees_it() {
+        // Before the limit, libyaml spent 60 s of CPU on the first body (release build).
+        for deep in [
+            "{a: ".repeat(100_000),
+            "{a: \"}\", b: ".repeat(20_000),
+            format!("{}{}", "{\"a\":".repeat(100_000), "}".repeat(100_000)),
+        ] {
+            let e = decode_body("application/apply-patch+yaml", deep.as_bytes()).unwrap_err();
+            assert_eq!(e.code, 400);
+            assert!(
+                e.message.contains("'[' and '{' characters in"),
+                "{}",
+                e.message
+            );
+            assert!(
+                e.message.contains("send the object as JSON"),
+                "{}",
+                e.message
+            );
+        }
+        // The same nesting as JSON is the JSON parser's to refuse, and it does.
+        let json = format!("{}{}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+        let e = decode_body("application/json", json.as_bytes()).unwrap_err();
+        assert!(e.message.contains("invalid JSON body"), "{}", e.message);
+    }
+
+    #[test]
+    fn the_yaml_work_limit_is_brackets_times_length() {
+        let len = 1 << 17;
+        let allowed = MAX_YAML_FLOW_WORK / len;
+        let mut body = vec![b'a'; len];
+        body[..allowed / 2].fill(b'[');
+        body[allowed / 2..allowed].fill(b'{');
+        assert!(yaml_flow_work_allowed(&body).is_ok());
+        body[allowed] = b'{';
+        let e = yaml_flow_work_allowed(&body).unwrap_err();
+        assert_eq!(e.code, 400);
+        assert!(
+            e.message.contains(&format!(
+                "{} '[' and '{{' characters in {len} bytes",
+                allowed + 1
+            )),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains(&format!("at most {allowed}")),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn every_crd_manifest_sent_as_yaml_is_within_the_limit_and_parses() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds/manifests");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "yaml") {
+                continue;
+            }
+            let text = std::fs::read(&path).unwrap();
+            let served = decode_body("application/yaml", &text)
+                .unwrap_or_else(|e| panic!("{}: {}", path.display(), e.message));
+            let direct: Value = serde_norway::from_slice(&text).unwrap();
+            assert_eq!(served, direct, "{}", path.display());
+            seen += 1;
+        }
+        assert!(seen >= 5, "only {seen} manifests in {}", dir.display());
     }
 
     #[test]

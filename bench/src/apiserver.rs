@@ -7,6 +7,10 @@
 //! 4. watch delivery latency with 100 concurrent watchers (time from the start of a write to
 //!    its event arriving at each watcher).
 //!
+//! With `--hostile-yaml` it instead times the request-body decoder on hostile YAML bodies
+//! (deep flow nesting, in-process, no server), and with `--before` also the YAML parser alone
+//! on them (what the decoder did before it bounded the parser's work).
+//!
 //! `cargo run --release -p sedna-bench --bin apiserver-bench -- --help`
 
 use std::collections::BTreeMap;
@@ -42,6 +46,62 @@ struct Args {
     /// Acknowledge writes without fsync (survives kill -9, not power loss).
     #[arg(long)]
     no_fsync: bool,
+    /// Time the body decoder on hostile YAML bodies instead (no server).
+    #[arg(long)]
+    hostile_yaml: bool,
+    /// With --hostile-yaml, also time the YAML parser alone on each body (minutes).
+    #[arg(long)]
+    before: bool,
+}
+
+/// Times `handlers::decode_body` (and with `before` the YAML parser alone) on bodies that nest
+/// flow collections deeply, and on the costliest body the decoder still parses.
+fn hostile_yaml(before: bool) {
+    use sedna_apiserver::handlers::{MAX_YAML_FLOW_WORK, decode_body};
+    let mut bodies = vec![
+        ("{a: x 10,000 deep".to_owned(), "{a: ".repeat(10_000)),
+        ("{a: x 50,000 deep".to_owned(), "{a: ".repeat(50_000)),
+        ("{a: x 100,000 deep".to_owned(), "{a: ".repeat(100_000)),
+        ("[ x 200,000 deep".to_owned(), "[".repeat(200_000)),
+    ];
+    // The worst the limit lets through: as many `{a: ` as allowed, then keys without values
+    // (each one a simple key libyaml checks against every open level) up to 3 MiB; and the
+    // same keys one level deep, for what a body this size costs anyway.
+    let len = 3 << 20;
+    for open in [MAX_YAML_FLOW_WORK / len, 1] {
+        let mut body = "{a: ".repeat(open);
+        while body.len() + 3 + open <= len {
+            body.push_str("b, ");
+        }
+        body.push_str(&"}".repeat(open));
+        bodies.push((format!("{open} open, then keys to 3 MiB"), body));
+    }
+    println!("| body | bytes | decoder | outcome | YAML parser alone |");
+    println!("|---|---|---|---|---|");
+    for (name, body) in bodies {
+        let started = Instant::now();
+        let outcome = match decode_body("application/yaml", body.as_bytes()) {
+            Ok(_) => "parsed".to_owned(),
+            Err(e) => format!(
+                "{} {}",
+                e.code,
+                e.message.chars().take(40).collect::<String>()
+            ),
+        };
+        let decoder = started.elapsed();
+        let alone = if before {
+            let started = Instant::now();
+            let _ = serde_norway::from_slice::<serde_json::Value>(body.as_bytes());
+            ms(started.elapsed())
+        } else {
+            "-".to_owned()
+        };
+        println!(
+            "| {name} | {} | {} | {outcome}… | {alone} |",
+            body.len(),
+            ms(decoder)
+        );
+    }
 }
 
 fn ms(d: Duration) -> String {
@@ -84,6 +144,10 @@ where
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
+    if args.hostile_yaml {
+        hostile_yaml(args.before);
+        return Ok(());
+    }
     let dir = tempfile::tempdir()?;
     let (server, client) = start_apiserver(dir.path(), !args.no_fsync).await?;
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
