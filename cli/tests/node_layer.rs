@@ -112,7 +112,10 @@ async fn hub_api_server_and_two_edges_as_processes() {
         .await
         .unwrap();
 
-    // Edge A is killed with SIGKILL in the middle of its first sync, then restarted.
+    // Edge A is killed with SIGKILL in the middle of its first sync, then restarted. Its
+    // link is slow meanwhile (about 300 KB take seconds), so the kill lands mid-sync however
+    // fast this machine persists what arrives.
+    proxy.set_rate_to_client(Some(64 * 1024));
     let mut edge_a = edge(&a, &via_proxy);
     let count = || {
         if !a.join("edge.db").exists() {
@@ -129,6 +132,7 @@ async fn hub_api_server_and_two_edges_as_processes() {
     edge_a.kill().unwrap();
     edge_a.wait().unwrap();
     let partial = count();
+    proxy.set_rate_to_client(None);
     procs.0.push(edge(&a, &via_proxy));
     procs.0.push(edge(&b, &cloud));
     let want_a: BTreeSet<String> = (0..150).map(|i| format!("a-pod-{i:03}")).collect();

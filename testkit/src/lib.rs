@@ -1,6 +1,7 @@
 //! Helpers for tests and benchmarks that need a network between two parts: a TCP proxy on
 //! 127.0.0.1 that counts the bytes it forwards each way and can cut every connection, or
-//! refuse new ones, on demand ([`TcpProxy`]); and a real S3-compatible server ([`s3::S3Server`]).
+//! refuse new ones, or slow the way back to clients, on demand ([`TcpProxy`]); and a real
+//! S3-compatible server ([`s3::S3Server`]).
 
 pub mod s3;
 
@@ -18,6 +19,8 @@ struct Counters {
     to_client: AtomicU64,
     connections: AtomicU64,
     blocked: AtomicBool,
+    /// Bytes per second towards clients; 0 means unlimited.
+    rate_to_client: AtomicU64,
 }
 
 /// A running proxy; dropping it stops it and closes every connection.
@@ -100,6 +103,15 @@ impl TcpProxy {
     pub fn set_blocked(&self, blocked: bool) {
         self.counters.blocked.store(blocked, Ordering::SeqCst);
     }
+
+    /// Paces what the target sends to clients to about `bytes_per_second` on every
+    /// connection (a slow link), or lifts the limit with `None`. Applies at once, also to
+    /// connections already open.
+    pub fn set_rate_to_client(&self, bytes_per_second: Option<u64>) {
+        self.counters
+            .rate_to_client
+            .store(bytes_per_second.unwrap_or(0), Ordering::SeqCst);
+    }
 }
 
 impl Drop for TcpProxy {
@@ -117,10 +129,20 @@ async fn pump(
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
+        let rate = if upstream {
+            0
+        } else {
+            counters.rate_to_client.load(Ordering::SeqCst)
+        };
+        // A paced link moves small chunks, each after its share of time.
+        let want = if rate == 0 { buf.len() } else { 1024 };
+        let n = match from.read(&mut buf[..want]).await {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        if let Some(nanos) = (n as u64).saturating_mul(1_000_000_000).checked_div(rate) {
+            tokio::time::sleep(std::time::Duration::from_nanos(nanos)).await;
+        }
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
@@ -170,5 +192,36 @@ mod tests {
         let mut refused = TcpStream::connect(proxy.addr()).await.unwrap();
         assert_eq!(refused.read(&mut back).await.unwrap_or(0), 0);
         assert_eq!(proxy.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_paced_link_takes_its_time_and_the_limit_can_be_lifted() {
+        let source = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = source.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = source.accept().await.unwrap();
+            let mut ask = [0u8; 1];
+            while s.read_exact(&mut ask).await.is_ok() {
+                if s.write_all(&[7u8; 5000]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let proxy = TcpProxy::start(target).await.unwrap();
+        proxy.set_rate_to_client(Some(10_000));
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        let mut got = vec![0u8; 5000];
+        let started = std::time::Instant::now();
+        client.write_all(b"?").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        let paced = started.elapsed();
+        // 5,000 bytes at 10,000 bytes per second: half a second at least (a sleep is never
+        // shorter than asked; the last chunk may still be in flight, hence 0.4).
+        assert!(paced >= std::time::Duration::from_millis(400), "{paced:?}");
+        proxy.set_rate_to_client(None);
+        client.write_all(b"?").await.unwrap();
+        client.read_exact(&mut got).await.unwrap();
+        assert_eq!(proxy.bytes_to_client(), 10_000);
+        assert!(got.iter().all(|b| *b == 7));
     }
 }
