@@ -1072,7 +1072,13 @@ async fn admit_framed(
         place(shared, &node, unreachable)?;
         Ok((node, issued))
     });
-    let answer = frame::answer_of(admitted.as_ref().map(|_| ()));
+    let mut answer = frame::answer_of(admitted.as_ref().map(|_| ()));
+    if let (Ok(_), Some(every)) = (&admitted, shared.lease_policy().renewal_interval()) {
+        answer.metadata.insert(
+            sedna_proto::LEASE_RENEWAL_METADATA.to_owned(),
+            every.as_millis().to_string(),
+        );
+    }
     let answered = tokio::time::timeout(deadline, frame::write_frame(&mut write, &answer)).await;
     let Ok((node, issued)) = admitted else {
         // Closed from this side first, then the node's end awaited (briefly): closing with
@@ -1224,7 +1230,14 @@ impl HubService for Service {
         let stream = futures_util::stream::unfold(out_rx, |mut rx| async move {
             rx.recv().await.map(|m| (Ok(*m), rx))
         });
-        Ok(Response::new(stream.boxed()))
+        let mut response = Response::new(stream.boxed());
+        if let Some(every) = self.shared.lease_policy().renewal_interval() {
+            response.metadata_mut().insert(
+                sedna_proto::LEASE_RENEWAL_METADATA,
+                u64::try_from(every.as_millis()).unwrap_or(u64::MAX).into(),
+            );
+        }
+        Ok(response)
     }
 }
 

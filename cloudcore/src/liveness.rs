@@ -9,8 +9,13 @@
 //!   node's session judges it by the session ([`Contact`]: a session is closed after 25 s
 //!   without a message), so the API's Lease is only the record for those who do not hold the
 //!   session — a hub that takes the partition over, `kubectl`. It is written once every
-//!   `refresh` (default 2 minutes) with its duration stretched by `refresh`, so it never reads
-//!   as expired while the node is connected: [`LeasePolicy::Refresh`].
+//!   `refresh` (default 2 minutes) with its duration stretched by `refresh` and one renewal
+//!   interval, so it never reads as expired while the node is connected:
+//!   [`LeasePolicy::Refresh`]. Renewals every 10 s would be thrown away five times in six,
+//!   so the hub asks its nodes to renew every quarter `refresh` instead (30 s;
+//!   [`LeasePolicy::renewal_interval`], sent as `sedna-lease-renewal-ms` when a node
+//!   attaches); the session's heartbeats, far cheaper than a renewal on both sides, keep
+//!   proving it alive in between.
 //! - **Another controller reading Leases** (kube-controller-manager on a real cluster, hub
 //!   started with `--no-node-lifecycle`): the Lease keeps the node's own duration and is
 //!   written once the stored one is half that old: [`LeasePolicy::Follow`].
@@ -28,19 +33,36 @@ pub enum LeasePolicy {
     /// sent it: for a controller that judges nodes by their Leases.
     Follow,
     /// Written once the stored renewal is this old, with `leaseDurationSeconds` stretched by
-    /// the same amount: for the hub's own lifecycle, which judges the nodes it holds sessions
-    /// with by their sessions.
+    /// the same amount and one renewal interval: for the hub's own lifecycle, which judges
+    /// the nodes it holds sessions with by their sessions.
     Refresh(Duration),
 }
 
 impl LeasePolicy {
-    /// The `leaseDurationSeconds` the API's copy of a renewal carries (an int32 in the API).
+    /// How often the hub asks its nodes to renew their Leases (`None`: as often as they
+    /// like; a controller reading Leases needs the node's own cadence). Under
+    /// [`LeasePolicy::Refresh`] a quarter of the refresh, at least 10 s (the kubelet's).
+    pub fn renewal_interval(self) -> Option<Duration> {
+        match self {
+            LeasePolicy::Follow => None,
+            LeasePolicy::Refresh(refresh) => Some((refresh / 4).max(Duration::from_secs(10))),
+        }
+    }
+
+    /// The `leaseDurationSeconds` the API's copy of a renewal carries (an int32 in the API):
+    /// under [`LeasePolicy::Refresh`] the node's own, plus the refresh (a write is due that
+    /// long after the stored one), plus one renewal interval (the renewal that makes it due
+    /// comes up to that much later), so a connected node's Lease never reads as expired
+    /// while its next write is on the way.
     pub fn stored_duration(self, announced: i64) -> i64 {
         match self {
             LeasePolicy::Follow => announced,
-            LeasePolicy::Refresh(refresh) => announced
-                .saturating_add(i64::try_from(refresh.as_secs()).unwrap_or(i64::MAX))
-                .min(i64::from(i32::MAX)),
+            LeasePolicy::Refresh(refresh) => {
+                let stretch = refresh.saturating_add(self.renewal_interval().unwrap_or_default());
+                announced
+                    .saturating_add(i64::try_from(stretch.as_secs()).unwrap_or(i64::MAX))
+                    .min(i64::from(i32::MAX))
+            }
         }
     }
 
@@ -227,7 +249,16 @@ mod tests {
     #[test]
     fn refreshing_writes_a_renewal_every_interval_with_its_duration_stretched_by_it() {
         let refresh = LeasePolicy::Refresh(Duration::from_secs(120));
-        let stored = lease("edge-1", 160, "2026-12-01T10:00:00.000000Z");
+        assert_eq!(refresh.renewal_interval(), Some(Duration::from_secs(30)));
+        assert_eq!(LeasePolicy::Follow.renewal_interval(), None);
+        assert_eq!(
+            LeasePolicy::Refresh(Duration::from_secs(20)).renewal_interval(),
+            Some(Duration::from_secs(10)),
+            "never more often than the kubelet's cadence"
+        );
+        // 40 s of the node's own, 120 s until the next write is due, 30 s until the renewal
+        // that makes it due arrives.
+        let stored = lease("edge-1", 190, "2026-12-01T10:00:00.000000Z");
         let at = |t: &str| renewal("edge-1", t);
         assert!(!lease_due(
             Some(&stored),
@@ -260,7 +291,7 @@ mod tests {
         let payload = lease("edge-1", 40, "2026-12-01T10:00:00Z").to_string();
         let written: Value =
             serde_json::from_slice(&stored_payload(payload.as_bytes(), refresh).unwrap()).unwrap();
-        assert_eq!(written["spec"]["leaseDurationSeconds"], 160);
+        assert_eq!(written["spec"]["leaseDurationSeconds"], 190);
         assert_eq!(written["spec"]["holderIdentity"], "edge-1");
         assert_eq!(written["spec"]["renewTime"], "2026-12-01T10:00:00Z");
         assert_eq!(

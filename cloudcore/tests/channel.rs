@@ -470,6 +470,14 @@ async fn nodes_attach_over_the_framed_channel_by_default_and_over_grpc_when_aske
     let stats = c.hub().stats();
     assert_eq!(stats.sessions.load(Ordering::Relaxed), 2);
     assert_eq!(stats.framed_sessions.load(Ordering::Relaxed), 1);
+    // The hub judges its nodes by their sessions (its lifecycle, 2-minute Lease refresh) and
+    // says so over either channel: renew every 30 s.
+    for edge in [&framed, &grpc] {
+        assert_eq!(
+            edge.status().borrow().lease_renewal,
+            Some(Duration::from_secs(30))
+        );
+    }
     // A change reaches both, and both report upstream (the pod's status).
     cms.patch(
         "shared",
@@ -737,6 +745,11 @@ async fn a_connected_node_stays_ready_on_a_rarely_written_lease_and_turns_not_re
     while !status.borrow().synced {
         status.changed().await.unwrap();
     }
+    assert_eq!(
+        status.borrow().lease_renewal,
+        Some(Duration::from_secs(15)),
+        "the hub asks for a renewal every quarter of its 60 s refresh"
+    );
     let now = jiff::Timestamp::now().to_string();
     a.report(&Upstream {
         kind: UpstreamKind::Node as i32,
@@ -759,8 +772,9 @@ async fn a_connected_node_stays_ready_on_a_rarely_written_lease_and_turns_not_re
     let lease = leases.get("edge-l").await.unwrap().spec.unwrap();
     assert_eq!(
         lease.lease_duration_seconds,
-        Some(61),
-        "stored for the node's 1 s and the 60 s until the next write"
+        Some(76),
+        "stored for the node's 1 s, the 60 s until the next write and the 15 s until the \
+         renewal that makes it due"
     );
     let stats = c.hub().stats();
     assert_eq!(

@@ -11,8 +11,8 @@ use rand::RngExt;
 use sedna_proto::channel::hub_client::HubClient;
 use sedna_proto::channel::{Digest, Envelope, Manifest, Op, Upstream};
 use sedna_proto::{
-    Message, REDIRECT_METADATA, RETRY_AFTER_METADATA, SUCCESSOR_METADATA, UNREACHABLE_METADATA,
-    sync,
+    LEASE_RENEWAL_METADATA, Message, REDIRECT_METADATA, RETRY_AFTER_METADATA, SUCCESSOR_METADATA,
+    UNREACHABLE_METADATA, sync,
 };
 use tokio::sync::{Notify, broadcast, mpsc, watch};
 use tokio::time::Instant;
@@ -110,6 +110,10 @@ pub struct EdgeStatus {
     pub renewals: u64,
     /// Why the hub refused this node for good (it then stops dialing and works offline).
     pub refused: Option<String>,
+    /// How often the hub of the current connection asked for the node's Lease to be renewed
+    /// (`sedna-lease-renewal-ms`; it judges the node by the session); `None`: the node's own
+    /// cadence.
+    pub lease_renewal: Option<Duration>,
 }
 
 /// A running hub client.
@@ -284,6 +288,8 @@ type Inbound =
 struct Live {
     tx: mpsc::Sender<Envelope>,
     inbound: Inbound,
+    /// The hub's `sedna-lease-renewal-ms`, if it sent one.
+    lease_renewal: Option<Duration>,
     /// The framed channel's writer: stopped with the connection, so a hub that stopped
     /// reading cannot keep it open.
     _writer: Option<AbortOnDrop>,
@@ -304,6 +310,15 @@ const MAX_ANSWER_BYTES: usize = 16 * 1024;
 
 /// How long the hub has to answer an attach on the framed channel.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The renewal cadence an accepted attach asked for: a whole number of milliseconds, at
+/// least 1 s and at most an hour (anything else is ignored and the node keeps its own).
+fn lease_renewal(ms: Option<&str>) -> Option<Duration> {
+    let ms = ms?.trim().parse::<u64>().ok()?;
+    (1_000..=3_600_000)
+        .contains(&ms)
+        .then(|| Duration::from_millis(ms))
+}
 
 /// What a refused `Attach` (or framed attach) means for the node.
 fn refusal(s: &tonic::Status) -> ConnectError {
@@ -401,6 +416,12 @@ async fn attach_framed(
     Ok(Live {
         tx,
         inbound: Box::pin(inbound),
+        lease_renewal: lease_renewal(
+            answer
+                .metadata
+                .get(LEASE_RENEWAL_METADATA)
+                .map(String::as_str),
+        ),
         _writer: Some(AbortOnDrop(writer)),
     })
 }
@@ -638,14 +659,17 @@ impl Shell {
         if let Some(value) = unreachable.and_then(|u| u.parse().ok()) {
             request.metadata_mut().insert(UNREACHABLE_METADATA, value);
         }
-        let inbound = client
-            .attach(request)
-            .await
-            .map_err(|s| refusal(&s))?
-            .into_inner();
+        let response = client.attach(request).await.map_err(|s| refusal(&s))?;
+        let lease_renewal = lease_renewal(
+            response
+                .metadata()
+                .get(LEASE_RENEWAL_METADATA)
+                .and_then(|v| v.to_str().ok()),
+        );
         Ok(Live {
             tx,
-            inbound: Box::pin(inbound),
+            inbound: Box::pin(response.into_inner()),
+            lease_renewal,
             _writer: None,
         })
     }
@@ -842,10 +866,12 @@ impl Shell {
                                 self.route.connected();
                                 self.hub_address.send_replace(self.route.target.clone());
                                 buckets = Digest::decode(hello.payload.as_slice()).map(|d| d.buckets).unwrap_or(sync::MIN_BUCKETS);
+                                let lease_renewal = l.lease_renewal;
                                 live = Some(l);
                                 self.status.send_modify(|s| {
                                     s.connected = true;
                                     s.connections += 1;
+                                    s.lease_renewal = lease_renewal;
                                 });
                                 queue.push_back(Input::Connected { hello });
                             }
@@ -988,6 +1014,23 @@ mod tests {
 
     fn route() -> Route {
         Route::new(vec!["a:1".into(), "b:1".into()])
+    }
+
+    #[test]
+    fn a_hubs_renewal_cadence_is_read_only_when_sensible() {
+        assert_eq!(lease_renewal(Some("30000")), Some(Duration::from_secs(30)));
+        assert_eq!(lease_renewal(None), None);
+        for odd in [
+            "",
+            "soon",
+            "-5",
+            "999",
+            "3600001",
+            "1e9",
+            "18446744073709551616",
+        ] {
+            assert_eq!(lease_renewal(Some(odd)), None, "{odd:?}");
+        }
     }
 
     #[test]

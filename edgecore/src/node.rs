@@ -291,6 +291,21 @@ struct Reported {
     capacity: (u64, u64, u64, Option<u32>),
 }
 
+/// How often the Lease is renewed: as the hub of the connection asked (it judges the node by
+/// the session and writes the API's copy only every few minutes, stretched to cover the
+/// wait), but never more often than the node's own cadence, nor less often than every
+/// [`MAX_RENEWAL_INTERVAL`]. A new connection's hub says again what it wants (a hub that
+/// asks nothing gets the node's own cadence), and a reconnection renews at once.
+fn renewal_every(config: &NodeConfig, asked: Option<Duration>) -> Duration {
+    let most = MAX_RENEWAL_INTERVAL.max(config.lease_interval);
+    asked.map_or(config.lease_interval, |a| {
+        a.clamp(config.lease_interval, most)
+    })
+}
+
+/// The longest renewal interval a hub can ask for.
+pub const MAX_RENEWAL_INTERVAL: Duration = Duration::from_secs(300);
+
 /// Reports the node status and renews the lease until aborted; reports the full status again
 /// on every reconnection (the cloud may have marked the node NotReady meanwhile).
 pub async fn run(
@@ -301,7 +316,8 @@ pub async fn run(
     let mut was_connected = hub.borrow().connected;
     let mut transitions: BTreeMap<String, (bool, String)> = BTreeMap::new();
     let mut last_conditions: Option<Reported> = None;
-    let mut lease = tokio::time::interval(config.lease_interval);
+    let mut every = renewal_every(&config, hub.borrow().lease_renewal);
+    let mut lease = tokio::time::interval(every);
     let mut status = tokio::time::interval(config.status_interval);
     let mut sample = tokio::time::interval(Duration::from_secs(10).min(config.status_interval));
     let mut force = true;
@@ -322,7 +338,14 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                let connected = hub.borrow_and_update().connected;
+                let (connected, asked) = {
+                    let status = hub.borrow_and_update();
+                    (status.connected, status.lease_renewal)
+                };
+                if connected && renewal_every(&config, asked) != every {
+                    every = renewal_every(&config, asked);
+                    lease = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                }
                 let reconnected = connected && !was_connected;
                 was_connected = connected;
                 if !reconnected {
@@ -429,5 +452,73 @@ mod tests {
         let lease = lease_object(&config());
         assert_eq!(lease["spec"]["holderIdentity"], "edge-1");
         assert!(lease["spec"]["renewTime"].as_str().unwrap().ends_with('Z'));
+    }
+
+    /// Counts the Lease renewals queued, by when (paused tokio time).
+    struct Renewals(std::sync::Mutex<Vec<tokio::time::Instant>>);
+
+    impl Reporter for Renewals {
+        fn report(&self, upstream: &Upstream) -> Result<u64, crate::store::StoreError> {
+            if upstream.kind == UpstreamKind::Lease as i32 {
+                self.0.lock().unwrap().push(tokio::time::Instant::now());
+            }
+            Ok(0)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_lease_is_renewed_as_often_as_the_connected_hub_asks_within_bounds() {
+        let renewals = Arc::new(Renewals(std::sync::Mutex::new(Vec::new())));
+        let (hub, rx) = tokio::sync::watch::channel(crate::client::EdgeStatus::default());
+        let task = tokio::spawn(run(config(), renewals.clone(), rx));
+        let start = tokio::time::Instant::now();
+        let count_in = |from: Duration, to: Duration| {
+            renewals
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| **t >= start + from && **t < start + to)
+                .count()
+        };
+        // Offline: the node's own 10 s (at 0, 10, 20 s).
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(count_in(Duration::ZERO, Duration::from_secs(25)), 3);
+        // A hub that judges by the session asks for 30 s: one renewal at once (a
+        // reconnection), then every 30 s (55 and 85 s).
+        hub.send_modify(|s| {
+            s.connected = true;
+            s.lease_renewal = Some(Duration::from_secs(30));
+        });
+        tokio::time::sleep(Duration::from_secs(65)).await;
+        assert_eq!(
+            count_in(Duration::from_secs(25), Duration::from_secs(90)),
+            3
+        );
+        // The next hub asks nothing: the node's own cadence again, from the reconnection.
+        hub.send_modify(|s| s.connected = false);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        hub.send_modify(|s| {
+            s.connected = true;
+            s.lease_renewal = None;
+        });
+        tokio::time::sleep(Duration::from_secs(25)).await;
+        assert_eq!(
+            count_in(Duration::from_secs(90), Duration::from_secs(116)),
+            3
+        );
+        task.abort();
+
+        // What a hub may ask is bounded both ways.
+        let c = config();
+        assert_eq!(renewal_every(&c, None), Duration::from_secs(10));
+        assert_eq!(
+            renewal_every(&c, Some(Duration::from_secs(1))),
+            Duration::from_secs(10)
+        );
+        assert_eq!(
+            renewal_every(&c, Some(Duration::from_secs(3600))),
+            MAX_RENEWAL_INTERVAL
+        );
     }
 }

@@ -42,6 +42,12 @@ pub const RETRY_AFTER_METADATA: &str = "sedna-retry-after-ms";
 /// redirected there after the wait.
 pub const SUCCESSOR_METADATA: &str = "sedna-successor";
 
+/// Metadata of an accepted attach (the framed channel's `AttachAnswer`, or the `Attach`
+/// response's headers): how often, in milliseconds, the hub wants the node's Lease renewed
+/// over this session. A hub that judges its nodes by their sessions asks for fewer renewals
+/// than the kubelet's every 10 s; without it the node keeps its own cadence.
+pub const LEASE_RENEWAL_METADATA: &str = "sedna-lease-renewal-ms";
+
 /// gRPC metadata of an `Attach`: the hub address the node was redirected to and could not
 /// reach (so it is not redirected there again before that hub's Leases expire).
 pub const UNREACHABLE_METADATA: &str = "sedna-unreachable";
