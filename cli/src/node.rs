@@ -23,10 +23,10 @@ pub(crate) struct CloudcoreArgs {
     #[arg(long = "tls-san", value_name = "NAME")]
     tls_sans: Vec<String>,
     /// Heartbeat interval of the channel.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     heartbeat: Duration,
     /// Drop a node connection silent for this long.
-    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "35s", value_parser = parse_duration)]
     read_deadline: Duration,
     /// Validity of node certificates.
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = parse_duration)]
@@ -167,10 +167,10 @@ pub(crate) struct EdgecoreArgs {
     #[arg(long, value_name = "DIR", default_value = "sedna-data/edge")]
     data_dir: PathBuf,
     /// Heartbeat interval of the channel.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
     heartbeat: Duration,
     /// Drop the connection when the hub is silent for this long.
-    #[arg(long, value_name = "DURATION", default_value = "25s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "35s", value_parser = parse_duration)]
     read_deadline: Duration,
     /// Role label of the node: `node-role.sedna.io/<ROLE>`. A role other than `edge` must be
     /// granted by an administrator (`kubectl label node <name> node-role.sedna.io/<ROLE>=`);

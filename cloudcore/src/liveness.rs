@@ -6,7 +6,7 @@
 //! every hub. Which renewals the hub writes depends on who judges liveness ([`LeasePolicy`]):
 //!
 //! - **The hub's own lifecycle** ([`crate::lifecycle`], the default): the hub that holds a
-//!   node's session judges it by the session ([`Contact`]: a session is closed after 25 s
+//!   node's session judges it by the session ([`Contact`]: a session is closed after 35 s
 //!   without a message), so the API's Lease is only the record for those who do not hold the
 //!   session — a hub that takes the partition over, `kubectl`. It is written once every
 //!   `refresh` (default 2 minutes) with its duration stretched by `refresh` and one renewal
@@ -14,8 +14,8 @@
 //!   [`LeasePolicy::Refresh`]. Renewals every 10 s would be thrown away five times in six,
 //!   so the hub asks its nodes to renew every quarter `refresh` instead (30 s;
 //!   [`LeasePolicy::renewal_interval`], sent as `sedna-lease-renewal-ms` when a node
-//!   attaches); the session's heartbeats, far cheaper than a renewal on both sides, keep
-//!   proving it alive in between.
+//!   attaches); the session's heartbeats (every 15 s each way) keep proving it alive in
+//!   between, without the edge's outbox, the hub's JSON or an acknowledgement.
 //! - **Another controller reading Leases** (kube-controller-manager on a real cluster, hub
 //!   started with `--no-node-lifecycle`): the Lease keeps the node's own duration and is
 //!   written once the stored one is half that old: [`LeasePolicy::Follow`].
@@ -188,7 +188,7 @@ pub fn stored_payload(payload: &[u8], policy: LeasePolicy) -> Option<Vec<u8>> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Contact {
     /// A session with the node is open: it was heard within the session's read deadline
-    /// (25 s), well within its lease.
+    /// (35 s), within its lease.
     Connected,
     /// The node's last session here ended; it was last heard at `at` (the hub's clock) and
     /// had announced leases of `lease`.

@@ -47,8 +47,10 @@ impl Default for SessionConfig {
         Self {
             window: 256,
             retransmit_after: Duration::from_secs(10),
-            heartbeat: Duration::from_secs(10),
-            read_deadline: Duration::from_secs(25),
+            // KubeEdge's EdgeHub heartbeat; the deadline stays within the kubelet's 40 s
+            // lease, with 20 s for a heartbeat late on a busy machine.
+            heartbeat: Duration::from_secs(15),
+            read_deadline: Duration::from_secs(35),
             upstream_retry: Duration::from_secs(2),
             max_payload: sedna_proto::DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024,
             max_upstream_queue: 1024,

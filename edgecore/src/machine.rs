@@ -48,8 +48,10 @@ impl Default for MachineConfig {
             backoff_base: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
             later_spread: Duration::from_secs(5),
-            heartbeat: Duration::from_secs(10),
-            read_deadline: Duration::from_secs(25),
+            // KubeEdge's EdgeHub heartbeat; the deadline stays within the kubelet's 40 s
+            // lease, with 20 s for a heartbeat late on a busy machine.
+            heartbeat: Duration::from_secs(15),
+            read_deadline: Duration::from_secs(35),
             upstream_window: 64,
         }
     }
