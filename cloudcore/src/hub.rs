@@ -258,6 +258,13 @@ impl Shared {
             .map_or(crate::liveness::LeasePolicy::Follow, |l| l.lease_policy())
     }
 
+    /// What an accepted attach tells the node about renewing its Lease
+    /// (`sedna-lease-renewal-ms`), if anything.
+    fn renewal_ask_ms(&self) -> Option<u64> {
+        let every = self.lease_policy().renewal_interval()?;
+        Some(u64::try_from(every.as_millis()).unwrap_or(u64::MAX))
+    }
+
     fn dispatch(&self, routed: Vec<(String, Downstream)>) {
         if routed.is_empty() {
             return;
@@ -1073,10 +1080,10 @@ async fn admit_framed(
         Ok((node, issued))
     });
     let mut answer = frame::answer_of(admitted.as_ref().map(|_| ()));
-    if let (Ok(_), Some(every)) = (&admitted, shared.lease_policy().renewal_interval()) {
+    if let (Ok(_), Some(ms)) = (&admitted, shared.renewal_ask_ms()) {
         answer.metadata.insert(
             sedna_proto::LEASE_RENEWAL_METADATA.to_owned(),
-            every.as_millis().to_string(),
+            ms.to_string(),
         );
     }
     let answered = tokio::time::timeout(deadline, frame::write_frame(&mut write, &answer)).await;
@@ -1231,11 +1238,10 @@ impl HubService for Service {
             rx.recv().await.map(|m| (Ok(*m), rx))
         });
         let mut response = Response::new(stream.boxed());
-        if let Some(every) = self.shared.lease_policy().renewal_interval() {
-            response.metadata_mut().insert(
-                sedna_proto::LEASE_RENEWAL_METADATA,
-                u64::try_from(every.as_millis()).unwrap_or(u64::MAX).into(),
-            );
+        if let Some(ms) = self.shared.renewal_ask_ms() {
+            response
+                .metadata_mut()
+                .insert(sedna_proto::LEASE_RENEWAL_METADATA, ms.into());
         }
         Ok(response)
     }

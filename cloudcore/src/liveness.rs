@@ -11,7 +11,7 @@
 //!   session — a hub that takes the partition over, `kubectl`. It is written once every
 //!   `refresh` (default 2 minutes) with its duration stretched by `refresh` and one renewal
 //!   interval, so it never reads as expired while the node is connected:
-//!   [`LeasePolicy::Refresh`]. Renewals every 10 s would be thrown away five times in six,
+//!   [`LeasePolicy::Refresh`]. Renewals every 10 s would be thrown away eleven times in twelve,
 //!   so the hub asks its nodes to renew every quarter `refresh` instead (30 s;
 //!   [`LeasePolicy::renewal_interval`], sent as `sedna-lease-renewal-ms` when a node
 //!   attaches); the session's heartbeats (every 15 s each way) keep proving it alive in

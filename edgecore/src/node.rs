@@ -342,8 +342,9 @@ pub async fn run(
                     let status = hub.borrow_and_update();
                     (status.connected, status.lease_renewal)
                 };
-                if connected && renewal_every(&config, asked) != every {
-                    every = renewal_every(&config, asked);
+                let wanted = renewal_every(&config, asked);
+                if connected && wanted != every {
+                    every = wanted;
                     lease = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
                 }
                 let reconnected = connected && !was_connected;
