@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
 
 use crate::gate::{GateLimits, HandshakeGate};
+use crate::interest::{FLEET, Interest, NodeSeen};
 use crate::pki::HubPki;
 use crate::router::{Downstream, Kind, ObjKey, Object, Router};
 use crate::session::{Input, Output, Session, SessionConfig};
@@ -216,6 +217,12 @@ struct Shared {
     stats: Arc<HubStats>,
     streams: crate::streams::Streams,
     tier: Option<Arc<crate::tier::Tier>>,
+    /// Which of the fleet's objects this hub keeps (see [`crate::interest`]).
+    interest: Mutex<Interest>,
+    /// The generation the fleet kinds should have listed ([`Interest::generation`]).
+    relist: watch::Sender<u64>,
+    /// Grows whenever what is loaded or wanted changes (sessions wait for their node).
+    loaded: watch::Sender<u64>,
     /// Permits for edge writes to the API (see [`HubConfig::max_upstream_in_flight`]): node
     /// liveness writes (Lease, Node) and the others.
     liveness_permits: Arc<tokio::sync::Semaphore>,
@@ -233,6 +240,75 @@ impl Shared {
         self.sessions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn interest(&self) -> std::sync::MutexGuard<'_, Interest> {
+        self.interest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The partitions this hub wants the fleet's objects of now: their objects are listed
+    /// again if it gained some, forgotten if it dropped some.
+    fn want(&self, partitions: &[u32]) {
+        let (wanted, generation) = {
+            let mut interest = self.interest();
+            (interest.want(partitions), interest.generation())
+        };
+        if wanted.relist {
+            self.relist.send_replace(generation);
+        }
+        if !wanted.dropped.is_empty() {
+            tracing::info!(partitions = ?wanted.dropped, "forgetting the objects of partitions no longer served");
+            self.forget_unkept();
+        }
+        if wanted.relist || !wanted.dropped.is_empty() {
+            self.loaded.send_modify(|g| *g += 1);
+        }
+    }
+
+    /// Drops the cached objects of nodes this hub no longer keeps (their sessions ended).
+    fn forget_unkept(&self) {
+        let bound = self.router().node_bound();
+        let gone: Vec<ObjKey> = {
+            let interest = self.interest();
+            bound
+                .into_iter()
+                .filter(|(_, node)| !interest.keeps(node))
+                .map(|(key, _)| key)
+                .collect()
+        };
+        let mut routed = Vec::new();
+        {
+            let mut router = self.router();
+            for key in &gone {
+                routed.extend(router.delete(key));
+            }
+        }
+        self.dispatch(routed);
+    }
+
+    /// Whether `node`'s session may be sent its view: every kind listed once and its
+    /// objects loaded (waits for both); `false` if it is no longer served here.
+    async fn view_ready(&self, node: &str) -> bool {
+        let mut ready = self.ready.subscribe();
+        let mut loaded = self.loaded.subscribe();
+        loop {
+            loaded.borrow_and_update();
+            if *ready.borrow_and_update() {
+                let interest = self.interest();
+                if interest.ready(node) {
+                    return true;
+                }
+                if !interest.keeps(node) {
+                    return false;
+                }
+            }
+            tokio::select! {
+                r = ready.changed() => if r.is_err() { return false },
+                l = loaded.changed() => if l.is_err() { return false },
+            }
+        }
     }
 
     fn lost(&self) -> std::sync::MutexGuard<'_, HashMap<String, (jiff::Timestamp, Duration)>> {
@@ -315,6 +391,16 @@ impl Hub {
             .tier
             .clone()
             .map(|t| Arc::new(crate::tier::Tier::new(t)));
+        let interest = match &config.tier {
+            None => Interest::everything(),
+            Some(t) if t.mode == crate::partitions::Mode::Static => Interest::tier(
+                t.partitions,
+                Some(&[&t.primary[..], &t.standby[..]].concat()),
+            ),
+            Some(t) => Interest::tier(t.partitions, None),
+        };
+        let (relist, _) = watch::channel(interest.generation());
+        let (loaded, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             shutdown: shutdown_rx.clone(),
             router: Mutex::new(Router::new()),
@@ -329,6 +415,9 @@ impl Hub {
             revocations: crate::revocation::Revocations::default(),
             streams: crate::streams::Streams::new(config_streams),
             tier,
+            interest: Mutex::new(interest),
+            relist,
+            loaded,
             liveness_permits: Arc::new(tokio::sync::Semaphore::new(liveness_in_flight)),
             workload_permits: Arc::new(tokio::sync::Semaphore::new(workload_in_flight)),
         });
@@ -350,9 +439,19 @@ impl Hub {
                 tier,
                 shared.client.clone(),
                 shared.stats.clone(),
-                move |lost| {
+                move |serving, gone| {
                     if let Some(shared) = weak.upgrade() {
-                        end_sessions_in(&shared, lost);
+                        if !gone.is_empty() {
+                            end_sessions_in(&shared, gone);
+                        }
+                        let multi = shared
+                            .config
+                            .tier
+                            .as_ref()
+                            .is_some_and(|t| t.mode == crate::partitions::Mode::MultiPrimary);
+                        if multi {
+                            shared.want(serving);
+                        }
                     }
                 },
             )));
@@ -432,6 +531,27 @@ impl Hub {
         nodes
     }
 
+    /// The objects of `kind` this hub caches now, as `namespace/name` (`name` for Nodes),
+    /// sorted: in a tier, a Node, node Lease or bound Pod only if its node's partition is
+    /// kept here (see [`crate::interest`]).
+    pub fn cached(&self, kind: Kind) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .shared
+            .router()
+            .keys_of(kind)
+            .into_iter()
+            .map(|k| {
+                if k.namespace.is_empty() {
+                    k.name
+                } else {
+                    format!("{}/{}", k.namespace, k.name)
+                }
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
     /// Whether every kind has been listed once (sessions wait for it).
     pub fn is_ready(&self) -> bool {
         *self.shared.ready.borrow()
@@ -492,28 +612,24 @@ async fn open_stream(
     }
 }
 
-/// The labels of a node, from the hub's cache.
-fn node_labels(shared: &Shared, node: &str) -> Option<std::collections::BTreeMap<String, String>> {
-    let labels = shared
-        .router()
-        .get(&ObjKey::new(Kind::Node, "", node))?
-        .value()
-        .pointer_mut("/metadata/labels")?
-        .take();
-    serde_json::from_value(labels).ok()
+/// Ends `node`'s session here, if it has one (it dials again and is sent where it belongs).
+fn end_session(shared: &Shared, node: &str) {
+    drop(shared.sessions().remove(node));
+    shared.router().detach(node);
 }
 
 /// Ends the sessions of nodes in partitions this hub no longer serves; they dial again and
 /// are sent to the new owner.
 fn end_sessions_in(shared: &Shared, lost: &[u32]) {
-    let Some(tier) = &shared.tier else { return };
+    if shared.tier.is_none() {
+        return;
+    }
     let nodes: Vec<String> = shared.sessions().keys().cloned().collect();
     for node in nodes {
-        let labels = node_labels(shared, &node);
-        if lost.contains(&tier.partition_of(&node, labels.as_ref())) {
+        let partition = shared.interest().partition(&node);
+        if lost.contains(&partition) {
             tracing::info!(%node, "partition lost: ending the node's session");
-            drop(shared.sessions().remove(&node));
-            shared.router().detach(&node);
+            end_session(shared, &node);
         }
     }
 }
@@ -577,11 +693,13 @@ async fn node_lifecycle(shared: Arc<Shared>, config: crate::lifecycle::Lifecycle
     loop {
         tick.tick().await;
         // In a tier, each hub looks after the nodes of its partitions.
+        // Not before its objects are loaded (a Lease not listed yet is not an expired one).
         let serves = |node: &str, label: Option<&str>| {
             shared
                 .tier
                 .as_ref()
                 .is_none_or(|t| t.serves_node(node, label))
+                && shared.interest().ready(node)
         };
         let work = {
             let router = shared.router();
@@ -643,7 +761,6 @@ async fn follow_revocations(shared: Arc<Shared>) {
     }
 }
 
-/// One shared watch of a kind: feeds the router, reports its first complete list.
 /// A deleted Node: its certificates issued until now are revoked (recorded in the API, so
 /// other hubs and restarts see it) and its session, if any, ends.
 async fn revoke(shared: &Shared, node: &str) {
@@ -656,6 +773,76 @@ async fn revoke(shared: &Shared, node: &str) {
     tracing::warn!(%node, "Node deleted: its certificates are revoked");
 }
 
+/// Whether this hub keeps `o`, of `kind` (see [`crate::interest`]). A Node moving in or out
+/// of what this hub keeps asks for a list of the fleet's kinds, or ends its session here.
+fn admit(shared: &Shared, kind: Kind, o: &DynamicObject) -> bool {
+    let name = o.metadata.name.as_deref().unwrap_or_default();
+    match kind {
+        Kind::Node => {
+            let label = o
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(crate::partitions::PARTITION_LABEL))
+                .map(String::as_str);
+            let (seen, generation) = {
+                let mut interest = shared.interest();
+                (interest.node_seen(name, label), interest.generation())
+            };
+            match seen {
+                NodeSeen::Keep => true,
+                NodeSeen::Skip => false,
+                NodeSeen::KeepAndRelist => {
+                    tracing::info!(
+                        node = name,
+                        "Node moved into a partition served here: listing its objects"
+                    );
+                    shared.relist.send_replace(generation);
+                    true
+                }
+                NodeSeen::Forget => {
+                    tracing::info!(node = name, "Node moved out of the partitions served here");
+                    end_session(shared, name);
+                    shared.forget_unkept();
+                    shared.loaded.send_modify(|g| *g += 1);
+                    false
+                }
+            }
+        }
+        Kind::Lease => shared.interest().keeps(name),
+        Kind::Pod => match o.data.pointer("/spec/nodeName").and_then(|n| n.as_str()) {
+            Some(node) if !node.is_empty() => shared.interest().keeps(node),
+            _ => true,
+        },
+        _ => true,
+    }
+}
+
+/// Caches `o` if this hub keeps it (dropping an older copy otherwise) and routes the change.
+fn cache(shared: &Shared, kind: Kind, o: DynamicObject) {
+    if !admit(shared, kind, &o) {
+        let key = ObjKey::new(
+            kind,
+            o.metadata.namespace.as_deref().unwrap_or_default(),
+            o.metadata.name.as_deref().unwrap_or_default(),
+        );
+        let routed = shared.router().delete(&key);
+        shared.dispatch(routed);
+        return;
+    }
+    let Some(obj) = serde_json::to_value(o)
+        .ok()
+        .and_then(|v| Object::from_value(kind, v))
+    else {
+        return;
+    };
+    let routed = shared.router().upsert(obj);
+    shared.dispatch(routed);
+}
+
+/// One shared watch of a kind: feeds the router, reports its first complete list. The fleet's
+/// kinds ([`FLEET`]) list only once the hub knows which partitions it keeps, and list again
+/// when it keeps more ([`Interest::generation`]); a list under way is finished first.
 async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender<Kind>) {
     let resource = upstream::api_resource(kind);
     let api: Api<DynamicObject> = if kind == Kind::Lease {
@@ -663,76 +850,113 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
     } else {
         Api::all_with(shared.client.clone(), &resource)
     };
-    let mut stream = watcher(api, watcher::Config::default()).boxed();
-    let mut relisted: Option<HashSet<ObjKey>> = None;
+    let fleet = FLEET.contains(&kind);
+    let mut relist = shared.relist.subscribe();
     let mut reported = false;
     let mut backoff = Duration::from_millis(200);
-    while let Some(event) = stream.next().await {
-        let to_object = |o: DynamicObject| {
-            serde_json::to_value(o)
-                .ok()
-                .and_then(|v| Object::from_value(kind, v))
+    loop {
+        let generation = if fleet {
+            match relist.wait_for(|g| *g > 0).await {
+                Ok(g) => *g,
+                Err(_) => return,
+            }
+        } else {
+            0
         };
-        match event {
-            Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
-            Ok(watcher::Event::InitApply(o)) => {
-                if let Some(obj) = to_object(o) {
+        let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
+        let mut relisted: Option<HashSet<ObjKey>> = None;
+        loop {
+            let event = tokio::select! {
+                event = stream.next() => match event {
+                    Some(event) => event,
+                    None => return,
+                },
+                changed = relist.changed(), if fleet && relisted.is_none() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    break;
+                }
+            };
+            match event {
+                Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
+                Ok(watcher::Event::InitApply(o)) => {
                     if let Some(seen) = relisted.as_mut() {
-                        seen.insert(obj.key.clone());
+                        seen.insert(ObjKey::new(
+                            kind,
+                            o.metadata.namespace.as_deref().unwrap_or_default(),
+                            o.metadata.name.as_deref().unwrap_or_default(),
+                        ));
                     }
-                    let routed = shared.router().upsert(obj);
-                    shared.dispatch(routed);
+                    cache(&shared, kind, o);
                 }
-            }
-            Ok(watcher::Event::InitDone) => {
-                if let Some(seen) = relisted.take() {
-                    let stale: Vec<ObjKey> = shared
-                        .router()
-                        .keys_of(kind)
-                        .into_iter()
-                        .filter(|k| !seen.contains(k))
-                        .collect();
-                    for key in stale {
-                        if key.kind == Kind::Node {
-                            revoke(&shared, &key.name).await;
+                Ok(watcher::Event::InitDone) => {
+                    if let Some(seen) = relisted.take() {
+                        if kind == Kind::Node {
+                            // Every Node seen before, cached here or not: its certificates
+                            // are revoked.
+                            let gone: Vec<String> = shared
+                                .interest()
+                                .nodes()
+                                .filter(|n| !seen.contains(&ObjKey::new(Kind::Node, "", n)))
+                                .map(str::to_owned)
+                                .collect();
+                            for node in gone {
+                                revoke(&shared, &node).await;
+                                shared.interest().node_gone(&node);
+                            }
                         }
-                        let routed = shared.router().delete(&key);
-                        shared.dispatch(routed);
+                        let stale: Vec<ObjKey> = shared
+                            .router()
+                            .keys_of(kind)
+                            .into_iter()
+                            .filter(|k| !seen.contains(k))
+                            .collect();
+                        for key in stale {
+                            let routed = shared.router().delete(&key);
+                            shared.dispatch(routed);
+                        }
+                    }
+                    if fleet && shared.interest().listed(kind, generation) {
+                        shared.loaded.send_modify(|g| *g += 1);
+                    }
+                    if !reported {
+                        reported = true;
+                        let _ = init.send(kind);
+                    }
+                    backoff = Duration::from_millis(200);
+                    if fleet && *relist.borrow() != generation {
+                        break;
                     }
                 }
-                if !reported {
-                    reported = true;
-                    let _ = init.send(kind);
-                }
-                backoff = Duration::from_millis(200);
-            }
-            Ok(watcher::Event::Apply(o)) => {
-                if let Some(obj) = to_object(o) {
-                    let routed = shared.router().upsert(obj);
-                    shared.dispatch(routed);
-                }
-            }
-            Ok(watcher::Event::Delete(o)) => {
-                if let Some(obj) = to_object(o) {
+                Ok(watcher::Event::Apply(o)) => cache(&shared, kind, o),
+                Ok(watcher::Event::Delete(o)) => {
+                    let name = o.metadata.name.as_deref().unwrap_or_default();
                     if kind == Kind::Node {
-                        revoke(&shared, &obj.key.name).await;
+                        revoke(&shared, name).await;
+                        shared.interest().node_gone(name);
                     }
-                    let routed = shared.router().delete(&obj.key);
+                    let key = ObjKey::new(
+                        kind,
+                        o.metadata.namespace.as_deref().unwrap_or_default(),
+                        name,
+                    );
+                    let routed = shared.router().delete(&key);
                     shared.dispatch(routed);
                 }
-            }
-            Err(e) => {
-                // A kind whose CRD is not installed lists as empty until it is.
-                let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
-                if missing && !reported {
-                    reported = true;
-                    let _ = init.send(kind);
+                Err(e) => {
+                    // A kind whose CRD is not installed lists as empty until it is.
+                    let missing = matches!(&e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404);
+                    if missing && !reported {
+                        reported = true;
+                        let _ = init.send(kind);
+                    }
+                    if !missing {
+                        tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying");
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
-                if !missing {
-                    tracing::warn!(kind = kind.name(), error = %e, "watch failed; retrying");
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     }
@@ -987,8 +1211,8 @@ fn place(shared: &Shared, node: &str, unreachable: Option<&str>) -> Result<(), S
     let Some(tier) = &shared.tier else {
         return Ok(());
     };
-    let labels = node_labels(shared, node);
-    match tier.place(node, labels.as_ref(), unreachable) {
+    let label = shared.interest().label(node).map(str::to_owned);
+    match tier.place(node, label.as_deref(), unreachable) {
         crate::tier::Placement::Here => Ok(()),
         crate::tier::Placement::Elsewhere {
             partition,
@@ -1365,11 +1589,9 @@ async fn run_session<S, E>(
                     }
                 }
                 Output::RequestView => {
-                    let mut ready = shared.ready.subscribe();
-                    while !*ready.borrow_and_update() {
-                        if ready.changed().await.is_err() {
-                            break 'session;
-                        }
+                    if !shared.view_ready(&node).await {
+                        tracing::info!(%node, "no longer served here: ending the session");
+                        break 'session;
                     }
                     let Some(routed) = routed_tx.take() else {
                         continue;

@@ -15,9 +15,11 @@
 //! - [`streams`]: streams to nodes for `kubectl logs`, `exec`, `attach`, `port-forward`.
 //! - [`partitions`], [`tier`]: several hubs sharing the nodes, partitions negotiated through
 //!   Leases, nodes redirected to the hub that serves them.
+//! - [`interest`]: which of the fleet's objects a hub of a tier keeps (pure).
 //! - [`hub`]: the tokio shell: listener, gRPC service, shared watches, sessions.
 pub mod gate;
 pub mod hub;
+pub mod interest;
 pub mod lifecycle;
 pub mod liveness;
 pub mod partitions;

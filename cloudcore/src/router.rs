@@ -552,6 +552,22 @@ impl Router {
             .collect()
     }
 
+    /// The cached objects that belong to one node, with it: Nodes, node Leases (named after
+    /// their node) and the Pods bound to a node (see [`crate::interest`]).
+    pub fn node_bound(&self) -> Vec<(ObjKey, Box<str>)> {
+        self.objects
+            .iter()
+            .filter_map(|(key, obj)| {
+                let node = match key.kind {
+                    Kind::Node | Kind::Lease => &*key.name,
+                    Kind::Pod => obj.node_name()?,
+                    _ => return None,
+                };
+                Some((key.clone(), node.into()))
+            })
+            .collect()
+    }
+
     fn index(&mut self, obj: &Arc<Object>, insert: bool) {
         let key = obj.key.clone();
         let node = obj.node_name().unwrap_or_default().to_owned();

@@ -110,16 +110,12 @@ impl Tier {
         self.state().held.serves(partition, now_ms())
     }
 
-    /// Where the node's session belongs now. `unreachable` is a hub address the node says it
-    /// was sent to and could not reach: a node of a partition held there is told to come back
-    /// when the partition can be claimed instead (a node can only delay itself with it).
-    pub fn place(
-        &self,
-        node: &str,
-        labels: Option<&BTreeMap<String, String>>,
-        unreachable: Option<&str>,
-    ) -> Placement {
-        let partition = self.partition_of(node, labels);
+    /// Where the node's session belongs now, given its partition label's value. `unreachable`
+    /// is a hub address the node says it was sent to and could not reach: a node of a
+    /// partition held there is told to come back when the partition can be claimed instead (a
+    /// node can only delay itself with it).
+    pub fn place(&self, node: &str, label: Option<&str>, unreachable: Option<&str>) -> Placement {
+        let partition = partitions::partition_of_labelled(node, label, self.config.partitions);
         let state = self.state();
         if state.held.serves(partition, now_ms()) {
             return Placement::Here;
@@ -277,12 +273,13 @@ async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
 
 /// Runs the tier: every third of the lease duration, and just after another hub's Lease
 /// runs out ([`partitions::next_expiry`]), renew membership, read, plan, write.
-/// `lost` is called with the partitions this hub stopped serving (their sessions must end).
+/// `on_round` is called after every round with the partitions this hub serves now and those
+/// it stopped serving (their sessions must end).
 pub(crate) async fn run(
     tier: std::sync::Arc<Tier>,
     client: kube::Client,
     stats: std::sync::Arc<crate::HubStats>,
-    lost: impl Fn(&[u32]),
+    on_round: impl Fn(&[u32], &[u32]),
 ) {
     let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
     let c = tier.config.clone();
@@ -434,9 +431,7 @@ pub(crate) async fn run(
             now_serving.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        if !gone.is_empty() {
-            lost(&gone);
-        }
+        on_round(&now_serving, &gone);
         serving = now_serving;
     }
 }

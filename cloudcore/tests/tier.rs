@@ -270,6 +270,104 @@ async fn settled(
     }
 }
 
+fn pod_for(node: &str, n: u32) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("p-{node}-{n}")},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": "sh"}]},
+    }))
+    .unwrap()
+}
+
+/// Waits until every hub caches the Node, Lease and Pods of exactly the nodes of the
+/// partitions it serves, and nothing of the others.
+async fn caches_follow_partitions(tier: &Tier, edges: &BTreeMap<String, EdgeHub>) {
+    use sedna_cloudcore::router::Kind;
+    let start = Instant::now();
+    loop {
+        let wrong: Vec<String> = {
+            let hubs = tier.hubs.lock().unwrap();
+            hubs.iter()
+                .filter_map(|(id, hub)| {
+                    let served = hub.served_partitions().unwrap_or_default();
+                    let mine: Vec<&String> = edges
+                        .keys()
+                        .filter(|n| {
+                            served.contains(&sedna_cloudcore::partitions::partition_of(
+                                n, None, PARTITIONS,
+                            ))
+                        })
+                        .collect();
+                    let want = |f: &dyn Fn(&str) -> String| {
+                        let mut v: Vec<String> = mine.iter().map(|n| f(n)).collect();
+                        v.sort();
+                        v
+                    };
+                    let (nodes, leases, pods) = (
+                        hub.cached(Kind::Node),
+                        hub.cached(Kind::Lease),
+                        hub.cached(Kind::Pod),
+                    );
+                    let ok = nodes == want(&|n| n.to_owned())
+                        && leases == want(&|n| format!("kube-node-lease/{n}"))
+                        && pods == want(&|n| format!("default/p-{n}-1"));
+                    (!ok).then(|| {
+                        format!("{id} serves {served:?} and caches {nodes:?} {leases:?} {pods:?}")
+                    })
+                })
+                .collect()
+        };
+        if wrong.is_empty() {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "hubs cache what they do not serve: {wrong:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Deletes the hubs sent to nodes (none is wanted: nothing is deleted in the API).
+fn deletes_sent(tier: &Tier) -> u64 {
+    tier.hubs
+        .lock()
+        .unwrap()
+        .values()
+        .map(|h| {
+            h.stats()
+                .deletes_sent
+                .load(std::sync::atomic::Ordering::Relaxed)
+        })
+        .sum()
+}
+
+/// Every node holds its own pod, and only it.
+async fn every_node_holds_its_pod(edges: &BTreeMap<String, EdgeHub>) {
+    let start = Instant::now();
+    for (node, edge) in edges {
+        loop {
+            let held: Vec<String> = edge
+                .store()
+                .list("Pod")
+                .unwrap()
+                .into_iter()
+                .map(|o| o.name)
+                .collect();
+            if held == [format!("p-{node}-1")] {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "{node} holds {held:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Also: each hub caches the fleet's objects (Nodes, Leases, bound Pods) of its own partitions
+/// only, loads a gained partition's before serving its nodes (no node is ever told to delete
+/// its pod) and forgets a lost one's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_serving_twice() {
     let mut tier = Tier::start(Mode::MultiPrimary).await;
@@ -282,12 +380,41 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
     partitions_settled(&tier, &["h1", "h2", "h3"]).await;
     shares_settled(&tier).await;
     let seeds = tier.seeds("h1");
+    let pods: Api<Pod> = Api::namespaced(tier.client.clone(), "default");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(tier.client.clone());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(tier.client.clone(), "kube-node-lease");
     let mut edges = BTreeMap::new();
     for i in 0..12 {
         let node = format!("edge-{i}");
+        pods.create(&PostParams::default(), &pod_for(&node, 1))
+            .await
+            .unwrap();
+        // Its Node and Lease (these edges write neither: the tier runs without a node
+        // lifecycle).
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": node}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        leases
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": node, "namespace": "kube-node-lease"},
+                    "spec": {"holderIdentity": node},
+                }))
+                .unwrap(),
+            )
+            .await
+            .unwrap();
         edges.insert(node.clone(), tier.edge(&node, &seeds).await);
     }
     let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    caches_follow_partitions(&tier, &edges).await;
+    every_node_holds_its_pod(&edges).await;
     let owners = tier.hubs.lock().unwrap()["h1"].partition_owners().unwrap();
     for (node, hub) in &at {
         let p = sedna_cloudcore::partitions::partition_of(node, None, PARTITIONS);
@@ -319,6 +446,8 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
     let took = stopped.elapsed();
     assert!(at.values().all(|h| h != "h2"));
     assert!(took < LEASE * 4, "takeover took {took:?}");
+    caches_follow_partitions(&tier, &edges).await;
+    every_node_holds_its_pod(&edges).await;
     eprintln!(
         "{} nodes of a stopped hub served again after {took:?}",
         on_h2.len()
@@ -349,6 +478,13 @@ async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_s
             assert_eq!(&before[node], hub, "{node} moved between hubs that stayed");
         }
     }
+    caches_follow_partitions(&tier, &edges).await;
+    every_node_holds_its_pod(&edges).await;
+    assert_eq!(
+        deletes_sent(&tier),
+        0,
+        "a node was told to delete something"
+    );
     sampling.abort();
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
@@ -384,13 +520,6 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
 
     // A pod for every node before the takeover, another while b serves them all.
     let pods: Api<Pod> = Api::namespaced(tier.client.clone(), "default");
-    let pod_for = |node: &str, n: u32| -> Pod {
-        serde_json::from_value(serde_json::json!({
-            "metadata": {"name": format!("p-{node}-{n}")},
-            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "sh"}]},
-        }))
-        .unwrap()
-    };
     for node in edges.keys() {
         pods.create(&PostParams::default(), &pod_for(node, 1))
             .await
