@@ -439,6 +439,7 @@ async fn orchestrate(args: Args) -> Result<()> {
             ]);
         }
         let log = std::fs::File::create(std::env::temp_dir().join(format!("hub-bench-{id}.log")))?;
+        let mut log_out = log.try_clone()?;
         let child = c.stdout(Stdio::piped()).stderr(log).spawn()?;
         let mut hub = Killed(child);
         // A line says it listens (and the shared CA exists for the next hub); a wrapper may
@@ -452,8 +453,8 @@ async fn orchestrate(args: Args) -> Result<()> {
             }
         }
         anyhow::ensure!(line.contains("hub listening"), "hub {id}: {line}");
-        // Keep draining its output so it never blocks on a full pipe.
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        // Keep draining its output (to its log) so it never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut log_out));
         hubs.push(Hub {
             id,
             addr: format!("127.0.0.1:{port}"),

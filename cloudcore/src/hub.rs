@@ -289,18 +289,27 @@ impl Shared {
     }
 
     /// Whether `node`'s session may be sent its view: every kind listed once and its
-    /// objects loaded (waits for both); `false` if it is no longer served here.
+    /// objects loaded (waits for both); `false` once the tier no longer serves it here.
     async fn view_ready(&self, node: &str) -> bool {
         let mut ready = self.ready.subscribe();
         let mut loaded = self.loaded.subscribe();
         loop {
             loaded.borrow_and_update();
             if *ready.borrow_and_update() {
-                let interest = self.interest();
-                if interest.ready(node) {
+                let (loaded, label) = {
+                    let interest = self.interest();
+                    (
+                        interest.ready(node),
+                        interest.label(node).map(str::to_owned),
+                    )
+                };
+                if loaded {
                     return true;
                 }
-                if !interest.keeps(node) {
+                // A partition just claimed is served before its objects are wanted.
+                if let Some(tier) = &self.tier
+                    && !tier.serves_node(node, label.as_deref())
+                {
                     return false;
                 }
             }
@@ -863,6 +872,7 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
         } else {
             0
         };
+        let started = tokio::time::Instant::now();
         let mut stream = watcher(api.clone(), watcher::Config::default()).boxed();
         let mut relisted: Option<HashSet<ObjKey>> = None;
         loop {
@@ -919,6 +929,14 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
                     }
                     if fleet && shared.interest().listed(kind, generation) {
                         shared.loaded.send_modify(|g| *g += 1);
+                    }
+                    if fleet {
+                        tracing::info!(
+                            kind = kind.name(),
+                            generation,
+                            ms = started.elapsed().as_millis() as u64,
+                            "fleet kind listed"
+                        );
                     }
                     if !reported {
                         reported = true;

@@ -273,13 +273,14 @@ async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
 
 /// Runs the tier: every third of the lease duration, and just after another hub's Lease
 /// runs out ([`partitions::next_expiry`]), renew membership, read, plan, write.
-/// `on_round` is called after every round with the partitions this hub serves now and those
-/// it stopped serving (their sessions must end).
+/// `on_change` is called with the partitions this hub serves now and those it stopped serving
+/// (their sessions must end): after every round, and after each claim (the hub then lists the
+/// partition's objects without waiting for the round's other writes).
 pub(crate) async fn run(
     tier: std::sync::Arc<Tier>,
     client: kube::Client,
     stats: std::sync::Arc<crate::HubStats>,
-    on_round: impl Fn(&[u32], &[u32]),
+    on_change: impl Fn(&[u32], &[u32]),
 ) {
     let api: Api<Lease> = Api::namespaced(client, NAMESPACE);
     let c = tier.config.clone();
@@ -373,7 +374,7 @@ pub(crate) async fn run(
             if holder.is_empty() {
                 tier.state().held.drop_partition(p);
             }
-            let (api, tier, c) = (&api, &tier, &c);
+            let (api, tier, c, on_change) = (&api, &tier, &c, &on_change);
             async move {
                 let at = now_ms();
                 let l = lease(
@@ -387,10 +388,11 @@ pub(crate) async fn run(
                 );
                 match tokio::time::timeout(c.lease / 3, write(api, &l)).await {
                     Ok(Ok(())) if !holder.is_empty() => {
+                        tier.state().held.confirm(p, at, lease_ms);
                         if matches!(action, Action::Claim { .. }) {
                             tracing::info!(hub = %c.id, partition = p, "partition claimed");
+                            on_change(&tier.served(), &[]);
                         }
-                        tier.state().held.confirm(p, at, lease_ms);
                     }
                     Ok(Ok(())) => tracing::info!(hub = %c.id, partition = p, "partition released"),
                     Ok(Err(e)) => {
@@ -431,7 +433,7 @@ pub(crate) async fn run(
             now_serving.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        on_round(&now_serving, &gone);
+        on_change(&now_serving, &gone);
         serving = now_serving;
     }
 }
