@@ -448,7 +448,7 @@ impl Hub {
                 tier,
                 shared.client.clone(),
                 shared.stats.clone(),
-                move |serving, gone| {
+                move |kept, gone| {
                     if let Some(shared) = weak.upgrade() {
                         if !gone.is_empty() {
                             end_sessions_in(&shared, gone);
@@ -459,7 +459,7 @@ impl Hub {
                             .as_ref()
                             .is_some_and(|t| t.mode == crate::partitions::Mode::MultiPrimary);
                         if multi {
-                            shared.want(serving);
+                            shared.want(kept);
                         }
                     }
                 },
@@ -525,6 +525,12 @@ impl Hub {
     /// The partitions this hub serves now (`None` outside a tier).
     pub fn served_partitions(&self) -> Option<Vec<u32>> {
         self.shared.tier.as_ref().map(|t| t.served())
+    }
+
+    /// The partitions whose nodes' objects this hub keeps: those it serves and, with every
+    /// hub active, those it would take over if one other hub died (`None` outside a tier).
+    pub fn kept_partitions(&self) -> Option<Vec<u32>> {
+        self.shared.tier.as_ref().map(|t| t.kept())
     }
 
     /// Which hub of the tier serves each partition, as this hub last read it (`None` outside

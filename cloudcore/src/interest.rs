@@ -5,15 +5,19 @@
 //! that cached all of them for every node of the tier held `hubs` copies of the fleet, the
 //! first limit at 100,000 nodes; each hub also parsed every one of their writes. A hub now
 //! keeps a fleet object only if its node's partition is *wanted*: in static mode the
-//! partitions it is primary or standby for (a standby is warm, so a takeover lists nothing),
-//! in multi-primary mode those it serves. Every other kind (ConfigMaps, Secrets, workloads,
-//! Models, Datasets, Devices) is still kept whole: any node may need any of them.
+//! partitions it is primary or standby for, in multi-primary mode those it serves and those
+//! it would take over if any one other hub died ([`crate::partitions::warm_partitions`]).
+//! Either way the hub that takes a dead hub's partition over already holds its objects and
+//! lists nothing in the storm. Each fleet object is kept by two hubs, not by all of them.
+//! Every other kind (ConfigMaps, Secrets, workloads, Models, Datasets, Devices) is still kept
+//! whole: any node may need any of them.
 //!
-//! A hub gains partitions only in multi-primary mode. Their objects are not cached then, so
-//! the fleet kinds are listed again (a *generation*); until that list has completed for all
-//! three kinds a gained partition is *loading*, and its nodes' sessions wait before they are
-//! sent their view: an empty view would tell a node to delete what it runs. A lost
-//! partition's objects are forgotten once its nodes' sessions have ended.
+//! The wanted partitions change only in multi-primary mode, when hubs join, leave or die. A
+//! gained partition's objects are not cached, so the fleet kinds are listed again (a
+//! *generation*); until that list has completed for all three kinds the partition is
+//! *loading*, and its nodes' sessions wait before they are sent their view: an empty view
+//! would tell a node to delete what it runs. A dropped partition's objects are forgotten
+//! once its nodes' sessions have ended.
 //!
 //! A node's partition is its partition label if it has one, else a hash of its name
 //! ([`crate::partitions::partition_of_labelled`]). The label of every Node is kept, cached

@@ -22,7 +22,7 @@
 //!
 //! Everything here is pure: the hub's tier loop reads the Leases, calls [`plan`], writes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -170,6 +170,59 @@ pub fn desired_owners<'a>(
             .collect(),
         Mode::MultiPrimary => balanced(partitions, &live, holders),
     }
+}
+
+/// The partitions hub `me` should keep warm (their objects cached) besides those it serves:
+/// those the tier's rules give it now, and those it would be given if any one other live hub
+/// left. So the hub taking a dead hub's partition over already holds its nodes' objects and
+/// lists nothing, as a static standby. With every hub active each partition is warm on two
+/// hubs, its owner and its heir (`2 P / n` per hub on average); with static partitions, a
+/// hub keeps its primary and standby partitions.
+pub fn warm_partitions(
+    me: &str,
+    partitions: u32,
+    mode: Mode,
+    members: &[Member],
+    holders: &HashMap<u32, &str>,
+    now_ms: i64,
+) -> Vec<u32> {
+    let mine = |owners: Vec<Option<&Member>>| -> Vec<u32> {
+        owners
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.is_some_and(|m| m.id == me))
+            .map(|(p, _)| p as u32)
+            .collect()
+    };
+    let mut warm: BTreeSet<u32> = mine(desired_owners(partitions, members, mode, holders, now_ms))
+        .into_iter()
+        .collect();
+    if mode == Mode::Static {
+        if let Some(m) = members.iter().find(|m| m.id == me) {
+            warm.extend(
+                m.primary
+                    .iter()
+                    .chain(&m.standby)
+                    .filter(|p| **p < partitions),
+            );
+        }
+        return warm.into_iter().collect();
+    }
+    let others: BTreeSet<&str> = members
+        .iter()
+        .filter(|m| m.live(now_ms) && m.id != me)
+        .map(|m| m.id.as_str())
+        .collect();
+    for gone in others {
+        let rest: Vec<Member> = members.iter().filter(|m| m.id != gone).cloned().collect();
+        let held: HashMap<u32, &str> = holders
+            .iter()
+            .filter(|(_, h)| **h != gone)
+            .map(|(p, h)| (*p, *h))
+            .collect();
+        warm.extend(mine(desired_owners(partitions, &rest, mode, &held, now_ms)));
+    }
+    warm.into_iter().collect()
 }
 
 /// A hub's rendezvous rank of partition `p` (higher first).
@@ -624,6 +677,68 @@ mod tests {
                 "{five:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_hub_taking_over_a_dead_hubs_partition_kept_it_warm_and_each_partition_is_warm_twice() {
+        for (partitions, n) in [(32, 3), (36, 6), (8, 3), (32, 4), (10, 2)] {
+            for set in 0..20 {
+                let ids: Vec<String> = (0..n).map(|i| format!("hub-{set}-{i}")).collect();
+                let members = hubs(&ids);
+                let owners = balanced_owners(partitions, &members, &[]);
+                let holders: HashMap<u32, &str> = owners
+                    .iter()
+                    .enumerate()
+                    .map(|(p, h)| (p as u32, h.as_str()))
+                    .collect();
+                let warm: BTreeMap<&str, Vec<u32>> = ids
+                    .iter()
+                    .map(|id| {
+                        let w = warm_partitions(
+                            id,
+                            partitions,
+                            Mode::MultiPrimary,
+                            &members,
+                            &holders,
+                            50,
+                        );
+                        (id.as_str(), w)
+                    })
+                    .collect();
+                for (p, owner) in owners.iter().enumerate() {
+                    assert!(
+                        warm[owner.as_str()].contains(&(p as u32)),
+                        "its own are warm"
+                    );
+                }
+                // Each partition is warm on two hubs: its owner and its one heir.
+                let total: usize = warm.values().map(Vec::len).sum();
+                assert_eq!(total, 2 * partitions as usize, "{warm:?}");
+                // Whichever hub dies, every partition lands on a hub that kept it warm.
+                for gone in &ids {
+                    let rest: Vec<String> = ids.iter().filter(|i| *i != gone).cloned().collect();
+                    let held: Vec<String> = owners
+                        .iter()
+                        .map(|o| if o == gone { "gone".into() } else { o.clone() })
+                        .collect();
+                    let after = balanced_owners(partitions, &hubs(&rest), &held);
+                    for (p, owner) in after.iter().enumerate() {
+                        assert!(
+                            warm[owner.as_str()].contains(&(p as u32)),
+                            "{gone} died: partition {p} went to {owner}, which kept {:?} warm",
+                            warm[owner.as_str()]
+                        );
+                    }
+                }
+            }
+        }
+        // Static: primary and standby, whoever serves now.
+        let members = vec![
+            member("a", &[0, 1], &[2], 100),
+            member("b", &[2], &[0, 1], 100),
+        ];
+        let w = warm_partitions("a", 4, Mode::Static, &members, &HashMap::new(), 50);
+        assert_eq!(w, vec![0, 1, 2]);
     }
 
     #[test]

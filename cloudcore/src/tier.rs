@@ -74,6 +74,9 @@ struct State {
     expires: HashMap<u32, i64>,
     /// The tier's members, from the last read.
     members: Vec<partitions::Member>,
+    /// Partitions to keep warm besides those served ([`partitions::warm_partitions`]), from
+    /// the last read.
+    warm: Vec<u32>,
 }
 
 /// The tier as this hub knows it.
@@ -188,6 +191,17 @@ impl Tier {
     pub fn served(&self) -> Vec<u32> {
         self.state().held.partitions(now_ms())
     }
+
+    /// The partitions whose nodes' objects this hub keeps: those it serves, and those it
+    /// would serve next ([`partitions::warm_partitions`]).
+    pub fn kept(&self) -> Vec<u32> {
+        let state = self.state();
+        let mut kept = state.held.partitions(now_ms());
+        kept.extend(&state.warm);
+        kept.sort_unstable();
+        kept.dedup();
+        kept
+    }
 }
 
 fn lease_ms(l: &Lease) -> Option<i64> {
@@ -273,9 +287,10 @@ async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
 
 /// Runs the tier: every third of the lease duration, and just after another hub's Lease
 /// runs out ([`partitions::next_expiry`]), renew membership, read, plan, write.
-/// `on_change` is called with the partitions this hub serves now and those it stopped serving
-/// (their sessions must end): after every round, and after each claim (the hub then lists the
-/// partition's objects without waiting for the round's other writes).
+/// `on_change` is called with the partitions whose objects this hub keeps ([`Tier::kept`]) and
+/// those it stopped serving (their sessions must end): after every round, and after each
+/// claim (a partition claimed cold is then listed without waiting for the round's other
+/// writes).
 pub(crate) async fn run(
     tier: std::sync::Arc<Tier>,
     client: kube::Client,
@@ -357,6 +372,14 @@ pub(crate) async fn run(
         };
         wake_at = partitions::next_expiry(&c.id, &members, &leases, sent);
         let actions = partitions::plan(&c.id, c.partitions, c.mode, &members, &leases, sent);
+        let warm = {
+            let holders: HashMap<u32, &str> = leases
+                .iter()
+                .filter_map(|l| Some((l.partition, l.holder_at(sent)?)))
+                .collect();
+            partitions::warm_partitions(&c.id, c.partitions, c.mode, &members, &holders, sent)
+        };
+        tier.state().warm = warm;
         // Every partition write at once, each timed from just before it is sent (a slow read
         // above must not eat into the serving margin) and bounded by a renewal period, so a
         // loaded API server delays one round, not the next.
@@ -391,7 +414,7 @@ pub(crate) async fn run(
                         tier.state().held.confirm(p, at, lease_ms);
                         if matches!(action, Action::Claim { .. }) {
                             tracing::info!(hub = %c.id, partition = p, "partition claimed");
-                            on_change(&tier.served(), &[]);
+                            on_change(&tier.kept(), &[]);
                         }
                     }
                     Ok(Ok(())) => tracing::info!(hub = %c.id, partition = p, "partition released"),
@@ -424,6 +447,7 @@ pub(crate) async fn run(
             state.members = members.clone();
             state.held.partitions(now_ms())
         };
+        let kept = tier.kept();
         let gone: Vec<u32> = serving
             .iter()
             .filter(|p| !now_serving.contains(p))
@@ -433,7 +457,7 @@ pub(crate) async fn run(
             now_serving.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
-        on_change(&now_serving, &gone);
+        on_change(&kept, &gone);
         serving = now_serving;
     }
 }

@@ -278,50 +278,64 @@ fn pod_for(node: &str, n: u32) -> Pod {
     .unwrap()
 }
 
-/// Waits until every hub caches the Node, Lease and Pods of exactly the nodes of the
-/// partitions it serves, and nothing of the others.
+/// Waits until every hub caches the Node, Lease and Pod of exactly the nodes of the
+/// partitions it keeps (those it serves, and those it would take over if one other hub died),
+/// and each node's are cached by exactly two hubs (its owner and its heir).
 async fn caches_follow_partitions(tier: &Tier, edges: &BTreeMap<String, EdgeHub>) {
     use sedna_cloudcore::router::Kind;
     let start = Instant::now();
     loop {
-        let wrong: Vec<String> = {
+        let mut wrong: Vec<String> = Vec::new();
+        let mut holders: BTreeMap<String, usize> = BTreeMap::new();
+        {
             let hubs = tier.hubs.lock().unwrap();
-            hubs.iter()
-                .filter_map(|(id, hub)| {
-                    let served = hub.served_partitions().unwrap_or_default();
-                    let mine: Vec<&String> = edges
-                        .keys()
-                        .filter(|n| {
-                            served.contains(&sedna_cloudcore::partitions::partition_of(
-                                n, None, PARTITIONS,
-                            ))
-                        })
-                        .collect();
-                    let want = |f: &dyn Fn(&str) -> String| {
-                        let mut v: Vec<String> = mine.iter().map(|n| f(n)).collect();
-                        v.sort();
-                        v
-                    };
-                    let (nodes, leases, pods) = (
-                        hub.cached(Kind::Node),
-                        hub.cached(Kind::Lease),
-                        hub.cached(Kind::Pod),
-                    );
-                    let ok = nodes == want(&|n| n.to_owned())
-                        && leases == want(&|n| format!("kube-node-lease/{n}"))
-                        && pods == want(&|n| format!("default/p-{n}-1"));
-                    (!ok).then(|| {
-                        format!("{id} serves {served:?} and caches {nodes:?} {leases:?} {pods:?}")
+            for (id, hub) in hubs.iter() {
+                let kept = hub.kept_partitions().unwrap_or_default();
+                let served = hub.served_partitions().unwrap_or_default();
+                let mine: Vec<&String> = edges
+                    .keys()
+                    .filter(|n| {
+                        kept.contains(&sedna_cloudcore::partitions::partition_of(
+                            n, None, PARTITIONS,
+                        ))
                     })
-                })
-                .collect()
-        };
+                    .collect();
+                let want = |f: &dyn Fn(&str) -> String| {
+                    let mut v: Vec<String> = mine.iter().map(|n| f(n)).collect();
+                    v.sort();
+                    v
+                };
+                let (nodes, leases, pods) = (
+                    hub.cached(Kind::Node),
+                    hub.cached(Kind::Lease),
+                    hub.cached(Kind::Pod),
+                );
+                for n in &nodes {
+                    *holders.entry(n.clone()).or_default() += 1;
+                }
+                if !served.iter().all(|p| kept.contains(p))
+                    || nodes != want(&|n| n.to_owned())
+                    || leases != want(&|n| format!("kube-node-lease/{n}"))
+                    || pods != want(&|n| format!("default/p-{n}-1"))
+                {
+                    wrong.push(format!(
+                        "{id} serves {served:?}, keeps {kept:?} and caches {nodes:?} {leases:?} {pods:?}"
+                    ));
+                }
+            }
+        }
+        for node in edges.keys() {
+            let on = holders.get(node).copied().unwrap_or(0);
+            if on != 2 {
+                wrong.push(format!("{node} cached by {on} hubs"));
+            }
+        }
         if wrong.is_empty() {
             return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(20),
-            "hubs cache what they do not serve: {wrong:?}"
+            "hubs cache other than what they keep: {wrong:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -365,9 +379,9 @@ async fn every_node_holds_its_pod(edges: &BTreeMap<String, EdgeHub>) {
     }
 }
 
-/// Also: each hub caches the fleet's objects (Nodes, Leases, bound Pods) of its own partitions
-/// only, loads a gained partition's before serving its nodes (no node is ever told to delete
-/// its pod) and forgets a lost one's.
+/// Also: each hub caches the fleet's objects (Nodes, Leases, bound Pods) of the partitions it
+/// serves or would take over only, loads a gained partition's before serving its nodes (no
+/// node is ever told to delete its pod) and forgets those it no longer keeps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn multi_primary_hubs_share_nodes_redirect_take_over_and_rebalance_never_serving_twice() {
     let mut tier = Tier::start(Mode::MultiPrimary).await;
