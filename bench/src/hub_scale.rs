@@ -692,6 +692,7 @@ async fn orchestrate(args: Args) -> Result<()> {
         "sedna_hub_lease_writes_skipped_total",
         "sedna_hub_upserts_sent_total",
         "sedna_hub_nodes_marked_not_ready_total",
+        "sedna_hub_node_status_only_total",
     ];
     let before: Vec<u64> = counters.iter().map(|c| hub_sum(c)).collect();
     let sim_cpu = || sims.iter().map(|s| cpu_seconds(s.0.id())).sum::<f64>();
@@ -740,10 +741,11 @@ async fn orchestrate(args: Args) -> Result<()> {
         (hub_sum(counters[i]).saturating_sub(before[i])) as f64 * 60.0 / secs / args.nodes as f64
     };
     println!(
-        "hubs while idle, per node per minute: edge writes applied {:.2}, Lease renewals acknowledged without a write {:.2}, objects sent to edges {:.2}",
+        "hubs while idle, per node per minute: edge writes applied {:.2}, Lease renewals acknowledged without a write {:.2}, objects sent to edges {:.2}, Node status reports applied without their metadata {:.2}",
         per_node_min(0),
         per_node_min(1),
-        per_node_min(2)
+        per_node_min(2),
+        per_node_min(4)
     );
 
     let marked_idle = hub_sum(counters[3]).saturating_sub(before[3]);

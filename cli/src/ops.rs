@@ -275,6 +275,12 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
             |s: &S| &s.lease_writes_skipped,
         )
         .counter_of(
+            "node_status_only",
+            "Node status reports applied without their unchanged metadata (one API request, not two)",
+            s.clone(),
+            |s: &S| &s.node_status_only,
+        )
+        .counter_of(
             "nodes_marked_not_ready",
             "Nodes this hub's lifecycle marked NotReady (their lease ran out)",
             s.clone(),

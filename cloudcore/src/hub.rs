@@ -160,6 +160,9 @@ pub struct HubStats {
     pub lease_writes_skipped: AtomicU64,
     /// Nodes this hub's lifecycle marked NotReady.
     pub nodes_marked_not_ready: AtomicU64,
+    /// Node status reports applied without their metadata (this session applied it already
+    /// and the API still holds it): one API request instead of two.
+    pub node_status_only: AtomicU64,
 }
 
 /// Why the hub could not start.
@@ -259,7 +262,7 @@ impl Shared {
             self.relist.send_replace(generation);
         }
         if !wanted.dropped.is_empty() {
-            tracing::info!(partitions = ?wanted.dropped, "forgetting the objects of partitions no longer served");
+            tracing::info!(partitions = ?wanted.dropped, "forgetting the objects of partitions no longer kept");
             self.forget_unkept();
         }
         if wanted.relist || !wanted.dropped.is_empty() {
@@ -1544,6 +1547,9 @@ async fn run_session<S, E>(
     // The renewTime (unix ms) of the last Lease renewal this session wrote; see
     // `liveness::lease_due`.
     let lease_written = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    // The digest of the Node metadata this session last applied (see
+    // [`upstream::prepare_node_write`]); 0: none yet.
+    let node_metadata = Arc::new(AtomicU64::new(0));
     // The lease duration the node announced in its last renewal.
     let mut announced = Duration::from_secs(40);
     let lease_policy = shared.lease_policy();
@@ -1704,22 +1710,33 @@ async fn run_session<S, E>(
                         }
                         Decision::Allow => {
                             let mut upstream = upstream;
+                            let mut digest = None;
                             if upstream.kind == sedna_proto::channel::upstream::Kind::Node as i32 {
                                 let current = shared
                                     .router()
                                     .get(&ObjKey::new(Kind::Node, "", &node))
                                     .map(|o| o.value());
-                                if let Some((payload, removed)) = upstream::restrict_node_labels(
+                                if let Some(w) = upstream::prepare_node_write(
                                     current.as_ref(),
                                     &upstream.payload,
+                                    node_metadata.load(Ordering::Relaxed),
                                 ) {
-                                    if !removed.is_empty() {
-                                        tracing::warn!(%node, labels = ?removed, "labels a node may not give itself were left out");
+                                    if !w.removed.is_empty() {
+                                        tracing::warn!(%node, labels = ?w.removed, "labels a node may not give itself were left out");
                                     }
-                                    upstream.payload = payload;
+                                    if w.status_only {
+                                        stats.node_status_only.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    upstream.payload = w.payload;
+                                    digest = Some(w.metadata_digest);
                                 }
                             }
-                            spawn_apply(&shared, &node, id, upstream, &done_tx, || {});
+                            let node_metadata = node_metadata.clone();
+                            spawn_apply(&shared, &node, id, upstream, &done_tx, move || {
+                                if let Some(d) = digest {
+                                    node_metadata.store(d, Ordering::Relaxed);
+                                }
+                            });
                         }
                     }
                 }

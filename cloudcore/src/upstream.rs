@@ -247,6 +247,74 @@ pub fn restrict_node_labels(
     Some((serde_json::to_vec(&obj).ok()?, removed))
 }
 
+/// A node's write of its own Node, as the hub applies it ([`prepare_node_write`]).
+#[derive(Debug)]
+pub struct NodeWrite {
+    /// What to apply.
+    pub payload: Vec<u8>,
+    /// Reserved labels left out (see [`restrict_node_labels`]).
+    pub removed: Vec<String>,
+    /// A digest of everything but the status, for the session to compare the next write with.
+    pub metadata_digest: u64,
+    /// Only the status is applied: the rest is what this session applied last, and the API
+    /// still holds it.
+    pub status_only: bool,
+}
+
+/// Prepares a node's write of its own Node: reserved labels left out
+/// ([`restrict_node_labels`]), and the metadata part dropped when it is the same as the one
+/// this session last applied (`applied`: its [`NodeWrite::metadata_digest`], 0 for none) and
+/// `current` (the Node as cached) still carries every label and annotation it sets. A status
+/// report every 5 minutes then costs one API request instead of two, the first of which
+/// changed nothing. Anything besides labels and annotations in the metadata part, a label
+/// removed by someone else, or a new session applies it again. `None` for a payload that is
+/// not a JSON object.
+pub fn prepare_node_write(
+    current: Option<&Value>,
+    payload: &[u8],
+    applied: u64,
+) -> Option<NodeWrite> {
+    use std::hash::{Hash, Hasher};
+    let (payload, removed) = restrict_node_labels(current, payload)?;
+    let mut obj: serde_json::Map<String, Value> = serde_json::from_slice(&payload).ok()?;
+    let status = obj.remove("status");
+    let mut hasher = std::hash::DefaultHasher::new();
+    serde_json::to_vec(&obj).ok()?.hash(&mut hasher);
+    // 0 stands for "nothing applied".
+    let metadata_digest = hasher.finish().max(1);
+    let held = |field: &str, given: &Value| {
+        let have = current.and_then(|c| c.get("metadata")?.get(field));
+        given.as_object().is_some_and(|given| {
+            given
+                .iter()
+                .all(|(k, v)| have.and_then(|h| h.get(k)) == Some(v))
+        })
+    };
+    let only_names = obj.iter().all(|(k, v)| match k.as_str() {
+        "apiVersion" | "kind" => true,
+        "metadata" => v.as_object().is_some_and(|m| {
+            m.iter().all(|(k, v)| match k.as_str() {
+                "name" => true,
+                "labels" | "annotations" => held(k, v),
+                _ => false,
+            })
+        }),
+        _ => false,
+    });
+    let status_only = applied == metadata_digest && only_names && status.is_some();
+    let payload = if status_only {
+        serde_json::to_vec(&serde_json::json!({ "status": status })).ok()?
+    } else {
+        payload
+    };
+    Some(NodeWrite {
+        payload,
+        removed,
+        metadata_digest,
+        status_only,
+    })
+}
+
 fn outcome(e: kube::Error) -> UpstreamOutcome {
     match e {
         kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
@@ -287,7 +355,9 @@ pub async fn apply(client: &kube::Client, node: &str, u: &Upstream) -> UpstreamO
             };
             let api: Api<Node> = Api::all(client.clone());
             let status = obj.as_object_mut().and_then(|o| o.remove("status"));
-            if let Err(e) = api.patch(node, &apply, &Patch::Apply(&obj)).await {
+            // A status report alone ([`prepare_node_write`]): its metadata is applied already.
+            let metadata = obj.as_object().is_none_or(|o| !o.is_empty());
+            if metadata && let Err(e) = api.patch(node, &apply, &Patch::Apply(&obj)).await {
                 return outcome(e);
             }
             if let Some(status) = status {
@@ -422,6 +492,69 @@ mod tests {
             json!({ "status": { "trainTrigger": { "round": 1 }, "evaluation": { "round": 1 },
                 "inference": { "modelUrl": "/m" } } })
         );
+    }
+
+    #[test]
+    fn a_nodes_unchanged_metadata_is_applied_once_per_session_while_the_api_holds_it() {
+        let report = |site: &str, beat: &str| {
+            json!({ "apiVersion": "v1", "kind": "Node", "metadata": { "name": "a",
+                "labels": { "kubernetes.io/hostname": "a", "site": site } },
+                "status": { "conditions": [{ "type": "Ready", "lastHeartbeatTime": beat }] } })
+            .to_string()
+            .into_bytes()
+        };
+        let cached = json!({ "metadata": { "labels": { "kubernetes.io/hostname": "a",
+            "site": "north", "example.com/team": "x" } } });
+        // The first write of a session applies everything.
+        let first = prepare_node_write(Some(&cached), &report("north", "t1"), 0).unwrap();
+        assert!(!first.status_only);
+        assert_eq!(first.payload, report("north", "t1"));
+        // The next report with the same metadata, still held by the API: its status alone.
+        let next = prepare_node_write(Some(&cached), &report("north", "t2"), first.metadata_digest)
+            .unwrap();
+        assert!(next.status_only);
+        assert_eq!(next.metadata_digest, first.metadata_digest);
+        let sent: Value = serde_json::from_slice(&next.payload).unwrap();
+        assert_eq!(
+            sent,
+            json!({ "status": { "conditions": [{ "type": "Ready", "lastHeartbeatTime": "t2" }] } })
+        );
+        // A changed label, a label the API lost, no status, or another field: applied whole.
+        let moved =
+            prepare_node_write(Some(&cached), &report("south", "t2"), first.metadata_digest)
+                .unwrap();
+        assert!(!moved.status_only && moved.metadata_digest != first.metadata_digest);
+        let lost = json!({ "metadata": { "labels": { "kubernetes.io/hostname": "a" } } });
+        assert!(
+            !prepare_node_write(Some(&lost), &report("north", "t2"), first.metadata_digest)
+                .unwrap()
+                .status_only
+        );
+        assert!(
+            !prepare_node_write(None, &report("north", "t2"), first.metadata_digest)
+                .unwrap()
+                .status_only
+        );
+        let bare = json!({ "metadata": { "name": "a", "labels": { "site": "north" } } });
+        let w = prepare_node_write(Some(&cached), bare.to_string().as_bytes(), 0).unwrap();
+        let again = prepare_node_write(
+            Some(&cached),
+            bare.to_string().as_bytes(),
+            w.metadata_digest,
+        )
+        .unwrap();
+        assert!(!again.status_only, "nothing but metadata: applied");
+        let spec = json!({ "metadata": { "name": "a" }, "spec": { "unschedulable": true },
+            "status": {} });
+        let w = prepare_node_write(Some(&cached), spec.to_string().as_bytes(), 0).unwrap();
+        let again = prepare_node_write(
+            Some(&cached),
+            spec.to_string().as_bytes(),
+            w.metadata_digest,
+        )
+        .unwrap();
+        assert!(!again.status_only, "a spec is always applied");
+        assert!(prepare_node_write(None, b"[1]", 0).is_none());
     }
 
     #[test]
