@@ -729,6 +729,72 @@ fn lease_renewal(node: &str, duration_s: u32) -> Upstream {
     }
 }
 
+fn node_report(node: &str, site: &str, beat: &str) -> Upstream {
+    Upstream {
+        kind: UpstreamKind::Node as i32,
+        object: None,
+        payload: json!({ "apiVersion": "v1", "kind": "Node",
+            "metadata": { "name": node, "labels": { "site": site } },
+            "status": { "conditions": [{ "type": "Ready", "status": "True",
+                "lastHeartbeatTime": beat, "lastTransitionTime": "2026-01-01T00:00:00Z" }] } })
+        .to_string()
+        .into_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_status_report_with_unchanged_labels_is_applied_as_its_status_alone() {
+    let c = Cluster::start().await;
+    let a = c.edge("edge-s").await;
+    let mut status = a.status();
+    while !status.borrow().synced {
+        status.changed().await.unwrap();
+    }
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+    let heartbeat = || async {
+        let node = nodes.get_status("edge-s").await.unwrap();
+        let beat = node
+            .status
+            .and_then(|s| s.conditions)
+            .and_then(|cs| cs.into_iter().find(|c| c.type_ == "Ready"))
+            .and_then(|c| c.last_heartbeat_time)
+            .map(|t| t.0.to_string());
+        let site = node.metadata.labels.and_then(|l| l.get("site").cloned());
+        (beat, site)
+    };
+    let stats = c.hub().stats();
+    // Reports until one is applied as its status alone: the first of the session applies
+    // the labels, and the hub's cache must have seen them before the next can skip them.
+    let mut second = 1;
+    loop {
+        let beat = format!("2026-01-01T00:00:{second:02}Z");
+        a.report(&node_report("edge-s", "north", &beat)).unwrap();
+        eventually("the outbox drains", || a.store().outbox_len().unwrap() == 0).await;
+        assert_eq!(
+            heartbeat().await,
+            (Some(beat), Some("north".into())),
+            "every report's status is applied, its labels kept"
+        );
+        if stats.node_status_only.load(Ordering::Relaxed) > 0 {
+            break;
+        }
+        assert!(second < 20, "no report was applied as its status alone");
+        second += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A changed label is applied.
+    let skipped = stats.node_status_only.load(Ordering::Relaxed);
+    a.report(&node_report("edge-s", "south", "2026-01-01T00:01:00Z"))
+        .unwrap();
+    eventually("the outbox drains", || a.store().outbox_len().unwrap() == 0).await;
+    assert_eq!(
+        heartbeat().await,
+        (Some("2026-01-01T00:01:00Z".into()), Some("south".into()))
+    );
+    assert_eq!(stats.node_status_only.load(Ordering::Relaxed), skipped);
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_connected_node_stays_ready_on_a_rarely_written_lease_and_turns_not_ready_once_its_session_ends()
  {
