@@ -355,28 +355,37 @@ fn deletes_sent(tier: &Tier) -> u64 {
         .sum()
 }
 
-/// Every node holds its own pod, and only it.
-async fn every_node_holds_its_pod(edges: &BTreeMap<String, EdgeHub>) {
+/// Every node holds exactly the pods `want` names for it (waits up to 20 s).
+async fn every_node_holds(
+    edges: &BTreeMap<String, EdgeHub>,
+    want: impl Fn(&str) -> BTreeSet<String>,
+) {
     let start = Instant::now();
     for (node, edge) in edges {
+        let want = want(node);
         loop {
-            let held: Vec<String> = edge
+            let held: BTreeSet<String> = edge
                 .store()
                 .list("Pod")
                 .unwrap()
                 .into_iter()
                 .map(|o| o.name)
                 .collect();
-            if held == [format!("p-{node}-1")] {
+            if held == want {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(20),
-                "{node} holds {held:?}"
+                "{node} holds {held:?}, wants {want:?}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Every node holds its own pod, and only it.
+async fn every_node_holds_its_pod(edges: &BTreeMap<String, EdgeHub>) {
+    every_node_holds(edges, |node| [format!("p-{node}-1")].into()).await;
 }
 
 /// Also: each hub caches the fleet's objects (Nodes, Leases, bound Pods) of the partitions it
@@ -591,27 +600,10 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
         "{at:?}"
     );
     // Every node holds exactly its own two pods: none lost, none of another node's.
-    let start = Instant::now();
-    for (node, edge) in &edges {
-        loop {
-            let held: BTreeSet<String> = edge
-                .store()
-                .list("Pod")
-                .unwrap()
-                .into_iter()
-                .map(|o| o.name)
-                .collect();
-            let want: BTreeSet<String> = [format!("p-{node}-1"), format!("p-{node}-2")].into();
-            if held == want {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{node} holds {held:?}, wants {want:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
+    every_node_holds(&edges, |node| {
+        [format!("p-{node}-1"), format!("p-{node}-2")].into()
+    })
+    .await;
     sampling.abort();
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
