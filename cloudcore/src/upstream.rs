@@ -535,26 +535,38 @@ mod tests {
                 .unwrap()
                 .status_only
         );
+        // The same body twice in a session: is the second applied as its status alone?
+        let twice = |body: Value| {
+            let body = body.to_string();
+            let w = prepare_node_write(Some(&cached), body.as_bytes(), 0).unwrap();
+            prepare_node_write(Some(&cached), body.as_bytes(), w.metadata_digest)
+                .unwrap()
+                .status_only
+        };
         let bare = json!({ "metadata": { "name": "a", "labels": { "site": "north" } } });
-        let w = prepare_node_write(Some(&cached), bare.to_string().as_bytes(), 0).unwrap();
-        let again = prepare_node_write(
-            Some(&cached),
-            bare.to_string().as_bytes(),
-            w.metadata_digest,
-        )
-        .unwrap();
-        assert!(!again.status_only, "nothing but metadata: applied");
+        assert!(!twice(bare), "nothing but metadata: applied");
         let spec = json!({ "metadata": { "name": "a" }, "spec": { "unschedulable": true },
             "status": {} });
-        let w = prepare_node_write(Some(&cached), spec.to_string().as_bytes(), 0).unwrap();
-        let again = prepare_node_write(
-            Some(&cached),
-            spec.to_string().as_bytes(),
-            w.metadata_digest,
-        )
-        .unwrap();
-        assert!(!again.status_only, "a spec is always applied");
+        assert!(!twice(spec), "a spec is always applied");
         assert!(prepare_node_write(None, b"[1]", 0).is_none());
+    }
+
+    #[test]
+    fn a_node_cannot_move_itself_to_another_hubs_partition() {
+        // Hubs keep and serve nodes by this label: a node that could set it would move
+        // itself between hubs and make each list the fleet again.
+        let label = crate::partitions::PARTITION_LABEL;
+        let body = json!({ "metadata": { "name": "a", "labels": { label: "7", "site": "x" } },
+            "status": {} })
+        .to_string();
+        let w = prepare_node_write(None, body.as_bytes(), 0).unwrap();
+        assert_eq!(w.removed, [label]);
+        let sent: Value = serde_json::from_slice(&w.payload).unwrap();
+        assert_eq!(sent["metadata"]["labels"], json!({ "site": "x" }));
+        // Set by an administrator: the node's own write keeps it as it is.
+        let granted = json!({ "metadata": { "labels": { label: "7" } } });
+        let w = prepare_node_write(Some(&granted), body.as_bytes(), 0).unwrap();
+        assert!(w.removed.is_empty());
     }
 
     #[test]
