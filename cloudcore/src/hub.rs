@@ -836,15 +836,19 @@ fn admit(shared: &Shared, kind: Kind, o: &DynamicObject) -> bool {
     }
 }
 
+/// The key of a watched object of `kind`.
+fn key_of(kind: Kind, o: &DynamicObject) -> ObjKey {
+    ObjKey::new(
+        kind,
+        o.metadata.namespace.as_deref().unwrap_or_default(),
+        o.metadata.name.as_deref().unwrap_or_default(),
+    )
+}
+
 /// Caches `o` if this hub keeps it (dropping an older copy otherwise) and routes the change.
 fn cache(shared: &Shared, kind: Kind, o: DynamicObject) {
     if !admit(shared, kind, &o) {
-        let key = ObjKey::new(
-            kind,
-            o.metadata.namespace.as_deref().unwrap_or_default(),
-            o.metadata.name.as_deref().unwrap_or_default(),
-        );
-        let routed = shared.router().delete(&key);
+        let routed = shared.router().delete(&key_of(kind, &o));
         shared.dispatch(routed);
         return;
     }
@@ -901,11 +905,7 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
                 Ok(watcher::Event::Init) => relisted = Some(HashSet::new()),
                 Ok(watcher::Event::InitApply(o)) => {
                     if let Some(seen) = relisted.as_mut() {
-                        seen.insert(ObjKey::new(
-                            kind,
-                            o.metadata.namespace.as_deref().unwrap_or_default(),
-                            o.metadata.name.as_deref().unwrap_or_default(),
-                        ));
+                        seen.insert(key_of(kind, &o));
                     }
                     cache(&shared, kind, o);
                 }
@@ -963,12 +963,7 @@ async fn watch_kind(shared: Arc<Shared>, kind: Kind, init: mpsc::UnboundedSender
                         revoke(&shared, name).await;
                         shared.interest().node_gone(name);
                     }
-                    let key = ObjKey::new(
-                        kind,
-                        o.metadata.namespace.as_deref().unwrap_or_default(),
-                        name,
-                    );
-                    let routed = shared.router().delete(&key);
+                    let routed = shared.router().delete(&key_of(kind, &o));
                     shared.dispatch(routed);
                 }
                 Err(e) => {
