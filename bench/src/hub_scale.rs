@@ -585,11 +585,17 @@ async fn orchestrate(args: Args) -> Result<()> {
     }
     let connect_time = started.elapsed();
     let api_cpu_joined = cpu_seconds(api.0.id());
+    let partitions_lost = |hubs: &[Hub]| -> u64 {
+        hubs.iter()
+            .filter_map(|h| metric(&h.metrics, "sedna_hub_partitions_lost_total").ok())
+            .sum()
+    };
     println!(
-        "{} nodes joined, connected and synced in {:.1} s (API server CPU so far: {:.1} s)",
+        "{} nodes joined, connected and synced in {:.1} s (API server CPU so far: {:.1} s); partitions the hubs lost (not renewed in time): {}",
         args.nodes,
         connect_time.as_secs_f64(),
-        api_cpu_joined
+        api_cpu_joined,
+        partitions_lost(&hubs)
     );
 
     // One change every node needs: a ConfigMap each node's pod uses.
@@ -835,6 +841,10 @@ async fn orchestrate(args: Args) -> Result<()> {
         println!(
             "  the other hubs meanwhile: {} sessions started, {} connections waited for a handshake slot, {} closed before their TLS handshake ({} refused on arrival, every slot and waiting place taken), {} redirects",
             storm[0], storm[4], storm[1], storm[3], storm[2]
+        );
+        println!(
+            "  partitions the hubs lost (not renewed in time) since the start: {}",
+            partitions_lost(&hubs)
         );
     }
     drop(sims);

@@ -263,6 +263,12 @@ pub(crate) fn hub_figures(hub: &sedna_cloudcore::Hub) -> Figures {
             },
         )
         .counter_of(
+            "partitions_lost",
+            "Partitions of the hub tier this hub stopped serving without giving them up (not renewed in time)",
+            s.clone(),
+            |s: &S| &s.partitions_lost,
+        )
+        .counter_of(
             "redirects",
             "Nodes sent to the hub of the tier that serves them",
             s.clone(),

@@ -154,6 +154,9 @@ pub struct HubStats {
     pub handshakes_queued: AtomicU64,
     /// In a tier: partitions this hub serves now.
     pub partitions_served: AtomicU64,
+    /// In a tier: partitions this hub stopped serving without giving them up (not renewed
+    /// in time: a slow or unreachable API server, or another hub took them).
+    pub partitions_lost: AtomicU64,
     /// In a tier: nodes sent to the hub that serves them.
     pub redirects: AtomicU64,
     /// Node Lease renewals acknowledged without an API write (the stored one was recent).

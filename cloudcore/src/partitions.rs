@@ -377,6 +377,11 @@ impl Held {
         self.until_ms.remove(&partition);
     }
 
+    /// Until when (unix ms) the hub may serve `partition`, if it holds it.
+    pub fn until(&self, partition: u32) -> Option<i64> {
+        self.until_ms.get(&partition).copied()
+    }
+
     /// Whether the hub may serve `partition` at `now_ms`.
     pub fn serves(&self, partition: u32, now_ms: i64) -> bool {
         self.until_ms.get(&partition).is_some_and(|u| *u > now_ms)

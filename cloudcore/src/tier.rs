@@ -275,18 +275,105 @@ fn lease(
     }
 }
 
-async fn write(api: &Api<Lease>, l: &Lease) -> Result<(), kube::Error> {
+/// Writes `l` (a replace when it carries a resourceVersion, else a create); the version the
+/// API gave it.
+async fn write(api: &Api<Lease>, l: &Lease) -> Result<String, kube::Error> {
     let name = l.metadata.name.clone().unwrap_or_default();
-    if l.metadata.resource_version.is_some() {
-        api.replace(&name, &PostParams::default(), l).await?;
+    let written = if l.metadata.resource_version.is_some() {
+        api.replace(&name, &PostParams::default(), l).await?
     } else {
-        api.create(&PostParams::default(), l).await?;
+        api.create(&PostParams::default(), l).await?
+    };
+    Ok(written.metadata.resource_version.unwrap_or_default())
+}
+
+/// The resourceVersions of the Leases this hub last wrote: its next renewals replace them
+/// without reading them first.
+#[derive(Default)]
+struct Written {
+    member: Option<String>,
+    partitions: HashMap<u32, String>,
+}
+
+/// Renews this hub's membership Lease (`version`: the one it last wrote; read first when
+/// unknown); the version written.
+async fn renew_membership(
+    api: &Api<Lease>,
+    c: &TierConfig,
+    version: Option<String>,
+    sent: i64,
+) -> Result<String, kube::Error> {
+    let name = partitions::member_lease_name(&c.id);
+    let version = match version {
+        Some(v) => Some(v),
+        None => api
+            .get_opt(&name)
+            .await?
+            .and_then(|l| l.metadata.resource_version),
+    };
+    let annotations: BTreeMap<String, String> = [
+        (ADDRESS_ANNOTATION.to_string(), c.address.clone()),
+        (
+            PRIMARY_ANNOTATION.to_string(),
+            partitions::format_partitions(&c.primary),
+        ),
+        (
+            STANDBY_ANNOTATION.to_string(),
+            partitions::format_partitions(&c.standby),
+        ),
+    ]
+    .into();
+    let membership = lease(
+        name,
+        MEMBER_LABEL,
+        &c.id,
+        sent,
+        c.lease,
+        version,
+        Some(annotations),
+    );
+    write(api, &membership).await
+}
+
+/// Renews partition `p` for `me` over the Lease at `version`, waiting no longer than
+/// `deadline`; the version written, and when the write was sent (unix ms).
+async fn renew_partition(
+    api: &Api<Lease>,
+    c: &TierConfig,
+    p: u32,
+    version: String,
+    deadline: Duration,
+) -> (u32, i64, Option<String>) {
+    let at = now_ms();
+    let l = lease(
+        partitions::partition_lease_name(p),
+        PARTITION_LEASE_LABEL,
+        &c.id,
+        at,
+        c.lease,
+        Some(version),
+        None,
+    );
+    match tokio::time::timeout(deadline, write(api, &l)).await {
+        Ok(Ok(v)) => (p, at, Some(v)),
+        Ok(Err(e)) => {
+            tracing::debug!(partition = p, error = %e, "partition renewal lost");
+            (p, at, None)
+        }
+        Err(_) => {
+            tracing::warn!(partition = p, "partition renewal timed out");
+            (p, at, None)
+        }
     }
-    Ok(())
 }
 
 /// Runs the tier: every third of the lease duration, and just after another hub's Lease
-/// runs out ([`partitions::next_expiry`]), renew membership, read, plan, write.
+/// runs out ([`partitions::next_expiry`]), a round. A round first renews what this hub holds
+/// (its membership and the partitions it serves, over the versions it last wrote) while it
+/// reads the tier's Leases; then it writes what [`partitions::plan`] says beyond those
+/// renewals (claims, releases, renewals that could not go over a known version). So a slow
+/// API server delays a renewal by one request, not by the round's reads: a hub keeps its
+/// partitions as long as one request takes less than the time it may still serve them.
 /// `on_change` is called with the partitions whose objects this hub keeps ([`Tier::kept`]) and
 /// those it stopped serving (their sessions must end): after every round, and after each
 /// claim (a partition claimed cold is then listed without waiting for the round's other
@@ -304,6 +391,7 @@ pub(crate) async fn run(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut serving: Vec<u32> = Vec::new();
     let mut wake_at: Option<i64> = None;
+    let mut written = Written::default();
     loop {
         let early =
             wake_at.map(|at| Duration::from_millis(at.saturating_sub(now_ms()).max(0) as u64));
@@ -317,45 +405,61 @@ pub(crate) async fn run(
             } => {}
         }
         let sent = now_ms();
-        // Membership: create, or replace whatever version is there.
-        let name = partitions::member_lease_name(&c.id);
-        let annotations: BTreeMap<String, String> = [
-            (ADDRESS_ANNOTATION.to_string(), c.address.clone()),
-            (
-                PRIMARY_ANNOTATION.to_string(),
-                partitions::format_partitions(&c.primary),
-            ),
-            (
-                STANDBY_ANNOTATION.to_string(),
-                partitions::format_partitions(&c.standby),
-            ),
-        ]
-        .into();
-        let version = match api.get_opt(&name).await {
-            Ok(found) => found.and_then(|l| l.metadata.resource_version),
-            Err(e) => {
-                tracing::warn!(error = %e, "reading this hub's membership lease");
-                continue;
-            }
+        // Renewals over known versions, each given the time its partition may still be
+        // served (a renewal confirmed later would confirm nothing), while the tier is read.
+        let renewals: Vec<(u32, String, Duration)> = {
+            let state = tier.state();
+            state
+                .held
+                .partitions(sent)
+                .into_iter()
+                .filter_map(|p| {
+                    let version = written.partitions.get(&p)?.clone();
+                    let left = state.held.until(p)?.saturating_sub(sent).max(0) as u64;
+                    Some((p, version, Duration::from_millis(left)))
+                })
+                .collect()
         };
-        let membership = lease(
-            name,
-            MEMBER_LABEL,
-            &c.id,
-            sent,
-            c.lease,
-            version,
-            Some(annotations),
+        // Nothing read or written past the serving window is of use to this round.
+        let window = c.lease * 2 / 3;
+        let (member_leases, partition_leases) = (
+            ListParams::default().labels(MEMBER_LABEL),
+            ListParams::default().labels(PARTITION_LEASE_LABEL),
         );
-        if let Err(e) = write(&api, &membership).await {
-            tracing::warn!(error = %e, "renewing this hub's membership lease");
+        let (membership, renewed, reads) = tokio::join!(
+            tokio::time::timeout(
+                window,
+                renew_membership(&api, &c, written.member.take(), sent)
+            ),
+            futures_util::future::join_all(
+                renewals
+                    .into_iter()
+                    .map(|(p, v, deadline)| renew_partition(&api, &c, p, v, deadline))
+            ),
+            tokio::time::timeout(window, async {
+                tokio::try_join!(api.list(&member_leases), api.list(&partition_leases),)
+            })
+        );
+        match membership {
+            Ok(Ok(v)) => written.member = Some(v),
+            Ok(Err(e)) => tracing::warn!(error = %e, "renewing this hub's membership lease"),
+            Err(_) => tracing::warn!("renewing this hub's membership lease timed out"),
         }
-        let (members, leases) = match (
-            api.list(&ListParams::default().labels(MEMBER_LABEL)).await,
-            api.list(&ListParams::default().labels(PARTITION_LEASE_LABEL))
-                .await,
-        ) {
-            (Ok(m), Ok(p)) => (
+        let mut renewed_now = std::collections::HashSet::new();
+        for (p, at, version) in renewed {
+            match version {
+                Some(v) => {
+                    tier.state().held.confirm(p, at, lease_ms);
+                    written.partitions.insert(p, v);
+                    renewed_now.insert(p);
+                }
+                None => {
+                    written.partitions.remove(&p);
+                }
+            }
+        }
+        let (members, leases) = match reads {
+            Ok(Ok((m, p))) => (
                 m.items
                     .iter()
                     .filter_map(|l| member_of(l, c.partitions))
@@ -365,8 +469,12 @@ pub(crate) async fn run(
                     .filter_map(partition_lease_of)
                     .collect::<Vec<_>>(),
             ),
-            (Err(e), _) | (_, Err(e)) => {
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "reading the tier's leases");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!("reading the tier's leases timed out");
                 continue;
             }
         };
@@ -380,52 +488,92 @@ pub(crate) async fn run(
             partitions::warm_partitions(&c.id, c.partitions, c.mode, &members, &holders, sent)
         };
         tier.state().warm = warm;
-        // Every partition write at once, each timed from just before it is sent (a slow read
-        // above must not eat into the serving margin) and bounded by a renewal period, so a
-        // loaded API server delays one round, not the next.
-        let writes = actions.into_iter().map(|action| {
-            let (p, version, holder) = match &action {
-                Action::Claim { partition, version } => (*partition, version.clone(), c.id.clone()),
-                Action::Renew { partition, version } => {
-                    (*partition, Some(version.clone()), c.id.clone())
+        // The plan's other writes at once, each timed from just before it is sent and
+        // bounded by a renewal period, so a loaded API server delays one round, not the next.
+        let releasing: Vec<u32> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Release { partition, .. } => Some(*partition),
+                _ => None,
+            })
+            .collect();
+        let writes = actions
+            .into_iter()
+            .filter(|a| match a {
+                Action::Renew { partition, .. } => !renewed_now.contains(partition),
+                _ => true,
+            })
+            .map(|action| {
+                let (p, version, holder) = match &action {
+                    Action::Claim { partition, version } => {
+                        (*partition, version.clone(), c.id.clone())
+                    }
+                    Action::Renew { partition, version } => {
+                        (*partition, Some(version.clone()), c.id.clone())
+                    }
+                    // The list may predate this round's renewal: release over what was
+                    // written last.
+                    Action::Release { partition, version } => (
+                        *partition,
+                        Some(
+                            written
+                                .partitions
+                                .get(partition)
+                                .filter(|_| renewed_now.contains(partition))
+                                .unwrap_or(version)
+                                .clone(),
+                        ),
+                        String::new(),
+                    ),
+                };
+                // Releasing: stop serving before the write lets another hub claim.
+                if holder.is_empty() {
+                    tier.state().held.drop_partition(p);
                 }
-                Action::Release { partition, version } => {
-                    (*partition, Some(version.clone()), String::new())
-                }
-            };
-            // Releasing: stop serving before the write lets another hub claim.
-            if holder.is_empty() {
-                tier.state().held.drop_partition(p);
-            }
-            let (api, tier, c, on_change) = (&api, &tier, &c, &on_change);
-            async move {
-                let at = now_ms();
-                let l = lease(
-                    partitions::partition_lease_name(p),
-                    PARTITION_LEASE_LABEL,
-                    &holder,
-                    at,
-                    c.lease,
-                    version,
-                    None,
-                );
-                match tokio::time::timeout(c.lease / 3, write(api, &l)).await {
-                    Ok(Ok(())) if !holder.is_empty() => {
-                        tier.state().held.confirm(p, at, lease_ms);
-                        if matches!(action, Action::Claim { .. }) {
-                            tracing::info!(hub = %c.id, partition = p, "partition claimed");
-                            on_change(&tier.kept(), &[]);
+                let (api, tier, c, on_change) = (&api, &tier, &c, &on_change);
+                async move {
+                    let at = now_ms();
+                    let l = lease(
+                        partitions::partition_lease_name(p),
+                        PARTITION_LEASE_LABEL,
+                        &holder,
+                        at,
+                        c.lease,
+                        version,
+                        None,
+                    );
+                    let outcome = match tokio::time::timeout(c.lease / 3, write(api, &l)).await
+                    {
+                        Ok(Ok(v)) if !holder.is_empty() => {
+                            tier.state().held.confirm(p, at, lease_ms);
+                            if matches!(action, Action::Claim { .. }) {
+                                tracing::info!(hub = %c.id, partition = p, "partition claimed");
+                                on_change(&tier.kept(), &[]);
+                            }
+                            Some(v)
                         }
-                    }
-                    Ok(Ok(())) => tracing::info!(hub = %c.id, partition = p, "partition released"),
-                    Ok(Err(e)) => {
-                        tracing::debug!(partition = p, error = %e, "partition lease write lost")
-                    }
-                    Err(_) => tracing::warn!(partition = p, "partition lease write timed out"),
+                        Ok(Ok(_)) => {
+                            tracing::info!(hub = %c.id, partition = p, "partition released");
+                            None
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(partition = p, error = %e, "partition lease write lost");
+                            None
+                        }
+                        Err(_) => {
+                            tracing::warn!(partition = p, "partition lease write timed out");
+                            None
+                        }
+                    };
+                    (p, outcome)
                 }
-            }
-        });
-        futures_util::future::join_all(writes).await;
+            });
+        for (p, version) in futures_util::future::join_all(writes).await {
+            match version {
+                Some(v) => written.partitions.insert(p, v),
+                None => written.partitions.remove(&p),
+            };
+        }
         // Where each partition is served, for redirects.
         let addresses: HashMap<&str, &str> = members
             .iter()
@@ -457,6 +605,13 @@ pub(crate) async fn run(
             now_serving.len() as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        let lost = gone.iter().filter(|p| !releasing.contains(p)).count();
+        if lost > 0 {
+            tracing::warn!(hub = %c.id, lost, "partitions not renewed in time: no longer served");
+            stats
+                .partitions_lost
+                .fetch_add(lost as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         on_change(&kept, &gone);
         serving = now_serving;
     }

@@ -27,7 +27,7 @@ const LEASE: Duration = Duration::from_secs(3);
 type Hubs = Arc<Mutex<BTreeMap<String, Hub>>>;
 
 struct Tier {
-    _api: sedna_apiserver::ApiServer,
+    api: sedna_apiserver::ApiServer,
     client: kube::Client,
     dir: tempfile::TempDir,
     hubs: Hubs,
@@ -40,7 +40,7 @@ impl Tier {
         let dir = tempfile::tempdir().unwrap();
         let (api, client) = support::embedded_api(dir.path(), false).await;
         Tier {
-            _api: api,
+            api,
             client,
             dir,
             hubs: Arc::default(),
@@ -61,6 +61,19 @@ impl Tier {
         primary: &[u32],
         standby: &[u32],
         adjust: impl FnOnce(&mut HubConfig),
+    ) {
+        let client = self.client.clone();
+        self.hub_on(id, primary, standby, adjust, client).await;
+    }
+
+    /// [`Tier::hub_with`], the hub reaching the API server through `client`.
+    async fn hub_on(
+        &mut self,
+        id: &str,
+        primary: &[u32],
+        standby: &[u32],
+        adjust: impl FnOnce(&mut HubConfig),
+        client: kube::Client,
     ) {
         let listen = self
             .addrs
@@ -88,7 +101,7 @@ impl Tier {
             lease: LEASE,
         });
         adjust(&mut c);
-        let hub = Hub::start(c, self.client.clone()).await.unwrap();
+        let hub = Hub::start(c, client).await.unwrap();
         self.addrs.insert(id.into(), hub.addr());
         self.hubs.lock().unwrap().insert(id.into(), hub);
     }
@@ -604,6 +617,70 @@ async fn a_standby_takes_over_a_stopped_primary_and_hands_back_when_it_returns()
         [format!("p-{node}-1"), format!("p-{node}-2")].into()
     })
     .await;
+    sampling.abort();
+    let v = violations.lock().unwrap();
+    assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hub_keeps_its_partitions_and_nodes_while_every_api_request_takes_a_fifth_of_the_lease() {
+    // A third of the lease is the renewal period, two thirds the serving window after a
+    // renewal is sent. A round that read the tier before renewing (two reads, a write, two
+    // lists, then the renewals: five requests one after another) took 3 s here, longer
+    // than the window: the hub lost its partitions every round and its nodes with them.
+    const LATENCY: Duration = Duration::from_millis(600);
+    let mut tier = Tier::start(Mode::MultiPrimary).await;
+    let proxy = sedna_testkit::TcpProxy::start(tier.api.addr())
+        .await
+        .unwrap();
+    let slow = support::client_via(&tier.api, proxy.addr()).await;
+    tier.hub_on("h1", &[], &[], |_| {}, slow).await;
+    tier.hub("h2", &[], &[]).await;
+    let (violations, sampling) = sampler(tier.hubs.clone());
+    partitions_settled(&tier, &["h1", "h2"]).await;
+    shares_settled(&tier).await;
+    let seeds = tier.seeds("h1");
+    let mut edges = BTreeMap::new();
+    for i in 0..8 {
+        let node = format!("slow-{i}");
+        edges.insert(node.clone(), tier.edge(&node, &seeds).await);
+    }
+    let at = settled(&tier, &edges, Duration::from_secs(30)).await;
+    assert!(
+        at.values().any(|h| h == "h1"),
+        "h1 serves none of the nodes: {at:?}"
+    );
+    let (h1, h2) = {
+        let hubs = tier.hubs.lock().unwrap();
+        (hubs["h1"].stats(), hubs["h2"].stats())
+    };
+    let sessions = || [&h1, &h2].map(|s| s.sessions.load(std::sync::atomic::Ordering::Relaxed));
+    let served = |id: &str| {
+        tier.hubs.lock().unwrap()[id]
+            .served_partitions()
+            .unwrap_or_default()
+    };
+    let (before, h1_serves) = (sessions(), served("h1"));
+    proxy.set_latency_to_target(Some(LATENCY));
+    // Fifteen renewal periods: h1 serves the same partitions all along, and no node had to
+    // connect again.
+    let slowed = Instant::now();
+    while slowed.elapsed() < LEASE * 5 {
+        assert_eq!(
+            served("h1"),
+            h1_serves,
+            "h1's partitions changed {:?} into the slow API",
+            slowed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sessions(), before, "nodes connected again");
+    assert_eq!(
+        h1.partitions_lost
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert_eq!(settled(&tier, &edges, Duration::from_secs(5)).await, at);
     sampling.abort();
     let v = violations.lock().unwrap();
     assert!(v.is_empty(), "served twice: {:?}", &v[..v.len().min(5)]);

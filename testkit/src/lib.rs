@@ -1,6 +1,7 @@
 //! Helpers for tests and benchmarks that need a network between two parts: a TCP proxy on
 //! 127.0.0.1 that counts the bytes it forwards each way and can cut every connection, or
-//! refuse new ones, or slow the way back to clients, on demand ([`TcpProxy`]); and a real
+//! refuse new ones, or slow the way back to clients, or delay the way to the target, on demand
+//! ([`TcpProxy`]); and a real
 //! S3-compatible server ([`s3::S3Server`]).
 
 pub mod s3;
@@ -21,6 +22,8 @@ struct Counters {
     blocked: AtomicBool,
     /// Bytes per second towards clients; 0 means unlimited.
     rate_to_client: AtomicU64,
+    /// Milliseconds every byte towards the target is held back; 0 means none.
+    latency_to_target_ms: AtomicU64,
 }
 
 /// A running proxy; dropping it stops it and closes every connection.
@@ -56,8 +59,8 @@ impl TcpProxy {
                     let _ = server.set_nodelay(true);
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    let up = pump(cr, sw, c.clone(), true);
-                    let down = pump(sr, cw, c.clone(), false);
+                    let up = pump_delayed(cr, sw, c.clone());
+                    let down = pump(sr, cw, c.clone());
                     cut_rx.borrow_and_update();
                     tokio::select! {
                         _ = async { tokio::join!(up, down) } => {}
@@ -112,6 +115,17 @@ impl TcpProxy {
             .rate_to_client
             .store(bytes_per_second.unwrap_or(0), Ordering::SeqCst);
     }
+
+    /// Holds back everything clients send for `latency` before the target gets it (a link
+    /// with a long way up: each request reaches the target that much later, and requests
+    /// sent one after another each pay it), or lifts it with `None`. Applies to what is sent
+    /// from then on, also on connections already open.
+    pub fn set_latency_to_target(&self, latency: Option<std::time::Duration>) {
+        let ms = latency.map_or(0, |l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX));
+        self.counters
+            .latency_to_target_ms
+            .store(ms, Ordering::SeqCst);
+    }
 }
 
 impl Drop for TcpProxy {
@@ -121,19 +135,53 @@ impl Drop for TcpProxy {
     }
 }
 
+/// The way from a client to the target: what is read is stamped and written once its
+/// latency has passed, so a delay holds each chunk back without slowing the link's rate.
+async fn pump_delayed(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    counters: Arc<Counters>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let latency = counters.clone();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            let ms = latency.latency_to_target_ms.load(Ordering::SeqCst);
+            let due = tokio::time::Instant::now() + std::time::Duration::from_millis(ms);
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                break;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                break;
+            }
+            counters
+                .to_target
+                .fetch_add(chunk.len() as u64, Ordering::SeqCst);
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
+
+/// The way from the target to a client, paced when a rate is set.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     counters: Arc<Counters>,
-    upstream: bool,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let rate = if upstream {
-            0
-        } else {
-            counters.rate_to_client.load(Ordering::SeqCst)
-        };
+        let rate = counters.rate_to_client.load(Ordering::SeqCst);
         // A paced link moves small chunks, each after its share of time.
         let want = if rate == 0 { buf.len() } else { 1024 };
         let n = match from.read(&mut buf[..want]).await {
@@ -146,12 +194,7 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             break;
         }
-        let counter = if upstream {
-            &counters.to_target
-        } else {
-            &counters.to_client
-        };
-        counter.fetch_add(n as u64, Ordering::SeqCst);
+        counters.to_client.fetch_add(n as u64, Ordering::SeqCst);
     }
     let _ = to.shutdown().await;
 }
@@ -223,5 +266,46 @@ mod tests {
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(proxy.bytes_to_client(), 10_000);
         assert!(got.iter().all(|b| *b == 7));
+    }
+
+    /// Sends one byte through an echo and times its return.
+    async fn ask(c: &mut TcpStream) -> std::time::Duration {
+        let started = std::time::Instant::now();
+        c.write_all(b"?").await.unwrap();
+        let mut back = [0u8; 1];
+        c.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"?");
+        started.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_delayed_link_holds_each_request_back_and_the_delay_can_be_lifted() {
+        let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let target = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.unwrap();
+            let mut buf = [0u8; 1];
+            while s.read_exact(&mut buf).await.is_ok() {
+                if s.write_all(&buf).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let proxy = TcpProxy::start(target).await.unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+        proxy.set_latency_to_target(Some(std::time::Duration::from_millis(300)));
+        // Two requests one after the other: each pays the delay (a sleep is never shorter
+        // than asked).
+        let first = ask(&mut client).await;
+        let second = ask(&mut client).await;
+        assert!(first >= std::time::Duration::from_millis(300), "{first:?}");
+        assert!(
+            second >= std::time::Duration::from_millis(300),
+            "{second:?}"
+        );
+        proxy.set_latency_to_target(None);
+        let lifted = ask(&mut client).await;
+        assert!(lifted < std::time::Duration::from_millis(300), "{lifted:?}");
+        assert_eq!(proxy.bytes_to_target(), 3);
     }
 }

@@ -25,6 +25,19 @@ pub async fn embedded_api(
     (api, client)
 }
 
+/// A client of `api` that reaches it at `addr` (a proxy in front of it) instead.
+pub async fn client_via(
+    api: &sedna_apiserver::ApiServer,
+    addr: std::net::SocketAddr,
+) -> kube::Client {
+    let kubeconfig = kube::config::Kubeconfig::read_from(api.kubeconfig_path()).unwrap();
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+        .await
+        .unwrap();
+    config.cluster_url = format!("https://{addr}").parse().unwrap();
+    kube::Client::try_from(config).unwrap()
+}
+
 /// An edge client's settings for tests: fast heartbeats, a short read deadline and back-off,
 /// a jitter seed fixed by the node name.
 pub fn fast_edge(hub: &str, dir: &std::path::Path, node: &str) -> sedna_edgecore::EdgeConfig {
