@@ -141,27 +141,6 @@ fn node_address(base: std::net::IpAddr, i: usize) -> std::net::IpAddr {
 
 // ---- the simulator ----
 
-/// Turns off SQLite's per-connection lookaside allocator (48 KiB preallocated by every
-/// connection: 96 of a 2,000-node simulator's 516 MB heap, heaptrack). A real edge opens one
-/// store; a simulator opens one per node. Process-wide, so before any connection opens.
-#[allow(unsafe_code)]
-fn sqlite_lookaside_off() -> Result<()> {
-    // SAFETY: `sqlite3_config` is called before SQLite is initialized (the simulator opens
-    // no database before this), from one thread, with the two `int` arguments
-    // SQLITE_CONFIG_LOOKASIDE takes; SQLite reports misuse by its return code.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_config(
-            rusqlite::ffi::SQLITE_CONFIG_LOOKASIDE,
-            0 as std::ffi::c_int,
-            0 as std::ffi::c_int,
-        )
-    };
-    if rc != rusqlite::ffi::SQLITE_OK {
-        bail!("SQLite refused to turn off its lookaside allocator (code {rc})");
-    }
-    Ok(())
-}
-
 async fn simulate(
     hubs: String,
     token: String,
@@ -1173,7 +1152,6 @@ fn main() -> Result<()> {
                 .with_writer(std::io::stderr)
                 .with_ansi(false)
                 .init();
-            sqlite_lookaside_off()?;
             let options = SimOptions { ramp, grpc_channel };
             runtime.block_on(simulate(hubs, token, dir, first, count, source, options))
         }

@@ -30,7 +30,8 @@ pub struct EdgeConfig {
     pub hub: String,
     /// Where the identity and the store live.
     pub data_dir: PathBuf,
-    /// Keep the store in memory (simulated edges in benchmarks).
+    /// Keep the store in memory, nothing on disk ([`EdgeStore::in_memory`]: simulated edges
+    /// in benchmarks).
     pub in_memory: bool,
     /// Channel timing.
     pub machine: MachineConfig,
@@ -163,12 +164,15 @@ impl EdgeHub {
         }
         let identity = Identity::load(&config.data_dir)?
             .ok_or_else(|| EdgeError::NotJoined(config.data_dir.display().to_string()))?;
-        let path = if config.in_memory {
-            PathBuf::from(":memory:")
+        let store = if config.in_memory {
+            EdgeStore::in_memory(config.outbox_limit, config.max_message_bytes)
         } else {
-            config.data_dir.join("edge.db")
+            EdgeStore::open(
+                &config.data_dir.join("edge.db"),
+                config.outbox_limit,
+                config.max_message_bytes,
+            )?
         };
-        let store = EdgeStore::open(&path, config.outbox_limit, config.max_message_bytes)?;
         let (changes, _) = broadcast::channel(config.change_buffer);
         let outbox = Arc::new(Notify::new());
         let (status_tx, status) = watch::channel(EdgeStatus::default());

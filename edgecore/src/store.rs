@@ -1,6 +1,9 @@
 //! The edge's local store (SQLite, WAL): every object the hub sent, keyed by uid and by
 //! kind/namespace/name with its resourceVersion, and the outbox of upstream writes. Every
 //! change is committed before it is acknowledged, so the store survives kill -9 at any point.
+//! [`EdgeStore::in_memory`] keeps the same in plain maps instead, with the same rules and
+//! nothing on disk: a simulator's thousands of nodes (an in-memory SQLite database cost
+//! ≈ 50 KiB per node: its connection, schema pages and prepared statements).
 //!
 //! The outbox keeps upstream writes in order until the hub acknowledges them. It is bounded:
 //! when full, older status writes to an object that has a newer one queued are dropped first
@@ -8,6 +11,7 @@
 //! each drop logged and counted; writes of other kinds are then refused with
 //! [`StoreError::OutboxFull`].
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -144,10 +148,18 @@ pub struct OutboxStats {
     pub events_dropped: AtomicU64,
 }
 
+/// Where a store keeps its data.
+enum Backend {
+    /// SQLite: durable.
+    Sqlite(Mutex<Connection>),
+    /// Plain maps: gone with the process.
+    Memory(Mutex<Memory>),
+}
+
 /// The edge store. Cheap to clone.
 #[derive(Clone)]
 pub struct EdgeStore {
-    conn: Arc<Mutex<Connection>>,
+    backend: Arc<Backend>,
     outbox_limit: usize,
     max_message: usize,
     stats: Arc<OutboxStats>,
@@ -201,17 +213,43 @@ impl EdgeStore {
         // Every statement of the hot paths stays prepared (rusqlite keeps 16 by default).
         conn.set_prepared_statement_cache_capacity(32);
         Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+            backend: Arc::new(Backend::Sqlite(Mutex::new(conn))),
             outbox_limit,
             max_message,
             stats: Arc::default(),
         })
     }
 
+    /// A store in plain maps, nothing on disk, with the same rules as a durable one (for
+    /// simulated edges: thousands in one process).
+    pub fn in_memory(outbox_limit: usize, max_message: usize) -> Self {
+        Self {
+            backend: Arc::new(Backend::Memory(Mutex::default())),
+            outbox_limit,
+            max_message,
+            stats: Arc::default(),
+        }
+    }
+
+    /// The SQLite connection, or the maps.
+    fn backend(&self) -> Locked<'_> {
+        match &*self.backend {
+            Backend::Sqlite(c) => {
+                Locked::Sqlite(c.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            }
+            Backend::Memory(m) => {
+                Locked::Memory(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+            }
+        }
+    }
+
+    /// The SQLite connection (tests of the durable store).
+    #[cfg(test)]
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        match &*self.backend {
+            Backend::Sqlite(c) => c.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            Backend::Memory(_) => panic!("an in-memory store has no connection"),
+        }
     }
 
     /// Counters of the outbox drop policy.
@@ -240,7 +278,18 @@ impl EdgeStore {
     /// them (a first sync of a thousand objects is a few syncs, not a thousand). Returns the
     /// changes made; a write older than what is stored changes nothing.
     pub fn write_all(&self, writes: &[Write<'_>]) -> Result<Vec<Change>, StoreError> {
-        let mut conn = self.conn();
+        let mut conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(mut m) => {
+                return Ok(writes
+                    .iter()
+                    .filter_map(|w| match w {
+                        Write::Upsert { object, rv, value } => m.upsert(object, *rv, value),
+                        Write::Delete { uid, rv } => m.delete(uid, *rv),
+                    })
+                    .collect());
+            }
+        };
         let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let mut changes = Vec::with_capacity(writes.len());
         for w in writes {
@@ -256,7 +305,12 @@ impl EdgeStore {
 
     /// Every (uid, resourceVersion) pair held.
     pub fn inventory(&self) -> Result<Vec<(String, u64)>, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => {
+                return Ok(m.objects.iter().map(|(u, o)| (u.clone(), o.rv)).collect());
+            }
+        };
         let mut stmt = conn.prepare_cached("SELECT uid, rv FROM objects")?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
@@ -300,7 +354,13 @@ impl EdgeStore {
         namespace: &str,
         name: &str,
     ) -> Result<Option<StoredObject>, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => {
+                let key = key_of(kind, namespace, name);
+                return Ok(m.keys.get(&key).and_then(|u| m.objects.get(u)).cloned());
+            }
+        };
         Ok(conn
             .query_row(
                 "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects WHERE key = ?1",
@@ -312,7 +372,10 @@ impl EdgeStore {
 
     /// Every object of a kind.
     pub fn list(&self, kind: &str) -> Result<Vec<StoredObject>, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => return Ok(m.in_key_order().filter(|o| o.kind == kind).collect()),
+        };
         let mut stmt = conn.prepare_cached(
             "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects
              WHERE kind = ?1 ORDER BY key",
@@ -323,7 +386,10 @@ impl EdgeStore {
 
     /// Every object held.
     pub fn list_all(&self) -> Result<Vec<StoredObject>, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => return Ok(m.in_key_order().collect()),
+        };
         let mut stmt = conn.prepare_cached(
             "SELECT api_version, kind, namespace, name, uid, rv, value FROM objects ORDER BY key",
         )?;
@@ -333,7 +399,10 @@ impl EdgeStore {
 
     /// Number of objects held.
     pub fn len(&self) -> Result<usize, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => return Ok(m.objects.len()),
+        };
         Ok(conn.query_row("SELECT COUNT(*) FROM objects", [], |r| r.get::<_, i64>(0))? as usize)
     }
 
@@ -351,32 +420,38 @@ impl EdgeStore {
                 limit: self.max_message,
             });
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         // A node's status and lease are snapshots: a newer one of the same object makes queued
         // ones pointless. So are a device's twins (each write carries every property's latest
         // value): however long the hub is away, one waits per device.
-        let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
-        let device_twins = upstream.kind == UpstreamKind::Status as i32
-            && upstream.object.as_ref().is_some_and(|o| {
-                o.kind == "Device" && o.api_version.starts_with("devices.sedna.io/")
-            });
-        let target = if device_twins {
-            let target = target_of(upstream);
+        let (target, replaces) = queue_target(upstream);
+        let mut conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(mut m) => {
+                if replaces {
+                    m.outbox
+                        .retain(|_, q| !(q.kind == upstream.kind && q.target == target));
+                }
+                if m.outbox.len() >= self.outbox_limit {
+                    m.make_room(&self.stats, upstream)?;
+                }
+                m.next_seq += 1;
+                let seq = m.next_seq;
+                m.outbox.insert(
+                    seq,
+                    Queued {
+                        kind: upstream.kind,
+                        target,
+                        message,
+                    },
+                );
+                return Ok(seq);
+            }
+        };
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        if replaces {
             tx.prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND target = ?2")?
                 .execute(params![upstream.kind, target])?;
-            target
-        } else if snapshot.contains(&upstream.kind) {
-            let name = serde_json::from_slice::<serde_json::Value>(&upstream.payload)
-                .ok()
-                .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            tx.prepare_cached("DELETE FROM outbox WHERE kind = ?1 AND target = ?2")?
-                .execute(params![upstream.kind, name])?;
-            name
-        } else {
-            target_of(upstream)
-        };
+        }
         let count = tx
             .prepare_cached("SELECT COUNT(*) FROM outbox")?
             .query_row([], |r| r.get::<_, i64>(0))? as usize;
@@ -392,7 +467,23 @@ impl EdgeStore {
 
     /// Up to `max` queued writes after `after`, in order.
     pub fn pending(&self, after: u64, max: usize) -> Result<Vec<OutboxEntry>, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => {
+                // Each was encoded here from a valid message: it decodes.
+                return Ok(m
+                    .outbox
+                    .range(after.saturating_add(1)..)
+                    .take(max)
+                    .filter_map(|(seq, q)| {
+                        Some(OutboxEntry {
+                            seq: *seq,
+                            upstream: Upstream::decode(q.message.as_slice()).ok()?,
+                        })
+                    })
+                    .collect());
+            }
+        };
         // No `LIMIT ?`: SQLite re-prepares a statement whose LIMIT is a bound parameter on
         // every new binding; the rows come in key order, so stopping after `max` is the same.
         let mut stmt =
@@ -417,7 +508,15 @@ impl EdgeStore {
 
     /// Removes acknowledged (or rejected) writes.
     pub fn remove(&self, seqs: &[u64]) -> Result<(), StoreError> {
-        let mut conn = self.conn();
+        let mut conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(mut m) => {
+                for seq in seqs {
+                    m.outbox.remove(seq);
+                }
+                return Ok(());
+            }
+        };
         if let [seq] = seqs {
             // One statement is atomic by itself.
             conn.prepare_cached(DELETE_OUTBOX_ENTRY)?
@@ -435,8 +534,185 @@ impl EdgeStore {
 
     /// Number of queued writes.
     pub fn outbox_len(&self) -> Result<usize, StoreError> {
-        let conn = self.conn();
+        let conn = match self.backend() {
+            Locked::Sqlite(conn) => conn,
+            Locked::Memory(m) => return Ok(m.outbox.len()),
+        };
         Ok(conn.query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))? as usize)
+    }
+}
+
+/// A store's backend, locked.
+enum Locked<'a> {
+    Sqlite(std::sync::MutexGuard<'a, Connection>),
+    Memory(std::sync::MutexGuard<'a, Memory>),
+}
+
+/// Where an upstream write is queued (its `target`), and whether it replaces what is queued
+/// for the same kind and target. A node's status and lease are snapshots, keyed by the
+/// node's name; so are a device's twins, keyed by the device.
+fn queue_target(upstream: &Upstream) -> (String, bool) {
+    let snapshot = [UpstreamKind::Node as i32, UpstreamKind::Lease as i32];
+    let device_twins = upstream.kind == UpstreamKind::Status as i32
+        && upstream
+            .object
+            .as_ref()
+            .is_some_and(|o| o.kind == "Device" && o.api_version.starts_with("devices.sedna.io/"));
+    if device_twins {
+        (target_of(upstream), true)
+    } else if snapshot.contains(&upstream.kind) {
+        let name = serde_json::from_slice::<serde_json::Value>(&upstream.payload)
+            .ok()
+            .and_then(|v| v.pointer("/metadata/name")?.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        (name, true)
+    } else {
+        (target_of(upstream), false)
+    }
+}
+
+/// A queued upstream write of an in-memory store.
+struct Queued {
+    kind: i32,
+    target: String,
+    message: Vec<u8>,
+}
+
+/// An in-memory store's data: the same tables as the SQLite schema, as maps.
+#[derive(Default)]
+struct Memory {
+    /// uid → object.
+    objects: BTreeMap<String, StoredObject>,
+    /// kind/namespace/name → uid.
+    keys: BTreeMap<String, String>,
+    /// seq → queued write.
+    outbox: BTreeMap<u64, Queued>,
+    /// The last sequence number given (never reused, as SQLite's AUTOINCREMENT).
+    next_seq: u64,
+}
+
+impl Memory {
+    fn in_key_order(&self) -> impl Iterator<Item = StoredObject> + '_ {
+        self.keys
+            .values()
+            .filter_map(|u| self.objects.get(u))
+            .cloned()
+    }
+
+    /// As [`upsert_in`].
+    fn upsert(&mut self, object: &ObjectRef, rv: u64, value: &[u8]) -> Option<Change> {
+        if self
+            .objects
+            .get(&object.uid)
+            .is_some_and(|c| c.rv > rv && rv != 0)
+        {
+            return None;
+        }
+        let key = key_of(&object.kind, &object.namespace, &object.name);
+        // Another object under the same name (recreated with a new uid) gives way.
+        if let Some(other) = self.keys.get(&key).filter(|u| **u != object.uid).cloned() {
+            self.objects.remove(&other);
+        }
+        match self.objects.get_mut(&object.uid) {
+            Some(stored) => {
+                let old = key_of(&stored.kind, &stored.namespace, &stored.name);
+                if old != key && self.keys.get(&old) == Some(&object.uid) {
+                    self.keys.remove(&old);
+                }
+                stored.rv = rv;
+                stored.value = value.to_vec();
+            }
+            None => {
+                self.objects.insert(
+                    object.uid.clone(),
+                    StoredObject {
+                        api_version: object.api_version.clone(),
+                        kind: object.kind.clone(),
+                        namespace: object.namespace.clone(),
+                        name: object.name.clone(),
+                        uid: object.uid.clone(),
+                        rv,
+                        value: value.to_vec(),
+                    },
+                );
+            }
+        }
+        self.keys.insert(key, object.uid.clone());
+        Some(Change::Upserted(ObjectId {
+            api_version: object.api_version.clone(),
+            kind: object.kind.clone(),
+            namespace: object.namespace.clone(),
+            name: object.name.clone(),
+            uid: object.uid.clone(),
+            rv,
+        }))
+    }
+
+    /// As [`delete_in`].
+    fn delete(&mut self, uid: &str, rv: u64) -> Option<Change> {
+        let current = self.objects.get(uid)?;
+        if current.rv > rv && rv != 0 {
+            return None;
+        }
+        let o = self.objects.remove(uid)?;
+        let key = key_of(&o.kind, &o.namespace, &o.name);
+        if self.keys.get(&key).is_some_and(|u| u == uid) {
+            self.keys.remove(&key);
+        }
+        Some(Change::Deleted {
+            kind: o.kind,
+            namespace: o.namespace,
+            name: o.name,
+            uid: o.uid,
+        })
+    }
+
+    /// As [`make_room`].
+    fn make_room(&mut self, stats: &OutboxStats, incoming: &Upstream) -> Result<(), StoreError> {
+        let status = UpstreamKind::Status as i32;
+        // 1. A status superseded by a newer queued status of the same object: the first
+        // status (in order) whose target comes up again later.
+        let mut last_of: HashMap<&str, u64> = HashMap::new();
+        for (seq, q) in self.outbox.iter().filter(|(_, q)| q.kind == status) {
+            last_of.insert(q.target.as_str(), *seq);
+        }
+        let superseded = self
+            .outbox
+            .iter()
+            .find(|(seq, q)| q.kind == status && last_of[q.target.as_str()] > **seq)
+            .map(|(seq, _)| *seq);
+        // 2. A queued status of the object the incoming status is for.
+        let replaced = (incoming.kind == status)
+            .then(|| target_of(incoming))
+            .and_then(|t| {
+                self.outbox
+                    .iter()
+                    .find(|(_, q)| q.kind == status && q.target == t)
+                    .map(|(seq, _)| *seq)
+            });
+        if let Some(seq) = superseded.or(replaced) {
+            self.outbox.remove(&seq);
+            stats.statuses_coalesced.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                seq,
+                "outbox full: dropped a status superseded by a newer one"
+            );
+            return Ok(());
+        }
+        // 3. The oldest event.
+        let event = UpstreamKind::Event as i32;
+        if let Some(seq) = self
+            .outbox
+            .iter()
+            .find(|(_, q)| q.kind == event)
+            .map(|(seq, _)| *seq)
+        {
+            self.outbox.remove(&seq);
+            let total = stats.events_dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(seq, total, "outbox full: dropped the oldest event");
+            return Ok(());
+        }
+        Err(StoreError::OutboxFull(self.outbox.len()))
     }
 }
 
@@ -639,10 +915,13 @@ mod tests {
         }
     }
 
-    fn open() -> (tempfile::TempDir, EdgeStore) {
+    /// Runs `check` on a durable store and on an in-memory one (outbox of 4, messages of at
+    /// most 1 KiB): both follow the same rules.
+    fn each_store(check: impl Fn(&EdgeStore)) {
         let dir = tempfile::tempdir().unwrap();
-        let store = EdgeStore::open(&dir.path().join("edge.db"), 4, 1024).unwrap();
-        (dir, store)
+        let durable = EdgeStore::open(&dir.path().join("edge.db"), 4, 1024).unwrap();
+        check(&durable);
+        check(&EdgeStore::in_memory(4, 1024));
     }
 
     /// A statement's run and re-prepare counts, through the connection's statement cache.
@@ -706,93 +985,109 @@ mod tests {
 
     #[test]
     fn upserts_keep_the_newest_version_and_deletes_respect_it() {
-        let (_d, s) = open();
-        let r = oref("ConfigMap", "c", "u1");
-        assert!(s.upsert(&r, 5, b"v5").unwrap().is_some());
-        assert!(
-            s.upsert(&r, 3, b"v3").unwrap().is_none(),
-            "an older version is ignored"
-        );
-        assert_eq!(
-            s.get("ConfigMap", "default", "c").unwrap().unwrap().value,
-            b"v5"
-        );
-        assert!(
-            s.delete("u1", 4).unwrap().is_none(),
-            "an older delete is ignored"
-        );
-        assert!(s.delete("u1", 6).unwrap().is_some());
-        assert!(s.is_empty().unwrap());
+        each_store(|s| {
+            let r = oref("ConfigMap", "c", "u1");
+            assert!(s.upsert(&r, 5, b"v5").unwrap().is_some());
+            assert!(
+                s.upsert(&r, 3, b"v3").unwrap().is_none(),
+                "an older version is ignored"
+            );
+            assert_eq!(
+                s.get("ConfigMap", "default", "c").unwrap().unwrap().value,
+                b"v5"
+            );
+            assert!(
+                s.delete("u1", 4).unwrap().is_none(),
+                "an older delete is ignored"
+            );
+            assert!(s.delete("u1", 6).unwrap().is_some());
+            assert!(s.is_empty().unwrap());
+        });
     }
 
     #[test]
     fn a_batch_is_applied_in_order_and_skips_what_is_older_than_stored() {
-        let (_d, s) = open();
-        let a = oref("ConfigMap", "a", "ua");
-        let b = oref("ConfigMap", "b", "ub");
-        s.upsert(&a, 5, b"a5").unwrap();
-        let changes = s
-            .write_all(&[
-                Write::Upsert {
-                    object: &b,
-                    rv: 1,
-                    value: b"b1",
-                },
-                Write::Upsert {
-                    object: &a,
-                    rv: 3,
-                    value: b"a3",
-                },
-                Write::Upsert {
-                    object: &b,
-                    rv: 2,
-                    value: b"b2",
-                },
-                Write::Delete { uid: "ua", rv: 6 },
-            ])
-            .unwrap();
-        let kinds: Vec<&str> = changes
-            .iter()
-            .map(|c| match c {
-                Change::Upserted(o) if o.rv == 1 => "b1",
-                Change::Upserted(o) if o.rv == 2 => "b2",
-                Change::Upserted(_) => "other",
-                Change::Deleted { uid, .. } if uid == "ua" => "-a",
-                Change::Deleted { .. } => "-other",
-            })
-            .collect();
-        assert_eq!(kinds, ["b1", "b2", "-a"], "a3 is older than a5: no change");
-        assert_eq!(s.inventory().unwrap(), [("ub".to_owned(), 2)]);
-        assert!(s.write_all(&[]).unwrap().is_empty());
+        each_store(|s| {
+            let a = oref("ConfigMap", "a", "ua");
+            let b = oref("ConfigMap", "b", "ub");
+            s.upsert(&a, 5, b"a5").unwrap();
+            let changes = s
+                .write_all(&[
+                    Write::Upsert {
+                        object: &b,
+                        rv: 1,
+                        value: b"b1",
+                    },
+                    Write::Upsert {
+                        object: &a,
+                        rv: 3,
+                        value: b"a3",
+                    },
+                    Write::Upsert {
+                        object: &b,
+                        rv: 2,
+                        value: b"b2",
+                    },
+                    Write::Delete { uid: "ua", rv: 6 },
+                ])
+                .unwrap();
+            let kinds: Vec<&str> = changes
+                .iter()
+                .map(|c| match c {
+                    Change::Upserted(o) if o.rv == 1 => "b1",
+                    Change::Upserted(o) if o.rv == 2 => "b2",
+                    Change::Upserted(_) => "other",
+                    Change::Deleted { uid, .. } if uid == "ua" => "-a",
+                    Change::Deleted { .. } => "-other",
+                })
+                .collect();
+            assert_eq!(kinds, ["b1", "b2", "-a"], "a3 is older than a5: no change");
+            assert_eq!(s.inventory().unwrap(), [("ub".to_owned(), 2)]);
+            assert!(s.write_all(&[]).unwrap().is_empty());
+        });
+    }
+
+    #[test]
+    fn sequence_numbers_keep_growing_after_the_outbox_empties() {
+        each_store(|s| {
+            let first = s.push(&event(1)).unwrap();
+            s.remove(&[first]).unwrap();
+            let second = s.push(&event(2)).unwrap();
+            assert!(second > first, "{second} after {first}");
+            assert_eq!(s.pending(first, 10).unwrap().len(), 1);
+            assert_eq!(s.outbox_len().unwrap(), 1);
+        });
     }
 
     #[test]
     fn a_recreated_object_replaces_the_old_uid() {
-        let (_d, s) = open();
-        s.upsert(&oref("ConfigMap", "c", "u1"), 1, b"old").unwrap();
-        s.upsert(&oref("ConfigMap", "c", "u2"), 2, b"new").unwrap();
-        assert_eq!(s.inventory().unwrap(), [("u2".to_owned(), 2)]);
+        each_store(|s| {
+            s.upsert(&oref("ConfigMap", "c", "u1"), 1, b"old").unwrap();
+            s.upsert(&oref("ConfigMap", "c", "u2"), 2, b"new").unwrap();
+            assert_eq!(s.inventory().unwrap(), [("u2".to_owned(), 2)]);
+        });
     }
 
     #[test]
     fn reconciling_a_bucket_deletes_extras_and_wants_missing_or_stale() {
-        let (_d, s) = open();
-        let buckets = 16;
-        // Find three uids in the same bucket.
-        let uids: Vec<String> = (0..1000)
-            .map(|i| format!("uid-{i}"))
-            .filter(|u| sync::bucket_of(u, buckets) == 3)
-            .take(3)
-            .collect();
-        s.upsert(&oref("ConfigMap", "a", &uids[0]), 1, b"a")
-            .unwrap();
-        s.upsert(&oref("ConfigMap", "b", &uids[1]), 1, b"b")
-            .unwrap();
-        let hub = vec![(uids[1].clone(), 2), (uids[2].clone(), 1)];
-        let (want, changes) = s.reconcile_bucket(buckets, 3, &hub).unwrap();
-        assert_eq!(want, [uids[1].clone(), uids[2].clone()]);
-        assert_eq!(changes.len(), 1, "a is no longer the node's");
-        assert!(s.get("ConfigMap", "default", "a").unwrap().is_none());
+        each_store(|s| {
+            let buckets = 16;
+            // Find three uids in the same bucket.
+            let uids: Vec<String> = (0..1000)
+                .map(|i| format!("uid-{i}"))
+                .filter(|u| sync::bucket_of(u, buckets) == 3)
+                .take(3)
+                .collect();
+            s.upsert(&oref("ConfigMap", "a", &uids[0]), 1, b"a")
+                .unwrap();
+            s.upsert(&oref("ConfigMap", "b", &uids[1]), 1, b"b")
+                .unwrap();
+            let hub = vec![(uids[1].clone(), 2), (uids[2].clone(), 1)];
+            let (want, changes) = s.reconcile_bucket(buckets, 3, &hub).unwrap();
+            assert_eq!(want, [uids[1].clone(), uids[2].clone()]);
+            assert_eq!(changes.len(), 1, "a is no longer the node's");
+            assert!(s.get("ConfigMap", "default", "a").unwrap().is_none());
+        });
     }
 
     #[test]
@@ -816,115 +1111,119 @@ mod tests {
 
     #[test]
     fn a_full_outbox_coalesces_statuses_then_drops_old_events_then_refuses() {
-        let (_d, s) = open();
-        s.push(&status("p", "Pending")).unwrap();
-        s.push(&event(1)).unwrap();
-        s.push(&status("p", "Running")).unwrap();
-        s.push(&event(2)).unwrap();
-        // Full (4): the superseded Pending status goes first.
-        s.push(&event(3)).unwrap();
-        assert_eq!(
-            s.outbox_stats().statuses_coalesced.load(Ordering::Relaxed),
-            1
-        );
-        // Then the oldest event.
-        s.push(&event(4)).unwrap();
-        assert_eq!(s.outbox_stats().events_dropped.load(Ordering::Relaxed), 1);
-        let payloads: Vec<Vec<u8>> = s
-            .pending(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|e| e.upstream.payload)
-            .collect();
-        assert!(
-            payloads.contains(&b"event 2".to_vec()) && !payloads.contains(&b"event 1".to_vec())
-        );
-        // Only one status left and no events to drop: a new status replaces it; a node
-        // write is refused.
-        s.remove(
-            &s.pending(0, 10)
+        each_store(|s| {
+            s.push(&status("p", "Pending")).unwrap();
+            s.push(&event(1)).unwrap();
+            s.push(&status("p", "Running")).unwrap();
+            s.push(&event(2)).unwrap();
+            // Full (4): the superseded Pending status goes first.
+            s.push(&event(3)).unwrap();
+            assert_eq!(
+                s.outbox_stats().statuses_coalesced.load(Ordering::Relaxed),
+                1
+            );
+            // Then the oldest event.
+            s.push(&event(4)).unwrap();
+            assert_eq!(s.outbox_stats().events_dropped.load(Ordering::Relaxed), 1);
+            let payloads: Vec<Vec<u8>> = s
+                .pending(0, 10)
                 .unwrap()
-                .iter()
-                .filter(|e| e.upstream.kind == UpstreamKind::Event as i32)
-                .map(|e| e.seq)
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
-        for i in 0..3 {
-            s.push(&status(&format!("q{i}"), "Running")).unwrap();
-        }
-        let node = Upstream {
-            kind: UpstreamKind::Node as i32,
-            object: None,
-            payload: vec![],
-        };
-        assert!(matches!(s.push(&node), Err(StoreError::OutboxFull(4))));
+                .into_iter()
+                .map(|e| e.upstream.payload)
+                .collect();
+            assert!(
+                payloads.contains(&b"event 2".to_vec()) && !payloads.contains(&b"event 1".to_vec())
+            );
+            // Only one status left and no events to drop: a new status replaces it; a node
+            // write is refused.
+            s.remove(
+                &s.pending(0, 10)
+                    .unwrap()
+                    .iter()
+                    .filter(|e| e.upstream.kind == UpstreamKind::Event as i32)
+                    .map(|e| e.seq)
+                    .collect::<Vec<_>>(),
+            )
+            .unwrap();
+            for i in 0..3 {
+                s.push(&status(&format!("q{i}"), "Running")).unwrap();
+            }
+            let node = Upstream {
+                kind: UpstreamKind::Node as i32,
+                object: None,
+                payload: vec![],
+            };
+            assert!(matches!(s.push(&node), Err(StoreError::OutboxFull(4))));
+        });
     }
 
     #[test]
     fn node_status_and_lease_snapshots_replace_queued_ones() {
-        let (_d, s) = open();
-        let lease = |name: &str, n: u8| Upstream {
-            kind: UpstreamKind::Lease as i32,
-            object: None,
-            payload: format!(r#"{{"metadata":{{"name":"{name}"}},"n":{n}}}"#).into_bytes(),
-        };
-        s.push(&status("p", "Running")).unwrap();
-        s.push(&lease("edge-1", 1)).unwrap();
-        s.push(&lease("edge-1", 2)).unwrap();
-        s.push(&lease("other", 9)).unwrap();
-        s.push(&lease("edge-1", 3)).unwrap();
-        let pending = s.pending(0, 10).unwrap();
-        assert_eq!(
-            pending.len(),
-            3,
-            "one per object: the status and two leases"
-        );
-        assert_eq!(pending[1].upstream.payload, lease("other", 9).payload);
-        assert_eq!(pending[2].upstream.payload, lease("edge-1", 3).payload);
+        each_store(|s| {
+            let lease = |name: &str, n: u8| Upstream {
+                kind: UpstreamKind::Lease as i32,
+                object: None,
+                payload: format!(r#"{{"metadata":{{"name":"{name}"}},"n":{n}}}"#).into_bytes(),
+            };
+            s.push(&status("p", "Running")).unwrap();
+            s.push(&lease("edge-1", 1)).unwrap();
+            s.push(&lease("edge-1", 2)).unwrap();
+            s.push(&lease("other", 9)).unwrap();
+            s.push(&lease("edge-1", 3)).unwrap();
+            let pending = s.pending(0, 10).unwrap();
+            assert_eq!(
+                pending.len(),
+                3,
+                "one per object: the status and two leases"
+            );
+            assert_eq!(pending[1].upstream.payload, lease("other", 9).payload);
+            assert_eq!(pending[2].upstream.payload, lease("edge-1", 3).payload);
+        });
     }
 
     #[test]
     fn a_devices_twin_snapshot_replaces_its_queued_one_and_pod_statuses_pile_up() {
-        let (_d, s) = open();
-        let twins = |device: &str, n: u8| Upstream {
-            kind: UpstreamKind::Status as i32,
-            object: Some(ObjectRef {
-                api_version: "devices.sedna.io/v1beta1".into(),
-                kind: "Device".into(),
-                namespace: "default".into(),
-                name: device.into(),
-                uid: format!("u-{device}"),
-            }),
-            payload: format!(r#"{{"status":{{"n":{n}}}}}"#).into_bytes(),
-        };
-        for n in 0..50 {
-            s.push(&twins("sensor", n)).unwrap();
-            s.push(&twins("other", n)).unwrap();
-        }
-        s.push(&status("p", "Pending")).unwrap();
-        s.push(&status("p", "Running")).unwrap();
-        let pending = s.pending(0, 100).unwrap();
-        assert_eq!(
-            pending.len(),
-            4,
-            "one snapshot per device, every pod status"
-        );
-        assert_eq!(pending[0].upstream.payload, twins("sensor", 49).payload);
-        assert_eq!(pending[1].upstream.payload, twins("other", 49).payload);
+        each_store(|s| {
+            let twins = |device: &str, n: u8| Upstream {
+                kind: UpstreamKind::Status as i32,
+                object: Some(ObjectRef {
+                    api_version: "devices.sedna.io/v1beta1".into(),
+                    kind: "Device".into(),
+                    namespace: "default".into(),
+                    name: device.into(),
+                    uid: format!("u-{device}"),
+                }),
+                payload: format!(r#"{{"status":{{"n":{n}}}}}"#).into_bytes(),
+            };
+            for n in 0..50 {
+                s.push(&twins("sensor", n)).unwrap();
+                s.push(&twins("other", n)).unwrap();
+            }
+            s.push(&status("p", "Pending")).unwrap();
+            s.push(&status("p", "Running")).unwrap();
+            let pending = s.pending(0, 100).unwrap();
+            assert_eq!(
+                pending.len(),
+                4,
+                "one snapshot per device, every pod status"
+            );
+            assert_eq!(pending[0].upstream.payload, twins("sensor", 49).payload);
+            assert_eq!(pending[1].upstream.payload, twins("other", 49).payload);
+        });
     }
 
     #[test]
     fn an_oversized_upstream_message_is_refused() {
-        let (_d, s) = open();
-        let big = Upstream {
-            kind: 4,
-            object: None,
-            payload: vec![0; 2048],
-        };
-        assert!(matches!(
-            s.push(&big),
-            Err(StoreError::TooLarge { limit: 1024, .. })
-        ));
+        each_store(|s| {
+            let big = Upstream {
+                kind: 4,
+                object: None,
+                payload: vec![0; 2048],
+            };
+            assert!(matches!(
+                s.push(&big),
+                Err(StoreError::TooLarge { limit: 1024, .. })
+            ));
+        });
     }
 }
