@@ -335,33 +335,34 @@ async fn renew_membership(
     write(api, &membership).await
 }
 
-/// Renews partition `p` for `me` over the Lease at `version`, waiting no longer than
-/// `deadline`; the version written, and when the write was sent (unix ms).
-async fn renew_partition(
+/// Writes partition `p`'s Lease for `holder` (empty: released) over `version`, waiting no
+/// longer than `deadline`; the version written, and when the write was sent (unix ms).
+async fn write_partition(
     api: &Api<Lease>,
     c: &TierConfig,
     p: u32,
-    version: String,
+    holder: &str,
+    version: Option<String>,
     deadline: Duration,
 ) -> (u32, i64, Option<String>) {
     let at = now_ms();
     let l = lease(
         partitions::partition_lease_name(p),
         PARTITION_LEASE_LABEL,
-        &c.id,
+        holder,
         at,
         c.lease,
-        Some(version),
+        version,
         None,
     );
     match tokio::time::timeout(deadline, write(api, &l)).await {
         Ok(Ok(v)) => (p, at, Some(v)),
         Ok(Err(e)) => {
-            tracing::debug!(partition = p, error = %e, "partition renewal lost");
+            tracing::debug!(partition = p, error = %e, "partition lease write lost");
             (p, at, None)
         }
         Err(_) => {
-            tracing::warn!(partition = p, "partition renewal timed out");
+            tracing::warn!(partition = p, "partition lease write timed out");
             (p, at, None)
         }
     }
@@ -431,11 +432,9 @@ pub(crate) async fn run(
                 window,
                 renew_membership(&api, &c, written.member.take(), sent)
             ),
-            futures_util::future::join_all(
-                renewals
-                    .into_iter()
-                    .map(|(p, v, deadline)| renew_partition(&api, &c, p, v, deadline))
-            ),
+            futures_util::future::join_all(renewals.into_iter().map(|(p, v, deadline)| {
+                write_partition(&api, &c, p, &c.id, Some(v), deadline)
+            })),
             tokio::time::timeout(window, async {
                 tokio::try_join!(api.list(&member_leases), api.list(&partition_leases),)
             })
@@ -532,19 +531,10 @@ pub(crate) async fn run(
                 }
                 let (api, tier, c, on_change) = (&api, &tier, &c, &on_change);
                 async move {
-                    let at = now_ms();
-                    let l = lease(
-                        partitions::partition_lease_name(p),
-                        PARTITION_LEASE_LABEL,
-                        &holder,
-                        at,
-                        c.lease,
-                        version,
-                        None,
-                    );
-                    let outcome = match tokio::time::timeout(c.lease / 3, write(api, &l)).await
-                    {
-                        Ok(Ok(v)) if !holder.is_empty() => {
+                    let (_, at, written) =
+                        write_partition(api, c, p, &holder, version, c.lease / 3).await;
+                    let outcome = match written {
+                        Some(v) if !holder.is_empty() => {
                             tier.state().held.confirm(p, at, lease_ms);
                             if matches!(action, Action::Claim { .. }) {
                                 tracing::info!(hub = %c.id, partition = p, "partition claimed");
@@ -552,18 +542,11 @@ pub(crate) async fn run(
                             }
                             Some(v)
                         }
-                        Ok(Ok(_)) => {
+                        Some(_) => {
                             tracing::info!(hub = %c.id, partition = p, "partition released");
                             None
                         }
-                        Ok(Err(e)) => {
-                            tracing::debug!(partition = p, error = %e, "partition lease write lost");
-                            None
-                        }
-                        Err(_) => {
-                            tracing::warn!(partition = p, "partition lease write timed out");
-                            None
-                        }
+                        None => None,
                     };
                     (p, outcome)
                 }
